@@ -1,0 +1,1 @@
+"""Reproducible benchmarks: each prints the project's figure beside a reference, as a ratio."""

@@ -1,0 +1,71 @@
+"""Platform settings, read from `CDP_*` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+class SchedulerSettings(BaseModel):
+    """Background job settings."""
+
+    enabled: bool = True
+
+
+class Settings(BaseSettings):
+    """Every setting of the platform; nested models hold each domain's settings."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CDP_", env_nested_delimiter="__", extra="ignore", frozen=True
+    )
+
+    data_dir: Path = Path("./data")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL of the operational store; default SQLite file."
+    )
+    warehouse_path: Path | None = Field(
+        default=None, description="DuckDB file of the warehouse; default in the data dir."
+    )
+    duckdb_memory_limit: str = "4GB"
+    duckdb_threads: int | None = None
+    default_phone_region: str = "FR"
+    log_level: LogLevel = "INFO"
+    log_json: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8000
+    scheduler: SchedulerSettings = SchedulerSettings()
+
+    @model_validator(mode="after")
+    def _fill_paths(self) -> Settings:
+        # Frozen model: defaults derived from data_dir are set through object.__setattr__.
+        if self.database_url is None:
+            object.__setattr__(
+                self, "database_url", f"sqlite:///{(self.data_dir / 'cdp.sqlite3').as_posix()}"
+            )
+        if self.warehouse_path is None:
+            object.__setattr__(self, "warehouse_path", self.data_dir / "warehouse.duckdb")
+        return self
+
+    @property
+    def db_url(self) -> str:
+        """The operational store URL, always set after validation."""
+        assert self.database_url is not None
+        return self.database_url
+
+    @property
+    def warehouse_file(self) -> Path:
+        """The warehouse file path, always set after validation."""
+        assert self.warehouse_path is not None
+        return self.warehouse_path
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process settings, read once from the environment."""
+    return Settings()

@@ -1,0 +1,70 @@
+"""Versioned DDL of the warehouse, applied in order by `Warehouse.migrate()`.
+
+Never edit an applied migration: add a new version. Timestamps are `TIMESTAMP` holding
+UTC. Every table here is owned by one domain package, named in the migration. Each package
+numbers its steps in its own range, applied in version order: 1-9 ingestion, 10-19 identity,
+20-29 segments, 30-39 loyalty, 40-49 dashboards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class WarehouseMigration:
+    """One step of the warehouse schema."""
+
+    version: int
+    name: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS: list[WarehouseMigration] = [
+    WarehouseMigration(
+        1,
+        "ingestion: events, identifiers and load batches",
+        (
+            # One row per accepted message. event_id is assigned by the loader from a
+            # monotonic counter, so `event_id > mark` is the high-water mark that identity
+            # and loyalty use to process only new events.
+            """
+            CREATE TABLE events (
+                event_id BIGINT NOT NULL,
+                message_id VARCHAR NOT NULL,
+                source_id VARCHAR NOT NULL,
+                batch_id BIGINT NOT NULL,
+                type VARCHAR NOT NULL,
+                event VARCHAR,
+                user_id VARCHAR,
+                anonymous_id VARCHAR,
+                timestamp TIMESTAMP NOT NULL,
+                received_at TIMESTAMP NOT NULL,
+                properties JSON,
+                traits JSON,
+                context JSON
+            )
+            """,
+            # Normalised identifiers of each event (kind, value), written with the events.
+            """
+            CREATE TABLE event_identifiers (
+                event_id BIGINT NOT NULL,
+                kind VARCHAR NOT NULL,
+                value VARCHAR NOT NULL
+            )
+            """,
+            # One row per committed load; published so later layers can work incrementally.
+            """
+            CREATE TABLE ingest_batches (
+                batch_id BIGINT PRIMARY KEY,
+                source_id VARCHAR NOT NULL,
+                channel VARCHAR NOT NULL,
+                first_event_id BIGINT,
+                last_event_id BIGINT,
+                events BIGINT NOT NULL,
+                committed_at TIMESTAMP NOT NULL
+            )
+            """,
+        ),
+    ),
+]

@@ -1,0 +1,1 @@
+"""Dashboards: KPI definitions, standard and custom dashboards, the web pages."""

@@ -1,0 +1,1 @@
+"""Identity: the identifier graph, resolution rules, stable profiles and privacy."""

@@ -1,0 +1,1 @@
+"""Ingestion: sources, the Segment-compatible tracking API, file and database connectors."""

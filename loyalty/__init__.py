@@ -1,0 +1,1 @@
+"""Loyalty: programmes, earning rules, the points ledger, tiers, rewards and expiry."""

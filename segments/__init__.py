@@ -1,0 +1,1 @@
+"""Segments: computed attributes and the audience builder."""

@@ -1,0 +1,129 @@
+"""Jobs: runs are recorded; the scheduler persists and fires jobs; the API runs them."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import inspect
+
+from cdp.config import Settings
+from cdp.db import Database
+from cdp.errors import Conflict, NotFound
+from cdp.scheduler import JobContext, JobRun, JobRunner, JobSpec, Scheduler
+from cdp.warehouse import Query, Warehouse
+from tests.conftest import BACKENDS
+
+
+def _count_events(context: JobContext) -> int:
+    return int(context.warehouse.scalar(Query("SELECT count(*) + 7 FROM events")))
+
+
+def _fail(context: JobContext) -> int:
+    raise ValueError("source unreachable")
+
+
+@pytest.fixture
+def runner(settings: Settings, db: Database, warehouse: Warehouse) -> JobRunner:
+    """A runner with a succeeding and a failing job."""
+    job_runner = JobRunner(settings, db, warehouse)
+    job_runner.register(
+        JobSpec("count", _count_events, "count events"),
+        JobSpec("fail", _fail, "always fails"),
+    )
+    return job_runner
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_runs_are_recorded_with_outcome_and_rows(runner: JobRunner, db: Database) -> None:
+    ok = runner.run("count", trigger="manual")
+    bad = runner.run("fail", trigger="cli")
+    with db.begin() as session:
+        stored = {r.job: r for r in session.query(JobRun).all()}
+    assert stored["count"].status == "succeeded"
+    assert stored["count"].rows == 7
+    assert stored["count"].finished_at is not None
+    assert stored["count"].started_at <= stored["count"].finished_at
+    assert stored["fail"].status == "failed"
+    assert stored["fail"].error == "ValueError: source unreachable"
+    assert (ok.id, bad.id) == (stored["count"].id, stored["fail"].id)
+
+
+def test_unknown_job_is_not_found(runner: JobRunner) -> None:
+    with pytest.raises(NotFound):
+        runner.run("nope", trigger="manual")
+
+
+def test_a_job_does_not_run_twice_at_once(
+    settings: Settings, db: Database, warehouse: Warehouse
+) -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def slow(context: JobContext) -> int:
+        started.set()
+        release.wait(timeout=30)
+        return 1
+
+    job_runner = JobRunner(settings, db, warehouse)
+    job_runner.register(JobSpec("slow", slow, "slow"))
+    first = job_runner.submit("slow", trigger="manual")
+    assert first.status == "running"
+    assert started.wait(timeout=30)
+    with pytest.raises(Conflict):
+        job_runner.run("slow", trigger="manual")
+    release.set()
+    job_runner.shutdown()
+    with db.begin() as session:
+        finished = session.get(JobRun, first.id)
+        assert finished is not None
+        assert finished.status == "succeeded"
+
+
+def test_scheduler_persists_jobs_in_the_database_and_fires_them(
+    settings: Settings, db: Database, warehouse: Warehouse
+) -> None:
+    fired = threading.Event()
+
+    def tick(context: JobContext) -> int:
+        fired.set()
+        return 3
+
+    job_runner = JobRunner(settings, db, warehouse)
+    job_runner.register(
+        JobSpec("tick", tick, "ticks", trigger="interval", trigger_args={"seconds": 1})
+    )
+    scheduler = Scheduler(job_runner)
+    scheduler.start()
+    try:
+        assert "apscheduler_jobs" in inspect(db.engine).get_table_names()
+        assert scheduler.next_run_times()["tick"] is not None
+        assert fired.wait(timeout=30), "the scheduled job never ran"
+    finally:
+        scheduler.shutdown()
+        job_runner.shutdown()
+    with db.begin() as session:
+        runs = session.query(JobRun).filter_by(job="tick").all()
+    assert runs
+    assert runs[0].trigger == "schedule"
+    assert runs[0].rows == 3
+
+
+def test_jobs_api_lists_triggers_and_pages_runs(
+    client: TestClient, admin_headers: dict[str, str]
+) -> None:
+    jobs = client.get("/api/jobs", headers=admin_headers).json()
+    assert "warehouse.checkpoint" in [j["name"] for j in jobs]
+    run = client.post("/api/jobs/warehouse.checkpoint/run?wait=true", headers=admin_headers)
+    assert run.status_code == 202
+    assert run.json()["status"] == "succeeded"
+    for _ in range(2):
+        client.post("/api/jobs/warehouse.checkpoint/run?wait=true", headers=admin_headers)
+    page = client.get("/api/jobs/runs?limit=2", headers=admin_headers).json()
+    assert page["total"] == 3
+    assert len(page["items"]) == 2
+    assert page["next_offset"] == 2
+    one = client.get(f"/api/jobs/runs/{run.json()['id']}", headers=admin_headers)
+    assert one.json()["job"] == "warehouse.checkpoint"
+    missing = client.post("/api/jobs/nope/run", headers=admin_headers)
+    assert missing.status_code == 404
