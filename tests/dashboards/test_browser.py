@@ -369,7 +369,8 @@ def test_programme_and_audiences_pages_say_which_package_brings_their_metrics(
     _sign_in(page, server, "/dashboards/programme")
     assert page.inner_text("h1") == "Programme"
     coming = page.inner_text(".coming")
-    assert "loyalty package" in coming and "Points issued" in coming
+    assert "loyalty package" in coming
+    assert "Points issued" in coming
     assert page.query_selector(".widget") is None
     assert page.is_disabled("#program")
     _shot(page, "programme")
