@@ -151,20 +151,18 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     """Debian's Chromium under Playwright; failing (never skipping) when it cannot start."""
-    try:
-        with sync_playwright() as playwright:
+    with sync_playwright() as playwright:
+        try:
             chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            try:
-                yield chromium
-            finally:
-                chromium.close()
-    except Exception as exc:  # re-raised as a failure: a missing browser must be seen
-        if "yield" in str(exc):
-            raise
-        pytest.fail(
-            f"headless Chromium could not start ({CHROMIUM}; CI={os.environ.get('CI')!r}): "
-            f"install Debian's chromium package. {type(exc).__name__}: {exc}"
-        )
+        except Exception as exc:  # turned into a failure: a missing browser must be seen
+            pytest.fail(
+                f"headless Chromium could not start ({CHROMIUM}; CI={os.environ.get('CI')!r}): "
+                f"install Debian's chromium package. {type(exc).__name__}: {exc}"
+            )
+        try:
+            yield chromium
+        finally:
+            chromium.close()
 
 
 @pytest.fixture

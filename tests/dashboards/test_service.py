@@ -10,6 +10,7 @@ from cdp.db import Database
 from cdp.warehouse import Query, Warehouse
 from dashboards import service
 from dashboards.errors import InvalidRange, UnknownMetric, UnsupportedBreakdown
+from dashboards.metrics import Catalogue, Metric
 from tests.conftest import BACKENDS
 from tests.dashboards.conftest import DAY, at, aware, load_events, load_job_runs
 
@@ -191,3 +192,65 @@ def test_days_with_raw_data_are_read_raw_and_restated_by_the_next_snapshot(
     )
     # Day one was not re-stored (outside the restatement window) and was not duplicated.
     assert first_day == [(1 + 2 + 2,)]
+
+
+def _level_metric(
+    *, start: date, end: date, grain: str, breakdown: str | None, program_id: str | None
+) -> Query:
+    """A balance-like level per day and programme, from a VALUES list (a registered extension)."""
+    return Query(
+        """
+        SELECT CAST(date_trunc($grain, d) AS DATE) AS period,
+               CASE $breakdown WHEN 'program' THEN p END AS key,
+               sum(v) AS value
+        FROM (VALUES (DATE '2026-03-02', 'gold', 10), (DATE '2026-03-03', 'gold', 12),
+                     (DATE '2026-03-04', 'silver', 5), (DATE '2026-03-10', 'gold', 20)) t(d, p, v)
+        WHERE d BETWEEN $start AND $end AND ($program IS NULL OR p = $program)
+        GROUP BY 1, 2
+        """,
+        {"grain": grain, "breakdown": breakdown, "start": start, "end": end, "program": program_id},
+    )
+
+
+def test_registered_level_metric_keeps_the_last_value_per_period(
+    db: Database, warehouse: Warehouse
+) -> None:
+    catalogue = Catalogue()
+    level = Metric(
+        name="points_liability",
+        title="Outstanding points",
+        unit="points",
+        store="warehouse",
+        package="loyalty",
+        description="test level",
+        build=_level_metric,  # type: ignore[arg-type]
+        breakdowns=("program",),
+        aggregation="last",
+        program_scoped=True,
+    )
+    catalogue.register(level)
+    with pytest.raises(ValueError, match="twice"):
+        catalogue.register(level)
+    with db.begin() as session:
+        weekly = service.kpi_series(
+            session,
+            warehouse=warehouse,
+            metric="points_liability",
+            start=date(2026, 3, 2),
+            end=date(2026, 3, 15),
+            grain="week",
+            catalogue=catalogue,
+        )
+        gold = service.kpi_series(
+            session,
+            warehouse=warehouse,
+            metric="points_liability",
+            start=date(2026, 3, 2),
+            end=date(2026, 3, 15),
+            program_id="gold",
+            catalogue=catalogue,
+        )
+    assert _points(weekly) == [(date(2026, 3, 2), None, 5), (date(2026, 3, 9), None, 20)]
+    assert weekly.total == 20
+    assert [p[2] for p in _points(gold)] == [10, 12, 20]
+    assert gold.program_id == "gold"
