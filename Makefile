@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check lint typecheck pytest bench clean
+.PHONY: demo test check lint typecheck pytest bench vendor clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed")'
@@ -26,6 +26,9 @@ check: test
 
 bench: $(STAMP)  ## Every benchmark at full scale (slow; figures for the notes)
 	$(BIN)/python -m benchmarks all
+
+vendor:  ## Refresh the vendored chart library from npm (needs Node.js; the result is committed)
+	dashboards/frontend/vendor.sh
 
 clean:
 	rm -rf $(VENV) data .mypy_cache .ruff_cache .pytest_cache

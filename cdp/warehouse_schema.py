@@ -67,4 +67,25 @@ MIGRATIONS: list[WarehouseMigration] = [
             """,
         ),
     ),
+    WarehouseMigration(
+        40,
+        "dashboards: daily KPI snapshots",
+        (
+            # One row per metric, day, breakdown value and programme, written by the
+            # `dashboards.kpi_snapshots` job; the KPI API reads it for days whose raw data is
+            # gone. breakdown = '' means no breakdown (key is NULL); program_id = '' means all
+            # programmes.
+            """
+            CREATE TABLE kpi_snapshots (
+                metric VARCHAR NOT NULL,
+                day DATE NOT NULL,
+                breakdown VARCHAR NOT NULL,
+                key VARCHAR,
+                program_id VARCHAR NOT NULL,
+                value DOUBLE NOT NULL,
+                taken_at TIMESTAMP NOT NULL
+            )
+            """,
+        ),
+    ),
 ]

@@ -1,0 +1,1 @@
+"""Metric declarations, one module per package whose data has KPIs."""
