@@ -312,14 +312,22 @@ def import_file(
     region: str,
     name: str | None = None,
     progress: Callable[[int, int | None], None] | None = None,
+    chunk_rows: int = files.CHUNK_ROWS,
 ) -> ImportRun:
-    """Import one CSV, Parquet or NDJSON file into a `file` source (see connectors.files).
+    """Import one CSV, Parquet or NDJSON file into a `file` (or `http`) source.
 
     Takes the Database rather than a session: an import records its progress in its own
     short transactions while it runs, so the record is visible before it ends.
     """
     return files.import_file(
-        db, warehouse, source_id=source_id, path=path, region=region, name=name, progress=progress
+        db,
+        warehouse,
+        source_id=source_id,
+        path=path,
+        region=region,
+        name=name,
+        progress=progress,
+        chunk_rows=chunk_rows,
     )
 
 

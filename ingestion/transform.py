@@ -63,6 +63,11 @@ def column(frame: pl.DataFrame, name: str) -> pl.Expr:
     return expr
 
 
+def _series(frame: pl.DataFrame, expr: pl.Expr) -> pl.Series:
+    """Evaluate an expression over a chunk, broadcasting literals to its height."""
+    return frame.select(pl.col(ROW), expr.alias("_value"))["_value"]
+
+
 def _dtype_of(frame: pl.DataFrame, name: str) -> pl.DataType:
     return frame.select(column(frame, name)).dtypes[0]
 
@@ -102,7 +107,7 @@ def _json_column(frame: pl.DataFrame, name: str) -> pl.Expr:
 
 
 def _normalised(frame: pl.DataFrame, kind: str, raw: pl.Expr, region: str) -> pl.Series:
-    values = frame.select(raw.cast(pl.String).alias("v"))["v"]
+    values = _series(frame, raw.cast(pl.String)).alias("v")
     if kind == EMAIL:
         return values.to_frame().select(email_expr(pl.col("v")))["v"]
     if kind == PHONE:
@@ -121,7 +126,7 @@ def _identifiers(
     dropped = pl.Series("dropped", [0] * frame.height, dtype=pl.Int64)
     rows = frame[ROW]
     for kind, raw in found:
-        raw_values = frame.select(raw.cast(pl.String).str.strip_chars().alias("v"))["v"]
+        raw_values = _series(frame, raw.cast(pl.String).str.strip_chars())
         values = _normalised(frame, kind, raw, ctx.region)
         dropped = dropped + (
             (raw_values.is_not_null() & (raw_values != "")) & values.is_null()
@@ -133,9 +138,7 @@ def _identifiers(
         )
     for spec in composites:
         assert spec.composite is not None
-        values = frame.select(
-            composite_expr([column(frame, p) for p in spec.composite]).alias("v")
-        )["v"]
+        values = _series(frame, composite_expr([column(frame, p) for p in spec.composite]))
         parts.append(
             pl.DataFrame({ROW: rows, "kind": spec.kind, "value": values}).filter(
                 pl.col("value").is_not_null()
@@ -161,7 +164,7 @@ def _finish(
         _reason=pl.when(~pl.Series(has_identifier))
         .then(pl.lit("missing identifier"))
         .otherwise(None),
-    ).with_columns(_reason=pl.coalesce(frame.select(reason.alias("r"))["r"], pl.col("_reason")))
+    ).with_columns(_reason=pl.coalesce(pl.lit(_series(frame, reason)), pl.col("_reason")))
     good = judged.filter(pl.col("_reason").is_null()).drop("_reason")
     bad = judged.filter(pl.col("_reason").is_not_null())
     good_rows = good[ROW]
@@ -184,16 +187,16 @@ def _finish(
 
 def _row_keys(frame: pl.DataFrame, ctx: Context) -> pl.Series:
     """A stable id per row from its content, so the same record seen twice dedupes."""
-    content = frame.select(pl.struct(pl.all().exclude(ROW)).struct.json_encode().alias("k"))["k"]
+    content = _series(frame, pl.struct(pl.all().exclude(ROW)).struct.json_encode())
     return ("row-" + ctx.hasher(content)).alias("message_id")
 
 
 def mapped(frame: pl.DataFrame, mapping: Mapping, ctx: Context) -> LoadInput:
     """Apply a source's mapping to a chunk of tabular records."""
     if mapping.message_id:
-        message_id = frame.select(
-            column(frame, mapping.message_id).cast(pl.String).str.strip_chars().alias("m")
-        )["m"]
+        message_id = _series(
+            frame, column(frame, mapping.message_id).cast(pl.String).str.strip_chars()
+        )
     else:
         message_id = _row_keys(frame, ctx)
     ts_name = mapping.timestamp
@@ -263,7 +266,7 @@ def segment(frame: pl.DataFrame, mapping: Mapping, ctx: Context) -> LoadInput:
             else (pl.lit(None, dtype=pl.String))
         )
 
-    message_id = frame.select(text("messageId").alias("m"))["m"]
+    message_id = _series(frame, text("messageId"))
     if message_id.null_count():
         message_id = message_id.fill_null(_row_keys(frame, ctx))
     kind = text("type")

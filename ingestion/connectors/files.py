@@ -103,7 +103,7 @@ def import_file(
     progress: Callable[[int, int | None], None] | None = None,
     chunk_rows: int = CHUNK_ROWS,
 ) -> ImportRun:
-    """Import one file into a `file` source; returns the finished import record."""
+    """Import one file into a `file` or `http` source; returns the finished import record."""
     connector = FileConnector(path, chunk_rows=chunk_rows)
     digest = content_hash(path)
     display = name or path.name
@@ -111,7 +111,8 @@ def import_file(
         source = session.get(Source, source_id)
         if source is None:
             raise SourceNotFound(f"source {source_id} does not exist")
-        if source.kind != "file":
+        if source.kind not in ("file", "http"):
+            # An http source may backfill from a Segment export: same source, same dedupe.
             raise WrongSourceKind(f"source {source.name} is a {source.kind} source, not file")
         if not source.enabled:
             raise SourceDisabled(f"source {source.name} is disabled")
