@@ -62,6 +62,11 @@ PLACEHOLDERS: frozenset[str] = frozenset(
     }
 )
 _REPEATED_DIGIT = re.compile(r"^(\d)\1+$")
+_REPEATED_DIGIT_POLARS = (
+    r"^[\s().\-/+]*(?:"
+    + "|".join(f"{d}(?:[\\s().\\-/]*{d})+" for d in "0123456789")
+    + r")[\s().\-/]*$"
+)
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _PHONE_NOISE = re.compile(r"[\s().\-/]")
 
@@ -148,10 +153,8 @@ def is_valid_kind(kind: str) -> bool:
 
 def _placeholder_expr(expr: pl.Expr) -> pl.Expr:
     folded = expr.str.to_lowercase()
-    digits = folded.str.replace_all(r"[\s().\-/+]", "")
-    repeated = pl.lit(False)
-    for digit in "0123456789":
-        repeated = repeated | digits.str.contains(f"^{digit}{{2,}}$")
+    # One regex pass: Rust regexes have no backreferences, so `(\d)\1+` is spelled out.
+    repeated = folded.str.contains(_REPEATED_DIGIT_POLARS)
     return folded.is_in(sorted(PLACEHOLDERS)) | repeated
 
 
