@@ -6,8 +6,8 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractContextManager, ExitStack, asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -31,6 +31,7 @@ from identity import jobs as identity_jobs
 from identity.router import router as identity_router
 from ingestion import jobs as ingestion_jobs
 from ingestion.router import router as ingestion_router
+from ingestion.runtime import lifecycle as ingestion_lifecycle
 from loyalty import jobs as loyalty_jobs
 from loyalty.router import router as loyalty_router
 from segments import jobs as segments_jobs
@@ -176,6 +177,13 @@ def registered_jobs() -> tuple[JobSpec, ...]:
     )
 
 
+# Context managers entered when the app starts and exited (in reverse) when it stops, before
+# the stores close: e.g. the tracking API's writer thread, which commits what is queued.
+LIFECYCLE_HOOKS: tuple[Callable[[FastAPI], AbstractContextManager[None]], ...] = (
+    ingestion_lifecycle,
+)
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -200,12 +208,16 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if use_scheduler:
-            job_scheduler.start()
+        hooks = ExitStack()
         try:
+            for hook in LIFECYCLE_HOOKS:
+                hooks.enter_context(hook(app))
+            if use_scheduler:
+                job_scheduler.start()
             yield
         finally:
             job_scheduler.shutdown()
+            hooks.close()
             runner.shutdown()
             warehouse.close()
             db.dispose()

@@ -17,7 +17,7 @@ from cdp import migrate as migrations
 from cdp.auth import ApiKey, Role, create_key, list_keys, revoke_key
 from cdp.config import Settings, get_settings
 from cdp.db import Database
-from cdp.errors import CdpError
+from cdp.errors import CdpError, NotFound
 from cdp.logs import configure_logging
 from cdp.warehouse import Warehouse
 
@@ -235,6 +235,76 @@ def jobs_run(name: Annotated[str, typer.Argument(help="Job name")]) -> None:
     out.print(f"{run.job}: {run.status}, {run.rows} rows" + (f": {run.error}" if run.error else ""))
     if run.status != "succeeded":
         raise typer.Exit(1)
+
+
+@app.command()
+@cli_errors
+def ingest(
+    source: Annotated[str, typer.Argument(help="Name or id of a `file` source")],
+    paths: Annotated[
+        list[str], typer.Argument(help="Files or glob patterns (CSV, Parquet, NDJSON)")
+    ],
+) -> None:
+    """Import files into a `file` source, with a progress bar (the server must be stopped)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskID,
+        TimeElapsedColumn,
+    )
+
+    from ingestion import service as ingestion_service
+
+    settings = _settings()
+    migrations.upgrade(settings.db_url)
+    files = _expand(paths)
+    db = Database.from_settings(settings)
+    warehouse = _open_warehouse(settings, f"cdp ingest {source}")
+    try:
+        with db.begin() as session:
+            found = ingestion_service.find_source_by_name(session, name=source)
+            source_id = (found or ingestion_service.get_source(session, source_id=source)).id
+        columns = (*Progress.get_default_columns()[:1], BarColumn(), MofNCompleteColumn())
+        with Progress(*columns, TimeElapsedColumn(), console=console) as bar:
+            for path in files:
+                task = bar.add_task(path.name, total=None)
+
+                def advance(done: int, total: int | None, task: TaskID = task) -> None:
+                    bar.update(task, completed=done, total=total)
+
+                run = ingestion_service.import_file(
+                    db,
+                    warehouse,
+                    source_id=source_id,
+                    path=path,
+                    region=settings.default_phone_region,
+                    progress=advance,
+                )
+                bar.update(task, completed=run.rows_read, total=run.rows_read)
+                out.print(
+                    f"{path.name}: {run.status}, {run.rows_read} rows read, {run.accepted}"
+                    f" accepted, {run.rejected} rejected, {run.duplicates} duplicates"
+                    f" in {run.duration_ms} ms"
+                )
+    finally:
+        warehouse.close()
+        db.dispose()
+
+
+def _expand(patterns: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for pattern in patterns:
+        path = Path(pattern)
+        if any(c in pattern for c in "*?["):
+            anchor = Path(path.anchor) if path.is_absolute() else Path()
+            files.extend(sorted(anchor.glob(str(path.relative_to(anchor)))))
+        else:
+            files.append(path)
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing or not files:
+        raise NotFound(f"no such file: {', '.join(missing) or ' '.join(patterns)}")
+    return files
 
 
 @app.command("sample-data")

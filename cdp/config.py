@@ -18,6 +18,19 @@ class SchedulerSettings(BaseModel):
     enabled: bool = True
 
 
+class IngestionSettings(BaseModel):
+    """Tracking API limits and the group-commit writer."""
+
+    max_body_bytes: int = Field(default=500 * 1024, description="Largest tracking request body")
+    queue_max_events: int = Field(
+        default=200_000, description="Messages waiting for a commit before answering 429"
+    )
+    writer_linger_ms: float = Field(
+        default=0.0, description="Pause before each commit to gather more requests"
+    )
+    key_cache_seconds: float = Field(default=2.0, description="How long a write key is cached")
+
+
 class Settings(BaseSettings):
     """Every setting of the platform; nested models hold each domain's settings."""
 
@@ -40,6 +53,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     scheduler: SchedulerSettings = SchedulerSettings()
+    ingestion: IngestionSettings = IngestionSettings()
 
     @model_validator(mode="after")
     def _fill_paths(self) -> Settings:

@@ -68,6 +68,50 @@ MIGRATIONS: list[WarehouseMigration] = [
         ),
     ),
     WarehouseMigration(
+        2,
+        "ingestion: dedupe keys, rejections, load counters, Segment fields",
+        (
+            # One row per stored message: md5 of (source id, message id) as a 128-bit number.
+            # Narrow on purpose: dedupe anti-joins scan it on every load.
+            "CREATE TABLE ingest_message_keys (message_key UHUGEINT NOT NULL)",
+            # Every rejected message or row, with its position in the request or file.
+            """
+            CREATE TABLE ingest_rejections (
+                source_id VARCHAR NOT NULL,
+                channel VARCHAR NOT NULL,
+                batch_id BIGINT,
+                import_id VARCHAR,
+                position BIGINT,
+                message_id VARCHAR,
+                reason VARCHAR NOT NULL,
+                rejected_at TIMESTAMP NOT NULL
+            )
+            """,
+            # Counters of each load per source, beside the published ingest_batches row
+            # (kept apart so the version-1 tables keep their exact columns).
+            """
+            CREATE TABLE ingest_batch_stats (
+                batch_id BIGINT PRIMARY KEY,
+                source_id VARCHAR NOT NULL,
+                received BIGINT NOT NULL,
+                duplicates BIGINT NOT NULL,
+                rejected BIGINT NOT NULL,
+                identifiers_dropped BIGINT NOT NULL
+            )
+            """,
+            # Segment fields of tracking messages that are not `events` columns.
+            """
+            CREATE TABLE event_segment_fields (
+                event_id BIGINT NOT NULL,
+                sent_at TIMESTAMP,
+                original_timestamp TIMESTAMP,
+                previous_id VARCHAR,
+                group_id VARCHAR
+            )
+            """,
+        ),
+    ),
+    WarehouseMigration(
         40,
         "dashboards: daily KPI snapshots",
         (

@@ -223,7 +223,7 @@ def test_registered_level_metric_keeps_the_last_value_per_period(
         store="warehouse",
         package="loyalty",
         description="test level",
-        build=_level_metric,  # type: ignore[arg-type]
+        build=_level_metric,
         breakdowns=("program",),
         aggregation="last",
         program_scoped=True,

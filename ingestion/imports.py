@@ -1,0 +1,124 @@
+"""The import driver: read a connector chunk by chunk, transform, load, record progress.
+
+Each chunk is one load (one DuckDB transaction), so a long import never holds the loader
+for long and the tracking API keeps committing between chunks. The import record in the
+operational store is updated after every chunk, in its own short transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import polars as pl
+
+from cdp.db import Database, utcnow
+from cdp.warehouse import Warehouse
+from ingestion.connectors import Connector
+from ingestion.loader import LoadInput, loader_for
+from ingestion.models import ImportRun
+
+logger = logging.getLogger(__name__)
+
+Transform = Callable[[pl.DataFrame], LoadInput]
+Progress = Callable[[int, int | None], None]
+# Called after each chunk is committed, with the chunk (a database pull saves its cursor).
+AfterChunk = Callable[[pl.DataFrame], None]
+
+
+def run_import(
+    db: Database,
+    warehouse: Warehouse,
+    *,
+    import_id: str,
+    connector: Connector,
+    transform: Transform,
+    total_rows: int | None = None,
+    progress: Progress | None = None,
+    after_chunk: AfterChunk | None = None,
+) -> ImportRun:
+    """Load every chunk of `connector`, keeping the import record `import_id` up to date."""
+    loader = loader_for(warehouse)
+    started = time.perf_counter()
+    counts = {"rows_read": 0, "accepted": 0, "rejected": 0, "duplicates": 0, "dropped": 0}
+    first_batch: int | None = None
+    last_batch: int | None = None
+    try:
+        for chunk in connector.chunks():
+            data = transform(chunk)
+            batches = loader.load(data)
+            counts["rows_read"] += chunk.height
+            for batch in batches.values():
+                counts["accepted"] += batch.accepted
+                counts["duplicates"] += batch.duplicates
+                counts["rejected"] += batch.rejected
+                first_batch = batch.batch_id if first_batch is None else first_batch
+                last_batch = batch.batch_id
+            counts["dropped"] += sum(data.dropped.values())
+            if after_chunk is not None:
+                after_chunk(chunk)
+            _record(db, import_id, counts, first_batch, last_batch, status="running")
+            if progress is not None:
+                progress(counts["rows_read"], total_rows)
+    except Exception as exc:  # recorded on the import, then re-raised to the caller
+        _record(
+            db,
+            import_id,
+            counts,
+            first_batch,
+            last_batch,
+            status="failed",
+            duration_ms=int((time.perf_counter() - started) * 1000),
+            error=f"{type(exc).__name__}: {exc}",
+        )
+        raise
+    run = _record(
+        db,
+        import_id,
+        counts,
+        first_batch,
+        last_batch,
+        status="succeeded",
+        duration_ms=int((time.perf_counter() - started) * 1000),
+    )
+    logger.info(
+        "import finished",
+        extra={"import_id": import_id, **counts, "duration_ms": run.duration_ms},
+    )
+    return run
+
+
+def _record(
+    db: Database,
+    import_id: str,
+    counts: dict[str, int],
+    first_batch: int | None,
+    last_batch: int | None,
+    *,
+    status: str,
+    duration_ms: int | None = None,
+    error: str | None = None,
+) -> ImportRun:
+    with db.begin() as session:
+        run = session.get(ImportRun, import_id)
+        assert run is not None
+        run.rows_read = counts["rows_read"]
+        run.accepted = counts["accepted"]
+        run.rejected = counts["rejected"]
+        run.duplicates = counts["duplicates"]
+        run.identifiers_dropped = counts["dropped"]
+        run.first_batch_id = first_batch
+        run.last_batch_id = last_batch
+        run.status = status
+        if status != "running":
+            run.finished_at = utcnow()
+            run.duration_ms = duration_ms
+            run.error = error
+        return run
+
+
+def now_naive() -> datetime:
+    """UTC now without a zone, as warehouse timestamps are stored."""
+    return datetime.now(UTC).replace(tzinfo=None)

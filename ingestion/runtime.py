@@ -1,0 +1,183 @@
+"""The tracking API's runtime in the server: write-key cache, request handling, the writer."""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from cdp.auth import hash_key
+from cdp.config import Settings
+from cdp.db import Database
+from cdp.warehouse import Warehouse
+from ingestion import service
+from ingestion.errors import (
+    BodyTooLarge,
+    InvalidWriteKey,
+    MalformedRequest,
+    WriterStopped,
+)
+from ingestion.loader import loader_for
+from ingestion.tracking import (
+    MAX_MESSAGE_BYTES,
+    MalformedMessage,
+    Parsed,
+    SourceInfo,
+    messages_of,
+    parse_body,
+    parse_messages,
+    write_key_from_header,
+)
+from ingestion.writer import GroupCommitWriter
+
+logger = logging.getLogger(__name__)
+
+_OK = orjson.dumps({"success": True})
+
+
+class TrackingRuntime:
+    """Everything the `/v1/*` routes need, created in the app's lifespan."""
+
+    def __init__(self, settings: Settings, db: Database, warehouse: Warehouse) -> None:
+        self.settings = settings
+        self.db = db
+        self.limits = settings.ingestion
+        self.writer = GroupCommitWriter(
+            loader_for(warehouse),
+            max_queued=self.limits.queue_max_events,
+            linger_s=self.limits.writer_linger_ms / 1000,
+        )
+        self._keys: dict[str, tuple[SourceInfo | None, float, int]] = {}
+
+    def start(self) -> None:
+        """Start the writer thread."""
+        self.writer.start()
+
+    def stop(self) -> None:
+        """Commit what is queued and stop the writer."""
+        self.writer.stop()
+
+    def _lookup(self, write_key: str) -> SourceInfo | None:
+        with self.db.begin() as session:
+            return service.find_source_by_write_key(session, write_key=write_key)
+
+    async def source_for(self, write_key: str) -> SourceInfo:
+        """The enabled `http` source of a write key, or InvalidWriteKey."""
+        digest = hash_key(write_key)
+        now = time.monotonic()
+        hit = self._keys.get(digest)
+        if hit is not None and hit[1] > now and hit[2] == service.generation():
+            info = hit[0]
+        else:
+            generation = service.generation()
+            info = await run_in_threadpool(self._lookup, write_key)
+            if len(self._keys) > 10_000:
+                self._keys.clear()
+            self._keys[digest] = (info, now + self.limits.key_cache_seconds, generation)
+        if info is None or not info.enabled:
+            raise InvalidWriteKey("unknown or disabled write key")
+        return info
+
+    async def _body(self, request: Request) -> bytes:
+        limit = self.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise BodyTooLarge(f"request body over {limit} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"request body over {limit} bytes")
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        if request.headers.get("content-encoding", "").lower() == "gzip":
+            inflater = zlib.decompressobj(wbits=31)
+            try:
+                raw = inflater.decompress(raw, limit + 1)
+            except zlib.error:
+                raise MalformedRequest("body is not valid gzip") from None
+            if len(raw) > limit or inflater.unconsumed_tail:
+                raise BodyTooLarge(f"decompressed request body over {limit} bytes")
+        return raw
+
+    async def handle(self, request: Request, endpoint: str) -> Response:
+        """Answer one tracking request, after its messages are committed."""
+        received_at = datetime.now(UTC).replace(tzinfo=None)
+        raw = await self._body(request)
+        header_key = write_key_from_header(request.headers.get("authorization"))
+        try:
+            body = parse_body(raw)
+        except MalformedMessage as exc:
+            if header_key:
+                source = await self.source_for(header_key)
+                await self._commit(source, _rejected(str(exc)), received_at)
+            raise MalformedRequest(str(exc)) from None
+        body_key = body.get("writeKey")
+        write_key = header_key or (body_key if isinstance(body_key, str) else None)
+        if not write_key:
+            raise InvalidWriteKey("missing write key: send it as the basic-auth username")
+        source = await self.source_for(write_key)
+        try:
+            messages = messages_of(body, endpoint)
+        except MalformedMessage as exc:
+            await self._commit(source, _rejected(str(exc)), received_at)
+            raise MalformedRequest(str(exc)) from None
+        parsed = parse_messages(
+            body,
+            messages,
+            source=source,
+            received_at=received_at,
+            region=self.settings.default_phone_region,
+            check_sizes=len(raw) > MAX_MESSAGE_BYTES,
+        )
+        await self._commit(source, parsed, received_at)
+        if endpoint != "batch" and parsed.rejections:
+            raise MalformedRequest(parsed.rejections[0][2])
+        if not parsed.rejections:
+            return Response(_OK, media_type="application/json")
+        rejected: list[dict[str, Any]] = [  # Any: JSON
+            {"index": index, "messageId": message_id, "reason": reason}
+            for index, message_id, reason in parsed.rejections
+        ]
+        return Response(
+            orjson.dumps({"success": True, "rejected": rejected}), media_type="application/json"
+        )
+
+    async def _commit(self, source: SourceInfo, parsed: Parsed, received_at: datetime) -> None:
+        await self.writer.submit(source.id, parsed, received_at)
+
+
+def _rejected(reason: str) -> Parsed:
+    parsed = Parsed()
+    parsed.rejections.append((None, None, reason))
+    return parsed
+
+
+def get_runtime(request: Request) -> TrackingRuntime:
+    """The tracking runtime of the running app."""
+    runtime: TrackingRuntime | None = getattr(request.app.state, "ingestion", None)
+    if runtime is None:
+        raise WriterStopped("the tracking API is not running")
+    return runtime
+
+
+@contextmanager
+def lifecycle(app: FastAPI) -> Iterator[None]:
+    """Start the tracking runtime with the app; on shutdown commit what is queued."""
+    runtime = TrackingRuntime(app.state.settings, app.state.db, app.state.warehouse)
+    runtime.start()
+    app.state.ingestion = runtime
+    try:
+        yield
+    finally:
+        runtime.stop()
+        app.state.ingestion = None

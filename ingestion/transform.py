@@ -1,0 +1,334 @@
+"""Records to events in bulk: a source's mapping (CSV, Parquet, databases) or the Segment
+spec (NDJSON lines), applied to a whole chunk with Polars expressions, never row by row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+import polars as pl
+
+from cdp.identifiers import (
+    ANONYMOUS_ID,
+    DEVICE_ID,
+    EMAIL,
+    PHONE,
+    USER_ID,
+    composite_expr,
+    email_expr,
+    id_expr,
+    normalise_phones,
+)
+from ingestion.connectors import ROW
+from ingestion.loader import EVENT_SCHEMA, IDENTIFIER_SCHEMA, REJECTION_SCHEMA, TS, LoadInput
+from ingestion.schemas import IdentifierSpec, Mapping
+from ingestion.tracking import MESSAGE_TYPES
+
+Hasher = Callable[[pl.Series], pl.Series]
+
+_ISO_FORMATS = ("%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M")
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What every chunk of one import shares."""
+
+    source_id: str
+    channel: str
+    region: str
+    received_at: datetime
+    import_id: str | None
+    hasher: Hasher
+
+
+def column(frame: pl.DataFrame, name: str) -> pl.Expr:
+    """A column by name, or a dotted path into struct columns; null when absent."""
+    if name in frame.columns:
+        return pl.col(name)
+    head, *rest = name.split(".")
+    if head not in frame.columns or not rest:
+        return pl.lit(None)
+    dtype = frame.schema[head]
+    expr = pl.col(head)
+    for part in rest:
+        if not isinstance(dtype, pl.Struct):
+            return pl.lit(None)
+        fields = {f.name: f.dtype for f in dtype.fields}
+        if part not in fields:
+            return pl.lit(None)
+        expr = expr.struct.field(part)
+        dtype = fields[part]  # type: ignore[assignment]  # polars types fields loosely
+    return expr
+
+
+def _series(frame: pl.DataFrame, expr: pl.Expr) -> pl.Series:
+    """Evaluate an expression over a chunk, broadcasting literals to its height."""
+    return frame.select(pl.col(ROW), expr.alias("_value"))["_value"]
+
+
+def _dtype_of(frame: pl.DataFrame, name: str) -> pl.DataType:
+    return frame.select(column(frame, name)).dtypes[0]
+
+
+def timestamp_expr(expr: pl.Expr, dtype: pl.DataType) -> pl.Expr:
+    """Parse a timestamp column of any common form into naive UTC microseconds."""
+    if isinstance(dtype, pl.Datetime):
+        if dtype.time_zone:
+            expr = expr.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
+        return expr.cast(TS)
+    if isinstance(dtype, pl.Date):
+        return expr.cast(TS)
+    if dtype == pl.String:
+        text = expr.str.strip_chars()
+        candidates = [
+            text.str.to_datetime("%+", strict=False, time_unit="us")
+            .dt.convert_time_zone("UTC")
+            .dt.replace_time_zone(None),
+            *(text.str.to_datetime(f, strict=False, time_unit="us") for f in _ISO_FORMATS),
+            text.str.to_date("%Y-%m-%d", strict=False).cast(TS),
+        ]
+        return pl.coalesce(candidates)
+    return pl.lit(None, dtype=TS)
+
+
+def _json(frame: pl.DataFrame, names: list[str]) -> pl.Expr:
+    if not names:
+        return pl.lit(None, dtype=pl.String)
+    return pl.struct([column(frame, n).alias(n) for n in names]).struct.json_encode()
+
+
+def _json_column(frame: pl.DataFrame, name: str) -> pl.Expr:
+    """A struct column as JSON text (NDJSON objects); null when absent or not an object."""
+    if name in frame.columns and isinstance(frame.schema[name], pl.Struct):
+        return pl.col(name).struct.json_encode()
+    return pl.lit(None, dtype=pl.String)
+
+
+def _normalised(frame: pl.DataFrame, kind: str, raw: pl.Expr, region: str) -> pl.Series:
+    values = _series(frame, raw.cast(pl.String)).alias("v")
+    if kind == EMAIL:
+        return values.to_frame().select(email_expr(pl.col("v")))["v"]
+    if kind == PHONE:
+        return normalise_phones(values, region=region)
+    return values.to_frame().select(id_expr(pl.col("v")))["v"]
+
+
+def _identifiers(
+    frame: pl.DataFrame,
+    found: list[tuple[str, pl.Expr]],
+    composites: list[IdentifierSpec],
+    ctx: Context,
+) -> tuple[pl.DataFrame, pl.Series]:
+    """Long (row, kind, value) frame of normalised identifiers, and the dropped count per row."""
+    parts: list[pl.DataFrame] = []
+    dropped = pl.Series("dropped", [0] * frame.height, dtype=pl.Int64)
+    rows = frame[ROW]
+    for kind, raw in found:
+        raw_values = _series(frame, raw.cast(pl.String).str.strip_chars())
+        values = _normalised(frame, kind, raw, ctx.region)
+        dropped = dropped + (
+            (raw_values.is_not_null() & (raw_values != "")) & values.is_null()
+        ).cast(pl.Int64)
+        parts.append(
+            pl.DataFrame({ROW: rows, "kind": kind, "value": values}).filter(
+                pl.col("value").is_not_null()
+            )
+        )
+    for spec in composites:
+        assert spec.composite is not None
+        values = _series(frame, composite_expr([column(frame, p) for p in spec.composite]))
+        parts.append(
+            pl.DataFrame({ROW: rows, "kind": spec.kind, "value": values}).filter(
+                pl.col("value").is_not_null()
+            )
+        )
+    if not parts:
+        return pl.DataFrame(schema=IDENTIFIER_SCHEMA), dropped
+    long = pl.concat([p.cast(IDENTIFIER_SCHEMA) for p in parts]).unique(maintain_order=True)  # type: ignore[arg-type]
+    return long, dropped
+
+
+def _finish(
+    frame: pl.DataFrame,
+    events: pl.DataFrame,
+    identifiers: pl.DataFrame,
+    dropped: pl.Series,
+    reason: pl.Expr,
+    ctx: Context,
+) -> LoadInput:
+    """Split a chunk into stored events and rejected rows, given a reason expression."""
+    has_identifier = frame.select(pl.col(ROW).is_in(identifiers[ROW].unique()))[ROW]
+    judged = events.with_columns(
+        _reason=pl.when(~pl.Series(has_identifier))
+        .then(pl.lit("missing identifier"))
+        .otherwise(None),
+    ).with_columns(_reason=pl.coalesce(pl.lit(_series(frame, reason)), pl.col("_reason")))
+    good = judged.filter(pl.col("_reason").is_null()).drop("_reason")
+    bad = judged.filter(pl.col("_reason").is_not_null())
+    good_rows = good[ROW]
+    rejections = bad.select(
+        source_id=pl.lit(ctx.source_id),
+        position=pl.col(ROW),
+        message_id=pl.col("message_id"),
+        reason=pl.col("_reason"),
+    )
+    kept_dropped = int(dropped.filter(frame[ROW].is_in(good_rows)).sum())
+    return LoadInput(
+        channel=ctx.channel,
+        events=good.select(list(EVENT_SCHEMA)).cast(EVENT_SCHEMA),  # type: ignore[arg-type]
+        identifiers=identifiers.filter(pl.col(ROW).is_in(good_rows)),
+        rejections=rejections.cast(REJECTION_SCHEMA),  # type: ignore[arg-type]
+        dropped={ctx.source_id: kept_dropped},
+        import_id=ctx.import_id,
+    )
+
+
+def _row_keys(frame: pl.DataFrame, ctx: Context) -> pl.Series:
+    """A stable id per row from its content, so the same record seen twice dedupes."""
+    content = _series(frame, pl.struct(pl.all().exclude(ROW)).struct.json_encode())
+    return ("row-" + ctx.hasher(content)).alias("message_id")
+
+
+def mapped(frame: pl.DataFrame, mapping: Mapping, ctx: Context) -> LoadInput:
+    """Apply a source's mapping to a chunk of tabular records."""
+    if mapping.message_id:
+        message_id = _series(
+            frame, column(frame, mapping.message_id).cast(pl.String).str.strip_chars()
+        )
+    else:
+        message_id = _row_keys(frame, ctx)
+    ts_name = mapping.timestamp
+    if ts_name:
+        raw_ts = column(frame, ts_name)
+        ts = timestamp_expr(raw_ts, _dtype_of(frame, ts_name))
+        ts_reason: pl.Expr = (
+            pl.when(raw_ts.is_null())
+            .then(pl.lit("missing timestamp"))
+            .when(ts.is_null())
+            .then(pl.lit("unparseable timestamp ") + raw_ts.cast(pl.String).str.slice(0, 40))
+        )
+    else:
+        ts = pl.lit(ctx.received_at, dtype=TS)
+        ts_reason = pl.lit(None, dtype=pl.String)
+    if mapping.event_column:
+        event = column(frame, mapping.event_column).cast(pl.String).str.strip_chars()
+    else:
+        event = pl.lit(mapping.event, dtype=pl.String)
+    event_reason = (
+        pl.when(event.is_null() | (event == "")).then(pl.lit("missing event name"))
+        if mapping.type == "track"
+        else pl.lit(None, dtype=pl.String)
+    )
+    found = [
+        (spec.kind, column(frame, spec.column))
+        for spec in mapping.identifiers
+        if spec.column is not None
+    ]
+    composites = [s for s in mapping.identifiers if s.composite is not None]
+    identifiers, dropped = _identifiers(frame, found, composites, ctx)
+
+    def first_of(kind: str) -> pl.Expr:
+        hits = identifiers.filter(pl.col("kind") == kind).unique(ROW, keep="first")
+        return pl.col(ROW).replace_strict(hits[ROW], hits["value"], default=None)
+
+    events = frame.select(
+        pl.col(ROW),
+        message_id=pl.Series(message_id),
+        source_id=pl.lit(ctx.source_id),
+        type=pl.lit(mapping.type),
+        event=event if mapping.type == "track" else pl.lit(None, dtype=pl.String),
+        user_id=first_of(USER_ID),
+        anonymous_id=first_of(ANONYMOUS_ID),
+        timestamp=ts,
+        received_at=pl.lit(ctx.received_at, dtype=TS),
+        properties=_json(frame, mapping.properties),
+        traits=_json(frame, mapping.traits),
+        context=pl.lit(None, dtype=pl.String),
+        sent_at=pl.lit(None, dtype=TS),
+        original_timestamp=pl.lit(None, dtype=TS),
+        previous_id=pl.lit(None, dtype=pl.String),
+        group_id=pl.lit(None, dtype=pl.String),
+    )
+    reason = pl.coalesce(ts_reason, event_reason)
+    return _finish(frame, events, identifiers, dropped, reason, ctx)
+
+
+def segment(frame: pl.DataFrame, mapping: Mapping, ctx: Context) -> LoadInput:
+    """Read a chunk of Segment-spec messages (NDJSON lines, as exported by Segment)."""
+
+    def text(name: str) -> pl.Expr:
+        expr = column(frame, name)
+        return (
+            expr.cast(pl.String).str.strip_chars()
+            if _dtype_of(frame, name) != pl.Null
+            else (pl.lit(None, dtype=pl.String))
+        )
+
+    message_id = _series(frame, text("messageId"))
+    if message_id.null_count():
+        message_id = message_id.fill_null(_row_keys(frame, ctx))
+    kind = text("type")
+    ts_raw = text("timestamp")
+    ts = timestamp_expr(ts_raw, pl.String())
+    sent_raw = text("sentAt")
+    found: list[tuple[str, pl.Expr]] = [
+        (USER_ID, text("userId")),
+        (ANONYMOUS_ID, text("anonymousId")),
+        (ANONYMOUS_ID, pl.when(kind == "alias").then(text("previousId"))),
+        (EMAIL, pl.when(kind != "group").then(text("traits.email"))),
+        (EMAIL, text("context.traits.email")),
+        (PHONE, pl.when(kind != "group").then(text("traits.phone"))),
+        (PHONE, text("context.traits.phone")),
+        (DEVICE_ID, text("context.device.id")),
+    ]
+    for spec in mapping.identifiers:
+        if spec.column is not None:
+            found.append((spec.kind, text(spec.column)))
+    composites = [s for s in mapping.identifiers if s.composite is not None]
+    identifiers, dropped = _identifiers(frame, found, composites, ctx)
+    traits = _json_column(frame, "traits")
+    context_traits = (
+        column(frame, "context.traits").struct.json_encode()
+        if isinstance(_dtype_of(frame, "context.traits"), pl.Struct)
+        else pl.lit(None, dtype=pl.String)
+    )
+    events = frame.select(
+        pl.col(ROW),
+        message_id=pl.Series(message_id),
+        source_id=pl.lit(ctx.source_id),
+        type=kind,
+        event=pl.when(kind == "track")
+        .then(text("event"))
+        .when(kind.is_in(["page", "screen"]))
+        .then(text("name")),
+        user_id=text("userId"),
+        anonymous_id=text("anonymousId"),
+        timestamp=ts,
+        received_at=pl.lit(ctx.received_at, dtype=TS),
+        properties=_json_column(frame, "properties"),
+        traits=pl.when(kind == "identify")
+        .then(pl.coalesce(traits, context_traits))
+        .otherwise(traits),
+        context=_json_column(frame, "context"),
+        sent_at=timestamp_expr(sent_raw, pl.String()),
+        original_timestamp=ts,
+        previous_id=text("previousId"),
+        group_id=text("groupId"),
+    )
+    reason = (
+        pl.when(~kind.is_in(sorted(MESSAGE_TYPES)) | kind.is_null())
+        .then(pl.lit("unknown type"))
+        .when((kind == "alias") & (text("previousId").is_null() | text("userId").is_null()))
+        .then(pl.lit("alias needs previousId and userId"))
+        .when((kind != "alias") & text("userId").is_null() & text("anonymousId").is_null())
+        .then(pl.lit("userId or anonymousId is required"))
+        .when((kind == "track") & text("event").is_null())
+        .then(pl.lit("track needs an event name"))
+        .when(ts_raw.is_null())
+        .then(pl.lit("missing timestamp"))
+        .when(ts.is_null())
+        .then(pl.lit("unparseable timestamp"))
+    )
+    return _finish(frame, events, identifiers, dropped, reason, ctx)

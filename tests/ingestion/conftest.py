@@ -1,0 +1,52 @@
+"""Fixtures of the ingestion tests: a data key, sources and write-key headers."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from cdp.auth import Role
+from cdp.db import Database
+from tests.conftest import make_key
+
+
+def basic(write_key: str) -> dict[str, str]:
+    """Headers carrying a write key the way Segment SDKs send it."""
+    token = base64.b64encode(f"{write_key}:".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+@pytest.fixture
+def data_headers(db: Database) -> dict[str, str]:
+    """Authorization headers of a `data` key."""
+    return {"Authorization": f"Bearer {make_key(db, Role.data)}"}
+
+
+def create_source(
+    client: TestClient, headers: dict[str, str], **body: Any
+) -> dict[str, Any]:  # Any: JSON
+    """Create a source through the API and return its JSON."""
+    resp = client.post("/api/sources", json=body, headers=headers)
+    assert resp.status_code == 201, resp.text
+    created: dict[str, Any] = resp.json()
+    return created
+
+
+@pytest.fixture
+def http_source(client: TestClient, data_headers: dict[str, str]) -> dict[str, Any]:
+    """An `http` source with a loyalty card path and a composite key in its mapping."""
+    return create_source(
+        client,
+        data_headers,
+        name="web",
+        kind="http",
+        mapping={
+            "identifiers": [
+                {"kind": "loyalty_card", "column": "properties.loyalty_card"},
+                {"kind": "name_dob", "composite": ["last_name", "birth_date"]},
+            ]
+        },
+    )

@@ -1,0 +1,271 @@
+"""The file connector: CSV, Parquet and NDJSON imports, bad rows, no-op re-imports, uploads."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import polars as pl
+import pytest
+from fastapi.testclient import TestClient
+
+from cdp import migrate
+from cdp.db import Database
+from cdp.warehouse import Query, Warehouse
+from ingestion import service
+from ingestion.errors import InvalidMapping
+from ingestion.schemas import Mapping
+from tests.cdp.test_cli import cdp
+from tests.ingestion.conftest import basic, create_source
+
+JsonDict = dict[str, Any]  # Any: JSON
+
+CRM_MAPPING: JsonDict = {
+    "type": "identify",
+    "timestamp": "updated_at",
+    "message_id": "customer_id",
+    "identifiers": [
+        {"kind": "user_id", "column": "customer_id"},
+        {"kind": "email", "column": "email"},
+        {"kind": "phone", "column": "phone"},
+        {"kind": "name_dob", "composite": ["last_name", "birth_date"]},
+    ],
+    "traits": ["first_name", "last_name"],
+}
+
+CSV = """customer_id,email,phone,first_name,last_name,birth_date,updated_at
+c1, Ann@Example.com ,06 12 34 56 78,Ann,Lefèvre,1980-01-02,2026-11-01T10:00:00Z
+c2,bob@example.com,,Bob,Martin,1975-05-06,2026-11-02 09:30:00
+c3,carl@example.com,,Carl,Petit,,not a date
+,,,,Nobody,,2026-11-03
+c4,test@test.com,0000000000,Dan,Roux,1990-09-09,2026-11-04
+"""
+
+
+def _crm(db: Database) -> str:
+    with db.begin() as session:
+        source, _ = service.create_source(
+            session, name="crm", kind="file", mapping=Mapping.model_validate(CRM_MAPPING)
+        )
+        return source.id
+
+
+def test_csv_import_loads_good_rows_and_reports_bad_ones_by_row(
+    db: Database, warehouse: Warehouse, tmp_path: Path
+) -> None:
+    source_id = _crm(db)
+    path = tmp_path / "crm.csv"
+    path.write_text(CSV)
+    run = service.import_file(db, warehouse, source_id=source_id, path=path, region="FR")
+    assert (run.status, run.rows_read, run.accepted, run.rejected) == ("succeeded", 5, 3, 2)
+    assert run.identifiers_dropped == 2  # c4's placeholder email and phone
+    assert run.duration_ms is not None
+    rejected = warehouse.rows(
+        Query("SELECT position, reason FROM ingest_rejections ORDER BY position")
+    )
+    assert rejected[0][0] == 3
+    assert rejected[0][1].startswith("unparseable timestamp")
+    assert rejected[1] == (4, "missing identifier")
+    ids = warehouse.rows(
+        Query(
+            "SELECT e.message_id, i.kind, i.value FROM event_identifiers i"
+            " JOIN events e USING (event_id) ORDER BY e.event_id, i.kind"
+        )
+    )
+    assert ("c1", "email", "ann@example.com") in ids
+    assert ("c1", "phone", "+33612345678") in ids
+    assert ("c1", "name_dob", "lefevre|1980-01-02") in ids
+    assert ("c4", "user_id", "c4") in ids
+    assert not [i for i in ids if i[0] == "c4" and i[1] in ("email", "phone")]
+    first = warehouse.rows(
+        Query("SELECT user_id, timestamp, traits FROM events WHERE message_id = 'c1'")
+    )[0]
+    assert first[0] == "c1"
+    assert first[1] == datetime(2026, 11, 1, 10, 0)
+    assert orjson.loads(first[2]) == {"first_name": "Ann", "last_name": "Lefèvre"}
+
+
+def test_reimporting_the_same_content_is_a_no_op(
+    db: Database, warehouse: Warehouse, tmp_path: Path
+) -> None:
+    source_id = _crm(db)
+    path = tmp_path / "crm.csv"
+    path.write_text(CSV)
+    service.import_file(db, warehouse, source_id=source_id, path=path, region="FR")
+    copy = tmp_path / "copy.csv"
+    copy.write_text(CSV)
+    again = service.import_file(db, warehouse, source_id=source_id, path=copy, region="FR")
+    assert again.skipped
+    assert again.status == "skipped"
+    assert warehouse.scalar(Query("SELECT count(*) FROM events")) == 3
+    # Different content that repeats records: those rows dedupe by their message id.
+    overlap = tmp_path / "overlap.csv"
+    overlap.write_text(CSV + "c5,eve@example.com,,Eve,Blanc,1999-01-01,2026-11-05\n")
+    third = service.import_file(db, warehouse, source_id=source_id, path=overlap, region="FR")
+    assert (third.accepted, third.duplicates, third.rejected) == (1, 3, 2)
+
+
+def test_parquet_import_with_typed_columns_and_row_hash_ids(
+    db: Database, warehouse: Warehouse, tmp_path: Path
+) -> None:
+    with db.begin() as session:
+        source, _ = service.create_source(
+            session,
+            name="tills",
+            kind="file",
+            mapping=Mapping.model_validate(
+                {
+                    "event": "Purchase",
+                    "timestamp": "ts",
+                    "identifiers": [{"kind": "loyalty_card", "column": "card"}],
+                    "properties": ["amount", "store"],
+                }
+            ),
+        )
+        source_id = source.id
+    frame = pl.DataFrame(
+        {
+            "card": ["K1", "K2", None, "K1"],
+            "amount": [10.5, 3.0, 1.0, 10.5],
+            "store": [1, 2, 3, 1],
+            "ts": [
+                datetime(2026, 11, 1, 12),
+                datetime(2026, 11, 2),
+                datetime(2026, 11, 3),
+                datetime(2026, 11, 1, 12),
+            ],
+        }
+    )
+    path = tmp_path / "tills.parquet"
+    frame.write_parquet(path)
+    run = service.import_file(
+        db, warehouse, source_id=source_id, path=path, region="FR", chunk_rows=2
+    )
+    # row 3 has no card; row 4 repeats row 1 exactly, so its content hash dedupes it
+    assert (run.rows_read, run.accepted, run.rejected, run.duplicates) == (4, 2, 1, 1)
+    events = warehouse.rows(
+        Query("SELECT event, properties->>'$.amount', message_id FROM events ORDER BY event_id")
+    )
+    assert [e[:2] for e in events] == [("Purchase", "10.5"), ("Purchase", "3.0")]
+    assert all(e[2].startswith("row-") for e in events)
+
+
+def test_ndjson_lines_dedupe_against_messages_sent_over_http(
+    client: TestClient,
+    data_headers: dict[str, str],
+    db: Database,
+    warehouse: Warehouse,
+    tmp_path: Path,
+) -> None:
+    web = create_source(client, data_headers, name="web", kind="http")
+    sent = {"type": "track", "messageId": "m1", "userId": "u1", "event": "Viewed"}
+    assert (
+        client.post(
+            "/v1/batch", json={"batch": [sent]}, headers=basic(web["write_key"])
+        ).status_code
+        == 200
+    )
+    # A Segment export of the same source's messages, imported through the file path.
+    lines = [
+        {**sent, "timestamp": "2026-11-01T10:00:00Z"},
+        {
+            "type": "identify",
+            "messageId": "m2",
+            "anonymousId": "a1",
+            "context": {"traits": {"email": "Z@X.io"}},
+            "timestamp": "2026-11-01T10:01:00.5+02:00",
+        },
+        {"type": "track", "messageId": "m3", "userId": "u1", "timestamp": "2026-11-01"},
+        {"type": "bogus", "messageId": "m4", "userId": "u1", "timestamp": "2026-11-01"},
+    ]
+    path = tmp_path / "export.ndjson"
+    path.write_bytes(b"\n".join(orjson.dumps(line) for line in lines))
+    run = service.import_file(db, warehouse, source_id=web["id"], path=path, region="FR")
+    assert (run.accepted, run.duplicates, run.rejected) == (1, 1, 2)
+    reasons = warehouse.rows(
+        Query(
+            "SELECT position, reason FROM ingest_rejections WHERE import_id = $i ORDER BY position",
+            {"i": run.id},
+        )
+    )
+    assert reasons == [(3, "track needs an event name"), (4, "unknown type")]
+    m2 = warehouse.rows(
+        Query(
+            "SELECT e.timestamp, e.traits, i.kind, i.value FROM events e"
+            " JOIN event_identifiers i USING (event_id) WHERE e.message_id = 'm2' ORDER BY i.kind"
+        )
+    )
+    assert m2[0][0] == datetime(2026, 11, 1, 8, 1, 0, 500000)
+    assert orjson.loads(m2[0][1]) == {"email": "Z@X.io"}
+    assert [(r[2], r[3]) for r in m2] == [("anonymous_id", "a1"), ("email", "z@x.io")]
+
+
+def test_file_missing_mapped_columns_is_refused_and_columns_are_remembered(
+    db: Database, warehouse: Warehouse, tmp_path: Path
+) -> None:
+    source_id = _crm(db)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("customer_id,updated_at\nc1,2026-11-01\n")
+    with pytest.raises(InvalidMapping, match="lacks mapped columns"):
+        service.import_file(db, warehouse, source_id=source_id, path=bad, region="FR")
+    good = tmp_path / "crm.csv"
+    good.write_text(CSV)
+    service.import_file(db, warehouse, source_id=source_id, path=good, region="FR")
+    with db.begin() as session:
+        assert service.get_source(session, source_id=source_id).columns == CSV.splitlines()[
+            0
+        ].split(",")
+        wrong = Mapping.model_validate({**CRM_MAPPING, "traits": ["shoe_size"]})
+        with pytest.raises(InvalidMapping, match="shoe_size"):
+            service.update_source(session, source_id=source_id, mapping=wrong)
+
+
+def test_upload_endpoint_imports_and_reports_rows(
+    client: TestClient, data_headers: dict[str, str]
+) -> None:
+    source = create_source(client, data_headers, name="crm", kind="file", mapping=CRM_MAPPING)
+    resp = client.post(
+        f"/api/sources/{source['id']}/uploads",
+        files={"file": ("crm.csv", CSV.encode(), "text/csv")},
+        headers=data_headers,
+    )
+    assert resp.status_code == 201, resp.text
+    report = resp.json()
+    assert (report["accepted"], report["rejected"]) == (3, 2)
+    assert [e["row"] for e in report["errors"]] == [3, 4]
+    listed = client.get(f"/api/sources/{source['id']}/imports", headers=data_headers).json()
+    assert listed["items"][0]["id"] == report["id"]
+    again = client.post(
+        f"/api/sources/{source['id']}/uploads",
+        files={"file": ("crm.csv", CSV.encode(), "text/csv")},
+        headers=data_headers,
+    )
+    assert again.json()["skipped"] is True
+    stats = client.get(f"/api/sources/{source['id']}/stats", headers=data_headers).json()
+    assert (stats["accepted"], stats["rejected"], stats["received"]) == (3, 2, 5)
+    unsupported = client.post(
+        f"/api/sources/{source['id']}/uploads",
+        files={"file": ("crm.xlsx", b"x", "application/octet-stream")},
+        headers=data_headers,
+    )
+    assert unsupported.status_code == 422
+
+
+def test_cli_ingest_imports_globs_into_a_source(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'cdp.sqlite3'}"
+    migrate.upgrade(url)
+    database = Database(url)
+    try:
+        _crm(database)
+    finally:
+        database.dispose()
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.csv").write_text(CSV)
+    result = cdp(tmp_path, "ingest", "crm", str(tmp_path / "in" / "*.csv"))
+    assert result.returncode == 0, result.stderr
+    assert "a.csv: succeeded, 5 rows read, 3 accepted, 2 rejected" in result.stdout
+    missing = cdp(tmp_path, "ingest", "crm", str(tmp_path / "nope.csv"))
+    assert missing.returncode == 1
+    assert "no such file" in missing.stderr

@@ -1,0 +1,151 @@
+"""A real `cdp serve` process: the official Segment SDK talks to it, and SIGKILL loses
+no acknowledged event."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from segment.analytics import Client
+
+from cdp import migrate
+from cdp.db import Database
+from cdp.warehouse import Query, Warehouse
+from ingestion import service
+from tests.cdp.test_cli import CDP, _env, free_port, wait_ready
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Server:
+    """A running server and what it needs."""
+
+    url: str
+    proc: subprocess.Popen[str]
+    data_dir: Path
+    write_key: str
+    source_id: str
+
+
+def _prepare(data_dir: Path) -> tuple[str, str]:
+    url = f"sqlite:///{data_dir / 'cdp.sqlite3'}"
+    migrate.upgrade(url)
+    db = Database(url)
+    try:
+        with db.begin() as session:
+            source, key = service.create_source(session, name="web", kind="http")
+            assert key is not None
+            return source.id, key
+    finally:
+        db.dispose()
+
+
+def _start(data_dir: Path) -> tuple[str, subprocess.Popen[str]]:
+    port = free_port()
+    with (data_dir / "server.log").open("a") as log:  # the child keeps its own handle
+        proc = subprocess.Popen(
+            [*CDP, "serve", "--port", str(port), "--no-scheduler"],
+            env=_env(data_dir),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url, proc)
+    return url, proc
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    """A prepared data dir with an `http` source, and a server over it."""
+    source_id, key = _prepare(tmp_path)
+    url, proc = _start(tmp_path)
+    try:
+        yield Server(url, proc, tmp_path, key, source_id)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+
+
+def _message_ids(data_dir: Path) -> set[str]:
+    with Warehouse(data_dir / "warehouse.duckdb") as warehouse:
+        return {r[0] for r in warehouse.rows(Query("SELECT message_id FROM events"))}
+
+
+def test_official_segment_sdk_sends_unchanged(server: Server) -> None:
+    errors: list[Exception] = []
+    client = Client(
+        write_key=server.write_key,
+        host=server.url,
+        sync_mode=True,
+        gzip=True,
+        on_error=lambda exc, batch: errors.append(exc),
+    )
+    client.identify("user-1", {"email": "Ann@Example.com", "phone": None})
+    client.track("user-1", "Order Completed", {"total": 30, "loyalty_card": None})
+    client.page(anonymous_id="anon-1", name="Home", properties={"path": "/"})
+    client.screen("user-1", name="Cart")
+    client.group("user-1", "group-1", {"name": "Acme"})
+    client.alias("anon-1", "user-1")
+    client.flush()
+    assert errors == []
+    server.proc.send_signal(signal.SIGTERM)
+    server.proc.wait(timeout=60)
+    with Warehouse(server.data_dir / "warehouse.duckdb") as warehouse:
+        rows = warehouse.rows(Query("SELECT type, event FROM events ORDER BY event_id"))
+        identifiers = warehouse.rows(Query("SELECT DISTINCT kind, value FROM event_identifiers"))
+    assert [r[0] for r in rows] == ["identify", "track", "page", "screen", "group", "alias"]
+    assert rows[1][1] == "Order Completed"
+    assert ("email", "ann@example.com") in identifiers
+    assert ("anonymous_id", "anon-1") in identifiers
+
+
+def test_sigkill_loses_no_acknowledged_event(server: Server) -> None:
+    acknowledged: set[str] = set()
+    lock = threading.Lock()
+    enough = threading.Event()
+    auth = (server.write_key, "")
+
+    def send() -> None:
+        with httpx.Client(base_url=server.url, auth=auth, timeout=10) as http:
+            while True:
+                ids = [str(uuid.uuid4()) for _ in range(50)]
+                batch = [
+                    {"type": "track", "messageId": m, "userId": f"u{i}", "event": "E"}
+                    for i, m in enumerate(ids)
+                ]
+                try:
+                    resp = http.post("/v1/batch", json={"batch": batch})
+                except httpx.TransportError:
+                    return  # the server died mid-request: this batch was never acknowledged
+                if resp.status_code == 200:
+                    with lock:
+                        acknowledged.update(ids)
+                        if len(acknowledged) >= 5_000:
+                            enough.set()
+
+    workers = [threading.Thread(target=send) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    assert enough.wait(timeout=120)
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait(timeout=30)
+    for worker in workers:
+        worker.join(timeout=60)
+    with lock:
+        acked = set(acknowledged)
+    # A restarted server replays DuckDB's write-ahead log and keeps serving.
+    _url, proc = _start(server.data_dir)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    stored = _message_ids(server.data_dir)
+    assert acked <= stored, f"{len(acked - stored)} acknowledged events lost"
