@@ -1,5 +1,218 @@
-"""HTTP routes of the loyalty package."""
+"""HTTP routes of the loyalty package (role `loyalty`, and `admin`)."""
 
-from fastapi import APIRouter
+from __future__ import annotations
 
-router = APIRouter(tags=["loyalty"])
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query
+
+from cdp.auth import Principal, Role, require
+from cdp.db import SessionDep
+from cdp.pagination import Page, PageDep
+from loyalty import service
+from loyalty.idempotency import IdempotencyDep, run_once
+from loyalty.schemas import (
+    AdjustmentCreate,
+    BalanceRead,
+    ExpiringRead,
+    LedgerEntryRead,
+    MemberCommand,
+    MemberRead,
+    MergeCommand,
+    MergeResult,
+    ProgramCreate,
+    ProgramRead,
+    ProgramStatus,
+    ProgramUpdate,
+)
+
+LOYALTY = require(Role.loyalty)
+PrincipalDep = Annotated[Principal, Depends(LOYALTY)]
+
+router = APIRouter(prefix="/api/loyalty", tags=["loyalty"], dependencies=[Depends(LOYALTY)])
+
+
+@router.post("/programs", status_code=201)
+def create_program(body: ProgramCreate, session: SessionDep, idem: IdempotencyDep) -> ProgramRead:
+    """Create a programme (a draft unless `status` says otherwise)."""
+    return run_once(
+        session,
+        idem=idem,
+        body=body.model_dump(mode="json"),
+        model=ProgramRead,
+        run=lambda: ProgramRead.model_validate(service.create_program(session, data=body)),
+    )
+
+
+@router.get("/programs")
+def list_programs(
+    session: SessionDep, page: PageDep, status: ProgramStatus | None = None
+) -> Page[ProgramRead]:
+    """List programmes."""
+    rows, total = service.list_programs(
+        session, status=status, limit=page.limit, offset=page.offset
+    )
+    return Page[ProgramRead].of(
+        [ProgramRead.model_validate(r) for r in rows], total=total, params=page
+    )
+
+
+@router.get("/programs/{program_id}")
+def get_program(program_id: str, session: SessionDep) -> ProgramRead:
+    """One programme."""
+    return ProgramRead.model_validate(service.get_program(session, program_id=program_id))
+
+
+@router.patch("/programs/{program_id}")
+def update_program(
+    program_id: str, body: ProgramUpdate, session: SessionDep, idem: IdempotencyDep
+) -> ProgramRead:
+    """Change a programme's settings or status."""
+    return run_once(
+        session,
+        idem=idem,
+        body=body.model_dump(mode="json", exclude_unset=True),
+        model=ProgramRead,
+        run=lambda: ProgramRead.model_validate(
+            service.update_program(session, program_id=program_id, data=body)
+        ),
+    )
+
+
+@router.post("/programs/{program_id}/members")
+def change_membership(
+    program_id: str, body: MemberCommand, session: SessionDep, idem: IdempotencyDep
+) -> MemberRead:
+    """Enrol, unenrol or opt out a profile (`action`)."""
+    return run_once(
+        session,
+        idem=idem,
+        body=body.model_dump(mode="json"),
+        model=MemberRead,
+        run=lambda: MemberRead.model_validate(
+            service.change_membership(
+                session,
+                program_id=program_id,
+                profile_id=body.profile_id,
+                action=body.action,
+                at=body.enrolled_at,
+            )
+        ),
+    )
+
+
+@router.get("/programs/{program_id}/members")
+def list_members(
+    program_id: str,
+    session: SessionDep,
+    page: PageDep,
+    status: str | None = None,
+    profile_id: Annotated[str | None, Query(description="Look a member up by profile")] = None,
+) -> Page[MemberRead]:
+    """List a programme's members, or find the one of a profile."""
+    service.get_program(session, program_id=program_id)
+    if profile_id is not None:
+        member = service.find_member(session, program_id=program_id, profile_id=profile_id)
+        found = [MemberRead.model_validate(member)] if member else []
+        return Page[MemberRead].of(found, total=len(found), params=page)
+    rows, total = service.list_members(
+        session, program_id=program_id, status=status, limit=page.limit, offset=page.offset
+    )
+    return Page[MemberRead].of(
+        [MemberRead.model_validate(r) for r in rows], total=total, params=page
+    )
+
+
+@router.post("/programs/{program_id}/merges")
+def apply_merge(
+    program_id: str, body: MergeCommand, session: SessionDep, idem: IdempotencyDep
+) -> MergeResult:
+    """Apply one of identity's profile merges (or splits) to the programme's memberships."""
+
+    def run() -> MergeResult:
+        apply = service.merge_profiles if body.kind == "merge" else service.split_profiles
+        source, target, moved = apply(
+            session,
+            program_id=program_id,
+            from_profile_id=body.from_profile_id,
+            to_profile_id=body.to_profile_id,
+            reason=body.reason,
+        )
+        return MergeResult(
+            program_id=program_id,
+            kind=body.kind,
+            from_member_id=source.id if source else None,
+            to_member_id=target.id if target else None,
+            points_moved=moved,
+        )
+
+    return run_once(
+        session, idem=idem, body=body.model_dump(mode="json"), model=MergeResult, run=run
+    )
+
+
+@router.get("/members/{member_id}")
+def get_member(member_id: str, session: SessionDep) -> MemberRead:
+    """One member."""
+    return MemberRead.model_validate(service.get_member(session, member_id=member_id))
+
+
+@router.get("/members/{member_id}/balance")
+def get_balance(member_id: str, session: SessionDep) -> BalanceRead:
+    """Active, pending and soon-expiring points, qualifying points and tier progress."""
+    member, view = service.member_balance(session, member_id=member_id)
+    return BalanceRead(
+        member_id=member.id,
+        active=view.active,
+        pending=view.pending,
+        expired_unprocessed=view.expired_unprocessed,
+        total=view.total,
+        next_pending_release=view.next_pending_release,
+        expiring_soon=[
+            ExpiringRead(date=e.date, expires_at=e.expires_at, points=e.points)
+            for e in view.expiring_soon
+        ],
+        qualifying_points=service.qualifying_points(session, member_id=member.id),
+        tier=None,
+    )
+
+
+@router.get("/members/{member_id}/history")
+def get_history(
+    member_id: str, session: SessionDep, page: PageDep, kind: str | None = None
+) -> Page[LedgerEntryRead]:
+    """The member's ledger, newest first."""
+    rows, total = service.history(
+        session, member_id=member_id, kind=kind, limit=page.limit, offset=page.offset
+    )
+    return Page[LedgerEntryRead].of(
+        [LedgerEntryRead.model_validate(r) for r in rows], total=total, params=page
+    )
+
+
+@router.post("/members/{member_id}/adjustments", status_code=201)
+def adjust(
+    member_id: str,
+    body: AdjustmentCreate,
+    session: SessionDep,
+    idem: IdempotencyDep,
+    principal: PrincipalDep,
+) -> LedgerEntryRead:
+    """Credit or debit points by hand; the reason and the API key are recorded."""
+    return run_once(
+        session,
+        idem=idem,
+        body=body.model_dump(mode="json"),
+        model=LedgerEntryRead,
+        run=lambda: LedgerEntryRead.model_validate(
+            service.adjust_points(
+                session,
+                member_id=member_id,
+                points=body.points,
+                reason=body.reason,
+                actor=f"api-key:{principal.key_id} ({principal.name})",
+                idempotency_key=f"adjust:{idem.scope}:{idem.key}" if idem.key else None,
+                qualifying=body.qualifying,
+            )
+        ),
+    )

@@ -1,0 +1,490 @@
+"""Use cases of the loyalty engine; the only module other packages may import."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from cdp.db import new_id, utcnow
+from loyalty import calendar, ledger
+from loyalty.errors import (
+    AlreadyMember,
+    InvalidProgram,
+    InvalidStatusChange,
+    MemberNotActive,
+    MemberNotFound,
+    ProgramNotActive,
+    ProgramNotFound,
+)
+from loyalty.ledger import BalanceView, Credit
+from loyalty.models import LedgerEntry, Lot, Member, MemberMerge, Program
+from loyalty.schemas import MemberAction, ProgramCreate, ProgramUpdate
+
+logger = logging.getLogger(__name__)
+
+STATUS_CHANGES: dict[str, frozenset[str]] = {
+    "draft": frozenset({"active", "ended"}),
+    "active": frozenset({"paused", "ended"}),
+    "paused": frozenset({"active", "ended"}),
+    "ended": frozenset(),
+}
+
+
+def create_program(session: Session, *, data: ProgramCreate) -> Program:
+    """Create a programme."""
+    calendar.zone(data.timezone)
+    program = Program(**data.model_dump(), created_at=utcnow(), updated_at=utcnow())
+    session.add(program)
+    session.flush()
+    logger.info("loyalty programme created", extra={"program_id": program.id})
+    return program
+
+
+def get_program(session: Session, *, program_id: str) -> Program:
+    """The programme with this id, or ProgramNotFound."""
+    program = session.get(Program, program_id)
+    if program is None:
+        raise ProgramNotFound(f"programme {program_id} does not exist")
+    return program
+
+
+def list_programs(
+    session: Session, *, status: str | None = None, limit: int, offset: int
+) -> tuple[list[Program], int]:
+    """Programmes, oldest first, with the total count."""
+    query = select(Program)
+    if status is not None:
+        query = query.where(Program.status == status)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(
+        query.order_by(Program.created_at, Program.id).limit(limit).offset(offset)
+    ).all()
+    return list(rows), total
+
+
+def update_program(session: Session, *, program_id: str, data: ProgramUpdate) -> Program:
+    """Change a programme's settings or status (draft → active ⇄ paused → ended)."""
+    program = get_program(session, program_id=program_id)
+    changes = data.model_dump(exclude_unset=True)
+    status = changes.pop("status", None)
+    if program.status == "ended" and changes:
+        raise ProgramNotActive("an ended programme cannot be changed")
+    if "timezone" in changes and changes["timezone"] is not None:
+        calendar.zone(changes["timezone"])
+    for name, value in changes.items():
+        if value is None and name not in {"expiry_months"}:
+            continue
+        setattr(program, name, value)
+    if program.expiry_policy != "none" and program.expiry_months is None:
+        raise InvalidProgram("expiry_months is required with an expiry policy")
+    if status is not None and status != program.status:
+        if status not in STATUS_CHANGES[program.status]:
+            raise InvalidStatusChange(
+                f"a programme cannot go from {program.status} to {status}",
+                details={"from": program.status, "to": status},
+            )
+        program.status = status
+    program.updated_at = utcnow()
+    session.flush()
+    return program
+
+
+def find_member(session: Session, *, program_id: str, profile_id: str) -> Member | None:
+    """The membership of a profile in a programme, if any."""
+    return session.scalar(
+        select(Member).where(Member.program_id == program_id, Member.profile_id == profile_id)
+    )
+
+
+def get_member(session: Session, *, member_id: str) -> Member:
+    """The member with this id, or MemberNotFound."""
+    member = session.get(Member, member_id)
+    if member is None:
+        raise MemberNotFound(f"member {member_id} does not exist")
+    return member
+
+
+def member_by_profile(session: Session, *, program_id: str, profile_id: str) -> Member:
+    """The membership of a profile, or MemberNotFound."""
+    member = find_member(session, program_id=program_id, profile_id=profile_id)
+    if member is None:
+        raise MemberNotFound(f"profile {profile_id} is not a member of programme {program_id}")
+    return member
+
+
+def list_members(
+    session: Session, *, program_id: str, status: str | None = None, limit: int, offset: int
+) -> tuple[list[Member], int]:
+    """Members of a programme, in enrolment order, with the total count."""
+    query = select(Member).where(Member.program_id == program_id)
+    if status is not None:
+        query = query.where(Member.status == status)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(
+        query.order_by(Member.enrolled_at, Member.id).limit(limit).offset(offset)
+    ).all()
+    return list(rows), total
+
+
+def change_membership(
+    session: Session,
+    *,
+    program_id: str,
+    profile_id: str,
+    action: MemberAction,
+    at: datetime | None = None,
+) -> Member:
+    """Enrol, unenrol or opt out a profile.
+
+    Enrolling a profile that left re-activates its membership with its ledger intact;
+    enrolling an active member is a conflict. Unenrolled and opted-out members keep their
+    points but neither earn nor redeem.
+    """
+    program = get_program(session, program_id=program_id)
+    now = utcnow()
+    member = find_member(session, program_id=program_id, profile_id=profile_id)
+    if action == "enrol":
+        if program.status not in {"active", "draft", "paused"}:
+            raise ProgramNotActive(f"programme {program_id} is {program.status}")
+        if member is None:
+            member = Member(
+                program_id=program_id,
+                profile_id=profile_id,
+                status="active",
+                enrolled_at=at or now,
+                status_changed_at=now,
+            )
+            session.add(member)
+            session.flush()
+            return member
+        if member.status == "active":
+            raise AlreadyMember(f"profile {profile_id} is already a member")
+        if member.status == "merged":
+            raise MemberNotActive("this membership was merged into another one")
+        member.status = "active"
+        member.status_changed_at = now
+        session.flush()
+        return member
+    if member is None:
+        raise MemberNotFound(f"profile {profile_id} is not a member of programme {program_id}")
+    target = "unenrolled" if action == "unenrol" else "opted_out"
+    if member.status != target:
+        if member.status == "merged":
+            raise MemberNotActive("this membership was merged into another one")
+        member.status = target
+        member.status_changed_at = now
+        session.flush()
+    return member
+
+
+def require_active_member(session: Session, *, member_id: str) -> tuple[Program, Member]:
+    """The member and its programme, when both accept activity."""
+    member = get_member(session, member_id=member_id)
+    program = get_program(session, program_id=member.program_id)
+    if program.status != "active":
+        raise ProgramNotActive(f"programme {program.id} is {program.status}")
+    if member.status != "active":
+        raise MemberNotActive(f"member {member.id} is {member.status}")
+    return program, member
+
+
+def adjust_points(
+    session: Session,
+    *,
+    member_id: str,
+    points: int,
+    reason: str,
+    actor: str,
+    idempotency_key: str | None = None,
+    qualifying: bool = False,
+    now: datetime | None = None,
+) -> LedgerEntry:
+    """A manual credit or debit, with its reason and author kept on the entry (the audit)."""
+    member = get_member(session, member_id=member_id)
+    program = get_program(session, program_id=member.program_id)
+    now = now or utcnow()
+    idempotency_key = idempotency_key or f"adjust:{new_id()}"
+    if points > 0:
+        return ledger.credit(
+            session,
+            program=program,
+            credit=Credit(
+                member_id=member.id,
+                kind="adjust",
+                points=points,
+                qualifying_points=points if qualifying else 0,
+                occurred_at=now,
+                idempotency_key=idempotency_key,
+                reason=reason,
+                actor=actor,
+                pending=False,
+            ),
+            now=now,
+        )
+    ledger.lock_member(session, member_id=member.id)
+    return ledger.debit(
+        session,
+        program=program,
+        member_id=member.id,
+        kind="adjust",
+        points=-points,
+        qualifying_points=points if qualifying else 0,
+        idempotency_key=idempotency_key,
+        now=now,
+        reason=reason,
+        actor=actor,
+    )
+
+
+def member_balance(
+    session: Session, *, member_id: str, now: datetime | None = None
+) -> tuple[Member, BalanceView]:
+    """A member and its balance at an instant."""
+    member = get_member(session, member_id=member_id)
+    program = get_program(session, program_id=member.program_id)
+    return member, ledger.balance(session, program=program, member_id=member.id, now=now)
+
+
+def member_group(session: Session, *, member_id: str) -> list[str]:
+    """The member and every membership merged into it (their history is its history)."""
+    merged = session.scalars(select(Member.id).where(Member.merged_into == member_id)).all()
+    return [member_id, *merged]
+
+
+def history(
+    session: Session, *, member_id: str, kind: str | None = None, limit: int, offset: int
+) -> tuple[list[LedgerEntry], int]:
+    """A member's ledger entries (and those of memberships merged into it), newest first."""
+    get_member(session, member_id=member_id)
+    query = select(LedgerEntry).where(
+        LedgerEntry.member_id.in_(member_group(session, member_id=member_id))
+    )
+    if kind is not None:
+        query = query.where(LedgerEntry.kind == kind)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(
+        query.order_by(LedgerEntry.created_at.desc(), LedgerEntry.id.desc())
+        .limit(limit)
+        .offset(offset)
+    ).all()
+    return list(rows), total
+
+
+def qualifying_points(session: Session, *, member_id: str, since: datetime | None = None) -> int:
+    """Qualifying points of a member (and merged memberships), optionally since an instant."""
+    query = select(func.coalesce(func.sum(LedgerEntry.qualifying_points), 0)).where(
+        LedgerEntry.member_id.in_(member_group(session, member_id=member_id))
+    )
+    if since is not None:
+        query = query.where(LedgerEntry.occurred_at >= since)
+    return int(session.scalar(query) or 0)
+
+
+def merge_profiles(
+    session: Session,
+    *,
+    program_id: str,
+    from_profile_id: str,
+    to_profile_id: str,
+    reason: str | None = None,
+    now: datetime | None = None,
+) -> tuple[Member | None, Member | None, int]:
+    """Fold the membership of a merged-away profile into the survivor's.
+
+    Both members: the absorbed member's lots move to the survivor (with a pair of `merge`
+    entries so each member's entries still sum to its lots), it becomes `merged`, and its
+    history counts for the survivor's tier. Only the absorbed profile is a member: its
+    membership is re-keyed to the survivor. Replaying a merge changes nothing.
+    """
+    program = get_program(session, program_id=program_id)
+    now = now or utcnow()
+    source = find_member(session, program_id=program_id, profile_id=from_profile_id)
+    target = find_member(session, program_id=program_id, profile_id=to_profile_id)
+    if source is None:
+        return None, target, 0
+    if source.status == "merged":
+        return source, target, 0
+    if target is None:
+        source.profile_id = to_profile_id
+        session.add(
+            MemberMerge(
+                program_id=program_id,
+                kind="rekey",
+                from_member_id=source.id,
+                to_member_id=source.id,
+                points=0,
+                at=now,
+                reason=reason or f"profile {from_profile_id} merged into {to_profile_id}",
+            )
+        )
+        session.flush()
+        return source, source, 0
+    for member_id in sorted((source.id, target.id)):
+        ledger.lock_member(session, member_id=member_id)
+    moved = _move_lots(
+        session,
+        program=program,
+        from_member=source,
+        to_member=target,
+        lot_filter=None,
+        kind="merge",
+        key=f"merge:{source.id}:{target.id}:{now.isoformat()}",
+        now=now,
+    )
+    session.execute(
+        update(Member).where(Member.merged_into == source.id).values(merged_into=target.id)
+    )
+    source.status = "merged"
+    source.merged_into = target.id
+    source.status_changed_at = now
+    if source.enrolled_at < target.enrolled_at:
+        target.enrolled_at = source.enrolled_at
+    session.add(
+        MemberMerge(
+            program_id=program_id,
+            kind="merge",
+            from_member_id=source.id,
+            to_member_id=target.id,
+            points=moved,
+            at=now,
+            reason=reason,
+        )
+    )
+    session.flush()
+    return source, target, moved
+
+
+def split_profiles(
+    session: Session,
+    *,
+    program_id: str,
+    from_profile_id: str,
+    to_profile_id: str,
+    event_profiles: dict[int, str] | None = None,
+    reason: str | None = None,
+    now: datetime | None = None,
+) -> tuple[Member | None, Member | None, int]:
+    """Undo a merge: the restored profile's membership takes back the lots it earned.
+
+    A lot follows the event that earned it: with `event_profiles` (event id → profile id
+    after the split, from identity) a lot goes to the restored member when its event now
+    belongs to the restored profile; lots without an event (adjustments, imports) and
+    events missing from the map follow the member that earned them.
+    """
+    program = get_program(session, program_id=program_id)
+    now = now or utcnow()
+    source = find_member(session, program_id=program_id, profile_id=from_profile_id)
+    target = find_member(session, program_id=program_id, profile_id=to_profile_id)
+    if source is None or target is None or source.merged_into != target.id:
+        return source, target, 0
+    for member_id in sorted((source.id, target.id)):
+        ledger.lock_member(session, member_id=member_id)
+    rows = session.execute(
+        select(Lot.entry_id, LedgerEntry.member_id, LedgerEntry.event_id)
+        .join(LedgerEntry, LedgerEntry.id == Lot.entry_id)
+        .where(Lot.member_id == target.id)
+    ).all()
+    back = []
+    for lot_id, earner, event_id in rows:
+        owner = (event_profiles or {}).get(event_id) if event_id is not None else None
+        if owner == from_profile_id or (owner is None and earner == source.id):
+            back.append(lot_id)
+    moved = _move_lots(
+        session,
+        program=program,
+        from_member=target,
+        to_member=source,
+        lot_filter=back,
+        kind="split",
+        key=f"split:{source.id}:{target.id}:{now.isoformat()}",
+        now=now,
+    )
+    source.status = "active"
+    source.merged_into = None
+    source.status_changed_at = now
+    session.add(
+        MemberMerge(
+            program_id=program_id,
+            kind="split",
+            from_member_id=target.id,
+            to_member_id=source.id,
+            points=moved,
+            at=now,
+            reason=reason,
+        )
+    )
+    session.flush()
+    return source, target, moved
+
+
+def _move_lots(
+    session: Session,
+    *,
+    program: Program,
+    from_member: Member,
+    to_member: Member,
+    lot_filter: list[str] | None,
+    kind: str,
+    key: str,
+    now: datetime,
+) -> int:
+    condition: list[Any] = [Lot.member_id == from_member.id]  # Any: SQL expressions
+    if lot_filter is not None:
+        if not lot_filter:
+            return 0
+        condition.append(Lot.entry_id.in_(lot_filter))
+    moved = int(
+        session.scalar(select(func.coalesce(func.sum(Lot.remaining), 0)).where(*condition)) or 0
+    )
+    session.execute(update(Lot).where(*condition).values(member_id=to_member.id))
+    local = calendar.local_date(now, program.timezone)
+    for member, points, suffix in ((from_member, -moved, "out"), (to_member, moved, "in")):
+        session.add(
+            LedgerEntry(
+                program_id=program.id,
+                member_id=member.id,
+                kind=kind,
+                points=points,
+                qualifying_points=0,
+                unrecovered=0,
+                status="active",
+                occurred_at=now,
+                local_date=local,
+                created_at=now,
+                reason=f"{kind} {from_member.id} → {to_member.id}",
+                idempotency_key=f"{key}:{suffix}",
+            )
+        )
+    session.flush()
+    return moved
+
+
+def apply_merges(
+    session: Session, *, pairs: list[tuple[str, str, str]], now: datetime | None = None
+) -> int:
+    """Apply identity's merges and splits `(kind, from_profile, to_profile)` to every programme."""
+    program_ids = session.scalars(select(Program.id)).all()
+    moved = 0
+    for kind, source, target in pairs:
+        for program_id in program_ids:
+            if kind == "merge":
+                moved += merge_profiles(
+                    session,
+                    program_id=program_id,
+                    from_profile_id=source,
+                    to_profile_id=target,
+                    now=now,
+                )[2]
+            else:
+                moved += split_profiles(
+                    session,
+                    program_id=program_id,
+                    from_profile_id=source,
+                    to_profile_id=target,
+                    now=now,
+                )[2]
+    return moved
