@@ -117,3 +117,9 @@ class InvalidImport(Invalid):
     """An opening-balance file cannot be read."""
 
     code = "loyalty.invalid_import"
+
+
+class IdempotencyKeyRequired(Invalid):
+    """This write needs an Idempotency-Key header."""
+
+    code = "loyalty.idempotency_key_required"

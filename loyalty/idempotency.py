@@ -6,6 +6,12 @@ that finds the record replays the stored response, or gets 409 when its body dif
 concurrent requests with one key: the second's insert waits for the first transaction
 (PostgreSQL's unique index; SQLite's write lock), then finds the committed record. A request
 that fails rolls its record back, so a retry runs again.
+
+Write routes return the serialised `Response` built here rather than a model: FastAPI
+validates and serialises a returned model in a worker thread *before* the request's session
+commits, so a request holding a database lock (SQLite's write lock, a PostgreSQL row lock)
+would wait for a free worker while every worker waits for its lock. Serialising inside the
+route keeps the lock's span inside one worker call.
 """
 
 from __future__ import annotations
@@ -16,12 +22,12 @@ from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
 import orjson
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Request, Response
 from pydantic import BaseModel
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from loyalty.errors import IdempotencyKeyReused
+from loyalty.errors import IdempotencyKeyRequired, IdempotencyKeyReused
 from loyalty.ledger import insert_ignoring_conflicts
 from loyalty.models import IdempotencyRecord
 
@@ -57,6 +63,13 @@ def request_idempotency(
 IdempotencyDep = Annotated[Idempotency, Depends(request_idempotency)]
 
 
+def require_key(idem: Idempotency) -> str:
+    """The request's key, or IdempotencyKeyRequired."""
+    if idem.key is None:
+        raise IdempotencyKeyRequired("send an Idempotency-Key header with this request")
+    return idem.key
+
+
 def fingerprint(body: Any) -> str:  # Any: JSON-ready request data
     """A stable hash of a request body."""
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
@@ -69,10 +82,11 @@ def run_once(
     body: Any,  # Any: JSON-ready request data
     model: type[M],
     run: Callable[[], M],
-) -> M:
-    """Run a write once per key: the first call runs `run`, later ones replay its result."""
+    status_code: int = 200,
+) -> Response:
+    """Run a write once per key: the first call runs `run`, later ones replay its response."""
     if idem.key is None:
-        return run()
+        return _json(run().model_dump_json(), status_code)
     digest = fingerprint(body)
     inserted = session.execute(
         insert_ignoring_conflicts(session, IdempotencyRecord.__table__).returning(
@@ -93,14 +107,18 @@ def run_once(
                 "this Idempotency-Key was used with a different request",
                 details={"key": idem.key},
             )
-        return model.model_validate_json(record.response)
-    result = run()
+        return _json(model.model_validate_json(record.response).model_dump_json(), status_code)
+    body_json = run().model_dump_json()
     session.execute(
         update(IdempotencyRecord)
         .where(IdempotencyRecord.id == inserted[0])
-        .values(response=result.model_dump_json())
+        .values(response=body_json)
     )
-    return result
+    return _json(body_json, status_code)
+
+
+def _json(body: str, status_code: int) -> Response:
+    return Response(content=body, status_code=status_code, media_type="application/json")
 
 
 def _record_id(idem: Idempotency) -> str:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Response
 
 from cdp.auth import Principal, Role, require
 from cdp.db import SessionDep
 from cdp.pagination import Page, PageDep
 from loyalty import service
-from loyalty.idempotency import IdempotencyDep, run_once
+from loyalty.idempotency import IdempotencyDep, require_key, run_once
 from loyalty.schemas import (
     AdjustmentCreate,
     BalanceRead,
@@ -24,6 +24,11 @@ from loyalty.schemas import (
     ProgramRead,
     ProgramStatus,
     ProgramUpdate,
+    RedemptionCancel,
+    RedemptionCreate,
+    RedemptionRead,
+    RewardCreate,
+    RewardRead,
 )
 
 LOYALTY = require(Role.loyalty)
@@ -32,14 +37,15 @@ PrincipalDep = Annotated[Principal, Depends(LOYALTY)]
 router = APIRouter(prefix="/api/loyalty", tags=["loyalty"], dependencies=[Depends(LOYALTY)])
 
 
-@router.post("/programs", status_code=201)
-def create_program(body: ProgramCreate, session: SessionDep, idem: IdempotencyDep) -> ProgramRead:
+@router.post("/programs", status_code=201, response_model=ProgramRead)
+def create_program(body: ProgramCreate, session: SessionDep, idem: IdempotencyDep) -> Response:
     """Create a programme (a draft unless `status` says otherwise)."""
     return run_once(
         session,
         idem=idem,
         body=body.model_dump(mode="json"),
         model=ProgramRead,
+        status_code=201,
         run=lambda: ProgramRead.model_validate(service.create_program(session, data=body)),
     )
 
@@ -63,32 +69,34 @@ def get_program(program_id: str, session: SessionDep) -> ProgramRead:
     return ProgramRead.model_validate(service.get_program(session, program_id=program_id))
 
 
-@router.patch("/programs/{program_id}")
+@router.patch("/programs/{program_id}", status_code=200, response_model=ProgramRead)
 def update_program(
     program_id: str, body: ProgramUpdate, session: SessionDep, idem: IdempotencyDep
-) -> ProgramRead:
+) -> Response:
     """Change a programme's settings or status."""
     return run_once(
         session,
         idem=idem,
         body=body.model_dump(mode="json", exclude_unset=True),
         model=ProgramRead,
+        status_code=200,
         run=lambda: ProgramRead.model_validate(
             service.update_program(session, program_id=program_id, data=body)
         ),
     )
 
 
-@router.post("/programs/{program_id}/members")
+@router.post("/programs/{program_id}/members", status_code=200, response_model=MemberRead)
 def change_membership(
     program_id: str, body: MemberCommand, session: SessionDep, idem: IdempotencyDep
-) -> MemberRead:
+) -> Response:
     """Enrol, unenrol or opt out a profile (`action`)."""
     return run_once(
         session,
         idem=idem,
         body=body.model_dump(mode="json"),
         model=MemberRead,
+        status_code=200,
         run=lambda: MemberRead.model_validate(
             service.change_membership(
                 session,
@@ -123,10 +131,10 @@ def list_members(
     )
 
 
-@router.post("/programs/{program_id}/merges")
+@router.post("/programs/{program_id}/merges", status_code=200, response_model=MergeResult)
 def apply_merge(
     program_id: str, body: MergeCommand, session: SessionDep, idem: IdempotencyDep
-) -> MergeResult:
+) -> Response:
     """Apply one of identity's profile merges (or splits) to the programme's memberships."""
 
     def run() -> MergeResult:
@@ -147,7 +155,12 @@ def apply_merge(
         )
 
     return run_once(
-        session, idem=idem, body=body.model_dump(mode="json"), model=MergeResult, run=run
+        session,
+        idem=idem,
+        body=body.model_dump(mode="json"),
+        model=MergeResult,
+        status_code=200,
+        run=run,
     )
 
 
@@ -190,20 +203,21 @@ def get_history(
     )
 
 
-@router.post("/members/{member_id}/adjustments", status_code=201)
+@router.post("/members/{member_id}/adjustments", status_code=201, response_model=LedgerEntryRead)
 def adjust(
     member_id: str,
     body: AdjustmentCreate,
     session: SessionDep,
     idem: IdempotencyDep,
     principal: PrincipalDep,
-) -> LedgerEntryRead:
+) -> Response:
     """Credit or debit points by hand; the reason and the API key are recorded."""
     return run_once(
         session,
         idem=idem,
         body=body.model_dump(mode="json"),
         model=LedgerEntryRead,
+        status_code=201,
         run=lambda: LedgerEntryRead.model_validate(
             service.adjust_points(
                 session,
@@ -213,6 +227,97 @@ def adjust(
                 actor=f"api-key:{principal.key_id} ({principal.name})",
                 idempotency_key=f"adjust:{idem.scope}:{idem.key}" if idem.key else None,
                 qualifying=body.qualifying,
+            )
+        ),
+    )
+
+
+@router.post("/programs/{program_id}/rewards", status_code=201, response_model=RewardRead)
+def create_reward(
+    program_id: str, body: RewardCreate, session: SessionDep, idem: IdempotencyDep
+) -> Response:
+    """Add a reward to the catalogue."""
+    return run_once(
+        session,
+        idem=idem,
+        body=body.model_dump(mode="json"),
+        model=RewardRead,
+        status_code=201,
+        run=lambda: RewardRead.model_validate(
+            service.create_reward(session, program_id=program_id, data=body)
+        ),
+    )
+
+
+@router.get("/programs/{program_id}/rewards")
+def list_rewards(program_id: str, session: SessionDep, page: PageDep) -> Page[RewardRead]:
+    """The programme's catalogue, cheapest first."""
+    service.get_program(session, program_id=program_id)
+    rows, total = service.list_rewards(
+        session, program_id=program_id, limit=page.limit, offset=page.offset
+    )
+    return Page[RewardRead].of(
+        [RewardRead.model_validate(r) for r in rows], total=total, params=page
+    )
+
+
+@router.get("/rewards/{reward_id}")
+def get_reward(reward_id: str, session: SessionDep) -> RewardRead:
+    """One reward, with its stock left."""
+    return RewardRead.model_validate(service.get_reward(session, reward_id=reward_id))
+
+
+@router.post("/members/{member_id}/redemptions", status_code=201, response_model=RedemptionRead)
+def redeem(
+    member_id: str, body: RedemptionCreate, session: SessionDep, idem: IdempotencyDep
+) -> Response:
+    """Redeem a reward (an `Idempotency-Key` is required: a retry never redeems twice)."""
+    require_key(idem)
+    return run_once(
+        session,
+        idem=idem,
+        body=body.model_dump(mode="json"),
+        model=RedemptionRead,
+        status_code=201,
+        run=lambda: RedemptionRead.model_validate(
+            service.redeem(session, member_id=member_id, reward_id=body.reward_id)
+        ),
+    )
+
+
+@router.get("/members/{member_id}/redemptions")
+def list_redemptions(member_id: str, session: SessionDep, page: PageDep) -> Page[RedemptionRead]:
+    """The member's redemptions, newest first."""
+    service.get_member(session, member_id=member_id)
+    rows, total = service.list_redemptions(
+        session, member_id=member_id, limit=page.limit, offset=page.offset
+    )
+    return Page[RedemptionRead].of(
+        [RedemptionRead.model_validate(r) for r in rows], total=total, params=page
+    )
+
+
+@router.post("/redemptions/{redemption_id}/cancel", status_code=200, response_model=RedemptionRead)
+def cancel_redemption(
+    redemption_id: str,
+    body: RedemptionCancel,
+    session: SessionDep,
+    idem: IdempotencyDep,
+    principal: PrincipalDep,
+) -> Response:
+    """Cancel a redemption; its points return to the lots they were taken from."""
+    return run_once(
+        session,
+        idem=idem,
+        body=body.model_dump(mode="json"),
+        model=RedemptionRead,
+        status_code=200,
+        run=lambda: RedemptionRead.model_validate(
+            service.cancel_redemption(
+                session,
+                redemption_id=redemption_id,
+                reason=body.reason,
+                actor=f"api-key:{principal.key_id} ({principal.name})",
             )
         ),
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from datetime import datetime
 from typing import Any
 
@@ -17,12 +18,28 @@ from loyalty.errors import (
     InvalidStatusChange,
     MemberNotActive,
     MemberNotFound,
+    OutOfStock,
     ProgramNotActive,
     ProgramNotFound,
+    RedemptionAlreadyCancelled,
+    RedemptionLimitReached,
+    RedemptionNotFound,
+    RewardNotAvailable,
+    RewardNotFound,
+    TierNotFound,
 )
 from loyalty.ledger import BalanceView, Credit
-from loyalty.models import LedgerEntry, Lot, Member, MemberMerge, Program
-from loyalty.schemas import MemberAction, ProgramCreate, ProgramUpdate
+from loyalty.models import (
+    LedgerEntry,
+    Lot,
+    Member,
+    MemberMerge,
+    Program,
+    Redemption,
+    Reward,
+    Tier,
+)
+from loyalty.schemas import MemberAction, ProgramCreate, ProgramUpdate, RewardCreate
 
 logger = logging.getLogger(__name__)
 
@@ -488,3 +505,204 @@ def apply_merges(
                     now=now,
                 )[2]
     return moved
+
+
+def create_reward(session: Session, *, program_id: str, data: RewardCreate) -> Reward:
+    """Add a reward to a programme's catalogue."""
+    get_program(session, program_id=program_id)
+    if data.min_tier_id is not None:
+        tier = session.get(Tier, data.min_tier_id)
+        if tier is None or tier.program_id != program_id:
+            raise TierNotFound(f"tier {data.min_tier_id} is not a tier of this programme")
+    reward = Reward(
+        program_id=program_id, status="active", created_at=utcnow(), **data.model_dump()
+    )
+    session.add(reward)
+    session.flush()
+    return reward
+
+
+def get_reward(session: Session, *, reward_id: str) -> Reward:
+    """The reward with this id, or RewardNotFound."""
+    reward = session.get(Reward, reward_id)
+    if reward is None:
+        raise RewardNotFound(f"reward {reward_id} does not exist")
+    return reward
+
+
+def list_rewards(
+    session: Session, *, program_id: str, limit: int, offset: int
+) -> tuple[list[Reward], int]:
+    """A programme's catalogue, cheapest first."""
+    query = select(Reward).where(Reward.program_id == program_id)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(
+        query.order_by(Reward.points_cost, Reward.id).limit(limit).offset(offset)
+    ).all()
+    return list(rows), total
+
+
+def set_reward_status(session: Session, *, reward_id: str, status: str) -> Reward:
+    """Archive or re-activate a reward."""
+    reward = get_reward(session, reward_id=reward_id)
+    reward.status = status
+    session.flush()
+    return reward
+
+
+def _tier_rank(session: Session, tier_id: str | None) -> int:
+    if tier_id is None:
+        return 0
+    tier = session.get(Tier, tier_id)
+    return tier.rank if tier is not None else 0
+
+
+def _new_coupon_code() -> str:
+    token = secrets.token_hex(8).upper()
+    return f"LOY-{token[:4]}-{token[4:8]}-{token[8:12]}-{token[12:]}"
+
+
+def redeem(
+    session: Session,
+    *,
+    member_id: str,
+    reward_id: str,
+    now: datetime | None = None,
+) -> Redemption:
+    """Redeem a reward: balance, tier, stock, limit and validity checked, then the ledger
+    entry, the stock decrement and a unique coupon code written in this one transaction.
+
+    The member's lock (`ledger.lock_member`) serialises the redemptions of one member; the
+    reward's row lock (PostgreSQL) and the conditional stock decrement serialise its stock.
+    """
+    now = now or utcnow()
+    program, member = require_active_member(session, member_id=member_id)
+    ledger.lock_member(session, member_id=member.id)
+    query = select(Reward).where(Reward.id == reward_id)
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update()
+    reward = session.scalar(query.execution_options(populate_existing=True))
+    if reward is None or reward.program_id != program.id:
+        raise RewardNotFound(f"reward {reward_id} is not in this programme's catalogue")
+    if reward.status != "active":
+        raise RewardNotAvailable(f"reward {reward.id} is {reward.status}")
+    if (reward.valid_from and now < reward.valid_from) or (
+        reward.valid_until and now >= reward.valid_until
+    ):
+        raise RewardNotAvailable(f"reward {reward.id} is outside its validity window")
+    if _tier_rank(session, member.tier_id) < _tier_rank(session, reward.min_tier_id):
+        raise RewardNotAvailable(f"reward {reward.id} needs a higher tier")
+    if reward.per_member_limit is not None:
+        used = session.scalar(
+            select(func.count())
+            .select_from(Redemption)
+            .where(
+                Redemption.member_id.in_(member_group(session, member_id=member.id)),
+                Redemption.reward_id == reward.id,
+                Redemption.status == "issued",
+            )
+        )
+        if (used or 0) >= reward.per_member_limit:
+            raise RedemptionLimitReached(
+                f"reward {reward.id} can be redeemed {reward.per_member_limit} times per member"
+            )
+    if reward.stock is not None and reward.stock <= 0:
+        raise OutOfStock(f"reward {reward.id} is out of stock")
+    redemption_id = new_id()
+    entry = ledger.debit(
+        session,
+        program=program,
+        member_id=member.id,
+        kind="redeem",
+        points=reward.points_cost,
+        idempotency_key=f"redeem:{redemption_id}",
+        now=now,
+        redemption_id=redemption_id,
+        reason=f"reward {reward.name}",
+    )
+    if reward.stock is not None:
+        taken = session.execute(
+            update(Reward)
+            .where(Reward.id == reward.id, Reward.stock > 0)
+            .values(stock=Reward.stock - 1)
+        )
+        if taken.rowcount != 1:  # type: ignore[attr-defined]
+            raise OutOfStock(f"reward {reward.id} is out of stock")
+    redemption = Redemption(
+        id=redemption_id,
+        program_id=program.id,
+        member_id=member.id,
+        reward_id=reward.id,
+        points=reward.points_cost,
+        coupon_code=_new_coupon_code(),
+        status="issued",
+        entry_id=entry.id,
+        created_at=now,
+    )
+    session.add(redemption)
+    session.flush()
+    logger.info(
+        "reward redeemed",
+        extra={"member_id": member.id, "reward_id": reward.id, "redemption_id": redemption_id},
+    )
+    return redemption
+
+
+def get_redemption(session: Session, *, redemption_id: str) -> Redemption:
+    """The redemption with this id, or RedemptionNotFound."""
+    redemption = session.get(Redemption, redemption_id)
+    if redemption is None:
+        raise RedemptionNotFound(f"redemption {redemption_id} does not exist")
+    return redemption
+
+
+def list_redemptions(
+    session: Session, *, member_id: str, limit: int, offset: int
+) -> tuple[list[Redemption], int]:
+    """A member's redemptions, newest first."""
+    query = select(Redemption).where(Redemption.member_id == member_id)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(
+        query.order_by(Redemption.created_at.desc(), Redemption.id).limit(limit).offset(offset)
+    ).all()
+    return list(rows), total
+
+
+def cancel_redemption(
+    session: Session,
+    *,
+    redemption_id: str,
+    reason: str,
+    actor: str | None = None,
+    now: datetime | None = None,
+) -> Redemption:
+    """Cancel a redemption: its points go back to the lots they came from, stock comes back."""
+    now = now or utcnow()
+    redemption = get_redemption(session, redemption_id=redemption_id)
+    ledger.lock_member(session, member_id=redemption.member_id)
+    session.refresh(redemption)
+    if redemption.status == "cancelled":
+        raise RedemptionAlreadyCancelled(f"redemption {redemption.id} was cancelled already")
+    program = get_program(session, program_id=redemption.program_id)
+    original = session.get(LedgerEntry, redemption.entry_id)
+    assert original is not None
+    entry = ledger.give_back(
+        session,
+        program=program,
+        original=original,
+        kind="refund",
+        idempotency_key=f"cancel:{redemption.id}",
+        now=now,
+        reason=reason,
+        actor=actor,
+    )
+    session.execute(
+        update(Reward)
+        .where(Reward.id == redemption.reward_id, Reward.stock.is_not(None))
+        .values(stock=Reward.stock + 1)
+    )
+    redemption.status = "cancelled"
+    redemption.cancelled_at = now
+    redemption.cancel_entry_id = entry.id
+    session.flush()
+    return redemption
