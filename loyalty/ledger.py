@@ -10,6 +10,7 @@ is a no-op (`INSERT ... ON CONFLICT DO NOTHING`), whoever writes it.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
@@ -20,7 +21,7 @@ from sqlalchemy import Insert, and_, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from cdp.db import new_id, utcnow
+from cdp.db import utcnow
 from loyalty import calendar
 from loyalty.errors import InsufficientPoints
 from loyalty.models import LedgerEntry, Lot, LotDraw, Member, Program
@@ -52,6 +53,15 @@ ENTRY_COLUMNS = (
     "actor",
     "idempotency_key",
 )
+
+
+ENTRY_NAMESPACE = uuid.UUID("4f1f7c1e-2b7a-4d8e-9a57-3f0c1d2b9e10")
+
+
+def entry_id(key: str) -> str:
+    """The id of the entry written under an idempotency key: the same key, the same id,
+    so the FIFO tie-break between lots of the same instant is the same on every path."""
+    return str(uuid.uuid5(ENTRY_NAMESPACE, key))
 
 
 def insert_ignoring_conflicts(session: Session, table: Any) -> Insert:  # Any: a Table
@@ -140,7 +150,7 @@ def write_credits(
             .alias("pending_until")
         )
     dated = dated.with_columns(
-        pl.Series("id", [new_id() for _ in range(dated.height)]),
+        pl.Series("id", [entry_id(k) for k in dated["idempotency_key"].to_list()]),
         pl.lit(program.id).alias("program_id"),
         pl.lit(0).alias("unrecovered"),
         pl.lit(now).dt.convert_time_zone("UTC").alias("created_at"),
@@ -245,6 +255,7 @@ def debit(
     order_id: str | None = None,
     include_pending: bool = False,
     partial: bool = False,
+    as_of: datetime | None = None,
     event_id: int | None = None,
     message_id: str | None = None,
     rule_id: str | None = None,
@@ -256,8 +267,10 @@ def debit(
 
     The caller holds the member's lock (`lock_member`). `lots` restricts the draw to those
     lots (expiry); `order_id` draws first from the lots that order earned, whatever their
-    state, then from the others (reversals). With `partial`, what the balance cannot cover
-    is recorded as `unrecovered` instead of failing. Writing an existing key returns the
+    state, then from the others (reversals). `as_of` judges the other lots at that instant
+    (a refund draws on the lots alive when it happened, so a backfill over history gives
+    what real time gave); default now. With `partial`, what the balance cannot cover is
+    recorded as `unrecovered` instead of failing. Writing an existing key returns the
     entry already written.
     """
     existing = find_entry(session, key=idempotency_key)
@@ -286,7 +299,9 @@ def debit(
         if lots is not None:
             query = query.where(Lot.entry_id.in_(list(lots)))
         else:
-            query = query.where(_spendable(now, include_pending=include_pending))
+            query = query.where(_spendable(as_of or now, include_pending=include_pending))
+            if as_of is not None:
+                query = query.where(Lot.earned_at <= as_of)
         taken = {lot_id for lot_id, _ in plan}
         for lot_id, remaining in session.execute(query.order_by(*_fifo_order())).all():
             if left <= 0:
@@ -303,7 +318,7 @@ def debit(
         )
     taken_total = points - left
     entry = LedgerEntry(
-        id=new_id(),
+        id=entry_id(idempotency_key),
         program_id=program.id,
         member_id=member_id,
         kind=kind,
@@ -371,7 +386,7 @@ def give_back(
     ).all()
     back = [(lot_id, -int(total)) for lot_id, total in draws if total]
     entry = LedgerEntry(
-        id=new_id(),
+        id=entry_id(idempotency_key),
         program_id=program.id,
         member_id=original.member_id,
         kind=kind,

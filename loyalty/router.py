@@ -8,18 +8,22 @@ from fastapi import APIRouter, Depends, Query, Response
 
 from cdp.auth import Principal, Role, require
 from cdp.db import SessionDep
+from cdp.deps import WarehouseDep
 from cdp.pagination import Page, PageDep
-from loyalty import service
+from loyalty import engine, service
 from loyalty.idempotency import IdempotencyDep, require_key, run_once
 from loyalty.schemas import (
     AdjustmentCreate,
     BalanceRead,
+    DryRunRequest,
+    DryRunResult,
     ExpiringRead,
     LedgerEntryRead,
     MemberCommand,
     MemberRead,
     MergeCommand,
     MergeResult,
+    ProcessResultRead,
     ProgramCreate,
     ProgramRead,
     ProgramStatus,
@@ -29,6 +33,9 @@ from loyalty.schemas import (
     RedemptionRead,
     RewardCreate,
     RewardRead,
+    RuleCreate,
+    RuleRead,
+    RuleUpdate,
 )
 
 LOYALTY = require(Role.loyalty)
@@ -320,4 +327,101 @@ def cancel_redemption(
                 actor=f"api-key:{principal.key_id} ({principal.name})",
             )
         ),
+    )
+
+
+@router.post("/programs/{program_id}/rules", status_code=201, response_model=RuleRead)
+def create_rule(
+    program_id: str, body: RuleCreate, session: SessionDep, idem: IdempotencyDep
+) -> Response:
+    """Add an earning rule."""
+    return run_once(
+        session,
+        idem=idem,
+        body=body.model_dump(mode="json"),
+        model=RuleRead,
+        status_code=201,
+        run=lambda: RuleRead.model_validate(
+            service.create_rule(session, program_id=program_id, data=body)
+        ),
+    )
+
+
+@router.get("/programs/{program_id}/rules")
+def list_rules(program_id: str, session: SessionDep, page: PageDep) -> Page[RuleRead]:
+    """The programme's rules in stacking order."""
+    service.get_program(session, program_id=program_id)
+    rows, total = service.list_rules(
+        session, program_id=program_id, limit=page.limit, offset=page.offset
+    )
+    return Page[RuleRead].of([RuleRead.model_validate(r) for r in rows], total=total, params=page)
+
+
+@router.get("/rules/{rule_id}")
+def get_rule(rule_id: str, session: SessionDep) -> RuleRead:
+    """One rule."""
+    return RuleRead.model_validate(service.get_rule(session, rule_id=rule_id))
+
+
+@router.patch("/rules/{rule_id}", status_code=200, response_model=RuleRead)
+def update_rule(
+    rule_id: str, body: RuleUpdate, session: SessionDep, idem: IdempotencyDep
+) -> Response:
+    """Change a rule (activate, deactivate, edit)."""
+    return run_once(
+        session,
+        idem=idem,
+        body=body.model_dump(mode="json", exclude_unset=True),
+        model=RuleRead,
+        status_code=200,
+        run=lambda: RuleRead.model_validate(
+            service.update_rule(session, rule_id=rule_id, data=body)
+        ),
+    )
+
+
+@router.post("/programs/{program_id}/dry-run")
+def dry_run(program_id: str, body: DryRunRequest, session: SessionDep) -> DryRunResult:
+    """Evaluate rules against a sample event and member; explains each verdict, writes nothing."""
+    return service.dry_run(session, program_id=program_id, request=body)
+
+
+def _processed(result: engine.ProcessResult, mark: int) -> ProcessResultRead:
+    return ProcessResultRead(
+        events=result.events,
+        enrolled=result.enrolled,
+        credits=result.credits,
+        points=result.points,
+        reversals=result.reversals,
+        last_event_id=mark,
+    )
+
+
+@router.post("/programs/{program_id}/backfill", status_code=200, response_model=ProcessResultRead)
+def backfill(
+    program_id: str, session: SessionDep, warehouse: WarehouseDep, idem: IdempotencyDep
+) -> Response:
+    """Award points over the whole event history, set-based (idempotent)."""
+    return run_once(
+        session,
+        idem=idem,
+        body={},
+        model=ProcessResultRead,
+        status_code=200,
+        run=lambda: _processed(*service.backfill(session, warehouse, program_id=program_id)),
+    )
+
+
+@router.post("/programs/{program_id}/sync", status_code=200, response_model=ProcessResultRead)
+def sync(
+    program_id: str, session: SessionDep, warehouse: WarehouseDep, idem: IdempotencyDep
+) -> Response:
+    """Process the events loaded since the programme's high-water mark now."""
+    return run_once(
+        session,
+        idem=idem,
+        body={},
+        model=ProcessResultRead,
+        status_code=200,
+        run=lambda: _processed(*service.sync_program(session, warehouse, program_id=program_id)),
     )

@@ -5,7 +5,9 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from loyalty import rules
 
 ProgramStatus = Literal["draft", "active", "paused", "ended"]
 Enrolment = Literal["automatic", "explicit"]
@@ -282,10 +284,166 @@ class MergeResult(BaseModel):
     points_moved: int
 
 
-class JsonObject(BaseModel):
-    """Free JSON object (conditions, formulas)."""
-
-    model_config = ConfigDict(extra="allow")
+RuleStatus = Literal["active", "inactive"]
 
 
-AnyJson = Any  # Any: free-form JSON
+def _check_condition(value: dict[str, Any] | None) -> dict[str, Any] | None:  # Any: JSON
+    if value is None:
+        return None
+    parsed = rules.CONDITION.validate_python(value)
+    dumped: dict[str, Any] = rules.CONDITION.dump_python(  # Any: JSON
+        parsed, mode="json", by_alias=True, exclude_defaults=False
+    )
+    return dumped
+
+
+def _check_formula(value: dict[str, Any]) -> dict[str, Any]:  # Any: JSON
+    dumped: dict[str, Any] = rules.FORMULA.dump_python(  # Any: JSON
+        rules.FORMULA.validate_python(value), mode="json"
+    )
+    return dumped
+
+
+class RuleFields(BaseModel):
+    """Fields of an earning rule (see docs/loyalty.md for conditions and formulas)."""
+
+    name: str = Field(min_length=1, max_length=200)
+    event_name: str = Field(min_length=1, max_length=200, description="Trigger event")
+    condition: dict[str, Any] | None = Field(  # Any: JSON condition
+        default=None, description="all/any/not + comparisons over event, member, traits"
+    )
+    formula: dict[str, Any] = Field(  # Any: JSON formula
+        description="fixed, per_amount or per_line"
+    )
+    priority: int = Field(default=100, description="Stacking order: lower runs first")
+    exclusive: bool = Field(default=False, description="When it fires, later rules do not")
+    apply_tier_multiplier: bool = True
+    qualifying: bool = Field(default=True, description="Counts toward tier progress")
+    starts_at: datetime | None = None
+    ends_at: datetime | None = None
+    cap_per_day: int | None = Field(default=None, ge=0)
+    cap_per_month: int | None = Field(default=None, ge=0)
+    budget: int | None = Field(default=None, ge=0, description="Total points the rule may give")
+    limit_per_member: int | None = Field(
+        default=None, ge=1, description="Times a member may earn it (1: first purchase)"
+    )
+    status: RuleStatus = "active"
+
+    @field_validator("condition")
+    @classmethod
+    def _valid_condition(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return _check_condition(value)
+
+    @field_validator("formula")
+    @classmethod
+    def _valid_formula(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _check_formula(value)
+
+
+class RuleCreate(RuleFields):
+    """Body of a rule creation."""
+
+
+class RuleUpdate(BaseModel):
+    """Body of a rule change: only the fields given are changed."""
+
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    condition: dict[str, Any] | None = None  # Any: JSON condition
+    formula: dict[str, Any] | None = None  # Any: JSON formula
+    priority: int | None = None
+    exclusive: bool | None = None
+    apply_tier_multiplier: bool | None = None
+    qualifying: bool | None = None
+    starts_at: datetime | None = None
+    ends_at: datetime | None = None
+    cap_per_day: int | None = Field(default=None, ge=0)
+    cap_per_month: int | None = Field(default=None, ge=0)
+    budget: int | None = Field(default=None, ge=0)
+    limit_per_member: int | None = Field(default=None, ge=1)
+    status: RuleStatus | None = None
+
+    @field_validator("condition")
+    @classmethod
+    def _valid_condition(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return _check_condition(value)
+
+    @field_validator("formula")
+    @classmethod
+    def _valid_formula(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if value is None else _check_formula(value)
+
+
+class RuleRead(RuleFields):
+    """An earning rule."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    program_id: str
+    created_at: datetime
+
+
+class SampleEvent(BaseModel):
+    """An event to evaluate in a dry run."""
+
+    event: str
+    properties: dict[str, Any] = Field(default_factory=dict)  # Any: event properties
+    timestamp: datetime | None = None
+    source_id: str = "dry-run"
+    type: str = "track"
+    message_id: str = "dry-run"
+
+
+class SampleMember(BaseModel):
+    """The member of a dry run: an existing one (its tier, seniority and caps used), or a
+    described one."""
+
+    member_id: str | None = None
+    tier: str | None = Field(default=None, description="Tier name, for a described member")
+    enrolled_at: datetime | None = None
+    traits: dict[str, Any] = Field(default_factory=dict)  # Any: profile traits
+
+
+class DryRunRequest(BaseModel):
+    """Body of a dry run: an event, a member, and optionally draft rules to try."""
+
+    event: SampleEvent
+    member: SampleMember = Field(default_factory=SampleMember)
+    rules: list[RuleCreate] | None = Field(
+        default=None, description="Rules to evaluate instead of the programme's active ones"
+    )
+
+
+class RuleVerdict(BaseModel):
+    """What one rule did with the sample event, and why."""
+
+    rule_id: str
+    name: str
+    fired: bool
+    reason: str
+    trigger_matched: bool
+    in_window: bool | None
+    condition: dict[str, Any] | None  # Any: JSON explanation tree
+    blocked_by: str | None
+    base: float | None
+    multiplier: float | None
+    raw_points: int
+    points: int
+
+
+class DryRunResult(BaseModel):
+    """The verdict of every rule and the points the event would earn."""
+
+    total_points: int
+    rules: list[RuleVerdict]
+
+
+class ProcessResultRead(BaseModel):
+    """What a processing run or a backfill did."""
+
+    events: int
+    enrolled: int
+    credits: int
+    points: int
+    reversals: int
+    last_event_id: int

@@ -7,11 +7,14 @@ import secrets
 from datetime import datetime
 from typing import Any
 
+import orjson
+import polars as pl
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from cdp.db import new_id, utcnow
-from loyalty import calendar, ledger
+from cdp.warehouse import Warehouse
+from loyalty import calendar, engine, ledger, queries, rules
 from loyalty.errors import (
     AlreadyMember,
     InvalidProgram,
@@ -26,6 +29,7 @@ from loyalty.errors import (
     RedemptionNotFound,
     RewardNotAvailable,
     RewardNotFound,
+    RuleNotFound,
     TierNotFound,
 )
 from loyalty.ledger import BalanceView, Credit
@@ -37,9 +41,20 @@ from loyalty.models import (
     Program,
     Redemption,
     Reward,
+    Rule,
     Tier,
 )
-from loyalty.schemas import MemberAction, ProgramCreate, ProgramUpdate, RewardCreate
+from loyalty.schemas import (
+    DryRunRequest,
+    DryRunResult,
+    MemberAction,
+    ProgramCreate,
+    ProgramUpdate,
+    RewardCreate,
+    RuleCreate,
+    RuleUpdate,
+    RuleVerdict,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -462,6 +477,7 @@ def _move_lots(
     for member, points, suffix in ((from_member, -moved, "out"), (to_member, moved, "in")):
         session.add(
             LedgerEntry(
+                id=ledger.entry_id(f"{key}:{suffix}"),
                 program_id=program.id,
                 member_id=member.id,
                 kind=kind,
@@ -706,3 +722,283 @@ def cancel_redemption(
     redemption.cancel_entry_id = entry.id
     session.flush()
     return redemption
+
+
+def create_rule(session: Session, *, program_id: str, data: RuleCreate) -> Rule:
+    """Add an earning rule to a programme."""
+    get_program(session, program_id=program_id)
+    rule = Rule(program_id=program_id, created_at=utcnow(), **data.model_dump())
+    session.add(rule)
+    session.flush()
+    return rule
+
+
+def get_rule(session: Session, *, rule_id: str) -> Rule:
+    """The rule with this id, or RuleNotFound."""
+    rule = session.get(Rule, rule_id)
+    if rule is None:
+        raise RuleNotFound(f"rule {rule_id} does not exist")
+    return rule
+
+
+def list_rules(
+    session: Session, *, program_id: str, limit: int, offset: int
+) -> tuple[list[Rule], int]:
+    """A programme's rules in stacking order."""
+    query = select(Rule).where(Rule.program_id == program_id)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(query.order_by(Rule.priority, Rule.id).limit(limit).offset(offset)).all()
+    return list(rows), total
+
+
+def update_rule(session: Session, *, rule_id: str, data: RuleUpdate) -> Rule:
+    """Change a rule; only the fields given change (past awards stay as they are)."""
+    rule = get_rule(session, rule_id=rule_id)
+    for name, value in data.model_dump(exclude_unset=True).items():
+        if value is None and name in {"name", "formula", "priority", "status"}:
+            continue
+        setattr(rule, name, value)
+    session.flush()
+    return rule
+
+
+def _sample_frame(
+    session: Session, *, program: Program, request: DryRunRequest, now: datetime
+) -> tuple[pl.DataFrame, str | None]:
+    sample = request.member
+    member = None
+    if sample.member_id is not None:
+        member = get_member(session, member_id=sample.member_id)
+        if member.program_id != program.id:
+            raise MemberNotFound(f"member {member.id} is not in programme {program.id}")
+    tier_id = member.tier_id if member is not None else None
+    tier = session.get(Tier, tier_id) if tier_id is not None else None
+    if member is None and sample.tier is not None:
+        tier = session.scalar(
+            select(Tier).where(Tier.program_id == program.id, Tier.name == sample.tier)
+        )
+        if tier is None:
+            raise TierNotFound(f"programme {program.id} has no tier named {sample.tier!r}")
+    at = engine.as_utc(request.event.timestamp or now)
+    enrolled = member.enrolled_at if member is not None else sample.enrolled_at or at
+    frame = pl.DataFrame(
+        [
+            {
+                "event_id": 0,
+                "message_id": request.event.message_id,
+                "source_id": request.event.source_id,
+                "type": request.event.type,
+                "event": request.event.event,
+                "timestamp": at,
+                "properties": orjson.dumps(request.event.properties).decode(),
+                "profile_id": member.profile_id if member is not None else "dry-run",
+                "member_id": member.id if member is not None else "dry-run",
+                "member_status": member.status if member is not None else "active",
+                "enrolled_at": engine.as_utc(enrolled),
+                "tier_name": tier.name if tier is not None else None,
+                "tier_rank": tier.rank if tier is not None else None,
+                "tier_multiplier": tier.multiplier if tier is not None else None,
+                "traits": orjson.dumps(sample.traits).decode(),
+            }
+        ],
+        schema_overrides={
+            "timestamp": pl.Datetime("us", "UTC"),
+            "enrolled_at": pl.Datetime("us", "UTC"),
+            "tier_name": pl.String(),
+            "tier_rank": pl.Int64(),
+            "tier_multiplier": pl.Float64(),
+        },
+    ).with_columns(
+        ((pl.col("timestamp") - pl.col("enrolled_at")).dt.total_days()).alias("seniority_days")
+    )
+    return frame, member.id if member is not None else None
+
+
+def dry_run(
+    session: Session, *, program_id: str, request: DryRunRequest, now: datetime | None = None
+) -> DryRunResult:
+    """Evaluate rules against a sample event and member, explaining each rule's verdict.
+
+    Nothing is written. With an existing member, its tier, seniority and the caps it has
+    used are those of the ledger.
+    """
+    program = get_program(session, program_id=program_id)
+    now = now or utcnow()
+    if request.rules is None:
+        specs = engine.active_rules(session, program_id=program.id)
+    else:
+        specs = [
+            engine.RuleSpec.of(Rule(id=f"draft-{i}", program_id=program.id, **r.model_dump()))
+            for i, r in enumerate(request.rules)
+        ]
+    frame, member_id = _sample_frame(session, program=program, request=request, now=now)
+    prepared = engine.prepare(frame, program.timezone)
+    traced = engine.trace(prepared, specs)
+    priors = engine.Priors()
+    if member_id is not None and specs:
+        priors = engine.load_priors(
+            session,
+            specs=specs,
+            members=[member_id],
+            since=prepared["local_date"][0],
+        )
+    awards = engine.apply_caps(traced, specs, priors)
+    awarded = dict(zip(awards["rule_id"].to_list(), awards["points"].to_list(), strict=True))
+    by_rule = {row["rule_id"]: row for row in traced.iter_rows(named=True)}
+    verdicts = []
+    for spec in sorted(specs, key=lambda s: (s.priority, s.id)):
+        row = by_rule.get(spec.id)
+        points = int(awarded.get(spec.id, 0))
+        if row is None:
+            verdicts.append(
+                RuleVerdict(
+                    rule_id=spec.id,
+                    name=spec.name,
+                    fired=False,
+                    reason=f"triggers on {spec.event_name!r}, not {request.event.event!r}",
+                    trigger_matched=False,
+                    in_window=None,
+                    condition=None,
+                    blocked_by=None,
+                    base=None,
+                    multiplier=None,
+                    raw_points=0,
+                    points=0,
+                )
+            )
+            continue
+        raw = int(row["raw_points"])
+        if not row["in_window"]:
+            reason = "outside the rule's campaign window"
+        elif not row["condition"]:
+            reason = "condition is false"
+        elif row["blocked_by"] is not None:
+            reason = f"an exclusive rule fired first ({row['blocked_by']})"
+        elif not row["fired"]:
+            reason = "member is not active"
+        elif raw <= 0:
+            reason = "the formula gives 0 points"
+        elif points == 0:
+            reason = "capped: member limit, daily or monthly cap, or budget reached"
+        elif points < raw:
+            reason = f"fired, capped from {raw} to {points} points"
+        else:
+            reason = f"fired: {points} points"
+        verdicts.append(
+            RuleVerdict(
+                rule_id=spec.id,
+                name=spec.name,
+                fired=points > 0,
+                reason=reason,
+                trigger_matched=True,
+                in_window=bool(row["in_window"]),
+                condition=rules.explain_condition(spec.condition, prepared),
+                blocked_by=row["blocked_by"],
+                base=float(row["base"]),
+                multiplier=float(row["multiplier"]),
+                raw_points=raw,
+                points=points,
+            )
+        )
+    return DryRunResult(total_points=sum(v.points for v in verdicts), rules=verdicts)
+
+
+def resolve_profiles(
+    warehouse: Warehouse, *, after_event_id: int, up_to_event_id: int
+) -> pl.DataFrame:
+    """The profile of each event in `(after, up_to]`: frame [event_id, profile_id].
+
+    PROFILE RESOLUTION: the one call to point at identity once it lands, i.e.
+    `identity_service.event_profiles(warehouse, after_event_id=..., up_to_event_id=...)`.
+    Until then an event's profile is the user id it carries, else its anonymous id.
+    """
+    return warehouse.run(
+        queries.interim_event_profiles(after_event_id=after_event_id, up_to_event_id=up_to_event_id)
+    )
+
+
+def read_events(
+    warehouse: Warehouse, *, after_event_id: int, up_to_event_id: int, names: list[str]
+) -> pl.DataFrame:
+    """Warehouse events of the given names in `(after, up_to]`, with their profile ids."""
+    events = warehouse.run(
+        queries.events_between(
+            after_event_id=after_event_id, up_to_event_id=up_to_event_id, names=names
+        )
+    )
+    if events.is_empty():
+        return pl.DataFrame(schema=engine.EVENT_SCHEMA)
+    profiles = resolve_profiles(
+        warehouse, after_event_id=after_event_id, up_to_event_id=up_to_event_id
+    )
+    return events.join(profiles, on="event_id", how="left")
+
+
+def process_range(
+    session: Session,
+    warehouse: Warehouse,
+    *,
+    program_id: str,
+    after_event_id: int,
+    up_to_event_id: int,
+    batch_size: int = 250_000,
+    now: datetime | None = None,
+) -> engine.ProcessResult:
+    """Process warehouse events in `(after, up_to]` in batches of event ids."""
+    program = get_program(session, program_id=program_id)
+    specs = engine.active_rules(session, program_id=program.id)
+    names = sorted({s.event_name for s in specs} | {engine.ORDER_EVENT, engine.REFUND_EVENT})
+    total = engine.ProcessResult()
+    touched: set[str] = set()
+    start = after_event_id
+    while start < up_to_event_id:
+        end = min(start + batch_size, up_to_event_id)
+        events = read_events(warehouse, after_event_id=start, up_to_event_id=end, names=names)
+        result = engine.process_events(session, program=program, events=events, now=now)
+        total.events += result.events
+        total.enrolled += result.enrolled
+        total.credits += result.credits
+        total.points += result.points
+        total.reversals += result.reversals
+        touched.update(result.members)
+        start = end
+    total.members = sorted(touched)
+    return total
+
+
+def sync_program(
+    session: Session, warehouse: Warehouse, *, program_id: str, now: datetime | None = None
+) -> tuple[engine.ProcessResult, int]:
+    """Process the events loaded since the programme's high-water mark, then advance it."""
+    program = get_program(session, program_id=program_id)
+    if program.status != "active":
+        raise ProgramNotActive(f"programme {program.id} is {program.status}")
+    up_to = int(warehouse.scalar(queries.max_event_id()) or 0)
+    result = process_range(
+        session,
+        warehouse,
+        program_id=program.id,
+        after_event_id=program.last_event_id,
+        up_to_event_id=up_to,
+        now=now,
+    )
+    program.last_event_id = max(program.last_event_id, up_to)
+    session.flush()
+    return result, program.last_event_id
+
+
+def backfill(
+    session: Session, warehouse: Warehouse, *, program_id: str, now: datetime | None = None
+) -> tuple[engine.ProcessResult, int]:
+    """Process the whole event history set-based (retroactive points), then move the mark.
+
+    Idempotent: events already processed (by real time or an earlier backfill) add nothing.
+    """
+    program = get_program(session, program_id=program_id)
+    up_to = int(warehouse.scalar(queries.max_event_id()) or 0)
+    result = process_range(
+        session, warehouse, program_id=program.id, after_event_id=0, up_to_event_id=up_to, now=now
+    )
+    program.last_event_id = max(program.last_event_id, up_to)
+    session.flush()
+    return result, program.last_event_id
