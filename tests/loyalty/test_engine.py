@@ -233,7 +233,7 @@ def test_monthly_cap_budget_and_first_purchase_limit(db: Database) -> None:
             select(LedgerEntry.message_id, LedgerEntry.points, LedgerEntry.rule_id)
         ).all()
     with db.begin() as session:
-        names = dict(session.execute(select(Rule.id, Rule.name)).tuples().all())
+        names = {str(i): str(n) for i, n in session.execute(select(Rule.id, Rule.name)).all()}
     awarded = sorted((m, names[str(r)], p) for m, p, r in got)
     assert awarded == [
         ("m1", "budget", 30),
