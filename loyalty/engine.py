@@ -21,7 +21,7 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from cdp.db import new_id, utcnow
-from loyalty import calendar, ledger, rules
+from loyalty import calendar, ledger, rules, tiers
 from loyalty.errors import ProgramNotActive
 from loyalty.models import Activity, LedgerEntry, Member, Program, Rule, Tier
 
@@ -568,9 +568,11 @@ def process_events(
         result.points = int(awards["points"].sum())
     _record_activity(session, program=program, frame=prepared)
     result.reversals = _reverse_refunds(session, program=program, frame=prepared, now=now)
-    result.members = (
+    result.members = sorted(
         prepared.filter(pl.col("member_status") == "active")["member_id"].unique().to_list()
     )
+    # Upgrades are immediate: at the end of each batch (one event in real time).
+    tiers.evaluate(session, program=program, member_ids=result.members, now=now)
     return result
 
 

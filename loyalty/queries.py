@@ -35,3 +35,21 @@ def interim_event_profiles(*, after_event_id: int, up_to_event_id: int) -> Query
         """,
         {"after": after_event_id, "up_to": up_to_event_id},
     )
+
+
+def order_totals(*, since: object, until: object) -> Query:
+    """`Order Completed` events in a period: how many, their amount (`total`, else `revenue`)
+    and how many distinct buyers (the interim profile: user id, else anonymous id)."""
+    return Query(
+        """
+        SELECT count(*) AS orders,
+               coalesce(sum(coalesce(
+                   TRY_CAST(json_extract_string(properties, '$.total') AS DOUBLE),
+                   TRY_CAST(json_extract_string(properties, '$.revenue') AS DOUBLE),
+                   0)), 0) AS amount,
+               count(DISTINCT coalesce(user_id, anonymous_id)) AS buyers
+        FROM events
+        WHERE event = 'Order Completed' AND timestamp >= $since AND timestamp < $until
+        """,
+        {"since": since, "until": until},
+    )

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, File, Query, Response, UploadFile
 
 from cdp.auth import Principal, Role, require
 from cdp.db import SessionDep
@@ -17,7 +18,10 @@ from loyalty.schemas import (
     BalanceRead,
     DryRunRequest,
     DryRunResult,
+    ExpiringMember,
     ExpiringRead,
+    ImportResult,
+    KpiRead,
     LedgerEntryRead,
     MemberCommand,
     MemberRead,
@@ -31,11 +35,15 @@ from loyalty.schemas import (
     RedemptionCancel,
     RedemptionCreate,
     RedemptionRead,
+    Reevaluation,
     RewardCreate,
     RewardRead,
     RuleCreate,
     RuleRead,
     RuleUpdate,
+    TierChangeRead,
+    TierCreate,
+    TierRead,
 )
 
 LOYALTY = require(Role.loyalty)
@@ -193,7 +201,7 @@ def get_balance(member_id: str, session: SessionDep) -> BalanceRead:
             for e in view.expiring_soon
         ],
         qualifying_points=service.qualifying_points(session, member_id=member.id),
-        tier=None,
+        tier=service.tier_progress(session, member_id=member.id),
     )
 
 
@@ -425,3 +433,101 @@ def sync(
         status_code=200,
         run=lambda: _processed(*service.sync_program(session, warehouse, program_id=program_id)),
     )
+
+
+@router.post("/programs/{program_id}/tiers", status_code=201, response_model=TierRead)
+def create_tier(
+    program_id: str, body: TierCreate, session: SessionDep, idem: IdempotencyDep
+) -> Response:
+    """Add a tier to the ladder."""
+    return run_once(
+        session,
+        idem=idem,
+        body=body.model_dump(mode="json"),
+        model=TierRead,
+        status_code=201,
+        run=lambda: TierRead.model_validate(
+            service.create_tier(session, program_id=program_id, data=body)
+        ),
+    )
+
+
+@router.get("/programs/{program_id}/tiers")
+def list_tiers(program_id: str, session: SessionDep) -> list[TierRead]:
+    """The ladder, lowest tier first."""
+    return [TierRead.model_validate(t) for t in service.list_tiers(session, program_id=program_id)]
+
+
+@router.post(
+    "/programs/{program_id}/tiers/reevaluate", status_code=200, response_model=Reevaluation
+)
+def reevaluate_tiers(program_id: str, session: SessionDep, idem: IdempotencyDep) -> Response:
+    """Re-evaluate every member now (upgrades, and downgrades past the grace period)."""
+
+    def run() -> Reevaluation:
+        moves = service.reevaluate_tiers(session, program_id=program_id)
+        return Reevaluation(
+            upgrades=sum(m.reason == "upgrade" for m in moves),
+            downgrades=sum(m.reason == "downgrade" for m in moves),
+            members=[m.member_id for m in moves],
+        )
+
+    return run_once(session, idem=idem, body={}, model=Reevaluation, run=run)
+
+
+@router.get("/programs/{program_id}/tier-changes")
+def list_tier_changes(
+    program_id: str, session: SessionDep, page: PageDep, since: datetime
+) -> Page[TierChangeRead]:
+    """Tier movements since an instant, for activation."""
+    rows, total = service.tier_changes(
+        session, program_id=program_id, since=since, limit=page.limit, offset=page.offset
+    )
+    return Page[TierChangeRead].of(
+        [TierChangeRead.model_validate(r) for r in rows], total=total, params=page
+    )
+
+
+@router.get("/members/{member_id}/tiers")
+def member_tier_history(member_id: str, session: SessionDep) -> list[TierChangeRead]:
+    """A member's tier history, oldest first."""
+    return [
+        TierChangeRead.model_validate(c) for c in service.tier_history(session, member_id=member_id)
+    ]
+
+
+@router.get("/programs/{program_id}/expiring")
+def list_expiring(
+    program_id: str, session: SessionDep, days: Annotated[int, Query(ge=1, le=366)] = 30
+) -> list[ExpiringMember]:
+    """Members with points expiring within `days` (for reminders)."""
+    return [
+        ExpiringMember(member_id=m, profile_id=p, points=n, first_expiry=e)
+        for m, p, n, e in service.expiring_soon(session, program_id=program_id, days=days)
+    ]
+
+
+@router.post("/programs/{program_id}/imports", status_code=200, response_model=ImportResult)
+def import_balances(
+    program_id: str,
+    session: SessionDep,
+    idem: IdempotencyDep,
+    file: Annotated[UploadFile, File(description="CSV: profile_id, balance[, expires_at, tier]")],
+) -> Response:
+    """Import opening balances from a CSV file; importing the same rows again changes nothing."""
+    content = file.file.read()
+    return run_once(
+        session,
+        idem=idem,
+        body={"file": content.decode("utf-8", errors="replace")},
+        model=ImportResult,
+        run=lambda: service.import_opening_balances(
+            session, program_id=program_id, content=content
+        ),
+    )
+
+
+@router.get("/programs/{program_id}/kpis")
+def program_kpis(program_id: str, session: SessionDep, warehouse: WarehouseDep) -> KpiRead:
+    """Programme KPIs: members, points flows, liability, breakage, tiers, members vs not."""
+    return service.kpis(session, warehouse, program_id=program_id)

@@ -447,3 +447,72 @@ class ProcessResultRead(BaseModel):
     points: int
     reversals: int
     last_event_id: int
+
+
+class ImportRowError(BaseModel):
+    """A row of an opening-balance file that was not imported, and why."""
+
+    row: int
+    message: str
+
+
+class ImportResult(BaseModel):
+    """What an opening-balance import did (bad rows are reported, good ones imported)."""
+
+    rows: int
+    imported: int
+    already_imported: int
+    members_created: int
+    tiers_set: int
+    errors: list[ImportRowError]
+
+
+class ExpiringMember(BaseModel):
+    """A member with points expiring soon (for reminders)."""
+
+    member_id: str
+    profile_id: str
+    points: int
+    first_expiry: datetime
+
+
+class CountAt(BaseModel):
+    """A count in a period."""
+
+    period: str
+    count: int
+
+
+class KpiRead(BaseModel):
+    """Programme KPIs at an instant."""
+
+    program_id: str
+    at: datetime
+    members: int
+    active_members_30d: int
+    enrolment_by_month: list[CountAt]
+    points_issued: int
+    points_redeemed: int
+    points_expired: int
+    points_reversed: int
+    points_outstanding: int
+    liability: float
+    currency: str
+    breakage_rate: float | None
+    redemption_rate: float | None
+    tier_distribution: dict[str, int]
+    tier_movements_30d: dict[str, int]
+    member_orders: int
+    member_average_basket: float | None
+    member_purchase_frequency: float | None
+    non_member_orders: int
+    non_member_average_basket: float | None
+    non_member_purchase_frequency: float | None
+
+
+class Reevaluation(BaseModel):
+    """What a tier re-evaluation changed."""
+
+    upgrades: int
+    downgrades: int
+    members: list[str]

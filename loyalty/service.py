@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -14,9 +14,10 @@ from sqlalchemy.orm import Session
 
 from cdp.db import new_id, utcnow
 from cdp.warehouse import Warehouse
-from loyalty import calendar, engine, ledger, queries, rules
+from loyalty import calendar, engine, ledger, queries, rules, tiers
 from loyalty.errors import (
     AlreadyMember,
+    InvalidImport,
     InvalidProgram,
     InvalidStatusChange,
     MemberNotActive,
@@ -34,6 +35,7 @@ from loyalty.errors import (
 )
 from loyalty.ledger import BalanceView, Credit
 from loyalty.models import (
+    Activity,
     LedgerEntry,
     Lot,
     Member,
@@ -43,10 +45,15 @@ from loyalty.models import (
     Reward,
     Rule,
     Tier,
+    TierChange,
 )
 from loyalty.schemas import (
+    CountAt,
     DryRunRequest,
     DryRunResult,
+    ImportResult,
+    ImportRowError,
+    KpiRead,
     MemberAction,
     ProgramCreate,
     ProgramUpdate,
@@ -54,6 +61,8 @@ from loyalty.schemas import (
     RuleCreate,
     RuleUpdate,
     RuleVerdict,
+    TierCreate,
+    TierProgress,
 )
 
 logger = logging.getLogger(__name__)
@@ -241,7 +250,7 @@ def adjust_points(
     now = now or utcnow()
     idempotency_key = idempotency_key or f"adjust:{new_id()}"
     if points > 0:
-        return ledger.credit(
+        entry = ledger.credit(
             session,
             program=program,
             credit=Credit(
@@ -257,6 +266,9 @@ def adjust_points(
             ),
             now=now,
         )
+        if qualifying:
+            tiers.evaluate(session, program=program, member_ids=[member.id], now=now)
+        return entry
     ledger.lock_member(session, member_id=member.id)
     return ledger.debit(
         session,
@@ -387,6 +399,7 @@ def merge_profiles(
         )
     )
     session.flush()
+    tiers.evaluate(session, program=program, member_ids=[target.id], now=now)
     return source, target, moved
 
 
@@ -1002,3 +1015,379 @@ def backfill(
     program.last_event_id = max(program.last_event_id, up_to)
     session.flush()
     return result, program.last_event_id
+
+
+def create_tier(session: Session, *, program_id: str, data: TierCreate) -> Tier:
+    """Add a tier to the programme's ladder (ranks are unique, 1 the lowest)."""
+    get_program(session, program_id=program_id)
+    clash = session.scalar(
+        select(Tier.id).where(Tier.program_id == program_id, Tier.rank == data.rank)
+    )
+    if clash is not None:
+        raise InvalidProgram(f"the programme has a tier of rank {data.rank} already")
+    tier = Tier(program_id=program_id, **data.model_dump())
+    session.add(tier)
+    session.flush()
+    return tier
+
+
+def list_tiers(session: Session, *, program_id: str) -> list[Tier]:
+    """The programme's ladder, lowest first."""
+    get_program(session, program_id=program_id)
+    return tiers.ladder(session, program_id=program_id)
+
+
+def tier_progress(
+    session: Session, *, member_id: str, now: datetime | None = None
+) -> TierProgress | None:
+    """A member's tier, metric in the window, and what the next tier needs (None: no tiers)."""
+    now = now or utcnow()
+    member = get_member(session, member_id=member_id)
+    program = get_program(session, program_id=member.program_id)
+    ladder = tiers.ladder(session, program_id=program.id)
+    if not ladder:
+        return None
+    value = tiers.metrics(session, program=program, member_ids=[member.id], now=now)[member.id]
+    current = next((t for t in ladder if t.id == member.tier_id), None)
+    rank = current.rank if current is not None else 0
+    upper = next((t for t in ladder if t.rank > rank), None)
+    return TierProgress(
+        tier_id=current.id if current else None,
+        tier_name=current.name if current else None,
+        metric=program.tier_metric,
+        window_start=tiers.window_start(program, now),
+        value=value,
+        next_tier_id=upper.id if upper else None,
+        next_tier_name=upper.name if upper else None,
+        next_threshold=upper.threshold if upper else None,
+        missing=max(0.0, upper.threshold - value) if upper else None,
+    )
+
+
+def upgrade_tiers(
+    session: Session, *, program_id: str, member_ids: list[str], now: datetime | None = None
+) -> list[tiers.Move]:
+    """Upgrade the given members who reached a higher tier (after earning)."""
+    program = get_program(session, program_id=program_id)
+    return tiers.evaluate(session, program=program, member_ids=member_ids, now=now or utcnow())
+
+
+def reevaluate_tiers(
+    session: Session, *, program_id: str, now: datetime | None = None
+) -> list[tiers.Move]:
+    """The periodic re-evaluation: upgrades, and downgrades past the grace period."""
+    program = get_program(session, program_id=program_id)
+    ids = list(
+        session.scalars(
+            select(Member.id).where(Member.program_id == program.id, Member.status == "active")
+        )
+    )
+    return tiers.evaluate(
+        session, program=program, member_ids=ids, now=now or utcnow(), downgrade=True
+    )
+
+
+def tier_history(session: Session, *, member_id: str) -> list[TierChange]:
+    """A member's tier movements, oldest first."""
+    get_member(session, member_id=member_id)
+    return list(
+        session.scalars(
+            select(TierChange)
+            .where(TierChange.member_id == member_id)
+            .order_by(TierChange.at, TierChange.id)
+        )
+    )
+
+
+def tier_changes(
+    session: Session, *, program_id: str, since: datetime, limit: int, offset: int
+) -> tuple[list[TierChange], int]:
+    """Tier movements of a programme since an instant (published for activation)."""
+    query = select(TierChange).where(TierChange.program_id == program_id, TierChange.at >= since)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(
+        query.order_by(TierChange.at, TierChange.id).limit(limit).offset(offset)
+    ).all()
+    return list(rows), total
+
+
+def expire_points(session: Session, *, program_id: str, now: datetime | None = None) -> int:
+    """Write the expiry entries of every lot past its expiry; returns how many."""
+    program = get_program(session, program_id=program_id)
+    total = 0
+    while written := ledger.expire_due(session, program=program, now=now):
+        total += written
+    return total
+
+
+def expiring_soon(
+    session: Session, *, program_id: str, days: int = 30, now: datetime | None = None
+) -> list[tuple[str, str, int, datetime]]:
+    """Members with points expiring within `days`: (member, profile, points, first expiry)."""
+    now = now or utcnow()
+    get_program(session, program_id=program_id)
+    rows = session.execute(
+        select(Lot.member_id, Member.profile_id, func.sum(Lot.remaining), func.min(Lot.expires_at))
+        .join(Member, Member.id == Lot.member_id)
+        .where(
+            Lot.program_id == program_id,
+            Lot.remaining > 0,
+            Lot.expires_at > now,
+            Lot.expires_at <= now + timedelta(days=days),
+        )
+        .group_by(Lot.member_id, Member.profile_id)
+        .order_by(func.min(Lot.expires_at), Lot.member_id)
+    ).all()
+    return [(str(m), str(p), int(s), e) for m, p, s, e in rows if e is not None]
+
+
+IMPORT_COLUMNS = ("profile_id", "balance")
+
+
+def import_opening_balances(
+    session: Session, *, program_id: str, content: bytes, now: datetime | None = None
+) -> ImportResult:
+    """Import opening balances from a CSV file (migrating from another system).
+
+    Columns: `profile_id`, `balance`, and optionally `expires_at` (ISO 8601), `tier` (a
+    tier name) and `enrolled_at`. Each profile gets at most one opening balance, keyed
+    `import:<programme>:<profile>`, so importing the same file again changes nothing.
+    Bad rows are reported by their row number (1 = first data row); good rows are imported.
+    """
+    program = get_program(session, program_id=program_id)
+    now = now or utcnow()
+    try:
+        raw = pl.read_csv(content, infer_schema=False)
+    except (pl.exceptions.PolarsError, ValueError) as exc:
+        raise InvalidImport(f"cannot read the file as CSV: {exc}") from None
+    missing = [c for c in IMPORT_COLUMNS if c not in raw.columns]
+    if missing:
+        raise InvalidImport(f"missing columns: {', '.join(missing)}")
+    for optional in ("expires_at", "tier", "enrolled_at"):
+        if optional not in raw.columns:
+            raw = raw.with_columns(pl.lit(None, dtype=pl.String).alias(optional))
+    ladder = {t.name: t for t in tiers.ladder(session, program_id=program.id)}
+    parsed = raw.with_row_index("row", offset=1).with_columns(
+        pl.col("profile_id").str.strip_chars(),
+        pl.col("balance").str.strip_chars().cast(pl.Int64, strict=False).alias("points"),
+        pl.col("expires_at")
+        .str.strip_chars()
+        .str.to_datetime(time_zone="UTC", strict=False)
+        .alias("expires_override"),
+        pl.col("enrolled_at")
+        .str.strip_chars()
+        .str.to_datetime(time_zone="UTC", strict=False)
+        .alias("enrolled"),
+    )
+    problem = (
+        pl.when(pl.col("profile_id").is_null() | (pl.col("profile_id") == ""))
+        .then(pl.lit("profile_id is empty"))
+        .when(pl.col("points").is_null() | (pl.col("points") < 0))
+        .then(pl.lit("balance is not a whole number >= 0"))
+        .when(pl.col("expires_at").is_not_null() & pl.col("expires_override").is_null())
+        .then(pl.lit("expires_at is not an ISO 8601 date-time"))
+        .when(pl.col("tier").is_not_null() & ~pl.col("tier").is_in(list(ladder)))
+        .then(pl.lit("unknown tier"))
+        .when(pl.col("profile_id").is_duplicated())
+        .then(pl.lit("profile_id appears more than once"))
+        .otherwise(None)
+    )
+    checked = parsed.with_columns(problem.alias("problem"))
+    errors = [
+        ImportRowError(row=int(r["row"]), message=str(r["problem"]))
+        for r in checked.filter(pl.col("problem").is_not_null()).iter_rows(named=True)
+    ]
+    good = checked.filter(pl.col("problem").is_null())
+    members_created = 0
+    if not good.is_empty():
+        result = session.execute(
+            ledger.insert_ignoring_conflicts(session, Member.__table__).returning(
+                Member.__table__.c.id
+            ),
+            [
+                {
+                    "id": new_id(),
+                    "program_id": program.id,
+                    "profile_id": r["profile_id"],
+                    "status": "active",
+                    "enrolled_at": r["enrolled"] or now,
+                    "status_changed_at": now,
+                    "lock_seq": 0,
+                }
+                for r in good.iter_rows(named=True)
+            ],
+        )
+        members_created = len(result.all())
+    ids = engine.member_frame(
+        session, program_id=program.id, profiles=good["profile_id"].to_list()
+    ).select("profile_id", "member_id")
+    credits = (
+        good.join(ids, on="profile_id")
+        .filter(pl.col("points") > 0)
+        .select(
+            "member_id",
+            pl.lit("import").alias("kind"),
+            "points",
+            pl.lit(0).alias("qualifying_points"),
+            pl.lit(now).dt.convert_time_zone("UTC").alias("occurred_at"),
+            pl.concat_str(pl.lit(f"import:{program.id}:"), pl.col("profile_id")).alias(
+                "idempotency_key"
+            ),
+            "expires_override",
+            pl.lit(True).alias("no_pending"),
+            pl.lit("opening balance").alias("reason"),
+        )
+    )
+    imported = ledger.write_credits(session, program=program, frame=credits, now=now)
+    tiers_set = 0
+    for r in (
+        good.join(ids, on="profile_id").filter(pl.col("tier").is_not_null()).iter_rows(named=True)
+    ):
+        already = session.scalar(
+            select(TierChange.id).where(
+                TierChange.member_id == r["member_id"], TierChange.reason == "import"
+            )
+        )
+        if already is not None:
+            continue
+        member = get_member(session, member_id=r["member_id"])
+        tier = ladder[r["tier"]]
+        session.add(
+            TierChange(
+                program_id=program.id,
+                member_id=member.id,
+                from_tier_id=member.tier_id,
+                to_tier_id=tier.id,
+                reason="import",
+                metric_value=0.0,
+                at=now,
+            )
+        )
+        member.tier_id = tier.id
+        member.tier_since = now
+        tiers_set += 1
+    session.flush()
+    return ImportResult(
+        rows=raw.height,
+        imported=imported,
+        already_imported=credits.height - imported,
+        members_created=members_created,
+        tiers_set=tiers_set,
+        errors=errors,
+    )
+
+
+def kpis(
+    session: Session, warehouse: Warehouse, *, program_id: str, now: datetime | None = None
+) -> KpiRead:
+    """Programme KPIs: members, points flows, liability, breakage, tiers, member vs non-member."""
+    program = get_program(session, program_id=program_id)
+    now = now or utcnow()
+    month_ago = now - timedelta(days=30)
+    in_program = Member.program_id == program.id
+    members = (
+        session.scalar(
+            select(func.count()).select_from(Member).where(in_program, Member.status != "merged")
+        )
+        or 0
+    )
+    active = (
+        session.scalar(
+            select(func.count(func.distinct(LedgerEntry.member_id))).where(
+                LedgerEntry.program_id == program.id,
+                LedgerEntry.kind.in_(["earn", "redeem"]),
+                LedgerEntry.occurred_at >= month_ago,
+            )
+        )
+        or 0
+    )
+    enrolled = session.execute(
+        select(Member.enrolled_at).where(in_program, Member.status != "merged")
+    ).scalars()
+    by_month: dict[str, int] = {}
+    for at in enrolled:
+        key = calendar.local_date(at, program.timezone).strftime("%Y-%m")
+        by_month[key] = by_month.get(key, 0) + 1
+    flows = dict(
+        session.execute(
+            select(LedgerEntry.kind, func.sum(LedgerEntry.points))
+            .where(LedgerEntry.program_id == program.id)
+            .group_by(LedgerEntry.kind)
+        ).all()
+    )
+    issued = sum(int(flows.get(k) or 0) for k in ("earn", "import", "bonus")) + max(
+        int(flows.get("adjust") or 0), 0
+    )
+    redeemed = -int(flows.get("redeem") or 0) - int(flows.get("refund") or 0)
+    expired = -int(flows.get("expire") or 0)
+    reversed_ = -int(flows.get("reverse") or 0)
+    outstanding = int(
+        session.scalar(
+            select(func.coalesce(func.sum(Lot.remaining), 0)).where(
+                Lot.program_id == program.id,
+                (Lot.expires_at.is_(None)) | (Lot.expires_at > now),
+            )
+        )
+        or 0
+    )
+    ladder = {t.id: t.name for t in tiers.ladder(session, program_id=program.id)}
+    distribution = {
+        (ladder.get(tier_id, "none") if tier_id else "none"): int(count)
+        for tier_id, count in session.execute(
+            select(Member.tier_id, func.count())
+            .where(in_program, Member.status == "active")
+            .group_by(Member.tier_id)
+        ).all()
+    }
+    movements = {
+        str(reason): int(count)
+        for reason, count in session.execute(
+            select(TierChange.reason, func.count())
+            .where(TierChange.program_id == program.id, TierChange.at >= month_ago)
+            .group_by(TierChange.reason)
+        ).all()
+    }
+    year_ago = now - timedelta(days=365)
+    member_orders, member_amount, member_buyers = session.execute(
+        select(
+            func.coalesce(func.sum(Activity.orders), 0),
+            func.coalesce(func.sum(Activity.spend), 0.0),
+            func.count(func.distinct(Activity.member_id)),
+        ).where(
+            Activity.program_id == program.id,
+            Activity.occurred_at >= year_ago,
+            Activity.orders > 0,
+        )
+    ).one()
+    totals = warehouse.run(
+        queries.order_totals(since=year_ago.replace(tzinfo=None), until=now.replace(tzinfo=None))
+    ).row(0, named=True)
+    other_orders = max(int(totals["orders"]) - int(member_orders), 0)
+    other_amount = max(float(totals["amount"]) - float(member_amount), 0.0)
+    other_buyers = max(int(totals["buyers"]) - int(member_buyers), 0)
+    return KpiRead(
+        program_id=program.id,
+        at=now,
+        members=int(members),
+        active_members_30d=int(active),
+        enrolment_by_month=[CountAt(period=k, count=v) for k, v in sorted(by_month.items())],
+        points_issued=issued,
+        points_redeemed=redeemed,
+        points_expired=expired,
+        points_reversed=reversed_,
+        points_outstanding=outstanding,
+        liability=round(outstanding * program.point_value, 2),
+        currency=program.currency,
+        breakage_rate=expired / issued if issued else None,
+        redemption_rate=redeemed / issued if issued else None,
+        tier_distribution=distribution,
+        tier_movements_30d=movements,
+        member_orders=int(member_orders),
+        member_average_basket=float(member_amount) / int(member_orders) if member_orders else None,
+        member_purchase_frequency=int(member_orders) / int(member_buyers)
+        if member_buyers
+        else None,
+        non_member_orders=other_orders,
+        non_member_average_basket=other_amount / other_orders if other_orders else None,
+        non_member_purchase_frequency=other_orders / other_buyers if other_buyers else None,
+    )
