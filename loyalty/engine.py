@@ -332,26 +332,16 @@ def _enrol_automatically(
     )
     if first.is_empty():
         return 0
-    now = utcnow()
-    rows = [
-        {
-            "id": new_id(),
-            "program_id": program.id,
-            "profile_id": r["profile_id"],
-            "status": "active",
-            "enrolled_at": r["enrolled_at"],
-            "status_changed_at": now,
-            "lock_seq": 0,
-        }
-        for r in first.to_dicts()
-    ]
-    result = session.execute(
-        ledger.insert_ignoring_conflicts(session, Member.__table__).returning(
-            Member.__table__.c.id
-        ),
-        rows,
+    rows = first.select(
+        pl.Series("id", [new_id() for _ in range(first.height)]),
+        pl.lit(program.id).alias("program_id"),
+        "profile_id",
+        pl.lit("active").alias("status"),
+        "enrolled_at",
+        pl.lit(utcnow()).dt.convert_time_zone("UTC").alias("status_changed_at"),
+        pl.lit(0).alias("lock_seq"),
     )
-    return len(result.all())
+    return ledger.bulk_insert(session, Member.__table__, rows)
 
 
 def member_frame(session: Session, *, program_id: str, profiles: list[str]) -> pl.DataFrame:

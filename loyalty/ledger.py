@@ -17,7 +17,7 @@ from datetime import date, datetime, timedelta
 from typing import Any
 
 import polars as pl
-from sqlalchemy import Insert, and_, func, insert, or_, select, update
+from sqlalchemy import Insert, and_, bindparam, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -88,6 +88,51 @@ def lock_member(session: Session, *, member_id: str) -> None:
         session.execute(
             update(Member).where(Member.id == member_id).values(lock_seq=Member.lock_seq + 1)
         )
+
+
+def bulk_insert(session: Session, table: Any, frame: pl.DataFrame) -> int:  # Any: a Table
+    """`INSERT ... ON CONFLICT DO NOTHING` of a frame's rows in one driver `executemany`.
+
+    The statement is compiled once by SQLAlchemy; the rows go straight to the driver, which
+    avoids SQLAlchemy's per-row parameter processing (5-10x faster on large batches).
+    Values are converted in Polars the way SQLAlchemy would store them (SQLite: UTC text
+    timestamps and ISO dates). Returns how many rows were new.
+    """
+    if frame.is_empty():
+        return 0
+    columns = frame.columns
+    stmt = insert_ignoring_conflicts(session, table).values(
+        {name: bindparam(name) for name in columns}
+    )
+    dialect = session.get_bind().dialect
+    compiled = stmt.compile(dialect=dialect)
+    rows: Any  # Any: tuples (qmark) or dicts (pyformat)
+    if dialect.name == "sqlite":
+        # Large batches insert into several B-trees at random places (UUID keys, the
+        # idempotency index): SQLite's default 2 MB page cache thrashes; 64 MB does not.
+        session.connection().exec_driver_sql("PRAGMA cache_size=-65536")
+        order = list(compiled.positiontup or [])
+        rows = _sqlite_values(frame).select(order).rows()
+    else:
+        rows = frame.to_dicts()
+    result = session.connection().exec_driver_sql(str(compiled), rows)
+    return max(int(result.rowcount), 0)
+
+
+def _sqlite_values(frame: pl.DataFrame) -> pl.DataFrame:
+    converted = []
+    for name, dtype in frame.schema.items():
+        column = pl.col(name)
+        if isinstance(dtype, pl.Datetime):
+            if dtype.time_zone is not None:
+                column = column.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
+            column = column.dt.to_string("%Y-%m-%d %H:%M:%S.%6f")
+        elif dtype == pl.Date:
+            column = column.dt.to_string("%Y-%m-%d")
+        elif dtype == pl.Boolean:
+            column = column.cast(pl.Int64)
+        converted.append(column.alias(name))
+    return frame.select(converted)
 
 
 @dataclass(slots=True)
@@ -162,31 +207,32 @@ def write_credits(
     for name in ENTRY_COLUMNS:
         if name not in dated.columns:
             dated = dated.with_columns(pl.lit(None).alias(name))
-    rows = dated.select(ENTRY_COLUMNS).to_dicts()
-    stmt = insert_ignoring_conflicts(session, LedgerEntry.__table__).returning(
-        LedgerEntry.__table__.c.id
+    entries = dated.select(ENTRY_COLUMNS).with_columns(
+        pl.col("event_id").cast(pl.Int64),
+        pl.col(["message_id", "order_id", "rule_id", "redemption_id", "reason", "actor"]).cast(
+            pl.String
+        ),
+        pl.col(["pending_until", "expires_at", "occurred_at", "created_at"]).cast(
+            pl.Datetime("us", "UTC")
+        ),
     )
-    inserted = {row[0] for row in session.execute(stmt, rows)}
+    inserted = bulk_insert(session, LedgerEntry.__table__, entries)
     if not inserted:
         return 0
-    lots = [
-        {
-            "entry_id": r["id"],
-            "program_id": program.id,
-            "member_id": r["member_id"],
-            "points": r["points"],
-            "remaining": r["points"],
-            "earned_at": r["occurred_at"],
-            "pending_until": r["pending_until"],
-            "expires_at": r["expires_at"],
-            "order_id": r["order_id"],
-        }
-        for r in rows
-        if r["id"] in inserted and r["points"] > 0
-    ]
-    if lots:
-        session.execute(insert(Lot), lots)
-    return len(inserted)
+    # An entry that existed already has its lot (written with it): the lot insert skips it.
+    lots = entries.filter(pl.col("points") > 0).select(
+        pl.col("id").alias("entry_id"),
+        "program_id",
+        "member_id",
+        "points",
+        pl.col("points").alias("remaining"),
+        pl.col("occurred_at").alias("earned_at"),
+        "pending_until",
+        "expires_at",
+        "order_id",
+    )
+    bulk_insert(session, Lot.__table__, lots)
+    return inserted
 
 
 def credit(
