@@ -166,6 +166,10 @@ def trace(frame: pl.DataFrame, specs: list[RuleSpec]) -> pl.DataFrame:
     `frame` is the output of `prepare` with member columns (member_id, tier_name, tier_rank,
     tier_multiplier, seniority_days, member_status, traits).
     """
+    fields: set[str] = set()
+    for spec in specs:
+        fields |= rules.json_fields(spec.condition) | rules.formula_fields(spec.formula)
+    frame = rules.materialise(frame, fields)
     blocked = pl.Series("blocked_by", [None] * frame.height, dtype=pl.String)
     parts: list[pl.DataFrame] = []
     for spec in sorted(specs, key=lambda s: (s.priority, s.id)):
@@ -233,6 +237,26 @@ def _clamp(frame: pl.DataFrame, *, cap: str, used: str, over: list[str]) -> pl.D
     )
 
 
+# Running totals (caps, limits) accumulate in this order.
+EVENT_ORDER = ("timestamp", "event_id", "priority", "rule_id")
+_SPEC_CAP = {"cap_day": "cap_per_day", "cap_month": "cap_per_month", "cap_budget": "budget"}
+
+
+def _limit(fired: pl.DataFrame, limited: list[str], counts: pl.DataFrame) -> pl.DataFrame:
+    """Drop the awards of limited rules past a member's limit (ledger count + rank here)."""
+    inside = (
+        fired.filter(pl.col("rule_id").is_in(limited))
+        .join(counts, on=["rule_id", "member_id"], how="left")
+        .sort(*EVENT_ORDER)
+        .with_columns(pl.int_range(1, pl.len() + 1).over(["rule_id", "member_id"]).alias("nth"))
+        .filter(pl.col("nth") + pl.col("used_count").fill_null(0) <= pl.col("cap_count"))
+        .drop("nth", "used_count")
+    )
+    return pl.concat(
+        [fired.filter(~pl.col("rule_id").is_in(limited)), inside], how="vertical_relaxed"
+    ).sort(*EVENT_ORDER)
+
+
 def apply_caps(traced: pl.DataFrame, specs: list[RuleSpec], priors: Priors) -> pl.DataFrame:
     """The awards: fired rows after per-member limits, day and month caps and budgets."""
     caps = pl.DataFrame(
@@ -258,26 +282,31 @@ def apply_caps(traced: pl.DataFrame, specs: list[RuleSpec], priors: Priors) -> p
     fired = (
         traced.filter(pl.col("fired") & (pl.col("raw_points") > 0))
         .join(caps, on="rule_id", how="left")
-        .sort("timestamp", "event_id", "priority", "rule_id")
+        .sort(*EVENT_ORDER)
         .with_columns(pl.col("raw_points").alias("points"))
     )
-    fired = fired.join(priors.count, on=["rule_id", "member_id"], how="left").with_columns(
-        pl.int_range(1, pl.len() + 1).over(["rule_id", "member_id"]).alias("nth")
-    )
-    fired = fired.filter(
-        pl.col("cap_count").is_null()
-        | (pl.col("nth") + pl.col("used_count").fill_null(0) <= pl.col("cap_count"))
-    )
-    fired = fired.join(priors.day, on=["rule_id", "member_id", "local_date"], how="left")
-    fired = _clamp(
-        fired, cap="cap_day", used="used_day", over=["rule_id", "member_id", "local_date"]
-    )
-    fired = fired.join(priors.month, on=["rule_id", "member_id", "month"], how="left")
-    fired = _clamp(
-        fired, cap="cap_month", used="used_month", over=["rule_id", "member_id", "month"]
-    )
-    fired = fired.join(priors.budget, on="rule_id", how="left")
-    fired = _clamp(fired, cap="cap_budget", used="used_budget", over=["rule_id"])
+    limited = [s.id for s in specs if s.limit_per_member is not None]
+    if limited:
+        fired = _limit(fired, limited, priors.count)
+    steps: list[tuple[str, pl.DataFrame, list[str], str]] = [
+        ("cap_day", priors.day, ["rule_id", "member_id", "local_date"], "used_day"),
+        ("cap_month", priors.month, ["rule_id", "member_id", "month"], "used_month"),
+        ("cap_budget", priors.budget, ["rule_id"], "used_budget"),
+    ]
+    for cap, prior, over, used in steps:
+        capped = [s.id for s in specs if getattr(s, _SPEC_CAP[cap]) is not None]
+        if not capped:
+            continue
+        # Only the rows of capped rules go through the join and the running sums.
+        inside = (
+            fired.filter(pl.col("rule_id").is_in(capped))
+            .join(prior, on=over, how="left")
+            .sort(*EVENT_ORDER)
+        )
+        inside = _clamp(inside, cap=cap, used=used, over=over).drop(used)
+        fired = pl.concat(
+            [fired.filter(~pl.col("rule_id").is_in(capped)), inside], how="vertical_relaxed"
+        ).sort(*EVENT_ORDER)
     return fired.filter(pl.col("points") > 0).with_columns(
         pl.when(pl.col("qualifying"))
         .then(pl.col("points"))

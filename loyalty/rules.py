@@ -188,17 +188,50 @@ def _json_path(column: str, path: str) -> pl.Expr:
 
 
 def field_expr(name: str) -> pl.Expr:
-    """The expression reading a condition field from the engine's frame."""
+    """The expression reading a condition field from the engine's frame.
+
+    JSON fields (`properties.*`, `traits.*`) are columns named after the field, added once
+    per frame by `materialise`, so a path used by several rules is parsed once.
+    """
     namespace, _, rest = name.partition(".")
     if namespace == "event":
         return pl.col(EVENT_FIELDS[rest])
     if namespace == "member":
         return pl.col(MEMBER_FIELDS[rest])
-    if namespace == "properties":
-        return _json_path("properties", rest)
-    if namespace == "traits":
-        return _json_path("traits", rest)
+    if namespace in {"properties", "traits"}:
+        return pl.col(name)
     raise InvalidRule(f"unknown field {name!r}")
+
+
+def json_fields(condition: Condition | None) -> set[str]:
+    """The `properties.*` and `traits.*` fields a condition reads."""
+    match condition:
+        case Compare(field=name) if name.split(".", 1)[0] in {"properties", "traits"}:
+            return {name}
+        case AllOf(all=items) | AnyOf(any=items):
+            return set().union(*(json_fields(c) for c in items)) if items else set()
+        case Not(not_=inner):
+            return json_fields(inner)
+    return set()
+
+
+def formula_fields(formula: Fixed | PerAmount | PerLine) -> set[str]:
+    """The `properties.*` fields a formula reads as scalars."""
+    if isinstance(formula, PerAmount):
+        if not _PATH.match(formula.amount):
+            raise InvalidRule(f"invalid amount path {formula.amount!r}")
+        return {f"properties.{formula.amount}"}
+    return set()
+
+
+def materialise(frame: pl.DataFrame, fields: set[str]) -> pl.DataFrame:
+    """Add a text column per JSON field not yet in the frame (one JSON pass per field)."""
+    missing = sorted(f for f in fields if f not in frame.columns)
+    if not missing:
+        return frame
+    return frame.with_columns(
+        _json_path(name.split(".", 1)[0], name.split(".", 1)[1]).alias(name) for name in missing
+    )
 
 
 def _typed(expr: pl.Expr, value: Any) -> tuple[pl.Expr, Any]:  # Any: JSON scalar
@@ -259,6 +292,7 @@ def explain_condition(
     condition: Condition | None, row: pl.DataFrame
 ) -> dict[str, Any]:  # Any: JSON
     """Evaluate every node of a condition on a one-row frame, for the dry run."""
+    row = materialise(row, json_fields(condition))
     result = bool(row.select(compile_condition(condition).alias("r")).item())
     match condition:
         case None:
