@@ -1391,3 +1391,76 @@ def kpis(
         non_member_average_basket=other_amount / other_orders if other_orders else None,
         non_member_purchase_frequency=other_orders / other_buyers if other_buyers else None,
     )
+
+
+DEMO_RULES: tuple[dict[str, Any], ...] = (  # Any: rule JSON
+    {
+        "name": "1 point per euro, double on shoes",
+        "event_name": "Order Completed",
+        "formula": {
+            "type": "per_line",
+            "rate": 1,
+            "lines": [{"match": {"category": ["shoes"]}, "multiplier": 2}],
+        },
+    },
+    {
+        "name": "First purchase bonus",
+        "event_name": "Order Completed",
+        "formula": {"type": "fixed", "points": 100},
+        "limit_per_member": 1,
+        "apply_tier_multiplier": False,
+    },
+)
+DEMO_TIERS = (("Silver", 1, 200.0, 1.0), ("Gold", 2, 1000.0, 1.25), ("Platinum", 3, 3000.0, 1.5))
+DEMO_REWARDS = (("5 EUR voucher", "coupon", 500, None), ("Tote bag", "product", 1200, 100))
+
+
+def create_demo_program(session: Session, *, timezone: str = "Europe/Paris") -> Program:
+    """The demo programme: 1 point per euro (double on shoes), a first-purchase bonus,
+    Silver/Gold/Platinum tiers on points over 12 months, and a small reward catalogue."""
+    program = create_program(
+        session,
+        data=ProgramCreate(
+            name="Demo Club",
+            status="active",
+            enrolment="automatic",
+            timezone=timezone,
+            pending_days=14,
+            expiry_policy="rolling",
+            expiry_months=24,
+            point_value=0.01,
+        ),
+    )
+    for rule in DEMO_RULES:
+        create_rule(session, program_id=program.id, data=RuleCreate(**rule))
+    tiers_by_name = {
+        name: create_tier(
+            session,
+            program_id=program.id,
+            data=TierCreate(
+                name=name,
+                rank=rank,
+                threshold=threshold,
+                multiplier=multiplier,
+                benefits=[f"{name} members: private sales"] if rank > 1 else [],
+            ),
+        )
+        for name, rank, threshold, multiplier in DEMO_TIERS
+    }
+    for name, kind, cost, stock in DEMO_REWARDS:
+        create_reward(
+            session,
+            program_id=program.id,
+            data=RewardCreate(name=name, kind=kind, points_cost=cost, stock=stock),
+        )
+    create_reward(
+        session,
+        program_id=program.id,
+        data=RewardCreate(
+            name="Private sale access",
+            kind="event_access",
+            points_cost=300,
+            min_tier_id=tiers_by_name["Gold"].id,
+        ),
+    )
+    return program
