@@ -50,7 +50,7 @@ RULES: list[dict[str, Any]] = [  # Any: rule JSON
 ]
 
 
-def _history(seed: int, n: int = 110) -> list[dict[str, Any]]:  # Any: rows
+def _history(seed: int, n: int = 90) -> list[dict[str, Any]]:  # Any: rows
     rng = random.Random(seed)
     rows: list[dict[str, Any]] = []  # Any: rows
     orders: list[tuple[str, str]] = []
