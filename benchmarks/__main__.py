@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, tuple[str, int]] = {
     "dashboards": ("benchmarks.dashboards", 1_000_000),
     "ingestion_files": ("benchmarks.ingestion_files", 5_000_000),
     "ingestion_http": ("benchmarks.ingestion_http", 200_000),
+    "loyalty_backfill": ("benchmarks.loyalty_backfill", 1_000_000),
 }
 
 

@@ -1,5 +1,72 @@
-"""Scheduled jobs of the loyalty package."""
+"""Scheduled jobs of the loyalty package: real-time earning, expiry, tier re-evaluation."""
 
-from cdp.scheduler import JobSpec
+from __future__ import annotations
 
-JOBS: tuple[JobSpec, ...] = ()
+import logging
+
+from sqlalchemy import select
+
+from cdp.scheduler import JobContext, JobSpec
+from loyalty import service
+from loyalty.models import Program
+
+logger = logging.getLogger(__name__)
+
+
+def _active_programs(context: JobContext) -> list[str]:
+    with context.db.begin() as session:
+        return list(session.scalars(select(Program.id).where(Program.status == "active")))
+
+
+def process_new_events(context: JobContext) -> int:
+    """Award points for the events loaded since each active programme's high-water mark."""
+    credits = 0
+    for program_id in _active_programs(context):
+        with context.db.begin() as session:
+            result, _ = service.sync_program(session, context.warehouse, program_id=program_id)
+            credits += result.credits
+    context.message = f"{credits} credits"
+    return credits
+
+
+def expire_points(context: JobContext) -> int:
+    """Expire the points past their expiry in every active programme."""
+    expired = 0
+    for program_id in _active_programs(context):
+        with context.db.begin() as session:
+            expired += service.expire_points(session, program_id=program_id)
+    return expired
+
+
+def reevaluate_tiers(context: JobContext) -> int:
+    """Re-evaluate tiers (downgrades after grace) in every active programme."""
+    moved = 0
+    for program_id in _active_programs(context):
+        with context.db.begin() as session:
+            moved += len(service.reevaluate_tiers(session, program_id=program_id))
+    return moved
+
+
+JOBS: tuple[JobSpec, ...] = (
+    JobSpec(
+        "loyalty.process_events",
+        process_new_events,
+        "award points for newly loaded events",
+        trigger="interval",
+        trigger_args={"seconds": 5},
+    ),
+    JobSpec(
+        "loyalty.expire_points",
+        expire_points,
+        "expire points past their expiry date",
+        trigger="cron",
+        trigger_args={"hour": 2, "minute": 0},
+    ),
+    JobSpec(
+        "loyalty.reevaluate_tiers",
+        reevaluate_tiers,
+        "re-evaluate member tiers (downgrades after the grace period)",
+        trigger="cron",
+        trigger_args={"hour": 3, "minute": 0},
+    ),
+)

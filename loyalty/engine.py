@@ -1,0 +1,756 @@
+"""The earning engine: events in, ledger credits, activity and reversals out.
+
+`evaluate` is a pure, set-based function over a Polars frame of events joined with their
+members: for each rule (in stacking order) it computes which rows fire and their points,
+then applies per-member limits, daily and monthly caps and rule budgets with cumulative
+sums in event order, starting from what the ledger already holds (`Priors`). Real-time
+processing, one-by-one processing and backfill all call it; processing events one at a
+time in event order gives the same ledger as processing them all at once, because every
+cap is "what the ledger already holds + what earlier rows of this batch took".
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any
+
+import polars as pl
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.orm import Session
+
+from cdp.db import new_id, utcnow
+from loyalty import calendar, ledger, rules, tiers
+from loyalty.errors import ProgramNotActive
+from loyalty.models import Activity, LedgerEntry, Member, Program, Rule, Tier
+
+logger = logging.getLogger(__name__)
+
+ORDER_EVENT = "Order Completed"
+REFUND_EVENT = "Order Refunded"
+# Amount properties read for spend and refunds, first present wins.
+AMOUNT_PATHS = ("total", "revenue")
+# Above this many profiles in a batch, members are read for the whole programme.
+IN_LIST_LIMIT = 5_000
+
+EVENT_SCHEMA: dict[str, pl.DataType] = {
+    "event_id": pl.Int64(),
+    "message_id": pl.String(),
+    "source_id": pl.String(),
+    "type": pl.String(),
+    "event": pl.String(),
+    "timestamp": pl.Datetime("us", "UTC"),
+    "properties": pl.String(),
+    "profile_id": pl.String(),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RuleSpec:
+    """An earning rule, parsed and ready to evaluate."""
+
+    id: str
+    name: str
+    event_name: str
+    condition: rules.Condition | None
+    formula: rules.Fixed | rules.PerAmount | rules.PerLine
+    priority: int = 100
+    exclusive: bool = False
+    apply_tier_multiplier: bool = True
+    qualifying: bool = True
+    starts_at: datetime | None = None
+    ends_at: datetime | None = None
+    cap_per_day: int | None = None
+    cap_per_month: int | None = None
+    budget: int | None = None
+    limit_per_member: int | None = None
+
+    @classmethod
+    def of(cls, rule: Rule) -> RuleSpec:
+        """The spec of a stored rule."""
+        return cls(
+            id=rule.id,
+            name=rule.name,
+            event_name=rule.event_name,
+            condition=rules.parse_condition(rule.condition),
+            formula=rules.parse_formula(rule.formula),
+            priority=rule.priority,
+            exclusive=rule.exclusive,
+            apply_tier_multiplier=rule.apply_tier_multiplier,
+            qualifying=rule.qualifying,
+            starts_at=rule.starts_at,
+            ends_at=rule.ends_at,
+            cap_per_day=rule.cap_per_day,
+            cap_per_month=rule.cap_per_month,
+            budget=rule.budget,
+            limit_per_member=rule.limit_per_member,
+        )
+
+
+def _empty(schema: dict[str, pl.DataType]) -> pl.DataFrame:
+    return pl.DataFrame(schema=schema)
+
+
+@dataclass(slots=True)
+class Priors:
+    """What the ledger already holds for the caps of the rules being evaluated."""
+
+    day: pl.DataFrame = field(
+        default_factory=lambda: _empty(
+            {
+                "rule_id": pl.String(),
+                "member_id": pl.String(),
+                "local_date": pl.Date(),
+                "used_day": pl.Int64(),
+            }
+        )
+    )
+    month: pl.DataFrame = field(
+        default_factory=lambda: _empty(
+            {
+                "rule_id": pl.String(),
+                "member_id": pl.String(),
+                "month": pl.Date(),
+                "used_month": pl.Int64(),
+            }
+        )
+    )
+    budget: pl.DataFrame = field(
+        default_factory=lambda: _empty({"rule_id": pl.String(), "used_budget": pl.Int64()})
+    )
+    count: pl.DataFrame = field(
+        default_factory=lambda: _empty(
+            {"rule_id": pl.String(), "member_id": pl.String(), "used_count": pl.Int64()}
+        )
+    )
+
+
+TRACE_COLUMNS = (
+    "row",
+    "event_id",
+    "message_id",
+    "member_id",
+    "timestamp",
+    "local_date",
+    "month",
+    "order_id",
+    "rule_id",
+    "priority",
+    "in_window",
+    "condition",
+    "blocked_by",
+    "base",
+    "multiplier",
+    "raw_points",
+    "fired",
+)
+
+
+def prepare(frame: pl.DataFrame, tz: str) -> pl.DataFrame:
+    """Order rows by event time and add the row index, local date, month and order id."""
+    return (
+        frame.sort("timestamp", "event_id")
+        .with_row_index("row")
+        .with_columns(
+            pl.col("timestamp").dt.convert_time_zone(tz).dt.date().alias("local_date"),
+            pl.col("properties").str.json_path_match("$.order_id").alias("order_id"),
+        )
+        .with_columns(pl.col("local_date").dt.truncate("1mo").alias("month"))
+    )
+
+
+def trace(frame: pl.DataFrame, specs: list[RuleSpec]) -> pl.DataFrame:
+    """Every (row, rule) whose trigger matches: window, condition, stacking and raw points.
+
+    `frame` is the output of `prepare` with member columns (member_id, tier_name, tier_rank,
+    tier_multiplier, seniority_days, member_status, traits).
+    """
+    fields: set[str] = set()
+    for spec in specs:
+        fields |= rules.json_fields(spec.condition) | rules.formula_fields(spec.formula)
+    frame = rules.materialise(frame, fields)
+    blocked = pl.Series("blocked_by", [None] * frame.height, dtype=pl.String)
+    parts: list[pl.DataFrame] = []
+    for spec in sorted(specs, key=lambda s: (s.priority, s.id)):
+        mask = frame["event"] == spec.event_name
+        sub = frame.filter(mask)
+        if sub.is_empty():
+            continue
+        window = pl.lit(True)
+        if spec.starts_at is not None:
+            window = window & (pl.col("timestamp") >= spec.starts_at)
+        if spec.ends_at is not None:
+            window = window & (pl.col("timestamp") < spec.ends_at)
+        multiplier = (
+            pl.col("tier_multiplier").fill_null(1.0) if spec.apply_tier_multiplier else pl.lit(1.0)
+        )
+        rounding = rules.formula_rounding(spec.formula)
+        part = (
+            sub.with_columns(
+                rules.base_points(spec.formula, sub).alias("base"),
+                window.alias("in_window"),
+                rules.compile_condition(spec.condition).alias("condition"),
+                blocked.filter(mask).alias("blocked_by"),
+                multiplier.cast(pl.Float64).alias("multiplier"),
+                pl.lit(spec.id).alias("rule_id"),
+                pl.lit(spec.priority).alias("priority"),
+            )
+            .with_columns(
+                rules.round_points(pl.col("base") * pl.col("multiplier"), rounding).alias(
+                    "raw_points"
+                ),
+                (
+                    pl.col("in_window")
+                    & pl.col("condition")
+                    & pl.col("blocked_by").is_null()
+                    & (pl.col("member_status") == "active")
+                ).alias("fired"),
+            )
+            .select(TRACE_COLUMNS)
+        )
+        parts.append(part)
+        if spec.exclusive:
+            fired_rows = part.filter(pl.col("fired"))["row"]
+            hit = frame["row"].is_in(fired_rows.implode())
+            blocked = (
+                pl.select(pl.when(hit & blocked.is_null()).then(pl.lit(spec.id)).otherwise(blocked))
+                .to_series()
+                .alias("blocked_by")
+            )
+    if not parts:
+        return pl.DataFrame(schema={c: pl.Null() for c in TRACE_COLUMNS}).clear()
+    return pl.concat(parts, how="vertical_relaxed")
+
+
+def _clamp(frame: pl.DataFrame, *, cap: str, used: str, over: list[str]) -> pl.DataFrame:
+    """Clamp `points` so that prior use + this batch's running total never passes `cap`.
+
+    With points >= 0, row i gets min(points_i, cap - used - sum of the raw points of the
+    earlier rows), floored at 0: once the cap is reached, the earlier rows took exactly it.
+    """
+    before = pl.col("points").cum_sum().over(over) - pl.col("points")
+    room = pl.col(cap) - pl.col(used).fill_null(0) - before
+    clamped = pl.min_horizontal(pl.col("points"), room).clip(lower_bound=0)
+    return frame.with_columns(
+        pl.when(pl.col(cap).is_null()).then(pl.col("points")).otherwise(clamped).alias("points")
+    )
+
+
+# Running totals (caps, limits) accumulate in this order.
+EVENT_ORDER = ("timestamp", "event_id", "priority", "rule_id")
+_SPEC_CAP = {"cap_day": "cap_per_day", "cap_month": "cap_per_month", "cap_budget": "budget"}
+
+
+def _limit(fired: pl.DataFrame, limited: list[str], counts: pl.DataFrame) -> pl.DataFrame:
+    """Drop the awards of limited rules past a member's limit (ledger count + rank here)."""
+    inside = (
+        fired.filter(pl.col("rule_id").is_in(limited))
+        .join(counts, on=["rule_id", "member_id"], how="left")
+        .sort(*EVENT_ORDER)
+        .with_columns(pl.int_range(1, pl.len() + 1).over(["rule_id", "member_id"]).alias("nth"))
+        .filter(pl.col("nth") + pl.col("used_count").fill_null(0) <= pl.col("cap_count"))
+        .drop("nth", "used_count")
+    )
+    return pl.concat(
+        [fired.filter(~pl.col("rule_id").is_in(limited)), inside], how="vertical_relaxed"
+    ).sort(*EVENT_ORDER)
+
+
+def apply_caps(traced: pl.DataFrame, specs: list[RuleSpec], priors: Priors) -> pl.DataFrame:
+    """The awards: fired rows after per-member limits, day and month caps and budgets."""
+    caps = pl.DataFrame(
+        {
+            "rule_id": [s.id for s in specs],
+            "cap_day": [s.cap_per_day for s in specs],
+            "cap_month": [s.cap_per_month for s in specs],
+            "cap_budget": [s.budget for s in specs],
+            "cap_count": [s.limit_per_member for s in specs],
+            "qualifying": [s.qualifying for s in specs],
+        },
+        schema={
+            "rule_id": pl.String(),
+            "cap_day": pl.Int64(),
+            "cap_month": pl.Int64(),
+            "cap_budget": pl.Int64(),
+            "cap_count": pl.Int64(),
+            "qualifying": pl.Boolean(),
+        },
+    )
+    if traced.is_empty():
+        return traced.with_columns(pl.lit(0).alias("points")).clear()
+    fired = (
+        traced.filter(pl.col("fired") & (pl.col("raw_points") > 0))
+        .join(caps, on="rule_id", how="left")
+        .sort(*EVENT_ORDER)
+        .with_columns(pl.col("raw_points").alias("points"))
+    )
+    limited = [s.id for s in specs if s.limit_per_member is not None]
+    if limited:
+        fired = _limit(fired, limited, priors.count)
+    steps: list[tuple[str, pl.DataFrame, list[str], str]] = [
+        ("cap_day", priors.day, ["rule_id", "member_id", "local_date"], "used_day"),
+        ("cap_month", priors.month, ["rule_id", "member_id", "month"], "used_month"),
+        ("cap_budget", priors.budget, ["rule_id"], "used_budget"),
+    ]
+    for cap, prior, over, used in steps:
+        capped = [s.id for s in specs if getattr(s, _SPEC_CAP[cap]) is not None]
+        if not capped:
+            continue
+        # Only the rows of capped rules go through the join and the running sums.
+        inside = (
+            fired.filter(pl.col("rule_id").is_in(capped))
+            .join(prior, on=over, how="left")
+            .sort(*EVENT_ORDER)
+        )
+        inside = _clamp(inside, cap=cap, used=used, over=over).drop(used)
+        fired = pl.concat(
+            [fired.filter(~pl.col("rule_id").is_in(capped)), inside], how="vertical_relaxed"
+        ).sort(*EVENT_ORDER)
+    return fired.filter(pl.col("points") > 0).with_columns(
+        pl.when(pl.col("qualifying"))
+        .then(pl.col("points"))
+        .otherwise(0)
+        .alias("qualifying_points"),
+        pl.concat_str(
+            pl.lit("event:"), pl.col("message_id"), pl.lit(":rule:"), pl.col("rule_id")
+        ).alias("idempotency_key"),
+    )
+
+
+def evaluate(frame: pl.DataFrame, specs: list[RuleSpec], priors: Priors, tz: str) -> pl.DataFrame:
+    """Awards for a frame of member events: one row per (event, rule) with points > 0."""
+    return apply_caps(trace(prepare(frame, tz), specs), specs, priors)
+
+
+def active_rules(session: Session, *, program_id: str) -> list[RuleSpec]:
+    """The programme's active rules, in stacking order."""
+    rows = session.scalars(
+        select(Rule)
+        .where(Rule.program_id == program_id, Rule.status == "active")
+        .order_by(Rule.priority, Rule.id)
+    ).all()
+    return [RuleSpec.of(r) for r in rows]
+
+
+def _normalise(events: pl.DataFrame) -> pl.DataFrame:
+    frame = events
+    dtype = frame.schema["timestamp"]
+    if isinstance(dtype, pl.Datetime) and dtype.time_zone is None:
+        frame = frame.with_columns(pl.col("timestamp").dt.replace_time_zone("UTC"))
+    return frame.with_columns(
+        pl.col("timestamp").dt.convert_time_zone("UTC").dt.cast_time_unit("us"),
+        pl.col("event_id").cast(pl.Int64),
+        pl.col("properties").cast(pl.String).fill_null("{}"),
+    )
+
+
+def _in_chunks(values: list[str], size: int = 1000) -> list[list[str]]:
+    return [values[i : i + size] for i in range(0, len(values), size)]
+
+
+def _enrol_automatically(
+    session: Session, *, program: Program, frame: pl.DataFrame, specs: list[RuleSpec]
+) -> int:
+    """Create memberships for profiles whose first qualifying event is in the batch."""
+    triggers = [s.event_name for s in specs]
+    first = (
+        frame.filter(pl.col("event").is_in(triggers) & pl.col("profile_id").is_not_null())
+        .group_by("profile_id")
+        .agg(pl.col("timestamp").min().alias("enrolled_at"))
+    )
+    if first.is_empty():
+        return 0
+    rows = first.select(
+        pl.Series("id", [new_id() for _ in range(first.height)]),
+        pl.lit(program.id).alias("program_id"),
+        "profile_id",
+        pl.lit("active").alias("status"),
+        "enrolled_at",
+        pl.lit(utcnow()).dt.convert_time_zone("UTC").alias("status_changed_at"),
+        pl.lit(0).alias("lock_seq"),
+    )
+    return ledger.bulk_insert(session, Member.__table__, rows)
+
+
+def member_frame(session: Session, *, program_id: str, profiles: list[str]) -> pl.DataFrame:
+    """Members of the programme (of these profiles) with their tier fields."""
+    query = (
+        select(
+            Member.profile_id,
+            Member.id,
+            Member.status,
+            Member.enrolled_at,
+            Tier.name,
+            Tier.rank,
+            Tier.multiplier,
+        )
+        .outerjoin(Tier, Tier.id == Member.tier_id)
+        .where(Member.program_id == program_id)
+    )
+    batches = (
+        [query]
+        if len(profiles) > IN_LIST_LIMIT
+        else [query.where(Member.profile_id.in_(chunk)) for chunk in _in_chunks(profiles)]
+    )
+    rows = [row for q in batches for row in session.execute(q).all()]
+    return pl.DataFrame(
+        rows,
+        schema={
+            "profile_id": pl.String(),
+            "member_id": pl.String(),
+            "member_status": pl.String(),
+            "enrolled_at": pl.Datetime("us", "UTC"),
+            "tier_name": pl.String(),
+            "tier_rank": pl.Int64(),
+            "tier_multiplier": pl.Float64(),
+        },
+        orient="row",
+    )
+
+
+def load_priors(
+    session: Session, *, specs: list[RuleSpec], members: list[str], since: date
+) -> Priors:
+    """What the ledger holds for capped rules, from the month of the batch's first day."""
+    priors = Priors()
+    ids = {
+        "day": [s.id for s in specs if s.cap_per_day is not None],
+        "month": [s.id for s in specs if s.cap_per_month is not None],
+        "budget": [s.id for s in specs if s.budget is not None],
+        "count": [s.id for s in specs if s.limit_per_member is not None],
+    }
+    earn = LedgerEntry.kind == "earn"
+    member_filter: list[Any] = []  # Any: SQL expressions
+    if len(members) <= IN_LIST_LIMIT:
+        member_filter = [LedgerEntry.member_id.in_(members)]
+    if ids["day"] or ids["month"]:
+        rows = session.execute(
+            select(
+                LedgerEntry.rule_id,
+                LedgerEntry.member_id,
+                LedgerEntry.local_date,
+                func.sum(LedgerEntry.points),
+            )
+            .where(
+                earn,
+                LedgerEntry.rule_id.in_(ids["day"] + ids["month"]),
+                LedgerEntry.local_date >= calendar.month_start(since),
+                *member_filter,
+            )
+            .group_by(LedgerEntry.rule_id, LedgerEntry.member_id, LedgerEntry.local_date)
+        ).all()
+        daily = pl.DataFrame(
+            rows,
+            schema={
+                "rule_id": pl.String(),
+                "member_id": pl.String(),
+                "local_date": pl.Date(),
+                "used": pl.Int64(),
+            },
+            orient="row",
+        )
+        priors.day = daily.filter(pl.col("rule_id").is_in(ids["day"])).rename({"used": "used_day"})
+        priors.month = (
+            daily.filter(pl.col("rule_id").is_in(ids["month"]))
+            .with_columns(pl.col("local_date").dt.truncate("1mo").alias("month"))
+            .group_by("rule_id", "member_id", "month")
+            .agg(pl.col("used").sum().alias("used_month"))
+        )
+    if ids["budget"]:
+        budget_rows = session.execute(
+            select(LedgerEntry.rule_id, func.sum(LedgerEntry.points))
+            .where(earn, LedgerEntry.rule_id.in_(ids["budget"]))
+            .group_by(LedgerEntry.rule_id)
+        ).all()
+        priors.budget = pl.DataFrame(
+            budget_rows, schema={"rule_id": pl.String(), "used_budget": pl.Int64()}, orient="row"
+        )
+    if ids["count"]:
+        count_rows = session.execute(
+            select(LedgerEntry.rule_id, LedgerEntry.member_id, func.count())
+            .where(earn, LedgerEntry.rule_id.in_(ids["count"]), *member_filter)
+            .group_by(LedgerEntry.rule_id, LedgerEntry.member_id)
+        ).all()
+        priors.count = pl.DataFrame(
+            count_rows,
+            schema={"rule_id": pl.String(), "member_id": pl.String(), "used_count": pl.Int64()},
+            orient="row",
+        )
+    return priors
+
+
+@dataclass(slots=True)
+class ProcessResult:
+    """What processing a batch of events did."""
+
+    events: int = 0
+    enrolled: int = 0
+    credits: int = 0
+    points: int = 0
+    reversals: int = 0
+    members: list[str] = field(default_factory=list)
+
+
+def _amount_expr() -> pl.Expr:
+    return pl.coalesce(
+        [
+            pl.col("properties").str.json_path_match(f"$.{p}").cast(pl.Float64, strict=False)
+            for p in AMOUNT_PATHS
+        ]
+    )
+
+
+def member_events(
+    session: Session,
+    *,
+    program: Program,
+    events: pl.DataFrame,
+    traits: pl.DataFrame | None = None,
+    specs: list[RuleSpec] | None = None,
+    enrol: bool = True,
+) -> tuple[pl.DataFrame, list[RuleSpec], int]:
+    """Events of the batch joined with their members (auto-enrolling when the programme does)."""
+    specs = active_rules(session, program_id=program.id) if specs is None else specs
+    names = {s.event_name for s in specs} | {ORDER_EVENT, REFUND_EVENT}
+    frame = _normalise(events.select(list(EVENT_SCHEMA)))
+    frame = frame.filter(pl.col("event").is_in(list(names)) & pl.col("profile_id").is_not_null())
+    enrolled = 0
+    if enrol and program.enrolment == "automatic":
+        enrolled = _enrol_automatically(session, program=program, frame=frame, specs=specs)
+    profiles = frame["profile_id"].unique().to_list()
+    members = member_frame(session, program_id=program.id, profiles=profiles)
+    joined = frame.join(members, on="profile_id", how="inner").with_columns(
+        ((pl.col("timestamp") - pl.col("enrolled_at")).dt.total_days()).alias("seniority_days")
+    )
+    if traits is not None and not traits.is_empty():
+        joined = joined.join(
+            traits.select("profile_id", pl.col("traits").cast(pl.String)),
+            on="profile_id",
+            how="left",
+        )
+    else:
+        joined = joined.with_columns(pl.lit(None, dtype=pl.String).alias("traits"))
+    return joined, specs, enrolled
+
+
+def process_events(
+    session: Session,
+    *,
+    program: Program,
+    events: pl.DataFrame,
+    traits: pl.DataFrame | None = None,
+    now: datetime | None = None,
+) -> ProcessResult:
+    """Award, record activity and reverse refunds for a batch of events of profiles.
+
+    `events` has the warehouse `events` columns (event_id, message_id, source_id, type,
+    event, timestamp, properties as JSON text) plus `profile_id`. `traits` optionally maps
+    profile_id to a JSON object of profile traits for `traits.*` conditions. Idempotent:
+    replaying any event writes nothing new.
+    """
+    if program.status not in {"active", "draft"}:
+        raise ProgramNotActive(f"programme {program.id} is {program.status}")
+    now = now or utcnow()
+    result = ProcessResult(events=events.height)
+    if events.is_empty():
+        return result
+    frame, specs, result.enrolled = member_events(
+        session, program=program, events=events, traits=traits
+    )
+    if frame.is_empty():
+        return result
+    prepared = prepare(frame, program.timezone)
+    awards = pl.DataFrame()
+    if specs:
+        priors = load_priors(
+            session,
+            specs=specs,
+            members=prepared["member_id"].unique().to_list(),
+            since=prepared["local_date"].min(),  # type: ignore[arg-type]
+        )
+        awards = apply_caps(trace(prepared, specs), specs, priors)
+    if not awards.is_empty():
+        credits = awards.select(
+            "member_id",
+            pl.lit("earn").alias("kind"),
+            "points",
+            "qualifying_points",
+            pl.col("timestamp").alias("occurred_at"),
+            "idempotency_key",
+            "event_id",
+            "message_id",
+            "order_id",
+            "rule_id",
+        )
+        result.credits = ledger.write_credits(session, program=program, frame=credits, now=now)
+        result.points = int(awards["points"].sum())
+    _record_activity(session, program=program, frame=prepared)
+    result.reversals = _reverse_refunds(session, program=program, frame=prepared, now=now)
+    result.members = sorted(
+        prepared.filter(pl.col("member_status") == "active")["member_id"].unique().to_list()
+    )
+    # Upgrades are immediate: at the end of each batch (one event in real time).
+    tiers.evaluate(session, program=program, member_ids=result.members, now=now)
+    return result
+
+
+def _record_activity(session: Session, *, program: Program, frame: pl.DataFrame) -> None:
+    """One activity row per order (spend, +1 order) and per refund (-amount)."""
+    orders = frame.filter(
+        pl.col("event").is_in([ORDER_EVENT, REFUND_EVENT]) & (pl.col("member_status") == "active")
+    )
+    if orders.is_empty():
+        return
+    rows = orders.select(
+        pl.col("member_id"),
+        pl.col("event_id"),
+        pl.col("order_id"),
+        pl.when(pl.col("event") == ORDER_EVENT)
+        .then(_amount_expr().fill_null(0.0))
+        .otherwise(-_amount_expr().fill_null(0.0))
+        .alias("spend"),
+        pl.when(pl.col("event") == ORDER_EVENT).then(1).otherwise(0).alias("orders"),
+        pl.col("timestamp").alias("occurred_at"),
+        pl.concat_str(pl.lit(f"activity:{program.id}:"), pl.col("message_id")).alias(
+            "idempotency_key"
+        ),
+    ).with_columns(
+        pl.Series("id", [new_id() for _ in range(orders.height)]),
+        pl.lit(program.id).alias("program_id"),
+    )
+    session.execute(ledger.insert_ignoring_conflicts(session, Activity.__table__), rows.to_dicts())
+
+
+def _reverse_refunds(
+    session: Session, *, program: Program, frame: pl.DataFrame, now: datetime
+) -> int:
+    """Reverse the points of refunded orders, in proportion to the amount refunded."""
+    refunds = frame.filter(
+        (pl.col("event") == REFUND_EVENT)
+        & pl.col("order_id").is_not_null()
+        & (pl.col("member_status") == "active")
+    ).with_columns(_amount_expr().alias("amount"))
+    written = 0
+    for row in refunds.sort("timestamp", "event_id").iter_rows(named=True):
+        key = f"event:{row['message_id']}:reverse:{program.id}"
+        if ledger.find_entry(session, key=key) is not None:
+            continue
+        written += reverse_order(
+            session,
+            program=program,
+            member_id=row["member_id"],
+            order_id=row["order_id"],
+            refund_event_id=row["event_id"],
+            refunded_amount=row["amount"],
+            idempotency_key=key,
+            occurred_at=row["timestamp"],
+            now=now,
+        )
+    return written
+
+
+def reverse_order(
+    session: Session,
+    *,
+    program: Program,
+    member_id: str,
+    order_id: str,
+    refunded_amount: float | None,
+    idempotency_key: str,
+    occurred_at: datetime,
+    refund_event_id: int | None = None,
+    now: datetime | None = None,
+) -> int:
+    """Take back the share of an order's points that its refunds (so far) represent.
+
+    Target reversal after this refund = round(points earned by the order * refunded so far
+    / order amount); this refund reverses the target minus what earlier refunds reversed.
+    Points come first from the order's own lots (pending ones included), then from the
+    member's other lots; what the balance cannot cover is recorded as `unrecovered`.
+    Qualifying points are reversed in the same proportion (in full, they are not spendable).
+    """
+    now = now or utcnow()
+    earned, qualifying = session.execute(
+        select(
+            func.coalesce(func.sum(LedgerEntry.points), 0),
+            func.coalesce(func.sum(LedgerEntry.qualifying_points), 0),
+        ).where(
+            LedgerEntry.program_id == program.id,
+            LedgerEntry.order_id == order_id,
+            LedgerEntry.kind == "earn",
+        )
+    ).one()
+    reversed_points, reversed_qualifying = session.execute(
+        select(
+            func.coalesce(func.sum(-LedgerEntry.points + LedgerEntry.unrecovered), 0),
+            func.coalesce(func.sum(-LedgerEntry.qualifying_points), 0),
+        ).where(
+            LedgerEntry.program_id == program.id,
+            LedgerEntry.order_id == order_id,
+            LedgerEntry.kind == "reverse",
+        )
+    ).one()
+    spent = session.execute(
+        select(func.coalesce(func.sum(Activity.spend), 0.0)).where(
+            Activity.program_id == program.id,
+            Activity.order_id == order_id,
+            Activity.spend > 0,
+        )
+    ).scalar_one()
+    earlier = Activity.occurred_at < occurred_at
+    if refund_event_id is not None:
+        earlier = or_(
+            earlier, and_(Activity.occurred_at == occurred_at, Activity.event_id < refund_event_id)
+        )
+    refunded_before = -float(
+        session.execute(
+            select(func.coalesce(func.sum(Activity.spend), 0.0)).where(
+                Activity.program_id == program.id,
+                Activity.order_id == order_id,
+                Activity.spend < 0,
+                earlier,
+            )
+        ).scalar_one()
+    )
+    if not earned:
+        return 0
+    if refunded_amount is None or not spent:
+        share = 1.0
+    else:
+        share = min(1.0, (refunded_before + float(refunded_amount)) / float(spent))
+    target = int(round_half_up(int(earned) * share))
+    target_qualifying = int(round_half_up(int(qualifying) * share))
+    points = target - int(reversed_points)
+    qualifying_back = target_qualifying - int(reversed_qualifying)
+    if points <= 0 and qualifying_back <= 0:
+        return 0
+    ledger.lock_member(session, member_id=member_id)
+    ledger.debit(
+        session,
+        program=program,
+        member_id=member_id,
+        kind="reverse",
+        points=max(points, 0),
+        qualifying_points=-max(qualifying_back, 0),
+        idempotency_key=idempotency_key,
+        order_id=order_id,
+        include_pending=True,
+        partial=True,
+        as_of=occurred_at,
+        occurred_at=occurred_at,
+        now=now,
+        event_id=refund_event_id,
+        reason=f"order {order_id} refunded ({share:.0%})",
+    )
+    return 1
+
+
+def round_half_up(value: float) -> int:
+    """Round half away from zero (for shares of points)."""
+    return int(pl.Series([value]).round(rules.PRECISION).round(0, mode="half_away_from_zero")[0])
+
+
+def as_utc(value: datetime) -> datetime:
+    """An aware UTC datetime (naive values are taken as UTC, the warehouse convention)."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

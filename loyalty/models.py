@@ -1,0 +1,294 @@
+"""Operational tables of the loyalty engine: programmes, members, the ledger and its lots."""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Date,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from cdp.db import Base, UtcDateTime, new_id, utcnow
+
+
+class Program(Base):
+    """A loyalty programme: its currency, enrolment, pending period, expiry and tier policy."""
+
+    __tablename__ = "loyalty_program"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(200))
+    points_name: Mapped[str] = mapped_column(String(50), default="points")
+    point_value: Mapped[float] = mapped_column(Float, default=0.01)
+    currency: Mapped[str] = mapped_column(String(3), default="EUR")
+    enrolment: Mapped[str] = mapped_column(String(20), default="explicit")
+    pending_days: Mapped[int] = mapped_column(Integer, default=0)
+    expiry_policy: Mapped[str] = mapped_column(String(20), default="none")
+    expiry_months: Mapped[int | None] = mapped_column(Integer)
+    timezone: Mapped[str] = mapped_column(String(64), default="UTC")
+    status: Mapped[str] = mapped_column(String(20), default="draft")
+    tier_metric: Mapped[str] = mapped_column(String(20), default="points")
+    tier_window: Mapped[str] = mapped_column(String(20), default="rolling_12_months")
+    tier_grace_days: Mapped[int] = mapped_column(Integer, default=0)
+    # High-water mark of the warehouse `events` processed for this programme.
+    last_event_id: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class Tier(Base):
+    """One step of a programme's status ladder."""
+
+    __tablename__ = "loyalty_tier"
+    __table_args__ = (UniqueConstraint("program_id", "rank"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    program_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("loyalty_program.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(100))
+    rank: Mapped[int] = mapped_column(Integer)
+    threshold: Mapped[float] = mapped_column(Float)
+    multiplier: Mapped[float] = mapped_column(Float, default=1.0)
+    benefits: Mapped[list[str]] = mapped_column(JSON, default=list)
+
+
+class Member(Base):
+    """A profile's membership of a programme."""
+
+    __tablename__ = "loyalty_member"
+    __table_args__ = (UniqueConstraint("program_id", "profile_id"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    program_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("loyalty_program.id", ondelete="CASCADE"), index=True
+    )
+    profile_id: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(20), default="active")
+    enrolled_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    status_changed_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    tier_id: Mapped[str | None] = mapped_column(
+        String(36), ForeignKey("loyalty_tier.id", ondelete="SET NULL")
+    )
+    tier_since: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # Below its threshold since then; downgraded at a re-evaluation after the grace period.
+    below_tier_since: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    merged_into: Mapped[str | None] = mapped_column(String(36), index=True)
+    # Bumped to take the member's write lock on SQLite (see docs/loyalty.md).
+    lock_seq: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class LedgerEntry(Base):
+    """One append-only movement of points; never updated once written."""
+
+    __tablename__ = "loyalty_ledger_entry"
+    __table_args__ = (
+        Index("ix_loyalty_ledger_entry_member_created", "member_id", "created_at"),
+        Index("ix_loyalty_ledger_entry_caps", "rule_id", "member_id", "local_date"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    program_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("loyalty_program.id", ondelete="CASCADE"), index=True
+    )
+    member_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("loyalty_member.id", ondelete="CASCADE")
+    )
+    kind: Mapped[str] = mapped_column(String(20))
+    points: Mapped[int] = mapped_column(BigInteger)
+    qualifying_points: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Points a debit could not take because the member's balance did not hold them.
+    unrecovered: Mapped[int] = mapped_column(BigInteger, default=0)
+    status: Mapped[str] = mapped_column(String(20), default="active")
+    pending_until: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    occurred_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    local_date: Mapped[date] = mapped_column(Date)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    event_id: Mapped[int | None] = mapped_column(BigInteger)
+    message_id: Mapped[str | None] = mapped_column(String(200))
+    order_id: Mapped[str | None] = mapped_column(String(200), index=True)
+    rule_id: Mapped[str | None] = mapped_column(String(36))
+    redemption_id: Mapped[str | None] = mapped_column(String(36))
+    reason: Mapped[str | None] = mapped_column(Text)
+    actor: Mapped[str | None] = mapped_column(String(200))
+    idempotency_key: Mapped[str] = mapped_column(String(300), unique=True)
+
+
+class Lot(Base):
+    """The points of one crediting entry and what is left of them."""
+
+    __tablename__ = "loyalty_lot"
+
+    entry_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("loyalty_ledger_entry.id", ondelete="CASCADE"), primary_key=True
+    )
+    program_id: Mapped[str] = mapped_column(String(36), index=True)
+    # The current owner: a merge moves lots to the surviving member.
+    member_id: Mapped[str] = mapped_column(String(36), index=True)
+    points: Mapped[int] = mapped_column(BigInteger)
+    remaining: Mapped[int] = mapped_column(BigInteger)
+    earned_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    pending_until: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    order_id: Mapped[str | None] = mapped_column(String(200))
+
+
+class LotDraw(Base):
+    """How much one debiting entry took from one lot (negative: given back)."""
+
+    __tablename__ = "loyalty_lot_draw"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    entry_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("loyalty_ledger_entry.id", ondelete="CASCADE"), index=True
+    )
+    lot_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("loyalty_lot.entry_id", ondelete="CASCADE"), index=True
+    )
+    points: Mapped[int] = mapped_column(BigInteger)
+
+
+class Activity(Base):
+    """A member's purchase activity (spend, orders) per event, for tiers, refunds and KPIs."""
+
+    __tablename__ = "loyalty_activity"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    program_id: Mapped[str] = mapped_column(String(36), index=True)
+    member_id: Mapped[str] = mapped_column(String(36), index=True)
+    event_id: Mapped[int | None] = mapped_column(BigInteger)
+    order_id: Mapped[str | None] = mapped_column(String(200), index=True)
+    spend: Mapped[float] = mapped_column(Float, default=0.0)
+    orders: Mapped[int] = mapped_column(Integer, default=0)
+    occurred_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    idempotency_key: Mapped[str] = mapped_column(String(300), unique=True)
+
+
+class MemberMerge(Base):
+    """A recorded merge (or split) of two memberships after identity merged two profiles."""
+
+    __tablename__ = "loyalty_member_merge"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    program_id: Mapped[str] = mapped_column(String(36), index=True)
+    kind: Mapped[str] = mapped_column(String(10))
+    from_member_id: Mapped[str] = mapped_column(String(36))
+    to_member_id: Mapped[str] = mapped_column(String(36))
+    points: Mapped[int] = mapped_column(BigInteger)
+    at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    reason: Mapped[str | None] = mapped_column(Text)
+
+
+class TierChange(Base):
+    """One tier movement of a member."""
+
+    __tablename__ = "loyalty_tier_change"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    program_id: Mapped[str] = mapped_column(String(36), index=True)
+    member_id: Mapped[str] = mapped_column(String(36), index=True)
+    from_tier_id: Mapped[str | None] = mapped_column(String(36))
+    to_tier_id: Mapped[str | None] = mapped_column(String(36))
+    reason: Mapped[str] = mapped_column(String(20))
+    metric_value: Mapped[float] = mapped_column(Float)
+    at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class Rule(Base):
+    """An earning rule: trigger, condition, formula, window, stacking and caps."""
+
+    __tablename__ = "loyalty_rule"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    program_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("loyalty_program.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(200))
+    event_name: Mapped[str] = mapped_column(String(200))
+    condition: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # Any: JSON
+    formula: Mapped[dict[str, Any]] = mapped_column(JSON)  # Any: JSON
+    priority: Mapped[int] = mapped_column(Integer, default=100)
+    exclusive: Mapped[bool] = mapped_column(Boolean, default=False)
+    apply_tier_multiplier: Mapped[bool] = mapped_column(Boolean, default=True)
+    qualifying: Mapped[bool] = mapped_column(Boolean, default=True)
+    starts_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    ends_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    cap_per_day: Mapped[int | None] = mapped_column(BigInteger)
+    cap_per_month: Mapped[int | None] = mapped_column(BigInteger)
+    budget: Mapped[int | None] = mapped_column(BigInteger)
+    limit_per_member: Mapped[int | None] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(20), default="active")
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class Reward(Base):
+    """A catalogue item members can redeem points for."""
+
+    __tablename__ = "loyalty_reward"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    program_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("loyalty_program.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(20))
+    description: Mapped[str | None] = mapped_column(Text)
+    points_cost: Mapped[int] = mapped_column(BigInteger)
+    stock: Mapped[int | None] = mapped_column(Integer)
+    per_member_limit: Mapped[int | None] = mapped_column(Integer)
+    valid_from: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    valid_until: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    min_tier_id: Mapped[str | None] = mapped_column(
+        String(36), ForeignKey("loyalty_tier.id", ondelete="SET NULL")
+    )
+    status: Mapped[str] = mapped_column(String(20), default="active")
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class Redemption(Base):
+    """A reward redeemed by a member, with its coupon code."""
+
+    __tablename__ = "loyalty_redemption"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    program_id: Mapped[str] = mapped_column(String(36), index=True)
+    member_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("loyalty_member.id", ondelete="CASCADE"), index=True
+    )
+    reward_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("loyalty_reward.id", ondelete="CASCADE"), index=True
+    )
+    points: Mapped[int] = mapped_column(BigInteger)
+    coupon_code: Mapped[str] = mapped_column(String(40), unique=True)
+    status: Mapped[str] = mapped_column(String(20), default="issued")
+    entry_id: Mapped[str] = mapped_column(String(36))
+    cancel_entry_id: Mapped[str | None] = mapped_column(String(36))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    cancelled_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class IdempotencyRecord(Base):
+    """The stored result of a write request, replayed when its Idempotency-Key comes again."""
+
+    __tablename__ = "loyalty_idempotency_record"
+    __table_args__ = (UniqueConstraint("scope", "key"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    scope: Mapped[str] = mapped_column(String(200))
+    key: Mapped[str] = mapped_column(String(200))
+    request_hash: Mapped[str] = mapped_column(String(64))
+    response: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)

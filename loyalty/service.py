@@ -1,0 +1,1466 @@
+"""Use cases of the loyalty engine; the only module other packages may import."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from datetime import datetime, timedelta
+from typing import Any
+
+import orjson
+import polars as pl
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from cdp.db import new_id, utcnow
+from cdp.warehouse import Warehouse
+from loyalty import calendar, engine, ledger, queries, rules, tiers
+from loyalty.errors import (
+    AlreadyMember,
+    InvalidImport,
+    InvalidProgram,
+    InvalidStatusChange,
+    MemberNotActive,
+    MemberNotFound,
+    OutOfStock,
+    ProgramNotActive,
+    ProgramNotFound,
+    RedemptionAlreadyCancelled,
+    RedemptionLimitReached,
+    RedemptionNotFound,
+    RewardNotAvailable,
+    RewardNotFound,
+    RuleNotFound,
+    TierNotFound,
+)
+from loyalty.ledger import BalanceView, Credit
+from loyalty.models import (
+    Activity,
+    LedgerEntry,
+    Lot,
+    Member,
+    MemberMerge,
+    Program,
+    Redemption,
+    Reward,
+    Rule,
+    Tier,
+    TierChange,
+)
+from loyalty.schemas import (
+    CountAt,
+    DryRunRequest,
+    DryRunResult,
+    ImportResult,
+    ImportRowError,
+    KpiRead,
+    MemberAction,
+    ProgramCreate,
+    ProgramUpdate,
+    RewardCreate,
+    RuleCreate,
+    RuleUpdate,
+    RuleVerdict,
+    TierCreate,
+    TierProgress,
+)
+
+logger = logging.getLogger(__name__)
+
+STATUS_CHANGES: dict[str, frozenset[str]] = {
+    "draft": frozenset({"active", "ended"}),
+    "active": frozenset({"paused", "ended"}),
+    "paused": frozenset({"active", "ended"}),
+    "ended": frozenset(),
+}
+
+
+def create_program(session: Session, *, data: ProgramCreate) -> Program:
+    """Create a programme."""
+    calendar.zone(data.timezone)
+    program = Program(**data.model_dump(), created_at=utcnow(), updated_at=utcnow())
+    session.add(program)
+    session.flush()
+    logger.info("loyalty programme created", extra={"program_id": program.id})
+    return program
+
+
+def get_program(session: Session, *, program_id: str) -> Program:
+    """The programme with this id, or ProgramNotFound."""
+    program = session.get(Program, program_id)
+    if program is None:
+        raise ProgramNotFound(f"programme {program_id} does not exist")
+    return program
+
+
+def list_programs(
+    session: Session, *, status: str | None = None, limit: int, offset: int
+) -> tuple[list[Program], int]:
+    """Programmes, oldest first, with the total count."""
+    query = select(Program)
+    if status is not None:
+        query = query.where(Program.status == status)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(
+        query.order_by(Program.created_at, Program.id).limit(limit).offset(offset)
+    ).all()
+    return list(rows), total
+
+
+def update_program(session: Session, *, program_id: str, data: ProgramUpdate) -> Program:
+    """Change a programme's settings or status (draft → active ⇄ paused → ended)."""
+    program = get_program(session, program_id=program_id)
+    changes = data.model_dump(exclude_unset=True)
+    status = changes.pop("status", None)
+    if program.status == "ended" and changes:
+        raise ProgramNotActive("an ended programme cannot be changed")
+    if "timezone" in changes and changes["timezone"] is not None:
+        calendar.zone(changes["timezone"])
+    for name, value in changes.items():
+        if value is None and name not in {"expiry_months"}:
+            continue
+        setattr(program, name, value)
+    if program.expiry_policy != "none" and program.expiry_months is None:
+        raise InvalidProgram("expiry_months is required with an expiry policy")
+    if status is not None and status != program.status:
+        if status not in STATUS_CHANGES[program.status]:
+            raise InvalidStatusChange(
+                f"a programme cannot go from {program.status} to {status}",
+                details={"from": program.status, "to": status},
+            )
+        program.status = status
+    program.updated_at = utcnow()
+    session.flush()
+    return program
+
+
+def find_member(session: Session, *, program_id: str, profile_id: str) -> Member | None:
+    """The membership of a profile in a programme, if any."""
+    return session.scalar(
+        select(Member).where(Member.program_id == program_id, Member.profile_id == profile_id)
+    )
+
+
+def get_member(session: Session, *, member_id: str) -> Member:
+    """The member with this id, or MemberNotFound."""
+    member = session.get(Member, member_id)
+    if member is None:
+        raise MemberNotFound(f"member {member_id} does not exist")
+    return member
+
+
+def member_by_profile(session: Session, *, program_id: str, profile_id: str) -> Member:
+    """The membership of a profile, or MemberNotFound."""
+    member = find_member(session, program_id=program_id, profile_id=profile_id)
+    if member is None:
+        raise MemberNotFound(f"profile {profile_id} is not a member of programme {program_id}")
+    return member
+
+
+def list_members(
+    session: Session, *, program_id: str, status: str | None = None, limit: int, offset: int
+) -> tuple[list[Member], int]:
+    """Members of a programme, in enrolment order, with the total count."""
+    query = select(Member).where(Member.program_id == program_id)
+    if status is not None:
+        query = query.where(Member.status == status)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(
+        query.order_by(Member.enrolled_at, Member.id).limit(limit).offset(offset)
+    ).all()
+    return list(rows), total
+
+
+def change_membership(
+    session: Session,
+    *,
+    program_id: str,
+    profile_id: str,
+    action: MemberAction,
+    at: datetime | None = None,
+) -> Member:
+    """Enrol, unenrol or opt out a profile.
+
+    Enrolling a profile that left re-activates its membership with its ledger intact;
+    enrolling an active member is a conflict. Unenrolled and opted-out members keep their
+    points but neither earn nor redeem.
+    """
+    program = get_program(session, program_id=program_id)
+    now = utcnow()
+    member = find_member(session, program_id=program_id, profile_id=profile_id)
+    if action == "enrol":
+        if program.status not in {"active", "draft", "paused"}:
+            raise ProgramNotActive(f"programme {program_id} is {program.status}")
+        if member is None:
+            member = Member(
+                program_id=program_id,
+                profile_id=profile_id,
+                status="active",
+                enrolled_at=at or now,
+                status_changed_at=now,
+            )
+            session.add(member)
+            session.flush()
+            return member
+        if member.status == "active":
+            raise AlreadyMember(f"profile {profile_id} is already a member")
+        if member.status == "merged":
+            raise MemberNotActive("this membership was merged into another one")
+        member.status = "active"
+        member.status_changed_at = now
+        session.flush()
+        return member
+    if member is None:
+        raise MemberNotFound(f"profile {profile_id} is not a member of programme {program_id}")
+    target = "unenrolled" if action == "unenrol" else "opted_out"
+    if member.status != target:
+        if member.status == "merged":
+            raise MemberNotActive("this membership was merged into another one")
+        member.status = target
+        member.status_changed_at = now
+        session.flush()
+    return member
+
+
+def require_active_member(session: Session, *, member_id: str) -> tuple[Program, Member]:
+    """The member and its programme, when both accept activity."""
+    member = get_member(session, member_id=member_id)
+    program = get_program(session, program_id=member.program_id)
+    if program.status != "active":
+        raise ProgramNotActive(f"programme {program.id} is {program.status}")
+    if member.status != "active":
+        raise MemberNotActive(f"member {member.id} is {member.status}")
+    return program, member
+
+
+def adjust_points(
+    session: Session,
+    *,
+    member_id: str,
+    points: int,
+    reason: str,
+    actor: str,
+    idempotency_key: str | None = None,
+    qualifying: bool = False,
+    now: datetime | None = None,
+) -> LedgerEntry:
+    """A manual credit or debit, with its reason and author kept on the entry (the audit)."""
+    member = get_member(session, member_id=member_id)
+    program = get_program(session, program_id=member.program_id)
+    now = now or utcnow()
+    idempotency_key = idempotency_key or f"adjust:{new_id()}"
+    if points > 0:
+        entry = ledger.credit(
+            session,
+            program=program,
+            credit=Credit(
+                member_id=member.id,
+                kind="adjust",
+                points=points,
+                qualifying_points=points if qualifying else 0,
+                occurred_at=now,
+                idempotency_key=idempotency_key,
+                reason=reason,
+                actor=actor,
+                pending=False,
+            ),
+            now=now,
+        )
+        if qualifying:
+            tiers.evaluate(session, program=program, member_ids=[member.id], now=now)
+        return entry
+    ledger.lock_member(session, member_id=member.id)
+    return ledger.debit(
+        session,
+        program=program,
+        member_id=member.id,
+        kind="adjust",
+        points=-points,
+        qualifying_points=points if qualifying else 0,
+        idempotency_key=idempotency_key,
+        now=now,
+        reason=reason,
+        actor=actor,
+    )
+
+
+def member_balance(
+    session: Session, *, member_id: str, now: datetime | None = None
+) -> tuple[Member, BalanceView]:
+    """A member and its balance at an instant."""
+    member = get_member(session, member_id=member_id)
+    program = get_program(session, program_id=member.program_id)
+    return member, ledger.balance(session, program=program, member_id=member.id, now=now)
+
+
+def member_group(session: Session, *, member_id: str) -> list[str]:
+    """The member and every membership merged into it (their history is its history)."""
+    merged = session.scalars(select(Member.id).where(Member.merged_into == member_id)).all()
+    return [member_id, *merged]
+
+
+def history(
+    session: Session, *, member_id: str, kind: str | None = None, limit: int, offset: int
+) -> tuple[list[LedgerEntry], int]:
+    """A member's ledger entries (and those of memberships merged into it), newest first."""
+    get_member(session, member_id=member_id)
+    query = select(LedgerEntry).where(
+        LedgerEntry.member_id.in_(member_group(session, member_id=member_id))
+    )
+    if kind is not None:
+        query = query.where(LedgerEntry.kind == kind)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(
+        query.order_by(LedgerEntry.created_at.desc(), LedgerEntry.id.desc())
+        .limit(limit)
+        .offset(offset)
+    ).all()
+    return list(rows), total
+
+
+def qualifying_points(session: Session, *, member_id: str, since: datetime | None = None) -> int:
+    """Qualifying points of a member (and merged memberships), optionally since an instant."""
+    query = select(func.coalesce(func.sum(LedgerEntry.qualifying_points), 0)).where(
+        LedgerEntry.member_id.in_(member_group(session, member_id=member_id))
+    )
+    if since is not None:
+        query = query.where(LedgerEntry.occurred_at >= since)
+    return int(session.scalar(query) or 0)
+
+
+def merge_profiles(
+    session: Session,
+    *,
+    program_id: str,
+    from_profile_id: str,
+    to_profile_id: str,
+    reason: str | None = None,
+    now: datetime | None = None,
+) -> tuple[Member | None, Member | None, int]:
+    """Fold the membership of a merged-away profile into the survivor's.
+
+    Both members: the absorbed member's lots move to the survivor (with a pair of `merge`
+    entries so each member's entries still sum to its lots), it becomes `merged`, and its
+    history counts for the survivor's tier. Only the absorbed profile is a member: its
+    membership is re-keyed to the survivor. Replaying a merge changes nothing.
+    """
+    program = get_program(session, program_id=program_id)
+    now = now or utcnow()
+    source = find_member(session, program_id=program_id, profile_id=from_profile_id)
+    target = find_member(session, program_id=program_id, profile_id=to_profile_id)
+    if source is None:
+        return None, target, 0
+    if source.status == "merged":
+        return source, target, 0
+    if target is None:
+        source.profile_id = to_profile_id
+        session.add(
+            MemberMerge(
+                program_id=program_id,
+                kind="rekey",
+                from_member_id=source.id,
+                to_member_id=source.id,
+                points=0,
+                at=now,
+                reason=reason or f"profile {from_profile_id} merged into {to_profile_id}",
+            )
+        )
+        session.flush()
+        return source, source, 0
+    for member_id in sorted((source.id, target.id)):
+        ledger.lock_member(session, member_id=member_id)
+    moved = _move_lots(
+        session,
+        program=program,
+        from_member=source,
+        to_member=target,
+        lot_filter=None,
+        kind="merge",
+        key=f"merge:{source.id}:{target.id}:{now.isoformat()}",
+        now=now,
+    )
+    session.execute(
+        update(Member).where(Member.merged_into == source.id).values(merged_into=target.id)
+    )
+    source.status = "merged"
+    source.merged_into = target.id
+    source.status_changed_at = now
+    if source.enrolled_at < target.enrolled_at:
+        target.enrolled_at = source.enrolled_at
+    session.add(
+        MemberMerge(
+            program_id=program_id,
+            kind="merge",
+            from_member_id=source.id,
+            to_member_id=target.id,
+            points=moved,
+            at=now,
+            reason=reason,
+        )
+    )
+    session.flush()
+    tiers.evaluate(session, program=program, member_ids=[target.id], now=now)
+    return source, target, moved
+
+
+def split_profiles(
+    session: Session,
+    *,
+    program_id: str,
+    from_profile_id: str,
+    to_profile_id: str,
+    event_profiles: dict[int, str] | None = None,
+    reason: str | None = None,
+    now: datetime | None = None,
+) -> tuple[Member | None, Member | None, int]:
+    """Undo a merge: the restored profile's membership takes back the lots it earned.
+
+    A lot follows the event that earned it: with `event_profiles` (event id → profile id
+    after the split, from identity) a lot goes to the restored member when its event now
+    belongs to the restored profile; lots without an event (adjustments, imports) and
+    events missing from the map follow the member that earned them.
+    """
+    program = get_program(session, program_id=program_id)
+    now = now or utcnow()
+    source = find_member(session, program_id=program_id, profile_id=from_profile_id)
+    target = find_member(session, program_id=program_id, profile_id=to_profile_id)
+    if source is None or target is None or source.merged_into != target.id:
+        return source, target, 0
+    for member_id in sorted((source.id, target.id)):
+        ledger.lock_member(session, member_id=member_id)
+    rows = session.execute(
+        select(Lot.entry_id, LedgerEntry.member_id, LedgerEntry.event_id)
+        .join(LedgerEntry, LedgerEntry.id == Lot.entry_id)
+        .where(Lot.member_id == target.id)
+    ).all()
+    back = []
+    for lot_id, earner, event_id in rows:
+        owner = (event_profiles or {}).get(event_id) if event_id is not None else None
+        if owner == from_profile_id or (owner is None and earner == source.id):
+            back.append(lot_id)
+    moved = _move_lots(
+        session,
+        program=program,
+        from_member=target,
+        to_member=source,
+        lot_filter=back,
+        kind="split",
+        key=f"split:{source.id}:{target.id}:{now.isoformat()}",
+        now=now,
+    )
+    source.status = "active"
+    source.merged_into = None
+    source.status_changed_at = now
+    session.add(
+        MemberMerge(
+            program_id=program_id,
+            kind="split",
+            from_member_id=target.id,
+            to_member_id=source.id,
+            points=moved,
+            at=now,
+            reason=reason,
+        )
+    )
+    session.flush()
+    return source, target, moved
+
+
+def _move_lots(
+    session: Session,
+    *,
+    program: Program,
+    from_member: Member,
+    to_member: Member,
+    lot_filter: list[str] | None,
+    kind: str,
+    key: str,
+    now: datetime,
+) -> int:
+    condition: list[Any] = [Lot.member_id == from_member.id]  # Any: SQL expressions
+    if lot_filter is not None:
+        if not lot_filter:
+            return 0
+        condition.append(Lot.entry_id.in_(lot_filter))
+    moved = int(
+        session.scalar(select(func.coalesce(func.sum(Lot.remaining), 0)).where(*condition)) or 0
+    )
+    session.execute(update(Lot).where(*condition).values(member_id=to_member.id))
+    local = calendar.local_date(now, program.timezone)
+    for member, points, suffix in ((from_member, -moved, "out"), (to_member, moved, "in")):
+        session.add(
+            LedgerEntry(
+                id=ledger.entry_id(f"{key}:{suffix}"),
+                program_id=program.id,
+                member_id=member.id,
+                kind=kind,
+                points=points,
+                qualifying_points=0,
+                unrecovered=0,
+                status="active",
+                occurred_at=now,
+                local_date=local,
+                created_at=now,
+                reason=f"{kind} {from_member.id} → {to_member.id}",
+                idempotency_key=f"{key}:{suffix}",
+            )
+        )
+    session.flush()
+    return moved
+
+
+def apply_merges(
+    session: Session, *, pairs: list[tuple[str, str, str]], now: datetime | None = None
+) -> int:
+    """Apply identity's merges and splits `(kind, from_profile, to_profile)` to every programme."""
+    program_ids = session.scalars(select(Program.id)).all()
+    moved = 0
+    for kind, source, target in pairs:
+        for program_id in program_ids:
+            if kind == "merge":
+                moved += merge_profiles(
+                    session,
+                    program_id=program_id,
+                    from_profile_id=source,
+                    to_profile_id=target,
+                    now=now,
+                )[2]
+            else:
+                moved += split_profiles(
+                    session,
+                    program_id=program_id,
+                    from_profile_id=source,
+                    to_profile_id=target,
+                    now=now,
+                )[2]
+    return moved
+
+
+def create_reward(session: Session, *, program_id: str, data: RewardCreate) -> Reward:
+    """Add a reward to a programme's catalogue."""
+    get_program(session, program_id=program_id)
+    if data.min_tier_id is not None:
+        tier = session.get(Tier, data.min_tier_id)
+        if tier is None or tier.program_id != program_id:
+            raise TierNotFound(f"tier {data.min_tier_id} is not a tier of this programme")
+    reward = Reward(
+        program_id=program_id, status="active", created_at=utcnow(), **data.model_dump()
+    )
+    session.add(reward)
+    session.flush()
+    return reward
+
+
+def get_reward(session: Session, *, reward_id: str) -> Reward:
+    """The reward with this id, or RewardNotFound."""
+    reward = session.get(Reward, reward_id)
+    if reward is None:
+        raise RewardNotFound(f"reward {reward_id} does not exist")
+    return reward
+
+
+def list_rewards(
+    session: Session, *, program_id: str, limit: int, offset: int
+) -> tuple[list[Reward], int]:
+    """A programme's catalogue, cheapest first."""
+    query = select(Reward).where(Reward.program_id == program_id)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(
+        query.order_by(Reward.points_cost, Reward.id).limit(limit).offset(offset)
+    ).all()
+    return list(rows), total
+
+
+def set_reward_status(session: Session, *, reward_id: str, status: str) -> Reward:
+    """Archive or re-activate a reward."""
+    reward = get_reward(session, reward_id=reward_id)
+    reward.status = status
+    session.flush()
+    return reward
+
+
+def _tier_rank(session: Session, tier_id: str | None) -> int:
+    if tier_id is None:
+        return 0
+    tier = session.get(Tier, tier_id)
+    return tier.rank if tier is not None else 0
+
+
+def _new_coupon_code() -> str:
+    token = secrets.token_hex(8).upper()
+    return f"LOY-{token[:4]}-{token[4:8]}-{token[8:12]}-{token[12:]}"
+
+
+def redeem(
+    session: Session,
+    *,
+    member_id: str,
+    reward_id: str,
+    now: datetime | None = None,
+) -> Redemption:
+    """Redeem a reward: balance, tier, stock, limit and validity checked, then the ledger
+    entry, the stock decrement and a unique coupon code written in this one transaction.
+
+    The member's lock (`ledger.lock_member`) serialises the redemptions of one member; the
+    reward's row lock (PostgreSQL) and the conditional stock decrement serialise its stock.
+    """
+    now = now or utcnow()
+    program, member = require_active_member(session, member_id=member_id)
+    ledger.lock_member(session, member_id=member.id)
+    query = select(Reward).where(Reward.id == reward_id)
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update()
+    reward = session.scalar(query.execution_options(populate_existing=True))
+    if reward is None or reward.program_id != program.id:
+        raise RewardNotFound(f"reward {reward_id} is not in this programme's catalogue")
+    if reward.status != "active":
+        raise RewardNotAvailable(f"reward {reward.id} is {reward.status}")
+    if (reward.valid_from and now < reward.valid_from) or (
+        reward.valid_until and now >= reward.valid_until
+    ):
+        raise RewardNotAvailable(f"reward {reward.id} is outside its validity window")
+    if _tier_rank(session, member.tier_id) < _tier_rank(session, reward.min_tier_id):
+        raise RewardNotAvailable(f"reward {reward.id} needs a higher tier")
+    if reward.per_member_limit is not None:
+        used = session.scalar(
+            select(func.count())
+            .select_from(Redemption)
+            .where(
+                Redemption.member_id.in_(member_group(session, member_id=member.id)),
+                Redemption.reward_id == reward.id,
+                Redemption.status == "issued",
+            )
+        )
+        if (used or 0) >= reward.per_member_limit:
+            raise RedemptionLimitReached(
+                f"reward {reward.id} can be redeemed {reward.per_member_limit} times per member"
+            )
+    if reward.stock is not None and reward.stock <= 0:
+        raise OutOfStock(f"reward {reward.id} is out of stock")
+    redemption_id = new_id()
+    entry = ledger.debit(
+        session,
+        program=program,
+        member_id=member.id,
+        kind="redeem",
+        points=reward.points_cost,
+        idempotency_key=f"redeem:{redemption_id}",
+        now=now,
+        redemption_id=redemption_id,
+        reason=f"reward {reward.name}",
+    )
+    if reward.stock is not None:
+        taken = session.execute(
+            update(Reward)
+            .where(Reward.id == reward.id, Reward.stock > 0)
+            .values(stock=Reward.stock - 1)
+        )
+        if taken.rowcount != 1:  # type: ignore[attr-defined]
+            raise OutOfStock(f"reward {reward.id} is out of stock")
+    redemption = Redemption(
+        id=redemption_id,
+        program_id=program.id,
+        member_id=member.id,
+        reward_id=reward.id,
+        points=reward.points_cost,
+        coupon_code=_new_coupon_code(),
+        status="issued",
+        entry_id=entry.id,
+        created_at=now,
+    )
+    session.add(redemption)
+    session.flush()
+    logger.info(
+        "reward redeemed",
+        extra={"member_id": member.id, "reward_id": reward.id, "redemption_id": redemption_id},
+    )
+    return redemption
+
+
+def get_redemption(session: Session, *, redemption_id: str) -> Redemption:
+    """The redemption with this id, or RedemptionNotFound."""
+    redemption = session.get(Redemption, redemption_id)
+    if redemption is None:
+        raise RedemptionNotFound(f"redemption {redemption_id} does not exist")
+    return redemption
+
+
+def list_redemptions(
+    session: Session, *, member_id: str, limit: int, offset: int
+) -> tuple[list[Redemption], int]:
+    """A member's redemptions, newest first."""
+    query = select(Redemption).where(Redemption.member_id == member_id)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(
+        query.order_by(Redemption.created_at.desc(), Redemption.id).limit(limit).offset(offset)
+    ).all()
+    return list(rows), total
+
+
+def cancel_redemption(
+    session: Session,
+    *,
+    redemption_id: str,
+    reason: str,
+    actor: str | None = None,
+    now: datetime | None = None,
+) -> Redemption:
+    """Cancel a redemption: its points go back to the lots they came from, stock comes back."""
+    now = now or utcnow()
+    redemption = get_redemption(session, redemption_id=redemption_id)
+    ledger.lock_member(session, member_id=redemption.member_id)
+    session.refresh(redemption)
+    if redemption.status == "cancelled":
+        raise RedemptionAlreadyCancelled(f"redemption {redemption.id} was cancelled already")
+    program = get_program(session, program_id=redemption.program_id)
+    original = session.get(LedgerEntry, redemption.entry_id)
+    assert original is not None
+    entry = ledger.give_back(
+        session,
+        program=program,
+        original=original,
+        kind="refund",
+        idempotency_key=f"cancel:{redemption.id}",
+        now=now,
+        reason=reason,
+        actor=actor,
+    )
+    session.execute(
+        update(Reward)
+        .where(Reward.id == redemption.reward_id, Reward.stock.is_not(None))
+        .values(stock=Reward.stock + 1)
+    )
+    redemption.status = "cancelled"
+    redemption.cancelled_at = now
+    redemption.cancel_entry_id = entry.id
+    session.flush()
+    return redemption
+
+
+def create_rule(session: Session, *, program_id: str, data: RuleCreate) -> Rule:
+    """Add an earning rule to a programme."""
+    get_program(session, program_id=program_id)
+    rule = Rule(program_id=program_id, created_at=utcnow(), **data.model_dump())
+    session.add(rule)
+    session.flush()
+    return rule
+
+
+def get_rule(session: Session, *, rule_id: str) -> Rule:
+    """The rule with this id, or RuleNotFound."""
+    rule = session.get(Rule, rule_id)
+    if rule is None:
+        raise RuleNotFound(f"rule {rule_id} does not exist")
+    return rule
+
+
+def list_rules(
+    session: Session, *, program_id: str, limit: int, offset: int
+) -> tuple[list[Rule], int]:
+    """A programme's rules in stacking order."""
+    query = select(Rule).where(Rule.program_id == program_id)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(query.order_by(Rule.priority, Rule.id).limit(limit).offset(offset)).all()
+    return list(rows), total
+
+
+def update_rule(session: Session, *, rule_id: str, data: RuleUpdate) -> Rule:
+    """Change a rule; only the fields given change (past awards stay as they are)."""
+    rule = get_rule(session, rule_id=rule_id)
+    for name, value in data.model_dump(exclude_unset=True).items():
+        if value is None and name in {"name", "formula", "priority", "status"}:
+            continue
+        setattr(rule, name, value)
+    session.flush()
+    return rule
+
+
+def _sample_frame(
+    session: Session, *, program: Program, request: DryRunRequest, now: datetime
+) -> tuple[pl.DataFrame, str | None]:
+    sample = request.member
+    member = None
+    if sample.member_id is not None:
+        member = get_member(session, member_id=sample.member_id)
+        if member.program_id != program.id:
+            raise MemberNotFound(f"member {member.id} is not in programme {program.id}")
+    tier_id = member.tier_id if member is not None else None
+    tier = session.get(Tier, tier_id) if tier_id is not None else None
+    if member is None and sample.tier is not None:
+        tier = session.scalar(
+            select(Tier).where(Tier.program_id == program.id, Tier.name == sample.tier)
+        )
+        if tier is None:
+            raise TierNotFound(f"programme {program.id} has no tier named {sample.tier!r}")
+    at = engine.as_utc(request.event.timestamp or now)
+    enrolled = member.enrolled_at if member is not None else sample.enrolled_at or at
+    frame = pl.DataFrame(
+        [
+            {
+                "event_id": 0,
+                "message_id": request.event.message_id,
+                "source_id": request.event.source_id,
+                "type": request.event.type,
+                "event": request.event.event,
+                "timestamp": at,
+                "properties": orjson.dumps(request.event.properties).decode(),
+                "profile_id": member.profile_id if member is not None else "dry-run",
+                "member_id": member.id if member is not None else "dry-run",
+                "member_status": member.status if member is not None else "active",
+                "enrolled_at": engine.as_utc(enrolled),
+                "tier_name": tier.name if tier is not None else None,
+                "tier_rank": tier.rank if tier is not None else None,
+                "tier_multiplier": tier.multiplier if tier is not None else None,
+                "traits": orjson.dumps(sample.traits).decode(),
+            }
+        ],
+        schema_overrides={
+            "timestamp": pl.Datetime("us", "UTC"),
+            "enrolled_at": pl.Datetime("us", "UTC"),
+            "tier_name": pl.String(),
+            "tier_rank": pl.Int64(),
+            "tier_multiplier": pl.Float64(),
+        },
+    ).with_columns(
+        ((pl.col("timestamp") - pl.col("enrolled_at")).dt.total_days()).alias("seniority_days")
+    )
+    return frame, member.id if member is not None else None
+
+
+def dry_run(
+    session: Session, *, program_id: str, request: DryRunRequest, now: datetime | None = None
+) -> DryRunResult:
+    """Evaluate rules against a sample event and member, explaining each rule's verdict.
+
+    Nothing is written. With an existing member, its tier, seniority and the caps it has
+    used are those of the ledger.
+    """
+    program = get_program(session, program_id=program_id)
+    now = now or utcnow()
+    if request.rules is None:
+        specs = engine.active_rules(session, program_id=program.id)
+    else:
+        specs = [
+            engine.RuleSpec.of(Rule(id=f"draft-{i}", program_id=program.id, **r.model_dump()))
+            for i, r in enumerate(request.rules)
+        ]
+    frame, member_id = _sample_frame(session, program=program, request=request, now=now)
+    prepared = engine.prepare(frame, program.timezone)
+    traced = engine.trace(prepared, specs)
+    priors = engine.Priors()
+    if member_id is not None and specs:
+        priors = engine.load_priors(
+            session,
+            specs=specs,
+            members=[member_id],
+            since=prepared["local_date"][0],
+        )
+    awards = engine.apply_caps(traced, specs, priors)
+    awarded = dict(zip(awards["rule_id"].to_list(), awards["points"].to_list(), strict=True))
+    by_rule = {row["rule_id"]: row for row in traced.iter_rows(named=True)}
+    verdicts = []
+    for spec in sorted(specs, key=lambda s: (s.priority, s.id)):
+        row = by_rule.get(spec.id)
+        points = int(awarded.get(spec.id, 0))
+        if row is None:
+            verdicts.append(
+                RuleVerdict(
+                    rule_id=spec.id,
+                    name=spec.name,
+                    fired=False,
+                    reason=f"triggers on {spec.event_name!r}, not {request.event.event!r}",
+                    trigger_matched=False,
+                    in_window=None,
+                    condition=None,
+                    blocked_by=None,
+                    base=None,
+                    multiplier=None,
+                    raw_points=0,
+                    points=0,
+                )
+            )
+            continue
+        raw = int(row["raw_points"])
+        if not row["in_window"]:
+            reason = "outside the rule's campaign window"
+        elif not row["condition"]:
+            reason = "condition is false"
+        elif row["blocked_by"] is not None:
+            reason = f"an exclusive rule fired first ({row['blocked_by']})"
+        elif not row["fired"]:
+            reason = "member is not active"
+        elif raw <= 0:
+            reason = "the formula gives 0 points"
+        elif points == 0:
+            reason = "capped: member limit, daily or monthly cap, or budget reached"
+        elif points < raw:
+            reason = f"fired, capped from {raw} to {points} points"
+        else:
+            reason = f"fired: {points} points"
+        verdicts.append(
+            RuleVerdict(
+                rule_id=spec.id,
+                name=spec.name,
+                fired=points > 0,
+                reason=reason,
+                trigger_matched=True,
+                in_window=bool(row["in_window"]),
+                condition=rules.explain_condition(spec.condition, prepared),
+                blocked_by=row["blocked_by"],
+                base=float(row["base"]),
+                multiplier=float(row["multiplier"]),
+                raw_points=raw,
+                points=points,
+            )
+        )
+    return DryRunResult(total_points=sum(v.points for v in verdicts), rules=verdicts)
+
+
+def resolve_profiles(
+    warehouse: Warehouse, *, after_event_id: int, up_to_event_id: int
+) -> pl.DataFrame:
+    """The profile of each event in `(after, up_to]`: frame [event_id, profile_id].
+
+    PROFILE RESOLUTION: the one call to point at identity once it lands, i.e.
+    `identity_service.event_profiles(warehouse, after_event_id=..., up_to_event_id=...)`.
+    Until then an event's profile is the user id it carries, else its anonymous id.
+    """
+    return warehouse.run(
+        queries.interim_event_profiles(after_event_id=after_event_id, up_to_event_id=up_to_event_id)
+    )
+
+
+def read_events(
+    warehouse: Warehouse, *, after_event_id: int, up_to_event_id: int, names: list[str]
+) -> pl.DataFrame:
+    """Warehouse events of the given names in `(after, up_to]`, with their profile ids."""
+    events = warehouse.run(
+        queries.events_between(
+            after_event_id=after_event_id, up_to_event_id=up_to_event_id, names=names
+        )
+    )
+    if events.is_empty():
+        return pl.DataFrame(schema=engine.EVENT_SCHEMA)
+    profiles = resolve_profiles(
+        warehouse, after_event_id=after_event_id, up_to_event_id=up_to_event_id
+    )
+    return events.join(profiles, on="event_id", how="left")
+
+
+def process_range(
+    session: Session,
+    warehouse: Warehouse,
+    *,
+    program_id: str,
+    after_event_id: int,
+    up_to_event_id: int,
+    batch_size: int = 250_000,
+    now: datetime | None = None,
+) -> engine.ProcessResult:
+    """Process warehouse events in `(after, up_to]` in batches of event ids."""
+    program = get_program(session, program_id=program_id)
+    specs = engine.active_rules(session, program_id=program.id)
+    names = sorted({s.event_name for s in specs} | {engine.ORDER_EVENT, engine.REFUND_EVENT})
+    total = engine.ProcessResult()
+    touched: set[str] = set()
+    start = after_event_id
+    while start < up_to_event_id:
+        end = min(start + batch_size, up_to_event_id)
+        events = read_events(warehouse, after_event_id=start, up_to_event_id=end, names=names)
+        result = engine.process_events(session, program=program, events=events, now=now)
+        total.events += result.events
+        total.enrolled += result.enrolled
+        total.credits += result.credits
+        total.points += result.points
+        total.reversals += result.reversals
+        touched.update(result.members)
+        start = end
+    total.members = sorted(touched)
+    return total
+
+
+def sync_program(
+    session: Session, warehouse: Warehouse, *, program_id: str, now: datetime | None = None
+) -> tuple[engine.ProcessResult, int]:
+    """Process the events loaded since the programme's high-water mark, then advance it."""
+    program = get_program(session, program_id=program_id)
+    if program.status != "active":
+        raise ProgramNotActive(f"programme {program.id} is {program.status}")
+    up_to = int(warehouse.scalar(queries.max_event_id()) or 0)
+    result = process_range(
+        session,
+        warehouse,
+        program_id=program.id,
+        after_event_id=program.last_event_id,
+        up_to_event_id=up_to,
+        now=now,
+    )
+    program.last_event_id = max(program.last_event_id, up_to)
+    session.flush()
+    return result, program.last_event_id
+
+
+def backfill(
+    session: Session, warehouse: Warehouse, *, program_id: str, now: datetime | None = None
+) -> tuple[engine.ProcessResult, int]:
+    """Process the whole event history set-based (retroactive points), then move the mark.
+
+    Idempotent: events already processed (by real time or an earlier backfill) add nothing.
+    """
+    program = get_program(session, program_id=program_id)
+    up_to = int(warehouse.scalar(queries.max_event_id()) or 0)
+    result = process_range(
+        session, warehouse, program_id=program.id, after_event_id=0, up_to_event_id=up_to, now=now
+    )
+    program.last_event_id = max(program.last_event_id, up_to)
+    session.flush()
+    return result, program.last_event_id
+
+
+def create_tier(session: Session, *, program_id: str, data: TierCreate) -> Tier:
+    """Add a tier to the programme's ladder (ranks are unique, 1 the lowest)."""
+    get_program(session, program_id=program_id)
+    clash = session.scalar(
+        select(Tier.id).where(Tier.program_id == program_id, Tier.rank == data.rank)
+    )
+    if clash is not None:
+        raise InvalidProgram(f"the programme has a tier of rank {data.rank} already")
+    tier = Tier(program_id=program_id, **data.model_dump())
+    session.add(tier)
+    session.flush()
+    return tier
+
+
+def list_tiers(session: Session, *, program_id: str) -> list[Tier]:
+    """The programme's ladder, lowest first."""
+    get_program(session, program_id=program_id)
+    return tiers.ladder(session, program_id=program_id)
+
+
+def tier_progress(
+    session: Session, *, member_id: str, now: datetime | None = None
+) -> TierProgress | None:
+    """A member's tier, metric in the window, and what the next tier needs (None: no tiers)."""
+    now = now or utcnow()
+    member = get_member(session, member_id=member_id)
+    program = get_program(session, program_id=member.program_id)
+    ladder = tiers.ladder(session, program_id=program.id)
+    if not ladder:
+        return None
+    value = tiers.metrics(session, program=program, member_ids=[member.id], now=now)[member.id]
+    current = next((t for t in ladder if t.id == member.tier_id), None)
+    rank = current.rank if current is not None else 0
+    upper = next((t for t in ladder if t.rank > rank), None)
+    return TierProgress(
+        tier_id=current.id if current else None,
+        tier_name=current.name if current else None,
+        metric=program.tier_metric,
+        window_start=tiers.window_start(program, now),
+        value=value,
+        next_tier_id=upper.id if upper else None,
+        next_tier_name=upper.name if upper else None,
+        next_threshold=upper.threshold if upper else None,
+        missing=max(0.0, upper.threshold - value) if upper else None,
+    )
+
+
+def upgrade_tiers(
+    session: Session, *, program_id: str, member_ids: list[str], now: datetime | None = None
+) -> list[tiers.Move]:
+    """Upgrade the given members who reached a higher tier (after earning)."""
+    program = get_program(session, program_id=program_id)
+    return tiers.evaluate(session, program=program, member_ids=member_ids, now=now or utcnow())
+
+
+def reevaluate_tiers(
+    session: Session, *, program_id: str, now: datetime | None = None
+) -> list[tiers.Move]:
+    """The periodic re-evaluation: upgrades, and downgrades past the grace period."""
+    program = get_program(session, program_id=program_id)
+    ids = list(
+        session.scalars(
+            select(Member.id).where(Member.program_id == program.id, Member.status == "active")
+        )
+    )
+    return tiers.evaluate(
+        session, program=program, member_ids=ids, now=now or utcnow(), downgrade=True
+    )
+
+
+def tier_history(session: Session, *, member_id: str) -> list[TierChange]:
+    """A member's tier movements, oldest first."""
+    get_member(session, member_id=member_id)
+    return list(
+        session.scalars(
+            select(TierChange)
+            .where(TierChange.member_id == member_id)
+            .order_by(TierChange.at, TierChange.id)
+        )
+    )
+
+
+def tier_changes(
+    session: Session, *, program_id: str, since: datetime, limit: int, offset: int
+) -> tuple[list[TierChange], int]:
+    """Tier movements of a programme since an instant (published for activation)."""
+    query = select(TierChange).where(TierChange.program_id == program_id, TierChange.at >= since)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(
+        query.order_by(TierChange.at, TierChange.id).limit(limit).offset(offset)
+    ).all()
+    return list(rows), total
+
+
+def expire_points(session: Session, *, program_id: str, now: datetime | None = None) -> int:
+    """Write the expiry entries of every lot past its expiry; returns how many."""
+    program = get_program(session, program_id=program_id)
+    total = 0
+    while written := ledger.expire_due(session, program=program, now=now):
+        total += written
+    return total
+
+
+def expiring_soon(
+    session: Session, *, program_id: str, days: int = 30, now: datetime | None = None
+) -> list[tuple[str, str, int, datetime]]:
+    """Members with points expiring within `days`: (member, profile, points, first expiry)."""
+    now = now or utcnow()
+    get_program(session, program_id=program_id)
+    rows = session.execute(
+        select(Lot.member_id, Member.profile_id, func.sum(Lot.remaining), func.min(Lot.expires_at))
+        .join(Member, Member.id == Lot.member_id)
+        .where(
+            Lot.program_id == program_id,
+            Lot.remaining > 0,
+            Lot.expires_at > now,
+            Lot.expires_at <= now + timedelta(days=days),
+        )
+        .group_by(Lot.member_id, Member.profile_id)
+        .order_by(func.min(Lot.expires_at), Lot.member_id)
+    ).all()
+    return [(str(m), str(p), int(s), e) for m, p, s, e in rows if e is not None]
+
+
+IMPORT_COLUMNS = ("profile_id", "balance")
+
+
+def import_opening_balances(
+    session: Session, *, program_id: str, content: bytes, now: datetime | None = None
+) -> ImportResult:
+    """Import opening balances from a CSV file (migrating from another system).
+
+    Columns: `profile_id`, `balance`, and optionally `expires_at` (ISO 8601), `tier` (a
+    tier name) and `enrolled_at`. Each profile gets at most one opening balance, keyed
+    `import:<programme>:<profile>`, so importing the same file again changes nothing.
+    Bad rows are reported by their row number (1 = first data row); good rows are imported.
+    """
+    program = get_program(session, program_id=program_id)
+    now = now or utcnow()
+    try:
+        raw = pl.read_csv(content, infer_schema=False)
+    except (pl.exceptions.PolarsError, ValueError) as exc:
+        raise InvalidImport(f"cannot read the file as CSV: {exc}") from None
+    missing = [c for c in IMPORT_COLUMNS if c not in raw.columns]
+    if missing:
+        raise InvalidImport(f"missing columns: {', '.join(missing)}")
+    for optional in ("expires_at", "tier", "enrolled_at"):
+        if optional not in raw.columns:
+            raw = raw.with_columns(pl.lit(None, dtype=pl.String).alias(optional))
+    ladder = {t.name: t for t in tiers.ladder(session, program_id=program.id)}
+    parsed = raw.with_row_index("row", offset=1).with_columns(
+        pl.col("profile_id").str.strip_chars(),
+        pl.col("balance").str.strip_chars().cast(pl.Int64, strict=False).alias("points"),
+        pl.col("expires_at")
+        .str.strip_chars()
+        .str.to_datetime(time_zone="UTC", strict=False)
+        .alias("expires_override"),
+        pl.col("enrolled_at")
+        .str.strip_chars()
+        .str.to_datetime(time_zone="UTC", strict=False)
+        .alias("enrolled"),
+    )
+    problem = (
+        pl.when(pl.col("profile_id").is_null() | (pl.col("profile_id") == ""))
+        .then(pl.lit("profile_id is empty"))
+        .when(pl.col("points").is_null() | (pl.col("points") < 0))
+        .then(pl.lit("balance is not a whole number >= 0"))
+        .when(pl.col("expires_at").is_not_null() & pl.col("expires_override").is_null())
+        .then(pl.lit("expires_at is not an ISO 8601 date-time"))
+        .when(pl.col("tier").is_not_null() & ~pl.col("tier").is_in(list(ladder)))
+        .then(pl.lit("unknown tier"))
+        .when(pl.col("profile_id").is_duplicated())
+        .then(pl.lit("profile_id appears more than once"))
+        .otherwise(None)
+    )
+    checked = parsed.with_columns(problem.alias("problem"))
+    errors = [
+        ImportRowError(row=int(r["row"]), message=str(r["problem"]))
+        for r in checked.filter(pl.col("problem").is_not_null()).iter_rows(named=True)
+    ]
+    good = checked.filter(pl.col("problem").is_null())
+    members_created = 0
+    if not good.is_empty():
+        result = session.execute(
+            ledger.insert_ignoring_conflicts(session, Member.__table__).returning(
+                Member.__table__.c.id
+            ),
+            [
+                {
+                    "id": new_id(),
+                    "program_id": program.id,
+                    "profile_id": r["profile_id"],
+                    "status": "active",
+                    "enrolled_at": r["enrolled"] or now,
+                    "status_changed_at": now,
+                    "lock_seq": 0,
+                }
+                for r in good.iter_rows(named=True)
+            ],
+        )
+        members_created = len(result.all())
+    ids = engine.member_frame(
+        session, program_id=program.id, profiles=good["profile_id"].to_list()
+    ).select("profile_id", "member_id")
+    credits = (
+        good.join(ids, on="profile_id")
+        .filter(pl.col("points") > 0)
+        .select(
+            "member_id",
+            pl.lit("import").alias("kind"),
+            "points",
+            pl.lit(0).alias("qualifying_points"),
+            pl.lit(now).dt.convert_time_zone("UTC").alias("occurred_at"),
+            pl.concat_str(pl.lit(f"import:{program.id}:"), pl.col("profile_id")).alias(
+                "idempotency_key"
+            ),
+            "expires_override",
+            pl.lit(True).alias("no_pending"),
+            pl.lit("opening balance").alias("reason"),
+        )
+    )
+    imported = ledger.write_credits(session, program=program, frame=credits, now=now)
+    tiers_set = 0
+    for r in (
+        good.join(ids, on="profile_id").filter(pl.col("tier").is_not_null()).iter_rows(named=True)
+    ):
+        already = session.scalar(
+            select(TierChange.id).where(
+                TierChange.member_id == r["member_id"], TierChange.reason == "import"
+            )
+        )
+        if already is not None:
+            continue
+        member = get_member(session, member_id=r["member_id"])
+        tier = ladder[r["tier"]]
+        session.add(
+            TierChange(
+                program_id=program.id,
+                member_id=member.id,
+                from_tier_id=member.tier_id,
+                to_tier_id=tier.id,
+                reason="import",
+                metric_value=0.0,
+                at=now,
+            )
+        )
+        member.tier_id = tier.id
+        member.tier_since = now
+        tiers_set += 1
+    session.flush()
+    return ImportResult(
+        rows=raw.height,
+        imported=imported,
+        already_imported=credits.height - imported,
+        members_created=members_created,
+        tiers_set=tiers_set,
+        errors=errors,
+    )
+
+
+def kpis(
+    session: Session, warehouse: Warehouse, *, program_id: str, now: datetime | None = None
+) -> KpiRead:
+    """Programme KPIs: members, points flows, liability, breakage, tiers, member vs non-member."""
+    program = get_program(session, program_id=program_id)
+    now = now or utcnow()
+    month_ago = now - timedelta(days=30)
+    in_program = Member.program_id == program.id
+    members = (
+        session.scalar(
+            select(func.count()).select_from(Member).where(in_program, Member.status != "merged")
+        )
+        or 0
+    )
+    active = (
+        session.scalar(
+            select(func.count(func.distinct(LedgerEntry.member_id))).where(
+                LedgerEntry.program_id == program.id,
+                LedgerEntry.kind.in_(["earn", "redeem"]),
+                LedgerEntry.occurred_at >= month_ago,
+            )
+        )
+        or 0
+    )
+    enrolled = session.execute(
+        select(Member.enrolled_at).where(in_program, Member.status != "merged")
+    ).scalars()
+    by_month: dict[str, int] = {}
+    for at in enrolled:
+        key = calendar.local_date(at, program.timezone).strftime("%Y-%m")
+        by_month[key] = by_month.get(key, 0) + 1
+    flows = dict(
+        session.execute(
+            select(LedgerEntry.kind, func.sum(LedgerEntry.points))
+            .where(LedgerEntry.program_id == program.id)
+            .group_by(LedgerEntry.kind)
+        ).all()
+    )
+    issued = sum(int(flows.get(k) or 0) for k in ("earn", "import", "bonus")) + max(
+        int(flows.get("adjust") or 0), 0
+    )
+    redeemed = -int(flows.get("redeem") or 0) - int(flows.get("refund") or 0)
+    expired = -int(flows.get("expire") or 0)
+    reversed_ = -int(flows.get("reverse") or 0)
+    outstanding = int(
+        session.scalar(
+            select(func.coalesce(func.sum(Lot.remaining), 0)).where(
+                Lot.program_id == program.id,
+                (Lot.expires_at.is_(None)) | (Lot.expires_at > now),
+            )
+        )
+        or 0
+    )
+    ladder = {t.id: t.name for t in tiers.ladder(session, program_id=program.id)}
+    distribution = {
+        (ladder.get(tier_id, "none") if tier_id else "none"): int(count)
+        for tier_id, count in session.execute(
+            select(Member.tier_id, func.count())
+            .where(in_program, Member.status == "active")
+            .group_by(Member.tier_id)
+        ).all()
+    }
+    movements = {
+        str(reason): int(count)
+        for reason, count in session.execute(
+            select(TierChange.reason, func.count())
+            .where(TierChange.program_id == program.id, TierChange.at >= month_ago)
+            .group_by(TierChange.reason)
+        ).all()
+    }
+    year_ago = now - timedelta(days=365)
+    member_orders, member_amount, member_buyers = session.execute(
+        select(
+            func.coalesce(func.sum(Activity.orders), 0),
+            func.coalesce(func.sum(Activity.spend), 0.0),
+            func.count(func.distinct(Activity.member_id)),
+        ).where(
+            Activity.program_id == program.id,
+            Activity.occurred_at >= year_ago,
+            Activity.orders > 0,
+        )
+    ).one()
+    totals = warehouse.run(
+        queries.order_totals(since=year_ago.replace(tzinfo=None), until=now.replace(tzinfo=None))
+    ).row(0, named=True)
+    other_orders = max(int(totals["orders"]) - int(member_orders), 0)
+    other_amount = max(float(totals["amount"]) - float(member_amount), 0.0)
+    other_buyers = max(int(totals["buyers"]) - int(member_buyers), 0)
+    return KpiRead(
+        program_id=program.id,
+        at=now,
+        members=int(members),
+        active_members_30d=int(active),
+        enrolment_by_month=[CountAt(period=k, count=v) for k, v in sorted(by_month.items())],
+        points_issued=issued,
+        points_redeemed=redeemed,
+        points_expired=expired,
+        points_reversed=reversed_,
+        points_outstanding=outstanding,
+        liability=round(outstanding * program.point_value, 2),
+        currency=program.currency,
+        breakage_rate=expired / issued if issued else None,
+        redemption_rate=redeemed / issued if issued else None,
+        tier_distribution=distribution,
+        tier_movements_30d=movements,
+        member_orders=int(member_orders),
+        member_average_basket=float(member_amount) / int(member_orders) if member_orders else None,
+        member_purchase_frequency=int(member_orders) / int(member_buyers)
+        if member_buyers
+        else None,
+        non_member_orders=other_orders,
+        non_member_average_basket=other_amount / other_orders if other_orders else None,
+        non_member_purchase_frequency=other_orders / other_buyers if other_buyers else None,
+    )
+
+
+DEMO_RULES: tuple[dict[str, Any], ...] = (  # Any: rule JSON
+    {
+        "name": "1 point per euro, double on shoes",
+        "event_name": "Order Completed",
+        "formula": {
+            "type": "per_line",
+            "rate": 1,
+            "lines": [{"match": {"category": ["shoes"]}, "multiplier": 2}],
+        },
+    },
+    {
+        "name": "First purchase bonus",
+        "event_name": "Order Completed",
+        "formula": {"type": "fixed", "points": 100},
+        "limit_per_member": 1,
+        "apply_tier_multiplier": False,
+    },
+)
+DEMO_TIERS = (("Silver", 1, 200.0, 1.0), ("Gold", 2, 1000.0, 1.25), ("Platinum", 3, 3000.0, 1.5))
+DEMO_REWARDS = (("5 EUR voucher", "coupon", 500, None), ("Tote bag", "product", 1200, 100))
+
+
+def create_demo_program(session: Session, *, timezone: str = "Europe/Paris") -> Program:
+    """The demo programme: 1 point per euro (double on shoes), a first-purchase bonus,
+    Silver/Gold/Platinum tiers on points over 12 months, and a small reward catalogue."""
+    program = create_program(
+        session,
+        data=ProgramCreate(
+            name="Demo Club",
+            status="active",
+            enrolment="automatic",
+            timezone=timezone,
+            pending_days=14,
+            expiry_policy="rolling",
+            expiry_months=24,
+            point_value=0.01,
+        ),
+    )
+    for rule in DEMO_RULES:
+        create_rule(session, program_id=program.id, data=RuleCreate(**rule))
+    tiers_by_name = {
+        name: create_tier(
+            session,
+            program_id=program.id,
+            data=TierCreate(
+                name=name,
+                rank=rank,
+                threshold=threshold,
+                multiplier=multiplier,
+                benefits=[f"{name} members: private sales"] if rank > 1 else [],
+            ),
+        )
+        for name, rank, threshold, multiplier in DEMO_TIERS
+    }
+    for name, kind, cost, stock in DEMO_REWARDS:
+        create_reward(
+            session,
+            program_id=program.id,
+            data=RewardCreate(name=name, kind=kind, points_cost=cost, stock=stock),
+        )
+    create_reward(
+        session,
+        program_id=program.id,
+        data=RewardCreate(
+            name="Private sale access",
+            kind="event_access",
+            points_cost=300,
+            min_tier_id=tiers_by_name["Gold"].id,
+        ),
+    )
+    return program

@@ -1,0 +1,68 @@
+"""Fixtures of the loyalty tests: keys, a programme and members."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from cdp.auth import Role
+from cdp.db import Database
+from loyalty import service
+from loyalty.ledger import Credit, credit
+from loyalty.models import LedgerEntry, Member, Program
+from loyalty.schemas import ProgramCreate
+from tests.conftest import make_key
+
+T0 = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def loyalty_headers(db: Database) -> dict[str, str]:
+    """Authorization headers of a `loyalty` key."""
+    return {"Authorization": f"Bearer {make_key(db, Role.loyalty)}"}
+
+
+def make_program(db: Database, **overrides: Any) -> Program:  # Any: programme fields
+    """Create an active programme (UTC, no pending period, no expiry unless overridden)."""
+    fields: dict[str, Any] = {"name": "Club", "status": "active", **overrides}  # Any: fields
+    with db.begin() as session:
+        return service.create_program(session, data=ProgramCreate(**fields))
+
+
+def make_member(db: Database, program: Program, profile_id: str = "p1") -> Member:
+    """Enrol a profile."""
+    with db.begin() as session:
+        return service.change_membership(
+            session, program_id=program.id, profile_id=profile_id, action="enrol", at=T0
+        )
+
+
+def earn(
+    db: Database,
+    program: Program,
+    member: Member,
+    points: int,
+    *,
+    at: datetime = T0,
+    key: str | None = None,
+    order_id: str | None = None,
+    now: datetime | None = None,
+) -> LedgerEntry:
+    """Credit earned points to a member."""
+    with db.begin() as session:
+        return credit(
+            session,
+            program=session.get(Program, program.id) or program,
+            credit=Credit(
+                member_id=member.id,
+                kind="earn",
+                points=points,
+                qualifying_points=points,
+                occurred_at=at,
+                idempotency_key=key or f"test:{member.id}:{at.isoformat()}:{points}:{order_id}",
+                order_id=order_id,
+            ),
+            now=now or at,
+        )

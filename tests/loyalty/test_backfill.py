@@ -1,0 +1,224 @@
+"""Backfill from the warehouse is set-based and gives the ledger of one-by-one processing."""
+
+from __future__ import annotations
+
+import random
+from datetime import timedelta
+from typing import Any
+
+import polars as pl
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import delete, select
+
+from cdp.db import Database
+from cdp.warehouse import Warehouse
+from loyalty import engine, service
+from loyalty.models import Activity, LedgerEntry, Lot, LotDraw, Member, Program, Rule
+from loyalty.schemas import RuleCreate
+from tests.conftest import BACKENDS
+from tests.loyalty.conftest import T0, make_program
+from tests.loyalty.events import ev
+
+RULES: list[dict[str, Any]] = [  # Any: rule JSON
+    {"name": "base", "formula": {"type": "per_amount", "rate": 1}, "cap_per_day": 150},
+    {
+        "name": "shoes x2",
+        "formula": {
+            "type": "per_line",
+            "default_multiplier": 0,
+            "lines": [{"match": {"category": ["shoes"]}, "multiplier": 1}],
+        },
+        "cap_per_month": 200,
+    },
+    {"name": "first", "formula": {"type": "fixed", "points": 100}, "limit_per_member": 1},
+    {"name": "budget", "formula": {"type": "fixed", "points": 20}, "budget": 400},
+    {
+        "name": "flash",
+        "priority": 1,
+        "exclusive": True,
+        "formula": {"type": "per_amount", "rate": 5, "rounding": "half_up"},
+        "starts_at": (T0 + timedelta(days=10)).isoformat(),
+        "ends_at": (T0 + timedelta(days=12)).isoformat(),
+    },
+    {
+        "name": "review",
+        "event_name": "Review Submitted",
+        "formula": {"type": "fixed", "points": 15},
+        "cap_per_month": 30,
+    },
+]
+
+
+def _history(seed: int, n: int = 90) -> list[dict[str, Any]]:  # Any: rows
+    rng = random.Random(seed)
+    rows: list[dict[str, Any]] = []  # Any: rows
+    orders: list[tuple[str, str]] = []
+    at = T0
+    for i in range(1, n + 1):
+        at += timedelta(hours=rng.randint(1, 20))
+        profile = f"p{rng.randint(1, 6)}"
+        roll = rng.random()
+        if roll < 0.65:
+            order = f"o{i}"
+            orders.append((profile, order))
+            products: list[dict[str, Any]] = [  # Any: product JSON
+                {
+                    "sku": f"s{rng.randint(1, 9)}",
+                    "category": rng.choice(["shoes", "hats", "tees"]),
+                    "price": round(rng.uniform(3, 80), 2),
+                    "quantity": rng.randint(1, 3),
+                }
+                for _ in range(rng.randint(1, 3))
+            ]
+            total = round(sum(float(p["price"]) * int(p["quantity"]) for p in products), 2)
+            rows.append(ev(profile, at, event_id=i, order_id=order, total=total, products=products))
+        elif roll < 0.85:
+            rows.append(ev(profile, at, "Review Submitted", i))
+        elif orders:
+            who, order = rng.choice(orders)
+            rows.append(ev(who, at, "Order Refunded", i, order_id=order, total=rng.randint(1, 60)))
+        else:
+            rows.append(ev(profile, at, "Page Viewed", i))
+    return rows
+
+
+def _load_warehouse(warehouse: Warehouse, rows: list[dict[str, Any]]) -> None:  # Any: rows
+    table = (
+        pl.DataFrame(rows)
+        .with_columns(
+            pl.lit(1, dtype=pl.Int64).alias("batch_id"),
+            pl.col("profile_id").alias("user_id"),
+            pl.lit(None, dtype=pl.String).alias("anonymous_id"),
+            pl.col("timestamp").dt.replace_time_zone(None),
+            pl.col("timestamp").dt.replace_time_zone(None).alias("received_at"),
+            pl.lit(None, dtype=pl.String).alias("traits"),
+            pl.lit(None, dtype=pl.String).alias("context"),
+        )
+        .to_arrow()
+    )
+    with warehouse.cursor() as cur:
+        cur.register("incoming", table)
+        cur.execute(
+            "INSERT INTO events SELECT event_id, message_id, source_id, batch_id, type, event,"
+            " user_id, anonymous_id, timestamp, received_at, properties::JSON, traits::JSON,"
+            " context::JSON FROM incoming"
+        )
+        cur.unregister("incoming")
+
+
+def _programme_with_rules(db: Database, name: str) -> Program:
+    program = make_program(
+        db,
+        name=name,
+        enrolment="automatic",
+        timezone="Europe/Paris",
+        pending_days=3,
+        expiry_policy="rolling",
+        expiry_months=6,
+    )
+    with db.begin() as session:
+        for rule in RULES:
+            body = {"event_name": "Order Completed", **rule}
+            service.create_rule(session, program_id=program.id, data=RuleCreate(**body))
+    return program
+
+
+def _ledger(db: Database, program: Program) -> list[tuple[Any, ...]]:
+    with db.begin() as session:
+        rows = session.execute(
+            select(
+                Member.profile_id,
+                LedgerEntry.id,
+                LedgerEntry.message_id,
+                Rule.name,
+                LedgerEntry.kind,
+                LedgerEntry.points,
+                LedgerEntry.qualifying_points,
+                LedgerEntry.unrecovered,
+                LedgerEntry.local_date,
+                LedgerEntry.pending_until,
+                LedgerEntry.expires_at,
+                Lot.remaining,
+            )
+            .join(Member, Member.id == LedgerEntry.member_id)
+            .outerjoin(Rule, Rule.id == LedgerEntry.rule_id)
+            .outerjoin(Lot, Lot.entry_id == LedgerEntry.id)
+            .where(LedgerEntry.program_id == program.id)
+        ).all()
+        members = session.execute(
+            select(Member.profile_id, Member.enrolled_at).where(Member.program_id == program.id)
+        ).all()
+    return sorted((tuple(str(v) for v in r) for r in [*rows, *members]), key=str)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_backfill_gives_the_same_ledger_as_processing_events_one_by_one(
+    db: Database, warehouse: Warehouse
+) -> None:
+    rows = _history(seed=7)
+    _load_warehouse(warehouse, rows)
+    program = _programme_with_rules(db, "club")
+    with db.begin() as session:
+        result, mark = service.backfill(session, warehouse, program_id=program.id)
+    assert mark == len(rows)
+    assert result.credits > 50
+    assert result.reversals > 3
+    set_based = _ledger(db, program)
+    with db.begin() as session:
+        again, _ = service.backfill(session, warehouse, program_id=program.id)
+    assert (again.credits, again.reversals, again.enrolled) == (0, 0, 0)
+    assert _ledger(db, program) == set_based
+    _forget(db, program)
+    with db.begin() as session:
+        events = service.read_events(
+            warehouse,
+            after_event_id=0,
+            up_to_event_id=mark,
+            names=["Order Completed", "Order Refunded", "Review Submitted"],
+        )
+    for i in range(events.height):
+        with db.begin() as session:
+            stored = session.get(Program, program.id)
+            assert stored is not None
+            engine.process_events(session, program=stored, events=events.slice(i, 1))
+    assert _ledger(db, program) == set_based
+
+
+def _forget(db: Database, program: Program) -> None:
+    """Erase what processing wrote for the programme, to process the history again."""
+    with db.begin() as session:
+        entries = select(LedgerEntry.id).where(LedgerEntry.program_id == program.id)
+        session.execute(delete(LotDraw).where(LotDraw.entry_id.in_(entries)))
+        session.execute(delete(Lot).where(Lot.program_id == program.id))
+        session.execute(delete(LedgerEntry).where(LedgerEntry.program_id == program.id))
+        session.execute(delete(Activity).where(Activity.program_id == program.id))
+        session.execute(delete(Member).where(Member.program_id == program.id))
+
+
+def test_sync_processes_only_events_after_the_mark(
+    db: Database, warehouse: Warehouse, client: TestClient, loyalty_headers: dict[str, str]
+) -> None:
+    program = make_program(db, enrolment="automatic")
+    with db.begin() as session:
+        service.create_rule(
+            session,
+            program_id=program.id,
+            data=RuleCreate(
+                name="base", event_name="Order Completed", formula={"type": "per_amount"}
+            ),
+        )
+    _load_warehouse(warehouse, [ev("a", T0, event_id=1, total=10)])
+    url = f"/api/loyalty/programs/{program.id}/sync"
+    first = client.post(url, headers=loyalty_headers).json()
+    assert (first["credits"], first["points"], first["last_event_id"]) == (1, 10, 1)
+    _load_warehouse(warehouse, [ev("a", T0, event_id=2, total=5)])
+    second = client.post(url, headers=loyalty_headers).json()
+    assert (second["events"], second["credits"], second["last_event_id"]) == (1, 1, 2)
+    backfilled = client.post(
+        f"/api/loyalty/programs/{program.id}/backfill", headers=loyalty_headers
+    ).json()
+    assert (backfilled["events"], backfilled["credits"]) == (2, 0)
+    with db.begin() as session:
+        member = service.member_by_profile(session, program_id=program.id, profile_id="a")
+        assert service.member_balance(session, member_id=member.id)[1].active == 15

@@ -1,0 +1,192 @@
+"""The ledger: lots, FIFO spending, pending and expiry, balances, idempotent writes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import select
+
+from cdp.db import Database
+from loyalty import ledger, service
+from loyalty.errors import InsufficientPoints
+from loyalty.models import LedgerEntry, Lot, LotDraw, Program
+from tests.conftest import BACKENDS
+from tests.loyalty.conftest import T0, earn, make_member, make_program
+
+pytestmark = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+
+
+def test_spend_takes_the_soonest_expiring_lots_first_and_records_its_draws(db: Database) -> None:
+    program = make_program(db, expiry_policy="rolling", expiry_months=12)
+    member = make_member(db, program)
+    late = earn(db, program, member, 100, at=T0 + timedelta(days=60))
+    early = earn(db, program, member, 50, at=T0)
+    never = earn(db, program, member, 30, at=T0 + timedelta(days=1), key="never")
+    now = T0 + timedelta(days=90)
+    with db.begin() as session:
+        ledger.lock_member(session, member_id=member.id)
+        spend = ledger.debit(
+            session,
+            program=program,
+            member_id=member.id,
+            kind="redeem",
+            points=120,
+            idempotency_key="spend-1",
+            now=now,
+        )
+    with db.begin() as session:
+        draws = {
+            d.lot_id: d.points
+            for d in session.scalars(select(LotDraw).where(LotDraw.entry_id == spend.id))
+        }
+        remaining = {lot.entry_id: lot.remaining for lot in session.scalars(select(Lot))}
+        assert spend.points == -120
+        assert draws == {early.id: 50, never.id: 30, late.id: 40}
+        assert remaining == {early.id: 0, never.id: 0, late.id: 60}
+        assert ledger.entries_sum(session, member_id=member.id) == 60
+        assert ledger.lots_sum(session, member_id=member.id) == 60
+
+
+def test_debit_beyond_the_active_balance_fails_and_writes_nothing(db: Database) -> None:
+    program = make_program(db)
+    member = make_member(db, program)
+    earn(db, program, member, 40)
+    with db.begin() as session:
+        ledger.lock_member(session, member_id=member.id)
+        with pytest.raises(InsufficientPoints) as caught:
+            ledger.debit(
+                session,
+                program=program,
+                member_id=member.id,
+                kind="redeem",
+                points=41,
+                idempotency_key="too-much",
+                now=T0,
+            )
+    assert caught.value.details == {"needed": 41, "available": 40}
+    with db.begin() as session:
+        assert ledger.find_entry(session, key="too-much") is None
+        assert ledger.lots_sum(session, member_id=member.id) == 40
+
+
+def test_pending_points_are_held_until_the_pending_period_ends(db: Database) -> None:
+    program = make_program(db, pending_days=14)
+    member = make_member(db, program)
+    earn(db, program, member, 200, at=T0)
+    with db.begin() as session:
+        held = ledger.balance(session, program=program, member_id=member.id, now=T0)
+        assert (held.active, held.pending, held.total) == (0, 200, 200)
+        assert held.next_pending_release == datetime(2026, 3, 16, tzinfo=UTC)
+        ledger.lock_member(session, member_id=member.id)
+        with pytest.raises(InsufficientPoints):
+            ledger.debit(
+                session,
+                program=program,
+                member_id=member.id,
+                kind="redeem",
+                points=1,
+                idempotency_key="early",
+                now=T0 + timedelta(days=13),
+            )
+        released = ledger.balance(
+            session, program=program, member_id=member.id, now=datetime(2026, 3, 16, tzinfo=UTC)
+        )
+        assert (released.active, released.pending) == (200, 0)
+
+
+def test_writing_the_same_idempotency_key_twice_awards_once(db: Database) -> None:
+    program = make_program(db)
+    member = make_member(db, program)
+    first = earn(db, program, member, 10, key="event:m1:rule:r1")
+    again = earn(db, program, member, 10, key="event:m1:rule:r1")
+    assert first.id == again.id
+    with db.begin() as session:
+        assert ledger.lots_sum(session, member_id=member.id) == 10
+        assert len(session.scalars(select(LedgerEntry)).all()) == 1
+
+
+def test_expiry_job_expires_exactly_what_is_left_of_past_lots(db: Database) -> None:
+    program = make_program(db, expiry_policy="rolling", expiry_months=1)
+    member = make_member(db, program)
+    old = earn(db, program, member, 100, at=T0)
+    earn(db, program, member, 70, at=T0 + timedelta(days=40))
+    with db.begin() as session:
+        ledger.lock_member(session, member_id=member.id)
+        ledger.debit(
+            session,
+            program=program,
+            member_id=member.id,
+            kind="redeem",
+            points=30,
+            idempotency_key="r",
+            now=T0 + timedelta(days=1),
+        )
+    after = datetime(2026, 4, 3, tzinfo=UTC)  # lot earned 2 March is valid through 2 April
+    with db.begin() as session:
+        stored = session.get(Program, program.id)
+        assert stored is not None
+        assert ledger.expire_due(session, program=stored, now=after) == 1
+        assert ledger.expire_due(session, program=stored, now=after) == 0
+    with db.begin() as session:
+        expired = session.scalars(select(LedgerEntry).where(LedgerEntry.kind == "expire")).all()
+        assert [(e.points, e.occurred_at) for e in expired] == [
+            (-70, datetime(2026, 4, 3, tzinfo=UTC))
+        ]
+        lot = session.get(Lot, old.id)
+        assert lot is not None
+        assert lot.remaining == 0
+        view = ledger.balance(session, program=program, member_id=member.id, now=after)
+        assert (view.active, view.total) == (70, 70)
+
+
+def test_expiring_soon_lists_points_by_local_expiry_date(db: Database) -> None:
+    program = make_program(db, expiry_policy="end_of_period", expiry_months=12)
+    member = make_member(db, program)
+    earn(db, program, member, 25, at=datetime(2026, 6, 1, tzinfo=UTC))
+    earn(db, program, member, 5, at=datetime(2027, 1, 2, tzinfo=UTC))
+    with db.begin() as session:
+        view = ledger.balance(
+            session, program=program, member_id=member.id, now=datetime(2026, 12, 10, tzinfo=UTC)
+        )
+    assert [(e.date.isoformat(), e.points) for e in view.expiring_soon] == [("2026-12-31", 25)]
+
+
+def test_merge_moves_lots_to_the_survivor_and_replaying_it_changes_nothing(db: Database) -> None:
+    program = make_program(db)
+    absorbed = make_member(db, program, "old")
+    survivor = make_member(db, program, "new")
+    earn(db, program, absorbed, 40, key="a")
+    earn(db, program, survivor, 60, key="b")
+    for _ in range(2):
+        with db.begin() as session:
+            service.merge_profiles(
+                session, program_id=program.id, from_profile_id="old", to_profile_id="new"
+            )
+    with db.begin() as session:
+        assert ledger.lots_sum(session, member_id=survivor.id) == 100
+        assert ledger.entries_sum(session, member_id=survivor.id) == 100
+        assert ledger.entries_sum(session, member_id=absorbed.id) == 0
+        assert service.qualifying_points(session, member_id=survivor.id) == 100
+        gone = service.get_member(session, member_id=absorbed.id)
+        assert (gone.status, gone.merged_into) == ("merged", survivor.id)
+    with db.begin() as session:
+        service.split_profiles(
+            session, program_id=program.id, from_profile_id="old", to_profile_id="new"
+        )
+    with db.begin() as session:
+        assert ledger.lots_sum(session, member_id=absorbed.id) == 40
+        assert ledger.entries_sum(session, member_id=absorbed.id) == 40
+        assert ledger.lots_sum(session, member_id=survivor.id) == 60
+        assert service.get_member(session, member_id=absorbed.id).status == "active"
+
+
+def test_merge_into_a_profile_without_membership_rekeys_the_membership(db: Database) -> None:
+    program = make_program(db)
+    member = make_member(db, program, "old")
+    with db.begin() as session:
+        service.merge_profiles(
+            session, program_id=program.id, from_profile_id="old", to_profile_id="new"
+        )
+        found = service.member_by_profile(session, program_id=program.id, profile_id="new")
+    assert found.id == member.id

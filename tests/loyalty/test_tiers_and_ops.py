@@ -1,0 +1,207 @@
+"""Tiers (windows, grace), opening-balance import, expiry reminders and programme KPIs."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from cdp.db import Database
+from cdp.warehouse import Warehouse
+from loyalty import ledger, service
+from loyalty.models import Activity, LedgerEntry, Lot, Member
+from loyalty.schemas import RewardCreate, RuleCreate, TierCreate
+from tests.loyalty.conftest import T0, earn, make_member, make_program
+from tests.loyalty.events import ev
+from tests.loyalty.test_backfill import _load_warehouse
+from tests.loyalty.test_engine import _process
+
+H = dict[str, str]
+
+
+def _ladder(db: Database, program_id: str) -> tuple[str, str]:
+    with db.begin() as session:
+        silver = service.create_tier(
+            session, program_id=program_id, data=TierCreate(name="Silver", rank=1, threshold=100)
+        ).id
+        gold = service.create_tier(
+            session, program_id=program_id, data=TierCreate(name="Gold", rank=2, threshold=500)
+        ).id
+    return silver, gold
+
+
+def test_downgrade_waits_for_the_grace_period_and_rolling_window(db: Database) -> None:
+    program = make_program(db, tier_grace_days=30)
+    member = make_member(db, program)
+    silver, gold = _ladder(db, program.id)
+    with db.begin() as session:
+        service.adjust_points(
+            session,
+            member_id=member.id,
+            points=600,
+            reason="launch",
+            actor="test",
+            qualifying=True,
+            now=T0,
+        )
+        assert service.get_member(session, member_id=member.id).tier_id == gold
+    year_later = T0 + timedelta(days=366)
+    with db.begin() as session:
+        assert service.reevaluate_tiers(session, program_id=program.id, now=year_later) == []
+        still = service.get_member(session, member_id=member.id)
+        assert (still.tier_id, still.below_tier_since) == (gold, year_later)
+    with db.begin() as session:
+        moves = service.reevaluate_tiers(
+            session, program_id=program.id, now=year_later + timedelta(days=30)
+        )
+        assert [(m.reason, m.to_tier_id) for m in moves] == [("downgrade", None)]
+        progress = service.tier_progress(
+            session, member_id=member.id, now=year_later + timedelta(days=30)
+        )
+        assert progress is not None
+        assert (progress.value, progress.next_tier_id, progress.missing) == (0, silver, 100)
+
+
+def test_calendar_year_window_restarts_on_local_new_year(db: Database) -> None:
+    program = make_program(db, tier_window="calendar_year", timezone="Europe/Paris")
+    member = make_member(db, program)
+    _ladder(db, program.id)
+    # Paris is UTC+1 in winter: 23:30Z is 00:30 on 1 January, 22:30Z still 31 December.
+    earn(db, program, member, 150, at=datetime(2026, 12, 31, 23, 30, tzinfo=UTC))
+    earn(db, program, member, 400, at=datetime(2026, 12, 31, 22, 30, tzinfo=UTC))
+    with db.begin() as session:
+        progress = service.tier_progress(
+            session, member_id=member.id, now=datetime(2027, 1, 5, tzinfo=UTC)
+        )
+        assert progress is not None
+        assert progress.value == 150
+        assert progress.window_start == datetime(2026, 12, 31, 23, tzinfo=UTC)
+
+
+def test_spend_metric_counts_orders_net_of_refunds(db: Database) -> None:
+    program = make_program(db, tier_metric="spend", enrolment="automatic")
+    silver, _ = _ladder(db, program.id)
+    with db.begin() as session:
+        service.create_rule(
+            session,
+            program_id=program.id,
+            data=RuleCreate(
+                name="r", event_name="Order Completed", formula={"type": "fixed", "points": 1}
+            ),
+        )
+    _process(db, program, [ev("a", T0, event_id=1, order_id="o", total=120)], now=T0)
+    with db.begin() as session:
+        member = service.member_by_profile(session, program_id=program.id, profile_id="a")
+        assert member.tier_id == silver
+    _process(db, program, [ev("a", T0, "Order Refunded", 2, order_id="o", total=50)], now=T0)
+    with db.begin() as session:
+        progress = service.tier_progress(session, member_id=member.id, now=T0)
+        assert progress is not None
+        assert progress.value == 70
+
+
+def test_opening_balance_import_is_idempotent_and_reports_bad_rows(
+    db: Database, client: TestClient, loyalty_headers: H
+) -> None:
+    program = make_program(db)
+    _, gold = _ladder(db, program.id)
+    csv = (
+        b"profile_id,balance,expires_at,tier\n"
+        b"p1,500,2027-06-30T22:00:00Z,Gold\n"
+        b"p2,abc,,\n"
+        b"p3,40,,\n"
+        b",10,,\n"
+        b"p4,10,,Diamond\n"
+    )
+    url = f"/api/loyalty/programs/{program.id}/imports"
+    first = client.post(url, files={"file": ("old.csv", csv, "text/csv")}, headers=loyalty_headers)
+    assert first.status_code == 200, first.text
+    body = first.json()
+    assert (body["rows"], body["imported"], body["members_created"], body["tiers_set"]) == (
+        5,
+        2,
+        2,
+        1,
+    )
+    assert [(e["row"], e["message"]) for e in body["errors"]] == [
+        (2, "balance is not a whole number >= 0"),
+        (4, "profile_id is empty"),
+        (5, "unknown tier"),
+    ]
+    again = client.post(url, files={"file": ("old.csv", csv, "text/csv")}, headers=loyalty_headers)
+    assert (again.json()["imported"], again.json()["already_imported"]) == (0, 2)
+    with db.begin() as session:
+        p1 = service.member_by_profile(session, program_id=program.id, profile_id="p1")
+        assert p1.tier_id == gold
+        lot = session.scalars(select(Lot).where(Lot.member_id == p1.id)).one()
+        assert (lot.remaining, lot.pending_until, lot.expires_at) == (
+            500,
+            None,
+            datetime(2027, 6, 30, 22, tzinfo=UTC),
+        )
+        assert len(session.scalars(select(LedgerEntry)).all()) == 2
+
+
+def test_expiring_soon_lists_members_to_remind(
+    db: Database, client: TestClient, loyalty_headers: H
+) -> None:
+    program = make_program(db, expiry_policy="rolling", expiry_months=1)
+    member = make_member(db, program)
+    now = datetime.now(UTC)
+    earn(db, program, member, 30, at=now - timedelta(days=20), key="soon")
+    earn(db, program, member, 20, at=now - timedelta(days=1), key="later")
+    resp = client.get(
+        f"/api/loyalty/programs/{program.id}/expiring?days=15", headers=loyalty_headers
+    )
+    assert resp.status_code == 200
+    assert [(r["member_id"], r["points"]) for r in resp.json()] == [(member.id, 30)]
+
+
+def test_kpis_sum_up_the_ledger_and_compare_members_with_non_members(
+    db: Database, warehouse: Warehouse, client: TestClient, loyalty_headers: H
+) -> None:
+    program = make_program(db, expiry_policy="rolling", expiry_months=1, point_value=0.05)
+    member = make_member(db, program, "m")
+    now = datetime.now(UTC).replace(microsecond=0)
+    earn(db, program, member, 100, at=now - timedelta(days=40), key="old", now=now)
+    earn(db, program, member, 200, at=now - timedelta(days=2), key="new", now=now)
+    with db.begin() as session:
+        service.expire_points(session, program_id=program.id, now=now)
+        reward = service.create_reward(
+            session, program_id=program.id, data=RewardCreate(name="x", points_cost=50)
+        )
+        service.redeem(session, member_id=member.id, reward_id=reward.id, now=now)
+        session.add(
+            Activity(
+                program_id=program.id,
+                member_id=member.id,
+                order_id="o1",
+                spend=80.0,
+                orders=1,
+                occurred_at=now - timedelta(days=2),
+                idempotency_key="a1",
+            )
+        )
+    _load_warehouse(
+        warehouse,
+        [
+            ev("m", now - timedelta(days=2), event_id=1, total=80),
+            ev("x", now - timedelta(days=3), event_id=2, total=30),
+            ev("x", now - timedelta(days=4), event_id=3, total=10),
+            ev("y", now - timedelta(days=5), event_id=4, total=20),
+        ],
+    )
+    resp = client.get(f"/api/loyalty/programs/{program.id}/kpis", headers=loyalty_headers)
+    assert resp.status_code == 200, resp.text
+    k = resp.json()
+    assert (k["members"], k["active_members_30d"]) == (1, 1)
+    assert (k["points_issued"], k["points_expired"], k["points_redeemed"]) == (300, 100, 50)
+    assert (k["points_outstanding"], k["liability"]) == (150, 7.5)
+    assert (k["breakage_rate"], k["redemption_rate"]) == (100 / 300, 50 / 300)
+    assert (k["member_orders"], k["member_average_basket"]) == (1, 80.0)
+    assert (k["non_member_orders"], k["non_member_average_basket"]) == (3, 20.0)
+    assert k["non_member_purchase_frequency"] == 1.5
+    with db.begin() as session:
+        assert ledger.lots_sum(session, member_id=member.id) == 150
+        assert session.get(Member, member.id) is not None
