@@ -1,0 +1,648 @@
+"""DuckDB SQL of the identity package, as `Query` objects.
+
+The resolver runs these on one cursor inside one transaction; names starting with `id_` are
+temporary tables of that run. Each statement is one set-based step.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any
+
+from cdp.warehouse import Cursor, Query
+
+# Node ids are a stable 60-bit hash of (kind, value), the same in every engine with md5:
+#   ('0x' || left(md5(kind || chr(31) || value), 15))::BIGINT
+# The suppression list stores sha256(kind || chr(31) || value). Kinds missing from the
+# priority list rank 1000000. These are spelt out in each statement (no SQL is assembled).
+NO_RANK = 1_000_000
+
+_PARAM = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def run_script(cur: Cursor, query: Query) -> tuple[Any, ...] | None:  # Any: SQL values
+    """Run the `;`-separated statements of a query in order, each with the parameters it names.
+
+    DuckDB binds parameters only to the last statement of a multi-statement string, so the
+    steps of one logical operation are sent one by one. Returns the first row of the last one.
+    """
+    row: tuple[Any, ...] | None = None  # Any: SQL values
+    for statement in query.sql.split(";\n"):
+        if not statement.strip():
+            continue
+        names = set(_PARAM.findall(statement))
+        params = {k: v for k, v in query.params.items() if k in names}
+        rows = cur.execute(statement, params or None).fetchall()
+        row = rows[0] if rows else None
+    return row
+
+
+STATE_MARK = "last_event_id"
+STATE_SEQ = "merge_seq"
+STATE_RULES = "rules_fingerprint"
+STATE_OVERRIDES = "override_version"
+
+
+def read_state() -> Query:
+    """Every counter of the resolver."""
+    return Query("SELECT name, number, text FROM identity_state")
+
+
+def write_state(name: str, *, number: int | None = None, text: str | None = None) -> Query:
+    """Set one counter of the resolver."""
+    return Query(
+        "INSERT OR REPLACE INTO identity_state VALUES ($name, $number, $text)",
+        {"name": name, "number": number, "text": text},
+    )
+
+
+MAX_EVENT_ID = Query("SELECT coalesce(max(event_id), 0) FROM event_identifiers")
+MAX_OVERRIDE_VERSION = Query("SELECT coalesce(max(version), 0) FROM identity_link_overrides")
+
+
+# Copies of Arrow/Polars frames registered as `<name>_frame` into temp tables of the run.
+FRAME_COPIES = {
+    "id_kind_rank": Query(
+        "CREATE OR REPLACE TEMP TABLE id_kind_rank AS SELECT * FROM id_kind_rank_frame"
+    ),
+    "id_block_values": Query(
+        "CREATE OR REPLACE TEMP TABLE id_block_values AS SELECT * FROM id_block_values_frame"
+    ),
+    "id_block_patterns": Query(
+        "CREATE OR REPLACE TEMP TABLE id_block_patterns AS SELECT * FROM id_block_patterns_frame"
+    ),
+    "id_trait_sources": Query(
+        "CREATE OR REPLACE TEMP TABLE id_trait_sources AS SELECT * FROM id_trait_sources_frame"
+    ),
+    "id_labels": Query("CREATE OR REPLACE TEMP TABLE id_labels AS SELECT * FROM id_labels_frame"),
+    "id_refusals": Query(
+        "CREATE OR REPLACE TEMP TABLE id_refusals AS SELECT * FROM id_refusals_frame"
+    ),
+    "id_used_links": Query(
+        "CREATE OR REPLACE TEMP TABLE id_used_links AS SELECT * FROM id_used_links_frame"
+    ),
+    "sql_edges": Query("CREATE OR REPLACE TEMP TABLE sql_edges AS SELECT * FROM sql_edges_frame"),
+}
+
+
+def new_event_identifiers(mark: int, up_to: int) -> Query:
+    """Identifiers of the events after the mark, without suppressed (erased) ones."""
+    return Query(
+        """
+        CREATE OR REPLACE TEMP TABLE id_new_ei AS
+        SELECT ei.event_id, ei.kind, ei.value, e.timestamp AS ts
+        FROM event_identifiers ei
+        JOIN events e ON e.event_id = ei.event_id
+        WHERE ei.event_id > $mark AND ei.event_id <= $up_to
+          AND sha256(ei.kind || chr(31) || ei.value)
+              NOT IN (SELECT identifier_hash FROM identity_suppressions WHERE lifted_at IS NULL)
+        """,
+        {"mark": mark, "up_to": up_to},
+    )
+
+
+INSERT_NEW_NODES = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE id_new_nodes AS
+    SELECT ('0x' || left(md5(kind || chr(31) || value), 15))::BIGINT AS node_id, kind, value,
+           coalesce((SELECT rank FROM id_kind_rank r WHERE r.kind = g.kind), 1000000) AS rank,
+           first_event_id, first_seen, last_seen
+    FROM (
+        SELECT kind, value, min(event_id) AS first_event_id, min(ts) AS first_seen,
+               max(ts) AS last_seen
+        FROM id_new_ei GROUP BY kind, value
+    ) g
+    WHERE NOT EXISTS (
+        SELECT 1 FROM identity_nodes n WHERE n.kind = g.kind AND n.value = g.value
+    );
+    INSERT INTO identity_nodes
+    SELECT node_id, kind, value, rank, 'active', node_id, NULL, first_event_id, first_seen,
+           last_seen
+    FROM id_new_nodes;
+    """
+)
+
+TOUCH_SEEN_NODES = Query(
+    """
+    UPDATE identity_nodes n
+    SET first_seen = least(n.first_seen, g.first_seen),
+        last_seen = greatest(n.last_seen, g.last_seen)
+    FROM (
+        SELECT kind, value, min(ts) AS first_seen, max(ts) AS last_seen
+        FROM id_new_ei GROUP BY kind, value
+    ) g
+    WHERE n.kind = g.kind AND n.value = g.value
+      AND (g.first_seen < n.first_seen OR g.last_seen > n.last_seen)
+    """
+)
+
+# Each event links every pair of its identifiers; an event with more than 8 identifiers
+# links them as a star around its most trusted one instead (k - 1 links).
+INSERT_NEW_EDGES = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE id_new_ein AS
+    SELECT DISTINCT x.event_id, n.node_id, n.rank, x.ts
+    FROM id_new_ei x JOIN identity_nodes n ON n.kind = x.kind AND n.value = x.value;
+    CREATE OR REPLACE TEMP TABLE id_new_edges AS
+    WITH sized AS (
+        SELECT event_id, count(*) AS k, arg_min(node_id, (rank, node_id)) AS centre_id
+        FROM id_new_ein GROUP BY event_id HAVING count(*) > 1
+    ),
+    links AS (
+        SELECT a.node_id AS src, b.node_id AS dst, a.event_id, a.ts
+        FROM id_new_ein a
+        JOIN sized s ON s.event_id = a.event_id
+        JOIN id_new_ein b ON b.event_id = a.event_id AND b.node_id > a.node_id
+        WHERE s.k <= 8 OR s.centre_id IN (a.node_id, b.node_id)
+    )
+    SELECT src, dst, min(event_id) AS first_event_id, arg_min(ts, event_id) AS first_at
+    FROM links l
+    WHERE NOT EXISTS (SELECT 1 FROM identity_edges e WHERE e.src = l.src AND e.dst = l.dst)
+    GROUP BY src, dst;
+    INSERT INTO identity_edges SELECT src, dst, first_event_id, first_at FROM id_new_edges;
+    """
+)
+
+# Nodes whose status may change: new ones, endpoints of new links, nodes of changed overrides.
+STATUS_CANDIDATES_INCREMENTAL = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE id_status_cands AS
+    SELECT node_id FROM id_new_nodes
+    UNION SELECT src FROM id_new_edges
+    UNION SELECT dst FROM id_new_edges
+    UNION SELECT node_id FROM id_override_nodes
+    """
+)
+STATUS_CANDIDATES_FULL = Query(
+    "CREATE OR REPLACE TEMP TABLE id_status_cands AS SELECT node_id FROM identity_nodes"
+)
+
+
+def changed_overrides(after_version: int) -> Query:
+    """Nodes named by overrides created or lifted since the version the resolver last saw."""
+    return Query(
+        """
+        CREATE OR REPLACE TEMP TABLE id_override_nodes AS
+        SELECT src AS node_id FROM identity_link_overrides WHERE version > $v
+        UNION SELECT dst FROM identity_link_overrides WHERE version > $v AND dst IS NOT NULL
+        """,
+        {"v": after_version},
+    )
+
+
+ACTIVE_REMOVED_LINKS = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE id_removed_links AS
+    SELECT DISTINCT least(src, dst) AS src, greatest(src, dst) AS dst
+    FROM identity_link_overrides
+    WHERE action = 'remove_link' AND lifted_at IS NULL
+    """
+)
+
+
+def compute_status(auto_cap: int) -> Query:
+    """New status of the candidates: blocked value, detached, over the cap, or active."""
+    return Query(
+        """
+        CREATE OR REPLACE TEMP TABLE id_status_new AS
+        WITH cand AS (
+            SELECT n.node_id, n.kind, n.value, n.rank, n.status
+            FROM identity_nodes n SEMI JOIN id_status_cands c ON c.node_id = n.node_id
+        ),
+        blocked AS (
+            SELECT node_id FROM cand
+            WHERE lower(value) IN (SELECT lower(value) FROM id_block_values)
+               OR EXISTS (
+                   SELECT 1 FROM id_block_patterns p WHERE regexp_full_match(value, p.pattern)
+               )
+        ),
+        detached AS (
+            SELECT src AS node_id FROM identity_link_overrides
+            WHERE action = 'remove_identifier' AND lifted_at IS NULL
+        ),
+        nbr AS (
+            SELECT e.src AS node_id, e.dst AS other
+            FROM identity_edges e SEMI JOIN cand c ON c.node_id = e.src
+            UNION ALL
+            SELECT e.dst, e.src FROM identity_edges e SEMI JOIN cand c ON c.node_id = e.dst
+        ),
+        higher AS (
+            SELECT x.node_id, count(DISTINCT nbr.other) AS links
+            FROM nbr
+            JOIN cand x ON x.node_id = nbr.node_id
+            JOIN identity_nodes o ON o.node_id = nbr.other
+            WHERE o.rank < x.rank
+              AND NOT (lower(o.value) IN (SELECT lower(value) FROM id_block_values))
+              AND NOT EXISTS (
+                  SELECT 1 FROM id_block_patterns p WHERE regexp_full_match(o.value, p.pattern)
+              )
+            GROUP BY x.node_id
+        )
+        SELECT c.node_id, c.status AS old_status,
+            CASE
+                WHEN c.node_id IN (SELECT node_id FROM blocked) THEN 'blocked'
+                WHEN c.node_id IN (SELECT node_id FROM detached) THEN 'detached'
+                WHEN coalesce(h.links, 0) > $cap THEN 'capped'
+                ELSE 'active'
+            END AS status,
+            coalesce(h.links, 0) AS higher_links
+        FROM cand c LEFT JOIN higher h ON h.node_id = c.node_id
+        """,
+        {"cap": auto_cap},
+    )
+
+
+APPLY_STATUS = Query(
+    """
+    UPDATE identity_nodes n SET status = s.status
+    FROM id_status_new s
+    WHERE n.node_id = s.node_id AND n.status <> s.status
+    """
+)
+
+# The raw components to recompute: those of every node whose links or status changed.
+AFFECTED_INCREMENTAL = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE id_seed AS
+    SELECT node_id FROM id_status_cands;
+    CREATE OR REPLACE TEMP TABLE id_aff AS
+    SELECT n.node_id, n.kind, n.rank, n.status, n.first_event_id,
+           n.component_id AS old_component_id
+    FROM identity_nodes n
+    WHERE n.component_id IN (
+        SELECT n2.component_id FROM identity_nodes n2 SEMI JOIN id_seed s ON s.node_id = n2.node_id
+    );
+    """
+)
+AFFECTED_FULL = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE id_aff AS
+    SELECT node_id, kind, rank, status, first_event_id, component_id AS old_component_id
+    FROM identity_nodes
+    """
+)
+
+OLD_ASSIGNMENT_INCREMENTAL = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE id_old AS
+    SELECT n.node_id, n.profile_id FROM identity_nodes n
+    SEMI JOIN id_aff a ON a.node_id = n.node_id
+    WHERE n.profile_id IS NOT NULL
+    """
+)
+SNAPSHOT_FOR_FULL = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE id_old AS
+    SELECT node_id, profile_id FROM identity_nodes WHERE profile_id IS NOT NULL;
+    CREATE OR REPLACE TEMP TABLE id_old_profiles AS
+    SELECT DISTINCT profile_id FROM profiles;
+    DELETE FROM identity_nodes;
+    DELETE FROM identity_edges;
+    DELETE FROM identity_decisions;
+    """
+)
+
+AFFECTED_ACTIVE_NODES = Query(
+    "SELECT node_id, kind FROM id_aff WHERE status = 'active' ORDER BY node_id"
+)
+# With the ranks of their ends: inside one event, links of trusted identifiers apply first.
+AFFECTED_LINKS = Query(
+    """
+    SELECT e.src, e.dst, e.first_event_id,
+           least(a.rank, b.rank) AS high_rank, greatest(a.rank, b.rank) AS low_rank
+    FROM identity_edges e
+    JOIN id_aff a ON a.node_id = e.src AND a.status = 'active'
+    JOIN id_aff b ON b.node_id = e.dst AND b.status = 'active'
+    ANTI JOIN id_removed_links r ON r.src = e.src AND r.dst = e.dst
+    """
+)
+
+# Stable ids: per old profile, the new label holding most of its nodes keeps it ("stays");
+# per label, the oldest staying profile survives and the other stayers merge into it; a
+# label nobody stays in gets a new id. Materialised so each new uuid is drawn once.
+RECONCILE = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE id_claims AS
+    SELECT l.label, o.profile_id, count(*) AS nodes
+    FROM id_labels l JOIN id_old o ON o.node_id = l.node_id
+    GROUP BY l.label, o.profile_id;
+    CREATE OR REPLACE TEMP TABLE id_stay AS
+    SELECT profile_id, arg_min(label, (-nodes, label)) AS label FROM id_claims GROUP BY profile_id;
+    CREATE OR REPLACE TEMP TABLE id_label_pid AS
+    WITH surv AS (
+        SELECT s.label, arg_min(s.profile_id, (r.born_event_id, s.profile_id)) AS profile_id
+        FROM id_stay s JOIN identity_profile_ids r ON r.profile_id = s.profile_id
+        GROUP BY s.label
+    ),
+    labels AS (
+        SELECT l.label, min(a.first_event_id) AS born_event_id
+        FROM id_labels l JOIN id_aff a ON a.node_id = l.node_id GROUP BY l.label
+    )
+    SELECT labels.label, coalesce(surv.profile_id, gen_random_uuid()::VARCHAR) AS profile_id,
+           surv.profile_id IS NULL AS is_new, labels.born_event_id
+    FROM labels LEFT JOIN surv ON surv.label = labels.label;
+    """
+)
+
+# Merges (a staying profile that is not its label's survivor) and splits (part of an old
+# profile now in another label), each with the newest used link touching the moved nodes.
+CHANGES = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE id_changes AS
+    WITH moves AS (
+        SELECT 'merge' AS kind, s.profile_id AS from_pid, lp.profile_id AS to_pid, s.label
+        FROM id_stay s JOIN id_label_pid lp ON lp.label = s.label
+        WHERE s.profile_id <> lp.profile_id
+        UNION ALL
+        SELECT 'split', c.profile_id, lp.profile_id, c.label
+        FROM id_claims c
+        JOIN id_stay s ON s.profile_id = c.profile_id
+        JOIN id_label_pid lp ON lp.label = c.label
+        WHERE s.label <> c.label
+    ),
+    moved_nodes AS (
+        SELECT m.kind, m.from_pid, m.to_pid, o.node_id
+        FROM moves m
+        JOIN id_old o ON o.profile_id = m.from_pid
+        JOIN id_labels l ON l.node_id = o.node_id AND l.label = m.label
+    ),
+    touching AS (
+        SELECT mn.kind, mn.from_pid, mn.to_pid, u.src, u.dst, u.first_event_id
+        FROM moved_nodes mn JOIN id_used_links u ON u.src = mn.node_id
+        UNION ALL
+        SELECT mn.kind, mn.from_pid, mn.to_pid, u.src, u.dst, u.first_event_id
+        FROM moved_nodes mn JOIN id_used_links u ON u.dst = mn.node_id
+    ),
+    cause AS (
+        SELECT kind, from_pid, to_pid,
+               arg_max({'src': src, 'dst': dst, 'event_id': first_event_id},
+                       (first_event_id, src, dst)) AS link
+        FROM touching GROUP BY kind, from_pid, to_pid
+    )
+    SELECT m.kind, m.from_pid, m.to_pid, struct_extract(c.link, 'src') AS src,
+           struct_extract(c.link, 'dst') AS dst, struct_extract(c.link, 'event_id') AS event_id
+    FROM (SELECT DISTINCT kind, from_pid, to_pid FROM moves) m
+    LEFT JOIN cause c ON c.kind = m.kind AND c.from_pid = m.from_pid AND c.to_pid = m.to_pid
+    """
+)
+
+
+def publish_changes(*, seq: int, at: datetime) -> Query:
+    """Append the run's merges and splits to `profile_merges`, numbered after `seq`."""
+    return Query(
+        """
+        INSERT INTO profile_merges
+        SELECT $seq + row_number() OVER (ORDER BY c.kind, c.event_id NULLS LAST, c.from_pid,
+                                                  c.to_pid),
+               c.kind, c.from_pid, c.to_pid, $at,
+               CASE WHEN c.event_id IS NULL THEN c.kind || ' after a change of rules or links'
+                    ELSE 'link ' || a.kind || ':' || a.value || ' - ' || b.kind || ':' || b.value
+                         || ' from event ' || c.event_id::VARCHAR
+               END,
+               c.event_id, c.src, c.dst
+        FROM id_changes c
+        LEFT JOIN identity_nodes a ON a.node_id = c.src
+        LEFT JOIN identity_nodes b ON b.node_id = c.dst
+        """,
+        {"seq": seq, "at": at},
+    )
+
+
+def register_profiles(at: datetime) -> Query:
+    """Record new profile ids and point merged-away ids (and theirs) at the survivor."""
+    return Query(
+        """
+        INSERT INTO identity_profile_ids
+        SELECT profile_id, born_event_id, $at, NULL, NULL FROM id_label_pid WHERE is_new;
+        UPDATE identity_profile_ids r SET merged_into = c.to_pid, merged_at = $at
+        FROM id_changes c WHERE c.kind = 'merge' AND r.profile_id = c.from_pid;
+        UPDATE identity_profile_ids r SET merged_into = c.to_pid
+        FROM id_changes c WHERE c.kind = 'merge' AND r.merged_into = c.from_pid;
+        """,
+        {"at": at},
+    )
+
+
+APPLY_ASSIGNMENT = Query(
+    """
+    UPDATE identity_nodes n
+    SET component_id = l.component_id, profile_id = lp.profile_id
+    FROM id_labels l JOIN id_label_pid lp ON lp.label = l.label
+    WHERE n.node_id = l.node_id;
+    UPDATE identity_nodes n SET component_id = n.node_id, profile_id = NULL
+    FROM id_aff a WHERE a.node_id = n.node_id AND n.status <> 'active';
+    """
+)
+
+
+def record_decisions(at: datetime) -> Query:
+    """Replace the decisions of the affected nodes: refused links and blocked identifiers."""
+    return Query(
+        """
+        DELETE FROM identity_decisions d USING id_aff a WHERE d.node_id = a.node_id;
+        INSERT INTO identity_decisions
+        SELECT l.component_id, 'limit', r.src, r.dst, r.event_id,
+               'link not used: the profile would hold more than ' || r.lim::VARCHAR || ' '
+               || r.kind || ' identifier(s)', $at
+        FROM id_refusals r JOIN id_labels l ON l.node_id = r.src;
+        INSERT INTO identity_decisions
+        SELECT n.node_id, n.status, n.node_id, NULL, NULL,
+               CASE n.status
+                   WHEN 'blocked' THEN 'blocked value or pattern: never links'
+                   WHEN 'detached' THEN 'removed by an admin: links ignored until allowed again'
+                   ELSE 'linked to ' || s.higher_links::VARCHAR
+                        || ' higher-priority identifiers (over the cap): treated as blocked'
+               END, $at
+        FROM identity_nodes n
+        SEMI JOIN id_aff a ON a.node_id = n.node_id
+        LEFT JOIN id_status_new s ON s.node_id = n.node_id
+        WHERE n.status <> 'active';
+        """,
+        {"at": at},
+    )
+
+
+# Profiles to rebuild: every profile id the run assigned or took away, and the profiles of
+# identifiers seen in the new events (their traits and last_seen moved).
+DIRTY_PROFILES = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE id_dirty AS
+    SELECT profile_id FROM id_label_pid
+    UNION SELECT profile_id FROM id_old
+    UNION SELECT n.profile_id FROM identity_nodes n
+          SEMI JOIN id_new_ein x ON x.node_id = n.node_id
+          WHERE n.profile_id IS NOT NULL
+    """
+)
+DIRTY_PROFILES_FULL = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE id_dirty AS
+    SELECT profile_id FROM id_label_pid
+    UNION SELECT profile_id FROM id_old_profiles
+    """
+)
+
+
+# The profile of an event: that of its most trusted identifier that belongs to a profile.
+# Used for the profiles rebuild (candidate events in id_pev_cand) and for event ranges.
+def refresh_profiles(at: datetime) -> Query:
+    """Rebuild the `profiles` rows of the dirty profiles, with trait survivorship."""
+    return Query(
+        """
+        CREATE OR REPLACE TEMP TABLE id_pn AS
+        SELECT n.node_id, n.kind, n.value, n.profile_id FROM identity_nodes n
+        SEMI JOIN id_dirty d ON d.profile_id = n.profile_id;
+        CREATE OR REPLACE TEMP TABLE id_pev_cand AS
+        SELECT DISTINCT ei.event_id FROM event_identifiers ei
+        JOIN id_pn p ON p.kind = ei.kind AND p.value = ei.value;
+        CREATE OR REPLACE TEMP TABLE id_pev AS
+        SELECT ep.profile_id, e.event_id, e.source_id, e.timestamp, e.traits
+        FROM (
+            SELECT ei.event_id, arg_min(n.profile_id, (n.rank, n.node_id)) AS profile_id
+            FROM event_identifiers ei
+            JOIN identity_nodes n ON n.kind = ei.kind AND n.value = ei.value
+            SEMI JOIN id_pev_cand c ON c.event_id = ei.event_id
+            WHERE n.profile_id IS NOT NULL
+            GROUP BY ei.event_id
+        ) ep
+        JOIN events e ON e.event_id = ep.event_id
+        SEMI JOIN id_dirty d ON d.profile_id = ep.profile_id;
+        DELETE FROM profiles p USING id_dirty d WHERE p.profile_id = d.profile_id;
+        INSERT INTO profiles
+        WITH stats AS (
+            SELECT profile_id, min(timestamp) AS first_seen, max(timestamp) AS last_seen,
+                   count(*) AS event_count
+            FROM id_pev GROUP BY profile_id
+        ),
+        kv AS (
+            SELECT profile_id, source_id, timestamp, event_id, key,
+                   json_extract(traits, key) AS val
+            FROM (
+                SELECT profile_id, source_id, timestamp, event_id, traits,
+                       unnest(json_keys(traits)) AS key
+                FROM id_pev WHERE traits IS NOT NULL AND json_type(traits) = 'OBJECT'
+            )
+        ),
+        survivor AS (
+            SELECT kv.profile_id, kv.key,
+                   arg_min(kv.val, (coalesce(ts.prio, 1000000), -epoch_us(kv.timestamp),
+                                    -kv.event_id)) AS val
+            FROM kv LEFT JOIN id_trait_sources ts
+                ON ts.trait = kv.key AND ts.source_id = kv.source_id
+            WHERE json_type(kv.val) <> 'NULL'
+            GROUP BY kv.profile_id, kv.key
+        ),
+        traits AS (
+            SELECT profile_id, json_group_object(key, val) AS traits
+            FROM survivor GROUP BY profile_id
+        ),
+        idents AS (
+            SELECT profile_id, json_group_object(kind, vals) AS identifiers
+            FROM (
+                SELECT profile_id, kind, list(value ORDER BY value) AS vals
+                FROM id_pn GROUP BY profile_id, kind
+            )
+            GROUP BY profile_id
+        )
+        SELECT i.profile_id, r.created_at, $at, s.first_seen, s.last_seen,
+               coalesce(s.event_count, 0), i.identifiers, coalesce(t.traits, '{}')::JSON
+        FROM idents i
+        JOIN identity_profile_ids r ON r.profile_id = i.profile_id
+        LEFT JOIN stats s ON s.profile_id = i.profile_id
+        LEFT JOIN traits t ON t.profile_id = i.profile_id;
+        """,
+        {"at": at},
+    )
+
+
+# Public reads.
+
+
+def lookup(kind: str, value: str) -> Query:
+    """The profile of one identifier."""
+    return Query(
+        "SELECT profile_id FROM identity_nodes WHERE kind = $kind AND value = $value",
+        {"kind": kind, "value": value},
+    )
+
+
+def profile_id_record(profile_id: str) -> Query:
+    """The registry row of a profile id."""
+    return Query(
+        "SELECT profile_id, merged_into FROM identity_profile_ids WHERE profile_id = $pid",
+        {"pid": profile_id},
+    )
+
+
+def event_profiles(after_event_id: int, up_to_event_id: int | None) -> Query:
+    """The profile of each resolved event in a range of event ids."""
+    return Query(
+        """
+        SELECT ei.event_id, arg_min(n.profile_id, (n.rank, n.node_id)) AS profile_id
+        FROM event_identifiers ei
+        JOIN identity_nodes n ON n.kind = ei.kind AND n.value = ei.value
+        WHERE n.profile_id IS NOT NULL
+          AND ei.event_id > $after AND ($up_to IS NULL OR ei.event_id <= $up_to)
+        GROUP BY ei.event_id
+        ORDER BY ei.event_id
+        """,
+        {"after": after_event_id, "up_to": up_to_event_id},
+    )
+
+
+def merges_since(after_seq: int) -> Query:
+    """Published merges and splits after a sequence number."""
+    return Query(
+        """
+        SELECT seq, kind, from_profile_id, to_profile_id, occurred_at AS "at", reason
+        FROM profile_merges WHERE seq > $after ORDER BY seq
+        """,
+        {"after": after_seq},
+    )
+
+
+PARTITION = Query(
+    """
+    SELECT kind, value, profile_id FROM identity_nodes
+    WHERE profile_id IS NOT NULL ORDER BY kind, value
+    """
+)
+
+
+# Set-based labelling of temp table sql_edges(src, dst) into sql_labels(node_id, label).
+SQL_LABELS_INIT = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE sql_labels AS
+    SELECT src AS node_id, src AS label FROM sql_edges UNION SELECT dst, dst FROM sql_edges
+    """
+)
+# One hooking round: each root takes the smallest root it is linked to; returns the count.
+SQL_LABELS_HOOK = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE sql_hook AS
+    SELECT greatest(a.label, b.label) AS node_id, min(least(a.label, b.label)) AS label
+    FROM sql_edges e
+    JOIN sql_labels a ON a.node_id = e.src
+    JOIN sql_labels b ON b.node_id = e.dst
+    WHERE a.label <> b.label
+    GROUP BY greatest(a.label, b.label);
+    SELECT count(*) FROM sql_hook;
+    """
+)
+SQL_LABELS_APPLY_HOOK = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE sql_labels AS
+    SELECT l.node_id, least(l.label, coalesce(h.label, l.label)) AS label
+    FROM sql_labels l LEFT JOIN sql_hook h ON h.node_id = l.node_id
+    """
+)
+SQL_LABELS_JUMP = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE sql_jump AS
+    SELECT l.node_id, p.label FROM sql_labels l JOIN sql_labels p ON p.node_id = l.label;
+    SELECT count(*) FROM sql_jump j JOIN sql_labels l ON l.node_id = j.node_id
+    WHERE j.label <> l.label;
+    """
+)
+SQL_LABELS_APPLY_JUMP = Query("CREATE OR REPLACE TEMP TABLE sql_labels AS SELECT * FROM sql_jump")
