@@ -646,3 +646,205 @@ SQL_LABELS_JUMP = Query(
     """
 )
 SQL_LABELS_APPLY_JUMP = Query("CREATE OR REPLACE TEMP TABLE sql_labels AS SELECT * FROM sql_jump")
+
+
+def profile_row(profile_id: str) -> Query:
+    """One row of `profiles`."""
+    return Query(
+        """
+        SELECT profile_id, created_at, updated_at, first_seen, last_seen, event_count,
+               identifiers, traits
+        FROM profiles WHERE profile_id = $pid
+        """,
+        {"pid": profile_id},
+    )
+
+
+# Events whose profile is $pid: candidates share an identifier with it, then the event's
+# most trusted identifier decides. Filters: event name, [since, until).
+_PROFILE_EVENTS_PAGE = """
+    WITH pn AS (SELECT kind, value FROM identity_nodes WHERE profile_id = $pid),
+    cand AS (
+        SELECT DISTINCT ei.event_id FROM event_identifiers ei
+        JOIN pn ON pn.kind = ei.kind AND pn.value = ei.value
+    ),
+    ep AS (
+        SELECT ei.event_id, arg_min(n.profile_id, (n.rank, n.node_id)) AS profile_id
+        FROM event_identifiers ei
+        JOIN identity_nodes n ON n.kind = ei.kind AND n.value = ei.value
+        SEMI JOIN cand c ON c.event_id = ei.event_id
+        WHERE n.profile_id IS NOT NULL
+        GROUP BY ei.event_id
+    ),
+    pe AS (
+        SELECT e.event_id, e.message_id, e.source_id, e.type, e.event, e.timestamp,
+               e.received_at, e.properties, e.traits, e.context
+        FROM ep JOIN events e ON e.event_id = ep.event_id
+        WHERE ep.profile_id = $pid
+          AND ($event::VARCHAR IS NULL OR e.event = $event)
+          AND ($since::TIMESTAMP IS NULL OR e.timestamp >= $since)
+          AND ($until::TIMESTAMP IS NULL OR e.timestamp < $until)
+    )
+    SELECT * FROM pe ORDER BY timestamp DESC, event_id DESC LIMIT $limit OFFSET $offset
+"""
+_PROFILE_EVENTS_COUNT = """
+    WITH pn AS (SELECT kind, value FROM identity_nodes WHERE profile_id = $pid),
+    cand AS (
+        SELECT DISTINCT ei.event_id FROM event_identifiers ei
+        JOIN pn ON pn.kind = ei.kind AND pn.value = ei.value
+    ),
+    ep AS (
+        SELECT ei.event_id, arg_min(n.profile_id, (n.rank, n.node_id)) AS profile_id
+        FROM event_identifiers ei
+        JOIN identity_nodes n ON n.kind = ei.kind AND n.value = ei.value
+        SEMI JOIN cand c ON c.event_id = ei.event_id
+        WHERE n.profile_id IS NOT NULL
+        GROUP BY ei.event_id
+    ),
+    pe AS (
+        SELECT e.event_id, e.message_id, e.source_id, e.type, e.event, e.timestamp,
+               e.received_at, e.properties, e.traits, e.context
+        FROM ep JOIN events e ON e.event_id = ep.event_id
+        WHERE ep.profile_id = $pid
+          AND ($event::VARCHAR IS NULL OR e.event = $event)
+          AND ($since::TIMESTAMP IS NULL OR e.timestamp >= $since)
+          AND ($until::TIMESTAMP IS NULL OR e.timestamp < $until)
+    )
+    SELECT count(*) FROM pe
+"""
+
+
+def profile_events(
+    profile_id: str,
+    *,
+    event: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    limit: int,
+    offset: int,
+) -> tuple[Query, Query]:
+    """A page of a profile's events, newest first, and their total count."""
+    params: dict[str, object] = {
+        "pid": profile_id,
+        "event": event,
+        "since": since,
+        "until": until,
+    }
+    page = Query(_PROFILE_EVENTS_PAGE, {**params, "limit": limit, "offset": offset})
+    return page, Query(_PROFILE_EVENTS_COUNT, params)
+
+
+def profile_nodes(profile_id: str) -> Query:
+    """The identifiers of a profile, with their first and last sighting."""
+    return Query(
+        """
+        SELECT node_id, kind, value, status, first_event_id, first_seen, last_seen
+        FROM identity_nodes WHERE profile_id = $pid ORDER BY rank, kind, value
+        """,
+        {"pid": profile_id},
+    )
+
+
+def profile_links(profile_id: str) -> Query:
+    """Links touching a profile's identifiers, with the event that created them and whether
+    they are in use (both ends in the profile) or not (refused, removed, other profile)."""
+    return Query(
+        """
+        WITH pn AS (SELECT node_id FROM identity_nodes WHERE profile_id = $pid),
+        l AS (
+            SELECT e.* FROM identity_edges e SEMI JOIN pn ON pn.node_id = e.src
+            UNION
+            SELECT e.* FROM identity_edges e SEMI JOIN pn ON pn.node_id = e.dst
+        )
+        SELECT a.kind AS from_kind, a.value AS from_value, b.kind AS to_kind,
+               b.value AS to_value, l.first_event_id AS event_id, l.first_at AS linked_at,
+               (a.profile_id = $pid AND b.profile_id = $pid
+                AND NOT EXISTS (
+                    SELECT 1 FROM identity_link_overrides o
+                    WHERE o.action = 'remove_link' AND o.lifted_at IS NULL
+                      AND least(o.src, o.dst) = l.src AND greatest(o.src, o.dst) = l.dst
+                )
+                AND NOT EXISTS (
+                    SELECT 1 FROM identity_decisions d
+                    WHERE d.decision = 'limit' AND d.node_id = l.src AND d.other_node_id = l.dst
+                )) AS used
+        FROM l
+        JOIN identity_nodes a ON a.node_id = l.src
+        JOIN identity_nodes b ON b.node_id = l.dst
+        ORDER BY l.first_event_id, a.kind, a.value, b.kind, b.value
+        """,
+        {"pid": profile_id},
+    )
+
+
+def profile_history(profile_id: str) -> Query:
+    """Merges and splits involving a profile or ids merged into it."""
+    return Query(
+        """
+        WITH ids AS (
+            SELECT $pid AS profile_id
+            UNION SELECT profile_id FROM identity_profile_ids WHERE merged_into = $pid
+        )
+        SELECT seq, kind, from_profile_id, to_profile_id, occurred_at AS "at", reason,
+               event_id
+        FROM profile_merges
+        WHERE from_profile_id IN (SELECT profile_id FROM ids)
+           OR to_profile_id IN (SELECT profile_id FROM ids)
+        ORDER BY seq
+        """,
+        {"pid": profile_id},
+    )
+
+
+def profile_decisions(profile_id: str) -> Query:
+    """Rule decisions about a profile's identifiers and the links touching them."""
+    return Query(
+        """
+        WITH pn AS (SELECT node_id FROM identity_nodes WHERE profile_id = $pid)
+        SELECT d.decision, a.kind, a.value, b.kind AS other_kind, b.value AS other_value,
+               d.event_id, d.detail, d.decided_at
+        FROM identity_decisions d
+        JOIN identity_nodes a ON a.node_id = d.node_id
+        LEFT JOIN identity_nodes b ON b.node_id = d.other_node_id
+        WHERE d.node_id IN (SELECT node_id FROM pn) OR d.other_node_id IN (SELECT node_id FROM pn)
+        ORDER BY d.event_id NULLS LAST, a.kind, a.value
+        """,
+        {"pid": profile_id},
+    )
+
+
+# Profiles whose traits equal every (name, value) filter, latest activity first.
+_SEARCH_PAGE = """
+    WITH f AS (SELECT unnest($names::VARCHAR[]) AS n, unnest($values::VARCHAR[]) AS v),
+    hits AS (
+        SELECT p.* FROM profiles p
+        WHERE NOT EXISTS (
+            SELECT 1 FROM f WHERE json_extract_string(p.traits, f.n) IS DISTINCT FROM f.v
+        )
+        AND ($seen_after::TIMESTAMP IS NULL OR p.last_seen >= $seen_after)
+    )
+    SELECT profile_id, created_at, updated_at, first_seen, last_seen, event_count,
+           identifiers, traits
+    FROM hits ORDER BY last_seen DESC NULLS LAST, profile_id LIMIT $limit OFFSET $offset
+"""
+_SEARCH_COUNT = """
+    WITH f AS (SELECT unnest($names::VARCHAR[]) AS n, unnest($values::VARCHAR[]) AS v)
+    SELECT count(*) FROM profiles p
+    WHERE NOT EXISTS (
+        SELECT 1 FROM f WHERE json_extract_string(p.traits, f.n) IS DISTINCT FROM f.v
+    )
+    AND ($seen_after::TIMESTAMP IS NULL OR p.last_seen >= $seen_after)
+"""
+
+
+def search_profiles(
+    traits: dict[str, str], *, seen_after: datetime | None, limit: int, offset: int
+) -> tuple[Query, Query]:
+    """A page of profiles matching trait filters, and the total count."""
+    params: dict[str, object] = {
+        "names": list(traits),
+        "values": list(traits.values()),
+        "seen_after": seen_after,
+    }
+    page = Query(_SEARCH_PAGE, {**params, "limit": limit, "offset": offset})
+    return page, Query(_SEARCH_COUNT, params)

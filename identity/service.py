@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
+from typing import Any
 
+import orjson
 import polars as pl
 from sqlalchemy.orm import Session
 
@@ -11,10 +14,20 @@ from cdp.config import Settings
 from cdp.db import utcnow
 from cdp.warehouse import Warehouse
 from identity import queries, resolver
-from identity.errors import ProfileNotFound
+from identity.errors import IdentifierNotFound, InvalidIdentifier, ProfileNotFound
 from identity.models import IdentityRuleSet
+from identity.normalize import normalize
 from identity.resolver import ResolveResult
 from identity.rules import IdentityRules
+from identity.schemas import (
+    DecisionRead,
+    EventRead,
+    IdentifierRead,
+    IdentityExplanation,
+    LinkRead,
+    MergeRead,
+    ProfileRead,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -22,12 +35,17 @@ __all__ = [
     "IdentityRules",
     "ResolveResult",
     "event_profiles",
+    "explain_identity",
+    "find_profile",
+    "get_profile",
     "get_rules",
     "lookup",
     "merges_since",
+    "profile_events",
     "put_rules",
     "resolve",
     "resolve_profile_id",
+    "search_profiles",
 ]
 
 
@@ -94,3 +112,133 @@ def merges_since(warehouse: Warehouse, *, after_seq: int) -> pl.DataFrame:
     Columns: seq, kind ('merge' | 'split'), from_profile_id, to_profile_id, at, reason.
     """
     return warehouse.run(queries.merges_since(after_seq))
+
+
+def find_profile(warehouse: Warehouse, *, settings: Settings, kind: str, value: str) -> ProfileRead:
+    """The profile holding an identifier given as typed (normalised here first)."""
+    normalised = normalize(kind, value, default_region=settings.default_phone_region)
+    if normalised is None:
+        raise InvalidIdentifier(f"{value!r} is not a usable {kind}")
+    profile_id = lookup(warehouse, kind=kind, value=normalised)
+    if profile_id is None:
+        raise IdentifierNotFound(f"no profile holds {kind} {normalised!r}")
+    return get_profile(warehouse, profile_id=profile_id)
+
+
+def get_profile(warehouse: Warehouse, *, profile_id: str) -> ProfileRead:
+    """A profile by id; a merged-away id answers with its survivor (and says so)."""
+    live = resolve_profile_id(warehouse, profile_id=profile_id)
+    frame = warehouse.run(queries.profile_row(live))
+    if frame.height == 0:
+        raise ProfileNotFound(f"profile {profile_id} has no identifiers left")
+    return _profile(frame.row(0, named=True), requested=profile_id)
+
+
+def profile_events(
+    warehouse: Warehouse,
+    *,
+    profile_id: str,
+    event: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> tuple[list[EventRead], int]:
+    """A page of a profile's timeline (newest first) and the total, after redirects."""
+    live = resolve_profile_id(warehouse, profile_id=profile_id)
+    page, total = queries.profile_events(
+        live, event=event, since=_naive(since), until=_naive(until), limit=limit, offset=offset
+    )
+    items = [
+        EventRead(
+            **{
+                **row,
+                "timestamp": _aware(row["timestamp"]),
+                "received_at": _aware(row["received_at"]),
+                "properties": _json(row["properties"]),
+                "traits": _json(row["traits"]),
+                "context": _json(row["context"]),
+            }
+        )
+        for row in warehouse.run(page).iter_rows(named=True)
+    ]
+    return items, int(warehouse.scalar(total))
+
+
+def explain_identity(warehouse: Warehouse, *, profile_id: str) -> IdentityExplanation:
+    """Identifiers, links with their events, merges and rule decisions of a profile."""
+    live = resolve_profile_id(warehouse, profile_id=profile_id)
+    identifiers = [
+        IdentifierRead(
+            **{
+                **row,
+                "first_seen": _aware(row["first_seen"]),
+                "last_seen": _aware(row["last_seen"]),
+            }
+        )
+        for row in warehouse.run(queries.profile_nodes(live)).iter_rows(named=True)
+    ]
+    links = [
+        LinkRead(**{**row, "linked_at": _aware(row["linked_at"])})
+        for row in warehouse.run(queries.profile_links(live)).iter_rows(named=True)
+    ]
+    history = [
+        MergeRead(**{**row, "at": _aware(row["at"])})
+        for row in warehouse.run(queries.profile_history(live)).iter_rows(named=True)
+    ]
+    decisions = [
+        DecisionRead(**{**row, "decided_at": _aware(row["decided_at"])})
+        for row in warehouse.run(queries.profile_decisions(live)).iter_rows(named=True)
+    ]
+    return IdentityExplanation(
+        profile_id=live, identifiers=identifiers, links=links, history=history, decisions=decisions
+    )
+
+
+def search_profiles(
+    warehouse: Warehouse,
+    *,
+    traits: dict[str, str],
+    seen_after: datetime | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> tuple[list[ProfileRead], int]:
+    """Profiles whose traits equal every given value (as text), latest activity first."""
+    page, total = queries.search_profiles(
+        traits, seen_after=_naive(seen_after), limit=limit, offset=offset
+    )
+    items = [
+        _profile(row, requested=row["profile_id"])
+        for row in warehouse.run(page).iter_rows(named=True)
+    ]
+    return items, int(warehouse.scalar(total))
+
+
+def _profile(row: dict[str, Any], *, requested: str) -> ProfileRead:  # Any: SQL values
+    return ProfileRead(
+        id=row["profile_id"],
+        requested_id=requested,
+        redirected=requested != row["profile_id"],
+        created_at=_aware(row["created_at"]),
+        updated_at=_aware(row["updated_at"]),
+        first_seen=_aware(row["first_seen"]),
+        last_seen=_aware(row["last_seen"]),
+        event_count=row["event_count"],
+        identifiers=_json(row["identifiers"]) or {},
+        traits=_json(row["traits"]) or {},
+    )
+
+
+def _json(text: str | None) -> Any:  # Any: JSON value
+    return None if text is None else orjson.loads(text)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """Warehouse timestamps are naive UTC; the API speaks aware UTC."""
+    return None if value is None else value.replace(tzinfo=UTC)
+
+
+def _naive(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo else value

@@ -1,0 +1,125 @@
+"""API models of the identity package."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from identity.rules import IdentityRules
+
+
+class ProfileRead(BaseModel):
+    """A unified profile: its identifiers by kind and its traits after survivorship."""
+
+    id: str
+    requested_id: str = Field(description="The id asked for; differs from `id` after a merge")
+    redirected: bool = Field(description="The requested id was merged into this profile")
+    created_at: datetime
+    updated_at: datetime
+    first_seen: datetime | None
+    last_seen: datetime | None
+    event_count: int
+    identifiers: dict[str, list[str]]
+    traits: dict[str, Any]  # Any: JSON trait values
+
+
+class EventRead(BaseModel):
+    """One event of a profile's timeline."""
+
+    event_id: int
+    message_id: str
+    source_id: str
+    type: str
+    event: str | None
+    timestamp: datetime
+    received_at: datetime
+    properties: dict[str, Any] | None  # Any: JSON
+    traits: dict[str, Any] | None  # Any: JSON
+    context: dict[str, Any] | None  # Any: JSON
+
+
+class IdentifierRead(BaseModel):
+    """An identifier of a profile."""
+
+    kind: str
+    value: str
+    status: str
+    first_event_id: int
+    first_seen: datetime
+    last_seen: datetime
+
+
+class LinkRead(BaseModel):
+    """A link between two identifiers and the event that first created it."""
+
+    from_kind: str
+    from_value: str
+    to_kind: str
+    to_value: str
+    event_id: int
+    linked_at: datetime
+    used: bool = Field(description="False when refused by a rule, removed, or across profiles")
+
+
+class MergeRead(BaseModel):
+    """A published merge or split."""
+
+    seq: int
+    kind: str
+    from_profile_id: str
+    to_profile_id: str
+    at: datetime
+    reason: str
+    event_id: int | None
+
+
+class DecisionRead(BaseModel):
+    """A rule decision: a link not used, or an identifier blocked."""
+
+    decision: str
+    kind: str
+    value: str
+    other_kind: str | None
+    other_value: str | None
+    event_id: int | None
+    detail: str
+    decided_at: datetime
+
+
+class IdentityExplanation(BaseModel):
+    """Why a profile looks as it does: identifiers, links, merges and rule decisions."""
+
+    profile_id: str
+    identifiers: list[IdentifierRead]
+    links: list[LinkRead]
+    history: list[MergeRead]
+    decisions: list[DecisionRead]
+
+
+class RulesRead(IdentityRules):
+    """The resolution rules in force."""
+
+
+class RulesUpdate(IdentityRules):
+    """New resolution rules; the next resolution rebuilds the profiles under them."""
+
+
+class ResolveRead(BaseModel):
+    """What a resolution run did."""
+
+    mode: str
+    up_to_event_id: int
+    events: int
+    new_identifiers: int
+    new_links: int
+    affected_identifiers: int
+    profiles_written: int
+    new_profiles: int
+    merges: int
+    splits: int
+    rule_components: int
+    refused_links: int
+    excluded_identifiers: int
+    seconds: float
