@@ -21,3 +21,15 @@ class InvalidIdentifier(Invalid):
     """The identifier value cannot be normalised for its kind."""
 
     code = "identity.invalid_identifier"
+
+
+class NothingToUnmerge(Invalid):
+    """The unmerge request names no identifier or link of the profile."""
+
+    code = "identity.nothing_to_unmerge"
+
+
+class OverrideNotFound(NotFound):
+    """No active override has this id."""
+
+    code = "identity.override_not_found"

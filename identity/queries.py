@@ -191,18 +191,24 @@ def changed_overrides(after_version: int) -> Query:
     )
 
 
+# Links ignored by admins' decisions: removed links, and every link of a detached identifier
+# (which stays a profile of its own). Taken after the run's new links are in the log.
 ACTIVE_REMOVED_LINKS = Query(
     """
+    CREATE OR REPLACE TEMP TABLE id_detached AS
+    SELECT DISTINCT src AS node_id FROM identity_link_overrides
+    WHERE action = 'remove_identifier' AND lifted_at IS NULL;
     CREATE OR REPLACE TEMP TABLE id_removed_links AS
-    SELECT DISTINCT least(src, dst) AS src, greatest(src, dst) AS dst
-    FROM identity_link_overrides
+    SELECT least(src, dst) AS src, greatest(src, dst) AS dst FROM identity_link_overrides
     WHERE action = 'remove_link' AND lifted_at IS NULL
+    UNION SELECT e.src, e.dst FROM identity_edges e SEMI JOIN id_detached d ON d.node_id = e.src
+    UNION SELECT e.src, e.dst FROM identity_edges e SEMI JOIN id_detached d ON d.node_id = e.dst;
     """
 )
 
 
 def compute_status(auto_cap: int) -> Query:
-    """New status of the candidates: blocked value, detached, over the cap, or active."""
+    """New status of the candidates: blocked value, over the cap, or active."""
     return Query(
         """
         CREATE OR REPLACE TEMP TABLE id_status_new AS
@@ -216,10 +222,6 @@ def compute_status(auto_cap: int) -> Query:
                OR EXISTS (
                    SELECT 1 FROM id_block_patterns p WHERE regexp_full_match(value, p.pattern)
                )
-        ),
-        detached AS (
-            SELECT src AS node_id FROM identity_link_overrides
-            WHERE action = 'remove_identifier' AND lifted_at IS NULL
         ),
         nbr AS (
             SELECT e.src AS node_id, e.dst AS other
@@ -242,7 +244,6 @@ def compute_status(auto_cap: int) -> Query:
         SELECT c.node_id, c.status AS old_status,
             CASE
                 WHEN c.node_id IN (SELECT node_id FROM blocked) THEN 'blocked'
-                WHEN c.node_id IN (SELECT node_id FROM detached) THEN 'detached'
                 WHEN coalesce(h.links, 0) > $cap THEN 'capped'
                 ELSE 'active'
             END AS status,
@@ -261,11 +262,17 @@ APPLY_STATUS = Query(
     """
 )
 
-# The raw components to recompute: those of every node whose links or status changed.
+# The raw components to recompute: those of every node whose links or status changed, and
+# those of the neighbours of nodes whose status or overrides changed (links may reopen).
 AFFECTED_INCREMENTAL = Query(
     """
+    CREATE OR REPLACE TEMP TABLE id_reopened AS
+    SELECT node_id FROM id_status_new WHERE status <> old_status
+    UNION SELECT node_id FROM id_override_nodes;
     CREATE OR REPLACE TEMP TABLE id_seed AS
-    SELECT node_id FROM id_status_cands;
+    SELECT node_id FROM id_status_cands
+    UNION SELECT e.dst FROM identity_edges e SEMI JOIN id_reopened r ON r.node_id = e.src
+    UNION SELECT e.src FROM identity_edges e SEMI JOIN id_reopened r ON r.node_id = e.dst;
     CREATE OR REPLACE TEMP TABLE id_aff AS
     SELECT n.node_id, n.kind, n.rank, n.status, n.first_event_id,
            n.component_id AS old_component_id
@@ -319,8 +326,9 @@ AFFECTED_LINKS = Query(
 )
 
 # Stable ids: per old profile, the new label holding most of its nodes keeps it ("stays");
-# per label, the oldest staying profile survives and the other stayers merge into it; a
-# label nobody stays in gets a new id. Materialised so each new uuid is drawn once.
+# per label, the oldest staying profile (created first, then born from the earlier event)
+# survives and the other stayers merge into it; a label nobody stays in gets a new id.
+# Materialised so each new uuid is drawn once.
 RECONCILE = Query(
     """
     CREATE OR REPLACE TEMP TABLE id_claims AS
@@ -331,7 +339,8 @@ RECONCILE = Query(
     SELECT profile_id, arg_min(label, (-nodes, label)) AS label FROM id_claims GROUP BY profile_id;
     CREATE OR REPLACE TEMP TABLE id_label_pid AS
     WITH surv AS (
-        SELECT s.label, arg_min(s.profile_id, (r.born_event_id, s.profile_id)) AS profile_id
+        SELECT s.label,
+               arg_min(s.profile_id, (r.created_at, r.born_event_id, s.profile_id)) AS profile_id
         FROM id_stay s JOIN identity_profile_ids r ON r.profile_id = s.profile_id
         GROUP BY s.label
     ),
@@ -450,7 +459,6 @@ def record_decisions(at: datetime) -> Query:
         SELECT n.node_id, n.status, n.node_id, NULL, NULL,
                CASE n.status
                    WHEN 'blocked' THEN 'blocked value or pattern: never links'
-                   WHEN 'detached' THEN 'removed by an admin: links ignored until allowed again'
                    ELSE 'linked to ' || s.higher_links::VARCHAR
                         || ' higher-priority identifiers (over the cap): treated as blocked'
                END, $at
@@ -458,6 +466,18 @@ def record_decisions(at: datetime) -> Query:
         SEMI JOIN id_aff a ON a.node_id = n.node_id
         LEFT JOIN id_status_new s ON s.node_id = n.node_id
         WHERE n.status <> 'active';
+        INSERT INTO identity_decisions
+        SELECT l.component_id, 'removed', d.node_id, NULL, NULL,
+               'identifier detached by an admin: its links are ignored until allowed again', $at
+        FROM id_detached d JOIN id_labels l ON l.node_id = d.node_id;
+        INSERT INTO identity_decisions
+        SELECT l.component_id, 'removed', r.src, r.dst, e.first_event_id,
+               'link removed by an admin: not used until allowed again', $at
+        FROM identity_link_overrides o
+        JOIN id_removed_links r ON r.src = least(o.src, o.dst) AND r.dst = greatest(o.src, o.dst)
+        JOIN id_labels l ON l.node_id = r.src
+        LEFT JOIN identity_edges e ON e.src = r.src AND e.dst = r.dst
+        WHERE o.action = 'remove_link' AND o.lifted_at IS NULL;
         """,
         {"at": at},
     )
@@ -767,6 +787,11 @@ def profile_links(profile_id: str) -> Query:
                 AND NOT EXISTS (
                     SELECT 1 FROM identity_decisions d
                     WHERE d.decision = 'limit' AND d.node_id = l.src AND d.other_node_id = l.dst
+                )
+                AND NOT EXISTS (
+                    SELECT 1 FROM identity_link_overrides o
+                    WHERE o.action = 'remove_identifier' AND o.lifted_at IS NULL
+                      AND o.src IN (l.src, l.dst)
                 )) AS used
         FROM l
         JOIN identity_nodes a ON a.node_id = l.src
@@ -848,3 +873,96 @@ def search_profiles(
     }
     page = Query(_SEARCH_PAGE, {**params, "limit": limit, "offset": offset})
     return page, Query(_SEARCH_COUNT, params)
+
+
+def node_of(kind: str, value: str) -> Query:
+    """The node id and profile of an identifier."""
+    return Query(
+        "SELECT node_id, profile_id FROM identity_nodes WHERE kind = $kind AND value = $value",
+        {"kind": kind, "value": value},
+    )
+
+
+def link_exists(src: int, dst: int) -> Query:
+    """Whether a link between two nodes is in the log."""
+    return Query(
+        "SELECT count(*) FROM identity_edges WHERE src = least($a, $b) AND dst = greatest($a, $b)",
+        {"a": src, "b": dst},
+    )
+
+
+def add_override(
+    *,
+    action: str,
+    src: int,
+    dst: int | None,
+    profile_id: str,
+    reason: str | None,
+    actor: str | None,
+    at: datetime,
+) -> Query:
+    """Record an admin's unmerge decision; returns its id."""
+    return Query(
+        """
+        INSERT INTO identity_link_overrides
+        SELECT coalesce(max(override_id), 0) + 1, coalesce(max(version), 0) + 1, $action, $src,
+               $dst, $pid, $reason, $at, $actor, NULL, NULL
+        FROM identity_link_overrides
+        RETURNING override_id
+        """,
+        {
+            "action": action,
+            "src": src,
+            "dst": dst,
+            "pid": profile_id,
+            "reason": reason,
+            "actor": actor,
+            "at": at,
+        },
+    )
+
+
+def lift_override(override_id: int, *, actor: str | None, at: datetime) -> Query:
+    """Allow a removed identifier or link again; returns the id if it was active."""
+    return Query(
+        """
+        UPDATE identity_link_overrides
+        SET lifted_at = $at, lifted_by = $actor,
+            version = (SELECT coalesce(max(version), 0) + 1 FROM identity_link_overrides)
+        WHERE override_id = $id AND lifted_at IS NULL
+        RETURNING override_id
+        """,
+        {"id": override_id, "actor": actor, "at": at},
+    )
+
+
+def list_overrides(limit: int, offset: int) -> Query:
+    """A page of unmerge decisions, newest first."""
+    return Query(
+        """
+    SELECT o.override_id, o.action, a.kind AS kind, a.value AS value, b.kind AS other_kind,
+           b.value AS other_value, o.profile_id, o.reason, o.created_at, o.created_by,
+           o.lifted_at, o.lifted_by
+    FROM identity_link_overrides o
+    LEFT JOIN identity_nodes a ON a.node_id = o.src
+    LEFT JOIN identity_nodes b ON b.node_id = o.dst
+    ORDER BY o.override_id DESC
+    LIMIT $limit OFFSET $offset
+    """,
+        {"limit": limit, "offset": offset},
+    )
+
+
+COUNT_OVERRIDES = Query("SELECT count(*) FROM identity_link_overrides")
+
+
+def profiles_of_nodes(node_ids: list[int]) -> Query:
+    """Live profile ids now holding the given identifiers."""
+    return Query(
+        """
+        SELECT DISTINCT profile_id FROM identity_nodes
+        WHERE node_id IN (SELECT unnest($nodes::BIGINT[])) AND profile_id IS NOT NULL
+        ORDER BY profile_id
+        """,
+        {"nodes": node_ids},
+    )

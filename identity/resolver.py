@@ -22,6 +22,7 @@ One run, in one warehouse transaction:
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -38,6 +39,9 @@ from identity.rules import IdentityRules
 logger = logging.getLogger(__name__)
 
 Mode = Literal["full", "incremental"]
+
+# One resolution at a time per process: the job, the API and unmerges all write the graph.
+_RESOLVE_LOCK = threading.Lock()
 
 
 @dataclass(slots=True)
@@ -66,6 +70,11 @@ class ResolveResult:
 
 def resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool = False) -> ResolveResult:
     """Resolve the events not yet resolved (or everything when `full`) into profiles."""
+    with _RESOLVE_LOCK:
+        return _resolve(warehouse, rules=rules, full=full)
+
+
+def _resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool) -> ResolveResult:
     started = time.perf_counter()
     now = datetime.now(UTC).replace(tzinfo=None)
     with warehouse.transaction() as cur:

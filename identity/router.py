@@ -16,10 +16,13 @@ from identity import service
 from identity.schemas import (
     EventRead,
     IdentityExplanation,
+    OverrideRead,
     ProfileRead,
     ResolveRead,
     RulesRead,
     RulesUpdate,
+    UnmergeCreate,
+    UnmergeRead,
 )
 
 READERS = require(Role.marketer, Role.data, Role.loyalty)
@@ -100,6 +103,51 @@ def list_profile_events(
 def explain_profile_identity(profile_id: str, warehouse: WarehouseDep) -> IdentityExplanation:
     """Why the profile looks as it does: identifiers, links, merges, rule decisions."""
     return service.explain_identity(warehouse, profile_id=profile_id)
+
+
+@profiles.post("/{profile_id}/unmerge", dependencies=[Depends(ADMIN)])
+def unmerge_profile(
+    profile_id: str,
+    body: UnmergeCreate,
+    session: SessionDep,
+    warehouse: WarehouseDep,
+    settings: SettingsDep,
+    request: Request,
+) -> UnmergeRead:
+    """Detach an identifier or remove a link (admin); the profile splits and stays split."""
+    return service.unmerge(
+        session,
+        warehouse,
+        settings=settings,
+        profile_id=profile_id,
+        request=body,
+        actor=_principal_name(request),
+    )
+
+
+@identity.get("/overrides")
+def list_overrides(warehouse: WarehouseDep, page: PageDep) -> Page[OverrideRead]:
+    """Unmerge decisions of admins, newest first."""
+    items, total = service.list_overrides(warehouse, limit=page.limit, offset=page.offset)
+    return Page[OverrideRead].of(items, total=total, params=page)
+
+
+@identity.delete("/overrides/{override_id}", dependencies=[Depends(ADMIN)])
+def allow_again(
+    override_id: int,
+    session: SessionDep,
+    warehouse: WarehouseDep,
+    settings: SettingsDep,
+    request: Request,
+) -> ResolveRead:
+    """Lift an unmerge decision (admin): the identifier or link links again."""
+    return service.allow_again(
+        session,
+        warehouse,
+        settings=settings,
+        override_id=override_id,
+        actor=_principal_name(request),
+    )
 
 
 @identity.get("/rules")

@@ -123,3 +123,50 @@ class ResolveRead(BaseModel):
     refused_links: int
     excluded_identifiers: int
     seconds: float
+
+
+class IdentifierRef(BaseModel):
+    """An identifier named in a request (normalised before use)."""
+
+    kind: str = Field(min_length=1)
+    value: str = Field(min_length=1)
+
+
+class LinkRef(BaseModel):
+    """A link between two identifiers."""
+
+    from_: IdentifierRef = Field(alias="from")
+    to: IdentifierRef
+
+
+class UnmergeCreate(BaseModel):
+    """Undo a wrong merge: detach one identifier from every link, or remove one link."""
+
+    identifier: IdentifierRef | None = None
+    link: LinkRef | None = None
+    reason: str | None = Field(default=None, max_length=500)
+
+
+class UnmergeRead(BaseModel):
+    """The outcome of an unmerge: the override recorded and the profiles it left."""
+
+    override_id: int
+    profiles: list[str] = Field(description="Live profiles now holding the old identifiers")
+    resolution: ResolveRead
+
+
+class OverrideRead(BaseModel):
+    """An admin's unmerge decision and whether it still holds."""
+
+    override_id: int
+    action: str
+    kind: str | None
+    value: str | None
+    other_kind: str | None
+    other_value: str | None
+    profile_id: str | None
+    reason: str | None
+    created_at: datetime
+    created_by: str | None
+    lifted_at: datetime | None
+    lifted_by: str | None

@@ -14,7 +14,13 @@ from cdp.config import Settings
 from cdp.db import utcnow
 from cdp.warehouse import Warehouse
 from identity import queries, resolver
-from identity.errors import IdentifierNotFound, InvalidIdentifier, ProfileNotFound
+from identity.errors import (
+    IdentifierNotFound,
+    InvalidIdentifier,
+    NothingToUnmerge,
+    OverrideNotFound,
+    ProfileNotFound,
+)
 from identity.models import IdentityRuleSet
 from identity.normalize import normalize
 from identity.resolver import ResolveResult
@@ -23,10 +29,15 @@ from identity.schemas import (
     DecisionRead,
     EventRead,
     IdentifierRead,
+    IdentifierRef,
     IdentityExplanation,
     LinkRead,
     MergeRead,
+    OverrideRead,
     ProfileRead,
+    ResolveRead,
+    UnmergeCreate,
+    UnmergeRead,
 )
 
 logger = logging.getLogger(__name__)
@@ -34,11 +45,13 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "IdentityRules",
     "ResolveResult",
+    "allow_again",
     "event_profiles",
     "explain_identity",
     "find_profile",
     "get_profile",
     "get_rules",
+    "list_overrides",
     "lookup",
     "merges_since",
     "profile_events",
@@ -46,6 +59,7 @@ __all__ = [
     "resolve",
     "resolve_profile_id",
     "search_profiles",
+    "unmerge",
 ]
 
 
@@ -242,3 +256,102 @@ def _naive(value: datetime | None) -> datetime | None:
     if value is None:
         return None
     return value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo else value
+
+
+def unmerge(
+    session: Session,
+    warehouse: Warehouse,
+    *,
+    settings: Settings,
+    profile_id: str,
+    request: UnmergeCreate,
+    actor: str | None,
+) -> UnmergeRead:
+    """Detach an identifier from, or remove a link of, a profile, then re-resolve (it splits).
+
+    The decision is kept: later events do not re-create the link until an admin allows it.
+    """
+    live = resolve_profile_id(warehouse, profile_id=profile_id)
+    if (request.identifier is None) == (request.link is None):
+        raise NothingToUnmerge("name exactly one of `identifier` or `link`")
+    before = [int(r[0]) for r in warehouse.rows(queries.profile_nodes(live))]
+    if request.identifier is not None:
+        node, owner = _node(warehouse, settings, request.identifier)
+        if owner != live:
+            raise NothingToUnmerge(f"the identifier is not in profile {live}")
+        action, src, dst = "remove_identifier", node, None
+    else:
+        assert request.link is not None
+        a, owner_a = _node(warehouse, settings, request.link.from_)
+        b, owner_b = _node(warehouse, settings, request.link.to)
+        if live not in (owner_a, owner_b) or not warehouse.scalar(queries.link_exists(a, b)):
+            raise NothingToUnmerge(f"no such link on profile {live}")
+        action, src, dst = "remove_link", a, b
+    override_id = int(
+        warehouse.rows(
+            queries.add_override(
+                action=action,
+                src=src,
+                dst=dst,
+                profile_id=live,
+                reason=request.reason,
+                actor=actor,
+                at=_naive_now(),
+            )
+        )[0][0]
+    )
+    logger.info("identity unmerge", extra={"profile_id": live, "action": action, "actor": actor})
+    result = resolve(warehouse, settings=settings, rules=get_rules(session))
+    pieces = [str(r[0]) for r in warehouse.rows(queries.profiles_of_nodes(before))]
+    return UnmergeRead(
+        override_id=override_id,
+        profiles=pieces,
+        resolution=ResolveRead.model_validate(result.as_dict()),
+    )
+
+
+def allow_again(
+    session: Session,
+    warehouse: Warehouse,
+    *,
+    settings: Settings,
+    override_id: int,
+    actor: str | None,
+) -> ResolveRead:
+    """Lift an unmerge decision (the identifier or link links again) and re-resolve."""
+    if not warehouse.rows(queries.lift_override(override_id, actor=actor, at=_naive_now())):
+        raise OverrideNotFound(f"no active unmerge decision {override_id}")
+    result = resolve(warehouse, settings=settings, rules=get_rules(session))
+    return ResolveRead.model_validate(result.as_dict())
+
+
+def list_overrides(
+    warehouse: Warehouse, *, limit: int, offset: int
+) -> tuple[list[OverrideRead], int]:
+    """Unmerge decisions, newest first."""
+    frame = warehouse.run(queries.list_overrides(limit, offset))
+    items = [
+        OverrideRead(
+            **{
+                **row,
+                "created_at": _aware(row["created_at"]),
+                "lifted_at": _aware(row["lifted_at"]),
+            }
+        )
+        for row in frame.iter_rows(named=True)
+    ]
+    return items, int(warehouse.scalar(queries.COUNT_OVERRIDES))
+
+
+def _node(warehouse: Warehouse, settings: Settings, ref: IdentifierRef) -> tuple[int, str | None]:
+    value = normalize(ref.kind, ref.value, default_region=settings.default_phone_region)
+    if value is None:
+        raise InvalidIdentifier(f"{ref.value!r} is not a usable {ref.kind}")
+    rows = warehouse.rows(queries.node_of(ref.kind, value))
+    if not rows:
+        raise IdentifierNotFound(f"no identifier {ref.kind} {value!r}")
+    return int(rows[0][0]), rows[0][1]
+
+
+def _naive_now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)

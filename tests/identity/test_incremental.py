@@ -56,7 +56,7 @@ def _union_find_partition(batches: list[list[list[Ident]]]) -> set[frozenset[Ide
     return {frozenset(g) for g in groups.values()}
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batches=history, rules=rule_sets)
 def test_incremental_resolution_equals_full_rebuild(
     batches: list[list[list[Ident]]], rules: IdentityRules
