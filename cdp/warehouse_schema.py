@@ -171,6 +171,14 @@ MIGRATIONS: list[WarehouseMigration] = [
                 lifted_at TIMESTAMP
             )
             """,
+            # The publication of erased profiles, read by seq: loyalty anonymises its records.
+            """
+            CREATE TABLE profile_erasures (
+                seq BIGINT NOT NULL,
+                profile_id VARCHAR NOT NULL,
+                erased_at TIMESTAMP NOT NULL
+            )
+            """,
             # One row per live profile, rebuilt for the profiles each resolution touches.
             """
             CREATE TABLE profiles (

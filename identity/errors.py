@@ -33,3 +33,9 @@ class OverrideNotFound(NotFound):
     """No active override has this id."""
 
     code = "identity.override_not_found"
+
+
+class SuppressionNotFound(NotFound):
+    """The identifier is not on the suppression list."""
+
+    code = "identity.suppression_not_found"

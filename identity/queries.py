@@ -87,16 +87,30 @@ FRAME_COPIES = {
 
 
 def new_event_identifiers(mark: int, up_to: int) -> Query:
-    """Identifiers of the events after the mark, without suppressed (erased) ones."""
+    """Identifiers of the events after the mark; re-sent data of erased people is deleted."""
     return Query(
         """
+        CREATE OR REPLACE TEMP TABLE id_suppressed_ei AS
+        SELECT ei.event_id, ei.kind, ei.value FROM event_identifiers ei
+        WHERE ei.event_id > $mark AND ei.event_id <= $up_to
+          AND EXISTS (SELECT 1 FROM identity_suppressions WHERE lifted_at IS NULL)
+          AND sha256(ei.kind || chr(31) || ei.value)
+              IN (SELECT identifier_hash FROM identity_suppressions WHERE lifted_at IS NULL);
+        DELETE FROM events WHERE event_id IN (
+            SELECT event_id FROM id_suppressed_ei
+            EXCEPT
+            SELECT ei.event_id FROM event_identifiers ei
+            ANTI JOIN id_suppressed_ei s
+                ON s.event_id = ei.event_id AND s.kind = ei.kind AND s.value = ei.value
+            WHERE ei.event_id > $mark AND ei.event_id <= $up_to
+        );
+        DELETE FROM event_identifiers ei USING id_suppressed_ei s
+        WHERE ei.event_id = s.event_id AND ei.kind = s.kind AND ei.value = s.value;
         CREATE OR REPLACE TEMP TABLE id_new_ei AS
         SELECT ei.event_id, ei.kind, ei.value, e.timestamp AS ts
         FROM event_identifiers ei
         JOIN events e ON e.event_id = ei.event_id
         WHERE ei.event_id > $mark AND ei.event_id <= $up_to
-          AND sha256(ei.kind || chr(31) || ei.value)
-              NOT IN (SELECT identifier_hash FROM identity_suppressions WHERE lifted_at IS NULL)
         """,
         {"mark": mark, "up_to": up_to},
     )
@@ -965,4 +979,101 @@ def profiles_of_nodes(node_ids: list[int]) -> Query:
         ORDER BY profile_id
         """,
         {"nodes": node_ids},
+    )
+
+
+# Erasure of one profile ($pid): its events, identifiers (wherever they appear), links,
+# decisions, overrides and row; the identifiers' hashes go to the suppression list and the
+# erasure is published for the layers that key data by profile id.
+def erase_profile(profile_id: str, at: datetime) -> Query:
+    """Erase a profile; the last statement returns (events erased, identifiers erased)."""
+    return Query(
+        """
+    CREATE OR REPLACE TEMP TABLE er_nodes AS
+    SELECT node_id, kind, value FROM identity_nodes WHERE profile_id = $pid;
+    CREATE OR REPLACE TEMP TABLE er_events AS
+    WITH cand AS (
+        SELECT DISTINCT ei.event_id FROM event_identifiers ei
+        JOIN er_nodes n ON n.kind = ei.kind AND n.value = ei.value
+    ),
+    ep AS (
+        SELECT ei.event_id, arg_min(n.profile_id, (n.rank, n.node_id)) AS profile_id
+        FROM event_identifiers ei
+        JOIN identity_nodes n ON n.kind = ei.kind AND n.value = ei.value
+        SEMI JOIN cand c ON c.event_id = ei.event_id
+        WHERE n.profile_id IS NOT NULL
+        GROUP BY ei.event_id
+    )
+    SELECT event_id FROM ep WHERE profile_id = $pid;
+    INSERT INTO identity_suppressions
+    SELECT DISTINCT sha256(kind || chr(31) || value), kind, $pid, $at, NULL FROM er_nodes
+    WHERE sha256(kind || chr(31) || value) NOT IN (
+        SELECT identifier_hash FROM identity_suppressions WHERE lifted_at IS NULL
+    );
+    DELETE FROM events WHERE event_id IN (SELECT event_id FROM er_events);
+    DELETE FROM event_identifiers WHERE event_id IN (SELECT event_id FROM er_events);
+    DELETE FROM event_identifiers ei USING er_nodes n WHERE ei.kind = n.kind AND ei.value = n.value;
+    DELETE FROM identity_edges WHERE src IN (SELECT node_id FROM er_nodes)
+        OR dst IN (SELECT node_id FROM er_nodes);
+    DELETE FROM identity_decisions WHERE node_id IN (SELECT node_id FROM er_nodes)
+        OR other_node_id IN (SELECT node_id FROM er_nodes);
+    DELETE FROM identity_link_overrides WHERE src IN (SELECT node_id FROM er_nodes)
+        OR dst IN (SELECT node_id FROM er_nodes);
+    DELETE FROM identity_nodes WHERE node_id IN (SELECT node_id FROM er_nodes);
+    DELETE FROM profiles WHERE profile_id = $pid;
+    INSERT INTO profile_erasures
+    SELECT coalesce(max(seq), 0) + 1, $pid, $at FROM profile_erasures;
+    SELECT (SELECT count(*) FROM er_events), (SELECT count(*) FROM er_nodes);
+    """,
+        {"pid": profile_id, "at": at},
+    )
+
+
+def lift_suppression(kind: str, value: str, at: datetime) -> Query:
+    """End the suppression of an identifier (the person came back with a new consent)."""
+    return Query(
+        """
+        UPDATE identity_suppressions SET lifted_at = $at
+        WHERE identifier_hash = sha256($kind || chr(31) || $value) AND lifted_at IS NULL
+        RETURNING kind
+        """,
+        {"kind": kind, "value": value, "at": at},
+    )
+
+
+def erasures_since(after_seq: int) -> Query:
+    """Published erasures after a sequence number."""
+    return Query(
+        """
+        SELECT seq, profile_id, erased_at AS "at" FROM profile_erasures
+        WHERE seq > $after ORDER BY seq
+        """,
+        {"after": after_seq},
+    )
+
+
+def all_profile_events(profile_id: str) -> Query:
+    """Every event of a profile, oldest first (for an export)."""
+    return Query(
+        """
+        WITH pn AS (SELECT kind, value FROM identity_nodes WHERE profile_id = $pid),
+        cand AS (
+            SELECT DISTINCT ei.event_id FROM event_identifiers ei
+            JOIN pn ON pn.kind = ei.kind AND pn.value = ei.value
+        ),
+        ep AS (
+            SELECT ei.event_id, arg_min(n.profile_id, (n.rank, n.node_id)) AS profile_id
+            FROM event_identifiers ei
+            JOIN identity_nodes n ON n.kind = ei.kind AND n.value = ei.value
+            SEMI JOIN cand c ON c.event_id = ei.event_id
+            WHERE n.profile_id IS NOT NULL
+            GROUP BY ei.event_id
+        )
+        SELECT e.event_id, e.message_id, e.source_id, e.type, e.event, e.timestamp,
+               e.received_at, e.properties, e.traits, e.context
+        FROM ep JOIN events e ON e.event_id = ep.event_id
+        WHERE ep.profile_id = $pid
+        ORDER BY e.timestamp, e.event_id
+        """,
+        {"pid": profile_id},
     )

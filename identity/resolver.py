@@ -24,6 +24,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -66,6 +68,13 @@ class ResolveResult:
     def as_dict(self) -> dict[str, Any]:  # Any: JSON values
         """The result as JSON-ready data."""
         return asdict(self)
+
+
+@contextmanager
+def exclusive() -> Iterator[None]:
+    """Hold off resolution runs of this process (for writes to the graph such as erasure)."""
+    with _RESOLVE_LOCK:
+        yield
 
 
 def resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool = False) -> ResolveResult:

@@ -14,9 +14,13 @@ from cdp.errors import BadRequest
 from cdp.pagination import Page, PageDep
 from identity import service
 from identity.schemas import (
+    AuditRead,
+    ConsentCreate,
+    ErasureRead,
     EventRead,
     IdentityExplanation,
     OverrideRead,
+    ProfileExport,
     ProfileRead,
     ResolveRead,
     RulesRead,
@@ -123,6 +127,52 @@ def unmerge_profile(
         request=body,
         actor=_principal_name(request),
     )
+
+
+@profiles.delete("/{profile_id}", dependencies=[Depends(ADMIN)])
+def erase_profile(
+    profile_id: str, session: SessionDep, warehouse: WarehouseDep, request: Request
+) -> ErasureRead:
+    """Erase a person (admin): events, identifiers, traits; identifiers are suppressed."""
+    return service.erase_profile(
+        session, warehouse, profile_id=profile_id, actor=_principal_name(request)
+    )
+
+
+@profiles.get("/{profile_id}/export", dependencies=[Depends(ADMIN)])
+def export_profile(
+    profile_id: str, session: SessionDep, warehouse: WarehouseDep, request: Request
+) -> ProfileExport:
+    """Everything held about a person, as JSON (admin)."""
+    return service.export_profile(
+        session, warehouse, profile_id=profile_id, actor=_principal_name(request)
+    )
+
+
+@identity.post("/consents", status_code=204, dependencies=[Depends(ADMIN)])
+def record_consent(
+    body: ConsentCreate,
+    session: SessionDep,
+    warehouse: WarehouseDep,
+    settings: SettingsDep,
+    request: Request,
+) -> None:
+    """An erased person consented again (admin): their identifier may resolve again."""
+    service.allow_identifier(
+        session,
+        warehouse,
+        settings=settings,
+        kind=body.kind,
+        value=body.value,
+        actor=_principal_name(request),
+    )
+
+
+@identity.get("/audit", dependencies=[Depends(ADMIN)])
+def list_audit(session: SessionDep, page: PageDep) -> Page[AuditRead]:
+    """Privacy operations (erase, export, consent), newest first (admin)."""
+    items, total = service.list_audit(session, limit=page.limit, offset=page.offset)
+    return Page[AuditRead].of(items, total=total, params=page)
 
 
 @identity.get("/overrides")

@@ -170,3 +170,39 @@ class OverrideRead(BaseModel):
     created_by: str | None
     lifted_at: datetime | None
     lifted_by: str | None
+
+
+class ErasureRead(BaseModel):
+    """What an erasure removed."""
+
+    profile_id: str
+    events_erased: int
+    identifiers_erased: int
+    suppressed: int = Field(description="Identifier hashes added to the suppression list")
+
+
+class ProfileExport(BaseModel):
+    """Everything held about a person."""
+
+    exported_at: datetime
+    profile: ProfileRead
+    identity: IdentityExplanation
+    events: list[EventRead]
+
+
+class ConsentCreate(BaseModel):
+    """An erased person came back with a new consent: their identifier may resolve again."""
+
+    kind: str = Field(min_length=1)
+    value: str = Field(min_length=1)
+
+
+class AuditRead(BaseModel):
+    """One privacy operation."""
+
+    id: str
+    action: str
+    profile_id: str
+    actor: str | None
+    at: datetime
+    details: dict[str, Any]  # Any: JSON

@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 import polars as pl
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from cdp.config import Settings
@@ -20,13 +21,16 @@ from identity.errors import (
     NothingToUnmerge,
     OverrideNotFound,
     ProfileNotFound,
+    SuppressionNotFound,
 )
-from identity.models import IdentityRuleSet
+from identity.models import IdentityAudit, IdentityRuleSet
 from identity.normalize import normalize
 from identity.resolver import ResolveResult
 from identity.rules import IdentityRules
 from identity.schemas import (
+    AuditRead,
     DecisionRead,
+    ErasureRead,
     EventRead,
     IdentifierRead,
     IdentifierRef,
@@ -34,6 +38,7 @@ from identity.schemas import (
     LinkRead,
     MergeRead,
     OverrideRead,
+    ProfileExport,
     ProfileRead,
     ResolveRead,
     UnmergeCreate,
@@ -46,11 +51,16 @@ __all__ = [
     "IdentityRules",
     "ResolveResult",
     "allow_again",
+    "allow_identifier",
+    "erase_profile",
+    "erasures_since",
     "event_profiles",
     "explain_identity",
+    "export_profile",
     "find_profile",
     "get_profile",
     "get_rules",
+    "list_audit",
     "list_overrides",
     "lookup",
     "merges_since",
@@ -163,19 +173,7 @@ def profile_events(
     page, total = queries.profile_events(
         live, event=event, since=_naive(since), until=_naive(until), limit=limit, offset=offset
     )
-    items = [
-        EventRead(
-            **{
-                **row,
-                "timestamp": _aware(row["timestamp"]),
-                "received_at": _aware(row["received_at"]),
-                "properties": _json(row["properties"]),
-                "traits": _json(row["traits"]),
-                "context": _json(row["context"]),
-            }
-        )
-        for row in warehouse.run(page).iter_rows(named=True)
-    ]
+    items = [_event(row) for row in warehouse.run(page).iter_rows(named=True)]
     return items, int(warehouse.scalar(total))
 
 
@@ -355,3 +353,108 @@ def _node(warehouse: Warehouse, settings: Settings, ref: IdentifierRef) -> tuple
 
 def _naive_now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
+
+
+def erase_profile(
+    session: Session, warehouse: Warehouse, *, profile_id: str, actor: str | None
+) -> ErasureRead:
+    """Erase a person: events, identifiers, traits; suppress the identifiers; audit it.
+
+    The erasure is published (`erasures_since`) so loyalty anonymises its records.
+    """
+    live = resolve_profile_id(warehouse, profile_id=profile_id)
+    with resolver.exclusive(), warehouse.transaction() as cur:
+        counts = queries.run_script(cur, queries.erase_profile(live, _naive_now()))
+    assert counts is not None
+    erasure = ErasureRead(
+        profile_id=live,
+        events_erased=int(counts[0]),
+        identifiers_erased=int(counts[1]),
+        suppressed=int(counts[1]),
+    )
+    _audit(session, "erase", live, actor, erasure.model_dump(mode="json"))
+    logger.info("profile erased", extra={"profile_id": live, "actor": actor})
+    return erasure
+
+
+def export_profile(
+    session: Session, warehouse: Warehouse, *, profile_id: str, actor: str | None
+) -> ProfileExport:
+    """Everything held about a person, as one document; audited."""
+    profile = get_profile(warehouse, profile_id=profile_id)
+    events = [
+        _event(row)
+        for row in warehouse.run(queries.all_profile_events(profile.id)).iter_rows(named=True)
+    ]
+    export = ProfileExport(
+        exported_at=datetime.now(UTC),
+        profile=profile,
+        identity=explain_identity(warehouse, profile_id=profile.id),
+        events=events,
+    )
+    _audit(session, "export", profile.id, actor, {"events": len(events)})
+    return export
+
+
+def allow_identifier(
+    session: Session,
+    warehouse: Warehouse,
+    *,
+    settings: Settings,
+    kind: str,
+    value: str,
+    actor: str | None,
+) -> None:
+    """Lift the suppression of an erased identifier after a new consent; audited."""
+    normalised = normalize(kind, value, default_region=settings.default_phone_region)
+    if normalised is None:
+        raise InvalidIdentifier(f"{value!r} is not a usable {kind}")
+    lifted = warehouse.rows(queries.lift_suppression(kind, normalised, _naive_now()))
+    if not lifted:
+        raise SuppressionNotFound(f"{kind} {normalised!r} is not suppressed")
+    _audit(session, "consent", "-", actor, {"kind": kind})
+
+
+def erasures_since(warehouse: Warehouse, *, after_seq: int) -> pl.DataFrame:
+    """Published erasures after `after_seq`: columns seq, profile_id, at."""
+    return warehouse.run(queries.erasures_since(after_seq))
+
+
+def list_audit(session: Session, *, limit: int, offset: int) -> tuple[list[AuditRead], int]:
+    """Privacy operations, newest first."""
+    total = session.scalar(select(func.count()).select_from(IdentityAudit)) or 0
+    rows = session.scalars(
+        select(IdentityAudit)
+        .order_by(IdentityAudit.at.desc(), IdentityAudit.id)
+        .limit(limit)
+        .offset(offset)
+    ).all()
+    return [AuditRead.model_validate(r, from_attributes=True) for r in rows], total
+
+
+def _audit(
+    session: Session,
+    action: str,
+    profile_id: str,
+    actor: str | None,
+    details: dict[str, Any],  # Any: JSON
+) -> None:
+    session.add(
+        IdentityAudit(
+            action=action, profile_id=profile_id, actor=actor, at=utcnow(), details=details
+        )
+    )
+    session.flush()
+
+
+def _event(row: dict[str, Any]) -> EventRead:  # Any: SQL values
+    return EventRead(
+        **{
+            **row,
+            "timestamp": _aware(row["timestamp"]),
+            "received_at": _aware(row["received_at"]),
+            "properties": _json(row["properties"]),
+            "traits": _json(row["traits"]),
+            "context": _json(row["context"]),
+        }
+    )

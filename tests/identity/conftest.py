@@ -38,11 +38,15 @@ class EventWriter:
 
     def __init__(self, warehouse: Warehouse) -> None:
         self.warehouse = warehouse
+        # Like ingestion's counter, ids never go back, even after an erasure deleted the last.
+        self.last = 0
 
     def write(self, events: Sequence[Ev]) -> list[int]:
         """Write events; returns their event ids."""
         start = int(self.warehouse.scalar(Query("SELECT coalesce(max(event_id), 0) FROM events")))
+        start = max(start, self.last)
         ids = list(range(start + 1, start + 1 + len(events)))
+        self.last = start + len(events)
         rows = pl.DataFrame(
             {
                 "event_id": ids,
