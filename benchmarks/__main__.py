@@ -13,6 +13,7 @@ from benchmarks.core import Benchmark, peak_rss_mib, write_json
 # name -> module that defines `run(scale, workdir) -> Result`, and its default scale.
 BENCHMARKS: dict[str, tuple[str, int]] = {
     "sample_data": ("benchmarks.sample_data", 1_000_000),
+    "identity": ("benchmarks.identity", 1_000_000),
 }
 
 
