@@ -327,7 +327,7 @@ def run(scale: int, workdir: Path) -> Result:
 def _take_events(data: Synthetic, count: int, *, first_event: int) -> Synthetic:
     """The first `count` events of a synthetic batch, renumbered after `first_event - 1`."""
     events = data.events.sort("event_id").head(count)
-    shift = first_event - int(events["event_id"].min())
+    shift = first_event - int(events["event_id"].to_numpy().min())
     keep = events["event_id"]
     return Synthetic(
         events=events.with_columns(pl.col("event_id") + shift),

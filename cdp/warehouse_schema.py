@@ -99,6 +99,14 @@ MIGRATIONS: list[WarehouseMigration] = [
                 first_at TIMESTAMP NOT NULL
             )
             """,
+            # Which identifiers each event carries, as node ids (integer joins from events to
+            # profiles: the profile of an event is that of its most trusted identifier).
+            """
+            CREATE TABLE identity_event_nodes (
+                event_id BIGINT NOT NULL,
+                node_id BIGINT NOT NULL
+            )
+            """,
             # Every profile id ever issued; merged-away ids point at their survivor.
             """
             CREATE TABLE identity_profile_ids (

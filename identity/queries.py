@@ -158,6 +158,7 @@ INSERT_NEW_EDGES = Query(
     CREATE OR REPLACE TEMP TABLE id_new_ein AS
     SELECT DISTINCT x.event_id, n.node_id, n.rank, x.ts
     FROM id_new_ei x JOIN identity_nodes n ON n.kind = x.kind AND n.value = x.value;
+    INSERT INTO identity_event_nodes SELECT DISTINCT event_id, node_id FROM id_new_ein;
     CREATE OR REPLACE TEMP TABLE id_new_edges AS
     WITH sized AS (
         SELECT event_id, count(*) AS k, arg_min(node_id, (rank, node_id)) AS centre_id
@@ -221,21 +222,27 @@ ACTIVE_REMOVED_LINKS = Query(
 )
 
 
+def block_new_nodes(pattern: str) -> Query:
+    """Mark new nodes whose value is blocked (listed value, or the rules' combined pattern)."""
+    return Query(
+        """
+        UPDATE identity_nodes SET status = 'blocked'
+        WHERE node_id IN (SELECT node_id FROM id_new_nodes)
+          AND (lower(value) IN (SELECT lower(value) FROM id_block_values)
+               OR ($pattern <> '' AND regexp_full_match(value, $pattern)))
+        """,
+        {"pattern": pattern},
+    )
+
+
 def compute_status(auto_cap: int) -> Query:
-    """New status of the candidates: blocked value, over the cap, or active."""
+    """New status of the candidates: blocked value (static), over the cap, or active."""
     return Query(
         """
         CREATE OR REPLACE TEMP TABLE id_status_new AS
         WITH cand AS (
-            SELECT n.node_id, n.kind, n.value, n.rank, n.status
+            SELECT n.node_id, n.rank, n.status
             FROM identity_nodes n SEMI JOIN id_status_cands c ON c.node_id = n.node_id
-        ),
-        blocked AS (
-            SELECT node_id FROM cand
-            WHERE lower(value) IN (SELECT lower(value) FROM id_block_values)
-               OR EXISTS (
-                   SELECT 1 FROM id_block_patterns p WHERE regexp_full_match(value, p.pattern)
-               )
         ),
         nbr AS (
             SELECT e.src AS node_id, e.dst AS other
@@ -248,16 +255,12 @@ def compute_status(auto_cap: int) -> Query:
             FROM nbr
             JOIN cand x ON x.node_id = nbr.node_id
             JOIN identity_nodes o ON o.node_id = nbr.other
-            WHERE o.rank < x.rank
-              AND NOT (lower(o.value) IN (SELECT lower(value) FROM id_block_values))
-              AND NOT EXISTS (
-                  SELECT 1 FROM id_block_patterns p WHERE regexp_full_match(o.value, p.pattern)
-              )
+            WHERE o.rank < x.rank AND o.status <> 'blocked'
             GROUP BY x.node_id
         )
         SELECT c.node_id, c.status AS old_status,
             CASE
-                WHEN c.node_id IN (SELECT node_id FROM blocked) THEN 'blocked'
+                WHEN c.status = 'blocked' THEN 'blocked'
                 WHEN coalesce(h.links, 0) > $cap THEN 'capped'
                 ELSE 'active'
             END AS status,
@@ -320,6 +323,7 @@ SNAPSHOT_FOR_FULL = Query(
     SELECT DISTINCT profile_id FROM profiles;
     DELETE FROM identity_nodes;
     DELETE FROM identity_edges;
+    DELETE FROM identity_event_nodes;
     DELETE FROM identity_decisions;
     """
 )
@@ -528,14 +532,16 @@ def refresh_profiles(at: datetime) -> Query:
         SELECT n.node_id, n.kind, n.value, n.profile_id FROM identity_nodes n
         SEMI JOIN id_dirty d ON d.profile_id = n.profile_id;
         CREATE OR REPLACE TEMP TABLE id_pev_cand AS
-        SELECT DISTINCT ei.event_id FROM event_identifiers ei
-        JOIN id_pn p ON p.kind = ei.kind AND p.value = ei.value;
+        SELECT DISTINCT ei.event_id FROM identity_event_nodes ei
+        JOIN id_pn p ON p.node_id = ei.node_id;
         CREATE OR REPLACE TEMP TABLE id_pev AS
         SELECT ep.profile_id, e.event_id, e.source_id, e.timestamp, e.traits
         FROM (
-            SELECT ei.event_id, arg_min(n.profile_id, (n.rank, n.node_id)) AS profile_id
-            FROM event_identifiers ei
-            JOIN identity_nodes n ON n.kind = ei.kind AND n.value = ei.value
+            SELECT ei.event_id, arg_min(
+                n.profile_id, (n.rank::HUGEINT << 60) + n.node_id
+            ) AS profile_id
+            FROM identity_event_nodes ei
+            JOIN identity_nodes n ON n.node_id = ei.node_id
             SEMI JOIN id_pev_cand c ON c.event_id = ei.event_id
             WHERE n.profile_id IS NOT NULL
             GROUP BY ei.event_id
@@ -613,9 +619,11 @@ def event_profiles(after_event_id: int, up_to_event_id: int | None) -> Query:
     """The profile of each resolved event in a range of event ids."""
     return Query(
         """
-        SELECT ei.event_id, arg_min(n.profile_id, (n.rank, n.node_id)) AS profile_id
-        FROM event_identifiers ei
-        JOIN identity_nodes n ON n.kind = ei.kind AND n.value = ei.value
+        SELECT ei.event_id, arg_min(
+            n.profile_id, (n.rank::HUGEINT << 60) + n.node_id
+        ) AS profile_id
+        FROM identity_event_nodes ei
+        JOIN identity_nodes n ON n.node_id = ei.node_id
         WHERE n.profile_id IS NOT NULL
           AND ei.event_id > $after AND ($up_to IS NULL OR ei.event_id <= $up_to)
         GROUP BY ei.event_id
@@ -697,15 +705,17 @@ def profile_row(profile_id: str) -> Query:
 # Events whose profile is $pid: candidates share an identifier with it, then the event's
 # most trusted identifier decides. Filters: event name, [since, until).
 _PROFILE_EVENTS_PAGE = """
-    WITH pn AS (SELECT kind, value FROM identity_nodes WHERE profile_id = $pid),
+    WITH pn AS (SELECT node_id FROM identity_nodes WHERE profile_id = $pid),
     cand AS (
-        SELECT DISTINCT ei.event_id FROM event_identifiers ei
-        JOIN pn ON pn.kind = ei.kind AND pn.value = ei.value
+        SELECT DISTINCT ei.event_id FROM identity_event_nodes ei
+        JOIN pn ON pn.node_id = ei.node_id
     ),
     ep AS (
-        SELECT ei.event_id, arg_min(n.profile_id, (n.rank, n.node_id)) AS profile_id
-        FROM event_identifiers ei
-        JOIN identity_nodes n ON n.kind = ei.kind AND n.value = ei.value
+        SELECT ei.event_id, arg_min(
+            n.profile_id, (n.rank::HUGEINT << 60) + n.node_id
+        ) AS profile_id
+        FROM identity_event_nodes ei
+        JOIN identity_nodes n ON n.node_id = ei.node_id
         SEMI JOIN cand c ON c.event_id = ei.event_id
         WHERE n.profile_id IS NOT NULL
         GROUP BY ei.event_id
@@ -722,15 +732,17 @@ _PROFILE_EVENTS_PAGE = """
     SELECT * FROM pe ORDER BY timestamp DESC, event_id DESC LIMIT $limit OFFSET $offset
 """
 _PROFILE_EVENTS_COUNT = """
-    WITH pn AS (SELECT kind, value FROM identity_nodes WHERE profile_id = $pid),
+    WITH pn AS (SELECT node_id FROM identity_nodes WHERE profile_id = $pid),
     cand AS (
-        SELECT DISTINCT ei.event_id FROM event_identifiers ei
-        JOIN pn ON pn.kind = ei.kind AND pn.value = ei.value
+        SELECT DISTINCT ei.event_id FROM identity_event_nodes ei
+        JOIN pn ON pn.node_id = ei.node_id
     ),
     ep AS (
-        SELECT ei.event_id, arg_min(n.profile_id, (n.rank, n.node_id)) AS profile_id
-        FROM event_identifiers ei
-        JOIN identity_nodes n ON n.kind = ei.kind AND n.value = ei.value
+        SELECT ei.event_id, arg_min(
+            n.profile_id, (n.rank::HUGEINT << 60) + n.node_id
+        ) AS profile_id
+        FROM identity_event_nodes ei
+        JOIN identity_nodes n ON n.node_id = ei.node_id
         SEMI JOIN cand c ON c.event_id = ei.event_id
         WHERE n.profile_id IS NOT NULL
         GROUP BY ei.event_id
@@ -993,13 +1005,15 @@ def erase_profile(profile_id: str, at: datetime) -> Query:
     SELECT node_id, kind, value FROM identity_nodes WHERE profile_id = $pid;
     CREATE OR REPLACE TEMP TABLE er_events AS
     WITH cand AS (
-        SELECT DISTINCT ei.event_id FROM event_identifiers ei
-        JOIN er_nodes n ON n.kind = ei.kind AND n.value = ei.value
+        SELECT DISTINCT ei.event_id FROM identity_event_nodes ei
+        JOIN er_nodes n ON n.node_id = ei.node_id
     ),
     ep AS (
-        SELECT ei.event_id, arg_min(n.profile_id, (n.rank, n.node_id)) AS profile_id
-        FROM event_identifiers ei
-        JOIN identity_nodes n ON n.kind = ei.kind AND n.value = ei.value
+        SELECT ei.event_id, arg_min(
+            n.profile_id, (n.rank::HUGEINT << 60) + n.node_id
+        ) AS profile_id
+        FROM identity_event_nodes ei
+        JOIN identity_nodes n ON n.node_id = ei.node_id
         SEMI JOIN cand c ON c.event_id = ei.event_id
         WHERE n.profile_id IS NOT NULL
         GROUP BY ei.event_id
@@ -1013,6 +1027,8 @@ def erase_profile(profile_id: str, at: datetime) -> Query:
     DELETE FROM events WHERE event_id IN (SELECT event_id FROM er_events);
     DELETE FROM event_identifiers WHERE event_id IN (SELECT event_id FROM er_events);
     DELETE FROM event_identifiers ei USING er_nodes n WHERE ei.kind = n.kind AND ei.value = n.value;
+    DELETE FROM identity_event_nodes WHERE event_id IN (SELECT event_id FROM er_events)
+        OR node_id IN (SELECT node_id FROM er_nodes);
     DELETE FROM identity_edges WHERE src IN (SELECT node_id FROM er_nodes)
         OR dst IN (SELECT node_id FROM er_nodes);
     DELETE FROM identity_decisions WHERE node_id IN (SELECT node_id FROM er_nodes)
@@ -1056,15 +1072,17 @@ def all_profile_events(profile_id: str) -> Query:
     """Every event of a profile, oldest first (for an export)."""
     return Query(
         """
-        WITH pn AS (SELECT kind, value FROM identity_nodes WHERE profile_id = $pid),
+        WITH pn AS (SELECT node_id FROM identity_nodes WHERE profile_id = $pid),
         cand AS (
-            SELECT DISTINCT ei.event_id FROM event_identifiers ei
-            JOIN pn ON pn.kind = ei.kind AND pn.value = ei.value
+            SELECT DISTINCT ei.event_id FROM identity_event_nodes ei
+            JOIN pn ON pn.node_id = ei.node_id
         ),
         ep AS (
-            SELECT ei.event_id, arg_min(n.profile_id, (n.rank, n.node_id)) AS profile_id
-            FROM event_identifiers ei
-            JOIN identity_nodes n ON n.kind = ei.kind AND n.value = ei.value
+            SELECT ei.event_id, arg_min(
+                n.profile_id, (n.rank::HUGEINT << 60) + n.node_id
+            ) AS profile_id
+            FROM identity_event_nodes ei
+            JOIN identity_nodes n ON n.node_id = ei.node_id
             SEMI JOIN cand c ON c.event_id = ei.event_id
             WHERE n.profile_id IS NOT NULL
             GROUP BY ei.event_id

@@ -86,7 +86,15 @@ def resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool = False) -
 def _resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool) -> ResolveResult:
     started = time.perf_counter()
     now = datetime.now(UTC).replace(tzinfo=None)
+    timings: dict[str, float] = {}
     with warehouse.transaction() as cur:
+
+        def step(query: Query) -> None:
+            began = time.perf_counter()
+            queries.run_script(cur, query)
+            name = " ".join(query.sql.split()[:6])
+            timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - began, 4)
+
         state = _read_state(cur)
         fingerprint = rules.fingerprint()
         mark = int(state.get(queries.STATE_MARK, (0, None))[0] or 0)
@@ -106,26 +114,27 @@ def _resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool) -> Resol
             return result
         _load_rules(cur, rules)
         if full:
-            queries.run_script(cur, queries.SNAPSHOT_FOR_FULL)
+            step(queries.SNAPSHOT_FOR_FULL)
             mark = 0
-        queries.run_script(cur, queries.new_event_identifiers(mark, up_to))
-        queries.run_script(cur, queries.INSERT_NEW_NODES)
+        step(queries.new_event_identifiers(mark, up_to))
+        step(queries.INSERT_NEW_NODES)
+        step(queries.block_new_nodes(rules.combined_pattern()))
         if not full:
-            queries.run_script(cur, queries.TOUCH_SEEN_NODES)
-        queries.run_script(cur, queries.INSERT_NEW_EDGES)
-        queries.run_script(cur, queries.changed_overrides(-1 if full else seen_overrides))
-        queries.run_script(cur, queries.ACTIVE_REMOVED_LINKS)
+            step(queries.TOUCH_SEEN_NODES)
+        step(queries.INSERT_NEW_EDGES)
+        step(queries.changed_overrides(-1 if full else seen_overrides))
+        step(queries.ACTIVE_REMOVED_LINKS)
         queries.run_script(
             cur,
             queries.STATUS_CANDIDATES_FULL if full else queries.STATUS_CANDIDATES_INCREMENTAL,
         )
-        queries.run_script(cur, queries.compute_status(rules.auto_cap))
-        queries.run_script(cur, queries.APPLY_STATUS)
+        step(queries.compute_status(rules.auto_cap))
+        step(queries.APPLY_STATUS)
         if full:
-            queries.run_script(cur, queries.AFFECTED_FULL)
+            step(queries.AFFECTED_FULL)
         else:
-            queries.run_script(cur, queries.AFFECTED_INCREMENTAL)
-            queries.run_script(cur, queries.OLD_ASSIGNMENT_INCREMENTAL)
+            step(queries.AFFECTED_INCREMENTAL)
+            step(queries.OLD_ASSIGNMENT_INCREMENTAL)
 
         nodes = cur.sql(queries.AFFECTED_ACTIVE_NODES.sql).pl()
         links = cur.sql(queries.AFFECTED_LINKS.sql).pl()
@@ -137,14 +146,14 @@ def _resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool) -> Resol
         _temp_table(cur, "id_refusals", refusals)
         _temp_table(cur, "id_used_links", used)
 
-        queries.run_script(cur, queries.RECONCILE)
-        queries.run_script(cur, queries.CHANGES)
-        queries.run_script(cur, queries.publish_changes(seq=seq, at=now))
-        queries.run_script(cur, queries.register_profiles(now))
-        queries.run_script(cur, queries.APPLY_ASSIGNMENT)
-        queries.run_script(cur, queries.record_decisions(now))
-        queries.run_script(cur, queries.DIRTY_PROFILES_FULL if full else queries.DIRTY_PROFILES)
-        queries.run_script(cur, queries.refresh_profiles(now))
+        step(queries.RECONCILE)
+        step(queries.CHANGES)
+        step(queries.publish_changes(seq=seq, at=now))
+        step(queries.register_profiles(now))
+        step(queries.APPLY_ASSIGNMENT)
+        step(queries.record_decisions(now))
+        step(queries.DIRTY_PROFILES_FULL if full else queries.DIRTY_PROFILES)
+        step(queries.refresh_profiles(now))
 
         counts = cur.execute(
             """
@@ -181,6 +190,7 @@ def _resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool) -> Resol
         ):
             queries.run_script(cur, queries.write_state(name, number=number, text=text))
     result.seconds = round(time.perf_counter() - started, 4)
+    logger.debug("identity resolution steps", extra={"seconds_per_step": timings})
     logger.info("identity resolved", extra=result.as_dict())
     return result
 

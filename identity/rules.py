@@ -84,6 +84,10 @@ class IdentityRules(BaseModel):
         except ValueError:
             return len(self.kind_priority)
 
+    def combined_pattern(self) -> str:
+        """All blocked patterns as one regular expression ('' when there are none)."""
+        return "|".join(f"(?:{p})" for p in self.blocked_patterns)
+
     def fingerprint(self) -> str:
         """A hash of the rules; the resolver rebuilds everything when it changes."""
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
