@@ -133,7 +133,8 @@ INSERT_NEW_NODES = Query(
     INSERT INTO identity_nodes
     SELECT node_id, kind, value, rank, 'active', node_id, NULL, first_event_id, first_seen,
            last_seen
-    FROM id_new_nodes;
+    FROM id_new_nodes
+    ORDER BY kind, value;
     """
 )
 
@@ -179,6 +180,7 @@ INSERT_NEW_EDGES = Query(
     """
 )
 
+# (Nodes are appended sorted by kind and value so zone maps serve point lookups.)
 # Nodes whose status may change: new ones, endpoints of new links, nodes of changed overrides.
 STATUS_CANDIDATES_INCREMENTAL = Query(
     """
@@ -441,7 +443,8 @@ def register_profiles(at: datetime) -> Query:
     return Query(
         """
         INSERT INTO identity_profile_ids
-        SELECT profile_id, born_event_id, $at, NULL, NULL FROM id_label_pid WHERE is_new;
+        SELECT profile_id, born_event_id, $at, NULL, NULL FROM id_label_pid WHERE is_new
+        ORDER BY profile_id;
         UPDATE identity_profile_ids r SET merged_into = c.to_pid, merged_at = $at
         FROM id_changes c WHERE c.kind = 'merge' AND r.profile_id = c.from_pid;
         UPDATE identity_profile_ids r SET merged_into = c.to_pid
@@ -590,7 +593,8 @@ def refresh_profiles(at: datetime) -> Query:
         FROM idents i
         JOIN identity_profile_ids r ON r.profile_id = i.profile_id
         LEFT JOIN stats s ON s.profile_id = i.profile_id
-        LEFT JOIN traits t ON t.profile_id = i.profile_id;
+        LEFT JOIN traits t ON t.profile_id = i.profile_id
+        ORDER BY i.profile_id;
         """,
         {"at": at},
     )
