@@ -279,6 +279,15 @@ def run(scale: int, workdir: Path) -> Result:
                 reference_name="scipy connected_components on the same edge list",
             )
         )
+        result.add(
+            Measure(
+                name="labelling step inside the full resolution (scipy + rule-aware pass)",
+                unit="s",
+                project=full.labelling_seconds,
+                reference=scipy_seconds,
+                reference_name="scipy connected_components on the same edge list",
+            )
+        )
         figures = quality(warehouse, data.truth)
 
         new_persons = max(1, INCREMENTAL_EVENTS // 3)

@@ -63,6 +63,7 @@ class ResolveResult:
     rule_components: int = 0
     refused_links: int = 0
     excluded_identifiers: int = 0
+    labelling_seconds: float = 0.0
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:  # Any: JSON values
@@ -138,7 +139,9 @@ def _resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool) -> Resol
 
         nodes = cur.sql(queries.AFFECTED_ACTIVE_NODES.sql).pl()
         links = cur.sql(queries.AFFECTED_LINKS.sql).pl()
+        began = time.perf_counter()
         labels, refusals, rule_components = label_profiles(nodes, links, rules.limits)
+        result.labelling_seconds = round(time.perf_counter() - began, 4)
         used = links.select("src", "dst", "first_event_id").join(
             refusals.select("src", "dst"), on=["src", "dst"], how="anti"
         )

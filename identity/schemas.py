@@ -122,6 +122,7 @@ class ResolveRead(BaseModel):
     rule_components: int
     refused_links: int
     excluded_identifiers: int
+    labelling_seconds: float
     seconds: float
 
 

@@ -12,7 +12,10 @@ from benchmarks import identity as bench
 def test_identity_benchmark_runs_tiny(tmp_path: Path) -> None:
     result = bench.run(300, tmp_path)
     names = [m.name for m in result.measures]
-    assert names[0] == "full resolution"
+    assert names[:2] == [
+        "full resolution",
+        "labelling step inside the full resolution (scipy + rule-aware pass)",
+    ]
     assert result.measures[0].reference is not None
     assert result.details["incremental"]["events"] == bench.INCREMENTAL_EVENTS
     quality = result.details["quality"]

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cdp.warehouse import Warehouse
+from cdp.warehouse import Query, Warehouse
+from identity import queries
 from identity.rules import IdentityRules
 from tests.identity.conftest import Ev, EventWriter, Ident, partition, resolve
 
@@ -56,7 +58,7 @@ def _union_find_partition(batches: list[list[list[Ident]]]) -> set[frozenset[Ide
     return {frozenset(g) for g in groups.values()}
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batches=history, rules=rule_sets)
 def test_incremental_resolution_equals_full_rebuild(
     batches: list[list[list[Ident]]], rules: IdentityRules
@@ -73,3 +75,34 @@ def test_incremental_resolution_equals_full_rebuild(
         assert partition(incremental) == before
         if not rules.limits and rules.auto_cap >= 1000:
             assert partition(incremental) == _union_find_partition(batches)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batches=history, rules=rule_sets, data=st.data())
+def test_incremental_equals_full_rebuild_with_unmerges(
+    batches: list[list[list[Ident]]], rules: IdentityRules, data: st.DataObject
+) -> None:
+    with fresh_warehouse() as incremental, fresh_warehouse() as rebuilt:
+        for batch in batches:
+            EventWriter(incremental).write([Ev(ids) for ids in batch])
+            resolve(incremental, rules)
+            EventWriter(rebuilt).write([Ev(ids) for ids in batch])
+            links = incremental.rows(Query("SELECT src, dst FROM identity_edges ORDER BY 1, 2"))
+            if links and data.draw(st.booleans(), label="unmerge"):
+                src, dst = data.draw(st.sampled_from(links), label="link")
+                action = data.draw(st.sampled_from(["remove_link", "remove_identifier"]))
+                for wh in (incremental, rebuilt):
+                    wh.rows(
+                        queries.add_override(
+                            action=action,
+                            src=src,
+                            dst=dst if action == "remove_link" else None,
+                            profile_id="p",
+                            reason=None,
+                            actor=None,
+                            at=datetime(2026, 1, 1),
+                        )
+                    )
+                resolve(incremental, rules)
+        resolve(rebuilt, rules, full=True)
+        assert partition(incremental) == partition(rebuilt)
