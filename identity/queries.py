@@ -177,6 +177,7 @@ INSERT_NEW_EDGES = Query(
     WHERE NOT EXISTS (SELECT 1 FROM identity_edges e WHERE e.src = l.src AND e.dst = l.dst)
     GROUP BY src, dst;
     INSERT INTO identity_edges SELECT src, dst, first_event_id, first_at FROM id_new_edges;
+    DROP TABLE id_new_ei;
     """
 )
 
@@ -466,6 +467,25 @@ APPLY_ASSIGNMENT = Query(
 )
 
 
+# In a full rebuild every node changes: rewriting the table is far lighter than updating
+# millions of rows inside the run's transaction.
+APPLY_ASSIGNMENT_FULL = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE id_nodes_new AS
+    SELECT n.node_id, n.kind, n.value, n.rank, n.status,
+           CASE WHEN n.status = 'active' THEN l.component_id ELSE n.node_id END,
+           CASE WHEN n.status = 'active' THEN lp.profile_id END,
+           n.first_event_id, n.first_seen, n.last_seen
+    FROM identity_nodes n
+    LEFT JOIN id_labels l ON l.node_id = n.node_id
+    LEFT JOIN id_label_pid lp ON lp.label = l.label;
+    DELETE FROM identity_nodes;
+    INSERT INTO identity_nodes SELECT * FROM id_nodes_new ORDER BY kind, value;
+    DROP TABLE id_nodes_new;
+    """
+)
+
+
 def record_decisions(at: datetime) -> Query:
     """Replace the decisions of the affected nodes: refused links and blocked identifiers."""
     return Query(
@@ -595,6 +615,8 @@ def refresh_profiles(at: datetime) -> Query:
         LEFT JOIN stats s ON s.profile_id = i.profile_id
         LEFT JOIN traits t ON t.profile_id = i.profile_id
         ORDER BY i.profile_id;
+        DROP TABLE id_pev;
+        DROP TABLE id_pev_cand;
         """,
         {"at": at},
     )

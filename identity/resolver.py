@@ -153,14 +153,14 @@ def _resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool) -> Resol
         step(queries.CHANGES)
         step(queries.publish_changes(seq=seq, at=now))
         step(queries.register_profiles(now))
-        step(queries.APPLY_ASSIGNMENT)
+        step(queries.APPLY_ASSIGNMENT_FULL if full else queries.APPLY_ASSIGNMENT)
         step(queries.record_decisions(now))
         step(queries.DIRTY_PROFILES_FULL if full else queries.DIRTY_PROFILES)
         step(queries.refresh_profiles(now))
 
         counts = cur.execute(
             """
-            SELECT (SELECT count(DISTINCT event_id) FROM id_new_ei),
+            SELECT (SELECT count(DISTINCT event_id) FROM id_new_ein),
                    (SELECT count(*) FROM id_new_nodes),
                    (SELECT count(*) FROM id_new_edges),
                    (SELECT count(*) FROM id_aff),
