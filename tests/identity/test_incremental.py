@@ -88,7 +88,8 @@ def test_incremental_equals_full_rebuild_with_unmerges(
             resolve(incremental, rules)
             EventWriter(rebuilt).write([Ev(ids) for ids in batch])
             links = incremental.rows(Query("SELECT src, dst FROM identity_edges ORDER BY 1, 2"))
-            if links and data.draw(st.booleans(), label="unmerge"):
+            unmerge: bool = data.draw(st.booleans(), label="unmerge")
+            if links and unmerge:
                 src, dst = data.draw(st.sampled_from(links), label="link")
                 action = data.draw(st.sampled_from(["remove_link", "remove_identifier"]))
                 for wh in (incremental, rebuilt):
