@@ -500,7 +500,7 @@ def record_decisions(at: datetime) -> Query:
         SELECT n.node_id, n.status, n.node_id, NULL, NULL,
                CASE n.status
                    WHEN 'blocked' THEN 'blocked value or pattern: never links'
-                   ELSE 'linked to ' || s.higher_links::VARCHAR
+                   ELSE 'linked to ' || coalesce(s.higher_links::VARCHAR, 'too many')
                         || ' higher-priority identifiers (over the cap): treated as blocked'
                END, $at
         FROM identity_nodes n
