@@ -20,6 +20,7 @@ from cdp.db import Database
 from cdp.errors import CdpError, NotFound
 from cdp.logs import configure_logging
 from cdp.warehouse import Warehouse
+from identity import cli as identity_cli
 
 logger = logging.getLogger(__name__)
 
@@ -359,6 +360,11 @@ def demo(
     console.print(f'Try:  curl -H "Authorization: Bearer {clear}" {base}/api/jobs')
     console.rule()
     _serve(settings)
+
+
+identity_cli.register(
+    app, _settings, _open_warehouse, lambda line: out.print(line, soft_wrap=True), cli_errors
+)
 
 
 def main() -> None:

@@ -112,6 +112,141 @@ MIGRATIONS: list[WarehouseMigration] = [
         ),
     ),
     WarehouseMigration(
+        10,
+        "identity: identifier graph, profile ids, merges, decisions and profiles",
+        (
+            # One row per normalised identifier (a node of the graph). node_id is a hash of
+            # (kind, value), not a first-seen counter, so labelling never meets ordered chains.
+            # component_id is the raw connected component (all links), profile_id the profile
+            # after rules; both NULL-free for active nodes, profile_id NULL when blocked.
+            """
+            CREATE TABLE identity_nodes (
+                node_id BIGINT NOT NULL,
+                kind VARCHAR NOT NULL,
+                value VARCHAR NOT NULL,
+                rank INTEGER NOT NULL,
+                status VARCHAR NOT NULL,
+                component_id BIGINT NOT NULL,
+                profile_id VARCHAR,
+                first_event_id BIGINT NOT NULL,
+                first_seen TIMESTAMP NOT NULL,
+                last_seen TIMESTAMP NOT NULL
+            )
+            """,
+            # The append-only link log: one row per distinct pair (src < dst), with the first
+            # event that linked them.
+            """
+            CREATE TABLE identity_edges (
+                src BIGINT NOT NULL,
+                dst BIGINT NOT NULL,
+                first_event_id BIGINT NOT NULL,
+                first_at TIMESTAMP NOT NULL
+            )
+            """,
+            # Which identifiers each event carries, as node ids (integer joins from events to
+            # profiles: the profile of an event is that of its most trusted identifier).
+            """
+            CREATE TABLE identity_event_nodes (
+                event_id BIGINT NOT NULL,
+                node_id BIGINT NOT NULL
+            )
+            """,
+            # Every profile id ever issued; merged-away ids point at their survivor.
+            """
+            CREATE TABLE identity_profile_ids (
+                profile_id VARCHAR NOT NULL,
+                born_event_id BIGINT NOT NULL,
+                created_at TIMESTAMP NOT NULL,
+                merged_into VARCHAR,
+                merged_at TIMESTAMP
+            )
+            """,
+            # The publication of merges and splits, read by loyalty and segments by seq.
+            """
+            CREATE TABLE profile_merges (
+                seq BIGINT NOT NULL,
+                kind VARCHAR NOT NULL,
+                from_profile_id VARCHAR NOT NULL,
+                to_profile_id VARCHAR NOT NULL,
+                occurred_at TIMESTAMP NOT NULL,
+                reason VARCHAR NOT NULL,
+                event_id BIGINT,
+                src_node BIGINT,
+                dst_node BIGINT
+            )
+            """,
+            # Rule decisions of the current state: links not used and identifiers blocked.
+            """
+            CREATE TABLE identity_decisions (
+                component_id BIGINT NOT NULL,
+                decision VARCHAR NOT NULL,
+                node_id BIGINT NOT NULL,
+                other_node_id BIGINT,
+                event_id BIGINT,
+                detail VARCHAR NOT NULL,
+                decided_at TIMESTAMP NOT NULL
+            )
+            """,
+            # Marks and counters of the resolver (last event processed, merge seq, rules hash).
+            """
+            CREATE TABLE identity_state (
+                name VARCHAR PRIMARY KEY,
+                number BIGINT,
+                text VARCHAR
+            )
+            """,
+            # Unmerge decisions of admins: an identifier detached from every link, or one link
+            # removed, until lifted. `version` grows on every change so the resolver sees it.
+            """
+            CREATE TABLE identity_link_overrides (
+                override_id BIGINT NOT NULL,
+                version BIGINT NOT NULL,
+                action VARCHAR NOT NULL,
+                src BIGINT NOT NULL,
+                dst BIGINT,
+                profile_id VARCHAR,
+                reason VARCHAR,
+                created_at TIMESTAMP NOT NULL,
+                created_by VARCHAR,
+                lifted_at TIMESTAMP,
+                lifted_by VARCHAR
+            )
+            """,
+            # SHA-256 of erased identifiers (`kind` + US + `value`): never resolved again until
+            # the person comes back with a new consent (`lifted_at`).
+            """
+            CREATE TABLE identity_suppressions (
+                identifier_hash VARCHAR NOT NULL,
+                kind VARCHAR NOT NULL,
+                profile_id VARCHAR,
+                created_at TIMESTAMP NOT NULL,
+                lifted_at TIMESTAMP
+            )
+            """,
+            # The publication of erased profiles, read by seq: loyalty anonymises its records.
+            """
+            CREATE TABLE profile_erasures (
+                seq BIGINT NOT NULL,
+                profile_id VARCHAR NOT NULL,
+                erased_at TIMESTAMP NOT NULL
+            )
+            """,
+            # One row per live profile, rebuilt for the profiles each resolution touches.
+            """
+            CREATE TABLE profiles (
+                profile_id VARCHAR NOT NULL,
+                created_at TIMESTAMP NOT NULL,
+                updated_at TIMESTAMP NOT NULL,
+                first_seen TIMESTAMP,
+                last_seen TIMESTAMP,
+                event_count BIGINT NOT NULL,
+                identifiers JSON NOT NULL,
+                traits JSON NOT NULL
+            )
+            """,
+        ),
+    ),
+    WarehouseMigration(
         40,
         "dashboards: daily KPI snapshots",
         (

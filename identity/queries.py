@@ -1,0 +1,1123 @@
+"""DuckDB SQL of the identity package, as `Query` objects.
+
+The resolver runs these on one cursor inside one transaction; names starting with `id_` are
+temporary tables of that run. Each statement is one set-based step.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any
+
+from cdp.warehouse import Cursor, Query
+
+# Node ids are a stable 60-bit hash of (kind, value), the same in every engine with md5:
+#   ('0x' || left(md5(kind || chr(31) || value), 15))::BIGINT
+# The suppression list stores sha256(kind || chr(31) || value). Kinds missing from the
+# priority list rank 1000000. These are spelt out in each statement (no SQL is assembled).
+NO_RANK = 1_000_000
+
+_PARAM = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def run_script(cur: Cursor, query: Query) -> tuple[Any, ...] | None:  # Any: SQL values
+    """Run the `;`-separated statements of a query in order, each with the parameters it names.
+
+    DuckDB binds parameters only to the last statement of a multi-statement string, so the
+    steps of one logical operation are sent one by one. Returns the first row of the last one.
+    """
+    row: tuple[Any, ...] | None = None  # Any: SQL values
+    for statement in query.sql.split(";\n"):
+        if not statement.strip():
+            continue
+        names = set(_PARAM.findall(statement))
+        params = {k: v for k, v in query.params.items() if k in names}
+        rows = cur.execute(statement, params or None).fetchall()
+        row = rows[0] if rows else None
+    return row
+
+
+STATE_MARK = "last_event_id"
+STATE_SEQ = "merge_seq"
+STATE_RULES = "rules_fingerprint"
+STATE_OVERRIDES = "override_version"
+
+
+def read_state() -> Query:
+    """Every counter of the resolver."""
+    return Query("SELECT name, number, text FROM identity_state")
+
+
+def write_state(name: str, *, number: int | None = None, text: str | None = None) -> Query:
+    """Set one counter of the resolver."""
+    return Query(
+        "INSERT OR REPLACE INTO identity_state VALUES ($name, $number, $text)",
+        {"name": name, "number": number, "text": text},
+    )
+
+
+MAX_EVENT_ID = Query("SELECT coalesce(max(event_id), 0) FROM event_identifiers")
+MAX_OVERRIDE_VERSION = Query("SELECT coalesce(max(version), 0) FROM identity_link_overrides")
+
+
+# Copies of Arrow/Polars frames registered as `<name>_frame` into temp tables of the run.
+FRAME_COPIES = {
+    "id_kind_rank": Query(
+        "CREATE OR REPLACE TEMP TABLE id_kind_rank AS SELECT * FROM id_kind_rank_frame"
+    ),
+    "id_block_values": Query(
+        "CREATE OR REPLACE TEMP TABLE id_block_values AS SELECT * FROM id_block_values_frame"
+    ),
+    "id_block_patterns": Query(
+        "CREATE OR REPLACE TEMP TABLE id_block_patterns AS SELECT * FROM id_block_patterns_frame"
+    ),
+    "id_trait_sources": Query(
+        "CREATE OR REPLACE TEMP TABLE id_trait_sources AS SELECT * FROM id_trait_sources_frame"
+    ),
+    "id_labels": Query("CREATE OR REPLACE TEMP TABLE id_labels AS SELECT * FROM id_labels_frame"),
+    "id_refusals": Query(
+        "CREATE OR REPLACE TEMP TABLE id_refusals AS SELECT * FROM id_refusals_frame"
+    ),
+    "id_used_links": Query(
+        "CREATE OR REPLACE TEMP TABLE id_used_links AS SELECT * FROM id_used_links_frame"
+    ),
+    "sql_edges": Query("CREATE OR REPLACE TEMP TABLE sql_edges AS SELECT * FROM sql_edges_frame"),
+}
+
+
+def new_event_identifiers(mark: int, up_to: int) -> Query:
+    """Identifiers of the events after the mark; re-sent data of erased people is deleted."""
+    return Query(
+        """
+        CREATE OR REPLACE TEMP TABLE id_suppressed_ei AS
+        SELECT ei.event_id, ei.kind, ei.value FROM event_identifiers ei
+        WHERE ei.event_id > $mark AND ei.event_id <= $up_to
+          AND EXISTS (SELECT 1 FROM identity_suppressions WHERE lifted_at IS NULL)
+          AND sha256(ei.kind || chr(31) || ei.value)
+              IN (SELECT identifier_hash FROM identity_suppressions WHERE lifted_at IS NULL);
+        DELETE FROM events WHERE event_id IN (
+            SELECT event_id FROM id_suppressed_ei
+            EXCEPT
+            SELECT ei.event_id FROM event_identifiers ei
+            ANTI JOIN id_suppressed_ei s
+                ON s.event_id = ei.event_id AND s.kind = ei.kind AND s.value = ei.value
+            WHERE ei.event_id > $mark AND ei.event_id <= $up_to
+        );
+        DELETE FROM event_identifiers ei USING id_suppressed_ei s
+        WHERE ei.event_id = s.event_id AND ei.kind = s.kind AND ei.value = s.value;
+        CREATE OR REPLACE TEMP TABLE id_new_ei AS
+        SELECT ei.event_id, ei.kind, ei.value, e.timestamp AS ts
+        FROM event_identifiers ei
+        JOIN events e ON e.event_id = ei.event_id
+        WHERE ei.event_id > $mark AND ei.event_id <= $up_to
+        """,
+        {"mark": mark, "up_to": up_to},
+    )
+
+
+INSERT_NEW_NODES = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE id_new_nodes AS
+    SELECT ('0x' || left(md5(kind || chr(31) || value), 15))::BIGINT AS node_id, kind, value,
+           coalesce((SELECT rank FROM id_kind_rank r WHERE r.kind = g.kind), 1000000) AS rank,
+           first_event_id, first_seen, last_seen
+    FROM (
+        SELECT kind, value, min(event_id) AS first_event_id, min(ts) AS first_seen,
+               max(ts) AS last_seen
+        FROM id_new_ei GROUP BY kind, value
+    ) g
+    WHERE NOT EXISTS (
+        SELECT 1 FROM identity_nodes n WHERE n.kind = g.kind AND n.value = g.value
+    );
+    INSERT INTO identity_nodes
+    SELECT node_id, kind, value, rank, 'active', node_id, NULL, first_event_id, first_seen,
+           last_seen
+    FROM id_new_nodes
+    ORDER BY kind, value;
+    """
+)
+
+TOUCH_SEEN_NODES = Query(
+    """
+    UPDATE identity_nodes n
+    SET first_seen = least(n.first_seen, g.first_seen),
+        last_seen = greatest(n.last_seen, g.last_seen)
+    FROM (
+        SELECT kind, value, min(ts) AS first_seen, max(ts) AS last_seen
+        FROM id_new_ei GROUP BY kind, value
+    ) g
+    WHERE n.kind = g.kind AND n.value = g.value
+      AND (g.first_seen < n.first_seen OR g.last_seen > n.last_seen)
+    """
+)
+
+# Each event links every pair of its identifiers; an event with more than 8 identifiers
+# links them as a star around its most trusted one instead (k - 1 links).
+INSERT_NEW_EDGES = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE id_new_ein AS
+    SELECT DISTINCT x.event_id, n.node_id, n.rank, x.ts
+    FROM id_new_ei x JOIN identity_nodes n ON n.kind = x.kind AND n.value = x.value;
+    INSERT INTO identity_event_nodes SELECT DISTINCT event_id, node_id FROM id_new_ein;
+    CREATE OR REPLACE TEMP TABLE id_new_edges AS
+    WITH sized AS (
+        SELECT event_id, count(*) AS k, arg_min(node_id, (rank, node_id)) AS centre_id
+        FROM id_new_ein GROUP BY event_id HAVING count(*) > 1
+    ),
+    links AS (
+        SELECT a.node_id AS src, b.node_id AS dst, a.event_id, a.ts
+        FROM id_new_ein a
+        JOIN sized s ON s.event_id = a.event_id
+        JOIN id_new_ein b ON b.event_id = a.event_id AND b.node_id > a.node_id
+        WHERE s.k <= 8 OR s.centre_id IN (a.node_id, b.node_id)
+    )
+    SELECT src, dst, min(event_id) AS first_event_id, arg_min(ts, event_id) AS first_at
+    FROM links l
+    WHERE NOT EXISTS (SELECT 1 FROM identity_edges e WHERE e.src = l.src AND e.dst = l.dst)
+    GROUP BY src, dst;
+    INSERT INTO identity_edges SELECT src, dst, first_event_id, first_at FROM id_new_edges;
+    DROP TABLE id_new_ei;
+    """
+)
+
+# (Nodes are appended sorted by kind and value so zone maps serve point lookups.)
+# Nodes whose status may change: new ones, endpoints of new links, nodes of changed overrides.
+STATUS_CANDIDATES_INCREMENTAL = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE id_status_cands AS
+    SELECT node_id FROM id_new_nodes
+    UNION SELECT src FROM id_new_edges
+    UNION SELECT dst FROM id_new_edges
+    UNION SELECT node_id FROM id_override_nodes
+    """
+)
+STATUS_CANDIDATES_FULL = Query(
+    "CREATE OR REPLACE TEMP TABLE id_status_cands AS SELECT node_id FROM identity_nodes"
+)
+
+
+def changed_overrides(after_version: int) -> Query:
+    """Nodes named by overrides created or lifted since the version the resolver last saw."""
+    return Query(
+        """
+        CREATE OR REPLACE TEMP TABLE id_override_nodes AS
+        SELECT src AS node_id FROM identity_link_overrides WHERE version > $v
+        UNION SELECT dst FROM identity_link_overrides WHERE version > $v AND dst IS NOT NULL
+        """,
+        {"v": after_version},
+    )
+
+
+# Links ignored by admins' decisions: removed links, and every link of a detached identifier
+# (which stays a profile of its own). Taken after the run's new links are in the log.
+ACTIVE_REMOVED_LINKS = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE id_detached AS
+    SELECT DISTINCT src AS node_id FROM identity_link_overrides
+    WHERE action = 'remove_identifier' AND lifted_at IS NULL;
+    CREATE OR REPLACE TEMP TABLE id_removed_links AS
+    SELECT least(src, dst) AS src, greatest(src, dst) AS dst FROM identity_link_overrides
+    WHERE action = 'remove_link' AND lifted_at IS NULL
+    UNION SELECT e.src, e.dst FROM identity_edges e SEMI JOIN id_detached d ON d.node_id = e.src
+    UNION SELECT e.src, e.dst FROM identity_edges e SEMI JOIN id_detached d ON d.node_id = e.dst;
+    """
+)
+
+
+def block_new_nodes(pattern: str) -> Query:
+    """Mark new nodes whose value is blocked (listed value, or the rules' combined pattern)."""
+    return Query(
+        """
+        UPDATE identity_nodes SET status = 'blocked'
+        WHERE node_id IN (SELECT node_id FROM id_new_nodes)
+          AND (lower(value) IN (SELECT lower(value) FROM id_block_values)
+               OR ($pattern <> '' AND regexp_full_match(value, $pattern)))
+        """,
+        {"pattern": pattern},
+    )
+
+
+def compute_status(auto_cap: int) -> Query:
+    """New status of the candidates: blocked value (static), over the cap, or active."""
+    return Query(
+        """
+        CREATE OR REPLACE TEMP TABLE id_status_new AS
+        WITH cand AS (
+            SELECT n.node_id, n.rank, n.status
+            FROM identity_nodes n SEMI JOIN id_status_cands c ON c.node_id = n.node_id
+        ),
+        nbr AS (
+            SELECT e.src AS node_id, e.dst AS other
+            FROM identity_edges e SEMI JOIN cand c ON c.node_id = e.src
+            UNION ALL
+            SELECT e.dst, e.src FROM identity_edges e SEMI JOIN cand c ON c.node_id = e.dst
+        ),
+        higher AS (
+            SELECT x.node_id, count(DISTINCT nbr.other) AS links
+            FROM nbr
+            JOIN cand x ON x.node_id = nbr.node_id
+            JOIN identity_nodes o ON o.node_id = nbr.other
+            WHERE o.rank < x.rank AND o.status <> 'blocked'
+            GROUP BY x.node_id
+        )
+        SELECT c.node_id, c.status AS old_status,
+            CASE
+                WHEN c.status = 'blocked' THEN 'blocked'
+                WHEN coalesce(h.links, 0) > $cap THEN 'capped'
+                ELSE 'active'
+            END AS status,
+            coalesce(h.links, 0) AS higher_links
+        FROM cand c LEFT JOIN higher h ON h.node_id = c.node_id
+        """,
+        {"cap": auto_cap},
+    )
+
+
+APPLY_STATUS = Query(
+    """
+    UPDATE identity_nodes n SET status = s.status
+    FROM id_status_new s
+    WHERE n.node_id = s.node_id AND n.status <> s.status
+    """
+)
+
+# The raw components to recompute: those of every node whose links or status changed, and
+# those of the neighbours of nodes whose status or overrides changed (links may reopen).
+AFFECTED_INCREMENTAL = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE id_reopened AS
+    SELECT node_id FROM id_status_new WHERE status <> old_status
+    UNION SELECT node_id FROM id_override_nodes;
+    CREATE OR REPLACE TEMP TABLE id_seed AS
+    SELECT node_id FROM id_status_cands
+    UNION SELECT e.dst FROM identity_edges e SEMI JOIN id_reopened r ON r.node_id = e.src
+    UNION SELECT e.src FROM identity_edges e SEMI JOIN id_reopened r ON r.node_id = e.dst;
+    CREATE OR REPLACE TEMP TABLE id_aff AS
+    SELECT n.node_id, n.kind, n.rank, n.status, n.first_event_id,
+           n.component_id AS old_component_id
+    FROM identity_nodes n
+    WHERE n.component_id IN (
+        SELECT n2.component_id FROM identity_nodes n2 SEMI JOIN id_seed s ON s.node_id = n2.node_id
+    );
+    """
+)
+AFFECTED_FULL = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE id_aff AS
+    SELECT node_id, kind, rank, status, first_event_id, component_id AS old_component_id
+    FROM identity_nodes
+    """
+)
+
+OLD_ASSIGNMENT_INCREMENTAL = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE id_old AS
+    SELECT n.node_id, n.profile_id FROM identity_nodes n
+    SEMI JOIN id_aff a ON a.node_id = n.node_id
+    WHERE n.profile_id IS NOT NULL
+    """
+)
+SNAPSHOT_FOR_FULL = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE id_old AS
+    SELECT node_id, profile_id FROM identity_nodes WHERE profile_id IS NOT NULL;
+    CREATE OR REPLACE TEMP TABLE id_old_profiles AS
+    SELECT DISTINCT profile_id FROM profiles;
+    DELETE FROM identity_nodes;
+    DELETE FROM identity_edges;
+    DELETE FROM identity_event_nodes;
+    DELETE FROM identity_decisions;
+    """
+)
+
+AFFECTED_ACTIVE_NODES = Query(
+    "SELECT node_id, kind FROM id_aff WHERE status = 'active' ORDER BY node_id"
+)
+# With the ranks of their ends: inside one event, links of trusted identifiers apply first.
+AFFECTED_LINKS = Query(
+    """
+    SELECT e.src, e.dst, e.first_event_id,
+           least(a.rank, b.rank) AS high_rank, greatest(a.rank, b.rank) AS low_rank
+    FROM identity_edges e
+    JOIN id_aff a ON a.node_id = e.src AND a.status = 'active'
+    JOIN id_aff b ON b.node_id = e.dst AND b.status = 'active'
+    ANTI JOIN id_removed_links r ON r.src = e.src AND r.dst = e.dst
+    """
+)
+
+# Stable ids: per old profile, the new label holding most of its nodes keeps it ("stays");
+# per label, the oldest staying profile (created first, then born from the earlier event)
+# survives and the other stayers merge into it; a label nobody stays in gets a new id.
+# Materialised so each new uuid is drawn once.
+RECONCILE = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE id_claims AS
+    SELECT l.label, o.profile_id, count(*) AS nodes
+    FROM id_labels l JOIN id_old o ON o.node_id = l.node_id
+    GROUP BY l.label, o.profile_id;
+    CREATE OR REPLACE TEMP TABLE id_stay AS
+    SELECT profile_id, arg_min(label, (-nodes, label)) AS label FROM id_claims GROUP BY profile_id;
+    CREATE OR REPLACE TEMP TABLE id_label_pid AS
+    WITH surv AS (
+        SELECT s.label,
+               arg_min(s.profile_id, (r.created_at, r.born_event_id, s.profile_id)) AS profile_id
+        FROM id_stay s JOIN identity_profile_ids r ON r.profile_id = s.profile_id
+        GROUP BY s.label
+    ),
+    labels AS (
+        SELECT l.label, min(a.first_event_id) AS born_event_id
+        FROM id_labels l JOIN id_aff a ON a.node_id = l.node_id GROUP BY l.label
+    )
+    SELECT labels.label, coalesce(surv.profile_id, gen_random_uuid()::VARCHAR) AS profile_id,
+           surv.profile_id IS NULL AS is_new, labels.born_event_id
+    FROM labels LEFT JOIN surv ON surv.label = labels.label;
+    """
+)
+
+# Merges (a staying profile that is not its label's survivor) and splits (part of an old
+# profile now in another label), each with the newest used link touching the moved nodes.
+CHANGES = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE id_changes AS
+    WITH moves AS (
+        SELECT 'merge' AS kind, s.profile_id AS from_pid, lp.profile_id AS to_pid, s.label
+        FROM id_stay s JOIN id_label_pid lp ON lp.label = s.label
+        WHERE s.profile_id <> lp.profile_id
+        UNION ALL
+        SELECT 'split', c.profile_id, lp.profile_id, c.label
+        FROM id_claims c
+        JOIN id_stay s ON s.profile_id = c.profile_id
+        JOIN id_label_pid lp ON lp.label = c.label
+        WHERE s.label <> c.label
+    ),
+    moved_nodes AS (
+        SELECT m.kind, m.from_pid, m.to_pid, o.node_id
+        FROM moves m
+        JOIN id_old o ON o.profile_id = m.from_pid
+        JOIN id_labels l ON l.node_id = o.node_id AND l.label = m.label
+    ),
+    touching AS (
+        SELECT mn.kind, mn.from_pid, mn.to_pid, u.src, u.dst, u.first_event_id
+        FROM moved_nodes mn JOIN id_used_links u ON u.src = mn.node_id
+        UNION ALL
+        SELECT mn.kind, mn.from_pid, mn.to_pid, u.src, u.dst, u.first_event_id
+        FROM moved_nodes mn JOIN id_used_links u ON u.dst = mn.node_id
+    ),
+    cause AS (
+        SELECT kind, from_pid, to_pid,
+               arg_max({'src': src, 'dst': dst, 'event_id': first_event_id},
+                       (first_event_id, src, dst)) AS link
+        FROM touching GROUP BY kind, from_pid, to_pid
+    )
+    SELECT m.kind, m.from_pid, m.to_pid, struct_extract(c.link, 'src') AS src,
+           struct_extract(c.link, 'dst') AS dst, struct_extract(c.link, 'event_id') AS event_id
+    FROM (SELECT DISTINCT kind, from_pid, to_pid FROM moves) m
+    LEFT JOIN cause c ON c.kind = m.kind AND c.from_pid = m.from_pid AND c.to_pid = m.to_pid
+    """
+)
+
+
+def publish_changes(*, seq: int, at: datetime) -> Query:
+    """Append the run's merges and splits to `profile_merges`, numbered after `seq`."""
+    return Query(
+        """
+        INSERT INTO profile_merges
+        SELECT $seq + row_number() OVER (ORDER BY c.kind, c.event_id NULLS LAST, c.from_pid,
+                                                  c.to_pid),
+               c.kind, c.from_pid, c.to_pid, $at,
+               CASE WHEN c.event_id IS NULL THEN c.kind || ' after a change of rules or links'
+                    ELSE 'link ' || a.kind || ':' || a.value || ' - ' || b.kind || ':' || b.value
+                         || ' from event ' || c.event_id::VARCHAR
+               END,
+               c.event_id, c.src, c.dst
+        FROM id_changes c
+        LEFT JOIN identity_nodes a ON a.node_id = c.src
+        LEFT JOIN identity_nodes b ON b.node_id = c.dst
+        """,
+        {"seq": seq, "at": at},
+    )
+
+
+def register_profiles(at: datetime) -> Query:
+    """Record new profile ids and point merged-away ids (and theirs) at the survivor."""
+    return Query(
+        """
+        INSERT INTO identity_profile_ids
+        SELECT profile_id, born_event_id, $at, NULL, NULL FROM id_label_pid WHERE is_new
+        ORDER BY profile_id;
+        UPDATE identity_profile_ids r SET merged_into = c.to_pid, merged_at = $at
+        FROM id_changes c WHERE c.kind = 'merge' AND r.profile_id = c.from_pid;
+        UPDATE identity_profile_ids r SET merged_into = c.to_pid
+        FROM id_changes c WHERE c.kind = 'merge' AND r.merged_into = c.from_pid;
+        """,
+        {"at": at},
+    )
+
+
+APPLY_ASSIGNMENT = Query(
+    """
+    UPDATE identity_nodes n
+    SET component_id = l.component_id, profile_id = lp.profile_id
+    FROM id_labels l JOIN id_label_pid lp ON lp.label = l.label
+    WHERE n.node_id = l.node_id;
+    UPDATE identity_nodes n SET component_id = n.node_id, profile_id = NULL
+    FROM id_aff a WHERE a.node_id = n.node_id AND n.status <> 'active';
+    """
+)
+
+
+# In a full rebuild every node changes: rewriting the table is far lighter than updating
+# millions of rows inside the run's transaction.
+APPLY_ASSIGNMENT_FULL = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE id_nodes_new AS
+    SELECT n.node_id, n.kind, n.value, n.rank, n.status,
+           CASE WHEN n.status = 'active' THEN l.component_id ELSE n.node_id END,
+           CASE WHEN n.status = 'active' THEN lp.profile_id END,
+           n.first_event_id, n.first_seen, n.last_seen
+    FROM identity_nodes n
+    LEFT JOIN id_labels l ON l.node_id = n.node_id
+    LEFT JOIN id_label_pid lp ON lp.label = l.label;
+    DELETE FROM identity_nodes;
+    INSERT INTO identity_nodes SELECT * FROM id_nodes_new ORDER BY kind, value;
+    DROP TABLE id_nodes_new;
+    """
+)
+
+
+def record_decisions(at: datetime) -> Query:
+    """Replace the decisions of the affected nodes: refused links and blocked identifiers."""
+    return Query(
+        """
+        DELETE FROM identity_decisions d USING id_aff a WHERE d.node_id = a.node_id;
+        INSERT INTO identity_decisions
+        SELECT l.component_id, 'limit', r.src, r.dst, r.event_id,
+               'link not used: the profile would hold more than ' || r.lim::VARCHAR || ' '
+               || r.kind || ' identifier(s)', $at
+        FROM id_refusals r JOIN id_labels l ON l.node_id = r.src;
+        INSERT INTO identity_decisions
+        SELECT n.node_id, n.status, n.node_id, NULL, NULL,
+               CASE n.status
+                   WHEN 'blocked' THEN 'blocked value or pattern: never links'
+                   ELSE 'linked to ' || coalesce(s.higher_links::VARCHAR, 'too many')
+                        || ' higher-priority identifiers (over the cap): treated as blocked'
+               END, $at
+        FROM identity_nodes n
+        SEMI JOIN id_aff a ON a.node_id = n.node_id
+        LEFT JOIN id_status_new s ON s.node_id = n.node_id
+        WHERE n.status <> 'active';
+        INSERT INTO identity_decisions
+        SELECT l.component_id, 'removed', d.node_id, NULL, NULL,
+               'identifier detached by an admin: its links are ignored until allowed again', $at
+        FROM id_detached d JOIN id_labels l ON l.node_id = d.node_id;
+        INSERT INTO identity_decisions
+        SELECT l.component_id, 'removed', r.src, r.dst, e.first_event_id,
+               'link removed by an admin: not used until allowed again', $at
+        FROM identity_link_overrides o
+        JOIN id_removed_links r ON r.src = least(o.src, o.dst) AND r.dst = greatest(o.src, o.dst)
+        JOIN id_labels l ON l.node_id = r.src
+        LEFT JOIN identity_edges e ON e.src = r.src AND e.dst = r.dst
+        WHERE o.action = 'remove_link' AND o.lifted_at IS NULL;
+        """,
+        {"at": at},
+    )
+
+
+# Profiles to rebuild: every profile id the run assigned or took away, and the profiles of
+# identifiers seen in the new events (their traits and last_seen moved).
+DIRTY_PROFILES = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE id_dirty AS
+    SELECT profile_id FROM id_label_pid
+    UNION SELECT profile_id FROM id_old
+    UNION SELECT n.profile_id FROM identity_nodes n
+          SEMI JOIN id_new_ein x ON x.node_id = n.node_id
+          WHERE n.profile_id IS NOT NULL
+    """
+)
+DIRTY_PROFILES_FULL = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE id_dirty AS
+    SELECT profile_id FROM id_label_pid
+    UNION SELECT profile_id FROM id_old_profiles
+    """
+)
+
+
+# The profile of an event: that of its most trusted identifier that belongs to a profile.
+# Used for the profiles rebuild (candidate events in id_pev_cand) and for event ranges.
+def refresh_profiles(at: datetime) -> Query:
+    """Rebuild the `profiles` rows of the dirty profiles, with trait survivorship."""
+    return Query(
+        """
+        CREATE OR REPLACE TEMP TABLE id_pn AS
+        SELECT n.node_id, n.kind, n.value, n.profile_id FROM identity_nodes n
+        SEMI JOIN id_dirty d ON d.profile_id = n.profile_id;
+        CREATE OR REPLACE TEMP TABLE id_pev_cand AS
+        SELECT DISTINCT ei.event_id FROM identity_event_nodes ei
+        JOIN id_pn p ON p.node_id = ei.node_id;
+        CREATE OR REPLACE TEMP TABLE id_pev AS
+        SELECT ep.profile_id, e.event_id, e.source_id, e.timestamp, e.traits
+        FROM (
+            SELECT ei.event_id, arg_min(
+                n.profile_id, (n.rank::HUGEINT << 60) + n.node_id
+            ) AS profile_id
+            FROM identity_event_nodes ei
+            JOIN identity_nodes n ON n.node_id = ei.node_id
+            SEMI JOIN id_pev_cand c ON c.event_id = ei.event_id
+            WHERE n.profile_id IS NOT NULL
+            GROUP BY ei.event_id
+        ) ep
+        JOIN events e ON e.event_id = ep.event_id
+        SEMI JOIN id_dirty d ON d.profile_id = ep.profile_id;
+        DELETE FROM profiles p USING id_dirty d WHERE p.profile_id = d.profile_id;
+        INSERT INTO profiles
+        WITH stats AS (
+            SELECT profile_id, min(timestamp) AS first_seen, max(timestamp) AS last_seen,
+                   count(*) AS event_count
+            FROM id_pev GROUP BY profile_id
+        ),
+        kv AS (
+            SELECT profile_id, source_id, timestamp, event_id, key,
+                   json_extract(traits, key) AS val
+            FROM (
+                SELECT profile_id, source_id, timestamp, event_id, traits,
+                       unnest(json_keys(traits)) AS key
+                FROM id_pev WHERE traits IS NOT NULL AND json_type(traits) = 'OBJECT'
+            )
+        ),
+        survivor AS (
+            SELECT kv.profile_id, kv.key,
+                   arg_min(kv.val, (coalesce(ts.prio, 1000000), -epoch_us(kv.timestamp),
+                                    -kv.event_id)) AS val
+            FROM kv LEFT JOIN id_trait_sources ts
+                ON ts.trait = kv.key AND ts.source_id = kv.source_id
+            WHERE json_type(kv.val) <> 'NULL'
+            GROUP BY kv.profile_id, kv.key
+        ),
+        traits AS (
+            SELECT profile_id, json_group_object(key, val) AS traits
+            FROM survivor GROUP BY profile_id
+        ),
+        idents AS (
+            SELECT profile_id, json_group_object(kind, vals) AS identifiers
+            FROM (
+                SELECT profile_id, kind, list(value ORDER BY value) AS vals
+                FROM id_pn GROUP BY profile_id, kind
+            )
+            GROUP BY profile_id
+        )
+        SELECT i.profile_id, r.created_at, $at, s.first_seen, s.last_seen,
+               coalesce(s.event_count, 0), i.identifiers, coalesce(t.traits, '{}')::JSON
+        FROM idents i
+        JOIN identity_profile_ids r ON r.profile_id = i.profile_id
+        LEFT JOIN stats s ON s.profile_id = i.profile_id
+        LEFT JOIN traits t ON t.profile_id = i.profile_id
+        ORDER BY i.profile_id;
+        DROP TABLE id_pev;
+        DROP TABLE id_pev_cand;
+        """,
+        {"at": at},
+    )
+
+
+# Public reads.
+
+
+def lookup(kind: str, value: str) -> Query:
+    """The profile of one identifier."""
+    return Query(
+        "SELECT profile_id FROM identity_nodes WHERE kind = $kind AND value = $value",
+        {"kind": kind, "value": value},
+    )
+
+
+def profile_id_record(profile_id: str) -> Query:
+    """The registry row of a profile id."""
+    return Query(
+        "SELECT profile_id, merged_into FROM identity_profile_ids WHERE profile_id = $pid",
+        {"pid": profile_id},
+    )
+
+
+def event_profiles(after_event_id: int, up_to_event_id: int | None) -> Query:
+    """The profile of each resolved event in a range of event ids."""
+    return Query(
+        """
+        SELECT ei.event_id, arg_min(
+            n.profile_id, (n.rank::HUGEINT << 60) + n.node_id
+        ) AS profile_id
+        FROM identity_event_nodes ei
+        JOIN identity_nodes n ON n.node_id = ei.node_id
+        WHERE n.profile_id IS NOT NULL
+          AND ei.event_id > $after AND ($up_to IS NULL OR ei.event_id <= $up_to)
+        GROUP BY ei.event_id
+        ORDER BY ei.event_id
+        """,
+        {"after": after_event_id, "up_to": up_to_event_id},
+    )
+
+
+def merges_since(after_seq: int) -> Query:
+    """Published merges and splits after a sequence number."""
+    return Query(
+        """
+        SELECT seq, kind, from_profile_id, to_profile_id, occurred_at AS "at", reason
+        FROM profile_merges WHERE seq > $after ORDER BY seq
+        """,
+        {"after": after_seq},
+    )
+
+
+PARTITION = Query(
+    """
+    SELECT kind, value, profile_id FROM identity_nodes
+    WHERE profile_id IS NOT NULL ORDER BY kind, value
+    """
+)
+
+
+# Set-based labelling of temp table sql_edges(src, dst) into sql_labels(node_id, label).
+SQL_LABELS_INIT = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE sql_labels AS
+    SELECT src AS node_id, src AS label FROM sql_edges UNION SELECT dst, dst FROM sql_edges
+    """
+)
+# One hooking round: each root takes the smallest root it is linked to; returns the count.
+SQL_LABELS_HOOK = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE sql_hook AS
+    SELECT greatest(a.label, b.label) AS node_id, min(least(a.label, b.label)) AS label
+    FROM sql_edges e
+    JOIN sql_labels a ON a.node_id = e.src
+    JOIN sql_labels b ON b.node_id = e.dst
+    WHERE a.label <> b.label
+    GROUP BY greatest(a.label, b.label);
+    SELECT count(*) FROM sql_hook;
+    """
+)
+SQL_LABELS_APPLY_HOOK = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE sql_labels AS
+    SELECT l.node_id, least(l.label, coalesce(h.label, l.label)) AS label
+    FROM sql_labels l LEFT JOIN sql_hook h ON h.node_id = l.node_id
+    """
+)
+SQL_LABELS_JUMP = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE sql_jump AS
+    SELECT l.node_id, p.label FROM sql_labels l JOIN sql_labels p ON p.node_id = l.label;
+    SELECT count(*) FROM sql_jump j JOIN sql_labels l ON l.node_id = j.node_id
+    WHERE j.label <> l.label;
+    """
+)
+SQL_LABELS_APPLY_JUMP = Query("CREATE OR REPLACE TEMP TABLE sql_labels AS SELECT * FROM sql_jump")
+
+
+def profile_row(profile_id: str) -> Query:
+    """One row of `profiles`."""
+    return Query(
+        """
+        SELECT profile_id, created_at, updated_at, first_seen, last_seen, event_count,
+               identifiers, traits
+        FROM profiles WHERE profile_id = $pid
+        """,
+        {"pid": profile_id},
+    )
+
+
+# Events whose profile is $pid: candidates share an identifier with it, then the event's
+# most trusted identifier decides. Filters: event name, [since, until).
+_PROFILE_EVENTS_PAGE = """
+    WITH pn AS (SELECT node_id FROM identity_nodes WHERE profile_id = $pid),
+    cand AS (
+        SELECT DISTINCT ei.event_id FROM identity_event_nodes ei
+        JOIN pn ON pn.node_id = ei.node_id
+    ),
+    ep AS (
+        SELECT ei.event_id, arg_min(
+            n.profile_id, (n.rank::HUGEINT << 60) + n.node_id
+        ) AS profile_id
+        FROM identity_event_nodes ei
+        JOIN identity_nodes n ON n.node_id = ei.node_id
+        SEMI JOIN cand c ON c.event_id = ei.event_id
+        WHERE n.profile_id IS NOT NULL
+        GROUP BY ei.event_id
+    ),
+    pe AS (
+        SELECT e.event_id, e.message_id, e.source_id, e.type, e.event, e.timestamp,
+               e.received_at, e.properties, e.traits, e.context
+        FROM ep JOIN events e ON e.event_id = ep.event_id
+        WHERE ep.profile_id = $pid
+          AND ($event::VARCHAR IS NULL OR e.event = $event)
+          AND ($since::TIMESTAMP IS NULL OR e.timestamp >= $since)
+          AND ($until::TIMESTAMP IS NULL OR e.timestamp < $until)
+    )
+    SELECT * FROM pe ORDER BY timestamp DESC, event_id DESC LIMIT $limit OFFSET $offset
+"""
+_PROFILE_EVENTS_COUNT = """
+    WITH pn AS (SELECT node_id FROM identity_nodes WHERE profile_id = $pid),
+    cand AS (
+        SELECT DISTINCT ei.event_id FROM identity_event_nodes ei
+        JOIN pn ON pn.node_id = ei.node_id
+    ),
+    ep AS (
+        SELECT ei.event_id, arg_min(
+            n.profile_id, (n.rank::HUGEINT << 60) + n.node_id
+        ) AS profile_id
+        FROM identity_event_nodes ei
+        JOIN identity_nodes n ON n.node_id = ei.node_id
+        SEMI JOIN cand c ON c.event_id = ei.event_id
+        WHERE n.profile_id IS NOT NULL
+        GROUP BY ei.event_id
+    ),
+    pe AS (
+        SELECT e.event_id, e.message_id, e.source_id, e.type, e.event, e.timestamp,
+               e.received_at, e.properties, e.traits, e.context
+        FROM ep JOIN events e ON e.event_id = ep.event_id
+        WHERE ep.profile_id = $pid
+          AND ($event::VARCHAR IS NULL OR e.event = $event)
+          AND ($since::TIMESTAMP IS NULL OR e.timestamp >= $since)
+          AND ($until::TIMESTAMP IS NULL OR e.timestamp < $until)
+    )
+    SELECT count(*) FROM pe
+"""
+
+
+def profile_events(
+    profile_id: str,
+    *,
+    event: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    limit: int,
+    offset: int,
+) -> tuple[Query, Query]:
+    """A page of a profile's events, newest first, and their total count."""
+    params: dict[str, object] = {
+        "pid": profile_id,
+        "event": event,
+        "since": since,
+        "until": until,
+    }
+    page = Query(_PROFILE_EVENTS_PAGE, {**params, "limit": limit, "offset": offset})
+    return page, Query(_PROFILE_EVENTS_COUNT, params)
+
+
+def profile_nodes(profile_id: str) -> Query:
+    """The identifiers of a profile, with their first and last sighting."""
+    return Query(
+        """
+        SELECT node_id, kind, value, status, first_event_id, first_seen, last_seen
+        FROM identity_nodes WHERE profile_id = $pid ORDER BY rank, kind, value
+        """,
+        {"pid": profile_id},
+    )
+
+
+def profile_links(profile_id: str) -> Query:
+    """Links touching a profile's identifiers, with the event that created them and whether
+    they are in use (both ends in the profile) or not (refused, removed, other profile)."""
+    return Query(
+        """
+        WITH pn AS (SELECT node_id FROM identity_nodes WHERE profile_id = $pid),
+        l AS (
+            SELECT e.* FROM identity_edges e SEMI JOIN pn ON pn.node_id = e.src
+            UNION
+            SELECT e.* FROM identity_edges e SEMI JOIN pn ON pn.node_id = e.dst
+        )
+        SELECT a.kind AS from_kind, a.value AS from_value, b.kind AS to_kind,
+               b.value AS to_value, l.first_event_id AS event_id, l.first_at AS linked_at,
+               (a.profile_id = $pid AND b.profile_id = $pid
+                AND NOT EXISTS (
+                    SELECT 1 FROM identity_link_overrides o
+                    WHERE o.action = 'remove_link' AND o.lifted_at IS NULL
+                      AND least(o.src, o.dst) = l.src AND greatest(o.src, o.dst) = l.dst
+                )
+                AND NOT EXISTS (
+                    SELECT 1 FROM identity_decisions d
+                    WHERE d.decision = 'limit' AND d.node_id = l.src AND d.other_node_id = l.dst
+                )
+                AND NOT EXISTS (
+                    SELECT 1 FROM identity_link_overrides o
+                    WHERE o.action = 'remove_identifier' AND o.lifted_at IS NULL
+                      AND o.src IN (l.src, l.dst)
+                )) AS used
+        FROM l
+        JOIN identity_nodes a ON a.node_id = l.src
+        JOIN identity_nodes b ON b.node_id = l.dst
+        ORDER BY l.first_event_id, a.kind, a.value, b.kind, b.value
+        """,
+        {"pid": profile_id},
+    )
+
+
+def profile_history(profile_id: str) -> Query:
+    """Merges and splits involving a profile or ids merged into it."""
+    return Query(
+        """
+        WITH ids AS (
+            SELECT $pid AS profile_id
+            UNION SELECT profile_id FROM identity_profile_ids WHERE merged_into = $pid
+        )
+        SELECT seq, kind, from_profile_id, to_profile_id, occurred_at AS "at", reason,
+               event_id
+        FROM profile_merges
+        WHERE from_profile_id IN (SELECT profile_id FROM ids)
+           OR to_profile_id IN (SELECT profile_id FROM ids)
+        ORDER BY seq
+        """,
+        {"pid": profile_id},
+    )
+
+
+def profile_decisions(profile_id: str) -> Query:
+    """Rule decisions about a profile's identifiers and the links touching them."""
+    return Query(
+        """
+        WITH pn AS (SELECT node_id FROM identity_nodes WHERE profile_id = $pid)
+        SELECT d.decision, a.kind, a.value, b.kind AS other_kind, b.value AS other_value,
+               d.event_id, d.detail, d.decided_at
+        FROM identity_decisions d
+        JOIN identity_nodes a ON a.node_id = d.node_id
+        LEFT JOIN identity_nodes b ON b.node_id = d.other_node_id
+        WHERE d.node_id IN (SELECT node_id FROM pn) OR d.other_node_id IN (SELECT node_id FROM pn)
+        ORDER BY d.event_id NULLS LAST, a.kind, a.value
+        """,
+        {"pid": profile_id},
+    )
+
+
+# Profiles whose traits equal every (name, value) filter, latest activity first.
+_SEARCH_PAGE = """
+    WITH f AS (SELECT unnest($names::VARCHAR[]) AS n, unnest($values::VARCHAR[]) AS v),
+    hits AS (
+        SELECT p.* FROM profiles p
+        WHERE NOT EXISTS (
+            SELECT 1 FROM f WHERE json_extract_string(p.traits, f.n) IS DISTINCT FROM f.v
+        )
+        AND ($seen_after::TIMESTAMP IS NULL OR p.last_seen >= $seen_after)
+    )
+    SELECT profile_id, created_at, updated_at, first_seen, last_seen, event_count,
+           identifiers, traits
+    FROM hits ORDER BY last_seen DESC NULLS LAST, profile_id LIMIT $limit OFFSET $offset
+"""
+_SEARCH_COUNT = """
+    WITH f AS (SELECT unnest($names::VARCHAR[]) AS n, unnest($values::VARCHAR[]) AS v)
+    SELECT count(*) FROM profiles p
+    WHERE NOT EXISTS (
+        SELECT 1 FROM f WHERE json_extract_string(p.traits, f.n) IS DISTINCT FROM f.v
+    )
+    AND ($seen_after::TIMESTAMP IS NULL OR p.last_seen >= $seen_after)
+"""
+
+
+def search_profiles(
+    traits: dict[str, str], *, seen_after: datetime | None, limit: int, offset: int
+) -> tuple[Query, Query]:
+    """A page of profiles matching trait filters, and the total count."""
+    params: dict[str, object] = {
+        "names": list(traits),
+        "values": list(traits.values()),
+        "seen_after": seen_after,
+    }
+    page = Query(_SEARCH_PAGE, {**params, "limit": limit, "offset": offset})
+    return page, Query(_SEARCH_COUNT, params)
+
+
+def node_of(kind: str, value: str) -> Query:
+    """The node id and profile of an identifier."""
+    return Query(
+        "SELECT node_id, profile_id FROM identity_nodes WHERE kind = $kind AND value = $value",
+        {"kind": kind, "value": value},
+    )
+
+
+def link_exists(src: int, dst: int) -> Query:
+    """Whether a link between two nodes is in the log."""
+    return Query(
+        "SELECT count(*) FROM identity_edges WHERE src = least($a, $b) AND dst = greatest($a, $b)",
+        {"a": src, "b": dst},
+    )
+
+
+def add_override(
+    *,
+    action: str,
+    src: int,
+    dst: int | None,
+    profile_id: str,
+    reason: str | None,
+    actor: str | None,
+    at: datetime,
+) -> Query:
+    """Record an admin's unmerge decision; returns its id."""
+    return Query(
+        """
+        INSERT INTO identity_link_overrides
+        SELECT coalesce(max(override_id), 0) + 1, coalesce(max(version), 0) + 1, $action, $src,
+               $dst, $pid, $reason, $at, $actor, NULL, NULL
+        FROM identity_link_overrides
+        RETURNING override_id
+        """,
+        {
+            "action": action,
+            "src": src,
+            "dst": dst,
+            "pid": profile_id,
+            "reason": reason,
+            "actor": actor,
+            "at": at,
+        },
+    )
+
+
+def lift_override(override_id: int, *, actor: str | None, at: datetime) -> Query:
+    """Allow a removed identifier or link again; returns the id if it was active."""
+    return Query(
+        """
+        UPDATE identity_link_overrides
+        SET lifted_at = $at, lifted_by = $actor,
+            version = (SELECT coalesce(max(version), 0) + 1 FROM identity_link_overrides)
+        WHERE override_id = $id AND lifted_at IS NULL
+        RETURNING override_id
+        """,
+        {"id": override_id, "actor": actor, "at": at},
+    )
+
+
+def list_overrides(limit: int, offset: int) -> Query:
+    """A page of unmerge decisions, newest first."""
+    return Query(
+        """
+    SELECT o.override_id, o.action, a.kind AS kind, a.value AS value, b.kind AS other_kind,
+           b.value AS other_value, o.profile_id, o.reason, o.created_at, o.created_by,
+           o.lifted_at, o.lifted_by
+    FROM identity_link_overrides o
+    LEFT JOIN identity_nodes a ON a.node_id = o.src
+    LEFT JOIN identity_nodes b ON b.node_id = o.dst
+    ORDER BY o.override_id DESC
+    LIMIT $limit OFFSET $offset
+    """,
+        {"limit": limit, "offset": offset},
+    )
+
+
+COUNT_OVERRIDES = Query("SELECT count(*) FROM identity_link_overrides")
+
+
+def profiles_of_nodes(node_ids: list[int]) -> Query:
+    """Live profile ids now holding the given identifiers."""
+    return Query(
+        """
+        SELECT DISTINCT profile_id FROM identity_nodes
+        WHERE node_id IN (SELECT unnest($nodes::BIGINT[])) AND profile_id IS NOT NULL
+        ORDER BY profile_id
+        """,
+        {"nodes": node_ids},
+    )
+
+
+# Erasure of one profile ($pid): its events, identifiers (wherever they appear), links,
+# decisions, overrides and row; the identifiers' hashes go to the suppression list and the
+# erasure is published for the layers that key data by profile id.
+def erase_profile(profile_id: str, at: datetime) -> Query:
+    """Erase a profile; the last statement returns (events erased, identifiers erased)."""
+    return Query(
+        """
+    CREATE OR REPLACE TEMP TABLE er_nodes AS
+    SELECT node_id, kind, value FROM identity_nodes WHERE profile_id = $pid;
+    CREATE OR REPLACE TEMP TABLE er_events AS
+    WITH cand AS (
+        SELECT DISTINCT ei.event_id FROM identity_event_nodes ei
+        JOIN er_nodes n ON n.node_id = ei.node_id
+    ),
+    ep AS (
+        SELECT ei.event_id, arg_min(
+            n.profile_id, (n.rank::HUGEINT << 60) + n.node_id
+        ) AS profile_id
+        FROM identity_event_nodes ei
+        JOIN identity_nodes n ON n.node_id = ei.node_id
+        SEMI JOIN cand c ON c.event_id = ei.event_id
+        WHERE n.profile_id IS NOT NULL
+        GROUP BY ei.event_id
+    )
+    SELECT event_id FROM ep WHERE profile_id = $pid;
+    INSERT INTO identity_suppressions
+    SELECT DISTINCT sha256(kind || chr(31) || value), kind, $pid, $at, NULL FROM er_nodes
+    WHERE sha256(kind || chr(31) || value) NOT IN (
+        SELECT identifier_hash FROM identity_suppressions WHERE lifted_at IS NULL
+    );
+    DELETE FROM events WHERE event_id IN (SELECT event_id FROM er_events);
+    DELETE FROM event_identifiers WHERE event_id IN (SELECT event_id FROM er_events);
+    DELETE FROM event_identifiers ei USING er_nodes n WHERE ei.kind = n.kind AND ei.value = n.value;
+    DELETE FROM identity_event_nodes WHERE event_id IN (SELECT event_id FROM er_events)
+        OR node_id IN (SELECT node_id FROM er_nodes);
+    DELETE FROM identity_edges WHERE src IN (SELECT node_id FROM er_nodes)
+        OR dst IN (SELECT node_id FROM er_nodes);
+    DELETE FROM identity_decisions WHERE node_id IN (SELECT node_id FROM er_nodes)
+        OR other_node_id IN (SELECT node_id FROM er_nodes);
+    DELETE FROM identity_link_overrides WHERE src IN (SELECT node_id FROM er_nodes)
+        OR dst IN (SELECT node_id FROM er_nodes);
+    DELETE FROM identity_nodes WHERE node_id IN (SELECT node_id FROM er_nodes);
+    DELETE FROM profiles WHERE profile_id = $pid;
+    INSERT INTO profile_erasures
+    SELECT coalesce(max(seq), 0) + 1, $pid, $at FROM profile_erasures;
+    SELECT (SELECT count(*) FROM er_events), (SELECT count(*) FROM er_nodes);
+    """,
+        {"pid": profile_id, "at": at},
+    )
+
+
+def lift_suppression(kind: str, value: str, at: datetime) -> Query:
+    """End the suppression of an identifier (the person came back with a new consent)."""
+    return Query(
+        """
+        UPDATE identity_suppressions SET lifted_at = $at
+        WHERE identifier_hash = sha256($kind || chr(31) || $value) AND lifted_at IS NULL
+        RETURNING kind
+        """,
+        {"kind": kind, "value": value, "at": at},
+    )
+
+
+def erasures_since(after_seq: int) -> Query:
+    """Published erasures after a sequence number."""
+    return Query(
+        """
+        SELECT seq, profile_id, erased_at AS "at" FROM profile_erasures
+        WHERE seq > $after ORDER BY seq
+        """,
+        {"after": after_seq},
+    )
+
+
+def all_profile_events(profile_id: str) -> Query:
+    """Every event of a profile, oldest first (for an export)."""
+    return Query(
+        """
+        WITH pn AS (SELECT node_id FROM identity_nodes WHERE profile_id = $pid),
+        cand AS (
+            SELECT DISTINCT ei.event_id FROM identity_event_nodes ei
+            JOIN pn ON pn.node_id = ei.node_id
+        ),
+        ep AS (
+            SELECT ei.event_id, arg_min(
+                n.profile_id, (n.rank::HUGEINT << 60) + n.node_id
+            ) AS profile_id
+            FROM identity_event_nodes ei
+            JOIN identity_nodes n ON n.node_id = ei.node_id
+            SEMI JOIN cand c ON c.event_id = ei.event_id
+            WHERE n.profile_id IS NOT NULL
+            GROUP BY ei.event_id
+        )
+        SELECT e.event_id, e.message_id, e.source_id, e.type, e.event, e.timestamp,
+               e.received_at, e.properties, e.traits, e.context
+        FROM ep JOIN events e ON e.event_id = ep.event_id
+        WHERE ep.profile_id = $pid
+        ORDER BY e.timestamp, e.event_id
+        """,
+        {"pid": profile_id},
+    )

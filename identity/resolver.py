@@ -1,0 +1,315 @@
+"""Identity resolution: from event identifiers to stable profiles, full or incremental.
+
+One run, in one warehouse transaction:
+
+1. New event identifiers (after the stored mark) become nodes (a hash of kind and value)
+   and links: each event links its identifiers as a star around its most trusted one. The
+   link table is an append-only log; admins' unmerge decisions are overrides on top of it.
+2. Node status: a blocked value or pattern, an identifier detached by an admin, or one
+   linked to more higher-priority identifiers than the cap is left out of every link.
+3. Affected raw components (all nodes of the components reached by new links or changed
+   statuses; everything in a full rebuild) are relabelled: scipy connected components on the
+   integer edge list, then a time-ordered, rule-aware union-find for the few components over
+   a per-kind limit. Recomputing whole components is what makes incremental == full.
+4. Stable ids: each old profile stays with the new piece holding most of its identifiers;
+   among the profiles staying in one piece the oldest survives, the others are merged into
+   it; parts that leave a profile are splits; pieces nobody stays in get a new id. Merges
+   and splits are appended to `profile_merges`, the publication later layers consume.
+5. The `profiles` rows of every touched profile are rebuilt (identifiers by kind, first and
+   last seen, traits by survivorship).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+
+from cdp.warehouse import Cursor, Query, Warehouse
+from identity import queries
+from identity.labelling import component_labels, rule_aware_labels
+from identity.rules import IdentityRules
+
+logger = logging.getLogger(__name__)
+
+Mode = Literal["full", "incremental"]
+
+# One resolution at a time per process: the job, the API and unmerges all write the graph.
+_RESOLVE_LOCK = threading.Lock()
+
+
+@dataclass(slots=True)
+class ResolveResult:
+    """What one resolution run did."""
+
+    mode: Mode
+    up_to_event_id: int
+    events: int = 0
+    new_identifiers: int = 0
+    new_links: int = 0
+    affected_identifiers: int = 0
+    profiles_written: int = 0
+    new_profiles: int = 0
+    merges: int = 0
+    splits: int = 0
+    rule_components: int = 0
+    refused_links: int = 0
+    excluded_identifiers: int = 0
+    labelling_seconds: float = 0.0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:  # Any: JSON values
+        """The result as JSON-ready data."""
+        return asdict(self)
+
+
+@contextmanager
+def exclusive() -> Iterator[None]:
+    """Hold off resolution runs of this process (for writes to the graph such as erasure)."""
+    with _RESOLVE_LOCK:
+        yield
+
+
+def resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool = False) -> ResolveResult:
+    """Resolve the events not yet resolved (or everything when `full`) into profiles."""
+    with _RESOLVE_LOCK:
+        return _resolve(warehouse, rules=rules, full=full)
+
+
+def _resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool) -> ResolveResult:
+    started = time.perf_counter()
+    now = datetime.now(UTC).replace(tzinfo=None)
+    timings: dict[str, float] = {}
+    with warehouse.transaction() as cur:
+
+        def step(query: Query) -> None:
+            began = time.perf_counter()
+            queries.run_script(cur, query)
+            name = " ".join(query.sql.split()[:6])
+            timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - began, 4)
+
+        state = _read_state(cur)
+        fingerprint = rules.fingerprint()
+        mark = int(state.get(queries.STATE_MARK, (0, None))[0] or 0)
+        seq = int(state.get(queries.STATE_SEQ, (0, None))[0] or 0)
+        seen_overrides = int(state.get(queries.STATE_OVERRIDES, (0, None))[0] or 0)
+        old_fingerprint = state.get(queries.STATE_RULES, (None, None))[1]
+        if old_fingerprint is not None and old_fingerprint != fingerprint and not full:
+            logger.info("identity rules changed: full rebuild")
+            full = True
+        up_to = int(_scalar(cur, queries.MAX_EVENT_ID))
+        override_version = int(_scalar(cur, queries.MAX_OVERRIDE_VERSION))
+        result = ResolveResult(mode="full" if full else "incremental", up_to_event_id=up_to)
+        if not full and up_to <= mark and override_version <= seen_overrides:
+            if old_fingerprint is None:
+                queries.run_script(cur, queries.write_state(queries.STATE_RULES, text=fingerprint))
+            result.up_to_event_id = mark
+            return result
+        _load_rules(cur, rules)
+        if full:
+            step(queries.SNAPSHOT_FOR_FULL)
+            mark = 0
+        step(queries.new_event_identifiers(mark, up_to))
+        step(queries.INSERT_NEW_NODES)
+        step(queries.block_new_nodes(rules.combined_pattern()))
+        if not full:
+            step(queries.TOUCH_SEEN_NODES)
+        step(queries.INSERT_NEW_EDGES)
+        step(queries.changed_overrides(-1 if full else seen_overrides))
+        step(queries.ACTIVE_REMOVED_LINKS)
+        queries.run_script(
+            cur,
+            queries.STATUS_CANDIDATES_FULL if full else queries.STATUS_CANDIDATES_INCREMENTAL,
+        )
+        step(queries.compute_status(rules.auto_cap))
+        step(queries.APPLY_STATUS)
+        if full:
+            step(queries.AFFECTED_FULL)
+        else:
+            step(queries.AFFECTED_INCREMENTAL)
+            step(queries.OLD_ASSIGNMENT_INCREMENTAL)
+
+        nodes = cur.sql(queries.AFFECTED_ACTIVE_NODES.sql).pl()
+        links = cur.sql(queries.AFFECTED_LINKS.sql).pl()
+        began = time.perf_counter()
+        labels, refusals, rule_components = label_profiles(nodes, links, rules.limits)
+        result.labelling_seconds = round(time.perf_counter() - began, 4)
+        used = links.select("src", "dst", "first_event_id").join(
+            refusals.select("src", "dst"), on=["src", "dst"], how="anti"
+        )
+        _temp_table(cur, "id_labels", labels)
+        _temp_table(cur, "id_refusals", refusals)
+        _temp_table(cur, "id_used_links", used)
+
+        step(queries.RECONCILE)
+        step(queries.CHANGES)
+        step(queries.publish_changes(seq=seq, at=now))
+        step(queries.register_profiles(now))
+        step(queries.APPLY_ASSIGNMENT_FULL if full else queries.APPLY_ASSIGNMENT)
+        step(queries.record_decisions(now))
+        step(queries.DIRTY_PROFILES_FULL if full else queries.DIRTY_PROFILES)
+        step(queries.refresh_profiles(now))
+
+        counts = cur.execute(
+            """
+            SELECT (SELECT count(DISTINCT event_id) FROM id_new_ein),
+                   (SELECT count(*) FROM id_new_nodes),
+                   (SELECT count(*) FROM id_new_edges),
+                   (SELECT count(*) FROM id_aff),
+                   (SELECT count(*) FROM id_dirty),
+                   (SELECT count(*) FROM id_label_pid WHERE is_new),
+                   (SELECT count(*) FILTER (WHERE kind = 'merge') FROM id_changes),
+                   (SELECT count(*) FILTER (WHERE kind = 'split') FROM id_changes),
+                   (SELECT count(*) FROM id_aff WHERE status <> 'active')
+            """
+        ).fetchall()[0]
+        (
+            result.events,
+            result.new_identifiers,
+            result.new_links,
+            result.affected_identifiers,
+            result.profiles_written,
+            result.new_profiles,
+            result.merges,
+            result.splits,
+        ) = (int(c) for c in counts[:8])
+        # Statuses were applied before id_aff was taken, so id_aff has the new statuses.
+        result.excluded_identifiers = int(counts[8])
+        result.rule_components = rule_components
+        result.refused_links = refusals.height
+        for name, number, text in (
+            (queries.STATE_MARK, up_to, None),
+            (queries.STATE_SEQ, seq + result.merges + result.splits, None),
+            (queries.STATE_OVERRIDES, override_version, None),
+            (queries.STATE_RULES, None, fingerprint),
+        ):
+            queries.run_script(cur, queries.write_state(name, number=number, text=text))
+    result.seconds = round(time.perf_counter() - started, 4)
+    logger.debug("identity resolution steps", extra={"seconds_per_step": timings})
+    logger.info("identity resolved", extra=result.as_dict())
+    return result
+
+
+def label_profiles(
+    nodes: pl.DataFrame, links: pl.DataFrame, limits: dict[str, int]
+) -> tuple[pl.DataFrame, pl.DataFrame, int]:
+    """Raw components and profile labels of the given nodes and links.
+
+    Args:
+        nodes: `node_id` (sorted, unique) and `kind` of the active nodes.
+        links: `src`, `dst`, `first_event_id`, `high_rank`, `low_rank` between those nodes.
+        limits: most identifiers of a kind one profile may hold.
+
+    Returns:
+        `(node_id, component_id, label)` per node, the refused links
+        `(src, dst, event_id, kind, lim)`, and how many components needed the rule-aware pass.
+    """
+    node_ids = nodes["node_id"].to_numpy().astype(np.int64, copy=False)
+    src = links["src"].to_numpy().astype(np.int64, copy=False)
+    dst = links["dst"].to_numpy().astype(np.int64, copy=False)
+    components = component_labels(node_ids, src, dst)
+    labels = components.copy()
+    frame = pl.DataFrame({"node_id": node_ids, "kind": nodes["kind"], "component_id": components})
+    limit_frame = pl.DataFrame(
+        {"kind": list(limits), "lim": list(limits.values())},
+        schema={"kind": pl.String, "lim": pl.Int64},
+    )
+    over = (
+        frame.join(limit_frame, on="kind")
+        .group_by("component_id", "kind", "lim")
+        .len()
+        .filter(pl.col("len") > pl.col("lim"))
+        .get_column("component_id")
+        .unique()
+    )
+    refusal_schema = {
+        "src": pl.Int64,
+        "dst": pl.Int64,
+        "event_id": pl.Int64,
+        "kind": pl.String,
+        "lim": pl.Int64,
+    }
+    refusals = pl.DataFrame(schema=refusal_schema)
+    if over.len():
+        mask = np.isin(components, over.to_numpy())
+        sub_nodes = node_ids[mask]
+        sub_kinds = frame.filter(pl.Series(mask))["kind"].to_list()
+        link_component = components[np.searchsorted(node_ids, src)]
+        sub_links = (
+            links.filter(pl.Series(np.isin(link_component, over.to_numpy())))
+            .sort("first_event_id", "high_rank", "low_rank", "src", "dst")
+            .select("src", "dst", "first_event_id")
+        )
+        sub_labels, refused = rule_aware_labels(
+            sub_nodes, sub_kinds, list(sub_links.iter_rows()), limits
+        )
+        labels[mask] = sub_labels
+        refusals = pl.DataFrame(
+            [(r.src, r.dst, r.event_id, r.kind, r.limit) for r in refused],
+            schema=refusal_schema,
+            orient="row",
+        )
+    out = pl.DataFrame({"node_id": node_ids, "component_id": components, "label": labels})
+    return out, refusals, int(over.len())
+
+
+def _load_rules(cur: Cursor, rules: IdentityRules) -> None:
+    _temp_table(
+        cur,
+        "id_kind_rank",
+        pl.DataFrame(
+            {"kind": rules.kind_priority, "rank": list(range(len(rules.kind_priority)))},
+            schema={"kind": pl.String, "rank": pl.Int32},
+        ),
+    )
+    _temp_table(
+        cur,
+        "id_block_values",
+        pl.DataFrame({"value": rules.blocked_values}, schema={"value": pl.String}),
+    )
+    _temp_table(
+        cur,
+        "id_block_patterns",
+        pl.DataFrame({"pattern": rules.blocked_patterns}, schema={"pattern": pl.String}),
+    )
+    sources = [
+        (trait, source, prio)
+        for trait, ordered in rules.trait_source_priority.items()
+        for prio, source in enumerate(ordered)
+    ]
+    _temp_table(
+        cur,
+        "id_trait_sources",
+        pl.DataFrame(
+            sources,
+            schema={"trait": pl.String, "source_id": pl.String, "prio": pl.Int32},
+            orient="row",
+        ),
+    )
+
+
+def _temp_table(cur: Cursor, name: str, frame: pl.DataFrame) -> None:
+    view = f"{name}_frame"
+    cur.register(view, frame)
+    try:
+        cur.execute(queries.FRAME_COPIES[name].sql)
+    finally:
+        cur.unregister(view)
+
+
+def _read_state(cur: Cursor) -> dict[str, tuple[int | None, str | None]]:
+    rows = cur.execute(queries.read_state().sql).fetchall()
+    return {str(name): (number, text) for name, number, text in rows}
+
+
+def _scalar(cur: Cursor, query: Query) -> Any:  # Any: SQL value
+    rows = cur.execute(query.sql, query.params or None).fetchall()
+    return rows[0][0] if rows else None

@@ -1,0 +1,460 @@
+"""Use cases of the identity package: the only module other packages may import."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import polars as pl
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from cdp.config import Settings
+from cdp.db import utcnow
+from cdp.warehouse import Warehouse
+from identity import queries, resolver
+from identity.errors import (
+    IdentifierNotFound,
+    InvalidIdentifier,
+    NothingToUnmerge,
+    OverrideNotFound,
+    ProfileNotFound,
+    SuppressionNotFound,
+)
+from identity.models import IdentityAudit, IdentityRuleSet
+from identity.normalize import normalize
+from identity.resolver import ResolveResult
+from identity.rules import IdentityRules
+from identity.schemas import (
+    AuditRead,
+    DecisionRead,
+    ErasureRead,
+    EventRead,
+    IdentifierRead,
+    IdentifierRef,
+    IdentityExplanation,
+    LinkRead,
+    MergeRead,
+    OverrideRead,
+    ProfileExport,
+    ProfileRead,
+    ResolveRead,
+    UnmergeCreate,
+    UnmergeRead,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "IdentityRules",
+    "ResolveResult",
+    "allow_again",
+    "allow_identifier",
+    "erase_profile",
+    "erasures_since",
+    "event_profiles",
+    "explain_identity",
+    "export_profile",
+    "find_profile",
+    "get_profile",
+    "get_rules",
+    "list_audit",
+    "list_overrides",
+    "lookup",
+    "merges_since",
+    "profile_events",
+    "put_rules",
+    "resolve",
+    "resolve_profile_id",
+    "search_profiles",
+    "unmerge",
+]
+
+
+RULES_ROW = 1
+
+
+def get_rules(session: Session) -> IdentityRules:
+    """The resolution rules in force (the defaults until someone saves rules)."""
+    row = session.get(IdentityRuleSet, RULES_ROW)
+    return IdentityRules() if row is None else IdentityRules.model_validate(row.document)
+
+
+def put_rules(session: Session, *, rules: IdentityRules, updated_by: str | None) -> IdentityRules:
+    """Replace the rules; the next resolution rebuilds the graph under them."""
+    row = session.get(IdentityRuleSet, RULES_ROW)
+    document = rules.model_dump(mode="json")
+    if row is None:
+        session.add(
+            IdentityRuleSet(
+                id=RULES_ROW, document=document, updated_at=utcnow(), updated_by=updated_by
+            )
+        )
+    else:
+        row.document = document
+        row.updated_at = utcnow()
+        row.updated_by = updated_by
+    logger.info("identity rules saved", extra={"fingerprint": rules.fingerprint()})
+    return rules
+
+
+def resolve(
+    warehouse: Warehouse, *, settings: Settings, rules: IdentityRules, full: bool = False
+) -> ResolveResult:
+    """Resolve new events into profiles (incremental), or rebuild everything (`full`)."""
+    del settings  # part of the contract; resolution needs nothing from it yet
+    return resolver.resolve(warehouse, rules=rules, full=full)
+
+
+def lookup(warehouse: Warehouse, *, kind: str, value: str) -> str | None:
+    """The profile id holding a normalised identifier, or None."""
+    rows = warehouse.rows(queries.lookup(kind, value))
+    return str(rows[0][0]) if rows and rows[0][0] is not None else None
+
+
+def resolve_profile_id(warehouse: Warehouse, *, profile_id: str) -> str:
+    """The live profile id for an id, following merges; ProfileNotFound if never issued."""
+    rows = warehouse.rows(queries.profile_id_record(profile_id))
+    if not rows:
+        raise ProfileNotFound(f"profile {profile_id} does not exist")
+    merged_into = rows[0][1]
+    return str(merged_into) if merged_into is not None else profile_id
+
+
+def event_profiles(
+    warehouse: Warehouse, *, after_event_id: int, up_to_event_id: int | None = None
+) -> pl.DataFrame:
+    """`event_id, profile_id` of the resolved events in `(after_event_id, up_to_event_id]`."""
+    return warehouse.run(queries.event_profiles(after_event_id, up_to_event_id))
+
+
+def merges_since(warehouse: Warehouse, *, after_seq: int) -> pl.DataFrame:
+    """Published merges and splits after `after_seq`, in order.
+
+    Columns: seq, kind ('merge' | 'split'), from_profile_id, to_profile_id, at, reason.
+    """
+    return warehouse.run(queries.merges_since(after_seq))
+
+
+def find_profile(warehouse: Warehouse, *, settings: Settings, kind: str, value: str) -> ProfileRead:
+    """The profile holding an identifier given as typed (normalised here first)."""
+    normalised = normalize(kind, value, default_region=settings.default_phone_region)
+    if normalised is None:
+        raise InvalidIdentifier(f"{value!r} is not a usable {kind}")
+    profile_id = lookup(warehouse, kind=kind, value=normalised)
+    if profile_id is None:
+        raise IdentifierNotFound(f"no profile holds {kind} {normalised!r}")
+    return get_profile(warehouse, profile_id=profile_id)
+
+
+def get_profile(warehouse: Warehouse, *, profile_id: str) -> ProfileRead:
+    """A profile by id; a merged-away id answers with its survivor (and says so)."""
+    live = resolve_profile_id(warehouse, profile_id=profile_id)
+    frame = warehouse.run(queries.profile_row(live))
+    if frame.height == 0:
+        raise ProfileNotFound(f"profile {profile_id} has no identifiers left")
+    return _profile(frame.row(0, named=True), requested=profile_id)
+
+
+def profile_events(
+    warehouse: Warehouse,
+    *,
+    profile_id: str,
+    event: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> tuple[list[EventRead], int]:
+    """A page of a profile's timeline (newest first) and the total, after redirects."""
+    live = resolve_profile_id(warehouse, profile_id=profile_id)
+    page, total = queries.profile_events(
+        live, event=event, since=_naive(since), until=_naive(until), limit=limit, offset=offset
+    )
+    items = [_event(row) for row in warehouse.run(page).iter_rows(named=True)]
+    return items, int(warehouse.scalar(total))
+
+
+def explain_identity(warehouse: Warehouse, *, profile_id: str) -> IdentityExplanation:
+    """Identifiers, links with their events, merges and rule decisions of a profile."""
+    live = resolve_profile_id(warehouse, profile_id=profile_id)
+    identifiers = [
+        IdentifierRead(
+            **{
+                **row,
+                "first_seen": _aware(row["first_seen"]),
+                "last_seen": _aware(row["last_seen"]),
+            }
+        )
+        for row in warehouse.run(queries.profile_nodes(live)).iter_rows(named=True)
+    ]
+    links = [
+        LinkRead(**{**row, "linked_at": _aware(row["linked_at"])})
+        for row in warehouse.run(queries.profile_links(live)).iter_rows(named=True)
+    ]
+    history = [
+        MergeRead(**{**row, "at": _aware(row["at"])})
+        for row in warehouse.run(queries.profile_history(live)).iter_rows(named=True)
+    ]
+    decisions = [
+        DecisionRead(**{**row, "decided_at": _aware(row["decided_at"])})
+        for row in warehouse.run(queries.profile_decisions(live)).iter_rows(named=True)
+    ]
+    return IdentityExplanation(
+        profile_id=live, identifiers=identifiers, links=links, history=history, decisions=decisions
+    )
+
+
+def search_profiles(
+    warehouse: Warehouse,
+    *,
+    traits: dict[str, str],
+    seen_after: datetime | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> tuple[list[ProfileRead], int]:
+    """Profiles whose traits equal every given value (as text), latest activity first."""
+    page, total = queries.search_profiles(
+        traits, seen_after=_naive(seen_after), limit=limit, offset=offset
+    )
+    items = [
+        _profile(row, requested=row["profile_id"])
+        for row in warehouse.run(page).iter_rows(named=True)
+    ]
+    return items, int(warehouse.scalar(total))
+
+
+def _profile(row: dict[str, Any], *, requested: str) -> ProfileRead:  # Any: SQL values
+    return ProfileRead(
+        id=row["profile_id"],
+        requested_id=requested,
+        redirected=requested != row["profile_id"],
+        created_at=_aware(row["created_at"]),
+        updated_at=_aware(row["updated_at"]),
+        first_seen=_aware(row["first_seen"]),
+        last_seen=_aware(row["last_seen"]),
+        event_count=row["event_count"],
+        identifiers=_json(row["identifiers"]) or {},
+        traits=_json(row["traits"]) or {},
+    )
+
+
+def _json(text: str | None) -> Any:  # Any: JSON value
+    return None if text is None else orjson.loads(text)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """Warehouse timestamps are naive UTC; the API speaks aware UTC."""
+    return None if value is None else value.replace(tzinfo=UTC)
+
+
+def _naive(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo else value
+
+
+def unmerge(
+    session: Session,
+    warehouse: Warehouse,
+    *,
+    settings: Settings,
+    profile_id: str,
+    request: UnmergeCreate,
+    actor: str | None,
+) -> UnmergeRead:
+    """Detach an identifier from, or remove a link of, a profile, then re-resolve (it splits).
+
+    The decision is kept: later events do not re-create the link until an admin allows it.
+    """
+    live = resolve_profile_id(warehouse, profile_id=profile_id)
+    if (request.identifier is None) == (request.link is None):
+        raise NothingToUnmerge("name exactly one of `identifier` or `link`")
+    before = [int(r[0]) for r in warehouse.rows(queries.profile_nodes(live))]
+    if request.identifier is not None:
+        node, owner = _node(warehouse, settings, request.identifier)
+        if owner != live:
+            raise NothingToUnmerge(f"the identifier is not in profile {live}")
+        action, src, dst = "remove_identifier", node, None
+    else:
+        assert request.link is not None
+        a, owner_a = _node(warehouse, settings, request.link.from_)
+        b, owner_b = _node(warehouse, settings, request.link.to)
+        if live not in (owner_a, owner_b) or not warehouse.scalar(queries.link_exists(a, b)):
+            raise NothingToUnmerge(f"no such link on profile {live}")
+        action, src, dst = "remove_link", a, b
+    override_id = int(
+        warehouse.rows(
+            queries.add_override(
+                action=action,
+                src=src,
+                dst=dst,
+                profile_id=live,
+                reason=request.reason,
+                actor=actor,
+                at=_naive_now(),
+            )
+        )[0][0]
+    )
+    logger.info("identity unmerge", extra={"profile_id": live, "action": action, "actor": actor})
+    result = resolve(warehouse, settings=settings, rules=get_rules(session))
+    pieces = [str(r[0]) for r in warehouse.rows(queries.profiles_of_nodes(before))]
+    return UnmergeRead(
+        override_id=override_id,
+        profiles=pieces,
+        resolution=ResolveRead.model_validate(result.as_dict()),
+    )
+
+
+def allow_again(
+    session: Session,
+    warehouse: Warehouse,
+    *,
+    settings: Settings,
+    override_id: int,
+    actor: str | None,
+) -> ResolveRead:
+    """Lift an unmerge decision (the identifier or link links again) and re-resolve."""
+    if not warehouse.rows(queries.lift_override(override_id, actor=actor, at=_naive_now())):
+        raise OverrideNotFound(f"no active unmerge decision {override_id}")
+    result = resolve(warehouse, settings=settings, rules=get_rules(session))
+    return ResolveRead.model_validate(result.as_dict())
+
+
+def list_overrides(
+    warehouse: Warehouse, *, limit: int, offset: int
+) -> tuple[list[OverrideRead], int]:
+    """Unmerge decisions, newest first."""
+    frame = warehouse.run(queries.list_overrides(limit, offset))
+    items = [
+        OverrideRead(
+            **{
+                **row,
+                "created_at": _aware(row["created_at"]),
+                "lifted_at": _aware(row["lifted_at"]),
+            }
+        )
+        for row in frame.iter_rows(named=True)
+    ]
+    return items, int(warehouse.scalar(queries.COUNT_OVERRIDES))
+
+
+def _node(warehouse: Warehouse, settings: Settings, ref: IdentifierRef) -> tuple[int, str | None]:
+    value = normalize(ref.kind, ref.value, default_region=settings.default_phone_region)
+    if value is None:
+        raise InvalidIdentifier(f"{ref.value!r} is not a usable {ref.kind}")
+    rows = warehouse.rows(queries.node_of(ref.kind, value))
+    if not rows:
+        raise IdentifierNotFound(f"no identifier {ref.kind} {value!r}")
+    return int(rows[0][0]), rows[0][1]
+
+
+def _naive_now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def erase_profile(
+    session: Session, warehouse: Warehouse, *, profile_id: str, actor: str | None
+) -> ErasureRead:
+    """Erase a person: events, identifiers, traits; suppress the identifiers; audit it.
+
+    The erasure is published (`erasures_since`) so loyalty anonymises its records.
+    """
+    live = resolve_profile_id(warehouse, profile_id=profile_id)
+    with resolver.exclusive(), warehouse.transaction() as cur:
+        counts = queries.run_script(cur, queries.erase_profile(live, _naive_now()))
+    assert counts is not None
+    erasure = ErasureRead(
+        profile_id=live,
+        events_erased=int(counts[0]),
+        identifiers_erased=int(counts[1]),
+        suppressed=int(counts[1]),
+    )
+    _audit(session, "erase", live, actor, erasure.model_dump(mode="json"))
+    logger.info("profile erased", extra={"profile_id": live, "actor": actor})
+    return erasure
+
+
+def export_profile(
+    session: Session, warehouse: Warehouse, *, profile_id: str, actor: str | None
+) -> ProfileExport:
+    """Everything held about a person, as one document; audited."""
+    profile = get_profile(warehouse, profile_id=profile_id)
+    events = [
+        _event(row)
+        for row in warehouse.run(queries.all_profile_events(profile.id)).iter_rows(named=True)
+    ]
+    export = ProfileExport(
+        exported_at=datetime.now(UTC),
+        profile=profile,
+        identity=explain_identity(warehouse, profile_id=profile.id),
+        events=events,
+    )
+    _audit(session, "export", profile.id, actor, {"events": len(events)})
+    return export
+
+
+def allow_identifier(
+    session: Session,
+    warehouse: Warehouse,
+    *,
+    settings: Settings,
+    kind: str,
+    value: str,
+    actor: str | None,
+) -> None:
+    """Lift the suppression of an erased identifier after a new consent; audited."""
+    normalised = normalize(kind, value, default_region=settings.default_phone_region)
+    if normalised is None:
+        raise InvalidIdentifier(f"{value!r} is not a usable {kind}")
+    lifted = warehouse.rows(queries.lift_suppression(kind, normalised, _naive_now()))
+    if not lifted:
+        raise SuppressionNotFound(f"{kind} {normalised!r} is not suppressed")
+    _audit(session, "consent", "-", actor, {"kind": kind})
+
+
+def erasures_since(warehouse: Warehouse, *, after_seq: int) -> pl.DataFrame:
+    """Published erasures after `after_seq`: columns seq, profile_id, at."""
+    return warehouse.run(queries.erasures_since(after_seq))
+
+
+def list_audit(session: Session, *, limit: int, offset: int) -> tuple[list[AuditRead], int]:
+    """Privacy operations, newest first."""
+    total = session.scalar(select(func.count()).select_from(IdentityAudit)) or 0
+    rows = session.scalars(
+        select(IdentityAudit)
+        .order_by(IdentityAudit.at.desc(), IdentityAudit.id)
+        .limit(limit)
+        .offset(offset)
+    ).all()
+    return [AuditRead.model_validate(r, from_attributes=True) for r in rows], total
+
+
+def _audit(
+    session: Session,
+    action: str,
+    profile_id: str,
+    actor: str | None,
+    details: dict[str, Any],  # Any: JSON
+) -> None:
+    session.add(
+        IdentityAudit(
+            action=action, profile_id=profile_id, actor=actor, at=utcnow(), details=details
+        )
+    )
+    session.flush()
+
+
+def _event(row: dict[str, Any]) -> EventRead:  # Any: SQL values
+    return EventRead(
+        **{
+            **row,
+            "timestamp": _aware(row["timestamp"]),
+            "received_at": _aware(row["received_at"]),
+            "properties": _json(row["properties"]),
+            "traits": _json(row["traits"]),
+            "context": _json(row["context"]),
+        }
+    )

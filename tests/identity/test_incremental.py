@@ -1,0 +1,109 @@
+"""Incremental resolution gives the same partition as a full rebuild, on random histories."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cdp.warehouse import Query, Warehouse
+from identity import queries
+from identity.rules import IdentityRules
+from tests.identity.conftest import Ev, EventWriter, Ident, partition, resolve
+
+KINDS = ("user_id", "email", "phone", "anonymous_id", "loyalty_card")
+identifier = st.tuples(st.sampled_from(KINDS), st.sampled_from(["1", "2", "3", "4", "5", "6"]))
+blocked = st.just(("email", "unknown"))
+event = st.lists(st.one_of(identifier, blocked), min_size=0, max_size=4, unique=True)
+history = st.lists(st.lists(event, min_size=1, max_size=6), min_size=1, max_size=4)
+rule_sets = st.sampled_from(
+    [
+        IdentityRules(limits={}, auto_cap=1000),
+        IdentityRules(),
+        IdentityRules(limits={"user_id": 1, "email": 2}, auto_cap=2),
+    ]
+)
+
+
+@contextmanager
+def fresh_warehouse() -> Iterator[Warehouse]:
+    wh = Warehouse(":memory:", memory_limit="512MB", threads=1).open()
+    try:
+        yield wh
+    finally:
+        wh.close()
+
+
+def _union_find_partition(batches: list[list[list[Ident]]]) -> set[frozenset[Ident]]:
+    parent: dict[Ident, Ident] = {}
+
+    def find(x: Ident) -> Ident:
+        while parent.setdefault(x, x) != x:
+            x = parent[x]
+        return x
+
+    for batch in batches:
+        for ids in batch:
+            usable = [i for i in ids if i != ("email", "unknown")]
+            for i in usable:
+                find(i)
+            for other in usable[1:]:
+                parent[find(other)] = find(usable[0])
+    groups: dict[Ident, set[Ident]] = {}
+    for node in parent:
+        groups.setdefault(find(node), set()).add(node)
+    return {frozenset(g) for g in groups.values()}
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batches=history, rules=rule_sets)
+def test_incremental_resolution_equals_full_rebuild(
+    batches: list[list[list[Ident]]], rules: IdentityRules
+) -> None:
+    with fresh_warehouse() as incremental, fresh_warehouse() as rebuilt:
+        for batch in batches:
+            EventWriter(incremental).write([Ev(ids) for ids in batch])
+            resolve(incremental, rules)
+            EventWriter(rebuilt).write([Ev(ids) for ids in batch])
+        resolve(rebuilt, rules, full=True)
+        assert partition(incremental) == partition(rebuilt)
+        before = partition(incremental)
+        resolve(incremental, rules, full=True)
+        assert partition(incremental) == before
+        if not rules.limits and rules.auto_cap >= 1000:
+            assert partition(incremental) == _union_find_partition(batches)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batches=history, rules=rule_sets, data=st.data())
+def test_incremental_equals_full_rebuild_with_unmerges(
+    batches: list[list[list[Ident]]], rules: IdentityRules, data: st.DataObject
+) -> None:
+    with fresh_warehouse() as incremental, fresh_warehouse() as rebuilt:
+        for batch in batches:
+            EventWriter(incremental).write([Ev(ids) for ids in batch])
+            resolve(incremental, rules)
+            EventWriter(rebuilt).write([Ev(ids) for ids in batch])
+            links = incremental.rows(Query("SELECT src, dst FROM identity_edges ORDER BY 1, 2"))
+            unmerge: bool = data.draw(st.booleans(), label="unmerge")
+            if links and unmerge:
+                src, dst = data.draw(st.sampled_from(links), label="link")
+                action = data.draw(st.sampled_from(["remove_link", "remove_identifier"]))
+                for wh in (incremental, rebuilt):
+                    wh.rows(
+                        queries.add_override(
+                            action=action,
+                            src=src,
+                            dst=dst if action == "remove_link" else None,
+                            profile_id="p",
+                            reason=None,
+                            actor=None,
+                            at=datetime(2026, 1, 1),
+                        )
+                    )
+                resolve(incremental, rules)
+        resolve(rebuilt, rules, full=True)
+        assert partition(incremental) == partition(rebuilt)

@@ -1,0 +1,167 @@
+"""The profile and identity HTTP API, through the real app."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from fastapi.testclient import TestClient
+
+from cdp.auth import Role
+from cdp.db import Database
+from cdp.warehouse import Warehouse
+from identity import service
+from tests.conftest import make_key
+from tests.identity.conftest import Ev, EventWriter, resolve
+
+
+def _headers(db: Database, role: Role) -> dict[str, str]:
+    return {"Authorization": f"Bearer {make_key(db, role)}"}
+
+
+def test_lookup_normalises_the_value_and_returns_the_profile(
+    client: TestClient, db: Database, warehouse: Warehouse, events: EventWriter
+) -> None:
+    events.write([Ev([("email", "ana@x.com"), ("phone", "+33612345678")], traits={"name": "Ana"})])
+    resolve(warehouse)
+    headers = _headers(db, Role.marketer)
+    resp = client.get(
+        "/api/profiles/lookup", params={"kind": "email", "value": " Ana@X.com "}, headers=headers
+    )
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["identifiers"] == {"email": ["ana@x.com"], "phone": ["+33612345678"]}
+    assert body["traits"] == {"name": "Ana"}
+    phone = client.get(
+        "/api/profiles/lookup", params={"kind": "phone", "value": "06 12 34 56 78"}, headers=headers
+    )
+    assert phone.json()["id"] == body["id"]
+    missing = client.get(
+        "/api/profiles/lookup", params={"kind": "email", "value": "nobody@x.com"}, headers=headers
+    )
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "identity.identifier_not_found"
+    bad = client.get(
+        "/api/profiles/lookup", params={"kind": "phone", "value": "abc"}, headers=headers
+    )
+    assert bad.status_code == 422
+    assert bad.json()["error"]["code"] == "identity.invalid_identifier"
+
+
+def test_merged_away_id_answers_with_the_survivor(
+    client: TestClient, db: Database, warehouse: Warehouse, events: EventWriter
+) -> None:
+    events.write([Ev([("email", "a@x.com")]), Ev([("anonymous_id", "z")])])
+    resolve(warehouse)
+    old = service.lookup(warehouse, kind="email", value="a@x.com")
+    young = service.lookup(warehouse, kind="anonymous_id", value="z")
+    events.write([Ev([("email", "a@x.com"), ("anonymous_id", "z")])])
+    resolve(warehouse)
+    resp = client.get(f"/api/profiles/{young}", headers=_headers(db, Role.marketer))
+    assert resp.status_code == 200
+    assert resp.json()["id"] == old
+    assert resp.json()["requested_id"] == young
+    assert resp.json()["redirected"] is True
+    unknown = client.get("/api/profiles/nope", headers=_headers(db, Role.marketer))
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["code"] == "identity.profile_not_found"
+
+
+def test_timeline_is_paginated_and_filtered(
+    client: TestClient, db: Database, warehouse: Warehouse, events: EventWriter
+) -> None:
+    events.write(
+        [
+            Ev([("user_id", "u1")], type="track", event="Order", at=datetime(2026, 1, d))
+            for d in range(1, 6)
+        ]
+        + [Ev([("user_id", "u1")], type="track", event="View", at=datetime(2026, 1, 9))]
+        + [Ev([("user_id", "u2")], type="track", event="Order")]
+    )
+    resolve(warehouse)
+    pid = service.lookup(warehouse, kind="user_id", value="u1")
+    headers = _headers(db, Role.marketer)
+    first = client.get(f"/api/profiles/{pid}/events", params={"limit": 4}, headers=headers)
+    assert first.status_code == 200, first.text
+    body = first.json()
+    assert body["total"] == 6
+    assert [e["event"] for e in body["items"]] == ["View", "Order", "Order", "Order"]
+    assert body["next_offset"] == 4
+    orders = client.get(
+        f"/api/profiles/{pid}/events",
+        params={"event": "Order", "since": "2026-01-02T00:00:00Z", "until": "2026-01-04T00:00:00Z"},
+        headers=headers,
+    ).json()
+    assert [e["timestamp"][:10] for e in orders["items"]] == ["2026-01-03", "2026-01-02"]
+    assert orders["total"] == 2
+
+
+def test_identity_explains_links_merges_and_refusals(
+    client: TestClient, db: Database, warehouse: Warehouse, events: EventWriter
+) -> None:
+    events.write([Ev([("user_id", "u1"), ("email", "s@x.com")]), Ev([("anonymous_id", "a")])])
+    resolve(warehouse)
+    (linking, refused) = events.write(
+        [
+            Ev([("anonymous_id", "a"), ("email", "s@x.com")]),
+            Ev([("user_id", "u2"), ("email", "s@x.com")]),
+        ]
+    )
+    resolve(warehouse)
+    pid = service.lookup(warehouse, kind="user_id", value="u1")
+    body = client.get(f"/api/profiles/{pid}/identity", headers=_headers(db, Role.marketer)).json()
+    assert {(i["kind"], i["value"]) for i in body["identifiers"]} == {
+        ("user_id", "u1"),
+        ("email", "s@x.com"),
+        ("anonymous_id", "a"),
+    }
+    used = {(link["event_id"], link["used"]) for link in body["links"]}
+    assert (linking, True) in used
+    assert (refused, False) in used
+    assert [h["kind"] for h in body["history"]] == ["merge"]
+    assert body["history"][0]["event_id"] == linking
+    assert [d["decision"] for d in body["decisions"]] == ["limit"]
+    assert body["decisions"][0]["event_id"] == refused
+
+
+def test_search_profiles_by_trait(
+    client: TestClient, db: Database, warehouse: Warehouse, events: EventWriter
+) -> None:
+    events.write(
+        [
+            Ev([("user_id", f"u{i}")], traits={"city": "Paris" if i % 2 else "Lyon", "n": i})
+            for i in range(7)
+        ]
+    )
+    resolve(warehouse)
+    headers = _headers(db, Role.marketer)
+    resp = client.get("/api/profiles", params={"trait": "city:Paris", "limit": 2}, headers=headers)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["total"] == 3
+    assert len(resp.json()["items"]) == 2
+    both = client.get(
+        "/api/profiles", params=[("trait", "city:Paris"), ("trait", "n:3")], headers=headers
+    ).json()
+    assert [p["identifiers"]["user_id"] for p in both["items"]] == [["u3"]]
+    bad = client.get("/api/profiles", params={"trait": "city"}, headers=headers)
+    assert bad.status_code == 400
+
+
+def test_rules_round_trip_and_apply_on_next_resolution(
+    client: TestClient, db: Database, warehouse: Warehouse, events: EventWriter
+) -> None:
+    headers = _headers(db, Role.data)
+    rules = client.get("/api/identity/rules", headers=headers).json()
+    assert rules["limits"]["user_id"] == 1
+    rules["limits"] = {"email": 1}
+    saved = client.put("/api/identity/rules", json=rules, headers=headers)
+    assert saved.status_code == 200, saved.text
+    assert client.get("/api/identity/rules", headers=headers).json()["limits"] == {"email": 1}
+    bad = client.put(
+        "/api/identity/rules", json={**rules, "blocked_patterns": ["("]}, headers=headers
+    )
+    assert bad.status_code == 422
+    events.write([Ev([("device_id", "d"), ("email", "a@x.com"), ("email", "b@x.com")])])
+    run = client.post("/api/identity/resolve", headers=_headers(db, Role.admin))
+    assert run.status_code == 200, run.text
+    assert run.json()["refused_links"] == 2  # a-b, then d-b once d holds a
+    assert client.get("/api/identity/rules", headers=_headers(db, Role.marketer)).status_code == 403

@@ -1,0 +1,138 @@
+"""Unmerge: an admin removes a link or detaches an identifier; the profile splits and stays so."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+
+from cdp.auth import Role
+from cdp.config import Settings
+from cdp.db import Database
+from cdp.warehouse import Warehouse
+from identity import service
+from identity.schemas import IdentifierRef, LinkRef, UnmergeCreate
+from tests.conftest import make_key
+from tests.identity.conftest import Ev, EventWriter, partition, resolve
+
+
+def _pid(warehouse: Warehouse, kind: str, value: str) -> str | None:
+    return service.lookup(warehouse, kind=kind, value=value)
+
+
+def test_removing_a_link_splits_the_profile_publishes_it_and_is_not_recreated(
+    warehouse: Warehouse, events: EventWriter, db: Database
+) -> None:
+    events.write(
+        [
+            Ev([("user_id", "u1"), ("email", "a@x.com")]),
+            Ev([("email", "a@x.com"), ("phone", "+33612345678")]),
+        ]
+    )
+    resolve(warehouse)
+    pid = _pid(warehouse, "user_id", "u1")
+    assert pid is not None
+    link = LinkRef.model_validate(
+        {
+            "from": {"kind": "email", "value": "a@x.com"},
+            "to": {"kind": "phone", "value": "+33612345678"},
+        }
+    )
+    with db.begin() as session:
+        outcome = service.unmerge(
+            session,
+            warehouse,
+            settings=Settings(),
+            profile_id=pid,
+            request=UnmergeCreate(link=link, reason="wrong phone"),
+            actor="admin",
+        )
+    phone_pid = _pid(warehouse, "phone", "+33612345678")
+    assert phone_pid not in (None, pid)
+    assert _pid(warehouse, "email", "a@x.com") == pid
+    assert sorted(outcome.profiles) == sorted([pid, phone_pid])
+    assert outcome.resolution.splits == 1
+    published = service.merges_since(warehouse, after_seq=0)
+    assert published.select("kind", "from_profile_id", "to_profile_id").rows() == [
+        ("split", pid, phone_pid)
+    ]
+    events.write([Ev([("email", "a@x.com"), ("phone", "+33612345678")])])
+    resolve(warehouse)
+    assert _pid(warehouse, "phone", "+33612345678") == phone_pid
+    before = partition(warehouse)
+    resolve(warehouse, full=True)
+    assert partition(warehouse) == before
+    with db.begin() as session:
+        service.allow_again(
+            session, warehouse, settings=Settings(), override_id=outcome.override_id, actor="a"
+        )
+    assert _pid(warehouse, "phone", "+33612345678") == pid
+    assert service.merges_since(warehouse, after_seq=1)["kind"].to_list() == ["merge"]
+
+
+def test_detaching_an_identifier_keeps_it_apart_from_later_events(
+    warehouse: Warehouse, events: EventWriter, db: Database
+) -> None:
+    events.write(
+        [
+            Ev([("device_id", "shared-tablet"), ("email", "a@x.com")]),
+            Ev([("device_id", "shared-tablet"), ("email", "b@x.com")]),
+        ]
+    )
+    resolve(warehouse)
+    pid = _pid(warehouse, "device_id", "shared-tablet")
+    assert pid is not None
+    with db.begin() as session:
+        outcome = service.unmerge(
+            session,
+            warehouse,
+            settings=Settings(),
+            profile_id=pid,
+            request=UnmergeCreate(
+                identifier=IdentifierRef(kind="device_id", value="shared-tablet")
+            ),
+            actor="admin",
+        )
+    assert len(outcome.profiles) == 3
+    assert len({_pid(warehouse, "email", "a@x.com"), _pid(warehouse, "email", "b@x.com")}) == 2
+    events.write([Ev([("device_id", "shared-tablet"), ("email", "a@x.com")])])
+    resolve(warehouse)
+    assert _pid(warehouse, "device_id", "shared-tablet") != _pid(warehouse, "email", "a@x.com")
+    explanation = service.explain_identity(
+        warehouse, profile_id=_pid(warehouse, "device_id", "shared-tablet") or ""
+    )
+    assert [d.decision for d in explanation.decisions] == ["removed"]
+    assert not any(link.used for link in explanation.links)
+
+
+def test_unmerge_route_is_admin_only_and_validates_the_request(
+    client: TestClient, db: Database, warehouse: Warehouse, events: EventWriter
+) -> None:
+    events.write([Ev([("user_id", "u1"), ("email", "a@x.com")]), Ev([("user_id", "u2")])])
+    resolve(warehouse)
+    pid = _pid(warehouse, "user_id", "u1")
+    admin = {"Authorization": f"Bearer {make_key(db, Role.admin)}"}
+    neither = client.post(f"/api/profiles/{pid}/unmerge", json={}, headers=admin)
+    assert neither.status_code == 422
+    assert neither.json()["error"]["code"] == "identity.nothing_to_unmerge"
+    foreign = client.post(
+        f"/api/profiles/{pid}/unmerge",
+        json={"identifier": {"kind": "user_id", "value": "u2"}},
+        headers=admin,
+    )
+    assert foreign.status_code == 422
+    ok = client.post(
+        f"/api/profiles/{pid}/unmerge",
+        json={"identifier": {"kind": "email", "value": " A@x.com"}, "reason": "typo"},
+        headers=admin,
+    )
+    assert ok.status_code == 200, ok.text
+    assert len(ok.json()["profiles"]) == 2
+    listed = client.get("/api/identity/overrides", headers=admin).json()
+    assert listed["total"] == 1
+    assert listed["items"][0]["value"] == "a@x.com"
+    assert listed["items"][0]["reason"] == "typo"
+    override_id = listed["items"][0]["override_id"]
+    lifted = client.delete(f"/api/identity/overrides/{override_id}", headers=admin)
+    assert lifted.status_code == 200, lifted.text
+    assert _pid(warehouse, "email", "a@x.com") == pid
+    again = client.delete(f"/api/identity/overrides/{override_id}", headers=admin)
+    assert again.status_code == 404
