@@ -94,3 +94,18 @@ def merges_since(warehouse: Warehouse, *, after_seq: int) -> pl.DataFrame:
     Columns: seq, kind ('merge' | 'split'), from_profile_id, to_profile_id, at, reason.
     """
     return warehouse.run(queries.merges_since(after_seq))
+
+
+def event_profile_sql() -> str:
+    """A parameter-free SQL relation `(event_id, profile_id)`: the profile of each resolved event.
+
+    For set-based joins by later layers (segments); same rule as `event_profiles`: an event
+    belongs to the profile of its most trusted identifier that has one.
+    """
+    return (
+        "SELECT ei.event_id, arg_min(n.profile_id, (n.rank, n.node_id)) AS profile_id"
+        " FROM event_identifiers ei"
+        " JOIN identity_nodes n ON n.kind = ei.kind AND n.value = ei.value"
+        " WHERE n.profile_id IS NOT NULL"
+        " GROUP BY ei.event_id"
+    )
