@@ -16,7 +16,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from cdp.config import SegmentsSettings
@@ -92,6 +92,12 @@ def _run_script(cur: Cursor, query: Query) -> None:
         names = set(_PARAM.findall(statement))
         params = {k: v for k, v in query.params.items() if k in names}
         cur.execute(statement, params or None)
+
+
+def _one(cur: Cursor, query: Query) -> tuple[Any, ...]:  # Any: SQL values
+    """The first row of a query that returns one (the result is fetched to its end)."""
+    rows = cur.execute(query.sql, query.params or None).fetchall()
+    return tuple(rows[0])
 
 
 # Computed attributes.
@@ -289,10 +295,10 @@ def refresh_attributes(
     watermark = str(warehouse.scalar(queries.PROFILES_WATERMARK))
     with warehouse.transaction() as cur:
         cur.execute("CREATE OR REPLACE TABLE profile_attributes AS " + query.sql, query.params)
-        row = cur.execute("SELECT count(*) FROM profile_attributes").fetchone()
+        row = _one(cur, Query("SELECT count(*) FROM profile_attributes"))
         state = queries.write_state(STATE_ATTRIBUTES, _attr_mark(watermark, definitions, at), at)
         cur.execute(state.sql, state.params)
-    profiles = int(row[0]) if row else 0
+    profiles = int(row[0])
     seconds = time.perf_counter() - started
     logger.info(
         "attributes refreshed",
@@ -437,13 +443,13 @@ def preview(
     with warehouse.cursor() as cur:
         cur.execute("CREATE OR REPLACE TEMP TABLE seg_preview AS " + query.sql, query.params)
         try:
-            row = cur.execute("SELECT count(*) FROM seg_preview").fetchone()
+            row = _one(cur, Query("SELECT count(*) FROM seg_preview"))
             sample_q = queries.sample_profiles(size)
             frame = cur.sql(sample_q.sql, params=sample_q.params).pl()
         finally:
             cur.execute("DROP TABLE IF EXISTS seg_preview")
     sample = [{"profile_id": pid, "traits": _json(traits)} for pid, traits in frame.iter_rows()]
-    return Preview(int(row[0]) if row else 0, sample, time.perf_counter() - started)
+    return Preview(int(row[0]), sample, time.perf_counter() - started)
 
 
 def _json(text: Any) -> Any:  # Any: JSON text from DuckDB, parsed
@@ -561,10 +567,9 @@ def delete_segment(session: Session, warehouse: Warehouse, *, segment_id: str) -
             f"segment {row.name} is used by: {', '.join(sorted(users))}",
             details={"segments": sorted(users)},
         )
-    for version in session.scalars(
-        select(SegmentsSegmentVersion).where(SegmentsSegmentVersion.segment_id == segment_id)
-    ):
-        session.delete(version)
+    session.execute(
+        delete(SegmentsSegmentVersion).where(SegmentsSegmentVersion.segment_id == segment_id)
+    )
     session.delete(row)
     warehouse.execute(queries.forget_segment(segment_id))
 
@@ -610,8 +615,8 @@ def refresh_segment(
     )
     with _REFRESH_LOCK, warehouse.transaction() as cur:
         cur.execute("CREATE OR REPLACE TEMP TABLE seg_new AS " + query.sql, query.params)
-        seq = int(cur.execute(queries.NEXT_SEQ.sql).fetchone()[0])  # type: ignore[index]
-        refresh_id = int(cur.execute(queries.NEXT_REFRESH_ID.sql).fetchone()[0])  # type: ignore[index]
+        seq = int(_one(cur, queries.NEXT_SEQ)[0])
+        refresh_id = int(_one(cur, queries.NEXT_REFRESH_ID)[0])
         for step in (
             queries.record_changes(
                 row.id, seq=seq, refresh_id=refresh_id, version=row.version, at=at
@@ -623,10 +628,13 @@ def refresh_segment(
             ),
         ):
             cur.execute(step.sql, step.params)
-        size, entries, exits = cur.execute(
-            "SELECT size, entries, exits FROM segment_refreshes WHERE refresh_id = $r",
-            {"r": refresh_id},
-        ).fetchone() or (0, 0, 0)
+        size, entries, exits = _one(
+            cur,
+            Query(
+                "SELECT size, entries, exits FROM segment_refreshes WHERE refresh_id = $r",
+                {"r": refresh_id},
+            ),
+        )
         cur.execute("DROP TABLE seg_new")
     row.last_refreshed_at = at.replace(tzinfo=UTC)
     row.last_size = int(size)
@@ -721,7 +729,7 @@ def export_members(
 
     def stream() -> Iterator[bytes]:
         with warehouse.cursor() as cur:
-            reader = cur.sql(query.sql, params=query.params).fetch_record_batch(EXPORT_BATCH_ROWS)
+            reader = cur.sql(query.sql, params=query.params).to_arrow_reader(EXPORT_BATCH_ROWS)
             sink = _Sink()
             writer: pa_csv.CSVWriter | pq.ParquetWriter
             if fmt == "csv":

@@ -31,6 +31,7 @@ class Ev:
     properties: dict[str, Any] = field(default_factory=dict)  # Any: JSON values
     traits: dict[str, Any] | None = None  # Any: JSON values
     email: str | None = None
+    kind: str = "user_id"  # the kind of `user`'s identifier
 
 
 def write_events(warehouse: Warehouse, events: Sequence[Ev]) -> None:
@@ -45,8 +46,8 @@ def write_events(warehouse: Warehouse, events: Sequence[Ev]) -> None:
             "batch_id": [1] * len(events),
             "type": [e.type for e in events],
             "event": [e.event for e in events],
-            "user_id": [e.user for e in events],
-            "anonymous_id": [None] * len(events),
+            "user_id": [e.user if e.kind == "user_id" else None for e in events],
+            "anonymous_id": [e.user if e.kind == "anonymous_id" else None for e in events],
             "timestamp": [e.at for e in events],
             "received_at": [e.at for e in events],
             "properties": [orjson.dumps(e.properties).decode() for e in events],
@@ -61,7 +62,7 @@ def write_events(warehouse: Warehouse, events: Sequence[Ev]) -> None:
         },
     )
     idents = pl.DataFrame(
-        [(i, "user_id", e.user) for e, i in zip(events, ids, strict=True)]
+        [(i, e.kind, e.user) for e, i in zip(events, ids, strict=True)]
         + [(i, "email", e.email) for e, i in zip(events, ids, strict=True) if e.email],
         schema={"event_id": pl.Int64, "kind": pl.String, "value": pl.String},
         orient="row",
