@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "FieldSource",
     "attribute_definitions",
+    "parse_rule",
     "profile_attributes",
     "refresh_attributes",
     "refresh_segment",
