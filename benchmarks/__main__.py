@@ -13,6 +13,8 @@ from benchmarks.core import Benchmark, peak_rss_mib, write_json
 # name -> module that defines `run(scale, workdir) -> Result`, and its default scale.
 BENCHMARKS: dict[str, tuple[str, int]] = {
     "sample_data": ("benchmarks.sample_data", 1_000_000),
+    "segments_attributes": ("benchmarks.segments_attributes", 200_000),
+    "segments_rules": ("benchmarks.segments_rules", 200_000),
 }
 
 

@@ -215,6 +215,14 @@ MIGRATIONS: list[WarehouseMigration] = [
                 events BIGINT NOT NULL
             )
             """,
+            # The event -> profile map as of the last attribute refresh, with the profiles
+            # watermark it was built at (segment_state); event conditions use it while current.
+            """
+            CREATE TABLE segment_event_profiles (
+                event_id BIGINT NOT NULL,
+                profile_id VARCHAR NOT NULL
+            )
+            """,
             # Current members of each saved segment.
             """
             CREATE TABLE segment_membership (

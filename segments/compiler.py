@@ -518,19 +518,22 @@ def compile_rule(
     *,
     catalog: Catalog,
     now: datetime,
-    event_profiles_sql: str,
+    event_profiles_sql: str | Callable[[], str],
     resolve_segment: SegmentResolver,
     segment_id: str | None = None,
 ) -> Query:
     """One statement returning the `profile_id` of every profile the rule selects.
 
-    `segment_id` is the segment being saved, so references back to it are rejected as cycles.
+    `event_profiles_sql` (or a function giving it, called only if the rule has event
+    conditions) is the `(event_id, profile_id)` relation. `segment_id` is the segment being
+    saved, so references back to it are rejected as cycles.
     """
     ctx = _Context(catalog, Params(), now, resolve_segment, [segment_id] if segment_id else [])
     condition = _compile(ctx, rule, "rule", 0)
     lines = []
     if ctx.events:
-        lines.append(f"WITH seg_ep AS (\n{event_profiles_sql}\n)")
+        relation = event_profiles_sql() if callable(event_profiles_sql) else event_profiles_sql
+        lines.append(f"WITH seg_ep AS (\n{relation}\n)")
     lines.append("SELECT p.profile_id FROM profiles p")
     if ctx.attributes:
         lines.append("LEFT JOIN profile_attributes a ON a.profile_id = p.profile_id")

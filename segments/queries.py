@@ -70,10 +70,21 @@ ATTRIBUTE_COLUMNS = Query(
     """
 )
 
+EVENT_PROFILES_TABLE = "SELECT event_id, profile_id FROM segment_event_profiles"
+
+
+def materialise_event_profiles(relation_sql: str) -> Query:
+    """Replace the event -> profile map with identity's current relation (parameter-free)."""
+    return Query(f"CREATE OR REPLACE TABLE segment_event_profiles AS {relation_sql}")
+
+
 # The watermark of the data attributes are computed from: profiles change when identity runs.
 PROFILES_WATERMARK = Query(
     "SELECT count(*)::VARCHAR || '/' || coalesce(max(updated_at)::VARCHAR, '') FROM profiles"
 )
+
+
+ALL_STATE = Query("SELECT name, text, updated_at FROM segment_state ORDER BY name")
 
 
 def read_state(name: str) -> Query:

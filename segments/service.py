@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import itertools
 import logging
 import re
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -66,6 +69,10 @@ __all__ = [
 
 STATE_ATTRIBUTES = "attributes_watermark"
 STATE_CATALOG = "catalog_refreshed"
+STATE_COLUMNS = "attribute_columns"
+STATE_EVENT_MAP = "event_profiles_watermark"
+# Numbers every rebuild of the catalogue or the attribute columns in this process.
+_GENERATION = itertools.count(1)
 _PARAM = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
 # One writer process; refreshes of membership are serialised so seq numbers never collide.
 _REFRESH_LOCK = threading.Lock()
@@ -288,17 +295,21 @@ def refresh_attributes(
     at = now or _now()
     definitions = attribute_definitions(session, settings=settings)
     query = compiler.compile_attributes(
-        definitions,
-        settings=settings,
-        event_profiles_sql=identity_service.event_profile_sql(),
-        now=at,
+        definitions, settings=settings, event_profiles_sql=queries.EVENT_PROFILES_TABLE, now=at
     )
-    watermark = str(warehouse.scalar(queries.PROFILES_WATERMARK))
     with warehouse.transaction() as cur:
+        watermark = str(_one(cur, queries.PROFILES_WATERMARK)[0])
+        # The event -> profile map of this identity state, kept for segment event conditions
+        # (see compile_segment_rule); the attributes read it like any relation.
+        cur.execute(queries.materialise_event_profiles(identity_service.event_profile_sql()).sql)
         cur.execute("CREATE OR REPLACE TABLE profile_attributes AS " + query.sql, query.params)
         row = _one(cur, Query("SELECT count(*) FROM profile_attributes"))
-        state = queries.write_state(STATE_ATTRIBUTES, _attr_mark(watermark, definitions, at), at)
-        cur.execute(state.sql, state.params)
+        for state in (
+            queries.write_state(STATE_ATTRIBUTES, _attr_mark(watermark, definitions, at), at),
+            queries.write_state(STATE_EVENT_MAP, watermark, at),
+            queries.write_state(STATE_COLUMNS, f"rebuilt {next(_GENERATION)}", at),
+        ):
+            cur.execute(state.sql, state.params)
     profiles = int(row[0])
     seconds = time.perf_counter() - started
     logger.info(
@@ -311,7 +322,8 @@ def refresh_attributes(
 def _attr_mark(watermark: str, definitions: dict[str, AttributeDefinition], at: datetime) -> str:
     # Relative windows move with the day, so a new day is a change too.
     fingerprint = "|".join(f"{k}={v.model_dump_json()}" for k, v in definitions.items())
-    return f"{watermark}#{at.date().isoformat()}#{hash(fingerprint) & 0xFFFFFFFF:08x}"
+    digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+    return f"{watermark}#{at.date().isoformat()}#{digest}"
 
 
 def refresh_attributes_if_stale(
@@ -352,14 +364,41 @@ def refresh_catalog(warehouse: Warehouse, *, now: datetime | None = None) -> Non
     with warehouse.transaction() as cur:
         _run_script(cur, queries.REFRESH_TRAIT_CATALOG)
         _run_script(cur, queries.REFRESH_EVENT_CATALOG)
-        state = queries.write_state(STATE_CATALOG, "ok", at)
+        state = queries.write_state(STATE_CATALOG, f"rebuilt {next(_GENERATION)}", at)
         cur.execute(state.sql, state.params)
 
 
-def catalog(session: Session, warehouse: Warehouse, *, settings: SegmentsSettings) -> Catalog:
-    """Every field, event and property rules may use (built on first use if never built)."""
-    if not warehouse.rows(queries.read_state(STATE_CATALOG)):
+@dataclass(frozen=True, slots=True)
+class _WarehouseFields:
+    traits: dict[str, FieldType]
+    events: dict[str, dict[str, FieldType]]
+    attributes: dict[str, FieldType]
+    marks: dict[str, str]
+
+
+# The warehouse part of the catalogue, per warehouse, keyed by the package's marks: they move
+# whenever the catalogue tables or the attribute columns are rebuilt, so a preview reads one
+# small table instead of four.
+_FIELDS_CACHE: weakref.WeakKeyDictionary[Warehouse, tuple[object, _WarehouseFields]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _fields_marks(
+    warehouse: Warehouse, marks: tuple[tuple[Any, ...], ...]
+) -> tuple[tuple[Any, ...], ...]:  # Any: SQL values
+    if not any(name == STATE_CATALOG for name, _, _ in marks):
         refresh_catalog(warehouse)
+        return tuple(warehouse.rows(queries.ALL_STATE))
+    return marks
+
+
+def _warehouse_fields(warehouse: Warehouse) -> _WarehouseFields:
+    marks = tuple(warehouse.rows(queries.ALL_STATE))
+    cached = _FIELDS_CACHE.get(warehouse)
+    if cached is not None and cached[0] == marks:
+        return cached[1]
+    marks = _fields_marks(warehouse, marks)
     traits = {str(k): t for k, t, _ in warehouse.rows(queries.TRAIT_CATALOG)}
     events: dict[str, dict[str, FieldType]] = {}
     for event, prop, ftype, _ in warehouse.rows(queries.EVENT_CATALOG):
@@ -371,11 +410,25 @@ def catalog(session: Session, warehouse: Warehouse, *, settings: SegmentsSetting
         for name, dtype in warehouse.rows(queries.ATTRIBUTE_COLUMNS)
         if str(dtype) in _DUCK_TYPES
     }
+    fields = _WarehouseFields(traits, events, attributes, {str(n): str(t) for n, t, _ in marks})
+    _FIELDS_CACHE[warehouse] = (marks, fields)
+    return fields
+
+
+def catalog(session: Session, warehouse: Warehouse, *, settings: SegmentsSettings) -> Catalog:
+    """Every field, event and property rules may use (built on first use if never built)."""
+    return _catalog(session, _warehouse_fields(warehouse), settings=settings)
+
+
+def _catalog(session: Session, fields: _WarehouseFields, *, settings: SegmentsSettings) -> Catalog:
     descriptions = {
         i.name: i.description or "" for i in list_attributes(session, settings=settings)
     }
     return build_catalog(
-        traits=traits, attributes=attributes, events=events, attribute_descriptions=descriptions
+        traits=fields.traits,
+        attributes=fields.attributes,
+        events=fields.events,
+        attribute_descriptions=descriptions,
     )
 
 
@@ -397,6 +450,15 @@ def _resolver(session: Session) -> compiler.SegmentResolver:
     return resolve
 
 
+def _event_profiles(warehouse: Warehouse, marks: dict[str, str]) -> str:
+    """The event -> profile relation for event conditions: the map materialised by the last
+    attribute refresh while profiles have not changed since, identity's live relation else."""
+    mark = marks.get(STATE_EVENT_MAP)
+    if mark is not None and mark == str(warehouse.scalar(queries.PROFILES_WATERMARK)):
+        return queries.EVENT_PROFILES_TABLE
+    return identity_service.event_profile_sql()
+
+
 def compile_segment_rule(
     session: Session,
     warehouse: Warehouse,
@@ -407,11 +469,12 @@ def compile_segment_rule(
     now: datetime | None = None,
 ) -> Query:
     """The one statement selecting the profiles of a rule; InvalidRule names the bad path."""
+    fields = _warehouse_fields(warehouse)
     return compiler.compile_rule(
         rule,
-        catalog=catalog(session, warehouse, settings=settings),
+        catalog=_catalog(session, fields, settings=settings),
         now=now or _now(),
-        event_profiles_sql=identity_service.event_profile_sql(),
+        event_profiles_sql=lambda: _event_profiles(warehouse, fields.marks),
         resolve_segment=_resolver(session),
         segment_id=segment_id,
     )

@@ -305,3 +305,28 @@ def test_a_profile_merged_away_exits_and_its_survivor_stays(
     assert (result.size, result.entries, result.exits) == (4, 0, 1)
     last = service.segment_events_since(seeded, after_seq=0).row(-1, named=True)
     assert (last["profile_id"], last["kind"]) == (anonymous, "exit")
+
+
+def test_event_conditions_use_the_materialised_map_only_while_profiles_are_unchanged(
+    db: Database, seeded: Warehouse
+) -> None:
+    settings = SegmentsSettings()
+    viewed = {"event": "Product Viewed"}
+    with db.begin() as session:
+        service.refresh_attributes(session, seeded, settings=settings, now=NOW)
+        current = service.compile_segment_rule(
+            session, seeded, rule=service.parse_rule(viewed), settings=settings
+        )
+        assert "FROM segment_event_profiles" in current.sql
+        before = service.preview(session, seeded, rule=viewed, settings=settings)
+    assert [s["profile_id"] for s in before.sample] == [profile_of(seeded, "carol")]
+    write_events(seeded, [Ev("dave", "Product Viewed")])
+    resolve(seeded)
+    with db.begin() as session:
+        stale = service.compile_segment_rule(
+            session, seeded, rule=service.parse_rule(viewed), settings=settings
+        )
+        after = service.preview(session, seeded, rule=viewed, settings=settings)
+    assert "FROM segment_event_profiles" not in stale.sql
+    assert after.count == 2
+    assert profile_of(seeded, "dave") in {s["profile_id"] for s in after.sample}
