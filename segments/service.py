@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+import orjson
 import polars as pl
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from cdp.config import SegmentsSettings
@@ -517,8 +518,6 @@ def preview(
 
 
 def _json(text: Any) -> Any:  # Any: JSON text from DuckDB, parsed
-    import orjson
-
     return orjson.loads(text) if isinstance(text, str) else text
 
 
@@ -526,8 +525,11 @@ def list_segments(
     session: Session, *, limit: int, offset: int
 ) -> tuple[list[SegmentsSegment], int]:
     """Saved segments by name."""
-    rows = list(session.scalars(select(SegmentsSegment).order_by(SegmentsSegment.name)))
-    return rows[offset : offset + limit], len(rows)
+    total = session.scalar(select(func.count()).select_from(SegmentsSegment)) or 0
+    rows = session.scalars(
+        select(SegmentsSegment).order_by(SegmentsSegment.name).limit(limit).offset(offset)
+    )
+    return list(rows), total
 
 
 def get_segment(session: Session, *, segment_id: str) -> SegmentsSegment:
