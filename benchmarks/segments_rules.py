@@ -146,6 +146,7 @@ def run(scale: int, workdir: Path) -> Result:
         result.details["events"] = load_shop(warehouse, scale, now=NOW)
         with db.begin() as session:
             service.refresh_attributes(session, warehouse, settings=settings, now=NOW)
+            service.refresh_event_map(warehouse)
             service.refresh_catalog(warehouse)
             ids = {
                 "french": service.create_segment(

@@ -7,13 +7,15 @@ from segments import service
 
 
 def refresh_attributes(context: JobContext) -> int:
-    """Recompute attributes when profiles, definitions or the day changed; then the catalogue."""
+    """Recompute attributes when profiles, definitions or the day changed; then the event map
+    and the catalogue."""
     settings = context.settings.segments
     with context.db.begin() as session:
         result = service.refresh_attributes_if_stale(session, context.warehouse, settings=settings)
     if result.skipped:
         context.message = "unchanged since the last refresh"
         return 0
+    service.refresh_event_map(context.warehouse)
     service.refresh_catalog(context.warehouse)
     context.message = (
         f"{result.attributes} attributes of {result.profiles} profiles in {result.seconds:.2f}s"
@@ -22,10 +24,11 @@ def refresh_attributes(context: JobContext) -> int:
 
 
 def refresh_attributes_now(context: JobContext) -> int:
-    """Recompute every attribute and the field catalogue now."""
+    """Recompute every attribute, the event map and the field catalogue now."""
     settings = context.settings.segments
     with context.db.begin() as session:
         result = service.refresh_attributes(session, context.warehouse, settings=settings)
+    service.refresh_event_map(context.warehouse)
     service.refresh_catalog(context.warehouse)
     context.message = (
         f"{result.attributes} attributes of {result.profiles} profiles in {result.seconds:.2f}s"

@@ -89,8 +89,9 @@ def create_attribute(
 def refresh_attributes(
     session: SessionDep, warehouse: WarehouseDep, settings: SettingsDep
 ) -> AttributeRefreshRead:
-    """Recompute every attribute of every profile now (and the field catalogue)."""
+    """Recompute every attribute of every profile now (and the event map and catalogue)."""
     result = service.refresh_attributes(session, warehouse, settings=settings.segments)
+    service.refresh_event_map(warehouse)
     service.refresh_catalog(warehouse)
     return AttributeRefreshRead(
         profiles=result.profiles,

@@ -62,6 +62,7 @@ __all__ = [
     "parse_rule",
     "profile_attributes",
     "refresh_attributes",
+    "refresh_event_map",
     "refresh_segment",
     "register_field_source",
     "segment_events_since",
@@ -296,18 +297,17 @@ def refresh_attributes(
     at = now or _now()
     definitions = attribute_definitions(session, settings=settings)
     query = compiler.compile_attributes(
-        definitions, settings=settings, event_profiles_sql=queries.EVENT_PROFILES_TABLE, now=at
+        definitions,
+        settings=settings,
+        event_profiles_sql=identity_service.event_profile_sql(),
+        now=at,
     )
     with warehouse.transaction() as cur:
         watermark = str(_one(cur, queries.PROFILES_WATERMARK)[0])
-        # The event -> profile map of this identity state, kept for segment event conditions
-        # (see compile_segment_rule); the attributes read it like any relation.
-        cur.execute(queries.materialise_event_profiles(identity_service.event_profile_sql()).sql)
         cur.execute("CREATE OR REPLACE TABLE profile_attributes AS " + query.sql, query.params)
         row = _one(cur, Query("SELECT count(*) FROM profile_attributes"))
         for state in (
             queries.write_state(STATE_ATTRIBUTES, _attr_mark(watermark, definitions, at), at),
-            queries.write_state(STATE_EVENT_MAP, watermark, at),
             queries.write_state(STATE_COLUMNS, f"rebuilt {next(_GENERATION)}", at),
         ):
             cur.execute(state.sql, state.params)
@@ -354,6 +354,22 @@ def profile_attributes(warehouse: Warehouse, *, profile_id: str) -> dict[str, An
         return None
     row: dict[str, Any] = frame.drop("profile_id").row(0, named=True)  # Any: see above
     return row
+
+
+def refresh_event_map(warehouse: Warehouse, *, now: datetime | None = None) -> int:
+    """Store identity's current event -> profile relation for segment event conditions.
+
+    Compiled rules read this table instead of the live relation while the profiles watermark
+    is the one recorded here (identity has not run since); returns the number of events.
+    """
+    at = now or _now()
+    with warehouse.transaction() as cur:
+        watermark = str(_one(cur, queries.PROFILES_WATERMARK)[0])
+        cur.execute(queries.materialise_event_profiles(identity_service.event_profile_sql()).sql)
+        row = _one(cur, Query("SELECT count(*) FROM segment_event_profiles"))
+        state = queries.write_state(STATE_EVENT_MAP, watermark, at)
+        cur.execute(state.sql, state.params)
+    return int(row[0])
 
 
 # The field catalogue.

@@ -313,7 +313,11 @@ def test_event_conditions_use_the_materialised_map_only_while_profiles_are_uncha
     settings = SegmentsSettings()
     viewed = {"event": "Product Viewed"}
     with db.begin() as session:
-        service.refresh_attributes(session, seeded, settings=settings, now=NOW)
+        stale = service.compile_segment_rule(
+            session, seeded, rule=service.parse_rule(viewed), settings=settings
+        )
+        assert "FROM segment_event_profiles" not in stale.sql
+        assert service.refresh_event_map(seeded) == 16
         current = service.compile_segment_rule(
             session, seeded, rule=service.parse_rule(viewed), settings=settings
         )
