@@ -387,7 +387,8 @@ def _comparison(
             return f"{expr} < {params.add(now - timedelta(days=_days(value, where)))}"
         case "birthday_in_next_days":
             codes = birthday_codes(now.date(), _days(value, where, maximum=365))
-            return f"list_contains({params.add(codes)}, month({expr}) * 100 + day({expr}))"
+            # The field expression is evaluated once (it may be a JSON extraction and a cast).
+            return f"list_contains({params.add(codes)}, CAST(strftime({expr}, '%m%d') AS INTEGER))"
     raise InvalidRule(f"{path}.op: unknown operator {op}")  # unreachable: ops are a Literal
 
 

@@ -437,10 +437,15 @@ def catalog(session: Session, warehouse: Warehouse, *, settings: SegmentsSetting
     return _catalog(session, _warehouse_fields(warehouse), settings=settings)
 
 
-def _catalog(session: Session, fields: _WarehouseFields, *, settings: SegmentsSettings) -> Catalog:
-    descriptions = {
-        i.name: i.description or "" for i in list_attributes(session, settings=settings)
-    }
+def _catalog(
+    session: Session | None, fields: _WarehouseFields, *, settings: SegmentsSettings
+) -> Catalog:
+    # Descriptions are for people reading the catalogue; compiling does without them.
+    descriptions = (
+        {}
+        if session is None
+        else {i.name: i.description or "" for i in list_attributes(session, settings=settings)}
+    )
     return build_catalog(
         traits=fields.traits,
         attributes=fields.attributes,
@@ -489,7 +494,7 @@ def compile_segment_rule(
     fields = _warehouse_fields(warehouse)
     return compiler.compile_rule(
         rule,
-        catalog=_catalog(session, fields, settings=settings),
+        catalog=_catalog(None, fields, settings=settings),
         now=now or _now(),
         event_profiles_sql=lambda: _event_profiles(warehouse, fields.marks),
         resolve_segment=_resolver(session),

@@ -84,7 +84,7 @@ def test_snapshot_of_not_and_birthday() -> None:
     assert query.sql == (
         "SELECT p.profile_id FROM profiles p\n"
         "WHERE ((NOT coalesce(TRY_CAST(json_extract_string(p.traits, $p0) AS BOOLEAN) = $p1,"
-        f" FALSE)) OR coalesce(list_contains($p3, month({birthday}) * 100 + day({birthday})),"
+        f" FALSE)) OR coalesce(list_contains($p3, CAST(strftime({birthday}, '%m%d') AS INTEGER)),"
         " FALSE))"
     )
     assert query.params == {
