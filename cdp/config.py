@@ -31,6 +31,36 @@ class IngestionSettings(BaseModel):
     key_cache_seconds: float = Field(default=2.0, description="How long a write key is cached")
 
 
+class PurchaseSettings(BaseModel):
+    """What a purchase is, for the built-in computed attributes (Segment e-commerce spec)."""
+
+    event: str = "Order Completed"
+    amount_properties: list[str] = Field(
+        default=["revenue", "total"],
+        description="Properties holding the amount, the first present one wins.",
+    )
+    refund_event: str = "Order Refunded"
+    order_id_property: str = "order_id"
+
+
+class VisitSettings(BaseModel):
+    """What a visit is: a distinct day with one of these event types (or a purchase)."""
+
+    event_types: list[str] = Field(default=["page", "screen"])
+    include_purchases: bool = True
+
+
+class SegmentsSettings(BaseModel):
+    """Computed attributes and segments."""
+
+    purchase: PurchaseSettings = PurchaseSettings()
+    visit: VisitSettings = VisitSettings()
+    default_refresh_minutes: int = Field(
+        default=60, ge=1, description="Refresh period of a saved segment that sets none."
+    )
+    preview_sample_size: int = Field(default=10, ge=0, le=100)
+
+
 class Settings(BaseSettings):
     """Every setting of the platform; nested models hold each domain's settings."""
 
@@ -54,6 +84,7 @@ class Settings(BaseSettings):
     port: int = 8000
     scheduler: SchedulerSettings = SchedulerSettings()
     ingestion: IngestionSettings = IngestionSettings()
+    segments: SegmentsSettings = SegmentsSettings()
 
     @model_validator(mode="after")
     def _fill_paths(self) -> Settings:

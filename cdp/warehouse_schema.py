@@ -247,6 +247,87 @@ MIGRATIONS: list[WarehouseMigration] = [
         ),
     ),
     WarehouseMigration(
+        20,
+        "segments: computed attributes, field catalogue, membership and its history",
+        (
+            # One row per live profile; the refresh replaces the whole table with one column
+            # per attribute definition (names from the validated definitions).
+            """
+            CREATE TABLE profile_attributes (
+                profile_id VARCHAR NOT NULL,
+                computed_at TIMESTAMP NOT NULL
+            )
+            """,
+            # Trait keys seen in profiles and event names / top-level property keys seen in
+            # events, with their inferred types: the catalogue rules are checked against.
+            """
+            CREATE TABLE segment_trait_catalog (
+                trait VARCHAR NOT NULL,
+                type VARCHAR NOT NULL,
+                profiles BIGINT NOT NULL
+            )
+            """,
+            """
+            CREATE TABLE segment_event_catalog (
+                event VARCHAR NOT NULL,
+                property VARCHAR,
+                type VARCHAR,
+                events BIGINT NOT NULL
+            )
+            """,
+            # The event -> profile map as of the last attribute refresh, with the profiles
+            # watermark it was built at (segment_state); event conditions use it while current.
+            """
+            CREATE TABLE segment_event_profiles (
+                event_id BIGINT NOT NULL,
+                profile_id VARCHAR NOT NULL
+            )
+            """,
+            # Current members of each saved segment.
+            """
+            CREATE TABLE segment_membership (
+                segment_id VARCHAR NOT NULL,
+                profile_id VARCHAR NOT NULL,
+                entered_at TIMESTAMP NOT NULL,
+                PRIMARY KEY (segment_id, profile_id)
+            )
+            """,
+            # Entries and exits of every refresh, numbered by seq: the publication read by
+            # activation and loyalty (`seq > mark`).
+            """
+            CREATE TABLE segment_events (
+                seq BIGINT NOT NULL,
+                segment_id VARCHAR NOT NULL,
+                profile_id VARCHAR NOT NULL,
+                kind VARCHAR NOT NULL,
+                occurred_at TIMESTAMP NOT NULL,
+                refresh_id BIGINT NOT NULL,
+                segment_version INTEGER NOT NULL
+            )
+            """,
+            # One row per refresh of a segment: its size over time.
+            """
+            CREATE TABLE segment_refreshes (
+                refresh_id BIGINT NOT NULL,
+                segment_id VARCHAR NOT NULL,
+                segment_version INTEGER NOT NULL,
+                refreshed_at TIMESTAMP NOT NULL,
+                size BIGINT NOT NULL,
+                entries BIGINT NOT NULL,
+                exits BIGINT NOT NULL
+            )
+            """,
+            # Marks of the segments package (what the last attribute refresh saw).
+            """
+            CREATE TABLE segment_state (
+                name VARCHAR PRIMARY KEY,
+                text VARCHAR,
+                updated_at TIMESTAMP
+            )
+            """,
+        ),
+    ),
+    WarehouseMigration(
         40,
         "dashboards: daily KPI snapshots",
         (

@@ -641,6 +641,16 @@ def profile_id_record(profile_id: str) -> Query:
     )
 
 
+# The profile of every resolved event: its most trusted identifier that has a profile.
+EVENT_PROFILE_RELATION = """
+SELECT ei.event_id, arg_min(n.profile_id, (n.rank::HUGEINT << 60) + n.node_id) AS profile_id
+FROM identity_event_nodes ei
+JOIN identity_nodes n ON n.node_id = ei.node_id
+WHERE n.profile_id IS NOT NULL
+GROUP BY ei.event_id
+"""
+
+
 def event_profiles(after_event_id: int, up_to_event_id: int | None) -> Query:
     """The profile of each resolved event in a range of event ids."""
     return Query(

@@ -458,3 +458,12 @@ def _event(row: dict[str, Any]) -> EventRead:  # Any: SQL values
             "context": _json(row["context"]),
         }
     )
+
+
+def event_profile_sql() -> str:
+    """A parameter-free SQL relation `(event_id, profile_id)`: the profile of each resolved event.
+
+    For set-based joins by later layers (segments); same rule as `event_profiles`: an event
+    belongs to the profile of its most trusted identifier that has one.
+    """
+    return queries.EVENT_PROFILE_RELATION

@@ -1,0 +1,854 @@
+"""Use cases of the segments package: the only module other packages may import."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import logging
+import re
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import orjson
+import polars as pl
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from cdp.config import SegmentsSettings
+from cdp.db import Database, utcnow
+from cdp.warehouse import Cursor, Query, Warehouse
+from identity import service as identity_service
+from segments import compiler, queries
+from segments.errors import (
+    AttributeConflict,
+    AttributeNotFound,
+    InvalidAttribute,
+    InvalidRule,
+    SegmentConflict,
+    SegmentNotFound,
+)
+from segments.fields import (
+    Catalog,
+    FieldSource,
+    build_catalog,
+    register_field_source,
+    unregister_field_source,
+)
+from segments.models import SegmentsAttribute, SegmentsSegment, SegmentsSegmentVersion
+from segments.rules import (
+    ATTRIBUTE_NAME,
+    AttributeDefinition,
+    FieldType,
+    Rule,
+    builtin_attributes,
+    dump_rule,
+    parse_rule,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "FieldSource",
+    "attribute_definitions",
+    "parse_rule",
+    "profile_attributes",
+    "refresh_attributes",
+    "refresh_event_map",
+    "refresh_segment",
+    "register_field_source",
+    "segment_events_since",
+    "unregister_field_source",
+]
+
+STATE_ATTRIBUTES = "attributes_watermark"
+STATE_CATALOG = "catalog_refreshed"
+STATE_COLUMNS = "attribute_columns"
+STATE_EVENT_MAP = "event_profiles_watermark"
+# Numbers every rebuild of the catalogue or the attribute columns in this process.
+_GENERATION = itertools.count(1)
+_PARAM = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
+# One writer process; refreshes of membership are serialised so seq numbers never collide.
+_REFRESH_LOCK = threading.Lock()
+
+_DUCK_TYPES: dict[str, FieldType] = {
+    "BIGINT": "integer",
+    "INTEGER": "integer",
+    "DOUBLE": "number",
+    "TIMESTAMP": "timestamp",
+    "VARCHAR": "string",
+    "BOOLEAN": "boolean",
+}
+
+
+def _now() -> datetime:
+    """Naive UTC now: warehouse timestamps are naive UTC."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _run_script(cur: Cursor, query: Query) -> None:
+    """Run `;`-separated statements one by one (DuckDB binds parameters to one statement)."""
+    for statement in query.sql.split(";\n"):
+        if not statement.strip():
+            continue
+        names = set(_PARAM.findall(statement))
+        params = {k: v for k, v in query.params.items() if k in names}
+        cur.execute(statement, params or None)
+
+
+def _one(cur: Cursor, query: Query) -> tuple[Any, ...]:  # Any: SQL values
+    """The first row of a query that returns one (the result is fetched to its end)."""
+    rows = cur.execute(query.sql, query.params or None).fetchall()
+    return tuple(rows[0])
+
+
+# Computed attributes.
+
+
+@dataclass(frozen=True, slots=True)
+class AttributeInfo:
+    """An attribute as the API shows it."""
+
+    name: str
+    description: str | None
+    builtin: bool
+    definition: AttributeDefinition
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    updated_by: str | None = None
+
+    @property
+    def type(self) -> FieldType:
+        """The type of its values."""
+        return self.definition.value_type
+
+
+_BUILTIN_DESCRIPTIONS = {
+    "first_purchase_at": "Time of the first purchase (not fully refunded)",
+    "last_purchase_at": "Time of the last purchase (not fully refunded)",
+    "last_visit_at": "Time of the last page, screen or purchase event",
+    "orders_count": "Purchases, fully refunded orders excluded",
+    "orders_365d": "Purchases in the last 365 days",
+    "visits_365d": "Days with a visit in the last 365 days",
+    "spend_total": "Purchase amounts net of refunds",
+    "spend_365d": "Purchase amounts net of refunds, last 365 days",
+    "avg_basket": "Average net purchase amount",
+    "customer_since": "Time of the profile's first event (seniority)",
+    "days_since_last_purchase": "Calendar days since the last purchase",
+}
+
+
+def list_attributes(session: Session, *, settings: SegmentsSettings) -> list[AttributeInfo]:
+    """The built-in attributes, then the defined ones by name."""
+    infos = [
+        AttributeInfo(name, _BUILTIN_DESCRIPTIONS.get(name), True, definition)
+        for name, definition in builtin_attributes(settings).items()
+    ]
+    for row in session.scalars(select(SegmentsAttribute).order_by(SegmentsAttribute.name)):
+        infos.append(_info(row))
+    return infos
+
+
+def _info(row: SegmentsAttribute) -> AttributeInfo:
+    return AttributeInfo(
+        row.name,
+        row.description,
+        False,
+        AttributeDefinition.model_validate(row.definition),
+        row.created_at,
+        row.updated_at,
+        row.updated_by,
+    )
+
+
+def get_attribute(session: Session, *, name: str, settings: SegmentsSettings) -> AttributeInfo:
+    """One attribute by name, built in or defined; AttributeNotFound otherwise."""
+    for info in list_attributes(session, settings=settings):
+        if info.name == name:
+            return info
+    raise AttributeNotFound(f"no attribute named {name!r}")
+
+
+def _defined(session: Session, name: str) -> SegmentsAttribute:
+    row = session.scalar(select(SegmentsAttribute).where(SegmentsAttribute.name == name))
+    if row is None:
+        raise AttributeNotFound(f"no attribute named {name!r}")
+    return row
+
+
+def create_attribute(
+    session: Session,
+    *,
+    name: str,
+    description: str | None,
+    definition: AttributeDefinition,
+    settings: SegmentsSettings,
+    actor: str | None,
+) -> AttributeInfo:
+    """Define a new attribute; it gets values at the next refresh."""
+    if not ATTRIBUTE_NAME.match(name):
+        raise InvalidAttribute(
+            "name: use lower-case letters, digits and underscores, starting with a letter"
+        )
+    if name in builtin_attributes(settings):
+        raise AttributeConflict(f"{name} is a built-in attribute")
+    if session.scalar(select(SegmentsAttribute).where(SegmentsAttribute.name == name)):
+        raise AttributeConflict(f"an attribute named {name!r} exists")
+    now = utcnow()
+    row = SegmentsAttribute(
+        name=name,
+        description=description,
+        definition=definition.model_dump(mode="json", exclude_defaults=True),
+        created_at=now,
+        updated_at=now,
+        updated_by=actor,
+    )
+    session.add(row)
+    session.flush()
+    logger.info("attribute defined", extra={"attribute": name})
+    return _info(row)
+
+
+def update_attribute(
+    session: Session,
+    *,
+    name: str,
+    description: str | None,
+    definition: AttributeDefinition,
+    settings: SegmentsSettings,
+    actor: str | None,
+) -> AttributeInfo:
+    """Replace a defined attribute's definition; built-ins are changed through settings."""
+    if name in builtin_attributes(settings):
+        raise AttributeConflict(f"{name} is built in: change it through the settings")
+    row = _defined(session, name)
+    row.description = description
+    row.definition = definition.model_dump(mode="json", exclude_defaults=True)
+    row.updated_at = utcnow()
+    row.updated_by = actor
+    return _info(row)
+
+
+def delete_attribute(session: Session, *, name: str, settings: SegmentsSettings) -> None:
+    """Remove a defined attribute, unless a saved segment compares it."""
+    if name in builtin_attributes(settings):
+        raise AttributeConflict(f"{name} is built in and cannot be deleted")
+    row = _defined(session, name)
+    users = [
+        s.name
+        for s in session.scalars(select(SegmentsSegment))
+        if name in compiler.attribute_fields(parse_rule(s.rule))
+    ]
+    if users:
+        raise AttributeConflict(
+            f"attribute {name} is used by segments: {', '.join(sorted(users))}",
+            details={"segments": sorted(users)},
+        )
+    session.delete(row)
+
+
+def attribute_definitions(
+    session: Session, *, settings: SegmentsSettings
+) -> dict[str, AttributeDefinition]:
+    """Every attribute to compute, built-ins first."""
+    return {i.name: i.definition for i in list_attributes(session, settings=settings)}
+
+
+def compile_attributes(
+    session: Session, *, settings: SegmentsSettings, now: datetime | None = None
+) -> Query:
+    """The one statement computing every attribute (exposed for inspection and benchmarks)."""
+    return compiler.compile_attributes(
+        attribute_definitions(session, settings=settings),
+        settings=settings,
+        event_profiles_sql=identity_service.event_profile_sql(),
+        now=now or _now(),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AttributeRefresh:
+    """What an attribute refresh did."""
+
+    profiles: int
+    attributes: int
+    computed_at: datetime
+    seconds: float
+    skipped: bool = False
+
+
+def refresh_attributes(
+    session: Session,
+    warehouse: Warehouse,
+    *,
+    settings: SegmentsSettings,
+    now: datetime | None = None,
+) -> AttributeRefresh:
+    """Recompute every attribute of every profile into `profile_attributes` (one statement)."""
+    started = time.perf_counter()
+    at = now or _now()
+    definitions = attribute_definitions(session, settings=settings)
+    query = compiler.compile_attributes(
+        definitions,
+        settings=settings,
+        event_profiles_sql=identity_service.event_profile_sql(),
+        now=at,
+    )
+    with warehouse.transaction() as cur:
+        watermark = str(_one(cur, queries.PROFILES_WATERMARK)[0])
+        cur.execute("CREATE OR REPLACE TABLE profile_attributes AS " + query.sql, query.params)
+        row = _one(cur, Query("SELECT count(*) FROM profile_attributes"))
+        for state in (
+            queries.write_state(STATE_ATTRIBUTES, _attr_mark(watermark, definitions, at), at),
+            queries.write_state(STATE_COLUMNS, f"rebuilt {next(_GENERATION)}", at),
+        ):
+            cur.execute(state.sql, state.params)
+    profiles = int(row[0])
+    seconds = time.perf_counter() - started
+    logger.info(
+        "attributes refreshed",
+        extra={"profiles": profiles, "attributes": len(definitions), "seconds": seconds},
+    )
+    return AttributeRefresh(profiles, len(definitions), at, seconds)
+
+
+def _attr_mark(watermark: str, definitions: dict[str, AttributeDefinition], at: datetime) -> str:
+    # Relative windows move with the day, so a new day is a change too.
+    fingerprint = "|".join(f"{k}={v.model_dump_json()}" for k, v in definitions.items())
+    digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+    return f"{watermark}#{at.date().isoformat()}#{digest}"
+
+
+def refresh_attributes_if_stale(
+    session: Session,
+    warehouse: Warehouse,
+    *,
+    settings: SegmentsSettings,
+    now: datetime | None = None,
+) -> AttributeRefresh:
+    """Refresh unless profiles, definitions and the day are what the last refresh saw."""
+    at = now or _now()
+    definitions = attribute_definitions(session, settings=settings)
+    watermark = str(warehouse.scalar(queries.PROFILES_WATERMARK))
+    rows = warehouse.rows(queries.read_state(STATE_ATTRIBUTES))
+    if rows and rows[0][0] == _attr_mark(watermark, definitions, at):
+        return AttributeRefresh(0, len(definitions), rows[0][1], 0.0, skipped=True)
+    return refresh_attributes(session, warehouse, settings=settings, now=at)
+
+
+def profile_attributes(warehouse: Warehouse, *, profile_id: str) -> dict[str, Any] | None:
+    """The computed attributes of one profile (with `computed_at`), or None if not computed.
+
+    Any: attribute values are numbers, strings or timestamps depending on the definition.
+    """
+    frame = warehouse.run(queries.profile_attributes(profile_id))
+    if frame.is_empty():
+        return None
+    row: dict[str, Any] = frame.drop("profile_id").row(0, named=True)  # Any: see above
+    return row
+
+
+def refresh_event_map(warehouse: Warehouse, *, now: datetime | None = None) -> int:
+    """Store identity's current event -> profile relation for segment event conditions.
+
+    Compiled rules read this table instead of the live relation while the profiles watermark
+    is the one recorded here (identity has not run since); returns the number of events.
+    """
+    at = now or _now()
+    with warehouse.transaction() as cur:
+        watermark = str(_one(cur, queries.PROFILES_WATERMARK)[0])
+        cur.execute(queries.materialise_event_profiles(identity_service.event_profile_sql()).sql)
+        row = _one(cur, Query("SELECT count(*) FROM segment_event_profiles"))
+        state = queries.write_state(STATE_EVENT_MAP, watermark, at)
+        cur.execute(state.sql, state.params)
+    return int(row[0])
+
+
+# The field catalogue.
+
+
+def refresh_catalog(warehouse: Warehouse, *, now: datetime | None = None) -> None:
+    """Re-derive the trait and event catalogues from profiles and events."""
+    at = now or _now()
+    with warehouse.transaction() as cur:
+        _run_script(cur, queries.REFRESH_TRAIT_CATALOG)
+        _run_script(cur, queries.REFRESH_EVENT_CATALOG)
+        state = queries.write_state(STATE_CATALOG, f"rebuilt {next(_GENERATION)}", at)
+        cur.execute(state.sql, state.params)
+
+
+@dataclass(frozen=True, slots=True)
+class _WarehouseFields:
+    traits: dict[str, FieldType]
+    events: dict[str, dict[str, FieldType]]
+    attributes: dict[str, FieldType]
+    marks: dict[str, str]
+
+
+# The warehouse part of the catalogue, per warehouse, keyed by the package's marks: they move
+# whenever the catalogue tables or the attribute columns are rebuilt, so a preview reads one
+# small table instead of four.
+_FIELDS_CACHE: weakref.WeakKeyDictionary[Warehouse, tuple[object, _WarehouseFields]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _fields_marks(
+    warehouse: Warehouse, marks: tuple[tuple[Any, ...], ...]
+) -> tuple[tuple[Any, ...], ...]:  # Any: SQL values
+    if not any(name == STATE_CATALOG for name, _, _ in marks):
+        refresh_catalog(warehouse)
+        return tuple(warehouse.rows(queries.ALL_STATE))
+    return marks
+
+
+def _warehouse_fields(warehouse: Warehouse) -> _WarehouseFields:
+    marks = tuple(warehouse.rows(queries.ALL_STATE))
+    cached = _FIELDS_CACHE.get(warehouse)
+    if cached is not None and cached[0] == marks:
+        return cached[1]
+    marks = _fields_marks(warehouse, marks)
+    traits = {str(k): t for k, t, _ in warehouse.rows(queries.TRAIT_CATALOG)}
+    events: dict[str, dict[str, FieldType]] = {}
+    for event, prop, ftype, _ in warehouse.rows(queries.EVENT_CATALOG):
+        props = events.setdefault(str(event), {})
+        if prop is not None:
+            props[str(prop)] = ftype
+    attributes = {
+        str(name): _DUCK_TYPES[str(dtype)]
+        for name, dtype in warehouse.rows(queries.ATTRIBUTE_COLUMNS)
+        if str(dtype) in _DUCK_TYPES
+    }
+    fields = _WarehouseFields(traits, events, attributes, {str(n): str(t) for n, t, _ in marks})
+    _FIELDS_CACHE[warehouse] = (marks, fields)
+    return fields
+
+
+def catalog(session: Session, warehouse: Warehouse, *, settings: SegmentsSettings) -> Catalog:
+    """Every field, event and property rules may use (built on first use if never built)."""
+    return _catalog(session, _warehouse_fields(warehouse), settings=settings)
+
+
+def _catalog(
+    session: Session | None, fields: _WarehouseFields, *, settings: SegmentsSettings
+) -> Catalog:
+    # Descriptions are for people reading the catalogue; compiling does without them.
+    descriptions = (
+        {}
+        if session is None
+        else {i.name: i.description or "" for i in list_attributes(session, settings=settings)}
+    )
+    return build_catalog(
+        traits=fields.traits,
+        attributes=fields.attributes,
+        events=fields.events,
+        attribute_descriptions=descriptions,
+    )
+
+
+# Segments.
+
+
+def _segment(session: Session, segment_id: str) -> SegmentsSegment:
+    row = session.get(SegmentsSegment, segment_id)
+    if row is None:
+        raise SegmentNotFound(f"segment {segment_id} does not exist")
+    return row
+
+
+def _resolver(session: Session) -> compiler.SegmentResolver:
+    def resolve(segment_id: str) -> Rule | None:
+        row = session.get(SegmentsSegment, segment_id)
+        return None if row is None else parse_rule(row.rule)
+
+    return resolve
+
+
+def _event_profiles(warehouse: Warehouse, marks: dict[str, str]) -> str:
+    """The event -> profile relation for event conditions: the map materialised by the last
+    attribute refresh while profiles have not changed since, identity's live relation else."""
+    mark = marks.get(STATE_EVENT_MAP)
+    if mark is not None and mark == str(warehouse.scalar(queries.PROFILES_WATERMARK)):
+        return queries.EVENT_PROFILES_TABLE
+    return identity_service.event_profile_sql()
+
+
+def compile_segment_rule(
+    session: Session,
+    warehouse: Warehouse,
+    *,
+    rule: Rule,
+    settings: SegmentsSettings,
+    segment_id: str | None = None,
+    now: datetime | None = None,
+) -> Query:
+    """The one statement selecting the profiles of a rule; InvalidRule names the bad path."""
+    fields = _warehouse_fields(warehouse)
+    return compiler.compile_rule(
+        rule,
+        catalog=_catalog(None, fields, settings=settings),
+        now=now or _now(),
+        event_profiles_sql=lambda: _event_profiles(warehouse, fields.marks),
+        resolve_segment=_resolver(session),
+        segment_id=segment_id,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Preview:
+    """The size of a rule's audience now and a sample of it."""
+
+    count: int
+    sample: list[dict[str, Any]]  # Any: profile_id and traits (JSON)
+    seconds: float
+
+
+def preview(
+    session: Session,
+    warehouse: Warehouse,
+    *,
+    rule: Any,  # Any: the rule document as sent
+    settings: SegmentsSettings,
+    sample_size: int | None = None,
+    now: datetime | None = None,
+) -> Preview:
+    """Evaluate a rule without saving it: count and a sample of the matching profiles."""
+    started = time.perf_counter()
+    query = compile_segment_rule(
+        session, warehouse, rule=parse_rule(rule), settings=settings, now=now
+    )
+    size = settings.preview_sample_size if sample_size is None else sample_size
+    with warehouse.cursor() as cur:
+        cur.execute("CREATE OR REPLACE TEMP TABLE seg_preview AS " + query.sql, query.params)
+        try:
+            row = _one(cur, Query("SELECT count(*) FROM seg_preview"))
+            sample_q = queries.sample_profiles(size)
+            frame = cur.sql(sample_q.sql, params=sample_q.params).pl()
+        finally:
+            cur.execute("DROP TABLE IF EXISTS seg_preview")
+    sample = [{"profile_id": pid, "traits": _json(traits)} for pid, traits in frame.iter_rows()]
+    return Preview(int(row[0]), sample, time.perf_counter() - started)
+
+
+def _json(text: Any) -> Any:  # Any: JSON text from DuckDB, parsed
+    return orjson.loads(text) if isinstance(text, str) else text
+
+
+def list_segments(
+    session: Session, *, limit: int, offset: int
+) -> tuple[list[SegmentsSegment], int]:
+    """Saved segments by name."""
+    total = session.scalar(select(func.count()).select_from(SegmentsSegment)) or 0
+    rows = session.scalars(
+        select(SegmentsSegment).order_by(SegmentsSegment.name).limit(limit).offset(offset)
+    )
+    return list(rows), total
+
+
+def get_segment(session: Session, *, segment_id: str) -> SegmentsSegment:
+    """One saved segment; SegmentNotFound otherwise."""
+    return _segment(session, segment_id)
+
+
+def _check_name(session: Session, name: str, segment_id: str | None) -> None:
+    other = session.scalar(select(SegmentsSegment).where(SegmentsSegment.name == name))
+    if other is not None and other.id != segment_id:
+        raise SegmentConflict(f"a segment named {name!r} exists")
+
+
+def create_segment(
+    session: Session,
+    warehouse: Warehouse,
+    *,
+    name: str,
+    description: str | None,
+    rule: Any,  # Any: the rule document as sent
+    refresh_minutes: int | None,
+    settings: SegmentsSettings,
+    actor: str | None,
+) -> SegmentsSegment:
+    """Save a segment (version 1) after compiling its rule; members come with its first refresh."""
+    parsed = parse_rule(rule)
+    _check_name(session, name, None)
+    row = SegmentsSegment(
+        name=name,
+        description=description,
+        rule=dump_rule(parsed),
+        version=1,
+        refresh_minutes=refresh_minutes,
+        created_at=utcnow(),
+        updated_at=utcnow(),
+        updated_by=actor,
+    )
+    session.add(row)
+    session.flush()
+    compile_segment_rule(session, warehouse, rule=parsed, settings=settings, segment_id=row.id)
+    session.add(_version(row, actor))
+    return row
+
+
+def _version(row: SegmentsSegment, actor: str | None) -> SegmentsSegmentVersion:
+    return SegmentsSegmentVersion(
+        segment_id=row.id,
+        version=row.version,
+        name=row.name,
+        rule=row.rule,
+        created_at=utcnow(),
+        created_by=actor,
+    )
+
+
+def update_segment(
+    session: Session,
+    warehouse: Warehouse,
+    *,
+    segment_id: str,
+    changes: dict[str, Any],  # Any: the fields given in the request
+    settings: SegmentsSettings,
+    actor: str | None,
+) -> SegmentsSegment:
+    """Change a segment; a new name or rule makes a new version (cycles are rejected)."""
+    row = _segment(session, segment_id)
+    versioned = False
+    if "name" in changes and changes["name"] != row.name:
+        _check_name(session, changes["name"], row.id)
+        row.name = changes["name"]
+        versioned = True
+    if "rule" in changes:
+        parsed = parse_rule(changes["rule"])
+        compile_segment_rule(session, warehouse, rule=parsed, settings=settings, segment_id=row.id)
+        document = dump_rule(parsed)
+        if document != row.rule:
+            row.rule = document
+            versioned = True
+    if "description" in changes:
+        row.description = changes["description"]
+    if "refresh_minutes" in changes:
+        row.refresh_minutes = changes["refresh_minutes"]
+    row.updated_at = utcnow()
+    row.updated_by = actor
+    if versioned:
+        row.version += 1
+        session.add(_version(row, actor))
+    return row
+
+
+def delete_segment(session: Session, warehouse: Warehouse, *, segment_id: str) -> None:
+    """Delete a segment no other segment refers to; its history stays in the warehouse."""
+    row = _segment(session, segment_id)
+    users = [
+        s.name
+        for s in session.scalars(select(SegmentsSegment).where(SegmentsSegment.id != segment_id))
+        if segment_id in compiler.dependencies(parse_rule(s.rule))
+    ]
+    if users:
+        raise SegmentConflict(
+            f"segment {row.name} is used by: {', '.join(sorted(users))}",
+            details={"segments": sorted(users)},
+        )
+    session.execute(
+        delete(SegmentsSegmentVersion).where(SegmentsSegmentVersion.segment_id == segment_id)
+    )
+    session.delete(row)
+    warehouse.execute(queries.forget_segment(segment_id))
+
+
+def segment_versions(session: Session, *, segment_id: str) -> list[SegmentsSegmentVersion]:
+    """Every saved version of a segment, newest first."""
+    _segment(session, segment_id)
+    return list(
+        session.scalars(
+            select(SegmentsSegmentVersion)
+            .where(SegmentsSegmentVersion.segment_id == segment_id)
+            .order_by(SegmentsSegmentVersion.version.desc())
+        )
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentRefresh:
+    """What one refresh of a segment's membership did."""
+
+    segment_id: str
+    refresh_id: int
+    version: int
+    refreshed_at: datetime
+    size: int
+    entries: int
+    exits: int
+
+
+def refresh_segment(
+    session: Session,
+    warehouse: Warehouse,
+    *,
+    segment_id: str,
+    settings: SegmentsSettings,
+    now: datetime | None = None,
+) -> SegmentRefresh:
+    """Re-evaluate a segment, store its members and publish who entered and who left."""
+    row = _segment(session, segment_id)
+    at = now or _now()
+    query = compile_segment_rule(
+        session, warehouse, rule=parse_rule(row.rule), settings=settings, segment_id=row.id, now=at
+    )
+    with _REFRESH_LOCK, warehouse.transaction() as cur:
+        cur.execute("CREATE OR REPLACE TEMP TABLE seg_new AS " + query.sql, query.params)
+        seq = int(_one(cur, queries.NEXT_SEQ)[0])
+        refresh_id = int(_one(cur, queries.NEXT_REFRESH_ID)[0])
+        for step in (
+            queries.record_changes(
+                row.id, seq=seq, refresh_id=refresh_id, version=row.version, at=at
+            ),
+            queries.delete_exits(row.id),
+            queries.insert_entries(row.id, at),
+            queries.record_refresh(
+                row.id, refresh_id=refresh_id, version=row.version, at=at, seq=seq
+            ),
+        ):
+            cur.execute(step.sql, step.params)
+        size, entries, exits = _one(
+            cur,
+            Query(
+                "SELECT size, entries, exits FROM segment_refreshes WHERE refresh_id = $r",
+                {"r": refresh_id},
+            ),
+        )
+        cur.execute("DROP TABLE seg_new")
+    row.last_refreshed_at = at.replace(tzinfo=UTC)
+    row.last_size = int(size)
+    logger.info(
+        "segment refreshed",
+        extra={"segment": row.id, "size": size, "entries": entries, "exits": exits},
+    )
+    return SegmentRefresh(row.id, refresh_id, row.version, at, int(size), int(entries), int(exits))
+
+
+def due_segments(session: Session, *, settings: SegmentsSettings, now: datetime) -> list[str]:
+    """Ids of the segments whose refresh period has passed since their last refresh."""
+    due = []
+    for row in session.scalars(select(SegmentsSegment).order_by(SegmentsSegment.name)):
+        minutes = row.refresh_minutes or settings.default_refresh_minutes
+        last = row.last_refreshed_at
+        if last is None or (now.replace(tzinfo=UTC) - last).total_seconds() >= minutes * 60:
+            due.append(row.id)
+    return due
+
+
+def refresh_due_segments(
+    db: Database, warehouse: Warehouse, *, settings: SegmentsSettings, now: datetime | None = None
+) -> list[SegmentRefresh]:
+    """Refresh every due segment, each in its own unit of work (one failure stops none else)."""
+    at = now or _now()
+    with db.begin() as session:
+        due = due_segments(session, settings=settings, now=at)
+    done = []
+    for segment_id in due:
+        try:
+            with db.begin() as session:
+                done.append(
+                    refresh_segment(
+                        session, warehouse, segment_id=segment_id, settings=settings, now=at
+                    )
+                )
+        except (InvalidRule, SegmentNotFound) as exc:
+            logger.warning(
+                "segment not refreshed", extra={"segment": segment_id, "error": str(exc)}
+            )
+    return done
+
+
+def members(
+    session: Session, warehouse: Warehouse, *, segment_id: str, limit: int, offset: int
+) -> tuple[list[dict[str, Any]], int]:  # Any: member rows with traits JSON
+    """One page of a segment's current members, by profile id."""
+    _segment(session, segment_id)
+    frame = warehouse.run(queries.members(segment_id, limit=limit, offset=offset))
+    total = int(warehouse.scalar(queries.member_count(segment_id)))
+    items = [
+        {"profile_id": pid, "entered_at": entered.replace(tzinfo=UTC), "traits": _json(traits)}
+        for pid, entered, traits in frame.iter_rows()
+    ]
+    return items, total
+
+
+ExportFormat = Literal["csv", "parquet"]
+EXPORT_BATCH_ROWS = 50_000
+
+
+class _Sink(io.RawIOBase):
+    """A write-only file whose bytes are collected and handed out as they come."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+
+    def writable(self) -> bool:
+        """Always writable."""
+        return True
+
+    def write(self, data: Any) -> int:  # Any: a bytes-like buffer
+        """Collect bytes."""
+        chunk = bytes(data)
+        self.chunks.append(chunk)
+        return len(chunk)
+
+    def take(self) -> bytes:
+        """The bytes written since the last take."""
+        out = b"".join(self.chunks)
+        self.chunks.clear()
+        return out
+
+
+def export_members(
+    session: Session, warehouse: Warehouse, *, segment_id: str, fmt: ExportFormat
+) -> Iterator[bytes]:
+    """A segment's members with traits and attributes, streamed as CSV or Parquet bytes."""
+    _segment(session, segment_id)
+    query = queries.export_members(segment_id)
+
+    def stream() -> Iterator[bytes]:
+        with warehouse.cursor() as cur:
+            reader = cur.sql(query.sql, params=query.params).to_arrow_reader(EXPORT_BATCH_ROWS)
+            sink = _Sink()
+            writer: pa_csv.CSVWriter | pq.ParquetWriter
+            if fmt == "csv":
+                writer = pa_csv.CSVWriter(sink, reader.schema)
+            else:
+                writer = pq.ParquetWriter(sink, reader.schema)
+            with writer:
+                for batch in reader:
+                    writer.write_table(pa.Table.from_batches([batch]))
+                    if chunk := sink.take():
+                        yield chunk
+            if chunk := sink.take():
+                yield chunk
+
+    return stream()
+
+
+def segment_sizes(
+    session: Session, warehouse: Warehouse, *, segment_id: str, limit: int, offset: int
+) -> tuple[pl.DataFrame, int]:
+    """The refreshes of a segment (size, entries, exits), newest first."""
+    _segment(session, segment_id)
+    frame = warehouse.run(queries.refreshes(segment_id, limit=limit, offset=offset))
+    return frame, int(warehouse.scalar(queries.refresh_count(segment_id)))
+
+
+def segment_events_since(
+    warehouse: Warehouse, *, after_seq: int, segment_id: str | None = None, limit: int = 10_000
+) -> pl.DataFrame:
+    """Published entries and exits after `after_seq`, in order (for activation and loyalty).
+
+    Columns: seq, segment_id, profile_id, kind ('entry' | 'exit'), occurred_at, refresh_id,
+    segment_version.
+    """
+    return warehouse.run(queries.events_since(after_seq, segment_id, limit))

@@ -1,0 +1,20 @@
+"""The segments benchmarks run at a tiny scale and their results agree with the references."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchmarks import segments_attributes, segments_rules
+
+
+def test_attribute_benchmark_runs_tiny_and_matches_the_hand_written_query(tmp_path: Path) -> None:
+    result = segments_attributes.run(300, tmp_path)
+    assert result.details["same_values"] is True
+    assert result.details["profiles"] == 300
+    assert result.measures[0].ratio is not None
+
+
+def test_rules_benchmark_runs_tiny_and_counts_match_hand_written_sql(tmp_path: Path) -> None:
+    result = segments_rules.run(300, tmp_path)
+    assert result.details["counts_equal"] is True
+    assert len(result.measures) == 11
