@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import polars as pl
+import pyarrow as pa
 
-from cdp.warehouse import Cursor, Warehouse
+from cdp.warehouse import Warehouse
 from ingestion import queries
 
 logger = logging.getLogger(__name__)
@@ -100,129 +101,63 @@ class Loader:
     def load(self, data: LoadInput) -> dict[str, LoadedBatch]:
         """Commit one load; returns its batch per source (also for sources with no new event)."""
         events = data.events
-        sources = sorted(
-            set(events["source_id"].unique().to_list())
-            | set(data.rejections["source_id"].unique().to_list())
-            | set(data.dropped)
-        )
+        offered = _counts(events["source_id"])
+        rejected = _counts(data.rejections["source_id"])
+        sources = sorted(set(offered) | set(rejected) | set(data.dropped))
         if not sources:
             return {}
         with self._lock:
             first_id = self._init_counters()
-            batch_ids = {s: self._next_batch_id + i for i, s in enumerate(sources)}
             now = datetime.now(UTC).replace(tzinfo=None)
-            with self.warehouse.transaction() as cur:
-                kept = _new_messages(cur, events)
-                new_events = (
-                    events.join(kept.select("_row"), on="_row", how="semi")
-                    .sort("_row")
-                    .with_columns(
-                        event_id=pl.int_range(first_id, first_id + kept.height, dtype=pl.Int64),
-                        batch_id=pl.col("source_id").replace_strict(
-                            batch_ids, return_dtype=pl.Int64
-                        ),
-                    )
-                )
-                new_identifiers = data.identifiers.join(
-                    new_events.select("_row", "event_id"), on="_row", how="inner"
-                ).select("event_id", "kind", "value")
-                per_source = _per_source(events, new_events, data, batch_ids, now)
-                rejections = data.rejections.with_columns(
-                    channel=pl.lit(data.channel),
-                    import_id=pl.lit(data.import_id, dtype=pl.String),
-                    batch_id=pl.col("source_id").replace_strict(batch_ids, return_dtype=pl.Int64),
-                    rejected_at=pl.lit(now, dtype=TS),
-                )
-                cur.register(queries.NEW_EVENTS, new_events.to_arrow())
-                cur.register(queries.NEW_IDENTIFIERS, new_identifiers.to_arrow())
-                cur.register(queries.NEW_BATCHES, per_source.to_arrow())
-                cur.register(queries.NEW_REJECTIONS, rejections.to_arrow())
-                for query in (
-                    queries.insert_events(),
-                    queries.insert_segment_fields(),
-                    queries.insert_identifiers(),
-                    queries.insert_keys(),
-                    queries.insert_batches(),
-                    queries.insert_batch_stats(),
-                    queries.insert_rejections(),
-                ):
-                    cur.execute(query.sql)
-                for name in (
-                    queries.NEW_EVENTS,
-                    queries.NEW_IDENTIFIERS,
-                    queries.NEW_BATCHES,
-                    queries.NEW_REJECTIONS,
-                ):
-                    cur.unregister(name)
-            self._next_event_id = first_id + kept.height
-            self._next_batch_id += len(sources)
-        return {
-            row["source_id"]: LoadedBatch(
-                batch_id=row["batch_id"],
-                source_id=row["source_id"],
-                accepted=row["events"],
-                duplicates=row["duplicates"],
-                rejected=row["rejected"],
-                first_event_id=row["first_event_id"],
-                last_event_id=row["last_event_id"],
+            load_sources = pa.table(
+                {
+                    "source_id": pa.array(sources, pa.string()),
+                    "batch_id": pa.array(
+                        range(self._next_batch_id, self._next_batch_id + len(sources)),
+                        pa.int64(),
+                    ),
+                    "offered": pa.array([offered.get(s, 0) for s in sources], pa.int64()),
+                    "rejected": pa.array([rejected.get(s, 0) for s in sources], pa.int64()),
+                    "dropped": pa.array([data.dropped.get(s, 0) for s in sources], pa.int64()),
+                    "first_event_id": pa.array([first_id] * len(sources), pa.int64()),
+                    "channel": pa.array([data.channel] * len(sources), pa.string()),
+                    "import_id": pa.array([data.import_id] * len(sources), pa.string()),
+                    "committed_at": pa.array([now] * len(sources), pa.timestamp("us")),
+                }
             )
-            for row in per_source.iter_rows(named=True)
-        }
+            script = queries.load_script(rejections=data.rejections.height > 0)
+            with self.warehouse.transaction() as cur:
+                cur.register(queries.INCOMING, events.to_arrow())
+                cur.register(queries.INCOMING_IDENTIFIERS, data.identifiers.to_arrow())
+                cur.register(queries.LOAD_SOURCES, load_sources)
+                if data.rejections.height:
+                    cur.register(queries.NEW_REJECTIONS, data.rejections.to_arrow())
+                rows = cur.execute(script.sql).fetchall()
+            batches = {
+                r[1]: LoadedBatch(
+                    batch_id=int(r[0]),
+                    source_id=r[1],
+                    accepted=int(r[2]),
+                    duplicates=int(r[3]),
+                    rejected=int(r[4]),
+                    first_event_id=r[5],
+                    last_event_id=r[6],
+                )
+                for r in rows
+            }
+            self._next_event_id = first_id + sum(b.accepted for b in batches.values())
+            self._next_batch_id += len(sources)
+        return batches
 
 
-def _new_messages(cur: Cursor, events: pl.DataFrame) -> pl.DataFrame:
-    """The `_row` of every incoming event not stored before."""
-    cur.register(queries.INCOMING, events.select("_row", "source_id", "message_id").to_arrow())
-    try:
-        kept = pl.from_arrow(cur.sql(queries.new_messages().sql).to_arrow_table())
-    finally:
-        cur.unregister(queries.INCOMING)
-    assert isinstance(kept, pl.DataFrame)
-    return kept
-
-
-def _per_source(
-    events: pl.DataFrame,
-    new_events: pl.DataFrame,
-    data: LoadInput,
-    batch_ids: dict[str, int],
-    now: datetime,
-) -> pl.DataFrame:
-    """One `ingest_batches` row per source of the load."""
-    offered = events.group_by("source_id").agg(offered=pl.len())
-    stored = new_events.group_by("source_id").agg(
-        events=pl.len(),
-        first_event_id=pl.col("event_id").min(),
-        last_event_id=pl.col("event_id").max(),
-    )
-    rejected = data.rejections.group_by("source_id").agg(rejected=pl.len())
-    base = pl.DataFrame(
-        {
-            "source_id": list(batch_ids),
-            "batch_id": list(batch_ids.values()),
-            "identifiers_dropped": [data.dropped.get(s, 0) for s in batch_ids],
-        },
-        schema={
-            "source_id": pl.String(),
-            "batch_id": pl.Int64(),
-            "identifiers_dropped": pl.Int64(),
-        },
-    )
-    return (
-        base.join(offered, on="source_id", how="left")
-        .join(stored, on="source_id", how="left")
-        .join(rejected, on="source_id", how="left")
-        .with_columns(
-            pl.col("offered", "events", "rejected").fill_null(0).cast(pl.Int64),
-            channel=pl.lit(data.channel),
-            committed_at=pl.lit(now, dtype=TS),
-        )
-        .with_columns(
-            duplicates=pl.col("offered") - pl.col("events"),
-            received=pl.col("offered") + pl.col("rejected"),
-        )
-        .drop("offered")
-    )
+def _counts(values: pl.Series) -> dict[str, int]:
+    """Rows per value (the sources of a load: usually one)."""
+    if not values.len():
+        return {}
+    first = values[0]
+    if values.n_unique() == 1:
+        return {first: values.len()}
+    return {str(k): int(n) for k, n in values.value_counts().iter_rows()}
 
 
 _LOADERS: weakref.WeakKeyDictionary[Warehouse, Loader] = weakref.WeakKeyDictionary()
