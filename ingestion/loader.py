@@ -14,16 +14,19 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from cdp.warehouse import Warehouse
+from cdp.warehouse import Cursor, Warehouse
 from ingestion import queries
 
 logger = logging.getLogger(__name__)
 
 TS = pl.Datetime("us")
+Rows = np.ndarray[Any, np.dtype[np.int64]]  # Any: numpy's shape parameter
 EVENT_SCHEMA: dict[str, pl.DataType] = {
     "_row": pl.Int64(),
     "message_id": pl.String(),
@@ -109,54 +112,125 @@ class Loader:
         with self._lock:
             first_id = self._init_counters()
             now = datetime.now(UTC).replace(tzinfo=None)
-            load_sources = pa.table(
-                {
-                    "source_id": pa.array(sources, pa.string()),
-                    "batch_id": pa.array(
-                        range(self._next_batch_id, self._next_batch_id + len(sources)),
-                        pa.int64(),
-                    ),
-                    "offered": pa.array([offered.get(s, 0) for s in sources], pa.int64()),
-                    "rejected": pa.array([rejected.get(s, 0) for s in sources], pa.int64()),
-                    "dropped": pa.array([data.dropped.get(s, 0) for s in sources], pa.int64()),
-                    "first_event_id": pa.array([first_id] * len(sources), pa.int64()),
-                    "channel": pa.array([data.channel] * len(sources), pa.string()),
-                    "import_id": pa.array([data.import_id] * len(sources), pa.string()),
-                    "committed_at": pa.array([now] * len(sources), pa.timestamp("us")),
-                }
-            )
-            script = queries.load_script(rejections=data.rejections.height > 0)
             with self.warehouse.transaction() as cur:
-                cur.register(queries.INCOMING, events.to_arrow())
-                cur.register(queries.INCOMING_IDENTIFIERS, data.identifiers.to_arrow())
+                kept = _new_rows(cur, events)
+                new_events, new_identifiers = _numbered(data, kept, first_id)
+                stored = _stored(new_events)
+                load_sources = pa.table(
+                    {
+                        "source_id": pa.array(sources, pa.string()),
+                        "batch_id": pa.array(
+                            range(self._next_batch_id, self._next_batch_id + len(sources)),
+                            pa.int64(),
+                        ),
+                        "events": [stored.get(s, (0, None, None))[0] for s in sources],
+                        "first_event_id": pa.array(
+                            [stored.get(s, (0, None, None))[1] for s in sources], pa.int64()
+                        ),
+                        "last_event_id": pa.array(
+                            [stored.get(s, (0, None, None))[2] for s in sources], pa.int64()
+                        ),
+                        "received": [offered.get(s, 0) + rejected.get(s, 0) for s in sources],
+                        "duplicates": [
+                            offered.get(s, 0) - stored.get(s, (0, None, None))[0] for s in sources
+                        ],
+                        "rejected": [rejected.get(s, 0) for s in sources],
+                        "dropped": [data.dropped.get(s, 0) for s in sources],
+                        "channel": [data.channel] * len(sources),
+                        "import_id": pa.array([data.import_id] * len(sources), pa.string()),
+                        "committed_at": pa.array([now] * len(sources), pa.timestamp("us")),
+                    }
+                )
                 cur.register(queries.LOAD_SOURCES, load_sources)
+                if new_events.height:
+                    cur.register(queries.NEW_EVENTS, new_events.to_arrow())
+                    cur.register(queries.NEW_IDENTIFIERS, new_identifiers.to_arrow())
                 if data.rejections.height:
                     cur.register(queries.NEW_REJECTIONS, data.rejections.to_arrow())
-                rows = cur.execute(script.sql).fetchall()
-            batches = {
-                r[1]: LoadedBatch(
-                    batch_id=int(r[0]),
-                    source_id=r[1],
-                    accepted=int(r[2]),
-                    duplicates=int(r[3]),
-                    rejected=int(r[4]),
-                    first_event_id=r[5],
-                    last_event_id=r[6],
+                script = queries.append_load(
+                    events=new_events.height > 0,
+                    segment_fields=_has_segment_fields(new_events),
+                    rejections=data.rejections.height > 0,
                 )
-                for r in rows
-            }
-            self._next_event_id = first_id + sum(b.accepted for b in batches.values())
+                cur.execute(script.sql)
+            self._next_event_id = first_id + new_events.height
             self._next_batch_id += len(sources)
-        return batches
+        return {
+            row["source_id"]: LoadedBatch(
+                batch_id=row["batch_id"],
+                source_id=row["source_id"],
+                accepted=row["events"],
+                duplicates=row["duplicates"],
+                rejected=row["rejected"],
+                first_event_id=row["first_event_id"],
+                last_event_id=row["last_event_id"],
+            )
+            for row in load_sources.to_pylist()
+        }
+
+
+def _new_rows(cur: Cursor, events: pl.DataFrame) -> Rows:
+    """The sorted `_row` of the incoming events whose (source, message id) is new."""
+    if not events.height:
+        return np.empty(0, dtype=np.int64)
+    cur.register(queries.INCOMING, events.select("_row", "source_id", "message_id").to_arrow())
+    try:
+        table = cur.sql(queries.new_messages().sql).to_arrow_table()
+    finally:
+        cur.unregister(queries.INCOMING)
+    rows: Rows = table.column("_row").to_numpy().astype(np.int64, copy=False)
+    return rows
+
+
+def _numbered(data: LoadInput, kept: Rows, first_id: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The kept events and their identifiers with event ids, in row order from `first_id`."""
+    events = data.events
+    if len(kept) < events.height:
+        events = events.filter(pl.col("_row").is_in(pl.Series(kept).implode()))
+    ids = np.arange(first_id, first_id + len(kept), dtype=np.int64)
+    new_events = events.with_columns(event_id=pl.Series(ids))
+    identifiers = data.identifiers
+    rows = identifiers["_row"].to_numpy()
+    # kept is sorted: each identifier's event is found by binary search, no hash join.
+    at = np.searchsorted(kept, rows)
+    found = at < len(kept)
+    found[found] = kept[at[found]] == rows[found]
+    new_identifiers = pl.DataFrame(
+        {
+            "event_id": ids[at[found]],
+            "kind": identifiers["kind"].filter(pl.Series(found)),
+            "value": identifiers["value"].filter(pl.Series(found)),
+        }
+    )
+    return new_events, new_identifiers
+
+
+def _stored(new_events: pl.DataFrame) -> dict[str, tuple[int, int | None, int | None]]:
+    """Per source: events stored, first and last event id."""
+    if not new_events.height:
+        return {}
+    return {
+        str(r[0]): (int(r[1]), int(r[2]), int(r[3]))
+        for r in new_events.group_by("source_id")
+        .agg(pl.len(), first=pl.col("event_id").min(), last=pl.col("event_id").max())
+        .iter_rows()
+    }
+
+
+def _has_segment_fields(events: pl.DataFrame) -> bool:
+    """Whether any event carries a Segment-only field (file rows never do)."""
+    return any(
+        events[name].null_count() < events.height
+        for name in ("sent_at", "original_timestamp", "previous_id", "group_id")
+    )
 
 
 def _counts(values: pl.Series) -> dict[str, int]:
     """Rows per value (the sources of a load: usually one)."""
     if not values.len():
         return {}
-    first = values[0]
     if values.n_unique() == 1:
-        return {first: values.len()}
+        return {str(values[0]): values.len()}
     return {str(k): int(n) for k, n in values.value_counts().iter_rows()}
 
 

@@ -7,7 +7,8 @@ from cdp.warehouse import Query
 # Names under which the loader registers its Arrow inputs on its cursor (the SQL below
 # spells them out: no SQL here is built from strings).
 INCOMING = "ingest_incoming"
-INCOMING_IDENTIFIERS = "ingest_incoming_identifiers"
+NEW_EVENTS = "ingest_new_events"
+NEW_IDENTIFIERS = "ingest_new_identifiers"
 LOAD_SOURCES = "ingest_load_sources"
 NEW_REJECTIONS = "ingest_new_rejections"
 ROW_KEYS = "ingest_row_keys"
@@ -21,45 +22,49 @@ def counters() -> Query:
     )
 
 
-# One load, run as one script inside the loader's transaction (one call into DuckDB, so
-# the writer thread gives up and retakes the GIL once, not once per statement). Inputs:
-# ingest_incoming (events with `_row`), ingest_incoming_identifiers (`_row`, kind, value),
-# ingest_load_sources (per source: batch_id, offered, rejected, dropped, and the load's
-# first_event_id, channel and committed_at on every row), ingest_new_rejections.
-_KEPT = """
-CREATE OR REPLACE TEMP TABLE ingest_kept AS
-SELECT f._row, f.message_key,
-       (SELECT any_value(first_event_id) FROM ingest_load_sources) - 1
-         + row_number() OVER (ORDER BY f._row) AS event_id
-FROM (
-    SELECT min(_row) AS _row, md5_number(source_id || chr(0) || message_id) AS message_key
-    FROM ingest_incoming
-    GROUP BY message_key
-) AS f
-ANTI JOIN ingest_message_keys AS k ON k.message_key = f.message_key
-"""
+def new_messages() -> Query:
+    """Rows of the incoming load whose (source, message id) was never stored: first wins."""
+    return Query(
+        """
+        WITH first_seen AS (
+            SELECT min(_row) AS _row, md5_number(source_id || chr(0) || message_id) AS message_key
+            FROM ingest_incoming
+            GROUP BY message_key
+        )
+        SELECT f._row
+        FROM first_seen AS f
+        ANTI JOIN ingest_message_keys AS k ON k.message_key = f.message_key
+        ORDER BY f._row
+        """
+    )
+
+
+# The appends of one load, run as one script inside the loader's transaction (one call
+# into DuckDB, so the writer thread gives up and retakes the GIL once, not once per
+# statement). Inputs: ingest_new_events (numbered), ingest_new_identifiers (numbered),
+# ingest_load_sources (one row per source with its counters, channel, import and time),
+# ingest_new_rejections.
 _EVENTS = """
 INSERT INTO events (event_id, message_id, source_id, batch_id, type, event, user_id,
     anonymous_id, timestamp, received_at, properties, traits, context)
-SELECT k.event_id, i.message_id, i.source_id, s.batch_id, i.type, i.event, i.user_id,
-    i.anonymous_id, i.timestamp, i.received_at, i.properties, i.traits, i.context
-FROM ingest_kept AS k
-JOIN ingest_incoming AS i ON i._row = k._row
-JOIN ingest_load_sources AS s ON s.source_id = i.source_id
-ORDER BY k.event_id
+SELECT e.event_id, e.message_id, e.source_id, s.batch_id, e.type, e.event, e.user_id,
+    e.anonymous_id, e.timestamp, e.received_at, e.properties, e.traits, e.context
+FROM ingest_new_events AS e JOIN ingest_load_sources AS s ON s.source_id = e.source_id
 """
-_KEYS = "INSERT INTO ingest_message_keys SELECT message_key FROM ingest_kept"
+_KEYS = """
+INSERT INTO ingest_message_keys
+SELECT md5_number(source_id || chr(0) || message_id) FROM ingest_new_events
+"""
 _SEGMENT_FIELDS = """
 INSERT INTO event_segment_fields (event_id, sent_at, original_timestamp, previous_id, group_id)
-SELECT k.event_id, i.sent_at, i.original_timestamp, i.previous_id, i.group_id
-FROM ingest_kept AS k JOIN ingest_incoming AS i ON i._row = k._row
-WHERE i.sent_at IS NOT NULL OR i.original_timestamp IS NOT NULL
-   OR i.previous_id IS NOT NULL OR i.group_id IS NOT NULL
+SELECT event_id, sent_at, original_timestamp, previous_id, group_id
+FROM ingest_new_events
+WHERE sent_at IS NOT NULL OR original_timestamp IS NOT NULL
+   OR previous_id IS NOT NULL OR group_id IS NOT NULL
 """
 _IDENTIFIERS = """
 INSERT INTO event_identifiers (event_id, kind, value)
-SELECT k.event_id, d.kind, d.value
-FROM ingest_kept AS k JOIN ingest_incoming_identifiers AS d ON d._row = k._row
+SELECT event_id, kind, value FROM ingest_new_identifiers
 """
 _REJECTIONS = """
 INSERT INTO ingest_rejections (source_id, channel, batch_id, import_id, position,
@@ -68,43 +73,30 @@ SELECT r.source_id, s.channel, s.batch_id, s.import_id, r.position, r.message_id
     s.committed_at
 FROM ingest_new_rejections AS r JOIN ingest_load_sources AS s ON s.source_id = r.source_id
 """
-_STORED = """
-CREATE OR REPLACE TEMP TABLE ingest_load_counts AS
-SELECT s.batch_id, s.source_id, s.channel, s.committed_at, s.offered, s.rejected, s.dropped,
-       count(k.event_id) AS events, min(k.event_id) AS first_event_id,
-       max(k.event_id) AS last_event_id
-FROM ingest_load_sources AS s
-LEFT JOIN (
-    SELECT k.event_id, i.source_id
-    FROM ingest_kept AS k JOIN ingest_incoming AS i ON i._row = k._row
-) AS k ON k.source_id = s.source_id
-GROUP BY ALL
-"""
 _BATCHES = """
 INSERT INTO ingest_batches (batch_id, source_id, channel, first_event_id, last_event_id,
     events, committed_at)
 SELECT batch_id, source_id, channel, first_event_id, last_event_id, events, committed_at
-FROM ingest_load_counts
+FROM ingest_load_sources
 """
 _BATCH_STATS = """
 INSERT INTO ingest_batch_stats (batch_id, source_id, received, duplicates, rejected,
     identifiers_dropped)
-SELECT batch_id, source_id, offered + rejected, offered - events, rejected, dropped
-FROM ingest_load_counts
-"""
-_RESULT = """
-SELECT batch_id, source_id, events, offered - events AS duplicates, rejected,
-       first_event_id, last_event_id
-FROM ingest_load_counts ORDER BY batch_id
+SELECT batch_id, source_id, received, duplicates, rejected, dropped
+FROM ingest_load_sources
 """
 
 
-def load_script(*, rejections: bool) -> Query:
-    """Dedupe, number, append and publish one load; returns one row per source."""
-    steps = [_KEPT, _EVENTS, _KEYS, _SEGMENT_FIELDS, _IDENTIFIERS]
+def append_load(*, events: bool, segment_fields: bool, rejections: bool) -> Query:
+    """Append the registered events, identifiers, keys, rejections and batch rows."""
+    steps: list[str] = []
+    if events:
+        steps += [_EVENTS, _KEYS, _IDENTIFIERS]
+    if segment_fields:
+        steps.append(_SEGMENT_FIELDS)
     if rejections:
         steps.append(_REJECTIONS)
-    steps += [_STORED, _BATCHES, _BATCH_STATS, _RESULT]
+    steps += [_BATCHES, _BATCH_STATS]
     return Query(";\n".join(step.strip() for step in steps))
 
 
