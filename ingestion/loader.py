@@ -14,8 +14,11 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
+import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from cdp.warehouse import Cursor, Warehouse
 from ingestion import queries
@@ -23,6 +26,7 @@ from ingestion import queries
 logger = logging.getLogger(__name__)
 
 TS = pl.Datetime("us")
+Rows = np.ndarray[Any, np.dtype[np.int64]]  # Any: numpy's shape parameter
 EVENT_SCHEMA: dict[str, pl.DataType] = {
     "_row": pl.Int64(),
     "message_id": pl.String(),
@@ -100,61 +104,56 @@ class Loader:
     def load(self, data: LoadInput) -> dict[str, LoadedBatch]:
         """Commit one load; returns its batch per source (also for sources with no new event)."""
         events = data.events
-        sources = sorted(
-            set(events["source_id"].unique().to_list())
-            | set(data.rejections["source_id"].unique().to_list())
-            | set(data.dropped)
-        )
+        offered = _counts(events["source_id"])
+        rejected = _counts(data.rejections["source_id"])
+        sources = sorted(set(offered) | set(rejected) | set(data.dropped))
         if not sources:
             return {}
         with self._lock:
             first_id = self._init_counters()
-            batch_ids = {s: self._next_batch_id + i for i, s in enumerate(sources)}
             now = datetime.now(UTC).replace(tzinfo=None)
             with self.warehouse.transaction() as cur:
-                kept = _new_messages(cur, events)
-                new_events = (
-                    events.join(kept.select("_row"), on="_row", how="semi")
-                    .sort("_row")
-                    .with_columns(
-                        event_id=pl.int_range(first_id, first_id + kept.height, dtype=pl.Int64),
-                        batch_id=pl.col("source_id").replace_strict(
-                            batch_ids, return_dtype=pl.Int64
+                kept = _new_rows(cur, events)
+                new_events, new_identifiers = _numbered(data, kept, first_id)
+                stored = _stored(new_events)
+                load_sources = pa.table(
+                    {
+                        "source_id": pa.array(sources, pa.string()),
+                        "batch_id": pa.array(
+                            range(self._next_batch_id, self._next_batch_id + len(sources)),
+                            pa.int64(),
                         ),
-                    )
+                        "events": [stored.get(s, (0, None, None))[0] for s in sources],
+                        "first_event_id": pa.array(
+                            [stored.get(s, (0, None, None))[1] for s in sources], pa.int64()
+                        ),
+                        "last_event_id": pa.array(
+                            [stored.get(s, (0, None, None))[2] for s in sources], pa.int64()
+                        ),
+                        "received": [offered.get(s, 0) + rejected.get(s, 0) for s in sources],
+                        "duplicates": [
+                            offered.get(s, 0) - stored.get(s, (0, None, None))[0] for s in sources
+                        ],
+                        "rejected": [rejected.get(s, 0) for s in sources],
+                        "dropped": [data.dropped.get(s, 0) for s in sources],
+                        "channel": [data.channel] * len(sources),
+                        "import_id": pa.array([data.import_id] * len(sources), pa.string()),
+                        "committed_at": pa.array([now] * len(sources), pa.timestamp("us")),
+                    }
                 )
-                new_identifiers = data.identifiers.join(
-                    new_events.select("_row", "event_id"), on="_row", how="inner"
-                ).select("event_id", "kind", "value")
-                per_source = _per_source(events, new_events, data, batch_ids, now)
-                rejections = data.rejections.with_columns(
-                    channel=pl.lit(data.channel),
-                    import_id=pl.lit(data.import_id, dtype=pl.String),
-                    batch_id=pl.col("source_id").replace_strict(batch_ids, return_dtype=pl.Int64),
-                    rejected_at=pl.lit(now, dtype=TS),
+                cur.register(queries.LOAD_SOURCES, load_sources)
+                if new_events.height:
+                    cur.register(queries.NEW_EVENTS, new_events.to_arrow())
+                    cur.register(queries.NEW_IDENTIFIERS, new_identifiers.to_arrow())
+                if data.rejections.height:
+                    cur.register(queries.NEW_REJECTIONS, data.rejections.to_arrow())
+                script = queries.append_load(
+                    events=new_events.height > 0,
+                    segment_fields=_has_segment_fields(new_events),
+                    rejections=data.rejections.height > 0,
                 )
-                cur.register(queries.NEW_EVENTS, new_events.to_arrow())
-                cur.register(queries.NEW_IDENTIFIERS, new_identifiers.to_arrow())
-                cur.register(queries.NEW_BATCHES, per_source.to_arrow())
-                cur.register(queries.NEW_REJECTIONS, rejections.to_arrow())
-                for query in (
-                    queries.insert_events(),
-                    queries.insert_segment_fields(),
-                    queries.insert_identifiers(),
-                    queries.insert_keys(),
-                    queries.insert_batches(),
-                    queries.insert_batch_stats(),
-                    queries.insert_rejections(),
-                ):
-                    cur.execute(query.sql)
-                for name in (
-                    queries.NEW_EVENTS,
-                    queries.NEW_IDENTIFIERS,
-                    queries.NEW_BATCHES,
-                    queries.NEW_REJECTIONS,
-                ):
-                    cur.unregister(name)
-            self._next_event_id = first_id + kept.height
+                cur.execute(script.sql)
+            self._next_event_id = first_id + new_events.height
             self._next_batch_id += len(sources)
         return {
             row["source_id"]: LoadedBatch(
@@ -166,63 +165,73 @@ class Loader:
                 first_event_id=row["first_event_id"],
                 last_event_id=row["last_event_id"],
             )
-            for row in per_source.iter_rows(named=True)
+            for row in load_sources.to_pylist()
         }
 
 
-def _new_messages(cur: Cursor, events: pl.DataFrame) -> pl.DataFrame:
-    """The `_row` of every incoming event not stored before."""
+def _new_rows(cur: Cursor, events: pl.DataFrame) -> Rows:
+    """The sorted `_row` of the incoming events whose (source, message id) is new."""
+    if not events.height:
+        return np.empty(0, dtype=np.int64)
     cur.register(queries.INCOMING, events.select("_row", "source_id", "message_id").to_arrow())
     try:
-        kept = pl.from_arrow(cur.sql(queries.new_messages().sql).to_arrow_table())
+        table = cur.sql(queries.new_messages().sql).to_arrow_table()
     finally:
         cur.unregister(queries.INCOMING)
-    assert isinstance(kept, pl.DataFrame)
-    return kept
+    rows: Rows = table.column("_row").to_numpy().astype(np.int64, copy=False)
+    return rows
 
 
-def _per_source(
-    events: pl.DataFrame,
-    new_events: pl.DataFrame,
-    data: LoadInput,
-    batch_ids: dict[str, int],
-    now: datetime,
-) -> pl.DataFrame:
-    """One `ingest_batches` row per source of the load."""
-    offered = events.group_by("source_id").agg(offered=pl.len())
-    stored = new_events.group_by("source_id").agg(
-        events=pl.len(),
-        first_event_id=pl.col("event_id").min(),
-        last_event_id=pl.col("event_id").max(),
-    )
-    rejected = data.rejections.group_by("source_id").agg(rejected=pl.len())
-    base = pl.DataFrame(
+def _numbered(data: LoadInput, kept: Rows, first_id: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The kept events and their identifiers with event ids, in row order from `first_id`."""
+    events = data.events
+    if len(kept) < events.height:
+        events = events.filter(pl.col("_row").is_in(pl.Series(kept).implode()))
+    ids = np.arange(first_id, first_id + len(kept), dtype=np.int64)
+    new_events = events.with_columns(event_id=pl.Series(ids))
+    identifiers = data.identifiers
+    rows = identifiers["_row"].to_numpy()
+    # kept is sorted: each identifier's event is found by binary search, no hash join.
+    at = np.searchsorted(kept, rows)
+    found = at < len(kept)
+    found[found] = kept[at[found]] == rows[found]
+    new_identifiers = pl.DataFrame(
         {
-            "source_id": list(batch_ids),
-            "batch_id": list(batch_ids.values()),
-            "identifiers_dropped": [data.dropped.get(s, 0) for s in batch_ids],
-        },
-        schema={
-            "source_id": pl.String(),
-            "batch_id": pl.Int64(),
-            "identifiers_dropped": pl.Int64(),
-        },
+            "event_id": ids[at[found]],
+            "kind": identifiers["kind"].filter(pl.Series(found)),
+            "value": identifiers["value"].filter(pl.Series(found)),
+        }
     )
-    return (
-        base.join(offered, on="source_id", how="left")
-        .join(stored, on="source_id", how="left")
-        .join(rejected, on="source_id", how="left")
-        .with_columns(
-            pl.col("offered", "events", "rejected").fill_null(0).cast(pl.Int64),
-            channel=pl.lit(data.channel),
-            committed_at=pl.lit(now, dtype=TS),
-        )
-        .with_columns(
-            duplicates=pl.col("offered") - pl.col("events"),
-            received=pl.col("offered") + pl.col("rejected"),
-        )
-        .drop("offered")
+    return new_events, new_identifiers
+
+
+def _stored(new_events: pl.DataFrame) -> dict[str, tuple[int, int | None, int | None]]:
+    """Per source: events stored, first and last event id."""
+    if not new_events.height:
+        return {}
+    return {
+        str(r[0]): (int(r[1]), int(r[2]), int(r[3]))
+        for r in new_events.group_by("source_id")
+        .agg(pl.len(), first=pl.col("event_id").min(), last=pl.col("event_id").max())
+        .iter_rows()
+    }
+
+
+def _has_segment_fields(events: pl.DataFrame) -> bool:
+    """Whether any event carries a Segment-only field (file rows never do)."""
+    return any(
+        events[name].null_count() < events.height
+        for name in ("sent_at", "original_timestamp", "previous_id", "group_id")
     )
+
+
+def _counts(values: pl.Series) -> dict[str, int]:
+    """Rows per value (the sources of a load: usually one)."""
+    if not values.len():
+        return {}
+    if values.n_unique() == 1:
+        return {str(values[0]): values.len()}
+    return {str(k): int(n) for k, n in values.value_counts().iter_rows()}
 
 
 _LOADERS: weakref.WeakKeyDictionary[Warehouse, Loader] = weakref.WeakKeyDictionary()

@@ -9,7 +9,7 @@ from cdp.warehouse import Query
 INCOMING = "ingest_incoming"
 NEW_EVENTS = "ingest_new_events"
 NEW_IDENTIFIERS = "ingest_new_identifiers"
-NEW_BATCHES = "ingest_new_batches"
+LOAD_SOURCES = "ingest_load_sources"
 NEW_REJECTIONS = "ingest_new_rejections"
 ROW_KEYS = "ingest_row_keys"
 
@@ -26,12 +26,10 @@ def new_messages() -> Query:
     """Rows of the incoming load whose (source, message id) was never stored: first wins."""
     return Query(
         """
-        WITH incoming_keys AS (
-            SELECT _row, md5_number(source_id || chr(0) || message_id) AS message_key
+        WITH first_seen AS (
+            SELECT min(_row) AS _row, md5_number(source_id || chr(0) || message_id) AS message_key
             FROM ingest_incoming
-        ), first_seen AS (
-            SELECT _row, message_key FROM incoming_keys
-            QUALIFY row_number() OVER (PARTITION BY message_key ORDER BY _row) = 1
+            GROUP BY message_key
         )
         SELECT f._row
         FROM first_seen AS f
@@ -41,69 +39,65 @@ def new_messages() -> Query:
     )
 
 
-def insert_events() -> Query:
-    """Append the registered new events."""
-    return Query(
-        "INSERT INTO events (event_id, message_id, source_id, batch_id, type, event, user_id,"
-        " anonymous_id, timestamp, received_at, properties, traits, context)"
-        " SELECT event_id, message_id, source_id, batch_id, type, event, user_id,"
-        " anonymous_id, timestamp, received_at, properties, traits, context"
-        " FROM ingest_new_events"
-    )
+# The appends of one load, run as one script inside the loader's transaction (one call
+# into DuckDB, so the writer thread gives up and retakes the GIL once, not once per
+# statement). Inputs: ingest_new_events (numbered), ingest_new_identifiers (numbered),
+# ingest_load_sources (one row per source with its counters, channel, import and time),
+# ingest_new_rejections.
+_EVENTS = """
+INSERT INTO events (event_id, message_id, source_id, batch_id, type, event, user_id,
+    anonymous_id, timestamp, received_at, properties, traits, context)
+SELECT e.event_id, e.message_id, e.source_id, s.batch_id, e.type, e.event, e.user_id,
+    e.anonymous_id, e.timestamp, e.received_at, e.properties, e.traits, e.context
+FROM ingest_new_events AS e JOIN ingest_load_sources AS s ON s.source_id = e.source_id
+"""
+_KEYS = """
+INSERT INTO ingest_message_keys
+SELECT md5_number(source_id || chr(0) || message_id) FROM ingest_new_events
+"""
+_SEGMENT_FIELDS = """
+INSERT INTO event_segment_fields (event_id, sent_at, original_timestamp, previous_id, group_id)
+SELECT event_id, sent_at, original_timestamp, previous_id, group_id
+FROM ingest_new_events
+WHERE sent_at IS NOT NULL OR original_timestamp IS NOT NULL
+   OR previous_id IS NOT NULL OR group_id IS NOT NULL
+"""
+_IDENTIFIERS = """
+INSERT INTO event_identifiers (event_id, kind, value)
+SELECT event_id, kind, value FROM ingest_new_identifiers
+"""
+_REJECTIONS = """
+INSERT INTO ingest_rejections (source_id, channel, batch_id, import_id, position,
+    message_id, reason, rejected_at)
+SELECT r.source_id, s.channel, s.batch_id, s.import_id, r.position, r.message_id, r.reason,
+    s.committed_at
+FROM ingest_new_rejections AS r JOIN ingest_load_sources AS s ON s.source_id = r.source_id
+"""
+_BATCHES = """
+INSERT INTO ingest_batches (batch_id, source_id, channel, first_event_id, last_event_id,
+    events, committed_at)
+SELECT batch_id, source_id, channel, first_event_id, last_event_id, events, committed_at
+FROM ingest_load_sources
+"""
+_BATCH_STATS = """
+INSERT INTO ingest_batch_stats (batch_id, source_id, received, duplicates, rejected,
+    identifiers_dropped)
+SELECT batch_id, source_id, received, duplicates, rejected, dropped
+FROM ingest_load_sources
+"""
 
 
-def insert_segment_fields() -> Query:
-    """Append the Segment-only fields of the new events that have any."""
-    return Query(
-        "INSERT INTO event_segment_fields (event_id, sent_at, original_timestamp, previous_id,"
-        " group_id) SELECT event_id, sent_at, original_timestamp, previous_id, group_id"
-        " FROM ingest_new_events WHERE sent_at IS NOT NULL OR original_timestamp IS NOT NULL"
-        " OR previous_id IS NOT NULL OR group_id IS NOT NULL"
-    )
-
-
-def insert_identifiers() -> Query:
-    """Append the registered identifiers of the new events."""
-    return Query(
-        "INSERT INTO event_identifiers (event_id, kind, value)"
-        " SELECT event_id, kind, value FROM ingest_new_identifiers"
-    )
-
-
-def insert_keys() -> Query:
-    """Remember the dedupe keys of the new events."""
-    return Query(
-        "INSERT INTO ingest_message_keys"
-        " SELECT md5_number(source_id || chr(0) || message_id) FROM ingest_new_events"
-    )
-
-
-def insert_batches() -> Query:
-    """Publish one row per source of this load."""
-    return Query(
-        "INSERT INTO ingest_batches (batch_id, source_id, channel, first_event_id,"
-        " last_event_id, events, committed_at)"
-        " SELECT batch_id, source_id, channel, first_event_id, last_event_id, events,"
-        " committed_at FROM ingest_new_batches"
-    )
-
-
-def insert_batch_stats() -> Query:
-    """Record the counters of each source of this load."""
-    return Query(
-        "INSERT INTO ingest_batch_stats (batch_id, source_id, received, duplicates, rejected,"
-        " identifiers_dropped) SELECT batch_id, source_id, received, duplicates, rejected,"
-        " identifiers_dropped FROM ingest_new_batches"
-    )
-
-
-def insert_rejections() -> Query:
-    """Record the rejected messages or rows of this load."""
-    return Query(
-        "INSERT INTO ingest_rejections (source_id, channel, batch_id, import_id, position,"
-        " message_id, reason, rejected_at) SELECT source_id, channel, batch_id, import_id,"
-        " position, message_id, reason, rejected_at FROM ingest_new_rejections"
-    )
+def append_load(*, events: bool, segment_fields: bool, rejections: bool) -> Query:
+    """Append the registered events, identifiers, keys, rejections and batch rows."""
+    steps: list[str] = []
+    if events:
+        steps += [_EVENTS, _KEYS, _IDENTIFIERS]
+    if segment_fields:
+        steps.append(_SEGMENT_FIELDS)
+    if rejections:
+        steps.append(_REJECTIONS)
+    steps += [_BATCHES, _BATCH_STATS]
+    return Query(";\n".join(step.strip() for step in steps))
 
 
 def high_water_mark() -> Query:

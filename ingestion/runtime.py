@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 import zlib
@@ -59,6 +60,10 @@ class TrackingRuntime:
 
     def start(self) -> None:
         """Start the writer thread."""
+        # Everything alive now (app, libraries, caches) lives as long as the server: keep it
+        # out of the cyclic collector, whose full passes otherwise rescan it while requests
+        # allocate thousands of message dicts each.
+        gc.freeze()
         self.writer.start()
 
     def stop(self) -> None:

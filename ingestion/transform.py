@@ -115,70 +115,101 @@ def _normalised(frame: pl.DataFrame, kind: str, raw: pl.Expr, region: str) -> pl
     return values.to_frame().select(id_expr(pl.col("v")))["v"]
 
 
+@dataclass(frozen=True, slots=True)
+class Identified:
+    """The normalised identifiers of a chunk, one column per mapped source aligned with its rows.
+
+    Kept column-wise (not as a long frame) so that the per-row checks and the first value of
+    a kind are vectorised comparisons, with no join, `is_in` or `unique` over the chunk.
+    """
+
+    # (kind, normalised values aligned with the chunk's rows, null where absent or dropped)
+    parts: list[tuple[str, pl.Series]]
+    # Identifier values dropped per row (placeholders, invalid values).
+    dropped: pl.Series
+
+    def has_any(self, height: int) -> pl.Series:
+        """Whether each row has at least one usable identifier."""
+        if not self.parts:
+            return pl.Series("has", [False] * height, dtype=pl.Boolean)
+        return pl.DataFrame(
+            [v.is_not_null().alias(str(i)) for i, (_, v) in enumerate(self.parts)]
+        ).select(pl.any_horizontal(pl.all()))[:, 0]
+
+    def first(self, kind: str) -> pl.Expr:
+        """The first value of `kind` of each row (mapping order), as a literal column."""
+        values = [v for k, v in self.parts if k == kind]
+        if not values:
+            return pl.lit(None, dtype=pl.String)
+        return pl.coalesce([pl.lit(v) for v in values])
+
+    def long(self, rows: pl.Series, keep: pl.Series) -> pl.DataFrame:
+        """(row, kind, value) of the kept rows; a value repeated under one kind counts once."""
+        frames: list[pl.DataFrame] = []
+        for i, (kind, values) in enumerate(self.parts):
+            mask = keep & values.is_not_null()
+            for earlier_kind, earlier in self.parts[:i]:
+                if earlier_kind == kind:
+                    mask = mask & (earlier.is_null() | (earlier != values))
+            frames.append(
+                pl.DataFrame(
+                    {ROW: rows.filter(mask), "value": values.filter(mask).cast(pl.String)}
+                ).select(ROW, kind=pl.lit(kind, dtype=pl.String), value="value")
+            )
+        if not frames:
+            return pl.DataFrame(schema=IDENTIFIER_SCHEMA)
+        return pl.concat(frames).cast(IDENTIFIER_SCHEMA)  # type: ignore[arg-type]
+
+
 def _identifiers(
     frame: pl.DataFrame,
     found: list[tuple[str, pl.Expr]],
     composites: list[IdentifierSpec],
     ctx: Context,
-) -> tuple[pl.DataFrame, pl.Series]:
-    """Long (row, kind, value) frame of normalised identifiers, and the dropped count per row."""
-    parts: list[pl.DataFrame] = []
+) -> Identified:
+    """Normalise every mapped identifier of a chunk; count the values dropped per row."""
+    parts: list[tuple[str, pl.Series]] = []
     dropped = pl.Series("dropped", [0] * frame.height, dtype=pl.Int64)
-    rows = frame[ROW]
     for kind, raw in found:
         raw_values = _series(frame, raw.cast(pl.String).str.strip_chars())
         values = _normalised(frame, kind, raw, ctx.region)
         dropped = dropped + (
             (raw_values.is_not_null() & (raw_values != "")) & values.is_null()
         ).cast(pl.Int64)
-        parts.append(
-            pl.DataFrame({ROW: rows, "kind": kind, "value": values}).filter(
-                pl.col("value").is_not_null()
-            )
-        )
+        parts.append((kind, values))
     for spec in composites:
         assert spec.composite is not None
         values = _series(frame, composite_expr([column(frame, p) for p in spec.composite]))
-        parts.append(
-            pl.DataFrame({ROW: rows, "kind": spec.kind, "value": values}).filter(
-                pl.col("value").is_not_null()
-            )
-        )
-    if not parts:
-        return pl.DataFrame(schema=IDENTIFIER_SCHEMA), dropped
-    long = pl.concat([p.cast(IDENTIFIER_SCHEMA) for p in parts]).unique(maintain_order=True)  # type: ignore[arg-type]
-    return long, dropped
+        parts.append((spec.kind, values))
+    return Identified(parts, dropped)
 
 
 def _finish(
     frame: pl.DataFrame,
     events: pl.DataFrame,
-    identifiers: pl.DataFrame,
-    dropped: pl.Series,
+    identified: Identified,
     reason: pl.Expr,
     ctx: Context,
 ) -> LoadInput:
     """Split a chunk into stored events and rejected rows, given a reason expression."""
-    has_identifier = frame.select(pl.col(ROW).is_in(identifiers[ROW].unique()))[ROW]
-    judged = events.with_columns(
-        _reason=pl.when(~pl.Series(has_identifier))
-        .then(pl.lit("missing identifier"))
-        .otherwise(None),
-    ).with_columns(_reason=pl.coalesce(pl.lit(_series(frame, reason)), pl.col("_reason")))
-    good = judged.filter(pl.col("_reason").is_null()).drop("_reason")
-    bad = judged.filter(pl.col("_reason").is_not_null())
-    good_rows = good[ROW]
+    missing = ~identified.has_any(frame.height)
+    reasons = frame.select(
+        pl.coalesce(reason, pl.when(pl.lit(missing)).then(pl.lit("missing identifier")))
+    )[:, 0]
+    good_mask = reasons.is_null()
+    good = events.filter(good_mask)
+    bad = events.select(ROW, "message_id").filter(~good_mask)
     rejections = bad.select(
         source_id=pl.lit(ctx.source_id),
         position=pl.col(ROW),
         message_id=pl.col("message_id"),
-        reason=pl.col("_reason"),
+        reason=pl.lit(reasons.filter(~good_mask)),
     )
-    kept_dropped = int(dropped.filter(frame[ROW].is_in(good_rows)).sum())
+    kept_dropped = int(identified.dropped.filter(good_mask).sum())
     return LoadInput(
         channel=ctx.channel,
         events=good.select(list(EVENT_SCHEMA)).cast(EVENT_SCHEMA),  # type: ignore[arg-type]
-        identifiers=identifiers.filter(pl.col(ROW).is_in(good_rows)),
+        identifiers=identified.long(frame[ROW], good_mask),
         rejections=rejections.cast(REJECTION_SCHEMA),  # type: ignore[arg-type]
         dropped={ctx.source_id: kept_dropped},
         import_id=ctx.import_id,
@@ -227,11 +258,7 @@ def mapped(frame: pl.DataFrame, mapping: Mapping, ctx: Context) -> LoadInput:
         if spec.column is not None
     ]
     composites = [s for s in mapping.identifiers if s.composite is not None]
-    identifiers, dropped = _identifiers(frame, found, composites, ctx)
-
-    def first_of(kind: str) -> pl.Expr:
-        hits = identifiers.filter(pl.col("kind") == kind).unique(ROW, keep="first")
-        return pl.col(ROW).replace_strict(hits[ROW], hits["value"], default=None)
+    identified = _identifiers(frame, found, composites, ctx)
 
     events = frame.select(
         pl.col(ROW),
@@ -239,8 +266,8 @@ def mapped(frame: pl.DataFrame, mapping: Mapping, ctx: Context) -> LoadInput:
         source_id=pl.lit(ctx.source_id),
         type=pl.lit(mapping.type),
         event=event if mapping.type == "track" else pl.lit(None, dtype=pl.String),
-        user_id=first_of(USER_ID),
-        anonymous_id=first_of(ANONYMOUS_ID),
+        user_id=identified.first(USER_ID),
+        anonymous_id=identified.first(ANONYMOUS_ID),
         timestamp=ts,
         received_at=pl.lit(ctx.received_at, dtype=TS),
         properties=_json(frame, mapping.properties),
@@ -252,7 +279,7 @@ def mapped(frame: pl.DataFrame, mapping: Mapping, ctx: Context) -> LoadInput:
         group_id=pl.lit(None, dtype=pl.String),
     )
     reason = pl.coalesce(ts_reason, event_reason)
-    return _finish(frame, events, identifiers, dropped, reason, ctx)
+    return _finish(frame, events, identified, reason, ctx)
 
 
 def segment(frame: pl.DataFrame, mapping: Mapping, ctx: Context) -> LoadInput:
@@ -287,7 +314,7 @@ def segment(frame: pl.DataFrame, mapping: Mapping, ctx: Context) -> LoadInput:
         if spec.column is not None:
             found.append((spec.kind, text(spec.column)))
     composites = [s for s in mapping.identifiers if s.composite is not None]
-    identifiers, dropped = _identifiers(frame, found, composites, ctx)
+    identified = _identifiers(frame, found, composites, ctx)
     traits = _json_column(frame, "traits")
     context_traits = (
         column(frame, "context.traits").struct.json_encode()
@@ -331,4 +358,4 @@ def segment(frame: pl.DataFrame, mapping: Mapping, ctx: Context) -> LoadInput:
         .when(ts.is_null())
         .then(pl.lit("unparseable timestamp"))
     )
-    return _finish(frame, events, identifiers, dropped, reason, ctx)
+    return _finish(frame, events, identified, reason, ctx)
