@@ -155,7 +155,7 @@ def _wrk(wrk: str, url: str, key: str, requests: int, workdir: Path) -> dict[str
     script = workdir / "batch.lua"
     script.write_text(LUA % {"batch": BATCH, "now": NOW})
     quota = math.ceil(requests / WRK_THREADS)
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         [
             wrk,
             f"-t{WRK_THREADS}",
@@ -172,17 +172,18 @@ def _wrk(wrk: str, url: str, key: str, requests: int, workdir: Path) -> dict[str
         ],
         stdout=subprocess.PIPE,
         text=True,
-    )
-    assert proc.stdout is not None
-    lines: list[str] = []
-    finished = 0
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("THREAD-DONE"):
-            finished += 1
-            if finished == WRK_THREADS:
-                proc.send_signal(signal.SIGINT)
-    if proc.wait() != 0:
+    ) as proc:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        finished = 0
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("THREAD-DONE"):
+                finished += 1
+                if finished == WRK_THREADS:
+                    proc.send_signal(signal.SIGINT)
+        code = proc.wait()
+    if code != 0:
         raise RuntimeError(f"wrk failed: {''.join(lines)}")
     line = next(ln for ln in lines if ln.startswith("RESULT "))
     summary: dict[str, float] = json.loads(line.removeprefix("RESULT "))
