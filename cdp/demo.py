@@ -37,7 +37,9 @@ from sqlalchemy import select
 from cdp.auth import ApiKey, Role, create_key, revoke_key
 from cdp.config import Settings
 from cdp.db import Database
+from cdp.errors import Conflict
 from cdp.sample_data import CRM_FILE, SOURCE_CRM, SOURCE_TILL, SOURCE_WEB, TILL_FILE, WEB_FILE
+from cdp.scheduler import JobRunner
 from cdp.warehouse import Query, Warehouse
 from dashboards import service as dashboards_service
 from identity import service as identity_service
@@ -50,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 ADMIN_KEY_NAME: Final = "demo admin"
 PROGRAM_NAME: Final = "Demo Club"
+LOYALTY_JOB: Final = "loyalty.process_events"
 PREPARED_TILL: Final = "prepared/till_orders.parquet"
 REPLAY_BATCH: Final = 250
 REPLAY_CONNECTIONS: Final = 4
@@ -218,18 +221,21 @@ def new_admin_key(db: Database) -> str:
 
 
 def _ensure_program(db: Database, warehouse: Warehouse, summary: DemoSummary) -> None:
+    """Create the demo programme once (paused until its backfill is done) or sync it."""
     with db.begin() as session:
         programs, _ = loyalty_service.list_programs(session, limit=1000, offset=0)
         program = next((p for p in programs if p.name == PROGRAM_NAME), None)
         if program is None:
             program = loyalty_service.create_demo_program(session)
-            summary.program_created = True
         summary.program_id = program.id
-    with db.begin() as session:
-        if summary.program_created:
-            loyalty_service.backfill(session, warehouse, program_id=summary.program_id)
-        else:
+        summary.program_created = program.last_event_id == 0
+    if not summary.program_created:
+        with db.begin() as session:
             loyalty_service.sync_program(session, warehouse, program_id=summary.program_id)
+        _describe_members(db, summary)
+
+
+def _describe_members(db: Database, summary: DemoSummary) -> None:
     with db.begin() as session:
         members, summary.members = loyalty_service.list_members(
             session, program_id=summary.program_id, limit=200, offset=0
@@ -242,6 +248,32 @@ def _ensure_program(db: Database, warehouse: Warehouse, summary: DemoSummary) ->
                     f" ({view.active} active, {view.pending} pending)"
                 )
                 break
+
+
+def backfill_program(
+    db: Database, runner: JobRunner, summary: DemoSummary, *, say: Callable[[str], None]
+) -> None:
+    """Backfill the new demo programme over the history, through the server's job runner.
+
+    The programme is active from its creation, so the real-time job `loyalty.process_events`
+    would take its history too; running that job (its first run from event 0 is the
+    backfill: `process_range` over the whole history, then the mark moves) through the runner
+    means the two never overlap. If the scheduler started it first, this waits for it.
+    """
+    started = time.perf_counter()
+    while True:
+        try:
+            run = runner.run(LOYALTY_JOB, trigger="manual")
+            break
+        except Conflict:
+            time.sleep(0.5)
+    _describe_members(db, summary)
+    say(
+        f"loyalty backfill done in {time.perf_counter() - started:.1f} s ({run.status}):"
+        f" {summary.members} members"
+    )
+    if summary.balance_line:
+        say(f"  e.g. {summary.balance_line}")
 
 
 def _ensure_segments(db: Database, warehouse: Warehouse, settings: Settings) -> dict[str, int]:
@@ -307,7 +339,6 @@ def prepare(
     segments_service.refresh_event_map(warehouse)
     segments_service.refresh_catalog(warehouse)
     _ensure_program(db, warehouse, summary)
-    say(f"loyalty: programme {summary.program_id}, {summary.members} members")
     summary.segments = _ensure_segments(db, warehouse, settings)
     with db.begin() as session:
         summary.snapshot_rows = dashboards_service.take_snapshots(session, warehouse=warehouse)
@@ -406,11 +437,18 @@ def summary_lines(summary: DemoSummary, *, base_url: str, web_events: int) -> li
         f"  {SOURCE_WEB}: {web_events} events being replayed over HTTP to {base_url}/v1/batch"
     )
     lines.append(f"Profiles resolved: {summary.profiles}")
-    created = "created and backfilled" if summary.program_created else "already there, synced"
-    lines.append(f"Loyalty programme {PROGRAM_NAME} ({summary.program_id}): {created}")
-    lines.append(f"  {summary.members} members")
-    if summary.balance_line:
-        lines.append(f"  e.g. {summary.balance_line}")
+    if summary.program_created:
+        lines.append(
+            f"Loyalty programme {PROGRAM_NAME} ({summary.program_id}): created; its history is"
+            " being backfilled in the background"
+        )
+    else:
+        lines.append(
+            f"Loyalty programme {PROGRAM_NAME} ({summary.program_id}): already there, synced,"
+            f" {summary.members} members"
+        )
+        if summary.balance_line:
+            lines.append(f"  e.g. {summary.balance_line}")
     for name, members in summary.segments.items():
         lines.append(f"Segment {name!r}: {members} members")
     lines.append(f"KPI snapshot rows written: {summary.snapshot_rows}")
@@ -459,22 +497,31 @@ def run(
         uvicorn.Config(application, host=settings.host, port=settings.port, log_config=None)
     )
 
-    def replay_when_up() -> None:
+    def when_up(step: Callable[[], None], name: str) -> None:
         while not server.started:
             if server.should_exit:
                 return
             time.sleep(0.05)
         try:
-            done = replay(base_url, summary.sources.write_key, web_file, say=say)
+            step()
         except Exception:
-            logger.exception("web replay failed")
-            return
+            logger.exception("demo step failed", extra={"step": name})
+
+    def replay_web() -> None:
+        done = replay(base_url, summary.sources.write_key, web_file, say=say)
         say(
             f"web replay done: {done.messages} events in {done.requests} requests,"
             f" {done.rejected} rejected, {done.failed} failed, in {done.seconds:.1f} s"
         )
 
+    def backfill() -> None:
+        backfill_program(db, application.state.runner, summary, say=say)
+
     for line in summary_lines(summary, base_url=base_url, web_events=count_lines(web_file)):
         show(line)
-    threading.Thread(target=replay_when_up, name="demo-replay", daemon=True).start()
+    steps: list[tuple[Callable[[], None], str]] = [(replay_web, "web replay")]
+    if summary.program_created:
+        steps.append((backfill, "loyalty backfill"))
+    for step, name in steps:
+        threading.Thread(target=when_up, args=(step, name), name=name, daemon=True).start()
     server.run()
