@@ -994,13 +994,24 @@ def process_range(
 
 
 def sync_program(
-    session: Session, warehouse: Warehouse, *, program_id: str, now: datetime | None = None
+    session: Session,
+    warehouse: Warehouse,
+    *,
+    program_id: str,
+    now: datetime | None = None,
+    max_events: int | None = None,
 ) -> tuple[engine.ProcessResult, int]:
-    """Process the events loaded since the programme's high-water mark, then advance it."""
+    """Process the events loaded since the programme's high-water mark, then advance it.
+
+    `max_events` caps the range of event ids taken, so a long history can be processed in
+    several short transactions (call again until the mark stops moving).
+    """
     program = get_program(session, program_id=program_id)
     if program.status != "active":
         raise ProgramNotActive(f"programme {program.id} is {program.status}")
     up_to = _processable_up_to(warehouse)
+    if max_events is not None:
+        up_to = min(up_to, program.last_event_id + max_events)
     result = process_range(
         session,
         warehouse,
