@@ -11,11 +11,14 @@ installation would use them, and every step is idempotent, so a second run adds 
    pre-shapes it with Polars into `DATA_DIR/sample/prepared/till_orders.parquet` (Segment-style
    `Order Completed` / `Order Refunded` rows with `order_id`, `revenue`, `total` and
    `products` [{sku, category, brand, price, quantity}]), which the connector reads;
-3. identity resolution, the attribute refresh, the demo loyalty programme (created once, then
-   backfilled over the history), three saved segments and the dashboards' KPI snapshots;
-4. the server starts and a background thread replays `web_events.ndjson` through the tracking
-   API over HTTP (`/v1/batch`, several connections); the scheduler's jobs (identity every 5 s,
-   loyalty every 5 s, attributes every 5 minutes) then fold those events in. The tracking API
+3. identity resolution, the attribute refresh, the demo loyalty programme (created once),
+   three saved segments and the dashboards' KPI snapshots;
+4. the server starts; background threads then replay `web_events.ndjson` through the tracking
+   API over HTTP (`/v1/batch`, several connections) and backfill the programme over the
+   history by running the job `loyalty.process_events` through the server's job runner (its
+   first run from event 0 is the backfill, in short transactions; the runner never lets it
+   overlap the scheduler's own run). The scheduler's jobs (identity every 5 s, loyalty every
+   5 s, attributes every 5 minutes) fold the web events in as they arrive. The tracking API
    dedupes on `messageId`, so a second replay stores nothing.
 """
 
