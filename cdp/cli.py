@@ -333,7 +333,8 @@ def demo(
     seed: Annotated[int, typer.Option(help="Sample data seed")] = 42,
     port: Annotated[int | None, typer.Option(help="Port to listen on")] = None,
 ) -> None:
-    """Set up both stores and the sample data, print an admin key and serve the platform."""
+    """Load the sample data through the platform's connectors and engines, then serve it."""
+    from cdp import demo as demo_steps
     from cdp.sample_data import generate, is_generated
 
     settings = _settings()
@@ -345,21 +346,14 @@ def demo(
         console.print(f"sample data already in {sample_dir}")
     else:
         generate(customers=customers, seed=seed, out=sample_dir, progress=console)
-    db = Database.from_settings(settings)
-    try:
-        with db.begin() as session:
-            _, clear = create_key(session, name="demo admin", role=Role.admin)
-    finally:
-        db.dispose()
-    base = f"http://{settings.host}:{settings.port}"
+    configure_logging(settings.log_level, json_lines=settings.log_json)
     console.rule("CDP demo")
-    console.print(f"API docs:        {base}/docs")
-    console.print(f"Health:          {base}/readyz")
-    console.print(f"Sample data:     {sample_dir}")
-    console.print(f"Admin API key:   {clear}")
-    console.print(f'Try:  curl -H "Authorization: Bearer {clear}" {base}/api/jobs')
-    console.rule()
-    _serve(settings)
+    demo_steps.run(
+        settings,
+        sample_dir=sample_dir,
+        say=lambda line: console.print(line, soft_wrap=True),
+        show=lambda line: out.print(line, soft_wrap=True),
+    )
 
 
 identity_cli.register(

@@ -123,6 +123,12 @@ def resolve_profile_id(warehouse: Warehouse, *, profile_id: str) -> str:
     return str(merged_into) if merged_into is not None else profile_id
 
 
+def resolved_up_to(warehouse: Warehouse) -> int | None:
+    """The highest event id resolution has processed; None before its first run."""
+    rows = warehouse.rows(queries.resolved_mark())
+    return int(rows[0][0]) if rows and rows[0][0] is not None else None
+
+
 def event_profiles(
     warehouse: Warehouse, *, after_event_id: int, up_to_event_id: int | None = None
 ) -> pl.DataFrame:

@@ -12,6 +12,8 @@ from loyalty.models import Program
 
 logger = logging.getLogger(__name__)
 
+SYNC_CHUNK = 5_000  # event ids per transaction of the real-time job
+
 
 def _active_programs(context: JobContext) -> list[str]:
     with context.db.begin() as session:
@@ -22,9 +24,18 @@ def process_new_events(context: JobContext) -> int:
     """Award points for the events loaded since each active programme's high-water mark."""
     credits = 0
     for program_id in _active_programs(context):
-        with context.db.begin() as session:
-            result, _ = service.sync_program(session, context.warehouse, program_id=program_id)
-            credits += result.credits
+        mark = -1
+        while True:
+            # Short transactions: a long history (a new programme) never holds the
+            # operational store's write lock for minutes.
+            with context.db.begin() as session:
+                result, new_mark = service.sync_program(
+                    session, context.warehouse, program_id=program_id, max_events=SYNC_CHUNK
+                )
+                credits += result.credits
+            if new_mark == mark:
+                break
+            mark = new_mark
     context.message = f"{credits} credits"
     return credits
 

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from cdp.db import new_id, utcnow
 from cdp.warehouse import Warehouse
+from identity import service as identity_service
 from loyalty import calendar, engine, ledger, queries, rules, tiers
 from loyalty.errors import (
     AlreadyMember,
@@ -921,13 +922,26 @@ def resolve_profiles(
 ) -> pl.DataFrame:
     """The profile of each event in `(after, up_to]`: frame [event_id, profile_id].
 
-    PROFILE RESOLUTION: the one call to point at identity once it lands, i.e.
-    `identity_service.event_profiles(warehouse, after_event_id=..., up_to_event_id=...)`.
-    Until then an event's profile is the user id it carries, else its anonymous id.
+    Identity's profiles once resolution has run (`identity_service.event_profiles`); before
+    its first run, the user id the event carries, else its anonymous id.
     """
-    return warehouse.run(
-        queries.interim_event_profiles(after_event_id=after_event_id, up_to_event_id=up_to_event_id)
+    if identity_service.resolved_up_to(warehouse) is None:
+        return warehouse.run(
+            queries.interim_event_profiles(
+                after_event_id=after_event_id, up_to_event_id=up_to_event_id
+            )
+        )
+    return identity_service.event_profiles(
+        warehouse, after_event_id=after_event_id, up_to_event_id=up_to_event_id
     )
+
+
+def _processable_up_to(warehouse: Warehouse) -> int:
+    """The last event id to process: the newest event, but not past identity's mark (events
+    after it have no profile yet and are taken by the next run)."""
+    newest = int(warehouse.scalar(queries.max_event_id()) or 0)
+    mark = identity_service.resolved_up_to(warehouse)
+    return newest if mark is None else min(newest, mark)
 
 
 def read_events(
@@ -980,13 +994,24 @@ def process_range(
 
 
 def sync_program(
-    session: Session, warehouse: Warehouse, *, program_id: str, now: datetime | None = None
+    session: Session,
+    warehouse: Warehouse,
+    *,
+    program_id: str,
+    now: datetime | None = None,
+    max_events: int | None = None,
 ) -> tuple[engine.ProcessResult, int]:
-    """Process the events loaded since the programme's high-water mark, then advance it."""
+    """Process the events loaded since the programme's high-water mark, then advance it.
+
+    `max_events` caps the range of event ids taken, so a long history can be processed in
+    several short transactions (call again until the mark stops moving).
+    """
     program = get_program(session, program_id=program_id)
     if program.status != "active":
         raise ProgramNotActive(f"programme {program.id} is {program.status}")
-    up_to = int(warehouse.scalar(queries.max_event_id()) or 0)
+    up_to = _processable_up_to(warehouse)
+    if max_events is not None:
+        up_to = min(up_to, program.last_event_id + max_events)
     result = process_range(
         session,
         warehouse,
@@ -1008,7 +1033,7 @@ def backfill(
     Idempotent: events already processed (by real time or an earlier backfill) add nothing.
     """
     program = get_program(session, program_id=program_id)
-    up_to = int(warehouse.scalar(queries.max_event_id()) or 0)
+    up_to = _processable_up_to(warehouse)
     result = process_range(
         session, warehouse, program_id=program.id, after_event_id=0, up_to_event_id=up_to, now=now
     )

@@ -222,3 +222,26 @@ def test_sync_processes_only_events_after_the_mark(
     with db.begin() as session:
         member = service.member_by_profile(session, program_id=program.id, profile_id="a")
         assert service.member_balance(session, member_id=member.id)[1].active == 15
+
+
+def test_sync_in_capped_chunks_gives_the_same_ledger_as_one_backfill(
+    db: Database, warehouse: Warehouse
+) -> None:
+    rows = _history(seed=11)
+    _load_warehouse(warehouse, rows)
+    program = _programme_with_rules(db, "club")
+    with db.begin() as session:
+        service.backfill(session, warehouse, program_id=program.id)
+    at_once = _ledger(db, program)
+    _forget(db, program)
+    with db.begin() as session:
+        stored = session.get(Program, program.id)
+        assert stored is not None
+        stored.last_event_id = 0
+    marks: list[int] = []
+    while not marks or marks[-1] < len(rows):
+        with db.begin() as session:
+            _, mark = service.sync_program(session, warehouse, program_id=program.id, max_events=25)
+        marks.append(mark)
+    assert marks == [25, 50, 75, len(rows)]
+    assert _ledger(db, program) == at_once

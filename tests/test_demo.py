@@ -1,0 +1,198 @@
+"""`cdp demo` end to end: a real process loads the sample data and serves it; reruns add nothing."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import polars as pl
+
+from cdp.sample_data import CRM_FILE, SOURCE_CRM, SOURCE_TILL, SOURCE_WEB, WEB_FILE
+
+CUSTOMERS = 300
+CDP_DEMO = (sys.executable, "-m", "cdp.cli", "demo")
+KEY_LINE = re.compile(r"^Admin API key: (\S+)$", re.MULTILINE)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Demo:
+    proc: subprocess.Popen[str]
+    url: str
+    key: str
+    output: str
+    data_dir: Path
+
+    def get(self, path: str, **params: Any) -> Any:  # Any: JSON
+        response = httpx.get(
+            f"{self.url}{path}",
+            params=params,
+            headers={"Authorization": f"Bearer {self.key}"},
+            timeout=30,
+        )
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then re-raises the signal it received.
+        assert self.proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert not (self.data_dir / "warehouse.duckdb.holder.json").exists()
+
+
+def _start(data_dir: Path, port: int) -> Demo:
+    """Run `cdp demo` and wait until it printed its admin key and answers `/readyz`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CDP_")}
+    env.update({"CDP_DATA_DIR": str(data_dir), "CDP_LOG_JSON": "false"})
+    stdout = data_dir.parent / f"demo-{port}.out"
+    stderr = data_dir.parent / f"demo-{port}.err"
+    with stdout.open("w") as out, stderr.open("w") as err:
+        proc = subprocess.Popen(
+            [*CDP_DEMO, "--customers", str(CUSTOMERS), "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=err,
+            text=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    end = time.monotonic() + 90
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise AssertionError(f"demo exited with {proc.returncode}: {stderr.read_text()}")
+        found = KEY_LINE.search(stdout.read_text())
+        if found:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    return Demo(proc, url, found.group(1), stdout.read_text(), data_dir)
+            except httpx.TransportError:
+                pass
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"demo did not become ready: {stderr.read_text()[-3000:]}")
+
+
+def _sources(demo: Demo) -> dict[str, dict[str, Any]]:  # Any: JSON
+    page = demo.get("/api/sources", limit=100)
+    return {s["name"]: s for s in page["items"]}
+
+
+def _stats(demo: Demo, sources: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {n: demo.get(f"/api/sources/{s['id']}/stats") for n, s in sources.items()}
+
+
+def _wait_web_received(demo: Demo, source_id: str, expected: int) -> dict[str, Any]:
+    """Wait for the background replay: the web source has received `expected` messages."""
+    end = time.monotonic() + 60
+    stats: dict[str, Any] = {}
+    while time.monotonic() < end:
+        stats = demo.get(f"/api/sources/{source_id}/stats")
+        if stats["received"] >= expected:
+            return stats
+        time.sleep(0.2)
+    raise AssertionError(f"the web replay did not arrive: {stats}")
+
+
+def _wait_program_backfilled(demo: Demo) -> list[dict[str, Any]]:  # Any: JSON
+    """Wait for the background backfill: the programme's mark moves once it is done."""
+    end = time.monotonic() + 60
+    programs: list[dict[str, Any]] = []  # Any: JSON
+    while time.monotonic() < end:
+        programs = demo.get("/api/loyalty/programs")["items"]
+        if programs and all(p["last_event_id"] > 0 for p in programs):
+            return programs
+        time.sleep(0.2)
+    raise AssertionError(f"the demo programme was not backfilled: {programs}")
+
+
+def _crm_email(data_dir: Path) -> str:
+    crm = pl.read_csv(data_dir / "sample" / CRM_FILE, infer_schema_length=0)
+    clean = crm.filter(
+        pl.col("email").str.contains(r"^[a-z0-9._]+@[a-z0-9.]+\.[a-z]+$")
+        & (pl.col("email") != "test@test.com")
+    )
+    return str(clean["email"][0])
+
+
+def _positive_member(demo: Demo, program_id: str) -> tuple[str, int]:
+    members = demo.get(f"/api/loyalty/programs/{program_id}/members", limit=100)["items"]
+    for member in members:
+        balance = demo.get(f"/api/loyalty/members/{member['id']}/balance")
+        if balance["total"] > 0:
+            return member["id"], int(balance["total"])
+    raise AssertionError("no member has points")
+
+
+def test_demo_loads_the_sample_through_the_platform_and_a_rerun_adds_nothing(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "data"
+    demo = _start(data_dir, _free_port())
+    try:
+        with (data_dir / "sample" / WEB_FILE).open("rb") as web:
+            web_lines = sum(1 for _ in web)
+        sources = _sources(demo)
+        assert set(sources) == {SOURCE_CRM, SOURCE_TILL, SOURCE_WEB}
+        _wait_web_received(demo, sources[SOURCE_WEB]["id"], web_lines)
+        first = _stats(demo, sources)
+        assert all(s["accepted"] > 0 for s in first.values()), first
+        assert first[SOURCE_WEB]["accepted"] + first[SOURCE_WEB]["rejected"] == web_lines
+
+        email = _crm_email(data_dir)
+        profile = demo.get("/api/profiles/lookup", kind="email", value=email.upper())
+        assert profile["id"]
+
+        programs = _wait_program_backfilled(demo)
+        assert [p["name"] for p in programs] == ["Demo Club"]
+        _, points = _positive_member(demo, programs[0]["id"])
+        assert points > 0
+
+        segments = {s["name"] for s in demo.get("/api/segments")["items"]}
+        assert segments == {"High spenders", "Lapsed buyers", "Regular buyers"}
+        assert "/docs" in demo.output
+        assert "/dashboards" in demo.output
+    finally:
+        demo.stop()
+
+    again = _start(data_dir, _free_port())
+    try:
+        assert again.key != demo.key
+        revoked = httpx.get(
+            f"{again.url}/api/sources", headers={"Authorization": f"Bearer {demo.key}"}, timeout=5
+        )
+        assert revoked.status_code == 401
+        sources_again = _sources(again)
+        assert {n: s["id"] for n, s in sources_again.items()} == {
+            n: s["id"] for n, s in sources.items()
+        }
+        stats = _wait_web_received(again, sources[SOURCE_WEB]["id"], 2 * web_lines)
+        assert stats["accepted"] == first[SOURCE_WEB]["accepted"]
+        second = _stats(again, sources_again)
+        for name in (SOURCE_CRM, SOURCE_TILL):
+            assert second[name]["accepted"] == first[name]["accepted"]
+            assert second[name]["received"] == first[name]["received"]
+        assert "already imported" in again.output
+        programs_again = _wait_program_backfilled(again)
+        assert [p["id"] for p in programs_again] == [programs[0]["id"]]
+        assert "already there" in again.output
+        members = again.get(f"/api/loyalty/programs/{programs[0]['id']}/members", limit=500)
+        profiles = [m["profile_id"] for m in members["items"]]
+        assert len(profiles) == members["total"] > 0
+        assert len(set(profiles)) == len(profiles)
+        segments_again = again.get("/api/segments")["items"]
+        assert sorted(s["name"] for s in segments_again) == sorted(segments)
+    finally:
+        again.stop()
