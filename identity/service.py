@@ -114,6 +114,24 @@ def lookup(warehouse: Warehouse, *, kind: str, value: str) -> str | None:
     return str(rows[0][0]) if rows and rows[0][0] is not None else None
 
 
+def lookup_identifier(
+    warehouse: Warehouse, *, settings: Settings, kind: str, value: str
+) -> str | None:
+    """The profile holding an identifier given as typed (normalised first), or None."""
+    normalised = normalize(kind, value, default_region=settings.default_phone_region)
+    return None if normalised is None else lookup(warehouse, kind=kind, value=normalised)
+
+
+def resolved_up_to(warehouse: Warehouse) -> int:
+    """The highest event id resolution has processed (0 before the first run).
+
+    Later layers that key events by profile must not read past it: an event above the mark
+    has no profile yet.
+    """
+    state = {str(r[0]): r[1] for r in warehouse.rows(queries.read_state())}
+    return int(state.get(queries.STATE_MARK) or 0)
+
+
 def resolve_profile_id(warehouse: Warehouse, *, profile_id: str) -> str:
     """The live profile id for an id, following merges; ProfileNotFound if never issued."""
     rows = warehouse.rows(queries.profile_id_record(profile_id))

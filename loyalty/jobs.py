@@ -18,8 +18,27 @@ def _active_programs(context: JobContext) -> list[str]:
         return list(session.scalars(select(Program.id).where(Program.status == "active")))
 
 
+def apply_merges(context: JobContext) -> int:
+    """Apply identity's merges and splits published since each programme's merge mark."""
+    applied = 0
+    for program_id in _all_programs(context):
+        with context.db.begin() as session:
+            applied += service.sync_merges(session, context.warehouse, program_id=program_id)[0]
+    context.message = f"{applied} merges and splits applied"
+    return applied
+
+
+def _all_programs(context: JobContext) -> list[str]:
+    with context.db.begin() as session:
+        return list(session.scalars(select(Program.id)))
+
+
 def process_new_events(context: JobContext) -> int:
-    """Award points for the events loaded since each active programme's high-water mark."""
+    """Award points for the events resolved since each active programme's high-water mark.
+
+    Identity's merges are applied first, so points land on the surviving memberships.
+    """
+    apply_merges(context)
     credits = 0
     for program_id in _active_programs(context):
         with context.db.begin() as session:
@@ -48,6 +67,13 @@ def reevaluate_tiers(context: JobContext) -> int:
 
 
 JOBS: tuple[JobSpec, ...] = (
+    JobSpec(
+        "loyalty.apply_merges",
+        apply_merges,
+        "apply identity's profile merges and splits to memberships and ledgers",
+        trigger="interval",
+        trigger_args={"seconds": 30},
+    ),
     JobSpec(
         "loyalty.process_events",
         process_new_events,

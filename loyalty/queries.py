@@ -24,32 +24,21 @@ def events_between(*, after_event_id: int, up_to_event_id: int, names: list[str]
     )
 
 
-def interim_event_profiles(*, after_event_id: int, up_to_event_id: int) -> Query:
-    """Profile of each event until identity resolution is wired in: the user id, else the
-    anonymous id (the identifiers the event itself carries)."""
-    return Query(
-        """
-        SELECT event_id, coalesce(user_id, anonymous_id) AS profile_id
-        FROM events
-        WHERE event_id > $after AND event_id <= $up_to
-        """,
-        {"after": after_event_id, "up_to": up_to_event_id},
-    )
-
-
-def order_totals(*, since: object, until: object) -> Query:
+def order_totals(*, since: object, until: object, event_profiles: str) -> Query:
     """`Order Completed` events in a period: how many, their amount (`total`, else `revenue`)
-    and how many distinct buyers (the interim profile: user id, else anonymous id)."""
+    and how many distinct buyers (resolved profiles; `event_profiles` is identity's
+    parameter-free `(event_id, profile_id)` relation)."""
     return Query(
-        """
+        f"""
         SELECT count(*) AS orders,
                coalesce(sum(coalesce(
-                   TRY_CAST(json_extract_string(properties, '$.total') AS DOUBLE),
-                   TRY_CAST(json_extract_string(properties, '$.revenue') AS DOUBLE),
+                   TRY_CAST(json_extract_string(events.properties, '$.total') AS DOUBLE),
+                   TRY_CAST(json_extract_string(events.properties, '$.revenue') AS DOUBLE),
                    0)), 0) AS amount,
-               count(DISTINCT coalesce(user_id, anonymous_id)) AS buyers
+               count(DISTINCT ep.profile_id) AS buyers
         FROM events
+        LEFT JOIN ({event_profiles}) AS ep USING (event_id)
         WHERE event = 'Order Completed' AND timestamp >= $since AND timestamp < $until
-        """,
+        """,  # noqa: S608 - the relation is identity's constant SQL; values are parameters
         {"since": since, "until": until},
     )

@@ -12,8 +12,10 @@ import polars as pl
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from cdp.config import Settings
 from cdp.db import new_id, utcnow
 from cdp.warehouse import Warehouse
+from identity import service as identity_service
 from loyalty import calendar, engine, ledger, queries, rules, tiers
 from loyalty.errors import (
     AlreadyMember,
@@ -536,6 +538,51 @@ def apply_merges(
     return moved
 
 
+def sync_merges(
+    session: Session, warehouse: Warehouse, *, program_id: str, now: datetime | None = None
+) -> tuple[int, int]:
+    """Apply identity's merges and splits published since the programme's merge mark.
+
+    Returns (merges and splits applied, points moved). Replaying is harmless: a merge or a
+    split already applied changes nothing, so the mark only saves work.
+    """
+    program = get_program(session, program_id=program_id)
+    published = identity_service.merges_since(warehouse, after_seq=program.last_merge_seq)
+    moved = 0
+    for row in published.iter_rows(named=True):
+        move = merge_profiles if row["kind"] == "merge" else split_profiles
+        moved += move(
+            session,
+            program_id=program.id,
+            from_profile_id=str(row["from_profile_id"]),
+            to_profile_id=str(row["to_profile_id"]),
+            reason=row["reason"],
+            now=now,
+        )[2]
+    if published.height:
+        program.last_merge_seq = int(published["seq"].max())  # type: ignore[arg-type]
+    session.flush()
+    return published.height, moved
+
+
+def member_by_identifier(
+    session: Session,
+    warehouse: Warehouse,
+    *,
+    settings: Settings,
+    program_id: str,
+    kind: str,
+    value: str,
+) -> Member:
+    """The membership of the profile holding an identifier (normalised as identity does)."""
+    profile_id = identity_service.lookup_identifier(
+        warehouse, settings=settings, kind=kind, value=value
+    )
+    if profile_id is None:
+        raise MemberNotFound(f"no profile holds {kind} {value!r}")
+    return member_by_profile(session, program_id=program_id, profile_id=profile_id)
+
+
 def create_reward(session: Session, *, program_id: str, data: RewardCreate) -> Reward:
     """Add a reward to a programme's catalogue."""
     get_program(session, program_id=program_id)
@@ -919,14 +966,13 @@ def dry_run(
 def resolve_profiles(
     warehouse: Warehouse, *, after_event_id: int, up_to_event_id: int
 ) -> pl.DataFrame:
-    """The profile of each event in `(after, up_to]`: frame [event_id, profile_id].
+    """The profile of each resolved event in `(after, up_to]`: frame [event_id, profile_id].
 
-    PROFILE RESOLUTION: the one call to point at identity once it lands, i.e.
-    `identity_service.event_profiles(warehouse, after_event_id=..., up_to_event_id=...)`.
-    Until then an event's profile is the user id it carries, else its anonymous id.
+    Identity resolution decides (its `event_profiles`); an event it has not resolved has
+    no row, so callers never read past `identity_service.resolved_up_to`.
     """
-    return warehouse.run(
-        queries.interim_event_profiles(after_event_id=after_event_id, up_to_event_id=up_to_event_id)
+    return identity_service.event_profiles(
+        warehouse, after_event_id=after_event_id, up_to_event_id=up_to_event_id
     )
 
 
@@ -979,6 +1025,12 @@ def process_range(
     return total
 
 
+def _resolved_up_to(warehouse: Warehouse) -> int:
+    """The last event both loaded and resolved into a profile by identity."""
+    loaded = int(warehouse.scalar(queries.max_event_id()) or 0)
+    return min(loaded, identity_service.resolved_up_to(warehouse))
+
+
 def sync_program(
     session: Session, warehouse: Warehouse, *, program_id: str, now: datetime | None = None
 ) -> tuple[engine.ProcessResult, int]:
@@ -986,7 +1038,7 @@ def sync_program(
     program = get_program(session, program_id=program_id)
     if program.status != "active":
         raise ProgramNotActive(f"programme {program.id} is {program.status}")
-    up_to = int(warehouse.scalar(queries.max_event_id()) or 0)
+    up_to = _resolved_up_to(warehouse)
     result = process_range(
         session,
         warehouse,
@@ -1008,7 +1060,7 @@ def backfill(
     Idempotent: events already processed (by real time or an earlier backfill) add nothing.
     """
     program = get_program(session, program_id=program_id)
-    up_to = int(warehouse.scalar(queries.max_event_id()) or 0)
+    up_to = _resolved_up_to(warehouse)
     result = process_range(
         session, warehouse, program_id=program.id, after_event_id=0, up_to_event_id=up_to, now=now
     )
@@ -1360,7 +1412,11 @@ def kpis(
         )
     ).one()
     totals = warehouse.run(
-        queries.order_totals(since=year_ago.replace(tzinfo=None), until=now.replace(tzinfo=None))
+        queries.order_totals(
+            since=year_ago.replace(tzinfo=None),
+            until=now.replace(tzinfo=None),
+            event_profiles=identity_service.event_profile_sql(),
+        )
     ).row(0, named=True)
     other_orders = max(int(totals["orders"]) - int(member_orders), 0)
     other_amount = max(float(totals["amount"]) - float(member_amount), 0.0)
