@@ -38,14 +38,26 @@ def process_new_events(context: JobContext) -> int:
 
     Identity's merges are applied first, so points land on the surviving memberships.
     """
-    apply_merges(context)
+    changed = apply_merges(context)
     credits = 0
     for program_id in _active_programs(context):
         with context.db.begin() as session:
             result, _ = service.sync_program(session, context.warehouse, program_id=program_id)
             credits += result.credits
+            changed += result.credits + result.reversals + result.enrolled
+    if changed:
+        with context.db.begin() as session:
+            service.publish_member_snapshot(session, context.warehouse)
     context.message = f"{credits} credits"
     return credits
+
+
+def publish_snapshot(context: JobContext) -> int:
+    """Republish the warehouse member snapshot the segment fields `loyalty.*` read."""
+    with context.db.begin() as session:
+        rows = service.publish_member_snapshot(session, context.warehouse)
+    context.message = f"{rows} memberships published"
+    return rows
 
 
 def expire_points(context: JobContext) -> int:
@@ -80,6 +92,13 @@ JOBS: tuple[JobSpec, ...] = (
         "award points for newly loaded events",
         trigger="interval",
         trigger_args={"seconds": 5},
+    ),
+    JobSpec(
+        "loyalty.publish_snapshot",
+        publish_snapshot,
+        "publish the member snapshot (tier, balance, enrolment) for segment rules",
+        trigger="interval",
+        trigger_args={"minutes": 5},
     ),
     JobSpec(
         "loyalty.expire_points",

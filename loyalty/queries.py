@@ -42,3 +42,23 @@ def order_totals(*, since: object, until: object, event_profiles: str) -> Query:
         """,  # noqa: S608 - the relation is identity's constant SQL; values are parameters
         {"since": since, "until": until},
     )
+
+
+# The loyalty fields of a profile for the segment catalogue: one row per profile, from its
+# membership of the oldest programme it belongs to (a platform usually runs one programme).
+MEMBER_FIELDS_RELATION = """
+SELECT profile_id, tier, balance, enrolled, enrolled_at
+FROM (
+    SELECT profile_id, tier, balance, enrolled, enrolled_at,
+           row_number() OVER (
+               PARTITION BY profile_id ORDER BY program_created_at, program_id
+           ) AS pick
+    FROM loyalty_member_snapshot
+) AS ranked
+WHERE pick = 1
+"""
+
+
+# Replace the member snapshot with the registered frame `snapshot_frame`, in one transaction.
+DELETE_SNAPSHOT = "DELETE FROM loyalty_member_snapshot"
+INSERT_SNAPSHOT = "INSERT INTO loyalty_member_snapshot BY NAME SELECT * FROM snapshot_frame"

@@ -442,13 +442,19 @@ def sync(
     program_id: str, session: SessionDep, warehouse: WarehouseDep, idem: IdempotencyDep
 ) -> Response:
     """Process the events loaded since the programme's high-water mark now."""
+
+    def run() -> ProcessResultRead:
+        processed = _processed(*service.sync_program(session, warehouse, program_id=program_id))
+        service.publish_member_snapshot(session, warehouse)
+        return processed
+
     return run_once(
         session,
         idem=idem,
         body={},
         model=ProcessResultRead,
         status_code=200,
-        run=lambda: _processed(*service.sync_program(session, warehouse, program_id=program_id)),
+        run=run,
     )
 
 

@@ -66,8 +66,31 @@ from loyalty.schemas import (
     TierCreate,
     TierProgress,
 )
+from segments import service as segments_service
 
 logger = logging.getLogger(__name__)
+
+# Loyalty's fields in the segment catalogue (`loyalty.tier = "Gold"`, `loyalty.balance`, ...),
+# read from the member snapshot this package publishes to the warehouse.
+LOYALTY_FIELDS = segments_service.FieldSource(
+    name="loyalty",
+    relation_sql=queries.MEMBER_FIELDS_RELATION,
+    fields={
+        "tier": "string",
+        "balance": "integer",
+        "enrolled": "boolean",
+        "enrolled_at": "timestamp",
+    },
+    description="loyalty membership (oldest programme of the profile), as last published",
+)
+
+
+def register_segment_fields() -> None:
+    """Add loyalty's fields to the segment field catalogue (done at import; idempotent)."""
+    segments_service.register_field_source(LOYALTY_FIELDS)
+
+
+register_segment_fields()
 
 STATUS_CHANGES: dict[str, frozenset[str]] = {
     "draft": frozenset({"active", "ended"}),
@@ -563,6 +586,81 @@ def sync_merges(
         program.last_merge_seq = int(published["seq"].max())  # type: ignore[arg-type]
     session.flush()
     return published.height, moved
+
+
+_SNAPSHOT_SCHEMA = {
+    "program_id": pl.String(),
+    "program_created_at": pl.Datetime("us"),
+    "profile_id": pl.String(),
+    "member_id": pl.String(),
+    "status": pl.String(),
+    "enrolled": pl.Boolean(),
+    "enrolled_at": pl.Datetime("us"),
+    "tier": pl.String(),
+    "balance": pl.Int64(),
+    "refreshed_at": pl.Datetime("us"),
+}
+
+
+def publish_member_snapshot(
+    session: Session, warehouse: Warehouse, *, now: datetime | None = None
+) -> int:
+    """Rewrite the warehouse member snapshot (the segment fields) from the operational store.
+
+    One row per membership not merged away, with its tier name and spendable balance
+    (lots neither pending nor expired at `now`). Returns the number of rows published.
+    """
+    now = now or utcnow()
+    spendable = (
+        select(Lot.member_id, func.sum(Lot.remaining).label("balance"))
+        .where(
+            Lot.remaining > 0,
+            (Lot.expires_at.is_(None)) | (Lot.expires_at > now),
+            (Lot.pending_until.is_(None)) | (Lot.pending_until <= now),
+        )
+        .group_by(Lot.member_id)
+        .subquery()
+    )
+    result = session.execute(
+        select(
+            Member.program_id,
+            Program.created_at,
+            Member.profile_id,
+            Member.id,
+            Member.status,
+            Member.enrolled_at,
+            Tier.name,
+            func.coalesce(spendable.c.balance, 0),
+        )
+        .join(Program, Program.id == Member.program_id)
+        .outerjoin(Tier, Tier.id == Member.tier_id)
+        .outerjoin(spendable, spendable.c.member_id == Member.id)
+        .where(Member.status != "merged")
+    )
+    columns = list(zip(*result.all(), strict=False)) or [()] * 8
+    naive = [[v.replace(tzinfo=None) for v in col] for col in (columns[1], columns[5])]
+    frame = pl.DataFrame(
+        {
+            "program_id": columns[0],
+            "program_created_at": naive[0],
+            "profile_id": columns[2],
+            "member_id": columns[3],
+            "status": columns[4],
+            "enrolled_at": naive[1],
+            "tier": columns[6],
+            "balance": [int(v) for v in columns[7]],
+        },
+        schema={k: v for k, v in _SNAPSHOT_SCHEMA.items() if k not in ("enrolled", "refreshed_at")},
+    ).with_columns(
+        (pl.col("status") == "active").alias("enrolled"),
+        pl.lit(now.replace(tzinfo=None), dtype=pl.Datetime("us")).alias("refreshed_at"),
+    )
+    with warehouse.transaction() as cur:
+        cur.execute(queries.DELETE_SNAPSHOT)
+        cur.register("snapshot_frame", frame)
+        cur.execute(queries.INSERT_SNAPSHOT)
+        cur.unregister("snapshot_frame")
+    return frame.height
 
 
 def member_by_identifier(

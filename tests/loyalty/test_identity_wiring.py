@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import timedelta
 
-import orjson
-import polars as pl
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
@@ -14,69 +11,13 @@ from sqlalchemy import func, select
 from cdp.config import Settings
 from cdp.db import Database
 from cdp.scheduler import JobRunner
-from cdp.warehouse import Query, Warehouse
-from identity import service as identity_service
-from identity.rules import IdentityRules
+from cdp.warehouse import Warehouse
 from loyalty import jobs, service
 from loyalty.models import LedgerEntry, Member, Program
 from loyalty.schemas import RuleCreate
 from tests.conftest import BACKENDS
 from tests.loyalty.conftest import T0, earn, make_member, make_program
-
-Ident = tuple[str, str]
-
-
-def _write(
-    warehouse: Warehouse, events: Sequence[tuple[Sequence[Ident], str | None, float]]
-) -> None:
-    """Append events `(identifiers, event name, order total)` after the current maximum id."""
-    start = int(warehouse.scalar(Query("SELECT coalesce(max(event_id), 0) FROM events")))
-    ids = list(range(start + 1, start + 1 + len(events)))
-    at = [datetime(2026, 3, 2, 10) + timedelta(minutes=i) for i in ids]
-    rows = pl.DataFrame(
-        {
-            "event_id": ids,
-            "message_id": [f"m{i}" for i in ids],
-            "source_id": ["web"] * len(ids),
-            "batch_id": [1] * len(ids),
-            "type": ["track"] * len(ids),
-            "event": [name for _, name, _ in events],
-            "user_id": [dict(idents).get("user_id") for idents, _, _ in events],
-            "anonymous_id": [dict(idents).get("anonymous_id") for idents, _, _ in events],
-            "timestamp": at,
-            "received_at": at,
-            "properties": [orjson.dumps({"total": total}).decode() for _, _, total in events],
-            "traits": [None] * len(ids),
-            "context": ["{}"] * len(ids),
-        },
-        schema_overrides={"event_id": pl.Int64, "batch_id": pl.Int64, "traits": pl.String},
-    )
-    idents = pl.DataFrame(
-        [(i, k, v) for (e, _, _), i in zip(events, ids, strict=True) for k, v in e],
-        schema={"event_id": pl.Int64, "kind": pl.String, "value": pl.String},
-        orient="row",
-    )
-    with warehouse.transaction() as cur:
-        cur.register("ev_frame", rows)
-        cur.execute(
-            "INSERT INTO events SELECT event_id, message_id, source_id, batch_id, type, event,"
-            " user_id, anonymous_id, timestamp, received_at, properties::JSON, traits::JSON,"
-            " context::JSON FROM ev_frame"
-        )
-        cur.unregister("ev_frame")
-        cur.register("ei_frame", idents)
-        cur.execute("INSERT INTO event_identifiers SELECT * FROM ei_frame")
-        cur.unregister("ei_frame")
-
-
-def _resolve(warehouse: Warehouse) -> None:
-    identity_service.resolve(warehouse, settings=Settings(), rules=IdentityRules())
-
-
-def _profile(warehouse: Warehouse, kind: str, value: str) -> str:
-    profile_id = identity_service.lookup(warehouse, kind=kind, value=value)
-    assert profile_id is not None
-    return profile_id
+from tests.loyalty.identity_data import profile_of, resolve, write_events
 
 
 def _base_rule(db: Database, program: Program) -> None:
@@ -94,7 +35,7 @@ def test_events_earn_for_the_profile_identity_resolved(db: Database, warehouse: 
     program = make_program(db, enrolment="automatic")
     _base_rule(db, program)
     # An anonymous order, then a login that ties the device to an email: one person.
-    _write(
+    write_events(
         warehouse,
         [
             ([("anonymous_id", "dev-1")], "Order Completed", 10),
@@ -106,11 +47,11 @@ def test_events_earn_for_the_profile_identity_resolved(db: Database, warehouse: 
         before, mark = service.sync_program(session, warehouse, program_id=program.id)
     # Nothing resolved yet: nothing is read, the mark stays put.
     assert (before.events, mark) == (0, 0)
-    _resolve(warehouse)
+    resolve(warehouse)
     with db.begin() as session:
         result, mark = service.sync_program(session, warehouse, program_id=program.id)
         assert (result.credits, mark) == (2, 3)
-        profile_id = _profile(warehouse, "email", "ann@example.com")
+        profile_id = profile_of(warehouse, "email", "ann@example.com")
         member = service.member_by_profile(session, program_id=program.id, profile_id=profile_id)
         assert service.member_balance(session, member_id=member.id)[1].active == 15
         assert session.scalar(select(func.count()).select_from(Member)) == 1
@@ -121,24 +62,26 @@ def test_merge_in_identity_folds_two_memberships_after_the_loyalty_job(
     db: Database, warehouse: Warehouse, settings: Settings
 ) -> None:
     program = make_program(db)
-    _write(
+    write_events(
         warehouse,
         [
             ([("anonymous_id", "dev-1")], "Page Viewed", 0),
             ([("email", "bob@example.com")], "Page Viewed", 0),
         ],
     )
-    _resolve(warehouse)
-    device = _profile(warehouse, "anonymous_id", "dev-1")
-    email = _profile(warehouse, "email", "bob@example.com")
+    resolve(warehouse)
+    device = profile_of(warehouse, "anonymous_id", "dev-1")
+    email = profile_of(warehouse, "email", "bob@example.com")
     assert device != email
     first, second = make_member(db, program, device), make_member(db, program, email)
     earn(db, program, first, 30)
     earn(db, program, second, 12, at=T0 + timedelta(hours=1))
-    _write(warehouse, [([("anonymous_id", "dev-1"), ("email", "bob@example.com")], "Login", 0)])
-    _resolve(warehouse)
-    survivor = _profile(warehouse, "email", "bob@example.com")
-    assert survivor == _profile(warehouse, "anonymous_id", "dev-1")
+    write_events(
+        warehouse, [([("anonymous_id", "dev-1"), ("email", "bob@example.com")], "Login", 0)]
+    )
+    resolve(warehouse)
+    survivor = profile_of(warehouse, "email", "bob@example.com")
+    assert survivor == profile_of(warehouse, "anonymous_id", "dev-1")
     runner = JobRunner(settings, db, warehouse)
     runner.register(*jobs.JOBS)
     run = runner.run("loyalty.apply_merges", trigger="manual")
@@ -174,12 +117,12 @@ def test_member_lookup_by_any_identifier_normalises_like_identity(
     db: Database, warehouse: Warehouse, client: TestClient, loyalty_headers: dict[str, str]
 ) -> None:
     program = make_program(db)
-    _write(
+    write_events(
         warehouse,
         [([("email", "cara@example.com"), ("loyalty_card", "C-77")], "Signed Up", 0)],
     )
-    _resolve(warehouse)
-    member = make_member(db, program, _profile(warehouse, "email", "cara@example.com"))
+    resolve(warehouse)
+    member = make_member(db, program, profile_of(warehouse, "email", "cara@example.com"))
     url = f"/api/loyalty/programs/{program.id}/members/lookup"
     by_email = client.get(
         url, params={"kind": "email", "value": "  Cara@Example.COM "}, headers=loyalty_headers
