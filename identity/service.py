@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -167,13 +168,39 @@ def find_profile(warehouse: Warehouse, *, settings: Settings, kind: str, value: 
     return get_profile(warehouse, profile_id=profile_id)
 
 
+# Any: attribute values are numbers, strings, booleans or timestamps.
+AttributesProvider = Callable[[Warehouse, str], dict[str, Any] | None]
+
+# Who computes a profile's attributes. Identity must not import the layers above it, so the
+# composition root (`cdp/app.py`) registers segments' `profile_attributes` here.
+_attributes_provider: list[AttributesProvider] = []
+
+
+def register_attributes_provider(provider: AttributesProvider | None) -> None:
+    """Set (or clear, with None) the function `get_profile` asks for a profile's attributes.
+
+    `provider(warehouse, live_profile_id)` returns the attributes, or None when none are
+    computed for that profile.
+    """
+    _attributes_provider.clear()
+    if provider is not None:
+        _attributes_provider.append(provider)
+
+
 def get_profile(warehouse: Warehouse, *, profile_id: str) -> ProfileRead:
-    """A profile by id; a merged-away id answers with its survivor (and says so)."""
+    """A profile by id; a merged-away id answers with its survivor (and says so).
+
+    `attributes` holds what the registered attributes provider says about the live profile
+    (computed attributes), or None without a provider or before a computation.
+    """
     live = resolve_profile_id(warehouse, profile_id=profile_id)
     frame = warehouse.run(queries.profile_row(live))
     if frame.height == 0:
         raise ProfileNotFound(f"profile {profile_id} has no identifiers left")
-    return _profile(frame.row(0, named=True), requested=profile_id)
+    profile = _profile(frame.row(0, named=True), requested=profile_id)
+    if _attributes_provider:
+        profile.attributes = _attributes_provider[0](warehouse, profile.id)
+    return profile
 
 
 def profile_events(
