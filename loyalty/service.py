@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
 import polars as pl
-from sqlalchemy import func, select, update
+from sqlalchemy import Select, String, cast, func, null, select, update
 from sqlalchemy.orm import Session
 
 from cdp.config import Settings
@@ -1425,6 +1426,79 @@ def import_opening_balances(
         tiers_set=tiers_set,
         errors=errors,
     )
+
+
+# Any: a dialect-aware "first day of the period" SQL construct, given by the caller
+# (dashboards passes its `day_start` / `week_start` / `month_start`).
+PeriodOf = Callable[[Any], Any]
+
+# Which ledger entries make each points flow, and the sign that makes the flow positive.
+POINTS_FLOWS: dict[str, tuple[tuple[str, ...], int]] = {
+    "issued": (("earn", "import", "bonus", "adjust"), 1),
+    "redeemed": (("redeem", "refund"), -1),
+    "expired": (("expire",), -1),
+}
+
+
+def points_flow_select(
+    *,
+    flow: str,
+    start: datetime,
+    end_excl: datetime,
+    period: PeriodOf,
+    program_id: str | None,
+    by_program: bool,
+) -> Select[Any]:  # Any: period, key, value columns
+    """`period, key, value`: points of a flow (`issued`, `redeemed`, `expired`) per period.
+
+    Issued counts earned, imported and bonus points and positive manual adjustments;
+    redeemed is redemptions net of cancelled ones; expired is expiry entries. Entries are
+    dated by `occurred_at` (UTC).
+    """
+    kinds, sign = POINTS_FLOWS[flow]
+    when = period(LedgerEntry.occurred_at).label("period")
+    key = (LedgerEntry.program_id if by_program else cast(null(), String)).label("key")
+    query = (
+        select(when, key, (sign * func.sum(LedgerEntry.points)).label("value"))
+        .where(
+            LedgerEntry.kind.in_(kinds),
+            LedgerEntry.occurred_at >= start,
+            LedgerEntry.occurred_at < end_excl,
+        )
+        .group_by(when, key)
+        .order_by(when, key)
+    )
+    if flow == "issued":
+        query = query.where((LedgerEntry.kind != "adjust") | (LedgerEntry.points > 0))
+    if program_id is not None:
+        query = query.where(LedgerEntry.program_id == program_id)
+    return query
+
+
+def enrolments_select(
+    *,
+    start: datetime,
+    end_excl: datetime,
+    period: PeriodOf,
+    program_id: str | None,
+    by_program: bool,
+) -> Select[Any]:  # Any: period, key, value columns
+    """`period, key, value`: memberships by enrolment day (merged-away ones not counted)."""
+    when = period(Member.enrolled_at).label("period")
+    key = (Member.program_id if by_program else cast(null(), String)).label("key")
+    query = (
+        select(when, key, func.count().label("value"))
+        .where(
+            Member.status != "merged",
+            Member.enrolled_at >= start,
+            Member.enrolled_at < end_excl,
+        )
+        .group_by(when, key)
+        .order_by(when, key)
+    )
+    if program_id is not None:
+        query = query.where(Member.program_id == program_id)
+    return query
 
 
 def kpis(
