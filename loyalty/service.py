@@ -5,12 +5,25 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 import orjson
 import polars as pl
-from sqlalchemy import Select, String, cast, func, null, select, update
+from sqlalchemy import (
+    Date,
+    Float,
+    Select,
+    String,
+    case,
+    cast,
+    false,
+    func,
+    literal,
+    null,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from cdp.config import Settings
@@ -1496,6 +1509,135 @@ def enrolments_select(
         .group_by(when, key)
         .order_by(when, key)
     )
+    if program_id is not None:
+        query = query.where(Member.program_id == program_id)
+    return query
+
+
+def active_members_select(
+    *,
+    start: datetime,
+    end_excl: datetime,
+    period: PeriodOf,
+    program_id: str | None,
+    by_program: bool,
+) -> Select[Any]:  # Any: period, key, value columns
+    """`period, key, value`: distinct members who earned or redeemed in each period."""
+    when = period(LedgerEntry.occurred_at).label("period")
+    key = (LedgerEntry.program_id if by_program else cast(null(), String)).label("key")
+    query = (
+        select(when, key, func.count(func.distinct(LedgerEntry.member_id)).label("value"))
+        .where(
+            LedgerEntry.kind.in_(["earn", "redeem"]),
+            LedgerEntry.occurred_at >= start,
+            LedgerEntry.occurred_at < end_excl,
+        )
+        .group_by(when, key)
+        .order_by(when, key)
+    )
+    if program_id is not None:
+        query = query.where(LedgerEntry.program_id == program_id)
+    return query
+
+
+def redemption_rate_select(
+    *,
+    start: datetime,
+    end_excl: datetime,
+    period: PeriodOf,
+    program_id: str | None,
+    by_program: bool,
+) -> Select[Any]:  # Any: period, key, value columns
+    """`period, key, value`: points redeemed / points issued in each period (see POINTS_FLOWS)."""
+    issued_kinds, _ = POINTS_FLOWS["issued"]
+    redeemed_kinds, _ = POINTS_FLOWS["redeemed"]
+    points = LedgerEntry.points
+    issued = func.sum(
+        case(
+            (
+                LedgerEntry.kind.in_(issued_kinds)
+                & ((LedgerEntry.kind != "adjust") | (points > 0)),
+                points,
+            ),
+            else_=0,
+        )
+    )
+    redeemed = -func.sum(case((LedgerEntry.kind.in_(redeemed_kinds), points), else_=0))
+    when = period(LedgerEntry.occurred_at).label("period")
+    key = (LedgerEntry.program_id if by_program else cast(null(), String)).label("key")
+    query = (
+        select(when, key, (cast(redeemed, Float) / func.nullif(issued, 0)).label("value"))
+        .where(LedgerEntry.occurred_at >= start, LedgerEntry.occurred_at < end_excl)
+        .group_by(when, key)
+        .having(issued != 0)
+        .order_by(when, key)
+    )
+    if program_id is not None:
+        query = query.where(LedgerEntry.program_id == program_id)
+    return query
+
+
+def members_now_select(
+    *, period_value: date | None, program_id: str | None, breakdown: str | None
+) -> Select[date, str, int]:
+    """`period, key, value`: memberships not merged away now, on the period `period_value`.
+
+    A level known only now (None: the range does not include today, nothing is answered).
+    Breakdown `program` or `status`.
+    """
+    keys = {"program": Member.program_id, "status": Member.status}
+    key = (keys[breakdown] if breakdown else cast(null(), String)).label("key")
+    at = literal(period_value, Date()).label("period")
+    query = (
+        select(at, key, func.count().label("value"))
+        .where(Member.status != "merged")
+        .group_by(key)
+        .order_by(key)
+    )
+    if period_value is None:
+        query = query.where(false())
+    if program_id is not None:
+        query = query.where(Member.program_id == program_id)
+    return query
+
+
+def liability_now_select(
+    *, period_value: date | None, now: datetime, program_id: str | None, by_program: bool
+) -> Select[date, str, int]:
+    """`period, key, value`: unexpired points left (pending too) times the point value."""
+    key = (Lot.program_id if by_program else cast(null(), String)).label("key")
+    at = literal(period_value, Date()).label("period")
+    query = (
+        select(at, key, func.sum(Lot.remaining * Program.point_value).label("value"))
+        .join(Program, Program.id == Lot.program_id)
+        .where(Lot.remaining > 0, (Lot.expires_at.is_(None)) | (Lot.expires_at > now))
+        .group_by(key)
+        .order_by(key)
+    )
+    if period_value is None:
+        query = query.where(false())
+    if program_id is not None:
+        query = query.where(Lot.program_id == program_id)
+    return query
+
+
+def tier_distribution_select(
+    *, period_value: date | None, program_id: str | None, by_tier: bool
+) -> Select[date, str, int]:
+    """`period, key, value`: active members now by tier name (`none` without a tier)."""
+    name = func.coalesce(Tier.name, "none")
+    key = (name if by_tier else cast(null(), String)).label("key")
+    at = literal(period_value, Date()).label("period")
+    query = (
+        select(at, key, func.count().label("value"))
+        .select_from(Member)
+        .outerjoin(Tier, Tier.id == Member.tier_id)
+        .where(Member.status == "active")
+        .group_by(key)
+        .order_by(key)
+    )
+    if period_value is None:
+        query = query.where(false())
     if program_id is not None:
         query = query.where(Member.program_id == program_id)
     return query

@@ -56,6 +56,71 @@ def enrolments(
     )
 
 
+def _flow_builder(select_of: Any) -> Any:  # Any: a loyalty service select builder
+    def build(
+        *,
+        start: date,
+        end: date,
+        grain: Grain,
+        breakdown: Breakdown | None,
+        program_id: str | None,
+    ) -> Select[Any]:  # Any: period, key, value
+        first, end_excl = _window(start, end)
+        return select_of(  # type: ignore[no-any-return]
+            start=first,
+            end_excl=end_excl,
+            period=PERIOD_START[grain],
+            program_id=program_id,
+            by_program=breakdown == "program",
+        )
+
+    return build
+
+
+def _today_period(start: date, end: date, grain: Grain) -> date | None:
+    """Today's period at the grain, when the range includes today; levels are known only now."""
+    today = datetime.now(UTC).date()
+    if not start <= today <= end:
+        return None
+    if grain == "week":
+        return today - timedelta(days=today.weekday())
+    if grain == "month":
+        return today.replace(day=1)
+    return today
+
+
+def members(
+    *, start: date, end: date, grain: Grain, breakdown: Breakdown | None, program_id: str | None
+) -> Select[date, str, int]:
+    """Memberships now (not merged away), on today's period."""
+    return loyalty_service.members_now_select(
+        period_value=_today_period(start, end, grain), program_id=program_id, breakdown=breakdown
+    )
+
+
+def points_liability(
+    *, start: date, end: date, grain: Grain, breakdown: Breakdown | None, program_id: str | None
+) -> Select[date, str, int]:
+    """Outstanding points valued at the programme's point value, now."""
+    return loyalty_service.liability_now_select(
+        period_value=_today_period(start, end, grain),
+        now=datetime.now(UTC),
+        program_id=program_id,
+        by_program=breakdown == "program",
+    )
+
+
+def tier_distribution(
+    *, start: date, end: date, grain: Grain, breakdown: Breakdown | None, program_id: str | None
+) -> Select[date, str, int]:
+    """Active members by tier now."""
+    return loyalty_service.tier_distribution_select(
+        period_value=_today_period(start, end, grain),
+        program_id=program_id,
+        by_tier=breakdown == "tier",
+    )
+
+
 def _points(name: str, title: str, flow: str, description: str) -> Metric:
     return Metric(
         name=name,
@@ -84,6 +149,71 @@ METRICS: tuple[Metric, ...] = (
         "Points spent on rewards, net of cancelled redemptions.",
     ),
     _points("points_expired", "Points expired", "expired", "Points removed by expiry."),
+    Metric(
+        name="active_members",
+        title="Active members",
+        unit="members",
+        store="operational",
+        package="loyalty",
+        description="Distinct members who earned or redeemed in the period.",
+        build=_flow_builder(loyalty_service.active_members_select),
+        breakdowns=("program",),
+        aggregation="distinct",
+        program_scoped=True,
+    ),
+    Metric(
+        name="redemption_rate",
+        title="Redemption rate",
+        unit="ratio",
+        store="operational",
+        package="loyalty",
+        description="Points redeemed divided by points issued in the period (no value when "
+        "nothing was issued).",
+        build=_flow_builder(loyalty_service.redemption_rate_select),
+        breakdowns=("program",),
+        aggregation="distinct",
+        integer=False,
+        program_scoped=True,
+    ),
+    Metric(
+        name="members",
+        title="Members",
+        unit="members",
+        store="operational",
+        package="loyalty",
+        description="Memberships not merged away, as of today (earlier days from the daily "
+        "snapshots).",
+        build=members,
+        breakdowns=("program", "status"),
+        aggregation="last",
+        program_scoped=True,
+    ),
+    Metric(
+        name="points_liability",
+        title="Outstanding points liability",
+        unit="currency",
+        store="operational",
+        package="loyalty",
+        description="Unexpired points left (pending included) times the programme's point "
+        "value, as of today.",
+        build=points_liability,
+        breakdowns=("program",),
+        aggregation="last",
+        integer=False,
+        program_scoped=True,
+    ),
+    Metric(
+        name="tier_distribution",
+        title="Tier distribution",
+        unit="members",
+        store="operational",
+        package="loyalty",
+        description="Active members per tier (`none` without a tier), as of today.",
+        build=tier_distribution,
+        breakdowns=("tier",),
+        aggregation="last",
+        program_scoped=True,
+    ),
     Metric(
         name="enrolments",
         title="Enrolments",

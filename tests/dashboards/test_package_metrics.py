@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import polars as pl
 import pytest
@@ -14,7 +14,7 @@ from cdp.warehouse import Warehouse
 from dashboards import service
 from identity import service as identity_service
 from identity.rules import IdentityRules
-from loyalty.models import LedgerEntry, Member
+from loyalty.models import LedgerEntry, Lot, Member, Tier
 from tests.conftest import BACKENDS
 from tests.dashboards.conftest import DAY, at, aware, load_batches
 from tests.identity.conftest import Ev, EventWriter
@@ -272,3 +272,131 @@ def test_points_flows_and_enrolments_match_the_ledger(db: Database, warehouse: W
     assert _values(db, warehouse, "enrolments", DAY, end, breakdown="program") == enrolled
     weekly = _values(db, warehouse, "points_issued", DAY, end, grain="week")
     assert weekly == {(DAY, None): sum(issued.values())}
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_programme_levels_active_members_and_redemption_rate_match_the_ledger(
+    db: Database, warehouse: Warehouse
+) -> None:
+    club = make_program(db, name="Club", point_value=0.01)
+    other = make_program(db, name="Other", point_value=0.05)
+    now = datetime.now(UTC)
+    with db.begin() as session:
+        gold = Tier(program_id=club.id, name="Gold", rank=2, threshold=100)
+        silver = Tier(program_id=club.id, name="Silver", rank=1, threshold=0)
+        session.add_all([gold, silver])
+        session.flush()
+        people = [  # program, status, tier
+            (club, "active", gold.id),
+            (club, "active", silver.id),
+            (club, "active", gold.id),
+            (club, "merged", gold.id),
+            (club, "opted_out", None),
+            (other, "active", None),
+        ]
+        ids = []
+        for program, status, tier_id in people:
+            member = Member(
+                program_id=program.id, profile_id=new_id(), status=status, tier_id=tier_id
+            )
+            session.add(member)
+            session.flush()
+            ids.append((member.id, program.id))
+        lots = [  # member index, remaining, expires in days (None: never)
+            (0, 100, None),
+            (0, 50, -1),
+            (1, 30, 10),
+            (2, 0, None),
+            (5, 200, 5),
+        ]
+        flows = [  # member index, kind, points, day offset
+            (0, "earn", 100, 0),
+            (1, "earn", 50, 0),
+            (1, "redeem", -20, 0),
+            (2, "redeem", -10, 1),
+            (2, "adjust", 40, 1),
+            (5, "earn", 30, 0),
+        ]
+        for i, (who, kind, points, offset) in enumerate(flows):
+            when = aware(DAY + timedelta(days=offset))
+            session.add(
+                LedgerEntry(
+                    program_id=ids[who][1],
+                    member_id=ids[who][0],
+                    kind=kind,
+                    points=points,
+                    occurred_at=when,
+                    local_date=when.date(),
+                    idempotency_key=f"flow:{i}",
+                )
+            )
+        for i, (who, remaining, days) in enumerate(lots):
+            entry = LedgerEntry(
+                program_id=ids[who][1],
+                member_id=ids[who][0],
+                kind="earn",
+                points=remaining,
+                occurred_at=now - timedelta(days=400),
+                local_date=(now - timedelta(days=400)).date(),
+                idempotency_key=f"lot:{i}",
+            )
+            session.add(entry)
+            session.flush()
+            session.add(
+                Lot(
+                    entry_id=entry.id,
+                    program_id=ids[who][1],
+                    member_id=ids[who][0],
+                    points=remaining,
+                    remaining=remaining,
+                    earned_at=entry.occurred_at,
+                    expires_at=None if days is None else now + timedelta(days=days),
+                )
+            )
+    today = service.today()
+    week = today - timedelta(days=today.weekday())
+    levels = (today - timedelta(days=3), today)
+    live = [(p, s, t) for p, s, t in people if s != "merged"]
+    assert _values(db, warehouse, "members", *levels) == {(today, None): len(live)}
+    by_status = Counter((today, s) for _, s, _ in live)
+    assert _values(db, warehouse, "members", *levels, breakdown="status") == by_status
+    assert _values(db, warehouse, "members", *levels, program_id=other.id) == {(today, None): 1}
+    assert _values(db, warehouse, "members", *levels, grain="week") == {(week, None): len(live)}
+    # Before today nothing is known (the daily snapshots keep the history).
+    assert _values(db, warehouse, "members", DAY, DAY) == {}
+
+    value = {club.id: 0.01, other.id: 0.05}
+    liability: dict[Point, float] = {}
+    for who, remaining, days in lots:
+        if days is None or days > 0:
+            point = (today, ids[who][1])
+            liability[point] = liability.get(point, 0.0) + remaining * value[ids[who][1]]
+    got = _values(db, warehouse, "points_liability", *levels, breakdown="program")
+    assert got == pytest.approx({k: v for k, v in liability.items() if v})
+
+    names = {None: "none", gold.id: "Gold", silver.id: "Silver"}
+    tiers = Counter((today, names[t]) for p, s, t in people if s == "active" and p.id == club.id)
+    got_tiers = _values(
+        db, warehouse, "tier_distribution", *levels, breakdown="tier", program_id=club.id
+    )
+    assert got_tiers == tiers
+
+    end = DAY + timedelta(days=6)
+    active: dict[Point, set[str]] = {}
+    for who, kind, _, offset in flows:
+        if kind in ("earn", "redeem"):
+            active.setdefault((DAY + timedelta(days=offset), None), set()).add(ids[who][0])
+    assert _values(db, warehouse, "active_members", DAY, end) == {
+        k: len(v) for k, v in active.items()
+    }
+    weekly_active = {ids[w][0] for w, k, _, _ in flows if k in ("earn", "redeem")}
+    assert _values(db, warehouse, "active_members", DAY, end, grain="week") == {
+        (DAY, None): len(weekly_active)
+    }
+    rate: dict[Point, float] = {}
+    for offset in (0, 1):
+        day_flows = [(k, p) for _, k, p, o in flows if o == offset]
+        issued = sum(p for k, p in day_flows if k in ("earn", "adjust") and p > 0)
+        redeemed = -sum(p for k, p in day_flows if k == "redeem")
+        rate[(DAY + timedelta(days=offset), None)] = redeemed / issued
+    assert _values(db, warehouse, "redemption_rate", DAY, end) == pytest.approx(rate)

@@ -45,6 +45,11 @@ def test_catalogue_lists_metrics_with_breakdowns_and_what_is_still_to_come(
         "points_redeemed",
         "points_expired",
         "enrolments",
+        "active_members",
+        "redemption_rate",
+        "members",
+        "points_liability",
+        "tier_distribution",
     }
     assert metrics["events_received"]["breakdowns"] == ["source", "event_type"]
     assert metrics["job_runs"]["store"] == "operational"
