@@ -20,8 +20,11 @@ import polars as pl
 from sqlalchemy import Select, select
 
 from benchmarks.core import Measure, Result, timer
+from cdp.config import Settings
 from cdp.db import Base, Database
 from cdp.warehouse import Query, Warehouse
+from identity import service as identity_service
+from identity.rules import IdentityRules
 from loyalty import engine, service
 from loyalty.models import LedgerEntry, Rule
 from loyalty.schemas import ProgramCreate, RuleCreate
@@ -153,7 +156,7 @@ def history(customers: int, seed: int = 7) -> pl.DataFrame:
 
 
 def load(warehouse: Warehouse, frame: pl.DataFrame) -> None:
-    """Bulk-load events into the warehouse through Arrow."""
+    """Bulk-load events and their user ids into the warehouse through Arrow, then resolve."""
     with warehouse.cursor() as cur:
         cur.register("incoming", frame.to_arrow())
         cur.execute(
@@ -162,6 +165,14 @@ def load(warehouse: Warehouse, frame: pl.DataFrame) -> None:
             " context::JSON FROM incoming"
         )
         cur.unregister("incoming")
+        identifiers = frame.select(
+            "event_id", pl.lit("user_id").alias("kind"), pl.col("user_id").alias("value")
+        )
+        cur.register("incoming_ids", identifiers.to_arrow())
+        cur.execute("INSERT INTO event_identifiers SELECT * FROM incoming_ids")
+        cur.unregister("incoming_ids")
+    # Loyalty reads the profiles identity resolved (one per customer id here), not timed.
+    identity_service.resolve(warehouse, settings=Settings(), rules=IdentityRules())
 
 
 def run(scale: int, workdir: Path) -> Result:

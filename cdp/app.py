@@ -28,13 +28,16 @@ from cdp.warehouse import Warehouse
 from dashboards import jobs as dashboards_jobs
 from dashboards.router import router as dashboards_router
 from identity import jobs as identity_jobs
+from identity import service as identity_service
 from identity.router import router as identity_router
 from ingestion import jobs as ingestion_jobs
 from ingestion.router import router as ingestion_router
 from ingestion.runtime import lifecycle as ingestion_lifecycle
 from loyalty import jobs as loyalty_jobs
+from loyalty import service as loyalty_service
 from loyalty.router import router as loyalty_router
 from segments import jobs as segments_jobs
+from segments import service as segments_service
 from segments.router import router as segments_router
 
 logger = logging.getLogger(__name__)
@@ -165,6 +168,21 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
 
+def _segment_attributes(warehouse: Warehouse, profile_id: str) -> dict[str, Any] | None:
+    """Segments' computed attributes of a profile, for identity's profile API."""
+    return segments_service.profile_attributes(warehouse, profile_id=profile_id)
+
+
+def wire_packages() -> None:
+    """Register what a lower layer needs from a higher one (see ARCHITECTURE.md).
+
+    Identity's profile API shows segments' computed attributes; loyalty's segment fields
+    register when `loyalty.service` is imported (and again here, idempotently).
+    """
+    identity_service.register_attributes_provider(_segment_attributes)
+    loyalty_service.register_segment_fields()
+
+
 def registered_jobs() -> tuple[JobSpec, ...]:
     """Every job of every package, as the scheduler and the CLI see them."""
     return (
@@ -201,6 +219,7 @@ def create_app(
         holder=f"cdp server (http://{settings.host}:{settings.port})",
     )
     warehouse.open()
+    wire_packages()
     runner = JobRunner(settings, db, warehouse)
     runner.register(*registered_jobs())
     use_scheduler = settings.scheduler.enabled if start_scheduler is None else start_scheduler

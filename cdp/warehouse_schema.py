@@ -328,6 +328,30 @@ MIGRATIONS: list[WarehouseMigration] = [
         ),
     ),
     WarehouseMigration(
+        30,
+        "loyalty: member snapshot for the segment field catalogue",
+        (
+            # One row per (programme, profile) membership that is not merged away, rewritten
+            # by `loyalty.service.publish_member_snapshot` (job `loyalty.publish_snapshot` and
+            # after each sync). `balance` is the spendable (active) balance at `refreshed_at`;
+            # `enrolled` is true while the membership is active.
+            """
+            CREATE TABLE loyalty_member_snapshot (
+                program_id VARCHAR NOT NULL,
+                program_created_at TIMESTAMP NOT NULL,
+                profile_id VARCHAR NOT NULL,
+                member_id VARCHAR NOT NULL,
+                status VARCHAR NOT NULL,
+                enrolled BOOLEAN NOT NULL,
+                enrolled_at TIMESTAMP NOT NULL,
+                tier VARCHAR,
+                balance BIGINT NOT NULL,
+                refreshed_at TIMESTAMP NOT NULL
+            )
+            """,
+        ),
+    ),
+    WarehouseMigration(
         40,
         "dashboards: daily KPI snapshots",
         (

@@ -125,7 +125,13 @@ class Catalogue:
 
 
 # Modules declaring `METRICS: tuple[Metric, ...]`; one per package whose data has KPIs.
-METRIC_MODULES: tuple[str, ...] = ("dashboards.kpis.data_health",)
+METRIC_MODULES: tuple[str, ...] = (
+    "dashboards.kpis.data_health",
+    "dashboards.kpis.ingestion",
+    "dashboards.kpis.identity",
+    "dashboards.kpis.segments",
+    "dashboards.kpis.loyalty",
+)
 
 
 def load_catalogue(modules: Iterable[str] = METRIC_MODULES) -> Catalogue:

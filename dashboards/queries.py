@@ -76,6 +76,13 @@ def _params(
     return {"grain": grain, "breakdown": breakdown, **_bounds(start, end)}
 
 
+def metric_params(
+    start: date, end: date, grain: Grain, breakdown: Breakdown | None, offered: tuple[str, ...]
+) -> dict[str, object]:
+    """`grain`, `breakdown`, `start`, `end_excl` for a warehouse metric statement."""
+    return _params(start, end, grain, breakdown, offered)
+
+
 def events_received(
     *,
     start: date,

@@ -65,6 +65,16 @@ STANDARD: tuple[StandardDashboard, ...] = (
                 grain="week",
                 chart="table",
             ),
+            Widget(metric="events_rejected", chart="number"),
+            Widget(metric="duplicates_dropped", chart="number"),
+            Widget(metric="identifiers_per_profile", chart="number"),
+            Widget(title="Profile merges per day", metric="merge_rate", chart="line"),
+            Widget(
+                title="Rejected events per source",
+                metric="events_rejected",
+                breakdown="source",
+                chart="bar",
+            ),
         ),
     ),
     StandardDashboard(

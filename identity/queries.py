@@ -57,11 +57,6 @@ def write_state(name: str, *, number: int | None = None, text: str | None = None
     )
 
 
-def resolved_mark() -> Query:
-    """The highest event id resolution has processed (no row before the first run)."""
-    return Query("SELECT number FROM identity_state WHERE name = $name", {"name": STATE_MARK})
-
-
 MAX_EVENT_ID = Query("SELECT coalesce(max(event_id), 0) FROM event_identifiers")
 MAX_OVERRIDE_VERSION = Query("SELECT coalesce(max(version), 0) FROM identity_link_overrides")
 

@@ -23,6 +23,11 @@ class ProfileRead(BaseModel):
     event_count: int
     identifiers: dict[str, list[str]]
     traits: dict[str, Any]  # Any: JSON trait values
+    attributes: dict[str, Any] | None = Field(  # Any: attribute values
+        default=None,
+        description="Computed attributes (with `computed_at`) when computed; only on the "
+        "single-profile routes",
+    )
 
 
 class EventRead(BaseModel):

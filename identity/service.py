@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -114,6 +115,24 @@ def lookup(warehouse: Warehouse, *, kind: str, value: str) -> str | None:
     return str(rows[0][0]) if rows and rows[0][0] is not None else None
 
 
+def lookup_identifier(
+    warehouse: Warehouse, *, settings: Settings, kind: str, value: str
+) -> str | None:
+    """The profile holding an identifier given as typed (normalised first), or None."""
+    normalised = normalize(kind, value, default_region=settings.default_phone_region)
+    return None if normalised is None else lookup(warehouse, kind=kind, value=normalised)
+
+
+def resolved_up_to(warehouse: Warehouse) -> int:
+    """The highest event id resolution has processed (0 before the first run).
+
+    Later layers that key events by profile must not read past it: an event above the mark
+    has no profile yet.
+    """
+    state = {str(r[0]): r[1] for r in warehouse.rows(queries.read_state())}
+    return int(state.get(queries.STATE_MARK) or 0)
+
+
 def resolve_profile_id(warehouse: Warehouse, *, profile_id: str) -> str:
     """The live profile id for an id, following merges; ProfileNotFound if never issued."""
     rows = warehouse.rows(queries.profile_id_record(profile_id))
@@ -121,12 +140,6 @@ def resolve_profile_id(warehouse: Warehouse, *, profile_id: str) -> str:
         raise ProfileNotFound(f"profile {profile_id} does not exist")
     merged_into = rows[0][1]
     return str(merged_into) if merged_into is not None else profile_id
-
-
-def resolved_up_to(warehouse: Warehouse) -> int | None:
-    """The highest event id resolution has processed; None before its first run."""
-    rows = warehouse.rows(queries.resolved_mark())
-    return int(rows[0][0]) if rows and rows[0][0] is not None else None
 
 
 def event_profiles(
@@ -155,13 +168,39 @@ def find_profile(warehouse: Warehouse, *, settings: Settings, kind: str, value: 
     return get_profile(warehouse, profile_id=profile_id)
 
 
+# Any: attribute values are numbers, strings, booleans or timestamps.
+AttributesProvider = Callable[[Warehouse, str], dict[str, Any] | None]
+
+# Who computes a profile's attributes. Identity must not import the layers above it, so the
+# composition root (`cdp/app.py`) registers segments' `profile_attributes` here.
+_attributes_provider: list[AttributesProvider] = []
+
+
+def register_attributes_provider(provider: AttributesProvider | None) -> None:
+    """Set (or clear, with None) the function `get_profile` asks for a profile's attributes.
+
+    `provider(warehouse, live_profile_id)` returns the attributes, or None when none are
+    computed for that profile.
+    """
+    _attributes_provider.clear()
+    if provider is not None:
+        _attributes_provider.append(provider)
+
+
 def get_profile(warehouse: Warehouse, *, profile_id: str) -> ProfileRead:
-    """A profile by id; a merged-away id answers with its survivor (and says so)."""
+    """A profile by id; a merged-away id answers with its survivor (and says so).
+
+    `attributes` holds what the registered attributes provider says about the live profile
+    (computed attributes), or None without a provider or before a computation.
+    """
     live = resolve_profile_id(warehouse, profile_id=profile_id)
     frame = warehouse.run(queries.profile_row(live))
     if frame.height == 0:
         raise ProfileNotFound(f"profile {profile_id} has no identifiers left")
-    return _profile(frame.row(0, named=True), requested=profile_id)
+    profile = _profile(frame.row(0, named=True), requested=profile_id)
+    if _attributes_provider:
+        profile.attributes = _attributes_provider[0](warehouse, profile.id)
+    return profile
 
 
 def profile_events(

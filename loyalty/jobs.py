@@ -20,8 +20,27 @@ def _active_programs(context: JobContext) -> list[str]:
         return list(session.scalars(select(Program.id).where(Program.status == "active")))
 
 
+def apply_merges(context: JobContext) -> int:
+    """Apply identity's merges and splits published since each programme's merge mark."""
+    applied = 0
+    for program_id in _all_programs(context):
+        with context.db.begin() as session:
+            applied += service.sync_merges(session, context.warehouse, program_id=program_id)[0]
+    context.message = f"{applied} merges and splits applied"
+    return applied
+
+
+def _all_programs(context: JobContext) -> list[str]:
+    with context.db.begin() as session:
+        return list(session.scalars(select(Program.id)))
+
+
 def process_new_events(context: JobContext) -> int:
-    """Award points for the events loaded since each active programme's high-water mark."""
+    """Award points for the events resolved since each active programme's high-water mark.
+
+    Identity's merges are applied first, so points land on the surviving memberships.
+    """
+    changed = apply_merges(context)
     credits = 0
     for program_id in _active_programs(context):
         mark = -1
@@ -33,11 +52,23 @@ def process_new_events(context: JobContext) -> int:
                     session, context.warehouse, program_id=program_id, max_events=SYNC_CHUNK
                 )
                 credits += result.credits
+                changed += result.credits + result.reversals + result.enrolled
             if new_mark == mark:
                 break
             mark = new_mark
+    if changed:
+        with context.db.begin() as session:
+            service.publish_member_snapshot(session, context.warehouse)
     context.message = f"{credits} credits"
     return credits
+
+
+def publish_snapshot(context: JobContext) -> int:
+    """Republish the warehouse member snapshot the segment fields `loyalty.*` read."""
+    with context.db.begin() as session:
+        rows = service.publish_member_snapshot(session, context.warehouse)
+    context.message = f"{rows} memberships published"
+    return rows
 
 
 def expire_points(context: JobContext) -> int:
@@ -60,11 +91,25 @@ def reevaluate_tiers(context: JobContext) -> int:
 
 JOBS: tuple[JobSpec, ...] = (
     JobSpec(
+        "loyalty.apply_merges",
+        apply_merges,
+        "apply identity's profile merges and splits to memberships and ledgers",
+        trigger="interval",
+        trigger_args={"seconds": 30},
+    ),
+    JobSpec(
         "loyalty.process_events",
         process_new_events,
         "award points for newly loaded events",
         trigger="interval",
         trigger_args={"seconds": 5},
+    ),
+    JobSpec(
+        "loyalty.publish_snapshot",
+        publish_snapshot,
+        "publish the member snapshot (tier, balance, enrolment) for segment rules",
+        trigger="interval",
+        trigger_args={"minutes": 5},
     ),
     JobSpec(
         "loyalty.expire_points",

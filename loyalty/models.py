@@ -44,6 +44,8 @@ class Program(Base):
     tier_grace_days: Mapped[int] = mapped_column(Integer, default=0)
     # High-water mark of the warehouse `events` processed for this programme.
     last_event_id: Mapped[int] = mapped_column(BigInteger, default=0)
+    # High-water mark of identity's published merges (`seq`) applied to the memberships.
+    last_merge_seq: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 

@@ -24,32 +24,41 @@ def events_between(*, after_event_id: int, up_to_event_id: int, names: list[str]
     )
 
 
-def interim_event_profiles(*, after_event_id: int, up_to_event_id: int) -> Query:
-    """Profile of each event until identity resolution is wired in: the user id, else the
-    anonymous id (the identifiers the event itself carries)."""
-    return Query(
-        """
-        SELECT event_id, coalesce(user_id, anonymous_id) AS profile_id
-        FROM events
-        WHERE event_id > $after AND event_id <= $up_to
-        """,
-        {"after": after_event_id, "up_to": up_to_event_id},
-    )
-
-
-def order_totals(*, since: object, until: object) -> Query:
+def order_totals(*, since: object, until: object, event_profiles: str) -> Query:
     """`Order Completed` events in a period: how many, their amount (`total`, else `revenue`)
-    and how many distinct buyers (the interim profile: user id, else anonymous id)."""
+    and how many distinct buyers (resolved profiles; `event_profiles` is identity's
+    parameter-free `(event_id, profile_id)` relation)."""
     return Query(
-        """
+        f"""
         SELECT count(*) AS orders,
                coalesce(sum(coalesce(
-                   TRY_CAST(json_extract_string(properties, '$.total') AS DOUBLE),
-                   TRY_CAST(json_extract_string(properties, '$.revenue') AS DOUBLE),
+                   TRY_CAST(json_extract_string(events.properties, '$.total') AS DOUBLE),
+                   TRY_CAST(json_extract_string(events.properties, '$.revenue') AS DOUBLE),
                    0)), 0) AS amount,
-               count(DISTINCT coalesce(user_id, anonymous_id)) AS buyers
+               count(DISTINCT ep.profile_id) AS buyers
         FROM events
+        LEFT JOIN ({event_profiles}) AS ep USING (event_id)
         WHERE event = 'Order Completed' AND timestamp >= $since AND timestamp < $until
-        """,
+        """,  # noqa: S608 - the relation is identity's constant SQL; values are parameters
         {"since": since, "until": until},
     )
+
+
+# The loyalty fields of a profile for the segment catalogue: one row per profile, from its
+# membership of the oldest programme it belongs to (a platform usually runs one programme).
+MEMBER_FIELDS_RELATION = """
+SELECT profile_id, tier, balance, enrolled, enrolled_at
+FROM (
+    SELECT profile_id, tier, balance, enrolled, enrolled_at,
+           row_number() OVER (
+               PARTITION BY profile_id ORDER BY program_created_at, program_id
+           ) AS pick
+    FROM loyalty_member_snapshot
+) AS ranked
+WHERE pick = 1
+"""
+
+
+# Replace the member snapshot with the registered frame `snapshot_frame`, in one transaction.
+DELETE_SNAPSHOT = "DELETE FROM loyalty_member_snapshot"
+INSERT_SNAPSHOT = "INSERT INTO loyalty_member_snapshot BY NAME SELECT * FROM snapshot_frame"

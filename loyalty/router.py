@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, File, Query, Response, UploadFile
 
 from cdp.auth import Principal, Role, require
 from cdp.db import SessionDep
-from cdp.deps import WarehouseDep
+from cdp.deps import SettingsDep, WarehouseDep
 from cdp.pagination import Page, PageDep
 from loyalty import engine, service
 from loyalty.idempotency import IdempotencyDep, require_key, run_once
@@ -144,6 +144,23 @@ def list_members(
     return Page[MemberRead].of(
         [MemberRead.model_validate(r) for r in rows], total=total, params=page
     )
+
+
+@router.get("/programs/{program_id}/members/lookup", response_model=MemberRead)
+def lookup_member(
+    program_id: str,
+    session: SessionDep,
+    warehouse: WarehouseDep,
+    settings: SettingsDep,
+    kind: Annotated[str, Query(description="Identifier kind, e.g. email, phone, loyalty_card")],
+    value: Annotated[str, Query(description="Identifier value as typed (normalised here)")],
+) -> MemberRead:
+    """Find the member of the profile holding any identifier, through identity resolution."""
+    service.get_program(session, program_id=program_id)
+    member = service.member_by_identifier(
+        session, warehouse, settings=settings, program_id=program_id, kind=kind, value=value
+    )
+    return MemberRead.model_validate(member)
 
 
 @router.post("/programs/{program_id}/merges", status_code=200, response_model=MergeResult)
@@ -425,13 +442,19 @@ def sync(
     program_id: str, session: SessionDep, warehouse: WarehouseDep, idem: IdempotencyDep
 ) -> Response:
     """Process the events loaded since the programme's high-water mark now."""
+
+    def run() -> ProcessResultRead:
+        processed = _processed(*service.sync_program(session, warehouse, program_id=program_id))
+        service.publish_member_snapshot(session, warehouse)
+        return processed
+
     return run_once(
         session,
         idem=idem,
         body={},
         model=ProcessResultRead,
         status_code=200,
-        run=lambda: _processed(*service.sync_program(session, warehouse, program_id=program_id)),
+        run=run,
     )
 
 

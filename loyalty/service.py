@@ -4,14 +4,29 @@ from __future__ import annotations
 
 import logging
 import secrets
-from datetime import datetime, timedelta
+from collections.abc import Callable
+from datetime import date, datetime, timedelta
 from typing import Any
 
 import orjson
 import polars as pl
-from sqlalchemy import func, select, update
+from sqlalchemy import (
+    Date,
+    Float,
+    Select,
+    String,
+    case,
+    cast,
+    false,
+    func,
+    literal,
+    null,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
+from cdp.config import Settings
 from cdp.db import new_id, utcnow
 from cdp.warehouse import Warehouse
 from identity import service as identity_service
@@ -65,8 +80,31 @@ from loyalty.schemas import (
     TierCreate,
     TierProgress,
 )
+from segments import service as segments_service
 
 logger = logging.getLogger(__name__)
+
+# Loyalty's fields in the segment catalogue (`loyalty.tier = "Gold"`, `loyalty.balance`, ...),
+# read from the member snapshot this package publishes to the warehouse.
+LOYALTY_FIELDS = segments_service.FieldSource(
+    name="loyalty",
+    relation_sql=queries.MEMBER_FIELDS_RELATION,
+    fields={
+        "tier": "string",
+        "balance": "integer",
+        "enrolled": "boolean",
+        "enrolled_at": "timestamp",
+    },
+    description="loyalty membership (oldest programme of the profile), as last published",
+)
+
+
+def register_segment_fields() -> None:
+    """Add loyalty's fields to the segment field catalogue (done at import; idempotent)."""
+    segments_service.register_field_source(LOYALTY_FIELDS)
+
+
+register_segment_fields()
 
 STATUS_CHANGES: dict[str, frozenset[str]] = {
     "draft": frozenset({"active", "ended"}),
@@ -537,6 +575,126 @@ def apply_merges(
     return moved
 
 
+def sync_merges(
+    session: Session, warehouse: Warehouse, *, program_id: str, now: datetime | None = None
+) -> tuple[int, int]:
+    """Apply identity's merges and splits published since the programme's merge mark.
+
+    Returns (merges and splits applied, points moved). Replaying is harmless: a merge or a
+    split already applied changes nothing, so the mark only saves work.
+    """
+    program = get_program(session, program_id=program_id)
+    published = identity_service.merges_since(warehouse, after_seq=program.last_merge_seq)
+    moved = 0
+    for row in published.iter_rows(named=True):
+        move = merge_profiles if row["kind"] == "merge" else split_profiles
+        moved += move(
+            session,
+            program_id=program.id,
+            from_profile_id=str(row["from_profile_id"]),
+            to_profile_id=str(row["to_profile_id"]),
+            reason=row["reason"],
+            now=now,
+        )[2]
+    if published.height:
+        program.last_merge_seq = int(published["seq"].max())  # type: ignore[arg-type]
+    session.flush()
+    return published.height, moved
+
+
+_SNAPSHOT_SCHEMA = {
+    "program_id": pl.String(),
+    "program_created_at": pl.Datetime("us"),
+    "profile_id": pl.String(),
+    "member_id": pl.String(),
+    "status": pl.String(),
+    "enrolled": pl.Boolean(),
+    "enrolled_at": pl.Datetime("us"),
+    "tier": pl.String(),
+    "balance": pl.Int64(),
+    "refreshed_at": pl.Datetime("us"),
+}
+
+
+def publish_member_snapshot(
+    session: Session, warehouse: Warehouse, *, now: datetime | None = None
+) -> int:
+    """Rewrite the warehouse member snapshot (the segment fields) from the operational store.
+
+    One row per membership not merged away, with its tier name and spendable balance
+    (lots neither pending nor expired at `now`). Returns the number of rows published.
+    """
+    now = now or utcnow()
+    spendable = (
+        select(Lot.member_id, func.sum(Lot.remaining).label("balance"))
+        .where(
+            Lot.remaining > 0,
+            (Lot.expires_at.is_(None)) | (Lot.expires_at > now),
+            (Lot.pending_until.is_(None)) | (Lot.pending_until <= now),
+        )
+        .group_by(Lot.member_id)
+        .subquery()
+    )
+    result = session.execute(
+        select(
+            Member.program_id,
+            Program.created_at,
+            Member.profile_id,
+            Member.id,
+            Member.status,
+            Member.enrolled_at,
+            Tier.name,
+            func.coalesce(spendable.c.balance, 0),
+        )
+        .join(Program, Program.id == Member.program_id)
+        .outerjoin(Tier, Tier.id == Member.tier_id)
+        .outerjoin(spendable, spendable.c.member_id == Member.id)
+        .where(Member.status != "merged")
+    )
+    columns = list(zip(*result.all(), strict=False)) or [()] * 8
+    naive = [[v.replace(tzinfo=None) for v in col] for col in (columns[1], columns[5])]
+    frame = pl.DataFrame(
+        {
+            "program_id": columns[0],
+            "program_created_at": naive[0],
+            "profile_id": columns[2],
+            "member_id": columns[3],
+            "status": columns[4],
+            "enrolled_at": naive[1],
+            "tier": columns[6],
+            "balance": [int(v) for v in columns[7]],
+        },
+        schema={k: v for k, v in _SNAPSHOT_SCHEMA.items() if k not in ("enrolled", "refreshed_at")},
+    ).with_columns(
+        (pl.col("status") == "active").alias("enrolled"),
+        pl.lit(now.replace(tzinfo=None), dtype=pl.Datetime("us")).alias("refreshed_at"),
+    )
+    with warehouse.transaction() as cur:
+        cur.execute(queries.DELETE_SNAPSHOT)
+        cur.register("snapshot_frame", frame)
+        cur.execute(queries.INSERT_SNAPSHOT)
+        cur.unregister("snapshot_frame")
+    return frame.height
+
+
+def member_by_identifier(
+    session: Session,
+    warehouse: Warehouse,
+    *,
+    settings: Settings,
+    program_id: str,
+    kind: str,
+    value: str,
+) -> Member:
+    """The membership of the profile holding an identifier (normalised as identity does)."""
+    profile_id = identity_service.lookup_identifier(
+        warehouse, settings=settings, kind=kind, value=value
+    )
+    if profile_id is None:
+        raise MemberNotFound(f"no profile holds {kind} {value!r}")
+    return member_by_profile(session, program_id=program_id, profile_id=profile_id)
+
+
 def create_reward(session: Session, *, program_id: str, data: RewardCreate) -> Reward:
     """Add a reward to a programme's catalogue."""
     get_program(session, program_id=program_id)
@@ -920,28 +1078,14 @@ def dry_run(
 def resolve_profiles(
     warehouse: Warehouse, *, after_event_id: int, up_to_event_id: int
 ) -> pl.DataFrame:
-    """The profile of each event in `(after, up_to]`: frame [event_id, profile_id].
+    """The profile of each resolved event in `(after, up_to]`: frame [event_id, profile_id].
 
-    Identity's profiles once resolution has run (`identity_service.event_profiles`); before
-    its first run, the user id the event carries, else its anonymous id.
+    Identity resolution decides (its `event_profiles`); an event it has not resolved has
+    no row, so callers never read past `identity_service.resolved_up_to`.
     """
-    if identity_service.resolved_up_to(warehouse) is None:
-        return warehouse.run(
-            queries.interim_event_profiles(
-                after_event_id=after_event_id, up_to_event_id=up_to_event_id
-            )
-        )
     return identity_service.event_profiles(
         warehouse, after_event_id=after_event_id, up_to_event_id=up_to_event_id
     )
-
-
-def _processable_up_to(warehouse: Warehouse) -> int:
-    """The last event id to process: the newest event, but not past identity's mark (events
-    after it have no profile yet and are taken by the next run)."""
-    newest = int(warehouse.scalar(queries.max_event_id()) or 0)
-    mark = identity_service.resolved_up_to(warehouse)
-    return newest if mark is None else min(newest, mark)
 
 
 def read_events(
@@ -993,6 +1137,12 @@ def process_range(
     return total
 
 
+def _resolved_up_to(warehouse: Warehouse) -> int:
+    """The last event both loaded and resolved into a profile by identity."""
+    loaded = int(warehouse.scalar(queries.max_event_id()) or 0)
+    return min(loaded, identity_service.resolved_up_to(warehouse))
+
+
 def sync_program(
     session: Session,
     warehouse: Warehouse,
@@ -1009,7 +1159,7 @@ def sync_program(
     program = get_program(session, program_id=program_id)
     if program.status != "active":
         raise ProgramNotActive(f"programme {program.id} is {program.status}")
-    up_to = _processable_up_to(warehouse)
+    up_to = _resolved_up_to(warehouse)
     if max_events is not None:
         up_to = min(up_to, program.last_event_id + max_events)
     result = process_range(
@@ -1033,7 +1183,7 @@ def backfill(
     Idempotent: events already processed (by real time or an earlier backfill) add nothing.
     """
     program = get_program(session, program_id=program_id)
-    up_to = _processable_up_to(warehouse)
+    up_to = _resolved_up_to(warehouse)
     result = process_range(
         session, warehouse, program_id=program.id, after_event_id=0, up_to_event_id=up_to, now=now
     )
@@ -1302,6 +1452,208 @@ def import_opening_balances(
     )
 
 
+# Any: a dialect-aware "first day of the period" SQL construct, given by the caller
+# (dashboards passes its `day_start` / `week_start` / `month_start`).
+PeriodOf = Callable[[Any], Any]
+
+# Which ledger entries make each points flow, and the sign that makes the flow positive.
+POINTS_FLOWS: dict[str, tuple[tuple[str, ...], int]] = {
+    "issued": (("earn", "import", "bonus", "adjust"), 1),
+    "redeemed": (("redeem", "refund"), -1),
+    "expired": (("expire",), -1),
+}
+
+
+def points_flow_select(
+    *,
+    flow: str,
+    start: datetime,
+    end_excl: datetime,
+    period: PeriodOf,
+    program_id: str | None,
+    by_program: bool,
+) -> Select[Any]:  # Any: period, key, value columns
+    """`period, key, value`: points of a flow (`issued`, `redeemed`, `expired`) per period.
+
+    Issued counts earned, imported and bonus points and positive manual adjustments;
+    redeemed is redemptions net of cancelled ones; expired is expiry entries. Entries are
+    dated by `occurred_at` (UTC).
+    """
+    kinds, sign = POINTS_FLOWS[flow]
+    when = period(LedgerEntry.occurred_at).label("period")
+    key = (LedgerEntry.program_id if by_program else cast(null(), String)).label("key")
+    query = (
+        select(when, key, (sign * func.sum(LedgerEntry.points)).label("value"))
+        .where(
+            LedgerEntry.kind.in_(kinds),
+            LedgerEntry.occurred_at >= start,
+            LedgerEntry.occurred_at < end_excl,
+        )
+        .group_by(when, key)
+        .order_by(when, key)
+    )
+    if flow == "issued":
+        query = query.where((LedgerEntry.kind != "adjust") | (LedgerEntry.points > 0))
+    if program_id is not None:
+        query = query.where(LedgerEntry.program_id == program_id)
+    return query
+
+
+def enrolments_select(
+    *,
+    start: datetime,
+    end_excl: datetime,
+    period: PeriodOf,
+    program_id: str | None,
+    by_program: bool,
+) -> Select[Any]:  # Any: period, key, value columns
+    """`period, key, value`: memberships by enrolment day (merged-away ones not counted)."""
+    when = period(Member.enrolled_at).label("period")
+    key = (Member.program_id if by_program else cast(null(), String)).label("key")
+    query = (
+        select(when, key, func.count().label("value"))
+        .where(
+            Member.status != "merged",
+            Member.enrolled_at >= start,
+            Member.enrolled_at < end_excl,
+        )
+        .group_by(when, key)
+        .order_by(when, key)
+    )
+    if program_id is not None:
+        query = query.where(Member.program_id == program_id)
+    return query
+
+
+def active_members_select(
+    *,
+    start: datetime,
+    end_excl: datetime,
+    period: PeriodOf,
+    program_id: str | None,
+    by_program: bool,
+) -> Select[Any]:  # Any: period, key, value columns
+    """`period, key, value`: distinct members who earned or redeemed in each period."""
+    when = period(LedgerEntry.occurred_at).label("period")
+    key = (LedgerEntry.program_id if by_program else cast(null(), String)).label("key")
+    query = (
+        select(when, key, func.count(func.distinct(LedgerEntry.member_id)).label("value"))
+        .where(
+            LedgerEntry.kind.in_(["earn", "redeem"]),
+            LedgerEntry.occurred_at >= start,
+            LedgerEntry.occurred_at < end_excl,
+        )
+        .group_by(when, key)
+        .order_by(when, key)
+    )
+    if program_id is not None:
+        query = query.where(LedgerEntry.program_id == program_id)
+    return query
+
+
+def redemption_rate_select(
+    *,
+    start: datetime,
+    end_excl: datetime,
+    period: PeriodOf,
+    program_id: str | None,
+    by_program: bool,
+) -> Select[Any]:  # Any: period, key, value columns
+    """`period, key, value`: points redeemed / points issued in each period (see POINTS_FLOWS)."""
+    issued_kinds, _ = POINTS_FLOWS["issued"]
+    redeemed_kinds, _ = POINTS_FLOWS["redeemed"]
+    points = LedgerEntry.points
+    issued = func.sum(
+        case(
+            (
+                LedgerEntry.kind.in_(issued_kinds)
+                & ((LedgerEntry.kind != "adjust") | (points > 0)),
+                points,
+            ),
+            else_=0,
+        )
+    )
+    redeemed = -func.sum(case((LedgerEntry.kind.in_(redeemed_kinds), points), else_=0))
+    when = period(LedgerEntry.occurred_at).label("period")
+    key = (LedgerEntry.program_id if by_program else cast(null(), String)).label("key")
+    query = (
+        select(when, key, (cast(redeemed, Float) / func.nullif(issued, 0)).label("value"))
+        .where(LedgerEntry.occurred_at >= start, LedgerEntry.occurred_at < end_excl)
+        .group_by(when, key)
+        .having(issued != 0)
+        .order_by(when, key)
+    )
+    if program_id is not None:
+        query = query.where(LedgerEntry.program_id == program_id)
+    return query
+
+
+def members_now_select(
+    *, period_value: date | None, program_id: str | None, breakdown: str | None
+) -> Select[date, str, int]:
+    """`period, key, value`: memberships not merged away now, on the period `period_value`.
+
+    A level known only now (None: the range does not include today, nothing is answered).
+    Breakdown `program` or `status`.
+    """
+    keys = {"program": Member.program_id, "status": Member.status}
+    key = (keys[breakdown] if breakdown else cast(null(), String)).label("key")
+    at = literal(period_value, Date()).label("period")
+    query = (
+        select(at, key, func.count().label("value"))
+        .where(Member.status != "merged")
+        .group_by(key)
+        .order_by(key)
+    )
+    if period_value is None:
+        query = query.where(false())
+    if program_id is not None:
+        query = query.where(Member.program_id == program_id)
+    return query
+
+
+def liability_now_select(
+    *, period_value: date | None, now: datetime, program_id: str | None, by_program: bool
+) -> Select[date, str, int]:
+    """`period, key, value`: unexpired points left (pending too) times the point value."""
+    key = (Lot.program_id if by_program else cast(null(), String)).label("key")
+    at = literal(period_value, Date()).label("period")
+    query = (
+        select(at, key, func.sum(Lot.remaining * Program.point_value).label("value"))
+        .join(Program, Program.id == Lot.program_id)
+        .where(Lot.remaining > 0, (Lot.expires_at.is_(None)) | (Lot.expires_at > now))
+        .group_by(key)
+        .order_by(key)
+    )
+    if period_value is None:
+        query = query.where(false())
+    if program_id is not None:
+        query = query.where(Lot.program_id == program_id)
+    return query
+
+
+def tier_distribution_select(
+    *, period_value: date | None, program_id: str | None, by_tier: bool
+) -> Select[date, str, int]:
+    """`period, key, value`: active members now by tier name (`none` without a tier)."""
+    name = func.coalesce(Tier.name, "none")
+    key = (name if by_tier else cast(null(), String)).label("key")
+    at = literal(period_value, Date()).label("period")
+    query = (
+        select(at, key, func.count().label("value"))
+        .select_from(Member)
+        .outerjoin(Tier, Tier.id == Member.tier_id)
+        .where(Member.status == "active")
+        .group_by(key)
+        .order_by(key)
+    )
+    if period_value is None:
+        query = query.where(false())
+    if program_id is not None:
+        query = query.where(Member.program_id == program_id)
+    return query
+
+
 def kpis(
     session: Session, warehouse: Warehouse, *, program_id: str, now: datetime | None = None
 ) -> KpiRead:
@@ -1385,7 +1737,11 @@ def kpis(
         )
     ).one()
     totals = warehouse.run(
-        queries.order_totals(since=year_ago.replace(tzinfo=None), until=now.replace(tzinfo=None))
+        queries.order_totals(
+            since=year_ago.replace(tzinfo=None),
+            until=now.replace(tzinfo=None),
+            event_profiles=identity_service.event_profile_sql(),
+        )
     ).row(0, named=True)
     other_orders = max(int(totals["orders"]) - int(member_orders), 0)
     other_amount = max(float(totals["amount"]) - float(member_amount), 0.0)

@@ -89,6 +89,7 @@ def upgrade() -> None:
         sa.Column("tier_window", sa.String(length=20), nullable=False),
         sa.Column("tier_grace_days", sa.Integer(), nullable=False),
         sa.Column("last_event_id", sa.BigInteger(), nullable=False),
+        sa.Column("last_merge_seq", sa.BigInteger(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_loyalty_program")),

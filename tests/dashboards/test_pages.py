@@ -159,13 +159,17 @@ def test_data_health_page_lays_out_widgets_with_csv_links(
         "ingest_batches",
         "job_runs",
         "job_failures",
+        "events_rejected",
+        "duplicates_dropped",
+        "merge_rate",
+        "identifiers_per_profile",
     }
     assert all(f"from={RANGE['from']}" in w["dataUrl"] for w in widgets)
     assert all(w["csvUrl"].endswith("format=csv") for w in widgets)
     for w in widgets:
         assert browser.get(w["dataUrl"]).status_code == 200
     assert 'value="' + RANGE["from"] + '"' in page.text
-    assert "Rejected events and error samples" in page.text  # planned, named with its package
+    assert "Blocked values hit" in page.text  # planned, named with its package
 
 
 def test_programme_and_audiences_pages_name_the_packages_they_wait_for(
@@ -175,9 +179,14 @@ def test_programme_and_audiences_pages_name_the_packages_they_wait_for(
     programme = browser.get("/dashboards/programme")
     assert programme.status_code == 200
     assert "<code>loyalty</code> package" in programme.text
-    assert "Points issued" in programme.text
+    assert "Top rewards" in programme.text  # still planned
     assert 'id="program"' in programme.text
-    assert 'class="widget ' not in programme.text
+    config = json.loads(
+        re.search(r'id="dashboard-config">(.*?)</script>', programme.text, re.S).group(1)  # type: ignore[union-attr]
+    )
+    drawn = {w["metric"] for w in config["widgets"]}
+    assert {"points_issued", "points_redeemed", "points_expired", "enrolments"} <= drawn
+    assert "top_rewards" not in drawn
     audiences = browser.get("/dashboards/audiences")
     assert "<code>segments</code> package" in audiences.text
     assert browser.get("/dashboards/nope").status_code == 404

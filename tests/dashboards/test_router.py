@@ -34,13 +34,30 @@ def test_catalogue_lists_metrics_with_breakdowns_and_what_is_still_to_come(
         "identifiers_seen",
         "job_runs",
         "job_failures",
+        "events_rejected",
+        "duplicates_dropped",
+        "merge_rate",
+        "identifiers_per_profile",
+        "segment_size",
+        "segment_entries",
+        "segment_exits",
+        "points_issued",
+        "points_redeemed",
+        "points_expired",
+        "enrolments",
+        "active_members",
+        "redemption_rate",
+        "members",
+        "points_liability",
+        "tier_distribution",
     }
     assert metrics["events_received"]["breakdowns"] == ["source", "event_type"]
     assert metrics["job_runs"]["store"] == "operational"
     assert metrics["events_received"]["grains"] == ["day", "week", "month"]
     planned = {p["name"]: p["package"] for p in body["planned"]}
-    assert planned["points_issued"] == "loyalty"
-    assert planned["segment_size"] == "segments"
+    assert planned["top_rewards"] == "loyalty"
+    assert planned["segment_overlap"] == "segments"
+    assert "points_issued" not in planned  # registered: no longer announced
 
 
 def test_kpi_series_as_json_and_csv_agree(
@@ -148,7 +165,7 @@ def test_dashboard_widgets_are_checked_against_the_catalogue(
             "/api/dashboards", json={"title": "x", "widgets": list(widgets)}, headers=admin_headers
         )
 
-    unknown = post(_widget(), _widget(metric="points_issued"))
+    unknown = post(_widget(), _widget(metric="top_rewards"))
     assert unknown.status_code == 422
     assert unknown.json()["error"]["code"] == "dashboards.unknown_metric"
     assert unknown.json()["error"]["details"]["widget"] == 1

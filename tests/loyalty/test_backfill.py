@@ -11,8 +11,11 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import delete, select
 
+from cdp.config import Settings
 from cdp.db import Database
 from cdp.warehouse import Warehouse
+from identity import service as identity_service
+from identity.rules import IdentityRules
 from loyalty import engine, service
 from loyalty.models import Activity, LedgerEntry, Lot, LotDraw, Member, Program, Rule
 from loyalty.schemas import RuleCreate
@@ -105,6 +108,25 @@ def _load_warehouse(warehouse: Warehouse, rows: list[dict[str, Any]]) -> None:  
             " context::JSON FROM incoming"
         )
         cur.unregister("incoming")
+        ids = pl.DataFrame(
+            {
+                "event_id": [r["event_id"] for r in rows],
+                "kind": ["user_id"] * len(rows),
+                "value": [r["profile_id"] for r in rows],
+            },
+            schema={"event_id": pl.Int64, "kind": pl.String, "value": pl.String},
+        )
+        cur.register("incoming_ids", ids.to_arrow())
+        cur.execute("INSERT INTO event_identifiers SELECT * FROM incoming_ids")
+        cur.unregister("incoming_ids")
+    identity_service.resolve(warehouse, settings=Settings(), rules=IdentityRules())
+
+
+def profile_of(warehouse: Warehouse, user_id: str) -> str:
+    """The profile identity resolved for a user id."""
+    profile_id = identity_service.lookup(warehouse, kind="user_id", value=user_id)
+    assert profile_id is not None
+    return profile_id
 
 
 def _programme_with_rules(db: Database, name: str) -> Program:
@@ -220,7 +242,9 @@ def test_sync_processes_only_events_after_the_mark(
     ).json()
     assert (backfilled["events"], backfilled["credits"]) == (2, 0)
     with db.begin() as session:
-        member = service.member_by_profile(session, program_id=program.id, profile_id="a")
+        member = service.member_by_profile(
+            session, program_id=program.id, profile_id=profile_of(warehouse, "a")
+        )
         assert service.member_balance(session, member_id=member.id)[1].active == 15
 
 

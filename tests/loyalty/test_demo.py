@@ -7,7 +7,7 @@ from cdp.warehouse import Warehouse
 from loyalty import service
 from tests.loyalty.conftest import T0
 from tests.loyalty.events import ev
-from tests.loyalty.test_backfill import _load_warehouse
+from tests.loyalty.test_backfill import _load_warehouse, profile_of
 
 
 def test_demo_programme_backfills_a_history(db: Database, warehouse: Warehouse) -> None:
@@ -22,7 +22,9 @@ def test_demo_programme_backfills_a_history(db: Database, warehouse: Warehouse) 
     with db.begin() as session:
         program = service.create_demo_program(session)
         service.backfill(session, warehouse, program_id=program.id, now=T0)
-        ann = service.member_by_profile(session, program_id=program.id, profile_id="ann")
+        ann = service.member_by_profile(
+            session, program_id=program.id, profile_id=profile_of(warehouse, "ann")
+        )
         _, balance = service.member_balance(session, member_id=ann.id, now=T0)
         progress = service.tier_progress(session, member_id=ann.id, now=T0)
     # 120 EUR of shoes at double points + the first-purchase bonus, held 14 days.

@@ -1,0 +1,137 @@
+"""Loyalty keyed by identity: events earn for resolved profiles, merges fold memberships."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from cdp.config import Settings
+from cdp.db import Database
+from cdp.scheduler import JobRunner
+from cdp.warehouse import Warehouse
+from loyalty import jobs, service
+from loyalty.models import LedgerEntry, Member, Program
+from loyalty.schemas import RuleCreate
+from tests.conftest import BACKENDS
+from tests.loyalty.conftest import T0, earn, make_member, make_program
+from tests.loyalty.identity_data import profile_of, resolve, write_events
+
+
+def _base_rule(db: Database, program: Program) -> None:
+    with db.begin() as session:
+        service.create_rule(
+            session,
+            program_id=program.id,
+            data=RuleCreate(
+                name="base", event_name="Order Completed", formula={"type": "per_amount"}
+            ),
+        )
+
+
+def test_events_earn_for_the_profile_identity_resolved(db: Database, warehouse: Warehouse) -> None:
+    program = make_program(db, enrolment="automatic")
+    _base_rule(db, program)
+    # An anonymous order, then a login that ties the device to an email: one person.
+    write_events(
+        warehouse,
+        [
+            ([("anonymous_id", "dev-1")], "Order Completed", 10),
+            ([("anonymous_id", "dev-1"), ("email", "ann@example.com")], "Signed In", 0),
+            ([("email", "ann@example.com")], "Order Completed", 5),
+        ],
+    )
+    with db.begin() as session:
+        before, mark = service.sync_program(session, warehouse, program_id=program.id)
+    # Nothing resolved yet: nothing is read, the mark stays put.
+    assert (before.events, mark) == (0, 0)
+    resolve(warehouse)
+    with db.begin() as session:
+        result, mark = service.sync_program(session, warehouse, program_id=program.id)
+        assert (result.credits, mark) == (2, 3)
+        profile_id = profile_of(warehouse, "email", "ann@example.com")
+        member = service.member_by_profile(session, program_id=program.id, profile_id=profile_id)
+        assert service.member_balance(session, member_id=member.id)[1].active == 15
+        assert session.scalar(select(func.count()).select_from(Member)) == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_merge_in_identity_folds_two_memberships_after_the_loyalty_job(
+    db: Database, warehouse: Warehouse, settings: Settings
+) -> None:
+    program = make_program(db)
+    write_events(
+        warehouse,
+        [
+            ([("anonymous_id", "dev-1")], "Page Viewed", 0),
+            ([("email", "bob@example.com")], "Page Viewed", 0),
+        ],
+    )
+    resolve(warehouse)
+    device = profile_of(warehouse, "anonymous_id", "dev-1")
+    email = profile_of(warehouse, "email", "bob@example.com")
+    assert device != email
+    first, second = make_member(db, program, device), make_member(db, program, email)
+    earn(db, program, first, 30)
+    earn(db, program, second, 12, at=T0 + timedelta(hours=1))
+    write_events(
+        warehouse, [([("anonymous_id", "dev-1"), ("email", "bob@example.com")], "Login", 0)]
+    )
+    resolve(warehouse)
+    survivor = profile_of(warehouse, "email", "bob@example.com")
+    assert survivor == profile_of(warehouse, "anonymous_id", "dev-1")
+    runner = JobRunner(settings, db, warehouse)
+    runner.register(*jobs.JOBS)
+    run = runner.run("loyalty.apply_merges", trigger="manual")
+    assert run.status == "succeeded"
+    with db.begin() as session:
+        active = session.scalars(
+            select(Member).where(Member.program_id == program.id, Member.status == "active")
+        ).all()
+        assert [m.profile_id for m in active] == [survivor]
+        merged = session.scalars(select(Member).where(Member.status == "merged")).one()
+        assert merged.merged_into == active[0].id
+        assert service.member_balance(session, member_id=active[0].id)[1].active == 42
+        # Both ledgers stay, each summing to its lots; the survivor's group spans both.
+        members = {
+            mid
+            for mid in session.scalars(
+                select(LedgerEntry.member_id).where(LedgerEntry.program_id == program.id)
+            )
+        }
+        assert members == {first.id, second.id}
+        assert set(service.member_group(session, member_id=active[0].id)) == members
+        stored = session.get(Program, program.id)
+        assert stored is not None
+        assert stored.last_merge_seq > 0
+    # Running the job again applies nothing twice.
+    runner.run("loyalty.apply_merges", trigger="manual")
+    with db.begin() as session:
+        assert service.member_balance(session, member_id=active[0].id)[1].active == 42
+    runner.shutdown()
+
+
+def test_member_lookup_by_any_identifier_normalises_like_identity(
+    db: Database, warehouse: Warehouse, client: TestClient, loyalty_headers: dict[str, str]
+) -> None:
+    program = make_program(db)
+    write_events(
+        warehouse,
+        [([("email", "cara@example.com"), ("loyalty_card", "C-77")], "Signed Up", 0)],
+    )
+    resolve(warehouse)
+    member = make_member(db, program, profile_of(warehouse, "email", "cara@example.com"))
+    url = f"/api/loyalty/programs/{program.id}/members/lookup"
+    by_email = client.get(
+        url, params={"kind": "email", "value": "  Cara@Example.COM "}, headers=loyalty_headers
+    )
+    assert by_email.status_code == 200
+    assert by_email.json()["id"] == member.id
+    by_card = client.get(
+        url, params={"kind": "loyalty_card", "value": "C-77"}, headers=loyalty_headers
+    )
+    assert by_card.json()["id"] == member.id
+    unknown = client.get(url, params={"kind": "email", "value": "x@y.z"}, headers=loyalty_headers)
+    assert unknown.status_code == 404
