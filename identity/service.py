@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from cdp.config import Settings
 from cdp.db import utcnow
+from cdp.identifiers import normalise
 from cdp.warehouse import Warehouse
 from identity import queries, resolver
 from identity.errors import (
@@ -25,7 +26,6 @@ from identity.errors import (
     SuppressionNotFound,
 )
 from identity.models import IdentityAudit, IdentityRuleSet
-from identity.normalize import normalize
 from identity.resolver import ResolveResult
 from identity.rules import IdentityRules
 from identity.schemas import (
@@ -119,7 +119,7 @@ def lookup_identifier(
     warehouse: Warehouse, *, settings: Settings, kind: str, value: str
 ) -> str | None:
     """The profile holding an identifier given as typed (normalised first), or None."""
-    normalised = normalize(kind, value, default_region=settings.default_phone_region)
+    normalised = normalise(kind, value, region=settings.default_phone_region)
     return None if normalised is None else lookup(warehouse, kind=kind, value=normalised)
 
 
@@ -159,7 +159,7 @@ def merges_since(warehouse: Warehouse, *, after_seq: int) -> pl.DataFrame:
 
 def find_profile(warehouse: Warehouse, *, settings: Settings, kind: str, value: str) -> ProfileRead:
     """The profile holding an identifier given as typed (normalised here first)."""
-    normalised = normalize(kind, value, default_region=settings.default_phone_region)
+    normalised = normalise(kind, value, region=settings.default_phone_region)
     if normalised is None:
         raise InvalidIdentifier(f"{value!r} is not a usable {kind}")
     profile_id = lookup(warehouse, kind=kind, value=normalised)
@@ -387,7 +387,7 @@ def list_overrides(
 
 
 def _node(warehouse: Warehouse, settings: Settings, ref: IdentifierRef) -> tuple[int, str | None]:
-    value = normalize(ref.kind, ref.value, default_region=settings.default_phone_region)
+    value = normalise(ref.kind, ref.value, region=settings.default_phone_region)
     if value is None:
         raise InvalidIdentifier(f"{ref.value!r} is not a usable {ref.kind}")
     rows = warehouse.rows(queries.node_of(ref.kind, value))
@@ -451,7 +451,7 @@ def allow_identifier(
     actor: str | None,
 ) -> None:
     """Lift the suppression of an erased identifier after a new consent; audited."""
-    normalised = normalize(kind, value, default_region=settings.default_phone_region)
+    normalised = normalise(kind, value, region=settings.default_phone_region)
     if normalised is None:
         raise InvalidIdentifier(f"{value!r} is not a usable {kind}")
     lifted = warehouse.rows(queries.lift_suppression(kind, normalised, _naive_now()))
