@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
 from fastapi import Depends, Query
 from pydantic import BaseModel, ConfigDict
+from sqlalchemy import Select, func, select
+from sqlalchemy.orm import Session
 
 MAX_LIMIT = 1000
 
@@ -52,3 +54,16 @@ class Page(BaseModel, Generic[T]):
             offset=params.offset,
             next_offset=end if end < total else None,
         )
+
+
+def paginate(
+    session: Session,
+    query: Select[T],
+    *order_by: Any,  # Any: SQLAlchemy order-by clauses
+    limit: int,
+    offset: int,
+) -> tuple[list[T], int]:
+    """One page of ORM rows of `query` in `order_by` order, and the total count."""
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(query.order_by(*order_by).limit(limit).offset(offset)).all()
+    return list(rows), total

@@ -19,14 +19,14 @@ from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import Integer, String, Text, func, select
+from sqlalchemy import Integer, String, Text, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from cdp.auth import ADMIN, ANY_ROLE, require
 from cdp.config import Settings
 from cdp.db import Base, Database, SessionDep, UtcDateTime, new_id, utcnow
 from cdp.errors import Conflict, NotFound
-from cdp.pagination import Page, PageDep
+from cdp.pagination import Page, PageDep, paginate
 from cdp.warehouse import Query as SqlQuery
 from cdp.warehouse import Warehouse
 
@@ -267,11 +267,7 @@ def list_runs(
         query = query.where(JobRun.job == job)
     if status:
         query = query.where(JobRun.status == status)
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(
-        query.order_by(JobRun.started_at.desc(), JobRun.id).limit(limit).offset(offset)
-    ).all()
-    return list(rows), total
+    return paginate(session, query, JobRun.started_at.desc(), JobRun.id, limit=limit, offset=offset)
 
 
 def get_run(session: Session, *, run_id: str) -> JobRun:

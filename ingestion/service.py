@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from cdp.auth import hash_key
 from cdp.db import Database, new_id, utcnow
+from cdp.pagination import paginate
 from cdp.warehouse import Warehouse
 from ingestion import queries
 from ingestion.connectors import database, files
@@ -288,11 +289,9 @@ def list_imports(
     """Imports and pulls of a source, newest first."""
     get_source(session, source_id=source_id)
     query = select(ImportRun).where(ImportRun.source_id == source_id)
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(
-        query.order_by(ImportRun.started_at.desc(), ImportRun.id).limit(limit).offset(offset)
+    return paginate(
+        session, query, ImportRun.started_at.desc(), ImportRun.id, limit=limit, offset=offset
     )
-    return list(rows), total
 
 
 def get_import(session: Session, *, source_id: str, import_id: str) -> ImportRun:

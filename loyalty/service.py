@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 
 from cdp.config import Settings
 from cdp.db import new_id, utcnow
+from cdp.pagination import paginate
 from cdp.warehouse import Warehouse
 from identity import service as identity_service
 from loyalty import calendar, engine, ledger, queries, rules, tiers
@@ -139,11 +140,7 @@ def list_programs(
     query = select(Program)
     if status is not None:
         query = query.where(Program.status == status)
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(
-        query.order_by(Program.created_at, Program.id).limit(limit).offset(offset)
-    ).all()
-    return list(rows), total
+    return paginate(session, query, Program.created_at, Program.id, limit=limit, offset=offset)
 
 
 def update_program(session: Session, *, program_id: str, data: ProgramUpdate) -> Program:
@@ -203,11 +200,7 @@ def list_members(
     query = select(Member).where(Member.program_id == program_id)
     if status is not None:
         query = query.where(Member.status == status)
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(
-        query.order_by(Member.enrolled_at, Member.id).limit(limit).offset(offset)
-    ).all()
-    return list(rows), total
+    return paginate(session, query, Member.enrolled_at, Member.id, limit=limit, offset=offset)
 
 
 def change_membership(
@@ -348,13 +341,14 @@ def history(
     )
     if kind is not None:
         query = query.where(LedgerEntry.kind == kind)
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(
-        query.order_by(LedgerEntry.created_at.desc(), LedgerEntry.id.desc())
-        .limit(limit)
-        .offset(offset)
-    ).all()
-    return list(rows), total
+    return paginate(
+        session,
+        query,
+        LedgerEntry.created_at.desc(),
+        LedgerEntry.id.desc(),
+        limit=limit,
+        offset=offset,
+    )
 
 
 def qualifying_points(session: Session, *, member_id: str, since: datetime | None = None) -> int:
@@ -723,11 +717,7 @@ def list_rewards(
 ) -> tuple[list[Reward], int]:
     """A programme's catalogue, cheapest first."""
     query = select(Reward).where(Reward.program_id == program_id)
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(
-        query.order_by(Reward.points_cost, Reward.id).limit(limit).offset(offset)
-    ).all()
-    return list(rows), total
+    return paginate(session, query, Reward.points_cost, Reward.id, limit=limit, offset=offset)
 
 
 def set_reward_status(session: Session, *, reward_id: str, status: str) -> Reward:
@@ -849,11 +839,9 @@ def list_redemptions(
 ) -> tuple[list[Redemption], int]:
     """A member's redemptions, newest first."""
     query = select(Redemption).where(Redemption.member_id == member_id)
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(
-        query.order_by(Redemption.created_at.desc(), Redemption.id).limit(limit).offset(offset)
-    ).all()
-    return list(rows), total
+    return paginate(
+        session, query, Redemption.created_at.desc(), Redemption.id, limit=limit, offset=offset
+    )
 
 
 def cancel_redemption(
@@ -918,9 +906,7 @@ def list_rules(
 ) -> tuple[list[Rule], int]:
     """A programme's rules in stacking order."""
     query = select(Rule).where(Rule.program_id == program_id)
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(query.order_by(Rule.priority, Rule.id).limit(limit).offset(offset)).all()
-    return list(rows), total
+    return paginate(session, query, Rule.priority, Rule.id, limit=limit, offset=offset)
 
 
 def update_rule(session: Session, *, rule_id: str, data: RuleUpdate) -> Rule:
@@ -1279,11 +1265,7 @@ def tier_changes(
 ) -> tuple[list[TierChange], int]:
     """Tier movements of a programme since an instant (published for activation)."""
     query = select(TierChange).where(TierChange.program_id == program_id, TierChange.at >= since)
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(
-        query.order_by(TierChange.at, TierChange.id).limit(limit).offset(offset)
-    ).all()
-    return list(rows), total
+    return paginate(session, query, TierChange.at, TierChange.id, limit=limit, offset=offset)
 
 
 def expire_points(session: Session, *, program_id: str, now: datetime | None = None) -> int:
