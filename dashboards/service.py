@@ -20,7 +20,9 @@ from dashboards.errors import (
     DashboardNotFound,
     InvalidRange,
     NotSignedIn,
+    SegmentsRequired,
     UnknownMetric,
+    UnknownSegment,
     UnsupportedBreakdown,
     UnsupportedGrain,
 )
@@ -35,6 +37,7 @@ from dashboards.schemas import (
     MetricRead,
     Widget,
 )
+from segments import service as segments_service
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +62,7 @@ class KpiSeries:
     program_id: str | None
     frame: pl.DataFrame
     keys: list[str]
+    segments: tuple[str, str] | None
     total: float | None
     snapshot_days: list[date]
 
@@ -134,11 +138,20 @@ def run_metric(
     grain: Grain,
     breakdown: Breakdown | None,
     program_id: str | None,
+    segments: tuple[str, str] | None = None,
 ) -> pl.DataFrame:
     """Run a metric's statement on its store; the raw `period`, `key`, `value` frame."""
-    statement = metric.build(
-        start=start, end=end, grain=grain, breakdown=breakdown, program_id=program_id
-    )
+    statement: Query | Select[*tuple[object, ...]]
+    if metric.pair_build is not None:
+        if segments is None:
+            raise SegmentsRequired(f"metric {metric.name} needs segment_a and segment_b")
+        statement = metric.pair_build(
+            start=start, end=end, grain=grain, segment_a=segments[0], segment_b=segments[1]
+        )
+    else:
+        statement = metric.build(
+            start=start, end=end, grain=grain, breakdown=breakdown, program_id=program_id
+        )
     if isinstance(statement, Query):
         if metric.store != "warehouse":
             raise TypeError(f"metric {metric.name} built a warehouse query for {metric.store}")
@@ -198,6 +211,7 @@ def kpi_series(
     grain: Grain = "day",
     breakdown: Breakdown | None = None,
     program_id: str | None = None,
+    segments: tuple[str, str] | None = None,
     catalogue: Catalogue | None = None,
 ) -> KpiSeries:
     """A metric's series over `start`..`end`, raw data first and snapshots for days gone.
@@ -215,6 +229,7 @@ def kpi_series(
     if (end - start).days >= MAX_RANGE_DAYS:
         raise InvalidRange(f"a range covers at most {MAX_RANGE_DAYS} days")
     scope = program_id if found.program_scoped else None
+    pair = _segment_pair(session, found, segments)
     sql_grain: Grain = grain if found.aggregation == "distinct" else "day"
     frame = run_metric(
         session,
@@ -225,9 +240,10 @@ def kpi_series(
         grain=sql_grain,
         breakdown=breakdown,
         program_id=scope,
+        segments=pair,
     )
     snapshot_days: list[date] = []
-    if found.snapshot and scope is None and sql_grain == "day":
+    if found.snapshot and scope is None and pair is None and sql_grain == "day":
         stored = warehouse.run(
             queries.snapshot_rows(metric=found.name, breakdown=breakdown, start=start, end=end)
         )
@@ -239,12 +255,15 @@ def kpi_series(
             snapshot_days = gone.get_column("period").unique().sort().to_list()
             frame = pl.concat([frame, gone], how="vertical")
     frame = _roll_up(frame, grain=grain, metric=found)
-    if breakdown is not None:
+    split = breakdown is not None or found.split is not None
+    if split:
         frame = frame.with_columns(pl.col("key").fill_null("(none)"))
     ranked = (
         frame.group_by("key").agg(pl.col("value").sum()).sort(["value", "key"], descending=True)
     )
-    keys: list[str | None] = ranked.get_column("key").to_list() if breakdown else [None]
+    keys: list[str | None] = ranked.get_column("key").to_list() if split else [None]
+    if found.split_keys:
+        keys = [*found.split_keys, *(k for k in keys if k not in found.split_keys)]
     if found.aggregation == "sum":
         frame = _densify(frame, start=start, end=end, grain=grain, keys=keys)
     frame = frame.sort(["period", "key"], nulls_last=True)
@@ -266,16 +285,36 @@ def kpi_series(
         program_id=program_id,
         frame=frame.select("period", "key", "value"),
         keys=[k for k in keys if k is not None],
+        segments=pair,
         total=total,
         snapshot_days=snapshot_days,
     )
 
 
+def _segment_pair(
+    session: Session, metric: Metric, segments: tuple[str, str] | None
+) -> tuple[str, str] | None:
+    """The two segments of a metric about a pair, checked; None for other metrics."""
+    if metric.pair_build is None:
+        return None
+    if segments is None or not all(segments):
+        raise SegmentsRequired(
+            f"metric {metric.name} compares two saved segments: give segment_a and segment_b",
+            details={"metric": metric.name},
+        )
+    for segment_id in segments:
+        if segments_service.find_segment(session, segment_id=segment_id) is None:
+            raise UnknownSegment(
+                f"segment {segment_id!r} does not exist", details={"segment": segment_id}
+            )
+    return segments
+
+
 def series_csv(series: KpiSeries) -> str:
     """The series as CSV: `period`, the breakdown (if any) and `value`."""
-    column = series.breakdown or "key"
+    column = series.breakdown or series.metric.split or "key"
     frame = series.frame.rename({"key": column})
-    if series.breakdown is None:
+    if series.breakdown is None and series.metric.split is None:
         frame = frame.drop(column)
     return frame.write_csv()
 
@@ -482,7 +521,9 @@ def series_read(series: KpiSeries) -> KpiSeriesRead:
         unit=series.metric.unit,
         grain=series.grain,
         breakdown=series.breakdown,
+        split=series.metric.split,
         program_id=series.program_id,
+        segments=list(series.segments) if series.segments else None,
         start=series.start,
         end=series.end,
         keys=series.keys,
@@ -505,4 +546,6 @@ def metric_read(metric: Metric) -> MetricRead:
         grains=list(metric.grains),
         aggregation=metric.aggregation,
         program_scoped=metric.program_scoped,
+        split=metric.split,
+        needs_segments=metric.pair_build is not None,
     )

@@ -141,7 +141,7 @@ def test_operational_metric_sql_truncates_weeks_and_months_in_the_database(
 
 def test_unknown_metric_breakdown_or_range_is_refused(db: Database, seeded: Warehouse) -> None:
     with pytest.raises(UnknownMetric):
-        _series(db, seeded, "top_rewards", DAY, DAY)
+        _series(db, seeded, "no_such_metric", DAY, DAY)
     with pytest.raises(UnsupportedBreakdown) as err:
         _series(db, seeded, "events_received", DAY, DAY, breakdown="tier")
     assert err.value.status_code == 422
