@@ -179,6 +179,12 @@
     if (!form) { return; }
     var from = document.getElementById("range-from");
     var to = document.getElementById("range-to");
+    // A programme or segment choice applies at once (the dates already in the form go along).
+    Array.prototype.forEach.call(form.querySelectorAll("select.auto-apply"), function (select) {
+      select.addEventListener("change", function () {
+        if (form.requestSubmit) { form.requestSubmit(); } else { form.submit(); }
+      });
+    });
     form.addEventListener("submit", function (event) {
       if (from.value && to.value && from.value > to.value) {
         event.preventDefault();
