@@ -108,6 +108,8 @@ class Metric:
     integer: bool = True
     program_scoped: bool = False
     snapshot: bool = True
+    # A level known only now (today's period): the snapshot job stores it as the closed day's.
+    now_only: bool = False
     # A metric always split along one dimension of its own (key never NULL): its name (the
     # CSV column), and its keys in display order when they are fixed (else ranked by value).
     split: str | None = None

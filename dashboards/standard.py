@@ -39,6 +39,12 @@ STANDARD: tuple[StandardDashboard, ...] = (
                 chart="line",
             ),
             Widget(
+                title="Events per day by event time",
+                metric="events_occurred",
+                breakdown="source",
+                chart="line",
+            ),
+            Widget(
                 title="Identifiers per kind per day",
                 metric="identifiers_seen",
                 breakdown="identifier_kind",

@@ -97,6 +97,7 @@ METRICS: tuple[Metric, ...] = (
         build=identifiers_per_profile,
         breakdowns=("identifier_kind",),
         aggregation="last",
+        now_only=True,
         integer=False,
     ),
     Metric(

@@ -265,6 +265,7 @@ METRICS: tuple[Metric, ...] = (
         build=members,
         breakdowns=("program", "status"),
         aggregation="last",
+        now_only=True,
         program_scoped=True,
     ),
     Metric(
@@ -278,6 +279,7 @@ METRICS: tuple[Metric, ...] = (
         build=points_liability,
         breakdowns=("program",),
         aggregation="last",
+        now_only=True,
         integer=False,
         program_scoped=True,
     ),
@@ -291,6 +293,7 @@ METRICS: tuple[Metric, ...] = (
         build=tier_distribution,
         breakdowns=("tier",),
         aggregation="last",
+        now_only=True,
         program_scoped=True,
     ),
     Metric(

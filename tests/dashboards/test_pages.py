@@ -167,6 +167,7 @@ def test_data_health_page_lays_out_widgets_with_csv_links(
         "merge_rate",
         "identifiers_per_profile",
         "blocked_values_hit",
+        "events_occurred",
     }
     assert all(f"from={RANGE['from']}" in w["dataUrl"] for w in widgets)
     assert all(w["csvUrl"].endswith("format=csv") for w in widgets)

@@ -30,6 +30,7 @@ def test_catalogue_lists_metrics_with_breakdowns_and_what_is_still_to_come(
     metrics = {m["name"]: m for m in body["metrics"]}
     assert set(metrics) == {
         "events_received",
+        "events_occurred",
         "ingest_batches",
         "identifiers_seen",
         "job_runs",
