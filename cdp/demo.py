@@ -544,8 +544,10 @@ def run(
         for step, name in steps
     ]
 
+    history = list(threads)
+
     def snapshots_after() -> None:
-        for thread in threads:
+        for thread in history:
             thread.join()
         snapshot_history(application.state.runner, say=say)
 
