@@ -62,79 +62,92 @@ def segment_exits(
 
 OVERLAP_KEYS = ("in both", "only in the first", "only in the second")
 
-# Membership of the two segments over time from their published entries and exits: after each
-# event of a profile, where it stands (in both, only one, neither); each change of standing
-# moves one profile between counts, so a day's counts are the running sum of the changes made
-# up to the end of that day.
+# Membership of the two segments over time from their published entries and exits. A
+# segment's size at a day's end is the running sum of its entries (+1) and exits (-1) up to
+# then. Profiles in both are followed only among the profiles that appear in both segments'
+# logs: after each event of such a profile, whether it stands in both (one window pass gives
+# the standing before and after the event); each change moves it in or out of "in both".
+# Then only in the first = size of the first - in both, and so on: running sums of small
+# per-day tables, no per-day join of memberships.
 _OVERLAP_STEPS = (
     (
-        "pair_events",
+        "pair_log",
         """
-        SELECT profile_id, occurred_at, seq,
-               CASE WHEN segment_id = $segment_a THEN kind = 'entry' END AS a_event,
-               CASE WHEN segment_id = $segment_b THEN kind = 'entry' END AS b_event
+        SELECT segment_id = $segment_a AS is_a, profile_id, kind, occurred_at, seq,
+               CAST(occurred_at AS DATE) AS day
         FROM segment_events
         WHERE segment_id IN ($segment_a, $segment_b) AND occurred_at < $end_excl
         """,
     ),
     (
+        "sizes",
+        """
+        SELECT day,
+               sum(CASE WHEN is_a THEN CASE kind WHEN 'entry' THEN 1 ELSE -1 END ELSE 0 END)
+                 AS a_delta,
+               sum(CASE WHEN NOT is_a THEN CASE kind WHEN 'entry' THEN 1 ELSE -1 END ELSE 0 END)
+                 AS b_delta
+        FROM pair_log
+        GROUP BY day
+        """,
+    ),
+    (
+        "in_both_logs",
+        """
+        SELECT profile_id FROM pair_log
+        GROUP BY profile_id
+        HAVING bool_or(is_a) AND bool_or(NOT is_a)
+        """,
+    ),
+    (
         "standings",
         """
-        SELECT profile_id, occurred_at, seq,
-               coalesce(last_value(a_event IGNORE NULLS) OVER w, false) AS in_a,
-               coalesce(last_value(b_event IGNORE NULLS) OVER w, false) AS in_b
-        FROM pair_events
-        WINDOW w AS (PARTITION BY profile_id ORDER BY occurred_at, seq
-                     ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
+        SELECT day,
+               coalesce(last_value(a_in IGNORE NULLS) OVER upto, false)
+                 AND coalesce(last_value(b_in IGNORE NULLS) OVER upto, false) AS both_after,
+               coalesce(last_value(a_in IGNORE NULLS) OVER before, false)
+                 AND coalesce(last_value(b_in IGNORE NULLS) OVER before, false) AS both_before
+        FROM (
+            SELECT l.profile_id, l.occurred_at, l.seq, l.day,
+                   CASE WHEN l.is_a THEN l.kind = 'entry' END AS a_in,
+                   CASE WHEN NOT l.is_a THEN l.kind = 'entry' END AS b_in
+            FROM pair_log AS l SEMI JOIN in_both_logs AS p ON p.profile_id = l.profile_id
+        ) AS events
+        WINDOW upto AS (PARTITION BY profile_id ORDER BY occurred_at, seq
+                        ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW),
+               before AS (PARTITION BY profile_id ORDER BY occurred_at, seq
+                          ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
         """,
     ),
     (
-        "labelled",
+        "both_moves",
         """
-        SELECT profile_id, occurred_at, seq,
-               CASE WHEN in_a AND in_b THEN 'in both'
-                    WHEN in_a THEN 'only in the first'
-                    WHEN in_b THEN 'only in the second' END AS standing
+        SELECT day, sum(CASE WHEN both_after THEN 1 ELSE -1 END) AS both_delta
         FROM standings
+        WHERE both_after <> both_before
+        GROUP BY day
         """,
     ),
     (
-        "changes",
+        "running",
         """
-        SELECT CAST(occurred_at AS DATE) AS day, standing AS standing_new,
-               lag(standing) OVER (PARTITION BY profile_id ORDER BY occurred_at, seq)
-                 AS standing_old
-        FROM labelled
-        """,
-    ),
-    (
-        "moves",
-        """
-        SELECT day, standing_new AS standing, 1 AS delta FROM changes
-        WHERE standing_new IS NOT NULL AND standing_new IS DISTINCT FROM standing_old
-        UNION ALL
-        SELECT day, standing_old, -1 FROM changes
-        WHERE standing_old IS NOT NULL AND standing_new IS DISTINCT FROM standing_old
-        """,
-    ),
-    (
-        "daily",
-        "SELECT day, standing, sum(delta) AS delta FROM moves GROUP BY 1, 2",
-    ),
-    (
-        "grid",
-        """
-        SELECT CAST(d AS DATE) AS day, standing
-        FROM generate_series(CAST($start AS DATE), CAST($end AS DATE), INTERVAL 1 DAY) AS t(d),
-             (VALUES ('in both'), ('only in the first'), ('only in the second')) AS s(standing)
+        SELECT CAST(d AS DATE) AS day,
+               (SELECT coalesce(sum(a_delta), 0) FROM sizes WHERE sizes.day <= CAST(d AS DATE))
+                 AS a_size,
+               (SELECT coalesce(sum(b_delta), 0) FROM sizes WHERE sizes.day <= CAST(d AS DATE))
+                 AS b_size,
+               (SELECT coalesce(sum(both_delta), 0) FROM both_moves
+                WHERE both_moves.day <= CAST(d AS DATE)) AS both_size
+        FROM generate_series(CAST($start AS DATE), CAST($end AS DATE), INTERVAL 1 DAY) AS t(d)
         """,
     ),
 )
 _OVERLAP_FINAL = """
-SELECT g.day AS period, g.standing AS key, coalesce(sum(d.delta), 0) AS value
-FROM grid AS g
-LEFT JOIN daily AS d ON d.standing = g.standing AND d.day <= g.day
-GROUP BY 1, 2
+SELECT day AS period, 'in both' AS key, both_size AS value FROM running
+UNION ALL
+SELECT day, 'only in the first', a_size - both_size FROM running
+UNION ALL
+SELECT day, 'only in the second', b_size - both_size FROM running
 ORDER BY 1, 2
 """
 
