@@ -36,6 +36,7 @@ from sqlalchemy import text
 
 from benchmarks import sample_warehouse
 from benchmarks.core import Measure, Result
+from cdp import migrate
 from cdp.db import Database, new_id
 from cdp.warehouse import Query, Warehouse
 from dashboards.metrics import catalogue
@@ -417,6 +418,7 @@ def run(scale: int, workdir: Path) -> Result:
     result.details["copy_seconds"] = round(time.perf_counter() - started, 1)
     settings = prepared.settings(memory_limit="3GB").model_copy(update={"log_json": False})
     settings.scheduler.enabled = False
+    migrate.upgrade(settings.db_url)  # the prepared stores may predate the latest revision
     db = Database.from_settings(settings)
     warehouse = Warehouse(settings.warehouse_file, memory_limit="3GB").open()
     history_end = warehouse.scalar(Query("SELECT max(timestamp) FROM events"))
