@@ -213,9 +213,13 @@ def _ready(page: Page) -> None:
     page.wait_for_selector("body[data-state=ready]")
 
 
-def _number(page: Page, widget_id: str) -> int:
-    text = page.inner_text(f"#{widget_id} .kpi-value")
-    return int(text.replace(",", ""))
+def _number(page: Page, widget_id: str) -> float:
+    """The number a widget shows (its exact value; the text is the same, rounded)."""
+    value = page.get_attribute(f"#{widget_id} .kpi-value", "data-value")
+    text = page.inner_text(f"#{widget_id} .kpi-value").replace(",", "")
+    assert value is not None
+    assert float(text) == round(float(value), 2)
+    return float(value)
 
 
 def _widgets(page: Page) -> list[dict[str, Any]]:  # Any: JSON config
