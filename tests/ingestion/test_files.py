@@ -18,7 +18,7 @@ from ingestion import service
 from ingestion.errors import InvalidMapping
 from ingestion.schemas import Mapping
 from tests.cdp.test_cli import cdp
-from tests.ingestion.conftest import basic, create_source
+from tests.ingestion.conftest import basic, create_source, drained
 
 JsonDict = dict[str, Any]  # Any: JSON
 
@@ -167,6 +167,7 @@ def test_ndjson_lines_dedupe_against_messages_sent_over_http(
         ).status_code
         == 200
     )
+    drained(client)
     # A Segment export of the same source's messages, imported through the file path.
     lines = [
         {**sent, "timestamp": "2026-11-01T10:00:00Z"},
