@@ -346,3 +346,28 @@ def test_unauthenticated_tracking_requests_get_json_errors(
     resp = client.post(f"/v1/{endpoint}", json={})
     assert resp.status_code == 401
     assert resp.json()["error"]["code"] == "ingestion.invalid_write_key"
+
+
+def test_a_bad_batch_sent_at_rejects_the_messages_that_rely_on_it(
+    client: TestClient, http_source: JsonDict, warehouse: Warehouse
+) -> None:
+    body = {
+        "sentAt": "yesterday",
+        "batch": [
+            {"type": "track", "messageId": "a", "userId": "u", "event": "E"},
+            {
+                "type": "track",
+                "messageId": "b",
+                "userId": "u",
+                "event": "E",
+                "sentAt": "2026-11-20T10:00:00Z",
+            },
+        ],
+    }
+    resp = client.post("/v1/batch", json=body, headers=basic(http_source["write_key"]))
+    assert resp.status_code == 200
+    [rejected] = resp.json()["rejected"]
+    assert (rejected["index"], rejected["messageId"]) == (0, "a")
+    assert "timestamp" in rejected["reason"]
+    drained(client)
+    assert warehouse.rows(Query("SELECT message_id FROM events")) == [("b",)]
