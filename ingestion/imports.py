@@ -17,6 +17,7 @@ import polars as pl
 from cdp.db import Database, utcnow
 from cdp.warehouse import Warehouse
 from ingestion.connectors import Connector
+from ingestion.errors import ImportInterrupted
 from ingestion.loader import LoadInput, loader_for
 from ingestion.models import ImportRun
 
@@ -38,8 +39,13 @@ def run_import(
     total_rows: int | None = None,
     progress: Progress | None = None,
     after_chunk: AfterChunk | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> ImportRun:
-    """Load every chunk of `connector`, keeping the import record `import_id` up to date."""
+    """Load every chunk of `connector`, keeping the import record `import_id` up to date.
+
+    `should_stop` is asked before each chunk: a stopping server interrupts a long import
+    between two committed chunks (recorded as failed, with what it loaded so far).
+    """
     loader = loader_for(warehouse)
     started = time.perf_counter()
     counts = {"rows_read": 0, "accepted": 0, "rejected": 0, "duplicates": 0, "dropped": 0}
@@ -47,6 +53,11 @@ def run_import(
     last_batch: int | None = None
     try:
         for chunk in connector.chunks():
+            if should_stop is not None and should_stop():
+                raise ImportInterrupted(
+                    "the server stopped during the import; the rows loaded so far stay"
+                    " (upload the file again to load the rest: loaded rows dedupe)"
+                )
             data = transform(chunk)
             batches = loader.load(data)
             counts["rows_read"] += chunk.height

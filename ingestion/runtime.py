@@ -1,4 +1,5 @@
-"""The tracking API's runtime in the server: write-key cache, request handling, the writer."""
+"""Ingestion's runtime in the server: the tracking API (write-key cache, request handling,
+writer, spool, drainer) and the background file imports."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from cdp.config import Settings
 from cdp.db import Database
 from cdp.warehouse import Warehouse
 from ingestion import service
+from ingestion.background import ImportWorker
 from ingestion.drainer import Drainer
 from ingestion.errors import (
     BodyTooLarge,
@@ -48,7 +50,7 @@ _OK = orjson.dumps({"success": True})
 
 
 class TrackingRuntime:
-    """Everything the `/v1/*` routes need, created in the app's lifespan."""
+    """Everything the `/v1/*` routes and uploads need, created in the app's lifespan."""
 
     def __init__(self, settings: Settings, db: Database, warehouse: Warehouse) -> None:
         self.settings = settings
@@ -67,6 +69,7 @@ class TrackingRuntime:
             max_backlog=self.limits.queue_max_events,
             linger_s=self.limits.writer_linger_ms / 1000,
         )
+        self.imports = ImportWorker(db, warehouse, region=settings.default_phone_region)
         self._keys: dict[str, tuple[SourceInfo | None, float, int]] = {}
 
     def start(self) -> None:
@@ -78,9 +81,12 @@ class TrackingRuntime:
         gc.freeze()
         self.drainer.start()
         self.writer.start()
+        self.imports.start()
 
     def stop(self) -> None:
-        """Spool what is queued, load everything spooled, and stop both threads."""
+        """Stop background imports (after their current chunk), spool what is queued, load
+        everything spooled, and stop the threads."""
+        self.imports.stop()
         self.writer.stop()
         self.drainer.stop()
         self.spool.close(self.drainer.drained_lsn)

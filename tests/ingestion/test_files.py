@@ -223,37 +223,6 @@ def test_file_missing_mapped_columns_is_refused_and_columns_are_remembered(
             service.update_source(session, source_id=source_id, mapping=wrong)
 
 
-def test_upload_endpoint_imports_and_reports_rows(
-    client: TestClient, data_headers: dict[str, str]
-) -> None:
-    source = create_source(client, data_headers, name="crm", kind="file", mapping=CRM_MAPPING)
-    resp = client.post(
-        f"/api/sources/{source['id']}/uploads",
-        files={"file": ("crm.csv", CSV.encode(), "text/csv")},
-        headers=data_headers,
-    )
-    assert resp.status_code == 201, resp.text
-    report = resp.json()
-    assert (report["accepted"], report["rejected"]) == (3, 2)
-    assert [e["row"] for e in report["errors"]] == [3, 4]
-    listed = client.get(f"/api/sources/{source['id']}/imports", headers=data_headers).json()
-    assert listed["items"][0]["id"] == report["id"]
-    again = client.post(
-        f"/api/sources/{source['id']}/uploads",
-        files={"file": ("crm.csv", CSV.encode(), "text/csv")},
-        headers=data_headers,
-    )
-    assert again.json()["skipped"] is True
-    stats = client.get(f"/api/sources/{source['id']}/stats", headers=data_headers).json()
-    assert (stats["accepted"], stats["rejected"], stats["received"]) == (3, 2, 5)
-    unsupported = client.post(
-        f"/api/sources/{source['id']}/uploads",
-        files={"file": ("crm.xlsx", b"x", "application/octet-stream")},
-        headers=data_headers,
-    )
-    assert unsupported.status_code == 422
-
-
 def test_cli_ingest_imports_globs_into_a_source(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'cdp.sqlite3'}"
     migrate.upgrade(url)
