@@ -149,8 +149,8 @@ class Loader:
                 )
                 cur.register(queries.LOAD_SOURCES, load_sources)
                 if new_events.height:
-                    cur.register(queries.NEW_EVENTS, new_events.to_arrow())
-                    cur.register(queries.NEW_IDENTIFIERS, new_identifiers.to_arrow())
+                    cur.register(queries.NEW_EVENTS, batched(new_events))
+                    cur.register(queries.NEW_IDENTIFIERS, batched(new_identifiers))
                 if data.rejections.height:
                     cur.register(queries.NEW_REJECTIONS, data.rejections.to_arrow())
                 script = queries.append_load(
@@ -215,11 +215,24 @@ def concat_loads(loads: list[LoadInput], *, spool_lsn: int | None = None) -> Loa
     )
 
 
+# Rows per Arrow record batch handed to DuckDB: its scans of a registered table run one
+# thread per batch, so a single 500k-row batch would insert on one core.
+ARROW_BATCH_ROWS = 122_880
+
+
+def batched(frame: pl.DataFrame) -> pa.Table:
+    """A frame as an Arrow table of several record batches, for parallel scans."""
+    table = frame.to_arrow()
+    if frame.height <= ARROW_BATCH_ROWS:
+        return table
+    return pa.Table.from_batches(table.to_batches(max_chunksize=ARROW_BATCH_ROWS))
+
+
 def _new_rows(cur: Cursor, events: pl.DataFrame) -> Rows:
     """The sorted `_row` of the incoming events whose (source, message id) is new."""
     if not events.height:
         return np.empty(0, dtype=np.int64)
-    cur.register(queries.INCOMING, events.select("_row", "source_id", "message_id").to_arrow())
+    cur.register(queries.INCOMING, batched(events.select("_row", "source_id", "message_id")))
     try:
         table = cur.sql(queries.new_messages().sql).to_arrow_table()
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,9 @@ from cdp import migrate
 from cdp.db import Database
 from cdp.warehouse import Query, Warehouse
 from ingestion import service
-from ingestion.errors import InvalidMapping
+from ingestion.errors import InvalidMapping, UnsupportedFile
+from ingestion.imports import read_ahead
+from ingestion.loader import LoadInput, empty_events, empty_identifiers
 from ingestion.schemas import Mapping
 from tests.cdp.test_cli import cdp
 from tests.ingestion.conftest import basic, create_source, drained
@@ -239,3 +242,37 @@ def test_cli_ingest_imports_globs_into_a_source(tmp_path: Path) -> None:
     missing = cdp(tmp_path, "ingest", "crm", str(tmp_path / "nope.csv"))
     assert missing.returncode == 1
     assert "no such file" in missing.stderr
+
+
+class _ThreeThenBroken:
+    """A connector whose file breaks after three chunks."""
+
+    name = "broken"
+
+    def chunks(self) -> Iterator[pl.DataFrame]:
+        for i in range(3):
+            yield pl.DataFrame({"_row": [i]})
+        raise UnsupportedFile("broken: cannot read the file")
+
+
+def _numbered(frame: pl.DataFrame) -> LoadInput:
+    """A stand-in transform that names each load after its chunk."""
+    return LoadInput(
+        channel=str(frame["_row"][0]), events=empty_events(), identifiers=empty_identifiers()
+    )
+
+
+def test_read_ahead_keeps_chunk_order_and_raises_the_readers_error_in_turn() -> None:
+    seen: list[str] = []
+
+    def consume() -> None:
+        for _chunk, data in read_ahead(_ThreeThenBroken(), _numbered):
+            seen.append(data.channel)
+
+    with pytest.raises(UnsupportedFile, match="cannot read"):
+        consume()
+    assert seen == ["0", "1", "2"]
+    # A consumer that stops early stops the reader too (the generator joins its thread).
+    reader = read_ahead(_ThreeThenBroken(), _numbered)
+    assert next(reader)[1].channel == "0"
+    reader.close()
