@@ -1,5 +1,5 @@
-"""A real `cdp serve` process: the official Segment SDK talks to it, and SIGKILL loses
-no acknowledged event."""
+"""A real `cdp serve` process: the official Segment and RudderStack SDKs talk to it, and
+SIGKILL loses no acknowledged event."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from rudderstack.analytics.client import Client as RudderClient
 from segment.analytics import Client
 
 from cdp import migrate
@@ -113,6 +114,34 @@ def test_official_segment_sdk_sends_unchanged(server: Server) -> None:
     assert rows[1][1] == "Order Completed"
     assert ("email", "ann@example.com") in identifiers
     assert ("anonymous_id", "anon-1") in identifiers
+
+
+def test_official_rudderstack_sdk_sends_unchanged(server: Server) -> None:
+    errors: list[Exception] = []
+    client = RudderClient(
+        write_key=server.write_key,
+        host=server.url,
+        sync_mode=True,
+        gzip=True,
+        on_error=lambda exc, batch: errors.append(exc),
+    )
+    client.identify(user_id="user-2", traits={"email": "Bo@Example.com", "phone": None})
+    client.track(user_id="user-2", event="Order Completed", properties={"total": 12})
+    client.page(anonymous_id="anon-2", name="Home", properties={"path": "/"})
+    client.screen(user_id="user-2", name="Cart")
+    client.group(user_id="user-2", group_id="group-2", traits={"name": "Acme"})
+    client.alias(previous_id="anon-2", user_id="user-2")
+    client.flush()
+    assert errors == []
+    server.proc.send_signal(signal.SIGTERM)
+    server.proc.wait(timeout=60)
+    with Warehouse(server.data_dir / "warehouse.duckdb") as warehouse:
+        rows = warehouse.rows(Query("SELECT type, event FROM events ORDER BY event_id"))
+        identifiers = warehouse.rows(Query("SELECT DISTINCT kind, value FROM event_identifiers"))
+    assert [r[0] for r in rows] == ["identify", "track", "page", "screen", "group", "alias"]
+    assert rows[1][1] == "Order Completed"
+    assert ("email", "bo@example.com") in identifiers
+    assert ("anonymous_id", "anon-2") in identifiers
 
 
 def _spool_files(data_dir: Path) -> list[Path]:
