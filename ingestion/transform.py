@@ -149,8 +149,8 @@ def phones(values: pl.Series, *, region: str) -> pl.Series:
     """Phones to E.164 as `cdp.identifiers.normalise_phone` reads them, vectorised.
 
     Numbers written in the common forms of the region (`06 12 34 56 78`, `+33 6 12...`,
-    `0033 6...`, `6 12 34 56 78`, with spaces, dots, dashes, slashes or parentheses) are rewritten with
-    Polars string expressions; everything else (other countries, extensions, letters,
+    `0033 6...`, `6 12 34 56 78`, with spaces, dots, dashes, slashes or parentheses) are
+    rewritten with Polars string expressions; everything else (other countries, extensions, letters,
     placeholders) goes to `phonenumbers`, once per distinct value. A test checks both
     paths agree.
     """
