@@ -149,10 +149,10 @@ def phones(values: pl.Series, *, region: str) -> pl.Series:
     """Phones to E.164 as `cdp.identifiers.normalise_phone` reads them, vectorised.
 
     Numbers written in the common forms of the region (`06 12 34 56 78`, `+33 6 12...`,
-    `0033 6...`, `6 12 34 56 78`, with spaces, dots, dashes, slashes or parentheses) are
-    rewritten with Polars string expressions; everything else (other countries, extensions, letters,
-    placeholders) goes to `phonenumbers`, once per distinct value. A test checks both
-    paths agree.
+    `0033 6...`, `+33 (0)6...`, `6 12 34 56 78`, with spaces, dots, dashes, slashes or
+    parentheses) are rewritten with Polars string expressions; everything else (other
+    countries, extensions, letters, placeholders) goes to `phonenumbers`, once per distinct
+    value. Tests check that both paths agree.
     """
     plan = _phone_plan(region)
     if plan is None:
@@ -160,8 +160,9 @@ def phones(values: pl.Series, *, region: str) -> pl.Series:
     code, pattern, lengths = plan
     raw = pl.col("raw")
     digits = raw.str.replace_all(r"[\s().\-/]", "")
-    # The national significant number after `0`, `+cc`, `00cc` or no prefix (one regex).
-    nsn = digits.str.extract(rf"^(?:0|\+{code}|00{code})?([1-9][0-9]*)$", 1)
+    # The national significant number after `0`, `+cc`, `00cc` (either maybe followed by
+    # the trunk `0`, as in `+33 (0)6...`, which phonenumbers strips too) or no prefix.
+    nsn = digits.str.extract(rf"^(?:0|(?:\+|00){code}0?)?([1-9][0-9]*)$", 1)
     placeholder = raw.str.strip_chars().str.to_lowercase().is_in(sorted(PLACEHOLDERS)) | (
         digits.str.strip_chars_start("+").str.contains(_REPEATED)
     )

@@ -23,6 +23,11 @@ EDGES = [
     "612345678",
     "33612345678",
     "+33 (0)6 12 34 56 78",
+    "+330612345678",
+    "0033 (0)6 12 34 56 78",
+    "+33 (0)0 12 34 56 78",
+    "+33 00612345678",
+    "+49 (0)30 1234567",
     "0612345678 ext. 12",
     "06123456789",
     "0612",
@@ -69,7 +74,9 @@ def test_regions_with_plain_rules_take_the_fast_path() -> None:
     assert _phone_plan("ZZ") is None
 
 
-PREFIXES = st.sampled_from(["", "0", "+33", "0033", "+49", "0049", "+32", "+", "00", "33"])
+PREFIXES = st.sampled_from(
+    ["", "0", "+33", "0033", "+33 (0)", "+330", "+49", "0049", "+49(0)", "+32", "+", "00", "33"]
+)
 SEPARATORS = st.sampled_from(["", " ", ".", "-", "/", "(", ")", "  "])
 NUMBER = st.builds(
     lambda prefix, groups: prefix + "".join(s + d for s, d in groups),
