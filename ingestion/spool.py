@@ -122,13 +122,14 @@ class Spool:
         self._fd: int | None = None
         self._size = 0
         self._next_lsn = 1
+        self._last_lsn = 0
         self.opened = False
         self._replaying = False
 
     @property
     def last_lsn(self) -> int:
-        """The lsn of the latest appended record (0 before any)."""
-        return self._next_lsn - 1
+        """The lsn of the latest record appended and fsynced (0 before any)."""
+        return self._last_lsn
 
     def _segments(self) -> list[Path]:
         return sorted(self.directory.glob(f"{PREFIX}*{SUFFIX}"))
@@ -144,6 +145,7 @@ class Spool:
         self.opened = True
         self._replaying = True
         self._next_lsn = drained_lsn + 1
+        self._last_lsn = drained_lsn
         return self._replay(self._segments(), drained_lsn)
 
     def _replay(self, paths: list[Path], drained_lsn: int) -> Iterator[SpoolRecord]:
@@ -152,6 +154,7 @@ class Spool:
             for record in self._read(path):
                 last = record.lsn
                 self._next_lsn = max(self._next_lsn, record.lsn + 1)
+                self._last_lsn = max(self._last_lsn, record.lsn)
                 if record.lsn > drained_lsn:
                     yield record
             if last <= drained_lsn:
@@ -199,19 +202,22 @@ class Spool:
         if self._fd is None:
             path = self.directory / _segment_name(lsn)
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
-            self._current = _Segment(path, lsn)
+            self._current = _Segment(path, lsn - 1)
             self._size = 0
             _fsync_dir(self.directory)  # the new file's name is durable too
         try:
             _write_all(self._fd, record)
             os.fdatasync(self._fd)
         except OSError:
-            # The segment may now end with a partial record: seal it (its readable
-            # part stays), and start the next record in a new segment.
+            # Not acknowledged. The segment may end with a partial record (cut off on
+            # replay) or a whole one (loaded on replay; its messages dedupe if resent):
+            # seal it, and give the next record a new number in a new segment.
+            self._next_lsn = lsn + 1
             self._seal()
             raise
         assert self._current is not None
         self._next_lsn = lsn + 1
+        self._last_lsn = lsn
         self._current.last_lsn = lsn
         self._size += len(record)
         if self._size >= self.segment_bytes:
