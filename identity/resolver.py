@@ -35,7 +35,7 @@ import polars as pl
 
 from cdp.warehouse import Cursor, Query, Warehouse
 from identity import queries
-from identity.labelling import component_labels, rule_aware_labels
+from identity.labelling import dense_components, rule_aware_labels, smallest_ids
 from identity.rules import IdentityRules
 
 logger = logging.getLogger(__name__)
@@ -215,21 +215,16 @@ def label_profiles(
     node_ids = nodes["node_id"].to_numpy().astype(np.int64, copy=False)
     src = links["src"].to_numpy().astype(np.int64, copy=False)
     dst = links["dst"].to_numpy().astype(np.int64, copy=False)
-    components = component_labels(node_ids, src, dst)
+    count, dense, src_index = dense_components(node_ids, src, dst)
+    # Components over a per-kind limit: count each limited kind per component.
+    over = np.zeros(count, dtype=bool)
+    kinds = nodes["kind"]
+    for kind, limit in limits.items():
+        of_kind = (kinds == kind).to_numpy()
+        if of_kind.any():
+            over |= np.bincount(dense[of_kind], minlength=count) > limit
+    components = smallest_ids(node_ids, dense, count)
     labels = components.copy()
-    frame = pl.DataFrame({"node_id": node_ids, "kind": nodes["kind"], "component_id": components})
-    limit_frame = pl.DataFrame(
-        {"kind": list(limits), "lim": list(limits.values())},
-        schema={"kind": pl.String, "lim": pl.Int64},
-    )
-    over = (
-        frame.join(limit_frame, on="kind")
-        .group_by("component_id", "kind", "lim")
-        .len()
-        .filter(pl.col("len") > pl.col("lim"))
-        .get_column("component_id")
-        .unique()
-    )
     refusal_schema = {
         "src": pl.Int64,
         "dst": pl.Int64,
@@ -238,13 +233,14 @@ def label_profiles(
         "lim": pl.Int64,
     }
     refusals = pl.DataFrame(schema=refusal_schema)
-    if over.len():
-        mask = np.isin(components, over.to_numpy())
+    rule_components = int(over.sum())
+    if rule_components:
+        mask = over[dense]
         sub_nodes = node_ids[mask]
-        sub_kinds = frame.filter(pl.Series(mask))["kind"].to_list()
-        link_component = components[np.searchsorted(node_ids, src)]
+        sub_kinds = kinds.filter(pl.Series(mask)).to_list()
+        link_mask = over[dense[src_index]]
         sub_links = (
-            links.filter(pl.Series(np.isin(link_component, over.to_numpy())))
+            links.filter(pl.Series(link_mask))
             .sort("first_event_id", "high_rank", "low_rank", "src", "dst")
             .select("src", "dst", "first_event_id")
         )
@@ -258,7 +254,7 @@ def label_profiles(
             orient="row",
         )
     out = pl.DataFrame({"node_id": node_ids, "component_id": components, "label": labels})
-    return out, refusals, int(over.len())
+    return out, refusals, rule_components
 
 
 def _load_rules(cur: Cursor, rules: IdentityRules) -> None:
