@@ -21,6 +21,7 @@ One run, in one warehouse transaction:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -117,23 +118,22 @@ def _resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool) -> Resol
         if full:
             step(queries.SNAPSHOT_FOR_FULL)
             mark = 0
-        step(queries.new_event_identifiers(mark, up_to))
-        step(queries.INSERT_NEW_NODES)
-        step(queries.block_new_nodes(rules.combined_pattern()))
-        if not full:
-            step(queries.TOUCH_SEEN_NODES)
-        step(queries.INSERT_NEW_EDGES)
+        suppressions = int(_scalar(cur, queries.ACTIVE_SUPPRESSIONS)) > 0
+        step(queries.new_event_identifiers(mark, up_to, suppressions=suppressions))
         step(queries.changed_overrides(-1 if full else seen_overrides))
-        step(queries.ACTIVE_REMOVED_LINKS)
-        queries.run_script(
-            cur,
-            queries.STATUS_CANDIDATES_FULL if full else queries.STATUS_CANDIDATES_INCREMENTAL,
-        )
-        step(queries.compute_status(rules.auto_cap))
-        step(queries.APPLY_STATUS)
         if full:
-            step(queries.AFFECTED_FULL)
+            step(queries.full_graph(rules.combined_pattern()))
+            step(queries.ACTIVE_REMOVED_LINKS)
+            step(queries.full_status(rules.auto_cap))
         else:
+            step(queries.INSERT_NEW_NODES)
+            step(queries.block_new_nodes(rules.combined_pattern()))
+            step(queries.TOUCH_SEEN_NODES)
+            step(queries.INSERT_NEW_EDGES)
+            step(queries.ACTIVE_REMOVED_LINKS)
+            queries.run_script(cur, queries.STATUS_CANDIDATES_INCREMENTAL)
+            step(queries.compute_status(rules.auto_cap))
+            step(queries.APPLY_STATUS)
             step(queries.AFFECTED_INCREMENTAL)
             step(queries.OLD_ASSIGNMENT_INCREMENTAL)
 
@@ -150,13 +150,23 @@ def _resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool) -> Resol
         _temp_table(cur, "id_used_links", used)
 
         step(queries.RECONCILE)
+        if full:
+            # Nodes are written once, labelled; the publication's reasons name them.
+            step(queries.WRITE_NODES_FULL)
         step(queries.CHANGES)
         step(queries.publish_changes(seq=seq, at=now))
         step(queries.register_profiles(now))
-        step(queries.APPLY_ASSIGNMENT_FULL if full else queries.APPLY_ASSIGNMENT)
+        if not full:
+            step(queries.APPLY_ASSIGNMENT)
         step(queries.record_decisions(now))
-        step(queries.DIRTY_PROFILES_FULL if full else queries.DIRTY_PROFILES)
-        step(queries.refresh_profiles(now))
+        if full:
+            step(queries.DIRTY_PROFILES_FULL)
+            step(queries.EVENT_PROFILES_FULL)
+        else:
+            step(queries.DIRTY_PROFILES)
+            step(queries.EVENT_PROFILES_DIRTY)
+        for low, high in _profile_ranges(int(_scalar(cur, queries.COUNT_DIRTY))):
+            step(queries.refresh_profiles(now, low=low, high=high))
 
         counts = cur.execute(
             """
@@ -255,6 +265,21 @@ def label_profiles(
         )
     out = pl.DataFrame({"node_id": node_ids, "component_id": components, "label": labels})
     return out, refusals, rule_components
+
+
+# Profiles rebuilt per statement: above this many, the rebuild is split into id ranges.
+PROFILES_PER_STATEMENT = 250_000
+_HEX = "0123456789abcdef"
+
+
+def _profile_ranges(dirty: int) -> list[tuple[str | None, str | None]]:
+    """Ascending `[low, high)` ranges of profile ids (UUIDs: lower-case hex first character)
+    that split `dirty` profiles into statements of about PROFILES_PER_STATEMENT."""
+    parts = min(len(_HEX), max(1, -(-dirty // PROFILES_PER_STATEMENT)))
+    bounds: list[str | None] = [None]
+    bounds += [_HEX[len(_HEX) * k // parts] for k in range(1, parts)]
+    bounds.append(None)
+    return list(itertools.pairwise(bounds))
 
 
 def _load_rules(cur: Cursor, rules: IdentityRules) -> None:
