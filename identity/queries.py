@@ -121,38 +121,46 @@ def new_event_identifiers(mark: int, up_to: int, *, suppressions: bool = True) -
     )
 
 
-INSERT_NEW_NODES = Query(
-    """
-    CREATE OR REPLACE TEMP TABLE id_new_nodes AS
-    SELECT ('0x' || left(md5(kind || chr(31) || value), 15))::BIGINT AS node_id, kind, value,
-           coalesce((SELECT rank FROM id_kind_rank r WHERE r.kind = g.kind), 1000000) AS rank,
-           first_event_id, first_seen, last_seen
-    FROM (
-        SELECT kind, value, min(event_id) AS first_event_id, min(ts) AS first_seen,
-               max(ts) AS last_seen
-        FROM id_new_ei GROUP BY kind, value
-    ) g
-    WHERE NOT EXISTS (
-        SELECT 1 FROM identity_nodes n WHERE n.kind = g.kind AND n.value = g.value
-    );
-    INSERT INTO identity_nodes
-    SELECT node_id, kind, value, rank, 'active', node_id, NULL, first_event_id, first_seen,
-           last_seen
-    FROM id_new_nodes
-    ORDER BY kind, value;
-    """
-)
+# Node ids are the hash of (kind, value), so new identifiers are matched with the graph on
+# the integer id, never by joining strings.
+def insert_new_nodes(pattern: str) -> Query:
+    """Identifiers of the run's events not yet in the graph become nodes, blocked (listed
+    value, or the rules' combined pattern) or active."""
+    return Query(
+        """
+        CREATE OR REPLACE TEMP TABLE id_new_seen AS
+        SELECT ('0x' || left(md5(kind || chr(31) || value), 15))::BIGINT AS node_id, kind,
+               value,
+               coalesce((SELECT rank FROM id_kind_rank r WHERE r.kind = g.kind), 1000000) AS rank,
+               first_event_id, first_seen, last_seen
+        FROM (
+            SELECT kind, value, min(event_id) AS first_event_id, min(ts) AS first_seen,
+                   max(ts) AS last_seen
+            FROM id_new_ei GROUP BY kind, value
+        ) g;
+        CREATE OR REPLACE TEMP TABLE id_new_nodes AS
+        SELECT * FROM id_new_seen g
+        WHERE NOT EXISTS (SELECT 1 FROM identity_nodes n WHERE n.node_id = g.node_id);
+        INSERT INTO identity_nodes
+        SELECT node_id, kind, value, rank,
+               CASE WHEN lower(value) IN (SELECT lower(value) FROM id_block_values)
+                         OR ($pattern <> '' AND regexp_full_match(value, $pattern))
+                    THEN 'blocked' ELSE 'active' END,
+               node_id, NULL, first_event_id, first_seen, last_seen
+        FROM id_new_nodes
+        ORDER BY kind, value;
+        """,
+        {"pattern": pattern},
+    )
+
 
 TOUCH_SEEN_NODES = Query(
     """
     UPDATE identity_nodes n
     SET first_seen = least(n.first_seen, g.first_seen),
         last_seen = greatest(n.last_seen, g.last_seen)
-    FROM (
-        SELECT kind, value, min(ts) AS first_seen, max(ts) AS last_seen
-        FROM id_new_ei GROUP BY kind, value
-    ) g
-    WHERE n.kind = g.kind AND n.value = g.value
+    FROM id_new_seen g
+    WHERE n.node_id = g.node_id
       AND (g.first_seen < n.first_seen OR g.last_seen > n.last_seen)
     """
 )
@@ -162,8 +170,11 @@ TOUCH_SEEN_NODES = Query(
 INSERT_NEW_EDGES = Query(
     """
     CREATE OR REPLACE TEMP TABLE id_new_ein AS
-    SELECT DISTINCT x.event_id, n.node_id, n.rank, x.ts
-    FROM id_new_ei x JOIN identity_nodes n ON n.kind = x.kind AND n.value = x.value;
+    SELECT DISTINCT x.event_id,
+           ('0x' || left(md5(x.kind || chr(31) || x.value), 15))::BIGINT AS node_id,
+           coalesce((SELECT rank FROM id_kind_rank r WHERE r.kind = x.kind), 1000000) AS rank,
+           x.ts
+    FROM id_new_ei x;
     INSERT INTO identity_event_nodes SELECT DISTINCT event_id, node_id FROM id_new_ein;
     CREATE OR REPLACE TEMP TABLE id_new_edges AS
     WITH sized AS (
@@ -183,6 +194,7 @@ INSERT_NEW_EDGES = Query(
     GROUP BY src, dst;
     INSERT INTO identity_edges SELECT src, dst, first_event_id, first_at FROM id_new_edges;
     DROP TABLE id_new_ei;
+    DROP TABLE id_new_seen;
     """
 )
 
@@ -266,7 +278,7 @@ def full_status(auto_cap: int) -> Query:
         FROM id_new_nodes n LEFT JOIN higher h ON h.node_id = n.node_id;
         CREATE OR REPLACE TEMP TABLE id_aff AS
         SELECT n.node_id, n.kind, n.rank, s.status, n.first_event_id,
-               NULL::BIGINT AS old_component_id
+               NULL::BIGINT AS old_component_id, NULL::VARCHAR AS old_profile_id
         FROM id_new_nodes n JOIN id_status_new s ON s.node_id = n.node_id;
         """,
         {"cap": auto_cap},
@@ -331,19 +343,6 @@ ACTIVE_REMOVED_LINKS = Query(
 )
 
 
-def block_new_nodes(pattern: str) -> Query:
-    """Mark new nodes whose value is blocked (listed value, or the rules' combined pattern)."""
-    return Query(
-        """
-        UPDATE identity_nodes SET status = 'blocked'
-        WHERE node_id IN (SELECT node_id FROM id_new_nodes)
-          AND (lower(value) IN (SELECT lower(value) FROM id_block_values)
-               OR ($pattern <> '' AND regexp_full_match(value, $pattern)))
-        """,
-        {"pattern": pattern},
-    )
-
-
 def compute_status(auto_cap: int) -> Query:
     """New status of the candidates: blocked value (static), over the cap, or active."""
     return Query(
@@ -401,7 +400,7 @@ AFFECTED_INCREMENTAL = Query(
     UNION SELECT e.src FROM identity_edges e SEMI JOIN id_reopened r ON r.node_id = e.dst;
     CREATE OR REPLACE TEMP TABLE id_aff AS
     SELECT n.node_id, n.kind, n.rank, n.status, n.first_event_id,
-           n.component_id AS old_component_id
+           n.component_id AS old_component_id, n.profile_id AS old_profile_id
     FROM identity_nodes n
     WHERE n.component_id IN (
         SELECT n2.component_id FROM identity_nodes n2 SEMI JOIN id_seed s ON s.node_id = n2.node_id
@@ -412,9 +411,7 @@ AFFECTED_INCREMENTAL = Query(
 OLD_ASSIGNMENT_INCREMENTAL = Query(
     """
     CREATE OR REPLACE TEMP TABLE id_old AS
-    SELECT n.node_id, n.profile_id FROM identity_nodes n
-    SEMI JOIN id_aff a ON a.node_id = n.node_id
-    WHERE n.profile_id IS NOT NULL
+    SELECT node_id, old_profile_id AS profile_id FROM id_aff WHERE old_profile_id IS NOT NULL
     """
 )
 SNAPSHOT_FOR_FULL = Query(
@@ -633,21 +630,25 @@ EVENT_PROFILES_DIRTY = Query(
     """
     CREATE OR REPLACE TEMP TABLE id_pev_cand AS
     SELECT DISTINCT ei.event_id FROM identity_event_nodes ei
-    JOIN identity_nodes n ON n.node_id = ei.node_id
-    SEMI JOIN id_dirty d ON d.profile_id = n.profile_id;
+    SEMI JOIN (
+        SELECT n.node_id FROM identity_nodes n SEMI JOIN id_dirty d ON d.profile_id = n.profile_id
+    ) p ON p.node_id = ei.node_id;
+    CREATE OR REPLACE TEMP TABLE id_pev_en AS
+    SELECT ei.event_id, ei.node_id FROM identity_event_nodes ei
+    SEMI JOIN id_pev_cand c ON c.event_id = ei.event_id;
     CREATE OR REPLACE TEMP TABLE id_ep AS
     SELECT ep.* FROM (
-        SELECT ei.event_id, arg_min(
+        SELECT x.event_id, arg_min(
             n.profile_id, (n.rank::HUGEINT << 60) + n.node_id
         ) AS profile_id
-        FROM identity_event_nodes ei
-        JOIN identity_nodes n ON n.node_id = ei.node_id
-        SEMI JOIN id_pev_cand c ON c.event_id = ei.event_id
+        FROM id_pev_en x
+        JOIN identity_nodes n ON n.node_id = x.node_id
         WHERE n.profile_id IS NOT NULL
-        GROUP BY ei.event_id
+        GROUP BY x.event_id
     ) ep
     SEMI JOIN id_dirty d ON d.profile_id = ep.profile_id;
     DROP TABLE id_pev_cand;
+    DROP TABLE id_pev_en;
     """
 )
 EVENT_PROFILES_FULL = Query(

@@ -126,8 +126,7 @@ def _resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool) -> Resol
             step(queries.ACTIVE_REMOVED_LINKS)
             step(queries.full_status(rules.auto_cap))
         else:
-            step(queries.INSERT_NEW_NODES)
-            step(queries.block_new_nodes(rules.combined_pattern()))
+            step(queries.insert_new_nodes(rules.combined_pattern()))
             step(queries.TOUCH_SEEN_NODES)
             step(queries.INSERT_NEW_EDGES)
             step(queries.ACTIVE_REMOVED_LINKS)

@@ -6,8 +6,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 
+import pytest
 from hypothesis import HealthCheck, given, settings
-from pytest import MonkeyPatch
 from hypothesis import strategies as st
 
 from cdp.warehouse import Query, Warehouse
@@ -119,12 +119,14 @@ def _profile_rows(warehouse: Warehouse) -> list[tuple[object, ...]]:
     )
 
 
-def test_profiles_written_in_id_ranges_equal_one_statement(monkeypatch: MonkeyPatch) -> None:
+def test_profiles_written_in_id_ranges_equal_one_statement(monkeypatch: pytest.MonkeyPatch) -> None:
     from identity import resolver
 
     assert resolver._profile_ranges(10) == [(None, None)]
     ranges = resolver._profile_ranges(16 * resolver.PROFILES_PER_STATEMENT)
-    assert len(ranges) == 16 and ranges[0] == (None, "1") and ranges[-1] == ("f", None)
+    assert len(ranges) == 16
+    assert ranges[0] == (None, "1")
+    assert ranges[-1] == ("f", None)
     events = [Ev([("user_id", str(k)), ("email", f"{k}@x.org")]) for k in range(40)]
     with fresh_warehouse() as one, fresh_warehouse() as split:
         EventWriter(one).write(events)
