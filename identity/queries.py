@@ -625,14 +625,17 @@ DIRTY_PROFILES_FULL = Query(
 
 # The profile of an event: that of its most trusted identifier that belongs to a profile.
 # `id_ep(event_id, profile_id)`: the events of the dirty profiles (incremental: candidates
-# share an identifier with a dirty profile) or of every profile (full rebuild).
+# share an identifier with a dirty profile) or of every profile (full rebuild), and
+# `id_dirty_nodes`: the identifiers of those profiles (a table of the few dirty ones, or a
+# view of every node with a profile), read again for the profile rows.
 EVENT_PROFILES_DIRTY = Query(
     """
+    CREATE OR REPLACE TEMP TABLE id_dirty_nodes AS
+    SELECT n.node_id, n.kind, n.value, n.profile_id FROM identity_nodes n
+    SEMI JOIN id_dirty d ON d.profile_id = n.profile_id;
     CREATE OR REPLACE TEMP TABLE id_pev_cand AS
     SELECT DISTINCT ei.event_id FROM identity_event_nodes ei
-    SEMI JOIN (
-        SELECT n.node_id FROM identity_nodes n SEMI JOIN id_dirty d ON d.profile_id = n.profile_id
-    ) p ON p.node_id = ei.node_id;
+    SEMI JOIN id_dirty_nodes p ON p.node_id = ei.node_id;
     CREATE OR REPLACE TEMP TABLE id_pev_en AS
     SELECT ei.event_id, ei.node_id FROM identity_event_nodes ei
     SEMI JOIN id_pev_cand c ON c.event_id = ei.event_id;
@@ -660,6 +663,8 @@ EVENT_PROFILES_FULL = Query(
     WHERE n.profile_id IS NOT NULL
     GROUP BY ei.event_id;
     DELETE FROM profiles;
+    CREATE OR REPLACE TEMP VIEW id_dirty_nodes AS
+    SELECT node_id, kind, value, profile_id FROM identity_nodes WHERE profile_id IS NOT NULL;
     """
 )
 
@@ -675,8 +680,7 @@ def refresh_profiles(at: datetime, *, low: str | None = None, high: str | None =
     return Query(
         """
         CREATE OR REPLACE TEMP TABLE id_pn AS
-        SELECT n.node_id, n.kind, n.value, n.profile_id FROM identity_nodes n
-        SEMI JOIN id_dirty d ON d.profile_id = n.profile_id
+        SELECT n.node_id, n.kind, n.value, n.profile_id FROM id_dirty_nodes n
         WHERE ($low::VARCHAR IS NULL OR n.profile_id >= $low)
           AND ($high::VARCHAR IS NULL OR n.profile_id < $high);
         CREATE OR REPLACE TEMP TABLE id_pev AS
