@@ -19,6 +19,7 @@ BENCHMARKS: dict[str, tuple[str, int]] = {
     "ingestion_http": ("benchmarks.ingestion_http", 200_000),
     "loyalty_backfill": ("benchmarks.loyalty_backfill", 1_000_000),
     "identity": ("benchmarks.identity", 1_000_000),
+    "identity_quality": ("benchmarks.identity_quality", 20_000),
     "segments_attributes": ("benchmarks.segments_attributes", 200_000),
     "segments_rules": ("benchmarks.segments_rules", 200_000),
 }

@@ -3,10 +3,18 @@
 
 The data is synthetic till transactions (loyalty card, email, amount, store, timestamp),
 so the benchmark does not depend on the sample-data generator.
+
+With `CDP_BENCH_SAMPLE=/work/sample-1m` it imports a generated sample data set instead
+(`cdp sample-data`): the CRM CSV, the prepared till orders (Parquet, as `cdp demo` writes
+them) and the web NDJSON, each with the demo's mapping, against DuckDB's CTAS of the same
+file (`read_csv`, `read_parquet`, `read_json`). `CDP_BENCH_SAMPLE_FILES=crm,till` picks
+some of them (default all three); `--scale` is then ignored.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -17,9 +25,11 @@ import polars as pl
 from benchmarks.core import Measure, Result, timer
 from cdp import migrate
 from cdp.db import Database
+from cdp.demo import CRM_MAPPING, PREPARED_TILL, TILL_MAPPING, prepare_till
+from cdp.sample_data import CRM_FILE, TILL_FILE, WEB_FILE
 from cdp.warehouse import Warehouse
 from ingestion import service
-from ingestion.schemas import Mapping
+from ingestion.schemas import Mapping, SourceKind
 
 MAPPING = Mapping.model_validate(
     {
@@ -59,6 +69,10 @@ def write_events(path: Path, n: int, *, seed: int = 7) -> None:
 def run(scale: int, workdir: Path) -> Result:
     """Import `scale` events from Parquet; the reference is DuckDB's CTAS of the same file."""
     workdir.mkdir(parents=True, exist_ok=True)
+    sample = os.environ.get("CDP_BENCH_SAMPLE")
+    if sample:
+        files = os.environ.get("CDP_BENCH_SAMPLE_FILES", "crm,till,web").split(",")
+        return run_sample(Path(sample), workdir, [f.strip() for f in files if f.strip()])
     path = workdir / "events.parquet"
     write_events(path, scale)
     result = Result("ingestion_files", scale)
@@ -107,4 +121,98 @@ def run(scale: int, workdir: Path) -> Result:
     )
     result.details["identifiers per event"] = 2
     result.details["file MiB"] = round(path.stat().st_size / 2**20, 1)
+    return result
+
+
+# name -> (file under the sample dir, DuckDB reader, source kind, mapping)
+SAMPLE_FILES: dict[str, tuple[str, str, SourceKind, Mapping | None]] = {
+    "crm": (CRM_FILE, "read_csv", "file", CRM_MAPPING),
+    "till": (PREPARED_TILL, "read_parquet", "file", TILL_MAPPING),
+    "web": (WEB_FILE, "read_json", "http", None),
+}
+READERS = {
+    "read_csv": "CREATE TABLE t AS SELECT * FROM read_csv($p)",
+    "read_parquet": "CREATE TABLE t AS SELECT * FROM read_parquet($p)",
+    "read_json": "CREATE TABLE t AS SELECT * FROM read_json($p, format = 'newline_delimited')",
+}
+
+
+def _ctas(reader: str, path: Path, workdir: Path) -> float:
+    target = workdir / "reference.duckdb"
+    target.unlink(missing_ok=True)
+    con = duckdb.connect(str(target))
+    try:
+        started = time.perf_counter()
+        con.execute(READERS[reader], {"p": str(path)})
+        return time.perf_counter() - started
+    finally:
+        con.close()
+        target.unlink(missing_ok=True)
+
+
+def _prepared_till(sample_dir: Path, workdir: Path) -> Path:
+    """The demo's prepared till orders, written under `workdir` (never into the sample)."""
+    mirror = workdir / "sample"
+    (mirror / TILL_FILE).parent.mkdir(parents=True, exist_ok=True)
+    link = mirror / TILL_FILE
+    if not link.exists():
+        link.symlink_to(sample_dir / TILL_FILE)
+    return prepare_till(mirror)
+
+
+def run_sample(sample_dir: Path, workdir: Path, names: list[str]) -> Result:
+    """Import files of a generated sample, each against DuckDB's CTAS of the same file."""
+    url = f"sqlite:///{workdir / 'cdp.sqlite3'}"
+    migrate.upgrade(url)
+    db = Database(url)
+    warehouse = Warehouse(workdir / "warehouse.duckdb", holder="benchmark").open()
+    total_events = 0
+    total_project = 0.0
+    total_reference = 0.0
+    details: dict[str, str] = {}
+    try:
+        for name in names:
+            relative, reader, kind, mapping = SAMPLE_FILES[name]
+            path = sample_dir / relative
+            if name == "till" and not path.is_file():
+                path = _prepared_till(sample_dir, workdir)
+            reference = _ctas(reader, path, workdir)
+            with db.begin() as session:
+                source, _ = service.create_source(session, name=name, kind=kind, mapping=mapping)
+                source_id = source.id
+            started = time.perf_counter()
+            record = service.import_file(db, warehouse, source_id=source_id, path=path, region="FR")
+            seconds = time.perf_counter() - started
+            total_events += record.rows_read
+            total_project += seconds
+            total_reference += reference
+            details[name] = (
+                f"{record.rows_read:,} rows, {record.accepted:,} accepted in {seconds:.1f} s"
+                f" vs CTAS {reference:.1f} s ({seconds / reference:.2f}x)"
+            )
+    finally:
+        warehouse.close()
+        db.dispose()
+    result = Result("ingestion_files (sample)", total_events)
+    result.add(
+        Measure(
+            "import time, all files",
+            "s",
+            total_project,
+            reference=total_reference,
+            reference_name="DuckDB CREATE TABLE AS SELECT * FROM read_<format> of each file",
+        )
+    )
+    result.add(
+        Measure(
+            "events per second",
+            "events/s",
+            total_events / total_project,
+            reference=total_events / total_reference,
+            reference_name="DuckDB CTAS rows/s",
+            higher_is_better=True,
+        )
+    )
+    result.details.update(details)
+    result.details["sample"] = str(sample_dir)
     return result

@@ -23,11 +23,20 @@ class IngestionSettings(BaseModel):
 
     max_body_bytes: int = Field(default=500 * 1024, description="Largest tracking request body")
     queue_max_events: int = Field(
-        default=200_000, description="Messages waiting for a commit before answering 429"
+        default=200_000,
+        description="Messages accepted but not yet loaded into DuckDB before answering 429",
     )
     writer_linger_ms: float = Field(
-        default=0.0, description="Pause before each commit to gather more requests"
+        default=0.0, description="Pause before each spool write to gather more requests"
     )
+    spool_dir: Path | None = Field(
+        default=None, description="Tracking spool directory; default beside the warehouse"
+    )
+    spool_segment_bytes: int = Field(default=64 * 1024 * 1024, description="Spool file size")
+    drain_interval_ms: float = Field(
+        default=100.0, description="Most frequent load of spooled events into DuckDB"
+    )
+    drain_max_events: int = Field(default=100_000, description="Most messages in one load")
     key_cache_seconds: float = Field(default=2.0, description="How long a write key is cached")
 
 

@@ -112,6 +112,16 @@ MIGRATIONS: list[WarehouseMigration] = [
         ),
     ),
     WarehouseMigration(
+        3,
+        "ingestion: the tracking spool's load mark",
+        (
+            # The highest sequence number of the tracking API's spool whose records are
+            # loaded; updated in the same transaction as the load (one row).
+            "CREATE TABLE ingest_spool_mark (drained_lsn BIGINT NOT NULL)",
+            "INSERT INTO ingest_spool_mark VALUES (0)",
+        ),
+    ),
+    WarehouseMigration(
         10,
         "identity: identifier graph, profile ids, merges, decisions and profiles",
         (

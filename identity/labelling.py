@@ -33,6 +33,42 @@ logger = logging.getLogger(__name__)
 Int64Array = npt.NDArray[np.int64]
 
 
+def positions(nodes: Int64Array, ids: Int64Array) -> Int64Array:
+    """The index in sorted `nodes` of each of `ids` (all present).
+
+    `ids` are sorted first: a binary search over random hashes misses the cache on every
+    step, the same search over sorted keys walks `nodes` almost linearly (10x faster).
+    """
+    order = np.argsort(ids)
+    found = np.empty(len(ids), dtype=np.int64)
+    found[order] = np.searchsorted(nodes, ids[order])
+    return found
+
+
+def dense_components(
+    nodes: Int64Array, src: Int64Array, dst: Int64Array
+) -> tuple[int, Int64Array, Int64Array]:
+    """scipy's component number (0..count-1) of each of sorted `nodes`, the count, and the
+    index in `nodes` of each edge's `src`."""
+    n = len(nodes)
+    if n == 0:
+        return 0, np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    i = positions(nodes, src)
+    j = positions(nodes, dst)
+    graph = coo_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(n, n)).tocsr()
+    count, labels = connected_components(graph, directed=False)
+    return int(count), labels.astype(np.int64, copy=False), i
+
+
+def smallest_ids(nodes: Int64Array, labels: Int64Array, count: int) -> Int64Array:
+    """The smallest node id of each node's set, for dense set numbers `labels` (0..count-1)."""
+    # Nodes are sorted ascending: the smallest index of each set holds its smallest id.
+    first = np.full(count, len(nodes), dtype=np.int64)
+    np.minimum.at(first, labels, np.arange(len(nodes), dtype=np.int64))
+    smallest: Int64Array = nodes[first][labels]
+    return smallest
+
+
 def component_labels(nodes: Int64Array, src: Int64Array, dst: Int64Array) -> Int64Array:
     """The smallest node id of each node's component.
 
@@ -43,17 +79,8 @@ def component_labels(nodes: Int64Array, src: Int64Array, dst: Int64Array) -> Int
     Returns:
         One label per entry of `nodes`.
     """
-    n = len(nodes)
-    if n == 0:
-        return np.empty(0, dtype=np.int64)
-    i = np.searchsorted(nodes, src)
-    j = np.searchsorted(nodes, dst)
-    graph = coo_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(n, n)).tocsr()
-    _, labels = connected_components(graph, directed=False)
-    # Nodes are sorted, so the first index of each label holds the component's smallest id.
-    _, first = np.unique(labels, return_index=True)
-    smallest: Int64Array = nodes[first][labels]
-    return smallest
+    count, labels, _ = dense_components(nodes, src, dst)
+    return smallest_ids(nodes, labels, count)
 
 
 def sql_component_labels(cur: Cursor, *, max_rounds: int = 200) -> int:

@@ -86,14 +86,16 @@ FRAME_COPIES = {
 }
 
 
-def new_event_identifiers(mark: int, up_to: int) -> Query:
-    """Identifiers of the events after the mark; re-sent data of erased people is deleted."""
-    return Query(
-        """
+ACTIVE_SUPPRESSIONS = Query("SELECT count(*) FROM identity_suppressions WHERE lifted_at IS NULL")
+
+
+def new_event_identifiers(mark: int, up_to: int, *, suppressions: bool = True) -> Query:
+    """Identifiers of the events after the mark; re-sent data of erased people is deleted
+    (only looked for when some suppression is active)."""
+    drop_suppressed = """
         CREATE OR REPLACE TEMP TABLE id_suppressed_ei AS
         SELECT ei.event_id, ei.kind, ei.value FROM event_identifiers ei
         WHERE ei.event_id > $mark AND ei.event_id <= $up_to
-          AND EXISTS (SELECT 1 FROM identity_suppressions WHERE lifted_at IS NULL)
           AND sha256(ei.kind || chr(31) || ei.value)
               IN (SELECT identifier_hash FROM identity_suppressions WHERE lifted_at IS NULL);
         DELETE FROM events WHERE event_id IN (
@@ -106,48 +108,59 @@ def new_event_identifiers(mark: int, up_to: int) -> Query:
         );
         DELETE FROM event_identifiers ei USING id_suppressed_ei s
         WHERE ei.event_id = s.event_id AND ei.kind = s.kind AND ei.value = s.value;
+        """
+    collect = """
         CREATE OR REPLACE TEMP TABLE id_new_ei AS
         SELECT ei.event_id, ei.kind, ei.value, e.timestamp AS ts
         FROM event_identifiers ei
         JOIN events e ON e.event_id = ei.event_id
         WHERE ei.event_id > $mark AND ei.event_id <= $up_to
-        """,
-        {"mark": mark, "up_to": up_to},
+        """
+    return Query(
+        (drop_suppressed if suppressions else "") + collect, {"mark": mark, "up_to": up_to}
     )
 
 
-INSERT_NEW_NODES = Query(
-    """
-    CREATE OR REPLACE TEMP TABLE id_new_nodes AS
-    SELECT ('0x' || left(md5(kind || chr(31) || value), 15))::BIGINT AS node_id, kind, value,
-           coalesce((SELECT rank FROM id_kind_rank r WHERE r.kind = g.kind), 1000000) AS rank,
-           first_event_id, first_seen, last_seen
-    FROM (
-        SELECT kind, value, min(event_id) AS first_event_id, min(ts) AS first_seen,
-               max(ts) AS last_seen
-        FROM id_new_ei GROUP BY kind, value
-    ) g
-    WHERE NOT EXISTS (
-        SELECT 1 FROM identity_nodes n WHERE n.kind = g.kind AND n.value = g.value
-    );
-    INSERT INTO identity_nodes
-    SELECT node_id, kind, value, rank, 'active', node_id, NULL, first_event_id, first_seen,
-           last_seen
-    FROM id_new_nodes
-    ORDER BY kind, value;
-    """
-)
+# Node ids are the hash of (kind, value), so new identifiers are matched with the graph on
+# the integer id, never by joining strings.
+def insert_new_nodes(pattern: str) -> Query:
+    """Identifiers of the run's events not yet in the graph become nodes, blocked (listed
+    value, or the rules' combined pattern) or active."""
+    return Query(
+        """
+        CREATE OR REPLACE TEMP TABLE id_new_seen AS
+        SELECT ('0x' || left(md5(kind || chr(31) || value), 15))::BIGINT AS node_id, kind,
+               value,
+               coalesce((SELECT rank FROM id_kind_rank r WHERE r.kind = g.kind), 1000000) AS rank,
+               first_event_id, first_seen, last_seen
+        FROM (
+            SELECT kind, value, min(event_id) AS first_event_id, min(ts) AS first_seen,
+                   max(ts) AS last_seen
+            FROM id_new_ei GROUP BY kind, value
+        ) g;
+        CREATE OR REPLACE TEMP TABLE id_new_nodes AS
+        SELECT * FROM id_new_seen g
+        WHERE NOT EXISTS (SELECT 1 FROM identity_nodes n WHERE n.node_id = g.node_id);
+        INSERT INTO identity_nodes
+        SELECT node_id, kind, value, rank,
+               CASE WHEN lower(value) IN (SELECT lower(value) FROM id_block_values)
+                         OR ($pattern <> '' AND regexp_full_match(value, $pattern))
+                    THEN 'blocked' ELSE 'active' END,
+               node_id, NULL, first_event_id, first_seen, last_seen
+        FROM id_new_nodes
+        ORDER BY kind, value;
+        """,
+        {"pattern": pattern},
+    )
+
 
 TOUCH_SEEN_NODES = Query(
     """
     UPDATE identity_nodes n
     SET first_seen = least(n.first_seen, g.first_seen),
         last_seen = greatest(n.last_seen, g.last_seen)
-    FROM (
-        SELECT kind, value, min(ts) AS first_seen, max(ts) AS last_seen
-        FROM id_new_ei GROUP BY kind, value
-    ) g
-    WHERE n.kind = g.kind AND n.value = g.value
+    FROM id_new_seen g
+    WHERE n.node_id = g.node_id
       AND (g.first_seen < n.first_seen OR g.last_seen > n.last_seen)
     """
 )
@@ -157,8 +170,11 @@ TOUCH_SEEN_NODES = Query(
 INSERT_NEW_EDGES = Query(
     """
     CREATE OR REPLACE TEMP TABLE id_new_ein AS
-    SELECT DISTINCT x.event_id, n.node_id, n.rank, x.ts
-    FROM id_new_ei x JOIN identity_nodes n ON n.kind = x.kind AND n.value = x.value;
+    SELECT DISTINCT x.event_id,
+           ('0x' || left(md5(x.kind || chr(31) || x.value), 15))::BIGINT AS node_id,
+           coalesce((SELECT rank FROM id_kind_rank r WHERE r.kind = x.kind), 1000000) AS rank,
+           x.ts
+    FROM id_new_ei x;
     INSERT INTO identity_event_nodes SELECT DISTINCT event_id, node_id FROM id_new_ein;
     CREATE OR REPLACE TEMP TABLE id_new_edges AS
     WITH sized AS (
@@ -178,8 +194,113 @@ INSERT_NEW_EDGES = Query(
     GROUP BY src, dst;
     INSERT INTO identity_edges SELECT src, dst, first_event_id, first_at FROM id_new_edges;
     DROP TABLE id_new_ei;
+    DROP TABLE id_new_seen;
     """
 )
+
+
+# A full rebuild builds the graph in temp tables and writes `identity_nodes` once, after
+# labelling, with status, component and profile (inserting then updating millions of rows
+# inside one transaction costs three sorts and an undo log). Node ids come from the same
+# hash; the graph tables were emptied by SNAPSHOT_FOR_FULL.
+def full_graph(pattern: str) -> Query:
+    """Nodes (with their blocked flag), event nodes and links of every event up to the run's
+    mark, from `id_new_ei`."""
+    return Query(
+        """
+        CREATE OR REPLACE TEMP TABLE id_new_nodes AS
+        SELECT ('0x' || left(md5(kind || chr(31) || value), 15))::BIGINT AS node_id, kind, value,
+               coalesce((SELECT rank FROM id_kind_rank r WHERE r.kind = g.kind), 1000000) AS rank,
+               CASE WHEN lower(value) IN (SELECT lower(value) FROM id_block_values)
+                         OR ($pattern <> '' AND regexp_full_match(value, $pattern))
+                    THEN 'blocked' ELSE 'active' END AS status,
+               first_event_id, first_seen, last_seen
+        FROM (
+            SELECT kind, value, min(event_id) AS first_event_id, min(ts) AS first_seen,
+                   max(ts) AS last_seen
+            FROM id_new_ei GROUP BY kind, value
+        ) g;
+        CREATE OR REPLACE TEMP TABLE id_new_ein AS
+        SELECT DISTINCT x.event_id,
+               ('0x' || left(md5(x.kind || chr(31) || x.value), 15))::BIGINT AS node_id,
+               coalesce((SELECT rank FROM id_kind_rank r WHERE r.kind = x.kind), 1000000) AS rank,
+               x.ts
+        FROM id_new_ei x;
+        DROP TABLE id_new_ei;
+        INSERT INTO identity_event_nodes SELECT event_id, node_id FROM id_new_ein;
+        CREATE OR REPLACE TEMP TABLE id_new_edges AS
+        WITH sized AS (
+            SELECT event_id, count(*) AS k, arg_min(node_id, (rank, node_id)) AS centre_id
+            FROM id_new_ein GROUP BY event_id HAVING count(*) > 1
+        ),
+        links AS (
+            SELECT a.node_id AS src, b.node_id AS dst, a.event_id, a.ts
+            FROM id_new_ein a
+            JOIN sized s ON s.event_id = a.event_id
+            JOIN id_new_ein b ON b.event_id = a.event_id AND b.node_id > a.node_id
+            WHERE s.k <= 8 OR s.centre_id IN (a.node_id, b.node_id)
+        )
+        SELECT src, dst, min(event_id) AS first_event_id, arg_min(ts, event_id) AS first_at
+        FROM links l
+        GROUP BY src, dst;
+        INSERT INTO identity_edges SELECT src, dst, first_event_id, first_at FROM id_new_edges;
+        """,
+        {"pattern": pattern},
+    )
+
+
+def full_status(auto_cap: int) -> Query:
+    """Status of every node of a full rebuild, and the affected set (all nodes).
+
+    Each link is counted once for its less trusted end when the other end is more trusted
+    and not blocked (links are distinct pairs, so no DISTINCT is needed).
+    """
+    return Query(
+        """
+        CREATE OR REPLACE TEMP TABLE id_status_new AS
+        WITH higher AS (
+            SELECT CASE WHEN a.rank < b.rank THEN e.dst ELSE e.src END AS node_id,
+                   count(*) AS links
+            FROM id_new_edges e
+            JOIN id_new_nodes a ON a.node_id = e.src
+            JOIN id_new_nodes b ON b.node_id = e.dst
+            WHERE a.rank <> b.rank
+              AND (CASE WHEN a.rank < b.rank THEN a.status ELSE b.status END) <> 'blocked'
+            GROUP BY 1
+        )
+        SELECT n.node_id, n.status AS old_status,
+            CASE
+                WHEN n.status = 'blocked' THEN 'blocked'
+                WHEN coalesce(h.links, 0) > $cap THEN 'capped'
+                ELSE 'active'
+            END AS status,
+            coalesce(h.links, 0) AS higher_links
+        FROM id_new_nodes n LEFT JOIN higher h ON h.node_id = n.node_id;
+        CREATE OR REPLACE TEMP TABLE id_aff AS
+        SELECT n.node_id, n.kind, n.rank, s.status, n.first_event_id,
+               NULL::BIGINT AS old_component_id, NULL::VARCHAR AS old_profile_id
+        FROM id_new_nodes n JOIN id_status_new s ON s.node_id = n.node_id;
+        """,
+        {"cap": auto_cap},
+    )
+
+
+# The nodes of a full rebuild, written once with their labels, sorted by kind and value.
+WRITE_NODES_FULL = Query(
+    """
+    INSERT INTO identity_nodes
+    SELECT n.node_id, n.kind, n.value, n.rank, a.status,
+           CASE WHEN a.status = 'active' THEN l.component_id ELSE n.node_id END,
+           CASE WHEN a.status = 'active' THEN lp.profile_id END,
+           n.first_event_id, n.first_seen, n.last_seen
+    FROM id_new_nodes n
+    JOIN id_aff a ON a.node_id = n.node_id
+    LEFT JOIN id_labels l ON l.node_id = n.node_id
+    LEFT JOIN id_label_pid lp ON lp.label = l.label
+    ORDER BY n.kind, n.value
+    """
+)
+
 
 # (Nodes are appended sorted by kind and value so zone maps serve point lookups.)
 # Nodes whose status may change: new ones, endpoints of new links, nodes of changed overrides.
@@ -191,9 +312,6 @@ STATUS_CANDIDATES_INCREMENTAL = Query(
     UNION SELECT dst FROM id_new_edges
     UNION SELECT node_id FROM id_override_nodes
     """
-)
-STATUS_CANDIDATES_FULL = Query(
-    "CREATE OR REPLACE TEMP TABLE id_status_cands AS SELECT node_id FROM identity_nodes"
 )
 
 
@@ -223,19 +341,6 @@ ACTIVE_REMOVED_LINKS = Query(
     UNION SELECT e.src, e.dst FROM identity_edges e SEMI JOIN id_detached d ON d.node_id = e.dst;
     """
 )
-
-
-def block_new_nodes(pattern: str) -> Query:
-    """Mark new nodes whose value is blocked (listed value, or the rules' combined pattern)."""
-    return Query(
-        """
-        UPDATE identity_nodes SET status = 'blocked'
-        WHERE node_id IN (SELECT node_id FROM id_new_nodes)
-          AND (lower(value) IN (SELECT lower(value) FROM id_block_values)
-               OR ($pattern <> '' AND regexp_full_match(value, $pattern)))
-        """,
-        {"pattern": pattern},
-    )
 
 
 def compute_status(auto_cap: int) -> Query:
@@ -295,27 +400,18 @@ AFFECTED_INCREMENTAL = Query(
     UNION SELECT e.src FROM identity_edges e SEMI JOIN id_reopened r ON r.node_id = e.dst;
     CREATE OR REPLACE TEMP TABLE id_aff AS
     SELECT n.node_id, n.kind, n.rank, n.status, n.first_event_id,
-           n.component_id AS old_component_id
+           n.component_id AS old_component_id, n.profile_id AS old_profile_id
     FROM identity_nodes n
     WHERE n.component_id IN (
         SELECT n2.component_id FROM identity_nodes n2 SEMI JOIN id_seed s ON s.node_id = n2.node_id
     );
     """
 )
-AFFECTED_FULL = Query(
-    """
-    CREATE OR REPLACE TEMP TABLE id_aff AS
-    SELECT node_id, kind, rank, status, first_event_id, component_id AS old_component_id
-    FROM identity_nodes
-    """
-)
 
 OLD_ASSIGNMENT_INCREMENTAL = Query(
     """
     CREATE OR REPLACE TEMP TABLE id_old AS
-    SELECT n.node_id, n.profile_id FROM identity_nodes n
-    SEMI JOIN id_aff a ON a.node_id = n.node_id
-    WHERE n.profile_id IS NOT NULL
+    SELECT node_id, old_profile_id AS profile_id FROM id_aff WHERE old_profile_id IS NOT NULL
     """
 )
 SNAPSHOT_FOR_FULL = Query(
@@ -467,25 +563,6 @@ APPLY_ASSIGNMENT = Query(
 )
 
 
-# In a full rebuild every node changes: rewriting the table is far lighter than updating
-# millions of rows inside the run's transaction.
-APPLY_ASSIGNMENT_FULL = Query(
-    """
-    CREATE OR REPLACE TEMP TABLE id_nodes_new AS
-    SELECT n.node_id, n.kind, n.value, n.rank, n.status,
-           CASE WHEN n.status = 'active' THEN l.component_id ELSE n.node_id END,
-           CASE WHEN n.status = 'active' THEN lp.profile_id END,
-           n.first_event_id, n.first_seen, n.last_seen
-    FROM identity_nodes n
-    LEFT JOIN id_labels l ON l.node_id = n.node_id
-    LEFT JOIN id_label_pid lp ON lp.label = l.label;
-    DELETE FROM identity_nodes;
-    INSERT INTO identity_nodes SELECT * FROM id_nodes_new ORDER BY kind, value;
-    DROP TABLE id_nodes_new;
-    """
-)
-
-
 def record_decisions(at: datetime) -> Query:
     """Replace the decisions of the affected nodes: refused links and blocked identifiers."""
     return Query(
@@ -536,6 +613,7 @@ DIRTY_PROFILES = Query(
           WHERE n.profile_id IS NOT NULL
     """
 )
+COUNT_DIRTY = Query("SELECT count(*) FROM id_dirty")
 DIRTY_PROFILES_FULL = Query(
     """
     CREATE OR REPLACE TEMP TABLE id_dirty AS
@@ -546,32 +624,75 @@ DIRTY_PROFILES_FULL = Query(
 
 
 # The profile of an event: that of its most trusted identifier that belongs to a profile.
-# Used for the profiles rebuild (candidate events in id_pev_cand) and for event ranges.
-def refresh_profiles(at: datetime) -> Query:
-    """Rebuild the `profiles` rows of the dirty profiles, with trait survivorship."""
+# `id_ep(event_id, profile_id)`: the events of the dirty profiles (incremental: candidates
+# share an identifier with a dirty profile) or of every profile (full rebuild), and
+# `id_dirty_nodes`: the identifiers of those profiles (a table of the few dirty ones, or a
+# view of every node with a profile), read again for the profile rows.
+EVENT_PROFILES_DIRTY = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE id_dirty_nodes AS
+    SELECT n.node_id, n.kind, n.value, n.profile_id FROM identity_nodes n
+    SEMI JOIN id_dirty d ON d.profile_id = n.profile_id;
+    CREATE OR REPLACE TEMP TABLE id_pev_cand AS
+    SELECT DISTINCT ei.event_id FROM identity_event_nodes ei
+    SEMI JOIN id_dirty_nodes p ON p.node_id = ei.node_id;
+    CREATE OR REPLACE TEMP TABLE id_pev_en AS
+    SELECT ei.event_id, ei.node_id FROM identity_event_nodes ei
+    SEMI JOIN id_pev_cand c ON c.event_id = ei.event_id;
+    CREATE OR REPLACE TEMP TABLE id_ep AS
+    SELECT ep.* FROM (
+        SELECT x.event_id, arg_min(
+            n.profile_id, (n.rank::HUGEINT << 60) + n.node_id
+        ) AS profile_id
+        FROM id_pev_en x
+        JOIN identity_nodes n ON n.node_id = x.node_id
+        WHERE n.profile_id IS NOT NULL
+        GROUP BY x.event_id
+    ) ep
+    SEMI JOIN id_dirty d ON d.profile_id = ep.profile_id;
+    DROP TABLE id_pev_cand;
+    DROP TABLE id_pev_en;
+    """
+)
+EVENT_PROFILES_FULL = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE id_ep AS
+    SELECT ei.event_id, arg_min(n.profile_id, (n.rank::HUGEINT << 60) + n.node_id) AS profile_id
+    FROM identity_event_nodes ei
+    JOIN identity_nodes n ON n.node_id = ei.node_id
+    WHERE n.profile_id IS NOT NULL
+    GROUP BY ei.event_id;
+    DELETE FROM profiles;
+    CREATE OR REPLACE TEMP VIEW id_dirty_nodes AS
+    SELECT node_id, kind, value, profile_id FROM identity_nodes WHERE profile_id IS NOT NULL;
+    """
+)
+
+
+def refresh_profiles(at: datetime, *, low: str | None = None, high: str | None = None) -> Query:
+    """Rebuild the `profiles` rows of the dirty profiles in `[low, high)` (None: unbounded),
+    with trait survivorship, from `id_ep`.
+
+    A full rebuild writes the profiles in a few id ranges, one statement each, so no single
+    aggregation holds every event's traits; ranges in ascending order keep the table sorted
+    by id (zone maps serve the point lookups).
+    """
     return Query(
         """
         CREATE OR REPLACE TEMP TABLE id_pn AS
-        SELECT n.node_id, n.kind, n.value, n.profile_id FROM identity_nodes n
-        SEMI JOIN id_dirty d ON d.profile_id = n.profile_id;
-        CREATE OR REPLACE TEMP TABLE id_pev_cand AS
-        SELECT DISTINCT ei.event_id FROM identity_event_nodes ei
-        JOIN id_pn p ON p.node_id = ei.node_id;
+        SELECT n.node_id, n.kind, n.value, n.profile_id FROM id_dirty_nodes n
+        WHERE ($low::VARCHAR IS NULL OR n.profile_id >= $low)
+          AND ($high::VARCHAR IS NULL OR n.profile_id < $high);
         CREATE OR REPLACE TEMP TABLE id_pev AS
         SELECT ep.profile_id, e.event_id, e.source_id, e.timestamp, e.traits
-        FROM (
-            SELECT ei.event_id, arg_min(
-                n.profile_id, (n.rank::HUGEINT << 60) + n.node_id
-            ) AS profile_id
-            FROM identity_event_nodes ei
-            JOIN identity_nodes n ON n.node_id = ei.node_id
-            SEMI JOIN id_pev_cand c ON c.event_id = ei.event_id
-            WHERE n.profile_id IS NOT NULL
-            GROUP BY ei.event_id
-        ) ep
+        FROM id_ep ep
         JOIN events e ON e.event_id = ep.event_id
-        SEMI JOIN id_dirty d ON d.profile_id = ep.profile_id;
-        DELETE FROM profiles p USING id_dirty d WHERE p.profile_id = d.profile_id;
+        WHERE ($low::VARCHAR IS NULL OR ep.profile_id >= $low)
+          AND ($high::VARCHAR IS NULL OR ep.profile_id < $high);
+        DELETE FROM profiles p USING id_dirty d
+        WHERE p.profile_id = d.profile_id
+          AND ($low::VARCHAR IS NULL OR d.profile_id >= $low)
+          AND ($high::VARCHAR IS NULL OR d.profile_id < $high);
         INSERT INTO profiles
         WITH stats AS (
             SELECT profile_id, min(timestamp) AS first_seen, max(timestamp) AS last_seen,
@@ -616,9 +737,8 @@ def refresh_profiles(at: datetime) -> Query:
         LEFT JOIN traits t ON t.profile_id = i.profile_id
         ORDER BY i.profile_id;
         DROP TABLE id_pev;
-        DROP TABLE id_pev_cand;
         """,
-        {"at": at},
+        {"at": at, "low": low, "high": high},
     )
 
 

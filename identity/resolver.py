@@ -21,6 +21,7 @@ One run, in one warehouse transaction:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -35,7 +36,7 @@ import polars as pl
 
 from cdp.warehouse import Cursor, Query, Warehouse
 from identity import queries
-from identity.labelling import component_labels, rule_aware_labels
+from identity.labelling import dense_components, rule_aware_labels, smallest_ids
 from identity.rules import IdentityRules
 
 logger = logging.getLogger(__name__)
@@ -117,23 +118,21 @@ def _resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool) -> Resol
         if full:
             step(queries.SNAPSHOT_FOR_FULL)
             mark = 0
-        step(queries.new_event_identifiers(mark, up_to))
-        step(queries.INSERT_NEW_NODES)
-        step(queries.block_new_nodes(rules.combined_pattern()))
-        if not full:
-            step(queries.TOUCH_SEEN_NODES)
-        step(queries.INSERT_NEW_EDGES)
+        suppressions = int(_scalar(cur, queries.ACTIVE_SUPPRESSIONS)) > 0
+        step(queries.new_event_identifiers(mark, up_to, suppressions=suppressions))
         step(queries.changed_overrides(-1 if full else seen_overrides))
-        step(queries.ACTIVE_REMOVED_LINKS)
-        queries.run_script(
-            cur,
-            queries.STATUS_CANDIDATES_FULL if full else queries.STATUS_CANDIDATES_INCREMENTAL,
-        )
-        step(queries.compute_status(rules.auto_cap))
-        step(queries.APPLY_STATUS)
         if full:
-            step(queries.AFFECTED_FULL)
+            step(queries.full_graph(rules.combined_pattern()))
+            step(queries.ACTIVE_REMOVED_LINKS)
+            step(queries.full_status(rules.auto_cap))
         else:
+            step(queries.insert_new_nodes(rules.combined_pattern()))
+            step(queries.TOUCH_SEEN_NODES)
+            step(queries.INSERT_NEW_EDGES)
+            step(queries.ACTIVE_REMOVED_LINKS)
+            queries.run_script(cur, queries.STATUS_CANDIDATES_INCREMENTAL)
+            step(queries.compute_status(rules.auto_cap))
+            step(queries.APPLY_STATUS)
             step(queries.AFFECTED_INCREMENTAL)
             step(queries.OLD_ASSIGNMENT_INCREMENTAL)
 
@@ -150,13 +149,23 @@ def _resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool) -> Resol
         _temp_table(cur, "id_used_links", used)
 
         step(queries.RECONCILE)
+        if full:
+            # Nodes are written once, labelled; the publication's reasons name them.
+            step(queries.WRITE_NODES_FULL)
         step(queries.CHANGES)
         step(queries.publish_changes(seq=seq, at=now))
         step(queries.register_profiles(now))
-        step(queries.APPLY_ASSIGNMENT_FULL if full else queries.APPLY_ASSIGNMENT)
+        if not full:
+            step(queries.APPLY_ASSIGNMENT)
         step(queries.record_decisions(now))
-        step(queries.DIRTY_PROFILES_FULL if full else queries.DIRTY_PROFILES)
-        step(queries.refresh_profiles(now))
+        if full:
+            step(queries.DIRTY_PROFILES_FULL)
+            step(queries.EVENT_PROFILES_FULL)
+        else:
+            step(queries.DIRTY_PROFILES)
+            step(queries.EVENT_PROFILES_DIRTY)
+        for low, high in _profile_ranges(int(_scalar(cur, queries.COUNT_DIRTY))):
+            step(queries.refresh_profiles(now, low=low, high=high))
 
         counts = cur.execute(
             """
@@ -215,21 +224,16 @@ def label_profiles(
     node_ids = nodes["node_id"].to_numpy().astype(np.int64, copy=False)
     src = links["src"].to_numpy().astype(np.int64, copy=False)
     dst = links["dst"].to_numpy().astype(np.int64, copy=False)
-    components = component_labels(node_ids, src, dst)
+    count, dense, src_index = dense_components(node_ids, src, dst)
+    # Components over a per-kind limit: count each limited kind per component.
+    over = np.zeros(count, dtype=bool)
+    kinds = nodes["kind"]
+    for kind, limit in limits.items():
+        of_kind = (kinds == kind).to_numpy()
+        if of_kind.any():
+            over |= np.bincount(dense[of_kind], minlength=count) > limit
+    components = smallest_ids(node_ids, dense, count)
     labels = components.copy()
-    frame = pl.DataFrame({"node_id": node_ids, "kind": nodes["kind"], "component_id": components})
-    limit_frame = pl.DataFrame(
-        {"kind": list(limits), "lim": list(limits.values())},
-        schema={"kind": pl.String, "lim": pl.Int64},
-    )
-    over = (
-        frame.join(limit_frame, on="kind")
-        .group_by("component_id", "kind", "lim")
-        .len()
-        .filter(pl.col("len") > pl.col("lim"))
-        .get_column("component_id")
-        .unique()
-    )
     refusal_schema = {
         "src": pl.Int64,
         "dst": pl.Int64,
@@ -238,13 +242,14 @@ def label_profiles(
         "lim": pl.Int64,
     }
     refusals = pl.DataFrame(schema=refusal_schema)
-    if over.len():
-        mask = np.isin(components, over.to_numpy())
+    rule_components = int(over.sum())
+    if rule_components:
+        mask = over[dense]
         sub_nodes = node_ids[mask]
-        sub_kinds = frame.filter(pl.Series(mask))["kind"].to_list()
-        link_component = components[np.searchsorted(node_ids, src)]
+        sub_kinds = kinds.filter(pl.Series(mask)).to_list()
+        link_mask = over[dense[src_index]]
         sub_links = (
-            links.filter(pl.Series(np.isin(link_component, over.to_numpy())))
+            links.filter(pl.Series(link_mask))
             .sort("first_event_id", "high_rank", "low_rank", "src", "dst")
             .select("src", "dst", "first_event_id")
         )
@@ -258,7 +263,22 @@ def label_profiles(
             orient="row",
         )
     out = pl.DataFrame({"node_id": node_ids, "component_id": components, "label": labels})
-    return out, refusals, int(over.len())
+    return out, refusals, rule_components
+
+
+# Profiles rebuilt per statement: above this many, the rebuild is split into id ranges.
+PROFILES_PER_STATEMENT = 250_000
+_HEX = "0123456789abcdef"
+
+
+def _profile_ranges(dirty: int) -> list[tuple[str | None, str | None]]:
+    """Ascending `[low, high)` ranges of profile ids (UUIDs: lower-case hex first character)
+    that split `dirty` profiles into statements of about PROFILES_PER_STATEMENT."""
+    parts = min(len(_HEX), max(1, -(-dirty // PROFILES_PER_STATEMENT)))
+    bounds: list[str | None] = [None]
+    bounds += [_HEX[len(_HEX) * k // parts] for k in range(1, parts)]
+    bounds.append(None)
+    return list(itertools.pairwise(bounds))
 
 
 def _load_rules(cur: Cursor, rules: IdentityRules) -> None:

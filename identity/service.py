@@ -165,7 +165,9 @@ def find_profile(warehouse: Warehouse, *, settings: Settings, kind: str, value: 
     profile_id = lookup(warehouse, kind=kind, value=normalised)
     if profile_id is None:
         raise IdentifierNotFound(f"no profile holds {kind} {normalised!r}")
-    return get_profile(warehouse, profile_id=profile_id)
+    # A node always holds its live profile id (merges move nodes in the same transaction),
+    # so the lookup skips the redirect query.
+    return _live_profile(warehouse, live=profile_id, requested=profile_id)
 
 
 # Any: attribute values are numbers, strings, booleans or timestamps.
@@ -194,10 +196,14 @@ def get_profile(warehouse: Warehouse, *, profile_id: str) -> ProfileRead:
     (computed attributes), or None without a provider or before a computation.
     """
     live = resolve_profile_id(warehouse, profile_id=profile_id)
+    return _live_profile(warehouse, live=live, requested=profile_id)
+
+
+def _live_profile(warehouse: Warehouse, *, live: str, requested: str) -> ProfileRead:
     frame = warehouse.run(queries.profile_row(live))
     if frame.height == 0:
-        raise ProfileNotFound(f"profile {profile_id} has no identifiers left")
-    profile = _profile(frame.row(0, named=True), requested=profile_id)
+        raise ProfileNotFound(f"profile {requested} has no identifiers left")
+    profile = _profile(frame.row(0, named=True), requested=requested)
     if _attributes_provider:
         profile.attributes = _attributes_provider[0](warehouse, profile.id)
     return profile

@@ -90,3 +90,9 @@ class WriterStopped(Unavailable):
     """The server is shutting down and takes no more events."""
 
     code = "ingestion.writer_stopped"
+
+
+class ImportInterrupted(Unavailable):
+    """A background import stopped by a server shutdown."""
+
+    code = "ingestion.import_interrupted"

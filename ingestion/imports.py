@@ -8,15 +8,19 @@ operational store is updated after every chunk, in its own short transaction.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from datetime import UTC, datetime
+from typing import cast
 
 import polars as pl
 
 from cdp.db import Database, utcnow
 from cdp.warehouse import Warehouse
 from ingestion.connectors import Connector
+from ingestion.errors import ImportInterrupted
 from ingestion.loader import LoadInput, loader_for
 from ingestion.models import ImportRun
 
@@ -38,16 +42,25 @@ def run_import(
     total_rows: int | None = None,
     progress: Progress | None = None,
     after_chunk: AfterChunk | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> ImportRun:
-    """Load every chunk of `connector`, keeping the import record `import_id` up to date."""
+    """Load every chunk of `connector`, keeping the import record `import_id` up to date.
+
+    `should_stop` is asked before each chunk: a stopping server interrupts a long import
+    between two committed chunks (recorded as failed, with what it loaded so far).
+    """
     loader = loader_for(warehouse)
     started = time.perf_counter()
     counts = {"rows_read": 0, "accepted": 0, "rejected": 0, "duplicates": 0, "dropped": 0}
     first_batch: int | None = None
     last_batch: int | None = None
     try:
-        for chunk in connector.chunks():
-            data = transform(chunk)
+        for chunk, data in read_ahead(connector, transform):
+            if should_stop is not None and should_stop():
+                raise ImportInterrupted(
+                    "the server stopped during the import; the rows loaded so far stay"
+                    " (upload the file again to load the rest: loaded rows dedupe)"
+                )
             batches = loader.load(data)
             counts["rows_read"] += chunk.height
             for batch in batches.values():
@@ -88,6 +101,54 @@ def run_import(
         extra={"import_id": import_id, **counts, "duration_ms": run.duration_ms},
     )
     return run
+
+
+_END = object()
+
+
+def read_ahead(
+    connector: Connector, transform: Transform
+) -> Generator[tuple[pl.DataFrame, LoadInput], None, None]:
+    """Each chunk with its load, read and transformed by a thread one chunk ahead.
+
+    DuckDB's appends run mostly on one core; reading the next chunk (Polars) and applying
+    the mapping meanwhile keeps the second core busy. At most two chunks wait in memory
+    beside the one being loaded. An error of the reader is raised here, in order.
+    """
+    handoff: queue.Queue[object] = queue.Queue(maxsize=1)
+    done = threading.Event()
+
+    def put(item: object) -> bool:
+        while not done.is_set():
+            try:
+                handoff.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for chunk in connector.chunks():
+                if not put((chunk, transform(chunk))):
+                    return
+            put(_END)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            put(exc)
+
+    thread = threading.Thread(target=produce, name="cdp-import-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = handoff.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield cast(tuple[pl.DataFrame, LoadInput], item)
+    finally:
+        done.set()
+        thread.join()
 
 
 def _record(

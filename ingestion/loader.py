@@ -70,6 +70,9 @@ class LoadInput:
     dropped: dict[str, int] = field(default_factory=dict)
     # The import these rows come from, so its rejected rows can be listed.
     import_id: str | None = None
+    # The spool's sequence number up to which this load takes the spooled records: the
+    # mark is stored in the load's transaction, so a replay never loads a record twice.
+    spool_lsn: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +111,9 @@ class Loader:
         rejected = _counts(data.rejections["source_id"])
         sources = sorted(set(offered) | set(rejected) | set(data.dropped))
         if not sources:
+            if data.spool_lsn is not None:
+                with self._lock, self.warehouse.transaction() as cur:
+                    _set_spool_mark(cur, data.spool_lsn)
             return {}
         with self._lock:
             first_id = self._init_counters()
@@ -143,8 +149,8 @@ class Loader:
                 )
                 cur.register(queries.LOAD_SOURCES, load_sources)
                 if new_events.height:
-                    cur.register(queries.NEW_EVENTS, new_events.to_arrow())
-                    cur.register(queries.NEW_IDENTIFIERS, new_identifiers.to_arrow())
+                    cur.register(queries.NEW_EVENTS, batched(new_events))
+                    cur.register(queries.NEW_IDENTIFIERS, batched(new_identifiers))
                 if data.rejections.height:
                     cur.register(queries.NEW_REJECTIONS, data.rejections.to_arrow())
                 script = queries.append_load(
@@ -153,6 +159,8 @@ class Loader:
                     rejections=data.rejections.height > 0,
                 )
                 cur.execute(script.sql)
+                if data.spool_lsn is not None:
+                    _set_spool_mark(cur, data.spool_lsn)
             self._next_event_id = first_id + new_events.height
             self._next_batch_id += len(sources)
         return {
@@ -168,12 +176,63 @@ class Loader:
             for row in load_sources.to_pylist()
         }
 
+    def spool_mark(self) -> int:
+        """The highest spool sequence number whose load committed."""
+        return int(self.warehouse.scalar(queries.spool_mark()))
+
+
+def _set_spool_mark(cur: Cursor, lsn: int) -> None:
+    query = queries.set_spool_mark(lsn)
+    cur.execute(query.sql, query.params)
+
+
+def concat_loads(loads: list[LoadInput], *, spool_lsn: int | None = None) -> LoadInput:
+    """One load from several (same channel): rows renumbered, counters summed."""
+    if len(loads) == 1 and spool_lsn is None:
+        return loads[0]
+    events: list[pl.DataFrame] = []
+    identifiers: list[pl.DataFrame] = []
+    dropped: dict[str, int] = {}
+    offset = 0
+    for load in loads:
+        if offset:
+            events.append(load.events.with_columns(pl.col("_row") + offset))
+            identifiers.append(load.identifiers.with_columns(pl.col("_row") + offset))
+        else:
+            events.append(load.events)
+            identifiers.append(load.identifiers)
+        offset += load.events.height
+        for source, count in load.dropped.items():
+            dropped[source] = dropped.get(source, 0) + count
+    return LoadInput(
+        channel=loads[0].channel,
+        events=pl.concat(events, rechunk=True),
+        identifiers=pl.concat(identifiers, rechunk=True),
+        rejections=pl.concat([load.rejections for load in loads], rechunk=True),
+        dropped=dropped,
+        import_id=loads[0].import_id,
+        spool_lsn=spool_lsn,
+    )
+
+
+# Rows per Arrow record batch handed to DuckDB: its scans of a registered table run one
+# thread per batch, so a single 500k-row batch would insert on one core.
+ARROW_BATCH_ROWS = 122_880
+
+
+def batched(frame: pl.DataFrame) -> pa.Table:
+    """A frame as an Arrow table of several record batches, for parallel scans."""
+    table = frame.to_arrow()
+    if frame.height <= ARROW_BATCH_ROWS:
+        return table
+    return pa.Table.from_batches(table.to_batches(max_chunksize=ARROW_BATCH_ROWS))
+
 
 def _new_rows(cur: Cursor, events: pl.DataFrame) -> Rows:
     """The sorted `_row` of the incoming events whose (source, message id) is new."""
     if not events.height:
         return np.empty(0, dtype=np.int64)
-    cur.register(queries.INCOMING, events.select("_row", "source_id", "message_id").to_arrow())
+    cur.register(queries.INCOMING, batched(events.select("_row", "source_id", "message_id")))
     try:
         table = cur.sql(queries.new_messages().sql).to_arrow_table()
     finally:

@@ -35,7 +35,11 @@ class Source(Base):
 
 
 class ImportRun(Base):
-    """One file import or database pull: what it read, stored and rejected, and how long."""
+    """One file import or database pull: what it read, stored and rejected, and how long.
+
+    Status: `queued` (an upload waiting for its background job), `running`, `succeeded`,
+    `failed` (also when a stop interrupted it), or `skipped` (same content as before).
+    """
 
     __tablename__ = "ingestion_import"
 
@@ -48,6 +52,8 @@ class ImportRun(Base):
     content_hash: Mapped[str | None] = mapped_column(String(64), index=True)
     status: Mapped[str] = mapped_column(String(20))
     rows_read: Mapped[int] = mapped_column(Integer, default=0)
+    # Rows in the file: exact for Parquet, counted lines for CSV/NDJSON; None if unknown.
+    rows_total: Mapped[int | None] = mapped_column(BigInteger)
     accepted: Mapped[int] = mapped_column(Integer, default=0)
     rejected: Mapped[int] = mapped_column(Integer, default=0)
     duplicates: Mapped[int] = mapped_column(Integer, default=0)
@@ -59,3 +65,5 @@ class ImportRun(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     duration_ms: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
+    # An uploaded file waiting for (or in) its background import; removed afterwards.
+    file_path: Mapped[str | None] = mapped_column(Text)

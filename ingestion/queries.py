@@ -100,6 +100,16 @@ def append_load(*, events: bool, segment_fields: bool, rejections: bool) -> Quer
     return Query(";\n".join(step.strip() for step in steps))
 
 
+def spool_mark() -> Query:
+    """The highest spool sequence number loaded into the warehouse."""
+    return Query("SELECT coalesce(max(drained_lsn), 0) FROM ingest_spool_mark")
+
+
+def set_spool_mark(lsn: int) -> Query:
+    """Record that every spool record up to `lsn` is loaded (inside the load's transaction)."""
+    return Query("UPDATE ingest_spool_mark SET drained_lsn = $lsn", {"lsn": lsn})
+
+
 def high_water_mark() -> Query:
     """The highest event id of a committed load."""
     return Query("SELECT coalesce(max(last_event_id), 0) FROM ingest_batches")

@@ -128,15 +128,21 @@ def _report(run: ImportRun, warehouse: WarehouseDep) -> ImportReport:
     )
 
 
-@sources.post("/{source_id}/uploads", status_code=201)
+@sources.post("/{source_id}/uploads", status_code=202)
 def upload_file(
     source_id: str,
     file: Annotated[UploadFile, File(description="A CSV, Parquet or NDJSON file")],
+    request: Request,
+    response: Response,
     db: DbDep,
     settings: SettingsDep,
-    warehouse: WarehouseDep,
-) -> ImportReport:
-    """Upload a file (streamed to disk) and import it into a `file` source."""
+) -> ImportRead:
+    """Upload a file (streamed to disk) to import into a source, in the background.
+
+    Answers `202` at once with the import record (status `queued`), whose URL is in
+    `Location`: poll it for the status, rows read of rows total, progress, accepted,
+    rejected and duplicate counts, and, once finished, the first rejected rows.
+    """
     name = Path(file.filename or "upload.csv").name
     suffix = Path(name).suffix
     file_format(Path(name))
@@ -146,17 +152,14 @@ def upload_file(
         shutil.copyfileobj(file.file, target, length=1024 * 1024)
         path = Path(target.name)
     try:
-        run = service.import_file(
-            db,
-            warehouse,
-            source_id=source_id,
-            path=path,
-            region=settings.default_phone_region,
-            name=name,
-        )
-    finally:
+        imports = get_runtime(request).imports
+        run = service.queue_upload(db, source_id=source_id, path=path, name=name)
+        imports.submit(run.id)
+    except BaseException:
         path.unlink(missing_ok=True)
-    return _report(run, warehouse)
+        raise
+    response.headers["Location"] = f"/api/sources/{source_id}/imports/{run.id}"
+    return ImportRead.model_validate(run)
 
 
 @sources.post("/{source_id}/pull", status_code=201)

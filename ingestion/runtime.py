@@ -1,4 +1,5 @@
-"""The tracking API's runtime in the server: write-key cache, request handling, the writer."""
+"""Ingestion's runtime in the server: the tracking API (write-key cache, request handling,
+writer, spool, drainer) and the background file imports."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -20,6 +22,8 @@ from cdp.config import Settings
 from cdp.db import Database
 from cdp.warehouse import Warehouse
 from ingestion import service
+from ingestion.background import ImportWorker
+from ingestion.drainer import Drainer
 from ingestion.errors import (
     BodyTooLarge,
     InvalidWriteKey,
@@ -27,6 +31,7 @@ from ingestion.errors import (
     WriterStopped,
 )
 from ingestion.loader import loader_for
+from ingestion.spool import Spool
 from ingestion.tracking import (
     MAX_MESSAGE_BYTES,
     MalformedMessage,
@@ -45,30 +50,50 @@ _OK = orjson.dumps({"success": True})
 
 
 class TrackingRuntime:
-    """Everything the `/v1/*` routes need, created in the app's lifespan."""
+    """Everything the `/v1/*` routes and uploads need, created in the app's lifespan."""
 
     def __init__(self, settings: Settings, db: Database, warehouse: Warehouse) -> None:
         self.settings = settings
         self.db = db
         self.limits = settings.ingestion
-        self.writer = GroupCommitWriter(
+        self.spool = Spool(spool_dir(settings), segment_bytes=self.limits.spool_segment_bytes)
+        self.drainer = Drainer(
             loader_for(warehouse),
-            max_queued=self.limits.queue_max_events,
+            self.spool,
+            interval_s=self.limits.drain_interval_ms / 1000,
+            max_events=self.limits.drain_max_events,
+        )
+        self.writer = GroupCommitWriter(
+            self.spool,
+            self.drainer,
+            max_backlog=self.limits.queue_max_events,
             linger_s=self.limits.writer_linger_ms / 1000,
         )
+        self.imports = ImportWorker(db, warehouse, region=settings.default_phone_region)
         self._keys: dict[str, tuple[SourceInfo | None, float, int]] = {}
 
     def start(self) -> None:
-        """Start the writer thread."""
+        """Load what the spool holds from before (a crash), then start the threads."""
+        self.drainer.replay()
         # Everything alive now (app, libraries, caches) lives as long as the server: keep it
         # out of the cyclic collector, whose full passes otherwise rescan it while requests
         # allocate thousands of message dicts each.
         gc.freeze()
+        self.drainer.start()
         self.writer.start()
+        self.imports.start()
 
     def stop(self) -> None:
-        """Commit what is queued and stop the writer."""
+        """Stop background imports (after their current chunk), spool what is queued, load
+        everything spooled, and stop the threads."""
+        self.imports.stop()
         self.writer.stop()
+        self.drainer.stop()
+        self.spool.close(self.drainer.drained_lsn)
+
+    def wait_drained(self, *, timeout: float = 60.0) -> bool:
+        """Wait until every acknowledged event so far is loaded into the warehouse."""
+        return self.drainer.wait_drained(timeout=timeout)
 
     def _lookup(self, write_key: str) -> SourceInfo | None:
         with self.db.begin() as session:
@@ -161,6 +186,15 @@ class TrackingRuntime:
         await self.writer.submit(source.id, parsed, received_at)
 
 
+def spool_dir(settings: Settings) -> Path:
+    """Where the tracking spool lives: the setting, or beside the warehouse file."""
+    configured = settings.ingestion.spool_dir
+    if configured is not None:
+        return configured
+    warehouse = settings.warehouse_file
+    return warehouse.with_name(warehouse.name + ".spool")
+
+
 def _rejected(reason: str) -> Parsed:
     parsed = Parsed()
     parsed.rejections.append((None, None, reason))
@@ -177,7 +211,8 @@ def get_runtime(request: Request) -> TrackingRuntime:
 
 @contextmanager
 def lifecycle(app: FastAPI) -> Iterator[None]:
-    """Start the tracking runtime with the app; on shutdown commit what is queued."""
+    """Start the tracking runtime with the app (replaying the spool); on shutdown load
+    everything acknowledged before the warehouse closes."""
     runtime = TrackingRuntime(app.state.settings, app.state.db, app.state.warehouse)
     runtime.start()
     app.state.ingestion = runtime

@@ -210,6 +210,9 @@ class ImportRead(BaseModel):
     content_hash: str | None
     status: str
     rows_read: int
+    rows_total: int | None = None
+    # rows_read / rows_total while it runs (1.0 once finished), None if the total is unknown.
+    progress: float | None = None
     accepted: int
     rejected: int
     duplicates: int
@@ -219,6 +222,14 @@ class ImportRead(BaseModel):
     finished_at: datetime | None
     duration_ms: int | None
     error: str | None
+
+    @model_validator(mode="after")
+    def _progress(self) -> ImportRead:
+        if self.status in ("succeeded", "skipped"):
+            self.progress = 1.0
+        elif self.rows_total:
+            self.progress = round(min(self.rows_read / self.rows_total, 1.0), 4)
+        return self
 
 
 class ImportReport(ImportRead):

@@ -330,6 +330,11 @@ def import_file(
     )
 
 
+def queue_upload(db: Database, *, source_id: str, path: Path, name: str) -> ImportRun:
+    """Record an uploaded file's import as `queued` (the server's import worker runs it)."""
+    return files.queue_import(db, source_id=source_id, name=name, file_path=path)
+
+
 def pull_database(db: Database, warehouse: Warehouse, *, source_id: str, region: str) -> ImportRun:
     """Pull the new rows of a `database` source now (see connectors.database)."""
     return database.pull(db, warehouse, source_id=source_id, region=region)

@@ -174,7 +174,13 @@ def parse_messages(
     """Validate every message; accepted ones become columns, others rejections by index."""
     parsed = Parsed()
     batch_context = body.get("context") if isinstance(body.get("context"), dict) else None
-    batch_sent_at = body.get("sentAt")
+    # The batch's sentAt is parsed once; a bad one rejects the messages that rely on it.
+    batch_sent_at: datetime | MalformedMessage | None = None
+    if body.get("sentAt") is not None:
+        try:
+            batch_sent_at = parse_timestamp(body["sentAt"])
+        except MalformedMessage as exc:
+            batch_sent_at = exc
     for index, message in enumerate(messages):
         message_id: str | None = None
         try:
@@ -203,7 +209,7 @@ def _append(
     message: JsonDict,
     message_id: str | None,
     batch_context: JsonDict | None,
-    batch_sent_at: object,
+    batch_sent_at: datetime | MalformedMessage | None,
     source: SourceInfo,
     received_at: datetime,
     region: str,
@@ -240,8 +246,13 @@ def _append(
     properties = _dict(message.get("properties"), "properties")
 
     original = message.get("timestamp")
-    sent_raw = message.get("sentAt") or batch_sent_at
-    sent_at = parse_timestamp(sent_raw) if sent_raw is not None else None
+    sent_raw = message.get("sentAt")
+    if sent_raw:
+        sent_at: datetime | None = parse_timestamp(sent_raw)
+    elif isinstance(batch_sent_at, MalformedMessage):
+        raise batch_sent_at
+    else:
+        sent_at = batch_sent_at
     original_ts = parse_timestamp(original) if original is not None else None
     if original_ts is None:
         timestamp = received_at

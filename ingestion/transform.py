@@ -7,7 +7,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 
+import phonenumbers
 import polars as pl
 
 from cdp.identifiers import (
@@ -15,6 +17,7 @@ from cdp.identifiers import (
     DEVICE_ID,
     EMAIL,
     PHONE,
+    PLACEHOLDERS,
     USER_ID,
     composite_expr,
     email_expr,
@@ -111,8 +114,78 @@ def _normalised(frame: pl.DataFrame, kind: str, raw: pl.Expr, region: str) -> pl
     if kind == EMAIL:
         return values.to_frame().select(email_expr(pl.col("v")))["v"]
     if kind == PHONE:
-        return normalise_phones(values, region=region)
+        return phones(values, region=region)
     return values.to_frame().select(id_expr(pl.col("v")))["v"]
+
+
+@lru_cache(maxsize=64)
+def _phone_plan(region: str) -> tuple[str, str, tuple[int, ...]] | None:
+    """(country code, national number pattern, possible lengths) of a region whose numbers
+    read as `phonenumbers` reads them with plain string rules, or None.
+
+    That holds when the country code belongs to this region only, the trunk prefix is a
+    plain `0` with no transform rule and the international prefix is `00` (France,
+    Germany, Belgium, ...): then `0` + NSN, `+cc` + NSN and `00cc` + NSN all mean `+cc` +
+    NSN, and `phonenumbers.is_possible_number` is a check of the NSN's length.
+    """
+    meta = phonenumbers.PhoneMetadata.metadata_for_region(region.upper())
+    if meta is None or meta.general_desc is None:
+        return None
+    code = meta.country_code
+    if code is None or len(phonenumbers.COUNTRY_CODE_TO_REGION_CODE.get(code, ())) != 1:
+        return None
+    if meta.national_prefix != "0" or (meta.national_prefix_for_parsing or "0") != "0":
+        return None
+    if meta.national_prefix_transform_rule or meta.international_prefix != "00":
+        return None
+    pattern = meta.general_desc.national_number_pattern
+    lengths = tuple(meta.general_desc.possible_length or ())
+    if not pattern or not lengths:
+        return None
+    return str(code), pattern, lengths
+
+
+def phones(values: pl.Series, *, region: str) -> pl.Series:
+    """Phones to E.164 as `cdp.identifiers.normalise_phone` reads them, vectorised.
+
+    Numbers written in the common forms of the region (`06 12 34 56 78`, `+33 6 12...`,
+    `0033 6...`, `+33 (0)6...`, `6 12 34 56 78`, with spaces, dots, dashes, slashes or
+    parentheses) are rewritten with Polars string expressions; everything else (other
+    countries, extensions, letters, placeholders) goes to `phonenumbers`, once per distinct
+    value. Tests check that both paths agree.
+    """
+    plan = _phone_plan(region)
+    if plan is None:
+        return normalise_phones(values, region=region)
+    code, pattern, lengths = plan
+    raw = pl.col("raw")
+    digits = raw.str.replace_all(r"[\s().\-/]", "")
+    # The national significant number after `0`, `+cc`, `00cc` (either maybe followed by
+    # the trunk `0`, as in `+33 (0)6...`, which phonenumbers strips too) or no prefix.
+    nsn = digits.str.extract(rf"^(?:0|(?:\+|00){code}0?)?([1-9][0-9]*)$", 1)
+    placeholder = raw.str.strip_chars().str.to_lowercase().is_in(sorted(PLACEHOLDERS)) | (
+        digits.str.strip_chars_start("+").str.contains(_REPEATED)
+    )
+    fast = (
+        values.cast(pl.String)
+        .to_frame("raw")
+        .select(
+            pl.when(
+                nsn.str.len_chars().is_in(list(lengths))
+                & nsn.str.contains(f"^(?:{pattern})$")
+                & ~placeholder
+            )
+            .then(pl.lit("+" + code) + nsn)
+            .alias("e164")
+        )["e164"]
+    )
+    slow = fast.is_null() & values.is_not_null()
+    if slow.any():
+        fast = fast.scatter(slow.arg_true(), normalise_phones(values.filter(slow), region=region))
+    return fast.alias(values.name)
+
+
+_REPEATED = "^(?:" + "|".join(f"{d}+" for d in "0123456789") + ")$"
 
 
 @dataclass(frozen=True, slots=True)

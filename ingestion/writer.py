@@ -1,10 +1,11 @@
-"""The group-commit writer: one thread commits everything the tracking API has queued.
+"""The group-commit writer: one thread makes everything the tracking API has queued durable.
 
 Requests parse and validate their messages on the event loop, queue them here and await a
-future. The writer thread takes whatever is queued, commits it in one DuckDB transaction
-through the loader, then resolves every waiting future; a request is answered only after
-its events are durable. The queue is bounded by events, so a saturated server answers 429
-instead of growing without limit.
+future. The writer thread takes whatever is queued, appends it to the spool as one record
+(one write, one fsync), hands the record to the drainer and resolves every waiting future:
+a request is answered only once its events are on disk. The drainer loads spooled records
+into DuckDB in large batches. The backlog (queued plus spooled and not yet loaded) is
+bounded, so a saturated server answers 429 instead of growing without limit.
 """
 
 from __future__ import annotations
@@ -19,15 +20,15 @@ from datetime import datetime
 
 import polars as pl
 
+from ingestion.drainer import Drainer
 from ingestion.errors import QueueFull, WriterStopped
 from ingestion.loader import (
     EVENT_SCHEMA,
     IDENTIFIER_SCHEMA,
     REJECTION_SCHEMA,
-    LoadedBatch,
-    Loader,
     LoadInput,
 )
+from ingestion.spool import Spool
 from ingestion.tracking import Parsed
 
 logger = logging.getLogger(__name__)
@@ -35,26 +36,29 @@ logger = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class Submission:
-    """One request's messages waiting for the next commit."""
+    """One request's messages waiting for the next spool write."""
 
     source_id: str
     parsed: Parsed
     received_at: datetime
-    future: asyncio.Future[LoadedBatch | None]
+    future: asyncio.Future[int]
     loop: asyncio.AbstractEventLoop
 
     @property
     def size(self) -> int:
-        """Queue weight: stored and rejected messages."""
+        """Backlog weight: stored and rejected messages."""
         return self.parsed.accepted + len(self.parsed.rejections)
 
 
 class GroupCommitWriter:
-    """A single writer thread committing queued submissions together."""
+    """A single writer thread spooling queued submissions together."""
 
-    def __init__(self, loader: Loader, *, max_queued: int, linger_s: float = 0.0) -> None:
-        self.loader = loader
-        self.max_queued = max_queued
+    def __init__(
+        self, spool: Spool, drainer: Drainer, *, max_backlog: int, linger_s: float = 0.0
+    ) -> None:
+        self.spool = spool
+        self.drainer = drainer
+        self.max_backlog = max_backlog
         self.linger_s = linger_s
         self._queue: deque[Submission] = deque()
         self._queued = 0
@@ -67,8 +71,13 @@ class GroupCommitWriter:
 
     @property
     def queued(self) -> int:
-        """Messages waiting for the next commit."""
+        """Messages waiting for the spool (including those being written)."""
         return self._queued
+
+    @property
+    def backlog(self) -> int:
+        """Messages accepted and not yet loaded into DuckDB."""
+        return self._queued + self.drainer.backlog
 
     def start(self) -> None:
         """Start the writer thread."""
@@ -79,7 +88,7 @@ class GroupCommitWriter:
         self._thread.start()
 
     def stop(self) -> None:
-        """Refuse new submissions, commit what is queued, and stop the thread."""
+        """Refuse new submissions, spool what is queued, and stop the thread."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
@@ -87,19 +96,18 @@ class GroupCommitWriter:
             self._thread.join()
             self._thread = None
 
-    def submit(
-        self, source_id: str, parsed: Parsed, received_at: datetime
-    ) -> asyncio.Future[LoadedBatch | None]:
-        """Queue a request's messages; the future resolves once they are committed."""
+    def submit(self, source_id: str, parsed: Parsed, received_at: datetime) -> asyncio.Future[int]:
+        """Queue a request's messages; the future resolves (to the spool lsn) once durable."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[LoadedBatch | None] = loop.create_future()
+        future: asyncio.Future[int] = loop.create_future()
         item = Submission(source_id, parsed, received_at, future, loop)
         with self._cond:
             if self._stopping or self._thread is None:
                 raise WriterStopped("the server is shutting down; retry shortly")
-            if self._queued and self._queued + item.size > self.max_queued:
+            backlog = self._queued + self.drainer.backlog
+            if backlog and backlog + item.size > self.max_backlog:
                 raise QueueFull(
-                    "the ingestion queue is full; retry after the delay in Retry-After",
+                    "the ingestion backlog is full; retry after the delay in Retry-After",
                     retry_after=1,
                 )
             self._queue.append(item)
@@ -114,11 +122,10 @@ class GroupCommitWriter:
             if not self._queue:
                 return None
         if self.linger_s:
-            time.sleep(self.linger_s)  # gather a few more requests into this commit
+            time.sleep(self.linger_s)  # gather a few more requests into this write
         with self._cond:
             items = list(self._queue)
             self._queue.clear()
-            self._queued = 0
             self.in_flight = len(items)
         return items
 
@@ -127,44 +134,50 @@ class GroupCommitWriter:
             items = self._take()
             if items is None:
                 return
+            size = sum(item.size for item in items)
             try:
-                batches = self.loader.load(combine(items))
+                data = combine([(i.source_id, i.parsed, i.received_at) for i in items])
+                lsn = self.spool.append(data)
             except Exception as exc:  # handed to every waiting request, which answers 500
-                logger.exception("group commit failed", extra={"requests": len(items)})
+                logger.exception("spool write failed", extra={"requests": len(items)})
+                with self._cond:
+                    self._queued -= size
                 for item in items:
                     item.loop.call_soon_threadsafe(_fail, item.future, exc)
             else:
+                # Durable now; counted in the drainer's backlog before leaving the queue's.
+                self.drainer.add(lsn, data, size)
+                with self._cond:
+                    self._queued -= size
                 self.commits += 1
                 for item in items:
-                    item.loop.call_soon_threadsafe(
-                        _resolve, item.future, batches.get(item.source_id)
-                    )
+                    item.loop.call_soon_threadsafe(_resolve, item.future, lsn)
             self.in_flight = 0
 
 
-def _resolve(future: asyncio.Future[LoadedBatch | None], value: LoadedBatch | None) -> None:
+def _resolve(future: asyncio.Future[int], value: int) -> None:
     if not future.done():
         future.set_result(value)
 
 
-def _fail(future: asyncio.Future[LoadedBatch | None], exc: Exception) -> None:
+def _fail(future: asyncio.Future[int], exc: Exception) -> None:
     if not future.done():
         future.set_exception(exc)
 
 
-def combine(items: list[Submission]) -> LoadInput:
-    """One load from several requests: their columns concatenated, rows renumbered."""
+def combine(items: list[tuple[str, Parsed, datetime]]) -> LoadInput:
+    """One load from several requests (source id, messages, time received): their columns
+    concatenated, rows renumbered."""
     columns: dict[str, list[object]] = {name: [] for name in EVENT_SCHEMA}
     identifiers: dict[str, list[object]] = {"_row": [], "kind": [], "value": []}
     rejections: dict[str, list[object]] = {name: [] for name in REJECTION_SCHEMA}
     dropped: dict[str, int] = {}
     offset = 0
-    for item in items:
-        parsed = item.parsed
+    for source_id, parsed, received_at in items:
         n = parsed.accepted
         columns["_row"].extend(range(offset, offset + n))
-        columns["source_id"].extend([item.source_id] * n)
-        columns["received_at"].extend([item.received_at] * n)
+        columns["source_id"].extend([source_id] * n)
+        columns["received_at"].extend([received_at] * n)
         for name in (
             "message_id",
             "type",
@@ -186,11 +199,11 @@ def combine(items: list[Submission]) -> LoadInput:
             identifiers["kind"].append(kind)
             identifiers["value"].append(value)
         for position, message_id, reason in parsed.rejections:
-            rejections["source_id"].append(item.source_id)
+            rejections["source_id"].append(source_id)
             rejections["position"].append(position)
             rejections["message_id"].append(message_id)
             rejections["reason"].append(reason)
-        dropped[item.source_id] = dropped.get(item.source_id, 0) + parsed.dropped
+        dropped[source_id] = dropped.get(source_id, 0) + parsed.dropped
         offset += n
     return LoadInput(
         channel="http",

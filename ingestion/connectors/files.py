@@ -12,12 +12,14 @@ from typing import Literal
 
 import polars as pl
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from cdp.db import Database, new_id, utcnow
 from cdp.warehouse import Warehouse
 from ingestion import transform
 from ingestion.connectors import ROW
 from ingestion.errors import (
+    ImportNotFound,
     InvalidMapping,
     SourceDisabled,
     SourceNotFound,
@@ -75,12 +77,6 @@ class FileConnector:
             return pl.scan_parquet(path)
         return pl.scan_ndjson(path, infer_schema_length=None)
 
-    def total_rows(self) -> int | None:
-        """Rows in the file when cheap to know (Parquet metadata), else None."""
-        if self.format != "parquet":
-            return None
-        return int(pl.scan_parquet(str(self.path)).select(pl.len()).collect().item())
-
     def chunks(self) -> Iterator[pl.DataFrame]:
         """The file's rows in chunks."""
         try:
@@ -92,59 +88,106 @@ class FileConnector:
             raise UnsupportedFile(f"{self.name}: cannot read the file: {exc}") from exc
 
 
-def import_file(
-    db: Database,
-    warehouse: Warehouse,
-    *,
-    source_id: str,
-    path: Path,
-    region: str,
-    name: str | None = None,
-    progress: Callable[[int, int | None], None] | None = None,
-    chunk_rows: int = CHUNK_ROWS,
+def count_rows(path: Path, file_format: FileFormat) -> int:
+    """Rows of a CSV or NDJSON file, counted as lines (an estimate when quoted fields hold
+    line breaks); Parquet from its metadata."""
+    if file_format == "parquet":
+        return int(pl.scan_parquet(str(path)).select(pl.len()).collect().item())
+    lines = 0
+    last = b"\n"
+    with path.open("rb") as handle:
+        while block := handle.read(16 * 1024 * 1024):
+            lines += block.count(b"\n")
+            last = block[-1:]
+    if last != b"\n":
+        lines += 1  # a last line without its newline
+    return max(lines - 1, 0) if file_format == "csv" else lines
+
+
+def _importable(session: Session, source_id: str) -> Source:
+    source = session.get(Source, source_id)
+    if source is None:
+        raise SourceNotFound(f"source {source_id} does not exist")
+    if source.kind not in ("file", "http"):
+        # An http source may backfill from a Segment export: same source, same dedupe.
+        raise WrongSourceKind(f"source {source.name} is a {source.kind} source, not file")
+    if not source.enabled:
+        raise SourceDisabled(f"source {source.name} is disabled")
+    return source
+
+
+def queue_import(
+    db: Database, *, source_id: str, name: str, file_path: Path | None = None
 ) -> ImportRun:
-    """Import one file into a `file` or `http` source; returns the finished import record."""
-    connector = FileConnector(path, chunk_rows=chunk_rows)
-    digest = content_hash(path)
-    display = name or path.name
+    """Check that the source takes files and record an import `queued` for one file."""
     with db.begin() as session:
-        source = session.get(Source, source_id)
-        if source is None:
-            raise SourceNotFound(f"source {source_id} does not exist")
-        if source.kind not in ("file", "http"):
-            # An http source may backfill from a Segment export: same source, same dedupe.
-            raise WrongSourceKind(f"source {source.name} is a {source.kind} source, not file")
-        if not source.enabled:
-            raise SourceDisabled(f"source {source.name} is disabled")
-        mapping = Mapping.model_validate(source.mapping)
-        known_columns = source.columns
-        previous = session.scalar(
-            select(ImportRun).where(
-                ImportRun.source_id == source_id,
-                ImportRun.content_hash == digest,
-                ImportRun.status == "succeeded",
-                ImportRun.skipped.is_(False),
-            )
-        )
+        _importable(session, source_id)
         run = ImportRun(
             id=new_id(),
             source_id=source_id,
             channel="file",
-            name=display,
-            content_hash=digest,
-            status="skipped" if previous else "running",
-            skipped=previous is not None,
+            name=name,
+            status="queued",
             started_at=utcnow(),
+            file_path=None if file_path is None else str(file_path),
         )
-        if previous is not None:
-            run.finished_at = utcnow()
-            run.duration_ms = 0
-            run.error = f"same content as import {previous.id}: nothing to do"
         session.add(run)
-        import_id = run.id
-    if previous is not None:
-        logger.info("file already imported", extra={"source_id": source_id, "file": display})
-        return run
+    return run
+
+
+def run_queued_import(
+    db: Database,
+    warehouse: Warehouse,
+    *,
+    import_id: str,
+    path: Path,
+    region: str,
+    progress: Callable[[int, int | None], None] | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+    should_stop: Callable[[], bool] | None = None,
+) -> ImportRun:
+    """Run a queued import of `path`; returns its finished record (also when skipped).
+
+    The same content already imported into the source makes it `skipped`. A failure is
+    recorded on the import (status `failed`, the error) and raised.
+    """
+    try:
+        connector = FileConnector(path, chunk_rows=chunk_rows)
+        digest = content_hash(path)
+        with db.begin() as session:
+            run = session.get(ImportRun, import_id)
+            if run is None:
+                raise ImportNotFound(f"import {import_id} does not exist")
+            source = _importable(session, run.source_id)
+            mapping = Mapping.model_validate(source.mapping)
+            known_columns = source.columns
+            previous = session.scalar(
+                select(ImportRun).where(
+                    ImportRun.source_id == run.source_id,
+                    ImportRun.content_hash == digest,
+                    ImportRun.status == "succeeded",
+                    ImportRun.skipped.is_(False),
+                    ImportRun.id != import_id,
+                )
+            )
+            run.content_hash = digest
+            source_id, display = run.source_id, run.name
+            if previous is not None:
+                run.status = "skipped"
+                run.skipped = True
+                run.finished_at = utcnow()
+                run.duration_ms = 0
+                run.error = f"same content as import {previous.id}: nothing to do"
+                logger.info(
+                    "file already imported", extra={"source_id": source_id, "file": display}
+                )
+                return run
+            run.status = "running"
+            run.rows_total = count_rows(path, connector.format)
+            total_rows = run.rows_total
+    except Exception as exc:  # recorded on the import, then raised
+        _failed(db, import_id, exc)
+        raise
     ctx = transform.Context(
         source_id=source_id,
         channel="file",
@@ -170,8 +213,44 @@ def import_file(
         import_id=import_id,
         connector=connector,
         transform=apply,
-        total_rows=connector.total_rows(),
+        total_rows=total_rows,
         progress=progress,
+        should_stop=should_stop,
+    )
+
+
+def _failed(db: Database, import_id: str, exc: Exception) -> None:
+    with db.begin() as session:
+        run = session.get(ImportRun, import_id)
+        if run is not None:
+            run.status = "failed"
+            run.finished_at = utcnow()
+            run.duration_ms = 0
+            run.error = f"{type(exc).__name__}: {exc}"
+
+
+def import_file(
+    db: Database,
+    warehouse: Warehouse,
+    *,
+    source_id: str,
+    path: Path,
+    region: str,
+    name: str | None = None,
+    progress: Callable[[int, int | None], None] | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+) -> ImportRun:
+    """Import one file into a `file` or `http` source now; returns the finished record."""
+    file_format(path)
+    run = queue_import(db, source_id=source_id, name=name or path.name)
+    return run_queued_import(
+        db,
+        warehouse,
+        import_id=run.id,
+        path=path,
+        region=region,
+        progress=progress,
+        chunk_rows=chunk_rows,
     )
 
 

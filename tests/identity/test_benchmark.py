@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import polars as pl
+import pytest
 
 from benchmarks import identity as bench
 
@@ -40,3 +41,20 @@ def test_synthetic_data_is_consistent() -> None:
     assert data.identifiers["event_id"].is_in(data.events["event_id"]).all()
     assert data.events["event_id"].is_unique().all()
     assert data.truth.height == data.events.height
+
+
+def test_identity_quality_benchmark_scores_a_generated_sample(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from benchmarks import identity_quality
+
+    monkeypatch.delenv("CDP_SAMPLE_DIR", raising=False)
+    result = identity_quality.run(150, tmp_path)
+    quality = result.details["quality"]
+    # Every ground-truth record is scored, once.
+    truth = pl.read_parquet(tmp_path / "sample" / "ground_truth" / "record_person.parquet")
+    assert quality["records"] == truth.height
+    assert 0.0 < quality["recall"] <= quality["recall_bound"] <= 1.0
+    assert quality["ingested_recall"] <= quality["ingested_recall_bound"]
+    assert quality["precision"] >= 0.95
+    assert result.measures[1].reference == quality["recall_bound"]

@@ -6,6 +6,7 @@ import base64
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from cdp.auth import Role
@@ -17,6 +18,17 @@ def basic(write_key: str) -> dict[str, str]:
     """Headers carrying a write key the way Segment SDKs send it."""
     token = base64.b64encode(f"{write_key}:".encode()).decode()
     return {"Authorization": f"Basic {token}"}
+
+
+def drained(client: TestClient) -> None:
+    """Wait until every event the tracking API acknowledged is loaded into the warehouse.
+
+    The API answers once events are in its fsynced spool; a drainer thread loads them
+    into DuckDB shortly after (see docs/ingestion.md).
+    """
+    app = client.app
+    assert isinstance(app, FastAPI)
+    assert app.state.ingestion.wait_drained(timeout=30), "spooled events were not loaded"
 
 
 @pytest.fixture

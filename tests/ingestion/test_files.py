@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,12 @@ from cdp import migrate
 from cdp.db import Database
 from cdp.warehouse import Query, Warehouse
 from ingestion import service
-from ingestion.errors import InvalidMapping
+from ingestion.errors import InvalidMapping, UnsupportedFile
+from ingestion.imports import read_ahead
+from ingestion.loader import LoadInput, empty_events, empty_identifiers
 from ingestion.schemas import Mapping
 from tests.cdp.test_cli import cdp
-from tests.ingestion.conftest import basic, create_source
+from tests.ingestion.conftest import basic, create_source, drained
 
 JsonDict = dict[str, Any]  # Any: JSON
 
@@ -167,6 +170,7 @@ def test_ndjson_lines_dedupe_against_messages_sent_over_http(
         ).status_code
         == 200
     )
+    drained(client)
     # A Segment export of the same source's messages, imported through the file path.
     lines = [
         {**sent, "timestamp": "2026-11-01T10:00:00Z"},
@@ -222,37 +226,6 @@ def test_file_missing_mapped_columns_is_refused_and_columns_are_remembered(
             service.update_source(session, source_id=source_id, mapping=wrong)
 
 
-def test_upload_endpoint_imports_and_reports_rows(
-    client: TestClient, data_headers: dict[str, str]
-) -> None:
-    source = create_source(client, data_headers, name="crm", kind="file", mapping=CRM_MAPPING)
-    resp = client.post(
-        f"/api/sources/{source['id']}/uploads",
-        files={"file": ("crm.csv", CSV.encode(), "text/csv")},
-        headers=data_headers,
-    )
-    assert resp.status_code == 201, resp.text
-    report = resp.json()
-    assert (report["accepted"], report["rejected"]) == (3, 2)
-    assert [e["row"] for e in report["errors"]] == [3, 4]
-    listed = client.get(f"/api/sources/{source['id']}/imports", headers=data_headers).json()
-    assert listed["items"][0]["id"] == report["id"]
-    again = client.post(
-        f"/api/sources/{source['id']}/uploads",
-        files={"file": ("crm.csv", CSV.encode(), "text/csv")},
-        headers=data_headers,
-    )
-    assert again.json()["skipped"] is True
-    stats = client.get(f"/api/sources/{source['id']}/stats", headers=data_headers).json()
-    assert (stats["accepted"], stats["rejected"], stats["received"]) == (3, 2, 5)
-    unsupported = client.post(
-        f"/api/sources/{source['id']}/uploads",
-        files={"file": ("crm.xlsx", b"x", "application/octet-stream")},
-        headers=data_headers,
-    )
-    assert unsupported.status_code == 422
-
-
 def test_cli_ingest_imports_globs_into_a_source(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'cdp.sqlite3'}"
     migrate.upgrade(url)
@@ -269,3 +242,37 @@ def test_cli_ingest_imports_globs_into_a_source(tmp_path: Path) -> None:
     missing = cdp(tmp_path, "ingest", "crm", str(tmp_path / "nope.csv"))
     assert missing.returncode == 1
     assert "no such file" in missing.stderr
+
+
+class _ThreeThenBroken:
+    """A connector whose file breaks after three chunks."""
+
+    name = "broken"
+
+    def chunks(self) -> Iterator[pl.DataFrame]:
+        for i in range(3):
+            yield pl.DataFrame({"_row": [i]})
+        raise UnsupportedFile("broken: cannot read the file")
+
+
+def _numbered(frame: pl.DataFrame) -> LoadInput:
+    """A stand-in transform that names each load after its chunk."""
+    return LoadInput(
+        channel=str(frame["_row"][0]), events=empty_events(), identifiers=empty_identifiers()
+    )
+
+
+def test_read_ahead_keeps_chunk_order_and_raises_the_readers_error_in_turn() -> None:
+    seen: list[str] = []
+
+    def consume() -> None:
+        for _chunk, data in read_ahead(_ThreeThenBroken(), _numbered):
+            seen.append(data.channel)
+
+    with pytest.raises(UnsupportedFile, match="cannot read"):
+        consume()
+    assert seen == ["0", "1", "2"]
+    # A consumer that stops early stops the reader too (the generator joins its thread).
+    reader = read_ahead(_ThreeThenBroken(), _numbered)
+    assert next(reader)[1].channel == "0"
+    reader.close()

@@ -1,5 +1,5 @@
-"""A real `cdp serve` process: the official Segment SDK talks to it, and SIGKILL loses
-no acknowledged event."""
+"""A real `cdp serve` process: the official Segment and RudderStack SDKs talk to it, and
+SIGKILL loses no acknowledged event."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from rudderstack.analytics.client import Client as RudderClient
 from segment.analytics import Client
 
 from cdp import migrate
@@ -33,6 +34,7 @@ class Server:
     data_dir: Path
     write_key: str
     source_id: str
+    env: dict[str, str] | None = None
 
 
 def _prepare(data_dir: Path) -> tuple[str, str]:
@@ -48,12 +50,12 @@ def _prepare(data_dir: Path) -> tuple[str, str]:
         db.dispose()
 
 
-def _start(data_dir: Path) -> tuple[str, subprocess.Popen[str]]:
+def _start(data_dir: Path, env: dict[str, str] | None = None) -> tuple[str, subprocess.Popen[str]]:
     port = free_port()
     with (data_dir / "server.log").open("a") as log:  # the child keeps its own handle
         proc = subprocess.Popen(
             [*CDP, "serve", "--port", str(port), "--no-scheduler"],
-            env=_env(data_dir),
+            env={**_env(data_dir), **(env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
             text=True,
@@ -63,13 +65,18 @@ def _start(data_dir: Path) -> tuple[str, subprocess.Popen[str]]:
     return url, proc
 
 
+# Drained once a minute: every acknowledged event is still only in the spool at the kill.
+SPOOLED_ONLY = {"CDP_INGESTION__DRAIN_INTERVAL_MS": "60000"}
+
+
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
+def server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Server]:
     """A prepared data dir with an `http` source, and a server over it."""
     source_id, key = _prepare(tmp_path)
-    url, proc = _start(tmp_path)
+    env = getattr(request, "param", None)
+    url, proc = _start(tmp_path, env)
     try:
-        yield Server(url, proc, tmp_path, key, source_id)
+        yield Server(url, proc, tmp_path, key, source_id, env)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -109,6 +116,41 @@ def test_official_segment_sdk_sends_unchanged(server: Server) -> None:
     assert ("anonymous_id", "anon-1") in identifiers
 
 
+def test_official_rudderstack_sdk_sends_unchanged(server: Server) -> None:
+    errors: list[Exception] = []
+    client = RudderClient(
+        write_key=server.write_key,
+        host=server.url,
+        sync_mode=True,
+        gzip=True,
+        on_error=lambda exc, batch: errors.append(exc),
+    )
+    client.identify(user_id="user-2", traits={"email": "Bo@Example.com", "phone": None})
+    client.track(user_id="user-2", event="Order Completed", properties={"total": 12})
+    client.page(anonymous_id="anon-2", name="Home", properties={"path": "/"})
+    client.screen(user_id="user-2", name="Cart")
+    client.group(user_id="user-2", group_id="group-2", traits={"name": "Acme"})
+    client.alias(previous_id="anon-2", user_id="user-2")
+    client.flush()
+    assert errors == []
+    server.proc.send_signal(signal.SIGTERM)
+    server.proc.wait(timeout=60)
+    with Warehouse(server.data_dir / "warehouse.duckdb") as warehouse:
+        rows = warehouse.rows(Query("SELECT type, event FROM events ORDER BY event_id"))
+        identifiers = warehouse.rows(Query("SELECT DISTINCT kind, value FROM event_identifiers"))
+    assert [r[0] for r in rows] == ["identify", "track", "page", "screen", "group", "alias"]
+    assert rows[1][1] == "Order Completed"
+    assert ("email", "bo@example.com") in identifiers
+    assert ("anonymous_id", "anon-2") in identifiers
+
+
+def _spool_files(data_dir: Path) -> list[Path]:
+    return sorted((data_dir / "warehouse.duckdb.spool").glob("*.spool"))
+
+
+@pytest.mark.parametrize(
+    "server", [None, SPOOLED_ONLY], indirect=True, ids=["draining", "spooled-only"]
+)
 def test_sigkill_loses_no_acknowledged_event(server: Server) -> None:
     acknowledged: set[str] = set()
     lock = threading.Lock()
@@ -143,9 +185,25 @@ def test_sigkill_loses_no_acknowledged_event(server: Server) -> None:
         worker.join(timeout=60)
     with lock:
         acked = set(acknowledged)
-    # A restarted server replays DuckDB's write-ahead log and keeps serving.
+    if server.env == SPOOLED_ONLY:
+        # Before any restart, DuckDB holds at most the first drain: the rest is spooled only.
+        in_duckdb = len(_message_ids(server.data_dir))
+        assert in_duckdb < len(acked) / 2
+        assert _spool_files(server.data_dir)
+    # A restarted server replays DuckDB's write-ahead log and the spool, and keeps serving.
     _url, proc = _start(server.data_dir)
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
     stored = _message_ids(server.data_dir)
     assert acked <= stored, f"{len(acked - stored)} acknowledged events lost"
+    assert _spool_files(server.data_dir) == []
+    with Warehouse(server.data_dir / "warehouse.duckdb") as warehouse:
+        counts = warehouse.rows(
+            Query(
+                "SELECT count(*), count(DISTINCT message_id),"
+                " (SELECT sum(received) - sum(duplicates) FROM ingest_batch_stats),"
+                " (SELECT sum(duplicates) FROM ingest_batch_stats) FROM events"
+            )
+        )[0]
+    # Loaded once each, and the counters agree with the events (no replayed duplicates).
+    assert counts == (len(stored), len(stored), len(stored), 0)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import threading
-import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,7 +14,7 @@ from fastapi.testclient import TestClient
 from cdp.warehouse import Query, Warehouse
 from ingestion import service
 from ingestion.loader import loader_for
-from tests.ingestion.conftest import basic
+from tests.ingestion.conftest import basic, drained
 
 JsonDict = dict[str, Any]  # Any: JSON
 
@@ -33,6 +31,7 @@ def _identifiers(warehouse: Warehouse, message_id: str) -> set[tuple[str, str]]:
 
 
 def _stats(client: TestClient, source: JsonDict, headers: dict[str, str]) -> JsonDict:
+    drained(client)
     resp = client.get(f"/api/sources/{source['id']}/stats", headers=headers)
     assert resp.status_code == 200, resp.text
     stats: JsonDict = resp.json()
@@ -67,6 +66,7 @@ def test_batch_stores_events_with_normalised_identifiers(
     resp = client.post("/v1/batch", json=body, headers=basic(http_source["write_key"]))
     assert resp.status_code == 200, resp.text
     assert resp.json() == {"success": True}
+    drained(client)
     assert _identifiers(warehouse, "m1") == {
         ("user_id", "u-1"),
         ("email", "ann@example.com"),
@@ -113,6 +113,7 @@ def test_bad_items_are_rejected_by_index_and_good_ones_stored(
     assert "unknown type" in rejected[1]["reason"]
     assert "timestamp" in rejected[2]["reason"]
     assert "previousId" in rejected[3]["reason"]
+    drained(client)
     assert warehouse.scalar(Query("SELECT count(*) FROM events")) == 1
     stats = _stats(client, http_source, data_headers)
     assert (stats["received"], stats["accepted"], stats["rejected"]) == (7, 1, 6)
@@ -132,6 +133,7 @@ def test_resent_message_ids_are_dropped_and_counted(
     headers = basic(http_source["write_key"])
     assert client.post("/v1/batch", json=batch, headers=headers).status_code == 200
     assert client.post("/v1/batch", json=batch, headers=headers).status_code == 200
+    drained(client)
     assert warehouse.scalar(Query("SELECT count(*) FROM events")) == 3
     stats = _stats(client, http_source, data_headers)
     assert (stats["received"], stats["accepted"], stats["duplicates"]) == (8, 3, 5)
@@ -165,6 +167,7 @@ def test_gzip_body_write_key_in_body_and_single_endpoints(
             f"/v1/{endpoint}", json={"messageId": endpoint, **message}, headers=headers
         )
         assert resp.status_code == 200, (endpoint, resp.text)
+    drained(client)
     types = dict(warehouse.rows(Query("SELECT message_id, type FROM events")))
     assert types == {
         "p1": "page",
@@ -276,6 +279,7 @@ def test_clock_skew_is_corrected_from_sent_at(
     }
     resp = client.post("/v1/batch", json=body, headers=basic(http_source["write_key"]))
     assert resp.status_code == 200
+    drained(client)
     ts, received, traits, context = warehouse.rows(
         Query("SELECT timestamp, received_at, traits, context FROM events")
     )[0]
@@ -304,51 +308,35 @@ def test_placeholder_identifiers_are_dropped_and_counted(
         client.post("/v1/batch", json=body, headers=basic(http_source["write_key"])).status_code
         == 200
     )
+    drained(client)
     assert _identifiers(warehouse, "p") == {("user_id", "u")}
     assert _stats(client, http_source, data_headers)["identifiers_dropped"] == 2
 
 
-def test_full_queue_answers_429_with_retry_after(
+def test_full_backlog_answers_429_with_retry_after(
     app: FastAPI, client: TestClient, http_source: JsonDict, warehouse: Warehouse
 ) -> None:
     runtime = app.state.ingestion
-    runtime.writer.max_queued = 3
+    runtime.writer.max_backlog = 3
     headers = basic(http_source["write_key"])
     body = {"batch": [{"type": "track", "userId": "u", "event": "E"}] * 3}
-    results: list[int] = []
     lock = loader_for(warehouse)._lock
-    lock.acquire()  # the writer blocks on its next commit
+    lock.acquire()  # the drainer cannot load: spooled events pile up
     try:
-        workers = [
-            threading.Thread(
-                target=lambda: results.append(
-                    client.post("/v1/batch", json=body, headers=headers).status_code
-                )
-            )
-            for _ in range(2)
-        ]
-        workers[0].start()
-        _wait(lambda: runtime.writer.in_flight == 1)
-        workers[1].start()
-        _wait(lambda: runtime.writer.queued == 3)
+        assert client.post("/v1/batch", json=body, headers=headers).status_code == 200
+        assert runtime.writer.backlog == 3
         resp = client.post("/v1/batch", json=body, headers=headers)
         assert resp.status_code == 429
         assert resp.headers["Retry-After"] == "1"
         assert resp.json()["error"]["code"] == "ingestion.queue_full"
     finally:
         lock.release()
-    for worker in workers:
-        worker.join()
-    assert results == [200, 200]
+    drained(client)
+    assert runtime.writer.backlog == 0
+    assert client.post("/v1/batch", json=body, headers=headers).status_code == 200
+    drained(client)
+    # The refused batch was not stored; both accepted ones were.
     assert warehouse.scalar(Query("SELECT count(*) FROM events")) == 6
-
-
-def _wait(condition: Any, deadline_s: float = 10) -> None:  # Any: a predicate
-    end = time.monotonic() + deadline_s
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError("condition not reached")
-        time.sleep(0.005)
 
 
 @pytest.mark.parametrize("endpoint", ["track", "batch"])
@@ -358,3 +346,28 @@ def test_unauthenticated_tracking_requests_get_json_errors(
     resp = client.post(f"/v1/{endpoint}", json={})
     assert resp.status_code == 401
     assert resp.json()["error"]["code"] == "ingestion.invalid_write_key"
+
+
+def test_a_bad_batch_sent_at_rejects_the_messages_that_rely_on_it(
+    client: TestClient, http_source: JsonDict, warehouse: Warehouse
+) -> None:
+    body = {
+        "sentAt": "yesterday",
+        "batch": [
+            {"type": "track", "messageId": "a", "userId": "u", "event": "E"},
+            {
+                "type": "track",
+                "messageId": "b",
+                "userId": "u",
+                "event": "E",
+                "sentAt": "2026-11-20T10:00:00Z",
+            },
+        ],
+    }
+    resp = client.post("/v1/batch", json=body, headers=basic(http_source["write_key"]))
+    assert resp.status_code == 200
+    [rejected] = resp.json()["rejected"]
+    assert (rejected["index"], rejected["messageId"]) == (0, "a")
+    assert "timestamp" in rejected["reason"]
+    drained(client)
+    assert warehouse.rows(Query("SELECT message_id FROM events")) == [("b",)]
