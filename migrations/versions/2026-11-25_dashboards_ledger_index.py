@@ -1,7 +1,7 @@
 """dashboards: covering indexes of the loyalty ledger and members by time (KPIs per period)
 
-Revision ID: 0007_dashboards_ledger_index
-Revises: 0006_segments
+Revision ID: 0008_dashboards_ledger_index
+Revises: 0007_ingestion_uploads
 Create Date: 2026-11-25 12:00:00
 """
 
@@ -9,8 +9,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
-revision: str = "0007_dashboards_ledger_index"
-down_revision: str | None = "0006_segments"
+revision: str = "0008_dashboards_ledger_index"
+down_revision: str | None = "0007_ingestion_uploads"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
