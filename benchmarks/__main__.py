@@ -14,6 +14,7 @@ from benchmarks.core import Benchmark, peak_rss_mib, write_json
 BENCHMARKS: dict[str, tuple[str, int]] = {
     "sample_data": ("benchmarks.sample_data", 1_000_000),
     "dashboards": ("benchmarks.dashboards", 1_000_000),
+    "dashboards_sample": ("benchmarks.dashboards_sample", 1_000_000),
     "ingestion_files": ("benchmarks.ingestion_files", 5_000_000),
     "ingestion_http": ("benchmarks.ingestion_http", 200_000),
     "loyalty_backfill": ("benchmarks.loyalty_backfill", 1_000_000),

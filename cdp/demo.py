@@ -19,7 +19,9 @@ installation would use them, and every step is idempotent, so a second run adds 
    first run from event 0 is the backfill, in short transactions; the runner never lets it
    overlap the scheduler's own run). The scheduler's jobs (identity every 5 s, loyalty every
    5 s, attributes every 5 minutes) fold the web events in as they arrive. The tracking API
-   dedupes on `messageId`, so a second replay stores nothing.
+   dedupes on `messageId`, so a second replay stores nothing. When the replay and the backfill
+   are done, the job `dashboards.kpi_snapshots` runs once more through the runner, so the KPI
+   snapshots hold the history they brought (by event time; the job is idempotent).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ logger = logging.getLogger(__name__)
 ADMIN_KEY_NAME: Final = "demo admin"
 PROGRAM_NAME: Final = "Demo Club"
 LOYALTY_JOB: Final = "loyalty.process_events"
+SNAPSHOT_JOB: Final = "dashboards.kpi_snapshots"
 PREPARED_TILL: Final = "prepared/till_orders.parquet"
 REPLAY_BATCH: Final = 250
 REPLAY_CONNECTIONS: Final = 4
@@ -277,6 +280,17 @@ def backfill_program(
     )
     if summary.balance_line:
         say(f"  e.g. {summary.balance_line}")
+
+
+def snapshot_history(runner: JobRunner, *, say: Callable[[str], None]) -> None:
+    """Run the KPI snapshot job through the server's runner (waits for a run in progress)."""
+    while True:
+        try:
+            run = runner.run(SNAPSHOT_JOB, trigger="manual")
+            break
+        except Conflict:
+            time.sleep(0.5)
+    say(f"KPI snapshots ({run.status}): {run.rows or 0} rows written")
 
 
 def _ensure_segments(db: Database, warehouse: Warehouse, settings: Settings) -> dict[str, int]:
@@ -525,6 +539,26 @@ def run(
     steps: list[tuple[Callable[[], None], str]] = [(replay_web, "web replay")]
     if summary.program_created:
         steps.append((backfill, "loyalty backfill"))
-    for step, name in steps:
-        threading.Thread(target=when_up, args=(step, name), name=name, daemon=True).start()
+    threads = [
+        threading.Thread(target=when_up, args=(step, name), name=name, daemon=True)
+        for step, name in steps
+    ]
+
+    history = list(threads)
+
+    def snapshots_after() -> None:
+        for thread in history:
+            thread.join()
+        snapshot_history(application.state.runner, say=say)
+
+    threads.append(
+        threading.Thread(
+            target=when_up,
+            args=(snapshots_after, "kpi snapshots"),
+            name="kpi snapshots",
+            daemon=True,
+        )
+    )
+    for thread in threads:
+        thread.start()
     server.run()

@@ -27,6 +27,12 @@ class KpiParams:
         grain: Annotated[Grain, Query(description="Period length")] = "day",
         breakdown: Annotated[Breakdown | None, Query(description="Split by")] = None,
         program_id: Annotated[str | None, Query(max_length=100)] = None,
+        segment_a: Annotated[
+            str | None, Query(max_length=100, description="First segment (overlap metrics)")
+        ] = None,
+        segment_b: Annotated[
+            str | None, Query(max_length=100, description="Second segment (overlap metrics)")
+        ] = None,
         format: Annotated[Literal["json", "csv"], Query(description="Response format")] = "json",
     ) -> None:
         default_start, default_end = service.default_range()
@@ -34,7 +40,8 @@ class KpiParams:
         self.end = end or default_end
         self.grain = grain
         self.breakdown = breakdown
-        self.program_id = program_id
+        self.program_id = program_id or None
+        self.segments = (segment_a, segment_b) if segment_a and segment_b else None
         self.format = format
 
 
@@ -54,6 +61,7 @@ def kpi_response(
         grain=params.grain,
         breakdown=params.breakdown,
         program_id=params.program_id,
+        segments=params.segments,
     )
     if params.format == "csv":
         filename = f"{metric}_{params.start}_{params.end}.csv"

@@ -39,3 +39,15 @@ class NotSignedIn(Unauthorized):
     """The dashboard session cookie is missing, unknown or expired."""
 
     code = "dashboards.not_signed_in"
+
+
+class SegmentsRequired(Invalid):
+    """A metric about two segments was asked for without both of them."""
+
+    code = "dashboards.segments_required"
+
+
+class UnknownSegment(Invalid):
+    """A segment named in a KPI request does not exist."""
+
+    code = "dashboards.unknown_segment"

@@ -68,6 +68,29 @@ class MetricBuilder(Protocol):
         ...
 
 
+class SegmentPairBuilder(Protocol):
+    """Builds the statement of a metric about two chosen segments (their overlap)."""
+
+    def __call__(
+        self,
+        *,
+        start: date,
+        end: date,
+        grain: Grain,
+        segment_a: str,
+        segment_b: str,
+    ) -> Query:
+        """The statement answering `period`, `key`, `value` for the two segments."""
+        ...
+
+
+def pair_only(
+    *, start: date, end: date, grain: Grain, breakdown: Breakdown | None, program_id: str | None
+) -> Query:
+    """The `build` of a metric about two segments: it needs the pair (`pair_build`)."""
+    raise TypeError("this metric needs two segments: it is built by its pair_build")
+
+
 @dataclass(frozen=True, slots=True)
 class Metric:
     """One KPI of the catalogue."""
@@ -85,6 +108,14 @@ class Metric:
     integer: bool = True
     program_scoped: bool = False
     snapshot: bool = True
+    # A level known only now (today's period): the snapshot job stores it as the closed day's.
+    now_only: bool = False
+    # A metric always split along one dimension of its own (key never NULL): its name (the
+    # CSV column), and its keys in display order when they are fixed (else ranked by value).
+    split: str | None = None
+    split_keys: tuple[str, ...] = ()
+    # Metrics about two chosen segments are built by this instead of `build`.
+    pair_build: SegmentPairBuilder | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +144,10 @@ class Catalogue:
                 raise ValueError(f"metric {metric.name} has unknown breakdowns {bad}")
             if not metric.grains or any(g not in GRAINS for g in metric.grains):
                 raise ValueError(f"metric {metric.name} has invalid grains {metric.grains}")
+            if metric.split is not None and metric.breakdowns:
+                raise ValueError(f"metric {metric.name} is split by {metric.split}: no breakdowns")
+            if metric.pair_build is not None and (metric.snapshot or metric.program_scoped):
+                raise ValueError(f"metric {metric.name} on a segment pair cannot be snapshot")
             self.metrics[metric.name] = metric
 
     def find(self, name: str) -> Metric | None:

@@ -18,6 +18,7 @@ from urllib.parse import urlencode, urlparse
 from fastapi import APIRouter, Depends, Form, Query, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
+from sqlalchemy.orm import Session
 
 from cdp.auth import Principal
 from cdp.db import SessionDep
@@ -36,6 +37,8 @@ from dashboards.errors import DashboardNotFound
 from dashboards.metrics import PLANNED, PlannedMetric, catalogue
 from dashboards.schemas import PRESET_DAYS, FixedRange, KpiSeriesRead, Widget
 from dashboards.standard import BY_SLUG, STANDARD
+from loyalty import service as loyalty_service
+from segments import service as segments_service
 
 PACKAGE_DIR = Path(__file__).parent
 STATIC_DIR = PACKAGE_DIR / "static"
@@ -56,6 +59,7 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
     "Cache-Control": "no-store",
 }
+MAX_CHOICES = 200  # programmes and segments listed in the selectors
 RANGE_PRESETS = (("7d", "7 days"), ("30d", "30 days"), ("90d", "90 days"), ("365d", "1 year"))
 
 router = APIRouter(prefix="/dashboards", tags=["dashboard pages"], include_in_schema=False)
@@ -110,17 +114,57 @@ def _widget_range(widget: Widget, page_range: tuple[date, date] | None) -> tuple
     return service.default_range(PRESET_DAYS[widget.range])
 
 
+@dataclass(frozen=True, slots=True)
+class Choices:
+    """What the page-wide selectors offer and which values are chosen."""
+
+    programs: list[tuple[str, str]]
+    program_id: str | None
+    segments: list[tuple[str, str]]
+    segment_pair: tuple[str, str] | None
+
+
+def _choices(
+    session: Session,
+    *,
+    program_id: str | None,
+    segment_a: str | None,
+    segment_b: str | None,
+) -> Choices:
+    """Programmes and saved segments for the selectors; unknown choices fall back to defaults.
+
+    Without a chosen pair, the overlap compares the first two segments by name.
+    """
+    programs, _ = loyalty_service.list_programs(session, limit=MAX_CHOICES, offset=0)
+    segments, _ = segments_service.list_segments(session, limit=MAX_CHOICES, offset=0)
+    program_ids = {p.id for p in programs}
+    segment_ids = [s.id for s in segments]
+    pair: tuple[str, str] | None = None
+    if segment_a in segment_ids and segment_b in segment_ids:
+        pair = (str(segment_a), str(segment_b))
+    elif len(segment_ids) >= 2:
+        pair = (segment_ids[0], segment_ids[1])
+    return Choices(
+        programs=[(p.id, p.name) for p in programs],
+        program_id=program_id if program_id in program_ids else None,
+        segments=[(s.id, s.name) for s in segments],
+        segment_pair=pair,
+    )
+
+
 def _views(
     widgets: tuple[Widget, ...] | list[Widget],
     page_range: tuple[date, date] | None,
     program_id: str | None,
+    segment_pair: tuple[str, str] | None = None,
 ) -> tuple[list[WidgetView], list[Widget]]:
-    """Views of the widgets whose metric exists, and the widgets left out."""
+    """Views of the widgets whose metric exists (and, for overlaps, has a pair of segments),
+    and the widgets left out."""
     views: list[WidgetView] = []
     missing: list[Widget] = []
     for index, widget in enumerate(widgets):
         metric = catalogue().find(widget.metric)
-        if metric is None:
+        if metric is None or (metric.pair_build is not None and segment_pair is None):
             missing.append(widget)
             continue
         start, end = _widget_range(widget, page_range)
@@ -130,6 +174,8 @@ def _views(
             params["breakdown"] = widget.breakdown
         if program_id and metric.program_scoped:
             params["program_id"] = program_id
+        if metric.pair_build is not None and segment_pair is not None:
+            params["segment_a"], params["segment_b"] = segment_pair
         base = f"/dashboards/api/kpis/{metric.name}?"
         views.append(
             WidgetView(
@@ -173,10 +219,17 @@ def _render(
     widgets: tuple[Widget, ...] | list[Widget],
     page_range: tuple[date, date] | None,
     program_selector: bool,
-    program_id: str | None,
+    choices: Choices,
     planned: list[PlannedMetric],
 ) -> Response:
-    views, missing = _views(widgets, page_range, program_id)
+    metrics = [catalogue().find(w.metric) for w in widgets]
+    program_selector = program_selector or any(m and m.program_scoped for m in metrics)
+    segment_selector = any(m and m.pair_build is not None for m in metrics)
+    program_id = choices.program_id if program_selector else None
+    pair = choices.segment_pair if segment_selector else None
+    views, missing = _views(widgets, page_range, program_id, pair)
+    needs_segments = segment_selector and pair is None
+    missing = [w for w in missing if catalogue().find(w.metric) is None]
     missing_names = {w.metric for w in missing}
     listed = {p.name for p in planned}
     coming = planned + [p for p in PLANNED if p.name in missing_names and p.name not in listed]
@@ -205,6 +258,11 @@ def _render(
     packages: dict[str, list[PlannedMetric]] = {}
     for item in coming:
         packages.setdefault(item.package, []).append(item)
+    keep: dict[str, str] = {}
+    if program_id:
+        keep["program_id"] = program_id
+    if pair:
+        keep["segment_a"], keep["segment_b"] = pair
     return _page(
         request,
         "dashboard.html",
@@ -225,6 +283,12 @@ def _render(
             ],
             "program_selector": program_selector,
             "program_id": program_id,
+            "programs": choices.programs,
+            "segment_selector": segment_selector,
+            "segments": choices.segments,
+            "segment_pair": pair,
+            "needs_segments": needs_segments,
+            "keep_query": ("&" + urlencode(keep)) if keep else "",
             "config_json": _script_json(config),
         },
     )
@@ -331,6 +395,9 @@ def custom_dashboard(
     dashboard_id: str,
     start: Annotated[date | None, Query(alias="from")] = None,
     end: Annotated[date | None, Query(alias="to")] = None,
+    program_id: Annotated[str | None, Query(max_length=100)] = None,
+    segment_a: Annotated[str | None, Query(max_length=100)] = None,
+    segment_b: Annotated[str | None, Query(max_length=100)] = None,
 ) -> Response:
     """A saved custom dashboard, rendered like the standard ones."""
     if principal is None:
@@ -349,7 +416,7 @@ def custom_dashboard(
         widgets=[Widget.model_validate(w) for w in dashboard.widgets],
         page_range=_page_range(start, end),
         program_selector=False,
-        program_id=None,
+        choices=_choices(session, program_id=program_id, segment_a=segment_a, segment_b=segment_b),
         planned=[],
     )
 
@@ -357,11 +424,14 @@ def custom_dashboard(
 @router.get("/{slug}", response_class=HTMLResponse)
 def standard_dashboard(
     request: Request,
+    session: SessionDep,
     principal: PagePrincipalDep,
     slug: str,
     start: Annotated[date | None, Query(alias="from")] = None,
     end: Annotated[date | None, Query(alias="to")] = None,
     program_id: Annotated[str | None, Query(max_length=100)] = None,
+    segment_a: Annotated[str | None, Query(max_length=100)] = None,
+    segment_b: Annotated[str | None, Query(max_length=100)] = None,
 ) -> Response:
     """A standard dashboard: data health, programme or audiences."""
     if principal is None:
@@ -380,7 +450,7 @@ def standard_dashboard(
         widgets=dashboard.widgets,
         page_range=_page_range(start, end),
         program_selector=dashboard.program_selector,
-        program_id=program_id or None,
+        choices=_choices(session, program_id=program_id, segment_a=segment_a, segment_b=segment_b),
         planned=[p for p in still_planned if p.dashboard == slug],
     )
 

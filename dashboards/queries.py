@@ -45,6 +45,19 @@ GROUP BY 1, 2
 ORDER BY 1, 2
 """
 
+# The same counts by the events' own time: the history a data set describes, whenever it was
+# loaded (an import of two years of orders fills two years here, and one day of
+# `events_received`).
+_EVENTS_OCCURRED_SQL = """
+SELECT CAST(date_trunc($grain, timestamp) AS DATE) AS period,
+       CASE $breakdown WHEN 'source' THEN source_id WHEN 'event_type' THEN type END AS key,
+       count(*) AS value
+FROM events
+WHERE timestamp >= $start AND timestamp < $end_excl
+GROUP BY 1, 2
+ORDER BY 1, 2
+"""
+
 _BATCHES_SQL = """
 SELECT CAST(date_trunc($grain, committed_at) AS DATE) AS period,
        CASE $breakdown WHEN 'source' THEN source_id WHEN 'channel' THEN channel END AS key,
@@ -93,6 +106,18 @@ def events_received(
 ) -> Query:
     """Events received per period, by the day the platform received them."""
     return Query(_EVENTS_SQL, _params(start, end, grain, breakdown, EVENT_BREAKDOWNS))
+
+
+def events_occurred(
+    *,
+    start: date,
+    end: date,
+    grain: Grain,
+    breakdown: Breakdown | None,
+    program_id: str | None,
+) -> Query:
+    """Events per period of their own timestamp (when they happened)."""
+    return Query(_EVENTS_OCCURRED_SQL, _params(start, end, grain, breakdown, EVENT_BREAKDOWNS))
 
 
 def ingest_batches(
@@ -242,11 +267,15 @@ def snapshot_rows(*, metric: str, breakdown: Breakdown | None, start: date, end:
     )
 
 
-def snapshot_last_day(*, metric: str) -> Query:
-    """The latest day stored for a metric, or NULL."""
+def stored_snapshots(*, metric: str, start: date, end: date) -> Query:
+    """Every stored row of a metric (all breakdowns, all programmes) for days `start`..`end`."""
     return Query(
-        "SELECT max(day) FROM kpi_snapshots WHERE metric = $metric AND program_id = ''",
-        {"metric": metric},
+        """
+        SELECT day, breakdown, key, value
+        FROM kpi_snapshots
+        WHERE metric = $metric AND program_id = '' AND day BETWEEN $start AND $end
+        """,
+        {"metric": metric, "start": start, "end": end},
     )
 
 

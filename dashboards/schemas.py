@@ -28,6 +28,12 @@ class MetricRead(BaseModel):
     grains: list[Grain]
     aggregation: Aggregation
     program_scoped: bool
+    split: str | None = Field(
+        default=None, description="Dimension the metric is always split by (keys never null)"
+    )
+    needs_segments: bool = Field(
+        default=False, description="Whether requests must name segment_a and segment_b"
+    )
 
 
 class PlannedMetricRead(BaseModel):
@@ -64,7 +70,9 @@ class KpiSeriesRead(BaseModel):
     unit: str
     grain: Grain
     breakdown: Breakdown | None
+    split: str | None = Field(default=None, description="The metric's own split dimension")
     program_id: str | None
+    segments: list[str] | None = Field(default=None, description="segment_a, segment_b")
     start: date = Field(alias="from")
     end: date = Field(alias="to")
     keys: list[str] = Field(description="Breakdown values, largest first; empty without one")

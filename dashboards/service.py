@@ -20,7 +20,9 @@ from dashboards.errors import (
     DashboardNotFound,
     InvalidRange,
     NotSignedIn,
+    SegmentsRequired,
     UnknownMetric,
+    UnknownSegment,
     UnsupportedBreakdown,
     UnsupportedGrain,
 )
@@ -35,6 +37,7 @@ from dashboards.schemas import (
     MetricRead,
     Widget,
 )
+from segments import service as segments_service
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +62,7 @@ class KpiSeries:
     program_id: str | None
     frame: pl.DataFrame
     keys: list[str]
+    segments: tuple[str, str] | None
     total: float | None
     snapshot_days: list[date]
 
@@ -134,11 +138,20 @@ def run_metric(
     grain: Grain,
     breakdown: Breakdown | None,
     program_id: str | None,
+    segments: tuple[str, str] | None = None,
 ) -> pl.DataFrame:
     """Run a metric's statement on its store; the raw `period`, `key`, `value` frame."""
-    statement = metric.build(
-        start=start, end=end, grain=grain, breakdown=breakdown, program_id=program_id
-    )
+    statement: Query | Select[*tuple[object, ...]]
+    if metric.pair_build is not None:
+        if segments is None:
+            raise SegmentsRequired(f"metric {metric.name} needs segment_a and segment_b")
+        statement = metric.pair_build(
+            start=start, end=end, grain=grain, segment_a=segments[0], segment_b=segments[1]
+        )
+    else:
+        statement = metric.build(
+            start=start, end=end, grain=grain, breakdown=breakdown, program_id=program_id
+        )
     if isinstance(statement, Query):
         if metric.store != "warehouse":
             raise TypeError(f"metric {metric.name} built a warehouse query for {metric.store}")
@@ -198,6 +211,7 @@ def kpi_series(
     grain: Grain = "day",
     breakdown: Breakdown | None = None,
     program_id: str | None = None,
+    segments: tuple[str, str] | None = None,
     catalogue: Catalogue | None = None,
 ) -> KpiSeries:
     """A metric's series over `start`..`end`, raw data first and snapshots for days gone.
@@ -215,6 +229,7 @@ def kpi_series(
     if (end - start).days >= MAX_RANGE_DAYS:
         raise InvalidRange(f"a range covers at most {MAX_RANGE_DAYS} days")
     scope = program_id if found.program_scoped else None
+    pair = _segment_pair(session, found, segments)
     sql_grain: Grain = grain if found.aggregation == "distinct" else "day"
     frame = run_metric(
         session,
@@ -225,9 +240,10 @@ def kpi_series(
         grain=sql_grain,
         breakdown=breakdown,
         program_id=scope,
+        segments=pair,
     )
     snapshot_days: list[date] = []
-    if found.snapshot and scope is None and sql_grain == "day":
+    if found.snapshot and scope is None and pair is None and sql_grain == "day":
         stored = warehouse.run(
             queries.snapshot_rows(metric=found.name, breakdown=breakdown, start=start, end=end)
         )
@@ -239,12 +255,15 @@ def kpi_series(
             snapshot_days = gone.get_column("period").unique().sort().to_list()
             frame = pl.concat([frame, gone], how="vertical")
     frame = _roll_up(frame, grain=grain, metric=found)
-    if breakdown is not None:
+    split = breakdown is not None or found.split is not None
+    if split:
         frame = frame.with_columns(pl.col("key").fill_null("(none)"))
     ranked = (
         frame.group_by("key").agg(pl.col("value").sum()).sort(["value", "key"], descending=True)
     )
-    keys: list[str | None] = ranked.get_column("key").to_list() if breakdown else [None]
+    keys: list[str | None] = ranked.get_column("key").to_list() if split else [None]
+    if found.split_keys:
+        keys = [*found.split_keys, *(k for k in keys if k not in found.split_keys)]
     if found.aggregation == "sum":
         frame = _densify(frame, start=start, end=end, grain=grain, keys=keys)
     frame = frame.sort(["period", "key"], nulls_last=True)
@@ -266,16 +285,36 @@ def kpi_series(
         program_id=program_id,
         frame=frame.select("period", "key", "value"),
         keys=[k for k in keys if k is not None],
+        segments=pair,
         total=total,
         snapshot_days=snapshot_days,
     )
 
 
+def _segment_pair(
+    session: Session, metric: Metric, segments: tuple[str, str] | None
+) -> tuple[str, str] | None:
+    """The two segments of a metric about a pair, checked; None for other metrics."""
+    if metric.pair_build is None:
+        return None
+    if segments is None or not all(segments):
+        raise SegmentsRequired(
+            f"metric {metric.name} compares two saved segments: give segment_a and segment_b",
+            details={"metric": metric.name},
+        )
+    for segment_id in segments:
+        if segments_service.find_segment(session, segment_id=segment_id) is None:
+            raise UnknownSegment(
+                f"segment {segment_id!r} does not exist", details={"segment": segment_id}
+            )
+    return segments
+
+
 def series_csv(series: KpiSeries) -> str:
     """The series as CSV: `period`, the breakdown (if any) and `value`."""
-    column = series.breakdown or "key"
+    column = series.breakdown or series.metric.split or "key"
     frame = series.frame.rename({"key": column})
-    if series.breakdown is None:
+    if series.breakdown is None and series.metric.split is None:
         frame = frame.drop(column)
     return frame.write_csv()
 
@@ -396,16 +435,51 @@ def sign_out(session: Session, *, token: str | None) -> None:
 
 
 SNAPSHOT_LOOKBACK_DAYS = 400
-RESTATE_DAYS = 2
+_SNAPSHOT_KEY = ["day", "breakdown", "key"]
 
 
-def _snapshot_start(warehouse: Warehouse, *, metric: Metric, until: date) -> date:
-    """First day to (re)store: a couple of days before the last stored, within the lookback."""
-    earliest = until - timedelta(days=SNAPSHOT_LOOKBACK_DAYS - 1)
-    last: date | None = warehouse.scalar(queries.snapshot_last_day(metric=metric.name))
-    if last is None:
-        return earliest
-    return max(earliest, min(last + timedelta(days=1), until) - timedelta(days=RESTATE_DAYS - 1))
+def _snapshot_frame(
+    session: Session, warehouse: Warehouse, *, metric: Metric, start: date, until: date
+) -> pl.DataFrame:
+    """`day, breakdown, key, value` of a metric's raw data over `start`..`until`, every
+    breakdown; only days with raw rows. Levels known only now are stored as `until`'s value."""
+    first, last = (today(), today()) if metric.now_only else (start, until)
+    frames = []
+    for breakdown in (None, *metric.breakdowns):
+        frame = run_metric(
+            session,
+            warehouse=warehouse,
+            metric=metric,
+            start=first,
+            end=last,
+            grain="day",
+            breakdown=breakdown,
+            program_id=None,
+        )
+        frames.append(frame.with_columns(pl.lit(breakdown or "").alias("breakdown")))
+    days = frames[0].get_column("period").unique()
+    staged = (
+        pl.concat(frames, how="vertical")
+        .filter(pl.col("period").is_in(days.implode()))
+        .select(pl.col("period").alias("day"), "breakdown", "key", "value")
+    )
+    if metric.now_only:
+        staged = staged.with_columns(pl.lit(until, dtype=pl.Date).alias("day"))
+    return staged
+
+
+def _changed_days(staged: pl.DataFrame, stored: pl.DataFrame) -> list[date]:
+    """Days of `staged` whose rows differ from the stored ones (new, changed or gone keys)."""
+    days = staged.get_column("day").unique()
+    stored = stored.filter(pl.col("day").is_in(days.implode()))
+    joined = staged.join(stored, on=_SNAPSHOT_KEY, how="full", nulls_equal=True, suffix="_old")
+    day = pl.coalesce("day", "day_old")
+    differs = (
+        pl.col("value").is_null()
+        | pl.col("value_old").is_null()
+        | ((pl.col("value") - pl.col("value_old")).abs() > 1e-9)
+    )
+    return joined.filter(differs).select(day.alias("day")).unique().sort("day")["day"].to_list()
 
 
 def take_snapshots(
@@ -415,61 +489,61 @@ def take_snapshots(
     until: date | None = None,
     catalogue: Catalogue | None = None,
 ) -> int:
-    """Store the daily values of every metric up to `until` (default yesterday, UTC).
+    """Store the daily values of every metric for the closed days up to `until` (default
+    yesterday, UTC), idempotently.
 
-    Each run re-stores the last `RESTATE_DAYS` stored days (late data) and every later day,
-    each metric with no breakdown and with every breakdown it offers. Only days that still have
-    raw data are written, so a day whose raw data is gone keeps the values stored earlier.
-    Returns the number of rows written.
+    Every run looks at the whole lookback window (`SNAPSHOT_LOOKBACK_DAYS` days ending at
+    `until`), each metric with no breakdown and with every breakdown it offers, and rewrites
+    the days whose raw values differ from what is stored: new days, late data, and history
+    loaded or backfilled after the fact (metrics bucketed by event time, such as the ledger or
+    `events_occurred`, gain old days when old events arrive). Days without raw data are never
+    touched, so a day whose raw data is gone keeps the values stored earlier. Levels known only
+    now (`now_only`) are stored as `until`'s value. Returns the number of rows written (0 when
+    nothing changed since the last run).
     """
     until = until or today() - timedelta(days=1)
+    start = until - timedelta(days=SNAPSHOT_LOOKBACK_DAYS - 1)
     taken_at = utcnow().replace(tzinfo=None)
     written = 0
     for metric in (catalogue or default_catalogue()).all():
-        if not metric.snapshot:
+        if not metric.snapshot or (metric.now_only and until != today() - timedelta(days=1)):
+            continue  # a level known only now is yesterday's closing value, no older day's
+        staged = _snapshot_frame(session, warehouse, metric=metric, start=start, until=until)
+        if staged.is_empty():
             continue
-        start = _snapshot_start(warehouse, metric=metric, until=until)
-        frames = []
-        for breakdown in (None, *metric.breakdowns):
-            frame = run_metric(
-                session,
-                warehouse=warehouse,
-                metric=metric,
-                start=start,
-                end=until,
-                grain="day",
-                breakdown=breakdown,
-                program_id=None,
-            )
-            frames.append(frame.with_columns(pl.lit(breakdown or "").alias("breakdown")))
-        days = frames[0].get_column("period").unique().sort().to_list()
+        stored = warehouse.run(queries.stored_snapshots(metric=metric.name, start=start, end=until))
+        days = _changed_days(
+            staged,
+            stored.select(
+                pl.col("day").cast(pl.Date),
+                pl.col("breakdown").cast(pl.String),
+                pl.col("key").cast(pl.String),
+                pl.col("value").cast(pl.Float64),
+            ),
+        )
         if not days:
             continue
-        staged = (
-            pl.concat(frames, how="vertical")
-            .filter(pl.col("period").is_in(days))
-            .select(
-                pl.lit(metric.name).alias("metric"),
-                pl.col("period").alias("day"),
-                "breakdown",
-                "key",
-                pl.lit("").alias("program_id"),
-                "value",
-                pl.lit(taken_at).alias("taken_at"),
-            )
+        rows = staged.filter(pl.col("day").is_in(days)).select(
+            pl.lit(metric.name).alias("metric"),
+            "day",
+            "breakdown",
+            "key",
+            pl.lit("").alias("program_id"),
+            "value",
+            pl.lit(taken_at).alias("taken_at"),
         )
         with warehouse.transaction() as cur:
             delete_days = queries.delete_snapshot_days(metric=metric.name, days=days)
             cur.execute(delete_days.sql, delete_days.params)
-            cur.register(queries.STAGED_SNAPSHOTS, staged.to_arrow())
+            cur.register(queries.STAGED_SNAPSHOTS, rows.to_arrow())
             try:
                 cur.execute(queries.insert_snapshots().sql)
             finally:
                 cur.unregister(queries.STAGED_SNAPSHOTS)
-        written += staged.height
+        written += rows.height
         logger.info(
             "kpi snapshots stored",
-            extra={"metric": metric.name, "days": len(days), "rows": staged.height},
+            extra={"metric": metric.name, "days": len(days), "rows": rows.height},
         )
     return written
 
@@ -482,7 +556,9 @@ def series_read(series: KpiSeries) -> KpiSeriesRead:
         unit=series.metric.unit,
         grain=series.grain,
         breakdown=series.breakdown,
+        split=series.metric.split,
         program_id=series.program_id,
+        segments=list(series.segments) if series.segments else None,
         start=series.start,
         end=series.end,
         keys=series.keys,
@@ -505,4 +581,6 @@ def metric_read(metric: Metric) -> MetricRead:
         grains=list(metric.grains),
         aggregation=metric.aggregation,
         program_scoped=metric.program_scoped,
+        split=metric.split,
+        needs_segments=metric.pair_build is not None,
     )

@@ -1251,3 +1251,17 @@ def all_profile_events(profile_id: str) -> Query:
         """,
         {"pid": profile_id},
     )
+
+
+# The same rule as EVENT_PROFILE_RELATION, for the events of a relation `scoped_events` that
+# the caller defines (a CTE with distinct `event_id`s): a range of orders needs only their own
+# identifiers, not the whole event history (a join, which DuckDB runs about 3x faster here
+# than `IN (subquery)` over 32M event nodes).
+SCOPED_EVENT_PROFILE_RELATION = """
+SELECT ei.event_id, arg_min(n.profile_id, (n.rank::HUGEINT << 60) + n.node_id) AS profile_id
+FROM scoped_events s
+JOIN identity_event_nodes ei ON ei.event_id = s.event_id
+JOIN identity_nodes n ON n.node_id = ei.node_id
+WHERE n.profile_id IS NOT NULL
+GROUP BY ei.event_id
+"""

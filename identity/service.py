@@ -518,3 +518,13 @@ def event_profile_sql() -> str:
     belongs to the profile of its most trusted identifier that has one.
     """
     return queries.EVENT_PROFILE_RELATION
+
+
+def scoped_event_profile_sql() -> str:
+    """`event_profile_sql()` limited to the events of a relation named `scoped_events`.
+
+    Read-only, for set-based joins over a slice of the events (the dashboards' orders of a
+    date range): the caller defines `scoped_events` (a CTE with an `event_id` column) in the
+    same statement.
+    """
+    return queries.SCOPED_EVENT_PROFILE_RELATION

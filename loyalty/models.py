@@ -71,7 +71,11 @@ class Member(Base):
     """A profile's membership of a programme."""
 
     __tablename__ = "loyalty_member"
-    __table_args__ = (UniqueConstraint("program_id", "profile_id"),)
+    __table_args__ = (
+        UniqueConstraint("program_id", "profile_id"),
+        # Enrolments per period (dashboards): covering, read from the index alone.
+        Index("ix_loyalty_member_enrolled", "enrolled_at", "status", "program_id"),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     program_id: Mapped[str] = mapped_column(
@@ -99,6 +103,16 @@ class LedgerEntry(Base):
     __table_args__ = (
         Index("ix_loyalty_ledger_entry_member_created", "member_id", "created_at"),
         Index("ix_loyalty_ledger_entry_caps", "rule_id", "member_id", "local_date"),
+        # The dashboards read the ledger by time (points flows, active members per period):
+        # covering, so a range of days is read from the index alone.
+        Index(
+            "ix_loyalty_ledger_entry_occurred",
+            "occurred_at",
+            "kind",
+            "program_id",
+            "member_id",
+            "points",
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)

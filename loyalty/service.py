@@ -24,7 +24,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from cdp.config import Settings
 from cdp.db import new_id, utcnow
@@ -1827,3 +1827,57 @@ def create_demo_program(session: Session, *, timezone: str = "Europe/Paris") -> 
         ),
     )
     return program
+
+
+TIER_DIRECTIONS = ("upgrades", "downgrades")
+
+
+def tier_movements_select(
+    *, start: datetime, end_excl: datetime, period: PeriodOf, program_id: str | None
+) -> Select[Any]:  # Any: period, key, value columns
+    """`period, key, value`: tier changes per period, `upgrades` or `downgrades` (read-only).
+
+    A change is an upgrade when the new tier ranks above the old one (no tier ranks 0), a
+    downgrade when below; changes that keep the rank are not movements.
+    """
+    old, new = aliased(Tier), aliased(Tier)
+    old_rank = func.coalesce(old.rank, 0)
+    new_rank = func.coalesce(new.rank, 0)
+    when = period(TierChange.at).label("period")
+    key = case((new_rank > old_rank, "upgrades"), else_="downgrades").label("key")
+    query = (
+        select(when, key, func.count().label("value"))
+        .select_from(TierChange)
+        .outerjoin(old, old.id == TierChange.from_tier_id)
+        .outerjoin(new, new.id == TierChange.to_tier_id)
+        .where(TierChange.at >= start, TierChange.at < end_excl, new_rank != old_rank)
+        .group_by(when, key)
+        .order_by(when, key)
+    )
+    if program_id is not None:
+        query = query.where(TierChange.program_id == program_id)
+    return query
+
+
+def reward_redemptions_select(
+    *, start: datetime, end_excl: datetime, period: PeriodOf, program_id: str | None
+) -> Select[Any]:  # Any: period, key, value columns
+    """`period, key, value`: redemptions per reward name per period, cancelled ones excluded
+    (read-only)."""
+    when = period(Redemption.created_at).label("period")
+    key = Reward.name.label("key")
+    query = (
+        select(when, key, func.count().label("value"))
+        .select_from(Redemption)
+        .join(Reward, Reward.id == Redemption.reward_id)
+        .where(
+            Redemption.created_at >= start,
+            Redemption.created_at < end_excl,
+            Redemption.status != "cancelled",
+        )
+        .group_by(when, key)
+        .order_by(when, key)
+    )
+    if program_id is not None:
+        query = query.where(Redemption.program_id == program_id)
+    return query

@@ -852,3 +852,8 @@ def segment_events_since(
     segment_version.
     """
     return warehouse.run(queries.events_since(after_seq, segment_id, limit))
+
+
+def find_segment(session: Session, *, segment_id: str) -> SegmentsSegment | None:
+    """One saved segment, or None (read-only; used by the dashboards' segment selectors)."""
+    return session.get(SegmentsSegment, segment_id)

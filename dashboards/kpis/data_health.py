@@ -17,6 +17,17 @@ METRICS: tuple[Metric, ...] = (
         breakdowns=queries.EVENT_BREAKDOWNS,
     ),
     Metric(
+        name="events_occurred",
+        title="Events by event time",
+        unit="events",
+        store="warehouse",
+        package="ingestion",
+        description="Events in the warehouse by the day they happened (their `timestamp`), "
+        "whenever they were loaded.",
+        build=queries.events_occurred,
+        breakdowns=queries.EVENT_BREAKDOWNS,
+    ),
+    Metric(
         name="ingest_batches",
         title="Load batches",
         unit="batches",

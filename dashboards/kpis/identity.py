@@ -33,6 +33,30 @@ ORDER BY 1, 2
 """
 
 
+# Occurrences in events of identifiers that identity blocks now: a blocked value or pattern
+# (`blocked`) or an identifier over the automatic cap (`capped`), by the events' received day.
+BLOCKED_BREAKDOWNS: tuple[Breakdown, ...] = ("status", "identifier_kind")
+_BLOCKED_SQL = """
+SELECT CAST(date_trunc($grain, e.received_at) AS DATE) AS period,
+       CASE $breakdown WHEN 'status' THEN n.status WHEN 'identifier_kind' THEN n.kind END AS key,
+       count(*) AS value
+FROM identity_nodes AS n
+JOIN identity_event_nodes AS en ON en.node_id = n.node_id
+JOIN events AS e ON e.event_id = en.event_id
+WHERE n.status IN ('blocked', 'capped')
+  AND e.received_at >= $start AND e.received_at < $end_excl
+GROUP BY 1, 2
+ORDER BY 1, 2
+"""
+
+
+def blocked_values_hit(
+    *, start: date, end: date, grain: Grain, breakdown: Breakdown | None, program_id: str | None
+) -> Query:
+    """Events carrying an identifier identity blocks (value, pattern or automatic cap)."""
+    return Query(_BLOCKED_SQL, metric_params(start, end, grain, breakdown, BLOCKED_BREAKDOWNS))
+
+
 def merge_rate(
     *, start: date, end: date, grain: Grain, breakdown: Breakdown | None, program_id: str | None
 ) -> Query:
@@ -73,6 +97,19 @@ METRICS: tuple[Metric, ...] = (
         build=identifiers_per_profile,
         breakdowns=("identifier_kind",),
         aggregation="last",
+        now_only=True,
         integer=False,
+    ),
+    Metric(
+        name="blocked_values_hit",
+        title="Blocked values hit",
+        unit="identifiers",
+        store="warehouse",
+        package="identity",
+        description="Identifiers in received events that identity blocks: a blocked value or "
+        "pattern (`blocked`) or an identifier over the automatic cap (`capped`), by the day "
+        "the event was received; the status is today's.",
+        build=blocked_values_hit,
+        breakdowns=BLOCKED_BREAKDOWNS,
     ),
 )

@@ -7,8 +7,10 @@ from typing import Any
 
 from sqlalchemy import Select
 
+from cdp.warehouse import Query, with_ctes
 from dashboards.metrics import Breakdown, Grain, Metric
-from dashboards.queries import PERIOD_START
+from dashboards.queries import PERIOD_START, metric_params
+from identity import service as identity_service
 from loyalty import service as loyalty_service
 
 
@@ -121,6 +123,83 @@ def tier_distribution(
     )
 
 
+def tier_movements(
+    *, start: date, end: date, grain: Grain, breakdown: Breakdown | None, program_id: str | None
+) -> Select[Any]:  # Any: period, key, value
+    """Tier upgrades and downgrades per period, from the tier history."""
+    first, end_excl = _window(start, end)
+    return loyalty_service.tier_movements_select(
+        start=first, end_excl=end_excl, period=PERIOD_START[grain], program_id=program_id
+    )
+
+
+def top_rewards(
+    *, start: date, end: date, grain: Grain, breakdown: Breakdown | None, program_id: str | None
+) -> Select[Any]:  # Any: period, key, value
+    """Redemptions per reward per period (cancelled ones excluded)."""
+    first, end_excl = _window(start, end)
+    return loyalty_service.reward_redemptions_select(
+        start=first, end_excl=end_excl, period=PERIOD_START[grain], program_id=program_id
+    )
+
+
+MEMBER_GROUPS = ("members", "non-members")
+MEMBER_MEASURES = ("average basket", "purchases per customer", "spend per customer")
+MEMBER_KEYS = tuple(f"{g}: {m}" for m in MEMBER_MEASURES for g in MEMBER_GROUPS)
+
+# `Order Completed` events by their own time, with their amount (`total`, else `revenue`).
+_ORDERS_SQL = """
+SELECT event_id, timestamp AS at,
+       coalesce(TRY_CAST(json_extract_string(properties, '$.total') AS DOUBLE),
+                TRY_CAST(json_extract_string(properties, '$.revenue') AS DOUBLE), 0) AS amount
+FROM events
+WHERE event = 'Order Completed' AND timestamp >= $start AND timestamp < $end_excl
+"""
+# A profile is a member for an order when it holds a membership (of the programme, or of any)
+# enrolled at or before the order; loyalty publishes memberships in its member snapshot.
+_MEMBERSHIPS_SQL = """
+SELECT profile_id, min(enrolled_at) AS enrolled_at
+FROM loyalty_member_snapshot
+WHERE $program_id IS NULL OR program_id = $program_id
+GROUP BY profile_id
+"""
+_GROUPS_SQL = """
+SELECT CAST(date_trunc($grain, o.at) AS DATE) AS period,
+       CASE WHEN m.enrolled_at <= o.at THEN 'members' ELSE 'non-members' END AS grp,
+       count(*) AS orders, sum(o.amount) AS spend, count(DISTINCT ep.profile_id) AS buyers
+FROM scoped_events AS o
+JOIN event_profiles AS ep ON ep.event_id = o.event_id
+LEFT JOIN memberships AS m ON m.profile_id = ep.profile_id
+GROUP BY 1, 2
+"""
+_MEMBER_VS_NON_MEMBER_FINAL = """
+SELECT period, grp || ': average basket' AS key, spend / orders AS value FROM groups
+UNION ALL
+SELECT period, grp || ': purchases per customer', orders / buyers FROM groups
+UNION ALL
+SELECT period, grp || ': spend per customer', spend / buyers FROM groups
+ORDER BY 1, 2
+"""
+
+
+def member_vs_non_member(
+    *, start: date, end: date, grain: Grain, breakdown: Breakdown | None, program_id: str | None
+) -> Query:
+    """Average basket, purchases and spend per customer of members and of non-members."""
+    params = metric_params(start, end, grain, breakdown, ())
+    del params["breakdown"]
+    sql = with_ctes(
+        [
+            ("scoped_events", _ORDERS_SQL),
+            ("event_profiles", identity_service.scoped_event_profile_sql()),
+            ("memberships", _MEMBERSHIPS_SQL),
+            ("groups", _GROUPS_SQL),
+        ],
+        _MEMBER_VS_NON_MEMBER_FINAL,
+    )
+    return Query(sql, {**params, "program_id": program_id})
+
+
 def _points(name: str, title: str, flow: str, description: str) -> Metric:
     return Metric(
         name=name,
@@ -186,6 +265,7 @@ METRICS: tuple[Metric, ...] = (
         build=members,
         breakdowns=("program", "status"),
         aggregation="last",
+        now_only=True,
         program_scoped=True,
     ),
     Metric(
@@ -199,6 +279,7 @@ METRICS: tuple[Metric, ...] = (
         build=points_liability,
         breakdowns=("program",),
         aggregation="last",
+        now_only=True,
         integer=False,
         program_scoped=True,
     ),
@@ -212,6 +293,7 @@ METRICS: tuple[Metric, ...] = (
         build=tier_distribution,
         breakdowns=("tier",),
         aggregation="last",
+        now_only=True,
         program_scoped=True,
     ),
     Metric(
@@ -225,5 +307,47 @@ METRICS: tuple[Metric, ...] = (
         build=enrolments,
         breakdowns=("program",),
         program_scoped=True,
+    ),
+    Metric(
+        name="tier_movements",
+        title="Tier movements",
+        unit="members",
+        store="operational",
+        package="loyalty",
+        description="Tier changes per period from the tier history: `upgrades` (to a higher "
+        "rank) and `downgrades`.",
+        build=tier_movements,
+        program_scoped=True,
+        split="direction",
+        split_keys=loyalty_service.TIER_DIRECTIONS,
+    ),
+    Metric(
+        name="top_rewards",
+        title="Top rewards",
+        unit="redemptions",
+        store="operational",
+        package="loyalty",
+        description="Redemptions per reward (by name), cancelled ones excluded; rewards "
+        "ranked by redemptions over the range.",
+        build=top_rewards,
+        program_scoped=True,
+        split="reward",
+    ),
+    Metric(
+        name="member_vs_non_member",
+        title="Members vs non-members",
+        unit="EUR / orders",
+        store="warehouse",
+        package="loyalty",
+        description="Orders (`Order Completed` events, by their own time, amount `total` else "
+        "`revenue`) of resolved profiles, split by whether the buyer held a membership "
+        "enrolled before the order: average basket (spend / orders), purchases per customer "
+        "(orders / buyers) and spend per customer (spend / buyers) in the period.",
+        build=member_vs_non_member,
+        aggregation="distinct",
+        integer=False,
+        program_scoped=True,
+        split="measure",
+        split_keys=MEMBER_KEYS,
     ),
 )

@@ -25,7 +25,8 @@
     return d.toLocaleDateString("en-GB", { day: "numeric", month: "short", timeZone: "UTC" });
   }
 
-  // {periods: [...], series: [{key, values: [...]}]} from the API's long points.
+  // {periods: [...], series: [{key, values: [...]}]} from the API's long points; a period
+  // without a point (ratios and averages with nothing to divide) stays null: no value.
   function pivot(body) {
     var periods = [];
     var seen = {};
@@ -37,7 +38,7 @@
     });
     var keys = body.keys.length ? body.keys : [null];
     var series = keys.map(function (key) {
-      var values = periods.map(function () { return 0; });
+      var values = periods.map(function () { return null; });
       body.points.forEach(function (p) {
         if (p.key === key) { values[seen[p.period]] = p.value; }
       });
@@ -76,7 +77,7 @@
         var cell = document.createElement("td");
         cell.className = "num";
         cell.textContent = formatNumber(s.values[i]);
-        cell.dataset.value = String(s.values[i]);
+        cell.dataset.value = s.values[i] === null ? "" : String(s.values[i]);
         tr.appendChild(cell);
       });
       return tr;
@@ -179,6 +180,12 @@
     if (!form) { return; }
     var from = document.getElementById("range-from");
     var to = document.getElementById("range-to");
+    // A programme or segment choice applies at once (the dates already in the form go along).
+    Array.prototype.forEach.call(form.querySelectorAll("select.auto-apply"), function (select) {
+      select.addEventListener("change", function () {
+        if (form.requestSubmit) { form.requestSubmit(); } else { form.submit(); }
+      });
+    });
     form.addEventListener("submit", function (event) {
       if (from.value && to.value && from.value > to.value) {
         event.preventDefault();

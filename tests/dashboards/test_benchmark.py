@@ -13,4 +13,4 @@ def test_benchmark_runs_tiny_and_reports_a_ratio(tmp_path: Path) -> None:
     assert measure.project > 0
     assert measure.reference is not None
     assert measure.ratio is not None
-    assert result.details["widgets"] == 15
+    assert result.details["widgets"] == 18

@@ -28,7 +28,9 @@ from cdp import migrate
 from cdp.auth import Role
 from cdp.config import Settings
 from cdp.db import Database
-from cdp.warehouse import Warehouse
+from cdp.warehouse import Query, Warehouse
+from identity import service as identity_service
+from identity.rules import IdentityRules
 from tests.conftest import make_key
 from tests.dashboards.conftest import aware, load_job_runs
 
@@ -92,6 +94,7 @@ def _wait_until_up(url: str, process: subprocess.Popen[bytes], deadline_s: float
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The platform served on a free port over a seeded warehouse."""
     from benchmarks.dashboards import seed_warehouse
+    from benchmarks.dashboards_sample import seed_ledger, seed_segments
 
     data_dir = tmp_path_factory.mktemp("dashboards-e2e")
     settings = Settings(data_dir=data_dir)
@@ -111,6 +114,19 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     db.dispose()
     with Warehouse(settings.warehouse_file, memory_limit="1GB", threads=2) as warehouse:
         seed_warehouse(warehouse, EVENTS, days=60, end=today)
+        # Orders get amounts, identity resolves them into profiles, and the benchmark's
+        # set-based seeders add a programme with its ledger and three segments with history.
+        warehouse.execute(
+            Query(
+                "UPDATE events SET properties = json_object('total', event_id % 97 + 5) "
+                "WHERE event = 'Order Completed'"
+            )
+        )
+        identity_service.resolve(warehouse, settings=settings, rules=IdentityRules())
+        db = Database(settings.db_url)
+        seed_ledger(db, warehouse, history_end=datetime.now(UTC))
+        seed_segments(db, warehouse, last=today)
+        db.dispose()
     port = _free_port()
     env = {
         **os.environ,
@@ -197,9 +213,13 @@ def _ready(page: Page) -> None:
     page.wait_for_selector("body[data-state=ready]")
 
 
-def _number(page: Page, widget_id: str) -> int:
-    text = page.inner_text(f"#{widget_id} .kpi-value")
-    return int(text.replace(",", ""))
+def _number(page: Page, widget_id: str) -> float:
+    """The number a widget shows (its exact value; the text is the same, rounded)."""
+    value = page.get_attribute(f"#{widget_id} .kpi-value", "data-value")
+    text = page.inner_text(f"#{widget_id} .kpi-value").replace(",", "")
+    assert value is not None
+    assert float(text) == round(float(value), 2)
+    return float(value)
 
 
 def _widgets(page: Page) -> list[dict[str, Any]]:  # Any: JSON config
@@ -253,9 +273,15 @@ def _check_page_against_api(page: Page, server: Server) -> None:
             assert _number(page, widget["id"]) == api["total"], widget
         elif widget["chart"] == "table":
             cells = page.eval_on_selector_all(
-                f"#{widget['id']} tbody td.num", "tds => tds.map(td => Number(td.dataset.value))"
+                f"#{widget['id']} tbody td.num",
+                "tds => tds.filter(td => td.dataset.value !== '')"
+                ".map(td => Number(td.dataset.value))",
             )
             assert sorted(cells) == sorted(p["value"] for p in api["points"]), widget
+            heads = page.eval_on_selector_all(
+                f"#{widget['id']} thead th.num", "ths => ths.map(th => th.textContent)"
+            )
+            assert heads == (api["keys"] or [api["title"]]), widget
         else:
             drawn = page.evaluate(
                 "(id) => window.cdpDashboard.charts[id].data.datasets"
@@ -266,7 +292,8 @@ def _check_page_against_api(page: Page, server: Server) -> None:
             assert [d["label"] for d in drawn] == expected_keys
             for dataset in drawn:
                 key = None if not api["keys"] else dataset["label"]
-                assert dataset["data"] == [p["value"] for p in api["points"] if p["key"] == key]
+                shown = [v for v in dataset["data"] if v is not None]
+                assert shown == [p["value"] for p in api["points"] if p["key"] == key]
             assert _painted_pixels(page, widget["id"]) > 500, widget
 
 
@@ -364,23 +391,105 @@ def test_chart_data_downloads_as_csv(page: Page, server: Server) -> None:
     ]
 
 
-def test_programme_and_audiences_pages_say_which_package_brings_their_metrics(
+def _numbers(page: Page, widget_id: str) -> list[float]:
+    values: list[float] = page.eval_on_selector_all(
+        f"#{widget_id} tbody td.num",
+        "tds => tds.filter(td => td.dataset.value !== '').map(td => Number(td.dataset.value))",
+    )
+    return values
+
+
+def _widget_of(page: Page, metric: str) -> dict[str, Any]:  # Any: JSON config
+    return next(w for w in _widgets(page) if w["metric"] == metric)
+
+
+def test_programme_page_follows_the_programme_and_date_range_selectors(
     page: Page, server: Server
 ) -> None:
     _sign_in(page, server, "/dashboards/programme")
     assert page.inner_text("h1") == "Programme"
-    coming = page.inner_text(".coming")
-    assert "loyalty package" in coming
-    assert "Top rewards" in coming
-    assert "Points issued" not in coming  # registered: drawn as a widget
-    assert page.query_selector(".widget") is not None
-    assert page.is_disabled("#program")
-    _shot(page, "programme")
-    page.click("nav >> text=Audiences")
-    page.wait_for_url("**/dashboards/audiences")
+    assert page.query_selector(".coming") is None  # every programme metric is drawn
+    assert page.is_enabled("#program")
+    _check_page_against_api(page, server)
+    members = _number(page, "w0")
+    assert members == server.api("/api/kpis/members").json()["total"] > 0
+    assert sum(_numbers(page, _widget_of(page, "top_rewards")["id"])) > 0
+    vs = _widget_of(page, "member_vs_non_member")
+    heads = page.eval_on_selector_all(f"#{vs['id']} thead th.num", "t => t.map(h => h.textContent)")
+    assert heads[:2] == ["members: average basket", "non-members: average basket"]
+    _shot(page, "programme-all")
+    [program] = server.api("/api/loyalty/programs").json()["items"]
+    page.select_option("#program", program["id"])
+    page.wait_for_url(f"**program_id={program['id']}**")
     _ready(page)
-    assert "segments package" in page.inner_text(".coming")
+    assert page.input_value("#program") == program["id"]
+    scoped = [w for w in _widgets(page) if f"program_id={program['id']}" in w["dataUrl"]]
+    assert len(scoped) == len(_widgets(page))  # every programme widget is scoped
+    _check_page_against_api(page, server)
+    assert _number(page, "w0") == members  # one programme holds every member
+    today = datetime.now(UTC).date()
+    start, end = today - timedelta(days=20), today - timedelta(days=10)
+    page.fill("#range-from", start.isoformat())
+    page.fill("#range-to", end.isoformat())
+    page.click("#range-apply")
+    page.wait_for_url(f"**from={start.isoformat()}**")
+    _ready(page)
+    assert f"program_id={program['id']}" in page.url  # the programme stays chosen
+    _check_page_against_api(page, server)
+    issued = _widget_of(page, "points_issued")
+    expected = server.api(
+        "/api/kpis/points_issued",
+        **{"from": start.isoformat(), "to": end.isoformat(), "program_id": program["id"]},
+    ).json()
+    drawn = page.evaluate(
+        "(id) => window.cdpDashboard.charts[id].data.datasets[0].data", issued["id"]
+    )
+    assert sum(drawn) == expected["total"] > 0
+    _shot(page, "programme-chosen-range")
+    with page.expect_download() as download_info:
+        page.click(f"#{_widget_of(page, 'tier_movements')['id']} a.csv")
+    rows = list(csv.DictReader(io.StringIO(Path(download_info.value.path()).read_text())))
+    moves = _api_of(server, _widget_of(page, "tier_movements"))
+    assert [(r["period"], r["direction"], int(r["value"])) for r in rows] == [
+        (p["period"], p["key"], p["value"]) for p in moves["points"]
+    ]
+
+
+def test_audiences_page_compares_two_chosen_segments(page: Page, server: Server) -> None:
+    _sign_in(page, server, "/dashboards/audiences")
+    assert page.inner_text("h1") == "Audiences"
+    assert page.query_selector(".coming") is None
+    _check_page_against_api(page, server)
+    segments = {s["name"]: s["id"] for s in server.api("/api/segments").json()["items"]}
+    assert page.input_value("#segment-a") == segments["App users"]  # first two by name
+    assert page.input_value("#segment-b") == segments["Newsletter readers"]
     _shot(page, "audiences")
+    page.select_option("#segment-b", segments["Regular buyers"])
+    page.wait_for_url(f"**segment_b={segments['Regular buyers']}**")
+    _ready(page)
+    _check_page_against_api(page, server)
+    overlap = _widget_of(page, "segment_overlap")
+    api = _api_of(server, overlap)
+    assert api["segments"] == [segments["App users"], segments["Regular buyers"]]
+    latest = max(p["period"] for p in api["points"])
+    first_row = page.eval_on_selector_all(
+        f"#{overlap['id']} tbody tr:first-child td.num",
+        "t => t.map(td => Number(td.dataset.value))",
+    )
+    assert first_row == [p["value"] for p in api["points"] if p["period"] == latest]
+    assert sum(first_row) > 0
+    with page.expect_download() as download_info:
+        page.click(f"#{overlap['id']} a.csv")
+    rows = list(csv.DictReader(io.StringIO(Path(download_info.value.path()).read_text())))
+    assert [(r["period"], r["standing"], int(r["value"])) for r in rows] == [
+        (p["period"], p["key"], p["value"]) for p in api["points"]
+    ]
+    page.click("[data-preset='7d']")
+    page.wait_for_url("**to=*")
+    _ready(page)
+    assert f"segment_b={segments['Regular buyers']}" in page.url
+    _check_page_against_api(page, server)
+    _shot(page, "audiences-chosen-7-days")
 
 
 def test_phone_width_has_no_sideways_scrolling_and_sign_out_ends_the_session(

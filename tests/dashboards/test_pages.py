@@ -6,6 +6,7 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi import FastAPI
@@ -17,8 +18,10 @@ from cdp.db import Database
 from cdp.warehouse import Warehouse
 from dashboards.deps import SESSION_COOKIE
 from dashboards.models import WebSession
+from segments.models import SegmentsSegment
 from tests.conftest import make_key
 from tests.dashboards.test_router import RANGE
+from tests.loyalty.conftest import make_program
 
 PACKAGE = Path(__file__).resolve().parents[2] / "dashboards"
 
@@ -163,33 +166,108 @@ def test_data_health_page_lays_out_widgets_with_csv_links(
         "duplicates_dropped",
         "merge_rate",
         "identifiers_per_profile",
+        "blocked_values_hit",
+        "events_occurred",
     }
     assert all(f"from={RANGE['from']}" in w["dataUrl"] for w in widgets)
     assert all(w["csvUrl"].endswith("format=csv") for w in widgets)
     for w in widgets:
         assert browser.get(w["dataUrl"]).status_code == 200
     assert 'value="' + RANGE["from"] + '"' in page.text
-    assert "Blocked values hit" in page.text  # planned, named with its package
+    assert "Coming with other packages" not in page.text
 
 
-def test_programme_and_audiences_pages_name_the_packages_they_wait_for(
-    browser: TestClient, viewer_key: str
+def _config(page: str) -> dict[str, Any]:  # Any: JSON
+    found = re.search(r'id="dashboard-config">(.*?)</script>', page, re.S)
+    assert found is not None
+    return json.loads(found.group(1))  # type: ignore[no-any-return]
+
+
+def test_programme_selector_scopes_the_programme_widgets_only(
+    browser: TestClient, db: Database, viewer_key: str, admin_headers: dict[str, str]
 ) -> None:
     _sign_in(browser, viewer_key)
+    empty = browser.get("/dashboards/programme")
+    assert re.search(r'<select name="program_id" id="program"[^>]*disabled', empty.text)
+    club, other = make_program(db, name="Club"), make_program(db, name="Other <b>")
     programme = browser.get("/dashboards/programme")
     assert programme.status_code == 200
-    assert "<code>loyalty</code> package" in programme.text
-    assert "Top rewards" in programme.text  # still planned
-    assert 'id="program"' in programme.text
-    config = json.loads(
-        re.search(r'id="dashboard-config">(.*?)</script>', programme.text, re.S).group(1)  # type: ignore[union-attr]
-    )
-    drawn = {w["metric"] for w in config["widgets"]}
-    assert {"points_issued", "points_redeemed", "points_expired", "enrolments"} <= drawn
-    assert "top_rewards" not in drawn
-    audiences = browser.get("/dashboards/audiences")
-    assert "<code>segments</code> package" in audiences.text
+    assert "Coming with other packages" not in programme.text
+    assert f'<option value="{club.id}">Club</option>' in programme.text
+    assert "Other &lt;b&gt;" in programme.text
+    drawn = {w["metric"] for w in _config(programme.text)["widgets"]}
+    assert {"tier_movements", "top_rewards", "member_vs_non_member", "members"} <= drawn
+    chosen = browser.get("/dashboards/programme", params={**RANGE, "program_id": other.id})
+    assert f'<option value="{other.id}" selected>' in chosen.text
+    widgets = _config(chosen.text)["widgets"]
+    assert all(f"program_id={other.id}" in w["dataUrl"] for w in widgets)
+    assert all(f"program_id={other.id}" in w["csvUrl"] for w in widgets)
+    assert f"program_id={other.id}" in chosen.text.split('class="presets"')[1].split("</div>")[0]
+    # An unknown programme is not applied: the page shows every programme.
+    unknown = browser.get("/dashboards/programme", params={"program_id": "nope"})
+    assert all("program_id" not in w["dataUrl"] for w in _config(unknown.text)["widgets"])
+    # Custom dashboards get the selector when a widget is programme-scoped, and apply it only
+    # to those widgets.
+    created = browser.post(
+        "/api/dashboards",
+        json={
+            "title": "Mixed",
+            "widgets": [
+                {"metric": "points_issued", "chart": "number"},
+                {"metric": "events_received", "chart": "number"},
+            ],
+        },
+        headers=admin_headers,
+    ).json()
+    custom = browser.get(f"/dashboards/custom/{created['id']}", params={"program_id": club.id})
+    assert 'id="program"' in custom.text
+    points, events = _config(custom.text)["widgets"]
+    assert f"program_id={club.id}" in points["dataUrl"]
+    assert "program_id" not in events["dataUrl"]
+    assert browser.get(points["dataUrl"]).json()["program_id"] == club.id
+    plain = browser.post(
+        "/api/dashboards",
+        json={"title": "Plain", "widgets": [{"metric": "events_received", "chart": "number"}]},
+        headers=admin_headers,
+    ).json()
+    assert 'id="program"' not in browser.get(f"/dashboards/custom/{plain['id']}").text
     assert browser.get("/dashboards/nope").status_code == 404
+
+
+def _segment(db: Database, name: str) -> str:
+    with db.begin() as session:
+        row = SegmentsSegment(name=name, rule={"field": "x", "op": "=", "value": 1})
+        session.add(row)
+        session.flush()
+        return row.id
+
+
+def test_audiences_page_offers_two_segment_selectors_for_the_overlap(
+    browser: TestClient, db: Database, viewer_key: str
+) -> None:
+    _sign_in(browser, viewer_key)
+    alone = browser.get("/dashboards/audiences")
+    assert 'id="needs-segments"' in alone.text
+    assert "segment_overlap" not in {w["metric"] for w in _config(alone.text)["widgets"]}
+    b, a, c = _segment(db, "Buyers"), _segment(db, "Active"), _segment(db, "Churned")
+    page = browser.get("/dashboards/audiences", params=RANGE)
+    [overlap] = [w for w in _config(page.text)["widgets"] if w["metric"] == "segment_overlap"]
+    assert f"segment_a={a}&segment_b={b}" in overlap["dataUrl"]  # first two by name
+    assert 'id="segment-a"' in page.text
+    assert 'id="segment-b"' in page.text
+    chosen = browser.get("/dashboards/audiences", params={"segment_a": c, "segment_b": a})
+    [overlap] = [w for w in _config(chosen.text)["widgets"] if w["metric"] == "segment_overlap"]
+    assert f"segment_a={c}&segment_b={a}" in overlap["dataUrl"]
+    assert f'<option value="{c}" selected>Churned</option>' in chosen.text
+    data = browser.get(overlap["dataUrl"])
+    assert data.status_code == 200, data.text
+    assert data.json()["keys"] == ["in both", "only in the first", "only in the second"]
+    assert data.json()["segments"] == [c, a]
+    csv = browser.get(overlap["csvUrl"]).text.splitlines()
+    assert csv[0] == "period,standing,value"
+    refused = browser.get("/dashboards/api/kpis/segment_overlap")
+    assert refused.status_code == 422
+    assert refused.json()["error"]["code"] == "dashboards.segments_required"
 
 
 def test_custom_dashboard_page_escapes_user_text(

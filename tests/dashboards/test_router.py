@@ -30,6 +30,7 @@ def test_catalogue_lists_metrics_with_breakdowns_and_what_is_still_to_come(
     metrics = {m["name"]: m for m in body["metrics"]}
     assert set(metrics) == {
         "events_received",
+        "events_occurred",
         "ingest_batches",
         "identifiers_seen",
         "job_runs",
@@ -50,14 +51,19 @@ def test_catalogue_lists_metrics_with_breakdowns_and_what_is_still_to_come(
         "members",
         "points_liability",
         "tier_distribution",
+        "tier_movements",
+        "top_rewards",
+        "member_vs_non_member",
+        "segment_overlap",
+        "blocked_values_hit",
     }
     assert metrics["events_received"]["breakdowns"] == ["source", "event_type"]
     assert metrics["job_runs"]["store"] == "operational"
     assert metrics["events_received"]["grains"] == ["day", "week", "month"]
-    planned = {p["name"]: p["package"] for p in body["planned"]}
-    assert planned["top_rewards"] == "loyalty"
-    assert planned["segment_overlap"] == "segments"
-    assert "points_issued" not in planned  # registered: no longer announced
+    assert metrics["tier_movements"]["split"] == "direction"
+    assert metrics["segment_overlap"]["needs_segments"] is True
+    assert metrics["points_issued"]["needs_segments"] is False
+    assert body["planned"] == []  # every metric the issue names is registered
 
 
 def test_kpi_series_as_json_and_csv_agree(
@@ -165,7 +171,7 @@ def test_dashboard_widgets_are_checked_against_the_catalogue(
             "/api/dashboards", json={"title": "x", "widgets": list(widgets)}, headers=admin_headers
         )
 
-    unknown = post(_widget(), _widget(metric="top_rewards"))
+    unknown = post(_widget(), _widget(metric="no_such_metric"))
     assert unknown.status_code == 422
     assert unknown.json()["error"]["code"] == "dashboards.unknown_metric"
     assert unknown.json()["error"]["details"]["widget"] == 1

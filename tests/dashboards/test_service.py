@@ -11,8 +11,10 @@ from cdp.warehouse import Query, Warehouse
 from dashboards import service
 from dashboards.errors import InvalidRange, UnknownMetric, UnsupportedBreakdown
 from dashboards.metrics import Catalogue, Metric
+from loyalty.models import LedgerEntry, Member
 from tests.conftest import BACKENDS
 from tests.dashboards.conftest import DAY, at, aware, load_events, load_job_runs
+from tests.loyalty.conftest import make_program
 
 
 def _series(
@@ -141,7 +143,7 @@ def test_operational_metric_sql_truncates_weeks_and_months_in_the_database(
 
 def test_unknown_metric_breakdown_or_range_is_refused(db: Database, seeded: Warehouse) -> None:
     with pytest.raises(UnknownMetric):
-        _series(db, seeded, "top_rewards", DAY, DAY)
+        _series(db, seeded, "no_such_metric", DAY, DAY)
     with pytest.raises(UnsupportedBreakdown) as err:
         _series(db, seeded, "events_received", DAY, DAY, breakdown="tier")
     assert err.value.status_code == 422
@@ -190,7 +192,7 @@ def test_days_with_raw_data_are_read_raw_and_restated_by_the_next_snapshot(
             {"d": DAY},
         )
     )
-    # Day one was not re-stored (outside the restatement window) and was not duplicated.
+    # Day one did not change, so it was not re-stored, and it was not duplicated.
     assert first_day == [(1 + 2 + 2,)]
 
 
@@ -254,3 +256,84 @@ def test_registered_level_metric_keeps_the_last_value_per_period(
     assert weekly.total == 20
     assert [p[2] for p in _points(gold)] == [10, 12, 20]
     assert gold.program_id == "gold"
+
+
+def _stored(warehouse: Warehouse, metric: str) -> dict[tuple[date, str, str | None], float]:
+    rows = warehouse.rows(
+        Query(
+            "SELECT day, breakdown, key, value FROM kpi_snapshots WHERE metric = $m",
+            {"m": metric},
+        )
+    )
+    return {(r[0], r[1], r[2]): r[3] for r in rows}
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_snapshot_job_stores_the_event_time_history_and_late_backfills_idempotently(
+    db: Database, warehouse: Warehouse
+) -> None:
+    today = service.today()
+    yesterday = today - timedelta(days=1)
+    old = [today - timedelta(days=n) for n in (300, 40, 40, 2)]
+    # A history imported today: received today, happened long ago (as after `cdp demo`).
+    load_events(warehouse, [("crm", "track", at(d), []) for d in old])
+    warehouse.execute(Query("UPDATE events SET received_at = $now", {"now": at(today, 0)}))
+    with db.begin() as session:
+        first = service.take_snapshots(session, warehouse=warehouse)
+    stored = _stored(warehouse, "events_occurred")
+    expected = {}
+    for day in set(old):
+        n = float(old.count(day))
+        expected.update({(day, "", None): n, (day, "source", "crm"): n})
+        expected[(day, "event_type", "track")] = n
+    assert stored == expected
+    assert _stored(warehouse, "events_received") == {}  # today is not closed
+    assert first == len(expected)
+    with db.begin() as session:
+        assert service.take_snapshots(session, warehouse=warehouse) == 0  # nothing changed
+    # The loyalty backfill writes ledger entries dated in the past after the first run.
+    program = make_program(db, name="Club")
+    member_days = (today - timedelta(days=200), today - timedelta(days=3))
+    with db.begin() as session:
+        member = Member(program_id=program.id, profile_id="p1", enrolled_at=aware(old[0]))
+        session.add(member)
+        session.flush()
+        for i, day in enumerate(member_days):
+            session.add(
+                LedgerEntry(
+                    program_id=program.id,
+                    member_id=member.id,
+                    kind="earn",
+                    points=10 * (i + 1),
+                    occurred_at=aware(day),
+                    local_date=day,
+                    idempotency_key=f"backfill:{i}",
+                )
+            )
+    with db.begin() as session:
+        service.take_snapshots(session, warehouse=warehouse)
+    issued: dict[tuple[date, str, str | None], float] = {}
+    for i, d in enumerate(member_days):
+        issued[(d, "", None)] = issued[(d, "program", program.id)] = 10.0 * (i + 1)
+    assert _stored(warehouse, "points_issued") == issued
+    # Levels known only now are stored as yesterday's closing value.
+    assert _stored(warehouse, "members") == {
+        (yesterday, "", None): 1.0,
+        (yesterday, "program", program.id): 1.0,
+        (yesterday, "status", "active"): 1.0,
+    }
+    members = _series(db, warehouse, "members", yesterday, today)
+    assert (members.snapshot_days, _points(members)) == (
+        [yesterday],
+        [(yesterday, None, 1), (today, None, 1)],
+    )
+    with db.begin() as session:
+        assert service.take_snapshots(session, warehouse=warehouse) == 0
+    # Once the raw events are erased the history stays, served from the snapshots.
+    warehouse.execute(Query("DELETE FROM events"))
+    with db.begin() as session:
+        assert service.take_snapshots(session, warehouse=warehouse) == 0
+    assert _stored(warehouse, "events_occurred") == expected
+    history = _series(db, warehouse, "events_occurred", old[0], yesterday, grain="month")
+    assert history.total == len(old)
+    assert history.snapshot_days == sorted(set(old))
