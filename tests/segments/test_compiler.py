@@ -320,13 +320,13 @@ def test_hostile_trait_keys_in_the_data_never_reach_the_catalogue(warehouse: War
     warehouse.execute(
         Query(
             "INSERT INTO profiles VALUES ('p1', now()::TIMESTAMP, now()::TIMESTAMP, NULL, NULL, 0,"
-            " '{}', json_object($k, 1, 'fine', 2))",
+            " '{}', json_object($k, 1, 'fine', 2, 'deep', json_object($k, 3, 'ok', [4])))",
             {"k": HOSTILE},
         )
     )
     service.refresh_catalog(warehouse)
-    traits = warehouse.rows(Query("SELECT trait FROM segment_trait_catalog"))
-    assert traits == [("fine",)]
+    traits = warehouse.rows(Query("SELECT path FROM segment_trait_catalog ORDER BY path"))
+    assert traits == [("deep",), ("deep.ok",), ("deep.ok[]",), ("fine",)]
 
 
 def test_registered_fields_join_their_relation_without_importing_their_package(
