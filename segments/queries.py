@@ -280,10 +280,14 @@ def write_refresh_marks(
 
 
 def touched_profiles(since: datetime) -> Query:
-    """Temp table seg_touched: the profiles identity rewrote at or after a mark."""
+    """Temp table seg_touched: the profiles identity rewrote after a mark.
+
+    A mark is the `updated_at` of a resolution run seen committed; runs are serialised and
+    each stamps its profiles with its own start time, so a later run stamps a later time.
+    """
     return Query(
         "CREATE OR REPLACE TEMP TABLE seg_touched AS"
-        " SELECT profile_id FROM profiles WHERE updated_at >= $since",
+        " SELECT profile_id FROM profiles WHERE updated_at > $since",
         {"since": since},
     )
 
@@ -299,7 +303,9 @@ def incremental_members(segment_id: str, evaluated: Query) -> Query:
           AND profile_id NOT IN (SELECT profile_id FROM seg_touched)
           AND profile_id IN (SELECT profile_id FROM profiles)
         UNION ALL
+        SELECT profile_id FROM (
         {evaluated.sql}
+        )
         """,  # noqa: S608 - the compiled rule (values bound) from compiler.py
         {**evaluated.params, "sid": segment_id},
     )
