@@ -355,7 +355,8 @@ def refreshes(segment_id: str, *, limit: int, offset: int) -> Query:
     """The size over time of a segment, newest first."""
     return Query(
         """
-        SELECT refresh_id, segment_version, refreshed_at, size, entries, exits
+        SELECT refresh_id, segment_version, refreshed_at, size, entries, exits,
+               coalesce(mode, 'full') AS mode, evaluated
         FROM segment_refreshes WHERE segment_id = $sid
         ORDER BY refresh_id DESC LIMIT $limit OFFSET $offset
         """,
