@@ -447,13 +447,19 @@ class _Context:
     events: bool = False
     # The rule reads the clock (relative windows and dates) or other segments.
     volatile: bool = False
+    # The rule reads columns of `profiles` (traits, profile fields).
+    profile_columns: bool = False
+    # The profile id column of the statement's base table.
+    key: str = "p.profile_id"
 
 
 def _field(ctx: _Context, spec: CatalogField) -> str:
     match spec.kind:
         case "profile":
+            ctx.profile_columns = True
             return f"p.{quote_ident(spec.column)}"
         case "trait":
+            ctx.profile_columns = True
             return _json_value("p.traits", spec.column, spec.type, ctx.params)
         case "attribute":
             ctx.attributes = True
@@ -515,7 +521,7 @@ def _event_condition(ctx: _Context, rule: EventCondition, path: str) -> str:
             "SELECT ep.profile_id FROM events e JOIN seg_ep ep ON ep.event_id = e.event_id"
             f" WHERE {' AND '.join(conds)} GROUP BY ep.profile_id"
         )
-        cond = "p.profile_id " + positive.format(q=query)
+        cond = f"{ctx.key} " + positive.format(q=query)
     return cond if rule.performed else f"(NOT {cond})"
 
 
@@ -538,6 +544,7 @@ def _compile(ctx: _Context, rule: Rule, path: str, depth: int) -> str:
             if op in _CLOCK_OPS:
                 ctx.volatile = True
             if spec.kind == "trait":
+                ctx.profile_columns = True
                 sql = _path_condition(
                     "p.traits", spec.column, spec.type, op, value, ctx.params, path, ctx.now
                 )
@@ -617,11 +624,27 @@ def compile_rule_parts(
     resolve_segment: SegmentResolver,
     segment_id: str | None = None,
     touched_only: bool = False,
+    attributes_current: bool | Callable[[], bool] = False,
 ) -> CompiledRule:
     """`compile_rule` with what incremental refresh needs; `touched_only` restricts the
-    statement (and its event scans) to the profiles of temp table `seg_touched`."""
-    ctx = _Context(catalog, Params(), now, resolve_segment, [segment_id] if segment_id else [])
+    statement (and its event scans) to the profiles of temp table `seg_touched`.
+
+    `attributes_current` (or a function telling it, asked only when it matters): whether
+    `profile_attributes` holds exactly the live profiles (refreshed since identity last ran);
+    then a rule that reads no `profiles` column selects from `profile_attributes` alone.
+    """
+    stack = [segment_id] if segment_id else []
+    ctx = _Context(catalog, Params(), now, resolve_segment, list(stack))
     condition = _compile(ctx, rule, "rule", 0)
+    fingerprint_of = (condition, sorted(ctx.params.values.items(), key=str), ctx.sources)
+    base = "profiles p"
+    if ctx.attributes and not ctx.profile_columns:
+        current = attributes_current() if callable(attributes_current) else attributes_current
+        if current:
+            ctx = _Context(catalog, Params(), now, resolve_segment, list(stack), key="a.profile_id")
+            condition = _compile(ctx, rule, "rule", 0)
+            base = "profile_attributes a"
+    key = ctx.key
     touched = f"SELECT profile_id FROM {TOUCHED_TABLE}"
     lines = []
     if ctx.events:
@@ -629,22 +652,21 @@ def compile_rule_parts(
         if touched_only:
             relation = f"SELECT * FROM (\n{relation}\n) WHERE profile_id IN ({touched})"
         lines.append(f"WITH seg_ep AS (\n{relation}\n)")
-    lines.append("SELECT p.profile_id FROM profiles p")
-    if ctx.attributes:
+    lines.append(f"SELECT {key} FROM {base}")
+    if ctx.attributes and base == "profiles p":
         lines.append("LEFT JOIN profile_attributes a ON a.profile_id = p.profile_id")
     for name in ctx.sources:
         alias = quote_ident("src_" + name)
         lines.append(
             f"LEFT JOIN (\n{ctx.catalog.sources[name].relation_sql}\n) {alias}"
-            f" ON {alias}.profile_id = p.profile_id"
+            f" ON {alias}.profile_id = {key}"
         )
     if touched_only:
-        lines.append(f"WHERE ({condition})\nAND p.profile_id IN ({touched})")
+        lines.append(f"WHERE ({condition})\nAND {key} IN ({touched})")
     else:
         lines.append(f"WHERE {condition}")
-    digest = hashlib.sha256(
-        repr((condition, sorted(ctx.params.values.items(), key=str), ctx.sources)).encode()
-    ).hexdigest()
+    # Of the first compilation: the same whichever base table was chosen.
+    digest = hashlib.sha256(repr(fingerprint_of).encode()).hexdigest()
     return CompiledRule(
         Query("\n".join(lines), ctx.params.values),
         digest,

@@ -583,6 +583,15 @@ def _event_profiles(warehouse: Warehouse, marks: dict[str, str]) -> str:
     return identity_service.event_profile_sql()
 
 
+def _attributes_current(warehouse: Warehouse, marks: dict[str, str]) -> bool:
+    """Whether `profile_attributes` was refreshed since identity last changed profiles (then
+    it has one row per live profile)."""
+    mark = marks.get(STATE_ATTRIBUTES)
+    if mark is None:
+        return False
+    return mark.split("#", 1)[0] == str(warehouse.scalar(queries.PROFILES_WATERMARK))
+
+
 def compile_segment_rule(
     session: Session,
     warehouse: Warehouse,
@@ -594,14 +603,15 @@ def compile_segment_rule(
 ) -> Query:
     """The one statement selecting the profiles of a rule; InvalidRule names the bad path."""
     fields = _warehouse_fields(warehouse)
-    return compiler.compile_rule(
+    return compiler.compile_rule_parts(
         rule,
         catalog=_catalog(None, fields, settings=settings),
         now=now or _now(),
         event_profiles_sql=lambda: _event_profiles(warehouse, fields.marks),
         resolve_segment=_resolver(session),
         segment_id=segment_id,
-    )
+        attributes_current=lambda: _attributes_current(warehouse, fields.marks),
+    ).query
 
 
 @dataclass(frozen=True, slots=True)
@@ -847,6 +857,7 @@ def refresh_segment(
             resolve_segment=_resolver(session),
             segment_id=row.id,
             touched_only=touched_only,
+            attributes_current=lambda: _attributes_current(warehouse, fields.marks),
         )
 
     compiled = compile_(False)

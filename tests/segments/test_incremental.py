@@ -225,3 +225,40 @@ def test_a_new_rule_version_refreshes_in_full(db: Database, warehouse: Warehouse
     assert runs[2].size == len(
         warehouse.rows(Query("SELECT 1 FROM profiles WHERE traits->>'country' = 'DE'"))
     )
+
+
+def test_attribute_rules_read_the_attribute_table_alone_only_while_it_is_current(
+    db: Database, warehouse: Warehouse
+) -> None:
+    write_events(warehouse, [*shop_events(30, seed=4), Ev("anon", kind="anonymous_id")])
+    resolve(warehouse)
+    with db.begin() as session:
+        service.refresh_attributes(session, warehouse, settings=SETTINGS, now=NOW)
+    rule = service.parse_rule({"field": "attributes.orders_count", "op": "gte", "value": 0})
+
+    def compiled() -> Query:
+        with db.begin() as session:
+            return service.compile_segment_rule(
+                session, warehouse, rule=rule, settings=SETTINGS, now=NOW
+            )
+
+    query = compiled()
+    assert "FROM profile_attributes a" in query.sql
+    profiles = {str(r[0]) for r in warehouse.rows(Query("SELECT profile_id FROM profiles"))}
+    assert set(warehouse.run(query)["profile_id"]) == profiles
+    # Identity runs: a new person (no attributes yet), and the anonymous visitor logs in as u1.
+    write_events(
+        warehouse,
+        [
+            Ev("zed", type="identify"),
+            Ev("u1", type="identify", email="x@y.z"),
+            Ev("anon", email="x@y.z", kind="anonymous_id"),
+        ],
+    )
+    resolve(warehouse)
+    query = compiled()
+    assert "FROM profiles p" in query.sql
+    live = {str(r[0]) for r in warehouse.rows(Query("SELECT profile_id FROM profiles"))}
+    assert live - profiles  # zed
+    assert profiles - live  # the anonymous profile, merged away
+    assert set(warehouse.run(query)["profile_id"]) == live & profiles
