@@ -363,6 +363,18 @@ MIGRATIONS: list[WarehouseMigration] = [
             )
             """,
             "DELETE FROM segment_state WHERE name = 'catalog_refreshed'",
+            # The event map gains each event's name and time, and is sorted by them: an event
+            # condition scans its event's rows in its window only.
+            "DROP TABLE segment_event_profiles",
+            """
+            CREATE TABLE segment_event_profiles (
+                event VARCHAR NOT NULL,
+                timestamp TIMESTAMP NOT NULL,
+                event_id BIGINT NOT NULL,
+                profile_id VARCHAR NOT NULL
+            )
+            """,
+            "DELETE FROM segment_state WHERE name = 'event_profiles_watermark'",
             # How each refresh evaluated the rule: 'full' or 'incremental', and how many
             # profiles it evaluated.
             "ALTER TABLE segment_refreshes ADD COLUMN mode VARCHAR DEFAULT 'full'",

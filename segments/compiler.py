@@ -434,6 +434,16 @@ def _property_filter(
 SegmentResolver = Callable[[str], Rule | None]
 
 
+def event_map_relation(event_profiles_sql: str) -> str:
+    """The relation event conditions read, `(event, timestamp, event_id, profile_id)`, from an
+    `(event_id, profile_id)` relation (identity's live one)."""
+    return (
+        "SELECT e.event, e.timestamp, r.event_id, r.profile_id\n"
+        f"FROM ({event_profiles_sql}) r JOIN events e ON e.event_id = r.event_id\n"
+        "WHERE e.event IS NOT NULL"
+    )
+
+
 @dataclass(slots=True)
 class _Context:
     catalog: Catalog
@@ -478,17 +488,23 @@ def _event_condition(ctx: _Context, rule: EventCondition, path: str) -> str:
         raise InvalidRule(f"{path}.event: unknown event {rule.event!r}")
     ctx.events = True
     params = ctx.params
-    conds = [f"e.event = {params.add(rule.event)}"]
+    # The name and the window are read from the event map (sorted by event and time, so only
+    # that event's rows in the window are scanned); with property filters, also from `events`
+    # (so its scan prunes before the join).
+    window = [f"{{t}}.event = {params.add(rule.event)}"]
     if rule.last_days is not None:
         ctx.volatile = True
-        conds.append(
-            f"e.timestamp BETWEEN {params.add(ctx.now - timedelta(days=rule.last_days))}"
+        window.append(
+            f"{{t}}.timestamp BETWEEN {params.add(ctx.now - timedelta(days=rule.last_days))}"
             f" AND {params.add(ctx.now)}"
         )
     if rule.since is not None:
-        conds.append(f"e.timestamp >= {params.add(rule.since)}")
+        window.append(f"{{t}}.timestamp >= {params.add(rule.since)}")
     if rule.until is not None:
-        conds.append(f"e.timestamp < {params.add(rule.until)}")
+        window.append(f"{{t}}.timestamp < {params.add(rule.until)}")
+    conds = [w.format(t="ep") for w in window]
+    if rule.where:
+        conds += [w.format(t="e") for w in window]
     for i, flt in enumerate(rule.where):
         where = f"{path}.where[{i}]"
         name = flt.property
@@ -517,9 +533,11 @@ def _event_condition(ctx: _Context, rule: EventCondition, path: str) -> str:
     if positive == "TRUE":
         cond = "TRUE"
     else:
+        source = (
+            "seg_ep ep JOIN events e ON e.event_id = ep.event_id" if rule.where else "seg_ep ep"
+        )
         query = (
-            "SELECT ep.profile_id FROM events e JOIN seg_ep ep ON ep.event_id = e.event_id"
-            f" WHERE {' AND '.join(conds)} GROUP BY ep.profile_id"
+            f"SELECT ep.profile_id FROM {source} WHERE {' AND '.join(conds)} GROUP BY ep.profile_id"
         )
         cond = f"{ctx.key} " + positive.format(q=query)
     return cond if rule.performed else f"(NOT {cond})"
@@ -602,8 +620,9 @@ def compile_rule(
     """One statement returning the `profile_id` of every profile the rule selects.
 
     `event_profiles_sql` (or a function giving it, called only if the rule has event
-    conditions) is the `(event_id, profile_id)` relation. `segment_id` is the segment being
-    saved, so references back to it are rejected as cycles.
+    conditions) is the `(event, timestamp, event_id, profile_id)` relation of the resolved
+    events that have a name (`event_map_relation` of identity's `(event_id, profile_id)`).
+    `segment_id` is the segment being saved, so references back to it are rejected as cycles.
     """
     return compile_rule_parts(
         rule,

@@ -125,12 +125,16 @@ ATTRIBUTE_COLUMNS = Query(
     """
 )
 
-EVENT_PROFILES_TABLE = "SELECT event_id, profile_id FROM segment_event_profiles"
+EVENT_PROFILES_TABLE = "SELECT event, timestamp, event_id, profile_id FROM segment_event_profiles"
 
 
 def materialise_event_profiles(relation_sql: str) -> Query:
-    """Replace the event -> profile map with identity's current relation (parameter-free)."""
-    return Query(f"CREATE OR REPLACE TABLE segment_event_profiles AS {relation_sql}")
+    """Replace the event map with a relation `(event, timestamp, event_id, profile_id)`
+    (parameter-free), sorted by event and time so a condition scans its event's rows only."""
+    return Query(
+        "CREATE OR REPLACE TABLE segment_event_profiles AS"  # noqa: S608 - SQL from code
+        f" SELECT * FROM ({relation_sql}) ORDER BY event, timestamp"
+    )
 
 
 # The watermark of the data attributes are computed from: profiles change when identity runs.

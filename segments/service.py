@@ -388,12 +388,14 @@ def refresh_event_map(warehouse: Warehouse, *, now: datetime | None = None) -> i
     """Store identity's current event -> profile relation for segment event conditions.
 
     Compiled rules read this table instead of the live relation while the profiles watermark
-    is the one recorded here (identity has not run since); returns the number of events.
+    is the one recorded here (identity has not run since); returns the number of events
+    with a name (event conditions need one).
     """
     at = now or _now()
     with warehouse.transaction() as cur:
         watermark = str(_one(cur, queries.PROFILES_WATERMARK)[0])
-        cur.execute(queries.materialise_event_profiles(identity_service.event_profile_sql()).sql)
+        relation = compiler.event_map_relation(identity_service.event_profile_sql())
+        cur.execute(queries.materialise_event_profiles(relation).sql)
         row = _one(cur, Query("SELECT count(*) FROM segment_event_profiles"))
         state = queries.write_state(STATE_EVENT_MAP, watermark, at)
         cur.execute(state.sql, state.params)
@@ -580,7 +582,7 @@ def _event_profiles(warehouse: Warehouse, marks: dict[str, str]) -> str:
     mark = marks.get(STATE_EVENT_MAP)
     if mark is not None and mark == str(warehouse.scalar(queries.PROFILES_WATERMARK)):
         return queries.EVENT_PROFILES_TABLE
-    return identity_service.event_profile_sql()
+    return compiler.event_map_relation(identity_service.event_profile_sql())
 
 
 def _attributes_current(warehouse: Warehouse, marks: dict[str, str]) -> bool:

@@ -312,17 +312,16 @@ def test_a_dozen_rules_agree_with_polars_on_the_sample(
     events = warehouse.run(
         Query(
             """
-            SELECT CASE WHEN e.source_id = $crm THEN 'crm_customers'
-                        WHEN e.source_id = $till THEN 'till_transactions'
+            SELECT event_id,
+                   CASE WHEN source_id = $crm THEN 'crm_customers'
+                        WHEN source_id = $till THEN 'till_transactions'
                         ELSE 'web_events' END AS source,
-                   CASE WHEN e.source_id = $crm THEN e.user_id ELSE e.message_id END
-                       AS record_key,
-                   ep.profile_id
-            FROM events e JOIN segment_event_profiles ep USING (event_id)
+                   CASE WHEN source_id = $crm THEN user_id ELSE message_id END AS record_key
+            FROM events
             """,
             {"crm": sources.crm_id, "till": sources.till_id},
         )
-    )
+    ).join(identity_service.event_profiles(warehouse, after_event_id=0), on="event_id")
     loaded_till = set(events.filter(pl.col("source") == "till_transactions")["record_key"])
     records = _records(out, loaded_till)
     assert records["person_id"].null_count() == 0
