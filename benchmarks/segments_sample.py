@@ -28,9 +28,10 @@ import polars as pl
 from benchmarks import sample_warehouse
 from benchmarks.core import Measure, Result
 from cdp import sample_data
-from cdp.config import SegmentsSettings
+from cdp.config import SegmentsSettings, Settings
 from cdp.db import Database
 from cdp.warehouse import Query, Warehouse
+from identity import service as identity_service
 from segments import service
 from segments.compiler import birthday_codes
 
@@ -369,6 +370,103 @@ def _segments(
         result.details["mismatched"] = mismatched
 
 
+INCREMENTAL_RULE: dict[str, Any] = {  # Any: JSON
+    "all": [
+        {"field": "traits.postcode", "op": "starts_with", "value": "75"},
+        {
+            "event": "Order Completed",
+            "where": [{"property": "products[].category", "op": "eq", "value": "beauty"}],
+            "count": {"op": "at_least", "value": 2},
+        },
+    ]
+}
+NEW_ORDERS = 1000
+
+# New orders: copies of the first orders of the sample with new ids, and their identifiers.
+ADD_ORDERS = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE bench_new AS
+    SELECT event_id AS old_id,
+           (SELECT max(event_id) FROM events) + row_number() OVER (ORDER BY event_id) AS new_id
+    FROM events WHERE event = 'Order Completed' ORDER BY event_id LIMIT $n;
+    INSERT INTO events
+    SELECT b.new_id, 'bench-' || e.message_id, e.source_id, e.batch_id, e.type, e.event,
+           e.user_id, e.anonymous_id, e.timestamp, e.received_at, e.properties, e.traits,
+           e.context
+    FROM events e JOIN bench_new b ON b.old_id = e.event_id;
+    INSERT INTO event_identifiers
+    SELECT b.new_id, i.kind, i.value FROM event_identifiers i JOIN bench_new b
+        ON b.old_id = i.event_id;
+    DROP TABLE bench_new
+    """,
+    {"n": NEW_ORDERS},
+)
+
+
+def _incremental(
+    result: Result,
+    db: Database,
+    warehouse: Warehouse,
+    app_settings: Settings,
+) -> None:
+    """A per-profile segment refreshed in full, then incrementally after new orders."""
+    settings = app_settings.segments
+    with db.begin() as session:
+        segment_id = service.create_segment(
+            session,
+            warehouse,
+            name="bench incremental",
+            description=None,
+            rule=INCREMENTAL_RULE,
+            refresh_minutes=None,
+            settings=settings,
+            actor=None,
+        ).id
+        rules = identity_service.get_rules(session)
+
+    def refresh(full: bool) -> tuple[float, service.SegmentRefresh]:
+        t0 = time.perf_counter()
+        with db.begin() as session:
+            done = service.refresh_segment(
+                session, warehouse, segment_id=segment_id, settings=settings, now=NOW, full=full
+            )
+        return time.perf_counter() - t0, done
+
+    first_s, first = refresh(False)
+    with warehouse.transaction() as cur:
+        for statement in ADD_ORDERS.sql.split(";\n"):
+            cur.execute(statement, {"n": NEW_ORDERS} if "$n" in statement else None)
+    t0 = time.perf_counter()
+    identity_service.resolve(warehouse, settings=app_settings, rules=rules)
+    result.details["identity_incremental_s (1,000 new orders)"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
+    service.refresh_event_map(warehouse)
+    result.details["event_map_after_identity_s"] = round(time.perf_counter() - t0, 2)
+    inc_s, inc = refresh(False)
+    full_s, full = refresh(True)
+    result.add(
+        Measure(
+            f"segment refresh after {NEW_ORDERS:,} new orders, incremental"
+            f" ({inc.evaluated:,} profiles evaluated)",
+            "s",
+            inc_s,
+            full_s,
+            "full refresh of the same segment",
+        )
+    )
+    result.details["incremental"] = {
+        "first_refresh": {"mode": first.mode, "seconds": round(first_s, 3), "size": first.size},
+        "incremental": {
+            "mode": inc.mode,
+            "size": inc.size,
+            "entries": inc.entries,
+            "exits": inc.exits,
+        },
+        "full_after": {"mode": full.mode, "size": full.size, "entries": full.entries},
+        "same_members": inc.size == full.size and full.entries == 0 and full.exits == 0,
+    }
+
+
 def run(scale: int, workdir: Path) -> Result:
     """Prepare (or reuse) the sample stores, then time attributes and segments both ways."""
     prepared = _prepared(scale, workdir)
@@ -386,11 +484,14 @@ def run(scale: int, workdir: Path) -> Result:
         for step, call in (
             ("event_map_s", lambda: service.refresh_event_map(warehouse)),
             ("catalog_first_build_s", lambda: service.refresh_catalog(warehouse)),
+            # No new event since: the traits are re-read, the event catalogue is kept.
+            ("catalog_again_s", lambda: service.refresh_catalog(warehouse)),
         ):
             t0 = time.perf_counter()
             call()
             result.details[step] = round(time.perf_counter() - t0, 2)
         _segments(result, db, warehouse, settings)
+        _incremental(result, db, warehouse, app_settings)
     finally:
         warehouse.close()
         db.dispose()

@@ -30,4 +30,6 @@ def test_sample_benchmark_runs_tiny_and_agrees_with_hand_written_sql(
     result = segments_sample.run(400, tmp_path)
     assert result.details["attributes_same_values"] is True
     assert result.details["counts_equal"] is True, result.details.get("mismatched")
-    assert len(result.measures) == 12
+    assert len(result.measures) == 13
+    assert result.details["incremental"]["same_members"] is True
+    assert result.details["incremental"]["incremental"]["mode"] == "incremental"
