@@ -22,6 +22,7 @@ BENCHMARKS: dict[str, tuple[str, int]] = {
     "identity_quality": ("benchmarks.identity_quality", 20_000),
     "segments_attributes": ("benchmarks.segments_attributes", 200_000),
     "segments_rules": ("benchmarks.segments_rules", 200_000),
+    "segments_sample": ("benchmarks.segments_sample", 20_000),
 }
 
 

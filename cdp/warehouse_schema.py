@@ -338,6 +338,72 @@ MIGRATIONS: list[WarehouseMigration] = [
         ),
     ),
     WarehouseMigration(
+        21,
+        "segments: nested paths in the catalogue (incremental), incremental membership refresh",
+        (
+            # Value counts per JSON path (nested: `address.city`, list elements:
+            # `products[].category`) by JSON type; the field type is derived when read. The
+            # event catalogue accumulates over new events (mark in segment_state); path '' is
+            # the event name itself (events = how many).
+            "DROP TABLE segment_trait_catalog",
+            """
+            CREATE TABLE segment_trait_catalog (
+                path VARCHAR NOT NULL,
+                profiles BIGINT NOT NULL,
+                numbers BIGINT NOT NULL,
+                booleans BIGINT NOT NULL,
+                strings BIGINT NOT NULL,
+                timestamps BIGINT NOT NULL,
+                objects BIGINT NOT NULL,
+                arrays BIGINT NOT NULL
+            )
+            """,
+            "DROP TABLE segment_event_catalog",
+            """
+            CREATE TABLE segment_event_catalog (
+                event VARCHAR NOT NULL,
+                path VARCHAR NOT NULL,
+                events BIGINT NOT NULL,
+                numbers BIGINT NOT NULL,
+                booleans BIGINT NOT NULL,
+                strings BIGINT NOT NULL,
+                timestamps BIGINT NOT NULL,
+                objects BIGINT NOT NULL,
+                arrays BIGINT NOT NULL
+            )
+            """,
+            "DELETE FROM segment_state WHERE name = 'catalog_refreshed'",
+            # The event map gains each event's name and time, and is sorted by them: an event
+            # condition scans its event's rows in its window only.
+            "DROP TABLE segment_event_profiles",
+            """
+            CREATE TABLE segment_event_profiles (
+                event VARCHAR NOT NULL,
+                timestamp TIMESTAMP NOT NULL,
+                event_id BIGINT NOT NULL,
+                profile_id VARCHAR NOT NULL
+            )
+            """,
+            "DELETE FROM segment_state WHERE name = 'event_profiles_watermark'",
+            # How each refresh evaluated the rule: 'full' or 'incremental', and how many
+            # profiles it evaluated.
+            "ALTER TABLE segment_refreshes ADD COLUMN mode VARCHAR DEFAULT 'full'",
+            "ALTER TABLE segment_refreshes ADD COLUMN evaluated BIGINT",
+            # What the last refresh of each segment saw, so the next one can evaluate only the
+            # profiles changed since: the compiled condition's fingerprint and the marks
+            # (max `profiles.updated_at`, and the one the attributes were computed at).
+            """
+            CREATE TABLE segment_refresh_marks (
+                segment_id VARCHAR PRIMARY KEY,
+                fingerprint VARCHAR NOT NULL,
+                profiles_mark TIMESTAMP,
+                attributes_mark TIMESTAMP,
+                attributes_digest VARCHAR
+            )
+            """,
+        ),
+    ),
+    WarehouseMigration(
         30,
         "loyalty: member snapshot for the segment field catalogue",
         (

@@ -7,6 +7,7 @@ catalogue through `quote_ident`; every value a user wrote is bound as a `$pN` pa
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -26,6 +27,7 @@ from segments.rules import (
     PropertyFilter,
     Rule,
     SegmentRef,
+    is_list_path,
     json_path,
 )
 
@@ -392,14 +394,54 @@ def _comparison(
     raise InvalidRule(f"{path}.op: unknown operator {op}")  # unreachable: ops are a Literal
 
 
+# The lambda parameter of comparisons on list elements (never a column name of ours).
+_ELEM = "seg_elem"
+
+
+def _path_condition(
+    column: str,
+    json_field: str,
+    ftype: FieldType,
+    op: str,
+    value: object,
+    params: Params,
+    path: str,
+    now: datetime,
+) -> str:
+    """A comparison on the value at a JSON path of a JSON column.
+
+    Through list elements (`products[].category`) it holds when some element satisfies it;
+    `exists: false` holds when no element has a value.
+    """
+    if not is_list_path(json_field):
+        expr = _json_value(column, json_field, ftype, params)
+        return _comparison(expr, ftype, op, value, params, path, now)
+    values = f"json_extract_string({column}, {params.add(json_path(json_field))})"
+    elem = _ELEM if ftype == "string" else f"TRY_CAST({_ELEM} AS {SQL_TYPES[ftype]})"
+    cond = _comparison(elem, ftype, op, value, params, path, now)
+    if op == "exists" and value is False:
+        cond = f"{elem} IS NOT NULL"
+    some = f"coalesce(list_bool_or(list_transform({values}, lambda {_ELEM}: {cond})), FALSE)"
+    return f"(NOT {some})" if op == "exists" and value is False else some
+
+
 def _property_filter(
     flt: PropertyFilter, column: str, ftype: FieldType, params: Params, path: str, now: datetime
 ) -> str:
-    expr = _json_value(column, flt.property, ftype, params)
-    return _comparison(expr, ftype, flt.op, flt.value, params, path, now)
+    return _path_condition(column, flt.property, ftype, flt.op, flt.value, params, path, now)
 
 
 SegmentResolver = Callable[[str], Rule | None]
+
+
+def event_map_relation(event_profiles_sql: str) -> str:
+    """The relation event conditions read, `(event, timestamp, event_id, profile_id)`, from an
+    `(event_id, profile_id)` relation (identity's live one)."""
+    return (
+        "SELECT e.event, e.timestamp, r.event_id, r.profile_id\n"
+        f"FROM ({event_profiles_sql}) r JOIN events e ON e.event_id = r.event_id\n"
+        "WHERE e.event IS NOT NULL"
+    )
 
 
 @dataclass(slots=True)
@@ -411,17 +453,27 @@ class _Context:
     stack: list[str]
     sources: list[str] = field(default_factory=list)
     attributes: bool = False
+    attribute_names: set[str] = field(default_factory=set)
     events: bool = False
+    # The rule reads the clock (relative windows and dates) or other segments.
+    volatile: bool = False
+    # The rule reads columns of `profiles` (traits, profile fields).
+    profile_columns: bool = False
+    # The profile id column of the statement's base table.
+    key: str = "p.profile_id"
 
 
 def _field(ctx: _Context, spec: CatalogField) -> str:
     match spec.kind:
         case "profile":
+            ctx.profile_columns = True
             return f"p.{quote_ident(spec.column)}"
         case "trait":
+            ctx.profile_columns = True
             return _json_value("p.traits", spec.column, spec.type, ctx.params)
         case "attribute":
             ctx.attributes = True
+            ctx.attribute_names.add(spec.column)
             return f"a.{quote_ident(spec.column)}"
         case "registered":
             assert spec.source is not None
@@ -436,24 +488,36 @@ def _event_condition(ctx: _Context, rule: EventCondition, path: str) -> str:
         raise InvalidRule(f"{path}.event: unknown event {rule.event!r}")
     ctx.events = True
     params = ctx.params
-    conds = [f"e.event = {params.add(rule.event)}"]
+    # The name and the window are read from the event map (sorted by event and time, so only
+    # that event's rows in the window are scanned); with property filters, also from `events`
+    # (so its scan prunes before the join).
+    window = [f"{{t}}.event = {params.add(rule.event)}"]
     if rule.last_days is not None:
-        conds.append(
-            f"e.timestamp BETWEEN {params.add(ctx.now - timedelta(days=rule.last_days))}"
+        ctx.volatile = True
+        window.append(
+            f"{{t}}.timestamp BETWEEN {params.add(ctx.now - timedelta(days=rule.last_days))}"
             f" AND {params.add(ctx.now)}"
         )
     if rule.since is not None:
-        conds.append(f"e.timestamp >= {params.add(rule.since)}")
+        window.append(f"{{t}}.timestamp >= {params.add(rule.since)}")
     if rule.until is not None:
-        conds.append(f"e.timestamp < {params.add(rule.until)}")
+        window.append(f"{{t}}.timestamp < {params.add(rule.until)}")
+    conds = [w.format(t="ep") for w in window]
+    if rule.where:
+        conds += [w.format(t="e") for w in window]
     for i, flt in enumerate(rule.where):
         where = f"{path}.where[{i}]"
-        ftype = props.get(flt.property)
+        name = flt.property
+        if name not in props and name.startswith("properties."):
+            name = name.removeprefix("properties.")
+        ftype = props.get(name)
         if ftype is None:
             raise InvalidRule(
                 f"{where}.property: unknown property {flt.property!r} of event {rule.event!r}"
             )
-        conds.append(_property_filter(flt, "e.properties", ftype, params, where, ctx.now))
+        conds.append(
+            _path_condition("e.properties", name, ftype, flt.op, flt.value, params, where, ctx.now)
+        )
     n = rule.count.value
     match rule.count.op:
         case "at_least" if n == 0:
@@ -469,11 +533,13 @@ def _event_condition(ctx: _Context, rule: EventCondition, path: str) -> str:
     if positive == "TRUE":
         cond = "TRUE"
     else:
-        query = (
-            "SELECT ep.profile_id FROM events e JOIN seg_ep ep ON ep.event_id = e.event_id"
-            f" WHERE {' AND '.join(conds)} GROUP BY ep.profile_id"
+        source = (
+            "seg_ep ep JOIN events e ON e.event_id = ep.event_id" if rule.where else "seg_ep ep"
         )
-        cond = "p.profile_id " + positive.format(q=query)
+        query = (
+            f"SELECT ep.profile_id FROM {source} WHERE {' AND '.join(conds)} GROUP BY ep.profile_id"
+        )
+        cond = f"{ctx.key} " + positive.format(q=query)
     return cond if rule.performed else f"(NOT {cond})"
 
 
@@ -493,8 +559,17 @@ def _compile(ctx: _Context, rule: Rule, path: str, depth: int) -> str:
             spec = ctx.catalog.fields.get(name)
             if spec is None:
                 raise InvalidRule(f"{path}.field: unknown field {name!r}")
-            expr = _field(ctx, spec)
-            sql = _comparison(expr, spec.type, op, value, ctx.params, path, ctx.now)
+            if op in _CLOCK_OPS:
+                ctx.volatile = True
+            if spec.kind == "trait":
+                ctx.profile_columns = True
+                sql = _path_condition(
+                    "p.traits", spec.column, spec.type, op, value, ctx.params, path, ctx.now
+                )
+            else:
+                sql = _comparison(
+                    _field(ctx, spec), spec.type, op, value, ctx.params, path, ctx.now
+                )
             return f"coalesce({sql}, FALSE)"
         case EventCondition():
             return _event_condition(ctx, rule, path)
@@ -503,6 +578,7 @@ def _compile(ctx: _Context, rule: Rule, path: str, depth: int) -> str:
                 cycle = " -> ".join([*ctx.stack[ctx.stack.index(segment_id) :], segment_id])
                 raise InvalidRule(f"{path}.segment: segments refer to each other ({cycle})")
             referenced = ctx.resolve_segment(segment_id)
+            ctx.volatile = True  # the referenced segment's rule may change at any time
             if referenced is None:
                 raise InvalidRule(f"{path}.segment: unknown segment {segment_id!r}")
             ctx.stack.append(segment_id)
@@ -512,6 +588,24 @@ def _compile(ctx: _Context, rule: Rule, path: str, depth: int) -> str:
                 ctx.stack.pop()
             return sql if member else f"(NOT {sql})"
     raise InvalidRule(f"{path}: not a rule")  # unreachable: the union is closed
+
+
+_CLOCK_OPS = frozenset({"in_last_days", "more_than_days_ago", "birthday_in_next_days"})
+# The temporary table of profile ids an incremental refresh re-evaluates.
+TOUCHED_TABLE = "seg_touched"
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRule:
+    """A compiled rule and what an incremental refresh needs to know about it."""
+
+    query: Query
+    fingerprint: str  # changes whenever the condition's SQL or values change
+    attributes: frozenset[str]  # computed attributes the rule compares
+    # Whether a profile's result depends only on its own profile row, attributes and events
+    # (no clock, no other segment, no registered relation): then only changed profiles need
+    # re-evaluating.
+    per_profile: bool
 
 
 def compile_rule(
@@ -526,26 +620,78 @@ def compile_rule(
     """One statement returning the `profile_id` of every profile the rule selects.
 
     `event_profiles_sql` (or a function giving it, called only if the rule has event
-    conditions) is the `(event_id, profile_id)` relation. `segment_id` is the segment being
-    saved, so references back to it are rejected as cycles.
+    conditions) is the `(event, timestamp, event_id, profile_id)` relation of the resolved
+    events that have a name (`event_map_relation` of identity's `(event_id, profile_id)`).
+    `segment_id` is the segment being saved, so references back to it are rejected as cycles.
     """
-    ctx = _Context(catalog, Params(), now, resolve_segment, [segment_id] if segment_id else [])
+    return compile_rule_parts(
+        rule,
+        catalog=catalog,
+        now=now,
+        event_profiles_sql=event_profiles_sql,
+        resolve_segment=resolve_segment,
+        segment_id=segment_id,
+    ).query
+
+
+def compile_rule_parts(
+    rule: Rule,
+    *,
+    catalog: Catalog,
+    now: datetime,
+    event_profiles_sql: str | Callable[[], str],
+    resolve_segment: SegmentResolver,
+    segment_id: str | None = None,
+    touched_only: bool = False,
+    attributes_current: bool | Callable[[], bool] = False,
+) -> CompiledRule:
+    """`compile_rule` with what incremental refresh needs; `touched_only` restricts the
+    statement (and its event scans) to the profiles of temp table `seg_touched`.
+
+    `attributes_current` (or a function telling it, asked only when it matters): whether
+    `profile_attributes` holds exactly the live profiles (refreshed since identity last ran);
+    then a rule that reads no `profiles` column selects from `profile_attributes` alone.
+    """
+    stack = [segment_id] if segment_id else []
+    ctx = _Context(catalog, Params(), now, resolve_segment, list(stack))
     condition = _compile(ctx, rule, "rule", 0)
+    fingerprint_of = (condition, sorted(ctx.params.values.items(), key=str), ctx.sources)
+    base = "profiles p"
+    if ctx.attributes and not ctx.profile_columns:
+        current = attributes_current() if callable(attributes_current) else attributes_current
+        if current:
+            ctx = _Context(catalog, Params(), now, resolve_segment, list(stack), key="a.profile_id")
+            condition = _compile(ctx, rule, "rule", 0)
+            base = "profile_attributes a"
+    key = ctx.key
+    touched = f"SELECT profile_id FROM {TOUCHED_TABLE}"
     lines = []
     if ctx.events:
         relation = event_profiles_sql() if callable(event_profiles_sql) else event_profiles_sql
+        if touched_only:
+            relation = f"SELECT * FROM (\n{relation}\n) WHERE profile_id IN ({touched})"
         lines.append(f"WITH seg_ep AS (\n{relation}\n)")
-    lines.append("SELECT p.profile_id FROM profiles p")
-    if ctx.attributes:
+    lines.append(f"SELECT {key} FROM {base}")
+    if ctx.attributes and base == "profiles p":
         lines.append("LEFT JOIN profile_attributes a ON a.profile_id = p.profile_id")
     for name in ctx.sources:
         alias = quote_ident("src_" + name)
         lines.append(
             f"LEFT JOIN (\n{ctx.catalog.sources[name].relation_sql}\n) {alias}"
-            f" ON {alias}.profile_id = p.profile_id"
+            f" ON {alias}.profile_id = {key}"
         )
-    lines.append(f"WHERE {condition}")
-    return Query("\n".join(lines), ctx.params.values)
+    if touched_only:
+        lines.append(f"WHERE ({condition})\nAND {key} IN ({touched})")
+    else:
+        lines.append(f"WHERE {condition}")
+    # Of the first compilation: the same whichever base table was chosen.
+    digest = hashlib.sha256(repr(fingerprint_of).encode()).hexdigest()
+    return CompiledRule(
+        Query("\n".join(lines), ctx.params.values),
+        digest,
+        frozenset(ctx.attribute_names),
+        not ctx.volatile and not ctx.sources,
+    )
 
 
 def dependencies(rule: Rule) -> set[str]:

@@ -68,6 +68,27 @@ def field_sources() -> list[FieldSource]:
     return [_SOURCES[k] for k in sorted(_SOURCES)]
 
 
+def json_field_type(
+    *, numbers: int, booleans: int, strings: int, timestamps: int, objects: int, arrays: int
+) -> FieldType | None:
+    """The field type of a JSON path from the counts of its values by JSON type.
+
+    All numbers: number; all booleans: boolean; all strings parsing as timestamps: timestamp;
+    other mixes of scalars: string. A path holding objects or lists is not a field itself
+    (its keys and elements are).
+    """
+    scalars = numbers + booleans + strings
+    if objects or arrays or not scalars:
+        return None
+    if numbers == scalars:
+        return "number"
+    if booleans == scalars:
+        return "boolean"
+    if strings == scalars and timestamps == strings:
+        return "timestamp"
+    return "string"
+
+
 @dataclass(frozen=True, slots=True)
 class CatalogField:
     """One field a rule may compare."""

@@ -6,59 +6,114 @@ from datetime import datetime
 
 from cdp.warehouse import Query
 
-# Raw JSON types of values are kept in the catalogues; the field type is derived when read.
-_JSON_TYPE = """
-    CASE WHEN bool_and(t IN ('BIGINT', 'UBIGINT', 'DOUBLE')) THEN 'number'
-         WHEN bool_and(t = 'BOOLEAN') THEN 'boolean'
-         WHEN bool_and(t = 'VARCHAR') AND bool_and(TRY_CAST(v ->> '$' AS TIMESTAMP) IS NOT NULL)
-              THEN 'timestamp'
-         WHEN bool_and(t IN ('VARCHAR', 'BIGINT', 'UBIGINT', 'DOUBLE', 'BOOLEAN')) THEN 'string'
-    END
+# The catalogue counts the values found at each JSON path by JSON type; the field type is
+# derived when read (fields.json_field_type). Paths are discovered level by level: the keys of
+# the documents, then, for the paths holding objects or lists, their keys and elements.
+# Only keys that are plain identifiers are kept (and descended into).
+_STATS = """
+    count(*) AS n,
+    count(*) FILTER (WHERE t IN ('BIGINT', 'UBIGINT', 'DOUBLE')) AS numbers,
+    count(*) FILTER (WHERE t = 'BOOLEAN') AS booleans,
+    count(*) FILTER (WHERE t = 'VARCHAR') AS strings,
+    count(*) FILTER (WHERE t = 'VARCHAR' AND TRY_CAST(v ->> '$' AS TIMESTAMP) IS NOT NULL)
+        AS timestamps,
+    count(*) FILTER (WHERE t = 'OBJECT') AS objects,
+    count(*) FILTER (WHERE t = 'ARRAY') AS arrays
 """
+_KEY_OK = "regexp_full_match(key, '[A-Za-z_][A-Za-z0-9_]*')"
 
-REFRESH_TRAIT_CATALOG = Query(
-    f"""
-    DELETE FROM segment_trait_catalog;
-    INSERT INTO segment_trait_catalog
-    SELECT key, {_JSON_TYPE} AS type, count(*) AS profiles
-    FROM (
-        SELECT key, v, json_type(v) AS t
-        FROM (
-            SELECT key, json_extract(traits, '$."' || key || '"') AS v
-            FROM (SELECT traits, unnest(json_keys(traits)) AS key FROM profiles
-                  WHERE json_type(traits) = 'OBJECT')
-        )
-    )
-    WHERE t <> 'NULL' AND regexp_full_match(key, '[A-Za-z_][A-Za-z0-9_]*')
-    GROUP BY key
-    HAVING type IS NOT NULL
-    """  # noqa: S608 - constant SQL, no values
+# The documents catalogued: (grp, doc) with grp the event name ('' for traits).
+TRAIT_DOCS = "SELECT '' AS grp, traits AS doc FROM profiles WHERE json_type(traits) = 'OBJECT'"
+EVENT_DOCS = (
+    "SELECT event AS grp, properties AS doc FROM events"
+    " WHERE event IS NOT NULL AND event_id > $after AND event_id <= $upto"
+    " AND json_type(properties) = 'OBJECT'"
 )
 
-REFRESH_EVENT_CATALOG = Query(
-    f"""
-    DELETE FROM segment_event_catalog;
-    INSERT INTO segment_event_catalog
-    SELECT event, NULL, NULL, count(*) FROM events WHERE event IS NOT NULL GROUP BY event;
-    INSERT INTO segment_event_catalog
-    SELECT event, key, {_JSON_TYPE} AS type, count(*)
-    FROM (
-        SELECT event, key, v, json_type(v) AS t
-        FROM (
-            SELECT event, key, json_extract(properties, '$."' || key || '"') AS v
-            FROM (SELECT event, properties, unnest(json_keys(properties)) AS key FROM events
-                  WHERE event IS NOT NULL AND json_type(properties) = 'OBJECT')
-        )
-    )
-    WHERE t <> 'NULL' AND regexp_full_match(key, '[A-Za-z_][A-Za-z0-9_]*')
-    GROUP BY event, key
-    HAVING type IS NOT NULL
-    """  # noqa: S608 - constant SQL, no values
-)
 
-TRAIT_CATALOG = Query("SELECT trait, type, profiles FROM segment_trait_catalog ORDER BY trait")
+def top_level_stats(docs_sql: str, params: dict[str, object]) -> Query:
+    """Value counts of the top-level keys of the documents, by group."""
+    return Query(
+        f"""
+        SELECT grp, key AS path, {_STATS}
+        FROM (
+            SELECT grp, key, v, json_type(v) AS t
+            FROM (
+                SELECT grp, key, json_extract(doc, '$."' || key || '"') AS v
+                FROM (SELECT grp, doc, unnest(json_keys(doc)) AS key FROM ({docs_sql}))
+                WHERE {_KEY_OK}
+            )
+        )
+        WHERE t <> 'NULL'
+        GROUP BY ALL
+        """,  # noqa: S608 - SQL of this module, values bound
+        params,
+    )
+
+
+def nested_stats(docs_sql: str, params: dict[str, object], *, group: str, path: str) -> Query:
+    """Value counts of the children of one container path: its keys and its list elements.
+
+    The values at `path` are read with its JSON path (`[*]` for list elements, bound).
+    """
+    json_p = "$." + path.replace("[]", "[*]")
+    # A path through list elements reads a list of values.
+    value = "unnest(json_extract(doc, $jp))" if "[]" in path else "json_extract(doc, $jp)"
+    values = f"SELECT {value} AS v FROM ({docs_sql}) WHERE grp = $grp"  # noqa: S608 - constants
+    return Query(
+        f"""
+        WITH vals AS ({values}),
+        children AS (
+            SELECT $path || '.' || key AS path, json_extract(v, '$."' || key || '"') AS v
+            FROM (SELECT v, unnest(json_keys(v)) AS key FROM vals WHERE json_type(v) = 'OBJECT')
+            WHERE {_KEY_OK}
+            UNION ALL
+            SELECT $path || '[]' AS path, unnest(json_extract(v, '$[*]')) AS v
+            FROM vals WHERE json_type(v) = 'ARRAY'
+        )
+        SELECT $grp AS grp, path, {_STATS}
+        FROM (SELECT path, v, json_type(v) AS t FROM children)
+        WHERE t <> 'NULL'
+        GROUP BY ALL
+        """,  # noqa: S608 - SQL of this module, values bound
+        {**params, "jp": json_p, "grp": group, "path": path},
+    )
+
+
+def event_counts(after: int, upto: int) -> Query:
+    """How many events of each name in a range of event ids."""
+    return Query(
+        "SELECT event AS grp, count(*) AS n FROM events WHERE event IS NOT NULL"
+        " AND event_id > $after AND event_id <= $upto GROUP BY event",
+        {"after": after, "upto": upto},
+    )
+
+
+MAX_EVENT_ID = Query("SELECT coalesce(max(event_id), 0) FROM events")
+_CATALOG_COLUMNS = "numbers, booleans, strings, timestamps, objects, arrays"
+TRAIT_CATALOG = Query(
+    f"SELECT path, profiles, {_CATALOG_COLUMNS} FROM segment_trait_catalog ORDER BY path"  # noqa: S608 - constant
+)
 EVENT_CATALOG = Query(
-    "SELECT event, property, type, events FROM segment_event_catalog ORDER BY event, property"
+    f"SELECT event, path, events, {_CATALOG_COLUMNS} FROM segment_event_catalog"  # noqa: S608 - constant
+    " ORDER BY event, path"
+)
+CLEAR_TRAIT_CATALOG = Query("DELETE FROM segment_trait_catalog")
+CLEAR_EVENT_CATALOG = Query("DELETE FROM segment_event_catalog")
+# Stats of new events are added to the stored ones (seg_cat_new: same columns).
+MERGE_EVENT_CATALOG = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE seg_cat_merged AS
+    SELECT event, path, sum(events)::BIGINT, sum(numbers)::BIGINT, sum(booleans)::BIGINT,
+           sum(strings)::BIGINT, sum(timestamps)::BIGINT, sum(objects)::BIGINT,
+           sum(arrays)::BIGINT
+    FROM (SELECT * FROM segment_event_catalog UNION ALL SELECT * FROM seg_cat_new)
+    GROUP BY event, path;
+    DELETE FROM segment_event_catalog;
+    INSERT INTO segment_event_catalog SELECT * FROM seg_cat_merged;
+    DROP TABLE seg_cat_merged;
+    DROP TABLE seg_cat_new
+    """
 )
 
 ATTRIBUTE_COLUMNS = Query(
@@ -70,12 +125,16 @@ ATTRIBUTE_COLUMNS = Query(
     """
 )
 
-EVENT_PROFILES_TABLE = "SELECT event_id, profile_id FROM segment_event_profiles"
+EVENT_PROFILES_TABLE = "SELECT event, timestamp, event_id, profile_id FROM segment_event_profiles"
 
 
 def materialise_event_profiles(relation_sql: str) -> Query:
-    """Replace the event -> profile map with identity's current relation (parameter-free)."""
-    return Query(f"CREATE OR REPLACE TABLE segment_event_profiles AS {relation_sql}")
+    """Replace the event map with a relation `(event, timestamp, event_id, profile_id)`
+    (parameter-free), sorted by event and time so a condition scans its event's rows only."""
+    return Query(
+        "CREATE OR REPLACE TABLE segment_event_profiles AS"  # noqa: S608 - SQL from code
+        f" SELECT * FROM ({relation_sql}) ORDER BY event, timestamp"
+    )
 
 
 # The watermark of the data attributes are computed from: profiles change when identity runs.
@@ -155,18 +214,104 @@ def insert_entries(segment_id: str, at: datetime) -> Query:
 
 
 def record_refresh(
-    segment_id: str, *, refresh_id: int, version: int, at: datetime, seq: int
+    segment_id: str,
+    *,
+    refresh_id: int,
+    version: int,
+    at: datetime,
+    seq: int,
+    mode: str,
+    evaluated: int,
 ) -> Query:
-    """Record the size and the changes of this refresh."""
+    """Record the size and the changes of this refresh, and how it evaluated the rule."""
     return Query(
         """
         INSERT INTO segment_refreshes
+            (refresh_id, segment_id, segment_version, refreshed_at, size, entries, exits, mode,
+             evaluated)
         SELECT $refresh, $sid, $version, $at,
                (SELECT count(*) FROM segment_membership WHERE segment_id = $sid),
                (SELECT count(*) FROM segment_events WHERE seq > $seq AND kind = 'entry'),
-               (SELECT count(*) FROM segment_events WHERE seq > $seq AND kind = 'exit')
+               (SELECT count(*) FROM segment_events WHERE seq > $seq AND kind = 'exit'),
+               $mode, $evaluated
         """,
-        {"refresh": refresh_id, "sid": segment_id, "version": version, "at": at, "seq": seq},
+        {
+            "refresh": refresh_id,
+            "sid": segment_id,
+            "version": version,
+            "at": at,
+            "seq": seq,
+            "mode": mode,
+            "evaluated": evaluated,
+        },
+    )
+
+
+# Incremental refresh.
+
+PROFILES_MARK = Query("SELECT max(updated_at) FROM profiles")
+PROFILE_COUNT = Query("SELECT count(*) FROM profiles")
+
+
+def refresh_marks(segment_id: str) -> Query:
+    """What the last refresh of a segment saw."""
+    return Query(
+        "SELECT fingerprint, profiles_mark, attributes_mark, attributes_digest"
+        " FROM segment_refresh_marks WHERE segment_id = $sid",
+        {"sid": segment_id},
+    )
+
+
+def write_refresh_marks(
+    segment_id: str,
+    *,
+    fingerprint: str,
+    profiles_mark: datetime | None,
+    attributes_mark: datetime | None,
+    attributes_digest: str | None,
+) -> Query:
+    """Remember what this refresh saw."""
+    return Query(
+        "INSERT OR REPLACE INTO segment_refresh_marks VALUES ($sid, $fp, $pm, $am, $ad)",
+        {
+            "sid": segment_id,
+            "fp": fingerprint,
+            "pm": profiles_mark,
+            "am": attributes_mark,
+            "ad": attributes_digest,
+        },
+    )
+
+
+def touched_profiles(since: datetime) -> Query:
+    """Temp table seg_touched: the profiles identity rewrote after a mark.
+
+    A mark is the `updated_at` of a resolution run seen committed; runs are serialised and
+    each stamps its profiles with its own start time, so a later run stamps a later time.
+    """
+    return Query(
+        "CREATE OR REPLACE TEMP TABLE seg_touched AS"
+        " SELECT profile_id FROM profiles WHERE updated_at > $since",
+        {"since": since},
+    )
+
+
+def incremental_members(segment_id: str, evaluated: Query) -> Query:
+    """Temp table seg_new: the members of untouched live profiles stay, touched profiles are
+    members when the rule (restricted to them) selects them."""
+    return Query(
+        f"""
+        CREATE OR REPLACE TEMP TABLE seg_new AS
+        SELECT profile_id FROM segment_membership
+        WHERE segment_id = $sid
+          AND profile_id NOT IN (SELECT profile_id FROM seg_touched)
+          AND profile_id IN (SELECT profile_id FROM profiles)
+        UNION ALL
+        SELECT profile_id FROM (
+        {evaluated.sql}
+        )
+        """,  # noqa: S608 - the compiled rule (values bound) from compiler.py
+        {**evaluated.params, "sid": segment_id},
     )
 
 
@@ -214,7 +359,8 @@ def refreshes(segment_id: str, *, limit: int, offset: int) -> Query:
     """The size over time of a segment, newest first."""
     return Query(
         """
-        SELECT refresh_id, segment_version, refreshed_at, size, entries, exits
+        SELECT refresh_id, segment_version, refreshed_at, size, entries, exits,
+               coalesce(mode, 'full') AS mode, evaluated
         FROM segment_refreshes WHERE segment_id = $sid
         ORDER BY refresh_id DESC LIMIT $limit OFFSET $offset
         """,

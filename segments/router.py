@@ -268,11 +268,17 @@ def segment_versions(segment_id: str, session: SessionDep) -> list[SegmentVersio
 
 @router.post("/segments/{segment_id}/refresh")
 def refresh_segment(
-    segment_id: str, session: SessionDep, warehouse: WarehouseDep, settings: SettingsDep
+    segment_id: str,
+    session: SessionDep,
+    warehouse: WarehouseDep,
+    settings: SettingsDep,
+    full: Annotated[
+        bool, Query(description="evaluate every profile even where incremental is possible")
+    ] = False,
 ) -> SegmentRefreshRead:
     """Re-evaluate a segment now: store its members and publish entries and exits."""
     result = service.refresh_segment(
-        session, warehouse, segment_id=segment_id, settings=settings.segments
+        session, warehouse, segment_id=segment_id, settings=settings.segments, full=full
     )
     return SegmentRefreshRead(
         refresh_id=result.refresh_id,
@@ -281,6 +287,8 @@ def refresh_segment(
         size=result.size,
         entries=result.entries,
         exits=result.exits,
+        mode=result.mode,
+        evaluated=result.evaluated,
     )
 
 

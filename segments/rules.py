@@ -30,8 +30,9 @@ from segments.errors import InvalidRule
 
 # Attribute names become column names of `profile_attributes`: lower-case identifiers only.
 ATTRIBUTE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
-# Property and trait paths: dot-separated identifiers (`product.brand`); bound as JSON paths.
-PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+# Property and trait paths: dot-separated identifiers (`product.brand`), `[]` after a key for
+# the elements of a list (`products[].category`); bound as JSON paths, never inlined.
+PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\[\])*(\.[A-Za-z_][A-Za-z0-9_]*(\[\])*)*$")
 
 Aggregation = Literal[
     "count",
@@ -73,8 +74,13 @@ _AGG_NEEDS_PROPERTY = {"sum", "avg", "count_distinct", "most_frequent"}
 
 
 def json_path(path: str) -> str:
-    """The JSON path of a dotted property path (`a.b` -> `$.a.b`), bound as a parameter."""
-    return "$." + path
+    """The JSON path of a property path (`a.b` -> `$.a.b`, `a[].b` -> `$.a[*].b`), bound."""
+    return "$." + path.replace("[]", "[*]")
+
+
+def is_list_path(path: str) -> bool:
+    """Whether a path goes through list elements (its value is a list of values)."""
+    return "[]" in path
 
 
 class PropertyFilter(BaseModel):
@@ -108,6 +114,8 @@ class AttributeDefinition(BaseModel):
     def _coherent(self) -> AttributeDefinition:
         if self.aggregation in _AGG_NEEDS_PROPERTY and self.property is None:
             raise ValueError(f"aggregation {self.aggregation} needs a property")
+        if self.property is not None and is_list_path(self.property):
+            raise ValueError("property: list elements ([]) may be filtered on, not aggregated")
         if self.source == "visits" and (self.property or self.where or self.events or self.types):
             raise ValueError("visits have no events, types, property or filters")
         if self.source == "purchases" and (self.events or self.types):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -182,6 +182,10 @@ class SegmentRefreshRead(BaseModel):
     size: int
     entries: int
     exits: int
+    mode: Literal["full", "incremental"] = Field(
+        default="full", description="full, or incremental: only changed profiles re-evaluated"
+    )
+    evaluated: int | None = Field(default=None, description="profiles the rule was evaluated on")
 
 
 class SegmentEventRead(BaseModel):

@@ -40,6 +40,7 @@ from segments.fields import (
     Catalog,
     FieldSource,
     build_catalog,
+    json_field_type,
     register_field_source,
     unregister_field_source,
 )
@@ -73,6 +74,9 @@ STATE_ATTRIBUTES = "attributes_watermark"
 STATE_CATALOG = "catalog_refreshed"
 STATE_COLUMNS = "attribute_columns"
 STATE_EVENT_MAP = "event_profiles_watermark"
+STATE_EVENT_CATALOG = "event_catalog_mark"
+STATE_ATTR_PROFILES = "attributes_profiles_mark"
+STATE_ATTR_DIGEST = "attributes_digest"
 # Numbers every rebuild of the catalogue or the attribute columns in this process.
 _GENERATION = itertools.count(1)
 _PARAM = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
@@ -304,11 +308,20 @@ def refresh_attributes(
     )
     with warehouse.transaction() as cur:
         watermark = str(_one(cur, queries.PROFILES_WATERMARK)[0])
+        profiles_mark = _one(cur, queries.PROFILES_MARK)[0]
         cur.execute("CREATE OR REPLACE TABLE profile_attributes AS " + query.sql, query.params)
         row = _one(cur, Query("SELECT count(*) FROM profile_attributes"))
         for state in (
             queries.write_state(STATE_ATTRIBUTES, _attr_mark(watermark, definitions, at), at),
             queries.write_state(STATE_COLUMNS, f"rebuilt {next(_GENERATION)}", at),
+            # For incremental segment refresh: the attributes reflect every profile change
+            # before this mark, under these definitions and settings.
+            queries.write_state(
+                STATE_ATTR_PROFILES,
+                "" if profiles_mark is None else profiles_mark.isoformat(),
+                at,
+            ),
+            queries.write_state(STATE_ATTR_DIGEST, _attr_digest(definitions, settings), at),
         ):
             cur.execute(state.sql, state.params)
     profiles = int(row[0])
@@ -318,6 +331,21 @@ def refresh_attributes(
         extra={"profiles": profiles, "attributes": len(definitions), "seconds": seconds},
     )
     return AttributeRefresh(profiles, len(definitions), at, seconds)
+
+
+def _attr_digest(definitions: dict[str, AttributeDefinition], settings: SegmentsSettings) -> str:
+    """Changes whenever a definition or the purchase/visit settings change."""
+    text = "|".join(f"{k}={v.model_dump_json()}" for k, v in definitions.items())
+    text += "|" + settings.purchase.model_dump_json() + settings.visit.model_dump_json()
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _clock_dependent(definition: AttributeDefinition | None) -> bool:
+    """Whether an attribute's values move with the refresh time (windows, days since)."""
+    return definition is None or (
+        definition.window_days is not None
+        or definition.aggregation in ("days_since_first", "days_since_last")
+    )
 
 
 def _attr_mark(watermark: str, definitions: dict[str, AttributeDefinition], at: datetime) -> str:
@@ -360,12 +388,14 @@ def refresh_event_map(warehouse: Warehouse, *, now: datetime | None = None) -> i
     """Store identity's current event -> profile relation for segment event conditions.
 
     Compiled rules read this table instead of the live relation while the profiles watermark
-    is the one recorded here (identity has not run since); returns the number of events.
+    is the one recorded here (identity has not run since); returns the number of events
+    with a name (event conditions need one).
     """
     at = now or _now()
     with warehouse.transaction() as cur:
         watermark = str(_one(cur, queries.PROFILES_WATERMARK)[0])
-        cur.execute(queries.materialise_event_profiles(identity_service.event_profile_sql()).sql)
+        relation = compiler.event_map_relation(identity_service.event_profile_sql())
+        cur.execute(queries.materialise_event_profiles(relation).sql)
         row = _one(cur, Query("SELECT count(*) FROM segment_event_profiles"))
         state = queries.write_state(STATE_EVENT_MAP, watermark, at)
         cur.execute(state.sql, state.params)
@@ -375,14 +405,83 @@ def refresh_event_map(warehouse: Warehouse, *, now: datetime | None = None) -> i
 # The field catalogue.
 
 
-def refresh_catalog(warehouse: Warehouse, *, now: datetime | None = None) -> None:
-    """Re-derive the trait and event catalogues from profiles and events."""
+# Deepest nesting of JSON paths the catalogue descends to.
+MAX_NESTING = 8
+_STAT_COLUMNS = ("numbers", "booleans", "strings", "timestamps", "objects", "arrays")
+
+
+def _path_stats(cur: Cursor, docs_sql: str, params: dict[str, object]) -> pl.DataFrame:
+    """Value counts by JSON type of every path of the documents (grp, path, n, counts...).
+
+    One set-based query per level, plus one per path holding objects or lists (few).
+    """
+    query = queries.top_level_stats(docs_sql, params)
+    level: pl.DataFrame = cur.sql(query.sql, params=query.params or None).pl()
+    frames: list[pl.DataFrame] = []
+    for _ in range(MAX_NESTING):
+        if level.is_empty():
+            break
+        frames.append(level)
+        containers = level.filter((pl.col("objects") > 0) | (pl.col("arrays") > 0))
+        children: list[pl.DataFrame] = []
+        for group, path in containers.select("grp", "path").iter_rows():
+            query = queries.nested_stats(docs_sql, params, group=group, path=path)
+            children.append(cur.sql(query.sql, params=query.params).pl())
+        level = pl.concat(children) if children else level.clear()
+    if not frames:
+        return level
+    return pl.concat(frames).with_columns(pl.col(c).cast(pl.Int64) for c in ("n", *_STAT_COLUMNS))
+
+
+def _event_stats(cur: Cursor, after: int, upto: int) -> pl.DataFrame | None:
+    """Catalogue rows of the events in `(after, upto]`: one per event name (path ''), one per
+    event and property path; None if no event there has a name."""
+    window: dict[str, object] = {"after": after, "upto": upto}
+    names = cur.sql(queries.event_counts(after, upto).sql, params=window).pl()
+    names = names.with_columns(
+        pl.lit("").alias("path"), *(pl.lit(0, pl.Int64).alias(c) for c in _STAT_COLUMNS)
+    )
+    stats = _path_stats(cur, queries.EVENT_DOCS, window)
+    columns = ["grp", "path", "n", *_STAT_COLUMNS]
+    parts = [
+        part.select(columns).with_columns(pl.col(c).cast(pl.Int64) for c in ("n", *_STAT_COLUMNS))
+        for part in (names, stats)
+        if not part.is_empty()
+    ]
+    return pl.concat(parts) if parts else None
+
+
+def refresh_catalog(
+    warehouse: Warehouse, *, now: datetime | None = None, full: bool = False
+) -> None:
+    """Re-derive the trait catalogue from profiles and add the events since the last run to
+    the event catalogue (`full`: rebuild it from every event)."""
     at = now or _now()
     with warehouse.transaction() as cur:
-        _run_script(cur, queries.REFRESH_TRAIT_CATALOG)
-        _run_script(cur, queries.REFRESH_EVENT_CATALOG)
-        state = queries.write_state(STATE_CATALOG, f"rebuilt {next(_GENERATION)}", at)
-        cur.execute(state.sql, state.params)
+        traits = _path_stats(cur, queries.TRAIT_DOCS, {}).select(
+            "path", pl.col("n").alias("profiles"), *_STAT_COLUMNS
+        )
+        cur.execute(queries.CLEAR_TRAIT_CATALOG.sql)
+        cur.register("seg_trait_frame", traits)
+        cur.execute("INSERT INTO segment_trait_catalog SELECT * FROM seg_trait_frame")
+        cur.unregister("seg_trait_frame")
+        state = dict((str(n), t) for n, t, _ in cur.execute(queries.ALL_STATE.sql).fetchall())
+        after = 0 if full else int(state.get(STATE_EVENT_CATALOG) or 0)
+        if full:
+            cur.execute(queries.CLEAR_EVENT_CATALOG.sql)
+        upto = int(_one(cur, queries.MAX_EVENT_ID)[0])
+        frame = _event_stats(cur, after, upto) if upto > after else None
+        if frame is not None:
+            cur.register("seg_event_frame", frame)
+            cur.execute("CREATE OR REPLACE TEMP TABLE seg_cat_new AS SELECT * FROM seg_event_frame")
+            cur.unregister("seg_event_frame")
+            _run_script(cur, queries.MERGE_EVENT_CATALOG)
+        for name, text in (
+            (STATE_EVENT_CATALOG, str(max(upto, after))),
+            (STATE_CATALOG, f"rebuilt {next(_GENERATION)}"),
+        ):
+            write = queries.write_state(name, text, at)
+            cur.execute(write.sql, write.params)
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,12 +515,17 @@ def _warehouse_fields(warehouse: Warehouse) -> _WarehouseFields:
     if cached is not None and cached[0] == marks:
         return cached[1]
     marks = _fields_marks(warehouse, marks)
-    traits = {str(k): t for k, t, _ in warehouse.rows(queries.TRAIT_CATALOG)}
+    traits: dict[str, FieldType] = {}
+    for path, _, *counts in warehouse.rows(queries.TRAIT_CATALOG):
+        ftype = json_field_type(**dict(zip(_STAT_COLUMNS, map(int, counts), strict=True)))
+        if ftype is not None:
+            traits[str(path)] = ftype
     events: dict[str, dict[str, FieldType]] = {}
-    for event, prop, ftype, _ in warehouse.rows(queries.EVENT_CATALOG):
+    for event, path, _, *counts in warehouse.rows(queries.EVENT_CATALOG):
         props = events.setdefault(str(event), {})
-        if prop is not None:
-            props[str(prop)] = ftype
+        ftype = json_field_type(**dict(zip(_STAT_COLUMNS, map(int, counts), strict=True)))
+        if path and ftype is not None:
+            props[str(path)] = ftype
     attributes = {
         str(name): _DUCK_TYPES[str(dtype)]
         for name, dtype in warehouse.rows(queries.ATTRIBUTE_COLUMNS)
@@ -478,7 +582,16 @@ def _event_profiles(warehouse: Warehouse, marks: dict[str, str]) -> str:
     mark = marks.get(STATE_EVENT_MAP)
     if mark is not None and mark == str(warehouse.scalar(queries.PROFILES_WATERMARK)):
         return queries.EVENT_PROFILES_TABLE
-    return identity_service.event_profile_sql()
+    return compiler.event_map_relation(identity_service.event_profile_sql())
+
+
+def _attributes_current(warehouse: Warehouse, marks: dict[str, str]) -> bool:
+    """Whether `profile_attributes` was refreshed since identity last changed profiles (then
+    it has one row per live profile)."""
+    mark = marks.get(STATE_ATTRIBUTES)
+    if mark is None:
+        return False
+    return mark.split("#", 1)[0] == str(warehouse.scalar(queries.PROFILES_WATERMARK))
 
 
 def compile_segment_rule(
@@ -492,14 +605,15 @@ def compile_segment_rule(
 ) -> Query:
     """The one statement selecting the profiles of a rule; InvalidRule names the bad path."""
     fields = _warehouse_fields(warehouse)
-    return compiler.compile_rule(
+    return compiler.compile_rule_parts(
         rule,
         catalog=_catalog(None, fields, settings=settings),
         now=now or _now(),
         event_profiles_sql=lambda: _event_profiles(warehouse, fields.marks),
         resolve_segment=_resolver(session),
         segment_id=segment_id,
-    )
+        attributes_current=lambda: _attributes_current(warehouse, fields.marks),
+    ).query
 
 
 @dataclass(frozen=True, slots=True)
@@ -673,6 +787,9 @@ def segment_versions(session: Session, *, segment_id: str) -> list[SegmentsSegme
     )
 
 
+RefreshMode = Literal["full", "incremental"]
+
+
 @dataclass(frozen=True, slots=True)
 class SegmentRefresh:
     """What one refresh of a segment's membership did."""
@@ -684,6 +801,35 @@ class SegmentRefresh:
     size: int
     entries: int
     exits: int
+    mode: RefreshMode = "full"
+    evaluated: int = 0
+
+
+def _since(
+    compiled: compiler.CompiledRule,
+    previous: tuple[Any, ...] | None,  # Any: SQL values of segment_refresh_marks
+    attributes: tuple[datetime | None, str | None],
+    volatile_attributes: bool,
+) -> datetime | None:
+    """The profiles mark from which an incremental refresh re-evaluates, None for a full one.
+
+    Incremental when the rule is per profile (no clock, segment or registered relation), uses
+    no clock-dependent attribute, and its compiled condition and the attribute definitions are
+    those of the last refresh. Profiles identity rewrote since the last refresh's profiles
+    mark are re-evaluated; with attributes, also those rewritten since the mark the attributes
+    of the last refresh were computed at (their attributes may have changed since).
+    """
+    if not compiled.per_profile or volatile_attributes or previous is None:
+        return None
+    fingerprint, profiles_mark, attributes_mark, attributes_digest = previous
+    if fingerprint != compiled.fingerprint or profiles_mark is None:
+        return None
+    since: datetime = profiles_mark
+    if compiled.attributes:
+        if attributes_digest != attributes[1] or attributes_mark is None:
+            return None
+        since = min(since, attributes_mark)
+    return since
 
 
 def refresh_segment(
@@ -693,15 +839,64 @@ def refresh_segment(
     segment_id: str,
     settings: SegmentsSettings,
     now: datetime | None = None,
+    full: bool = False,
 ) -> SegmentRefresh:
-    """Re-evaluate a segment, store its members and publish who entered and who left."""
+    """Re-evaluate a segment, store its members and publish who entered and who left.
+
+    Incremental where the rule allows (see `_since`), unless `full`: either way the members,
+    entries and exits are those a full evaluation gives.
+    """
     row = _segment(session, segment_id)
     at = now or _now()
-    query = compile_segment_rule(
-        session, warehouse, rule=parse_rule(row.rule), settings=settings, segment_id=row.id, now=at
-    )
+    fields = _warehouse_fields(warehouse)
+
+    def compile_(touched_only: bool) -> compiler.CompiledRule:
+        return compiler.compile_rule_parts(
+            parse_rule(row.rule),
+            catalog=_catalog(None, fields, settings=settings),
+            now=at,
+            event_profiles_sql=lambda: _event_profiles(warehouse, fields.marks),
+            resolve_segment=_resolver(session),
+            segment_id=row.id,
+            touched_only=touched_only,
+            attributes_current=lambda: _attributes_current(warehouse, fields.marks),
+        )
+
+    compiled = compile_(False)
+    volatile = False
+    if compiled.attributes:
+        definitions = attribute_definitions(session, settings=settings)
+        volatile = any(_clock_dependent(definitions.get(n)) for n in compiled.attributes)
     with _REFRESH_LOCK, warehouse.transaction() as cur:
-        cur.execute("CREATE OR REPLACE TEMP TABLE seg_new AS " + query.sql, query.params)
+        profiles_mark = _one(cur, queries.PROFILES_MARK)[0]
+        state = {str(n): t for n, t, _ in cur.execute(queries.ALL_STATE.sql).fetchall()}
+        attr_mark_text = state.get(STATE_ATTR_PROFILES)
+        attributes = (
+            datetime.fromisoformat(attr_mark_text) if attr_mark_text else None,
+            state.get(STATE_ATTR_DIGEST),
+        )
+        marks_q = queries.refresh_marks(row.id)
+        previous = cur.execute(marks_q.sql, marks_q.params).fetchall()
+        since = (
+            None
+            if full
+            else _since(compiled, tuple(previous[0]) if previous else None, attributes, volatile)
+        )
+        mode: RefreshMode
+        if since is None:
+            mode = "full"
+            query = compiled.query
+            cur.execute("CREATE OR REPLACE TEMP TABLE seg_new AS " + query.sql, query.params)
+            evaluated = int(_one(cur, queries.PROFILE_COUNT)[0])
+        else:
+            mode = "incremental"
+            for step in (
+                queries.touched_profiles(since),
+                queries.incremental_members(row.id, compile_(True).query),
+            ):
+                cur.execute(step.sql, step.params)
+            evaluated = int(_one(cur, Query("SELECT count(*) FROM seg_touched"))[0])
+            cur.execute("DROP TABLE seg_touched")
         seq = int(_one(cur, queries.NEXT_SEQ)[0])
         refresh_id = int(_one(cur, queries.NEXT_REFRESH_ID)[0])
         for step in (
@@ -711,7 +906,20 @@ def refresh_segment(
             queries.delete_exits(row.id),
             queries.insert_entries(row.id, at),
             queries.record_refresh(
-                row.id, refresh_id=refresh_id, version=row.version, at=at, seq=seq
+                row.id,
+                refresh_id=refresh_id,
+                version=row.version,
+                at=at,
+                seq=seq,
+                mode=mode,
+                evaluated=evaluated,
+            ),
+            queries.write_refresh_marks(
+                row.id,
+                fingerprint=compiled.fingerprint,
+                profiles_mark=profiles_mark,
+                attributes_mark=attributes[0],
+                attributes_digest=attributes[1],
             ),
         ):
             cur.execute(step.sql, step.params)
@@ -727,9 +935,26 @@ def refresh_segment(
     row.last_size = int(size)
     logger.info(
         "segment refreshed",
-        extra={"segment": row.id, "size": size, "entries": entries, "exits": exits},
+        extra={
+            "segment": row.id,
+            "size": size,
+            "entries": entries,
+            "exits": exits,
+            "mode": mode,
+            "evaluated": evaluated,
+        },
     )
-    return SegmentRefresh(row.id, refresh_id, row.version, at, int(size), int(entries), int(exits))
+    return SegmentRefresh(
+        row.id,
+        refresh_id,
+        row.version,
+        at,
+        int(size),
+        int(entries),
+        int(exits),
+        mode,
+        evaluated,
+    )
 
 
 def due_segments(session: Session, *, settings: SegmentsSettings, now: datetime) -> list[str]:

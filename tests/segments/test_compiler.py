@@ -10,7 +10,7 @@ import pytest
 
 from cdp.warehouse import Query, Warehouse
 from identity import service as identity_service
-from segments.compiler import birthday_codes, compile_rule
+from segments.compiler import birthday_codes, compile_rule, event_map_relation
 from segments.errors import InvalidRule
 from segments.fields import (
     FieldSource,
@@ -21,7 +21,7 @@ from segments.fields import (
 from segments.rules import Rule, parse_rule
 from tests.segments.conftest import NOW
 
-EP = "SELECT event_id, profile_id FROM stub_ep"
+EP = "SELECT event, timestamp, event_id, profile_id FROM stub_ep"
 
 
 def _catalog() -> Any:  # Any: the Catalog, built fresh for each test
@@ -113,14 +113,16 @@ def test_snapshot_of_event_conditions() -> None:
             ]
         }
     )
-    sub = "SELECT ep.profile_id FROM events e JOIN seg_ep ep ON ep.event_id = e.event_id WHERE "
+    joined = "SELECT ep.profile_id FROM seg_ep ep JOIN events e ON e.event_id = ep.event_id WHERE "
+    alone = "SELECT ep.profile_id FROM seg_ep ep WHERE "
     assert query.sql == (
         f"WITH seg_ep AS (\n{EP}\n)\n"
         "SELECT p.profile_id FROM profiles p\n"
-        f"WHERE (p.profile_id IN ({sub}e.event = $p0 AND e.timestamp BETWEEN $p1 AND $p2"
+        f"WHERE (p.profile_id IN ({joined}ep.event = $p0 AND ep.timestamp BETWEEN $p1 AND $p2"
+        " AND e.event = $p0 AND e.timestamp BETWEEN $p1 AND $p2"
         " AND json_extract_string(e.properties, $p3) = $p4 GROUP BY ep.profile_id"
         " HAVING count(*) >= $p5)"
-        f" AND (NOT p.profile_id IN ({sub}e.event = $p0 AND e.timestamp >= $p6"
+        f" AND (NOT p.profile_id IN ({alone}ep.event = $p0 AND ep.timestamp >= $p6"
         " GROUP BY ep.profile_id HAVING count(*) >= $p7)))"
     )
     assert query.params == {
@@ -289,7 +291,7 @@ def test_hostile_values_in_every_string_position_are_bound_parameters(
             rule,
             catalog=_catalog(),
             now=NOW,
-            event_profiles_sql=identity_service.event_profile_sql(),
+            event_profiles_sql=event_map_relation(identity_service.event_profile_sql()),
             resolve_segment=lambda _: None,
         )
         assert "DROP" not in query.sql, name
@@ -320,13 +322,13 @@ def test_hostile_trait_keys_in_the_data_never_reach_the_catalogue(warehouse: War
     warehouse.execute(
         Query(
             "INSERT INTO profiles VALUES ('p1', now()::TIMESTAMP, now()::TIMESTAMP, NULL, NULL, 0,"
-            " '{}', json_object($k, 1, 'fine', 2))",
+            " '{}', json_object($k, 1, 'fine', 2, 'deep', json_object($k, 3, 'ok', [4])))",
             {"k": HOSTILE},
         )
     )
     service.refresh_catalog(warehouse)
-    traits = warehouse.rows(Query("SELECT trait FROM segment_trait_catalog"))
-    assert traits == [("fine",)]
+    traits = warehouse.rows(Query("SELECT path FROM segment_trait_catalog ORDER BY path"))
+    assert traits == [("deep",), ("deep.ok",), ("deep.ok[]",), ("fine",)]
 
 
 def test_registered_fields_join_their_relation_without_importing_their_package(

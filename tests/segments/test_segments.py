@@ -145,11 +145,14 @@ def test_segment_lifecycle_versions_history_members_and_exports(
     assert versions[1]["rule"] == FRENCH
 
     sizes = client.get(f"/api/segments/{sid}/sizes", headers=h).json()
-    assert [(s["size"], s["entries"], s["exits"]) for s in sizes["items"]] == [
-        (1, 0, 2),
-        (3, 1, 0),
-        (2, 2, 0),
+    assert [(s["size"], s["entries"], s["exits"], s["mode"]) for s in sizes["items"]] == [
+        (1, 0, 2, "full"),  # a new version
+        (3, 1, 0, "incremental"),  # only dave's rewritten profile was evaluated
+        (2, 2, 0, "full"),
     ]
+    assert sizes["items"][1]["evaluated"] == 1
+    forced = client.post(f"/api/segments/{sid}/refresh?full=true", headers=h).json()
+    assert (forced["size"], forced["entries"], forced["mode"]) == (1, 0, "full")
     events = client.get(f"/api/segments/events?segment_id={sid}", headers=h).json()
     assert [e["seq"] for e in events] == sorted(e["seq"] for e in events)
     assert [e["kind"] for e in events] == ["entry", "entry", "entry", "exit", "exit"]
@@ -317,7 +320,7 @@ def test_event_conditions_use_the_materialised_map_only_while_profiles_are_uncha
             session, seeded, rule=service.parse_rule(viewed), settings=settings
         )
         assert "FROM segment_event_profiles" not in stale.sql
-        assert service.refresh_event_map(seeded) == 16
+        assert service.refresh_event_map(seeded) == 9  # the events with a name
         current = service.compile_segment_rule(
             session, seeded, rule=service.parse_rule(viewed), settings=settings
         )

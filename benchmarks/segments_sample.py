@@ -1,0 +1,498 @@
+"""Segments on the generated sample: attribute refresh and ten typical segments vs hand-written
+DuckDB SQL, and the preview time of each segment.
+
+The data is a sample written by `cdp sample-data`, loaded through the connectors and resolved
+by identity with `benchmarks.sample_warehouse` (set `CDP_BENCH_PREPARED` to a folder it
+prepared, e.g. the 1M-customer one, to reuse it; otherwise a sample of `scale` customers is
+generated and prepared in the work folder). The stores are copied into the work folder first,
+since the benchmark writes.
+
+- Attributes: `segments.service.refresh_attributes` (the eleven built-ins) against one
+  hand-written statement computing the same columns into another table; values compared.
+- Segments: compile + count of each rule through `segments.service` against a hand-written
+  count over the same tables; counts compared. Preview: `service.preview` (count and a sample).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from benchmarks import sample_warehouse
+from benchmarks.core import Measure, Result
+from cdp import sample_data
+from cdp.config import SegmentsSettings, Settings
+from cdp.db import Database
+from cdp.warehouse import Query, Warehouse
+from identity import service as identity_service
+from segments import service
+from segments.compiler import birthday_codes
+
+# The sample's reference date: its history ends here.
+NOW = datetime(2026, 11, 1)
+
+
+def _rounds() -> int:
+    """Timed rounds of each figure (the median is reported); CDP_BENCH_ROUNDS, default 3."""
+    return int(os.environ.get("CDP_BENCH_ROUNDS", "3"))
+
+
+AMOUNT = (
+    "coalesce(TRY_CAST(properties->>'$.revenue' AS DOUBLE),"
+    " TRY_CAST(properties->>'$.total' AS DOUBLE))"
+)
+
+# Identity's event -> profile rule, written by hand: the profile of the event's most trusted
+# identifier that has one.
+EP_ALL = """
+    SELECT ei.event_id, arg_min(n.profile_id, (n.rank, n.node_id)) AS profile_id
+    FROM identity_event_nodes ei JOIN identity_nodes n ON n.node_id = ei.node_id
+    WHERE n.profile_id IS NOT NULL
+    GROUP BY ei.event_id
+"""
+# The same for the events of CTE `f` only.
+EP_FOR = """
+    SELECT ei.event_id, arg_min(n.profile_id, (n.rank, n.node_id)) AS profile_id
+    FROM identity_event_nodes ei
+    SEMI JOIN f ON f.event_id = ei.event_id
+    JOIN identity_nodes n ON n.node_id = ei.node_id
+    WHERE n.profile_id IS NOT NULL
+    GROUP BY ei.event_id
+"""
+
+REFERENCE_ATTRIBUTES = Query(
+    f"""
+    CREATE OR REPLACE TABLE bench_reference_attributes AS
+    WITH ep AS ({EP_ALL}),
+    ev AS MATERIALIZED (
+        SELECT ep.profile_id, e.event_id, e.type, e.event, e.timestamp, e.properties
+        FROM events e JOIN ep ON ep.event_id = e.event_id
+    ),
+    orders AS (
+        SELECT profile_id, timestamp, {AMOUNT} AS amount, properties->>'$.order_id' AS order_id
+        FROM ev WHERE event = 'Order Completed'
+    ),
+    refunds AS (
+        SELECT profile_id, properties->>'$.order_id' AS order_id, sum({AMOUNT}) AS amount,
+               bool_or({AMOUNT} IS NULL) AS full_refund
+        FROM ev WHERE event = 'Order Refunded' AND properties->>'$.order_id' IS NOT NULL
+        GROUP BY ALL
+    ),
+    purchases AS (
+        SELECT o.profile_id, o.timestamp, o.amount - coalesce(r.amount, 0) AS amount
+        FROM orders o LEFT JOIN refunds r ON r.profile_id = o.profile_id AND r.order_id = o.order_id
+        WHERE NOT coalesce(r.full_refund OR r.amount >= o.amount, FALSE)
+    ),
+    p_agg AS (
+        SELECT profile_id, min(timestamp) AS first_purchase_at, max(timestamp) AS last_purchase_at,
+               count(*) AS orders_count, count(*) FILTER (WHERE timestamp >= $cut) AS orders_365d,
+               sum(amount) AS spend_total,
+               sum(amount) FILTER (WHERE timestamp >= $cut) AS spend_365d,
+               avg(amount) AS avg_basket
+        FROM purchases GROUP BY ALL
+    ),
+    visits AS (
+        SELECT profile_id, CAST(timestamp AS DATE) AS day, max(timestamp) AS ts
+        FROM ev WHERE type IN ('page', 'screen') OR event = 'Order Completed' GROUP BY ALL
+    ),
+    v_agg AS (
+        SELECT profile_id, max(ts) AS last_visit_at,
+               count(*) FILTER (WHERE ts >= $cut) AS visits_365d
+        FROM visits GROUP BY ALL
+    ),
+    e_agg AS (SELECT profile_id, min(timestamp) AS customer_since FROM ev GROUP BY ALL)
+    SELECT p.profile_id, p_agg.first_purchase_at, p_agg.last_purchase_at, v_agg.last_visit_at,
+           coalesce(p_agg.orders_count, 0) AS orders_count,
+           coalesce(p_agg.orders_365d, 0) AS orders_365d,
+           coalesce(v_agg.visits_365d, 0) AS visits_365d,
+           coalesce(p_agg.spend_total, 0) AS spend_total,
+           coalesce(p_agg.spend_365d, 0) AS spend_365d,
+           p_agg.avg_basket, e_agg.customer_since,
+           date_diff('day', CAST(p_agg.last_purchase_at AS DATE), $today)
+               AS days_since_last_purchase
+    FROM profiles p
+    LEFT JOIN p_agg ON p_agg.profile_id = p.profile_id
+    LEFT JOIN v_agg ON v_agg.profile_id = p.profile_id
+    LEFT JOIN e_agg ON e_agg.profile_id = p.profile_id
+    """,  # noqa: S608 - constant SQL (AMOUNT, EP_ALL are constants), values are parameters
+    {"cut": NOW - timedelta(days=365), "today": NOW.date()},
+)
+
+PARAMS: dict[str, object] = {
+    "now": NOW,
+    "cut60": NOW - timedelta(days=60),
+    "cut90": NOW - timedelta(days=90),
+    "cut365": NOW - timedelta(days=365),
+    "codes": birthday_codes(NOW.date(), 7),
+    "stores": ["S001", "S002", "S003", "S004", "S005"],
+    "since": datetime(2025, 1, 1),
+    "until": datetime(2026, 1, 1),
+}
+
+PARIS: dict[str, Any] = {  # Any: JSON
+    "field": "traits.postcode",
+    "op": "starts_with",
+    "value": "75",
+}
+BIG: dict[str, Any] = {"field": "attributes.spend_365d", "op": "gte", "value": 500}  # Any: JSON
+
+# name -> (rule, hand-written SQL returning the count)
+CASES: dict[str, tuple[dict[str, Any], str]] = {  # Any: JSON
+    "Paris postcodes": (
+        PARIS,
+        "SELECT count(*) FROM profiles p WHERE starts_with(p.traits->>'$.postcode', '75')",
+    ),
+    "born in the 80s, accept texts": (
+        {
+            "all": [
+                {
+                    "field": "traits.birth_date",
+                    "op": "between",
+                    "value": ["1980-01-01", "1989-12-31"],
+                },
+                {"field": "traits.sms_opt_in", "op": "eq", "value": "true"},
+            ]
+        },
+        "SELECT count(*) FROM profiles WHERE TRY_CAST(traits->>'$.birth_date' AS TIMESTAMP)"
+        " BETWEEN '1980-01-01' AND '1989-12-31' AND traits->>'$.sms_opt_in' = 'true'",
+    ),
+    "spent 500 in a year": (
+        BIG,
+        "SELECT count(*) FROM profile_attributes WHERE spend_365d >= 500",
+    ),
+    "lapsed buyers (180 days)": (
+        {"field": "attributes.days_since_last_purchase", "op": "gt", "value": 180},
+        "SELECT count(*) FROM profile_attributes WHERE days_since_last_purchase > 180",
+    ),
+    "bought in 90 days": (
+        {"field": "attributes.last_purchase_at", "op": "in_last_days", "value": 90},
+        "SELECT count(*) FROM profile_attributes WHERE last_purchase_at BETWEEN $cut90 AND $now",
+    ),
+    "birthday this week": (
+        {"field": "traits.birth_date", "op": "birthday_in_next_days", "value": 7},
+        "SELECT count(*) FROM (SELECT TRY_CAST(traits->>'$.birth_date' AS DATE) AS b"
+        " FROM profiles) WHERE list_contains($codes, month(b) * 100 + day(b))",
+    ),
+    "two beauty orders in a year": (
+        {
+            "event": "Order Completed",
+            "where": [{"property": "products[].category", "op": "eq", "value": "beauty"}],
+            "count": {"op": "at_least", "value": 2},
+            "last_days": 365,
+        },
+        f"""
+        WITH f AS (SELECT event_id FROM events WHERE event = 'Order Completed'
+                   AND timestamp BETWEEN $cut365 AND $now
+                   AND list_contains(json_extract_string(properties, '$.products[*].category'),
+                                     'beauty')),
+        ep AS ({EP_FOR})
+        SELECT count(*) FROM (SELECT profile_id FROM ep GROUP BY profile_id HAVING count(*) >= 2)
+        """,  # noqa: S608 - constant SQL
+    ),
+    "buyers without a product view in 60 days": (
+        {
+            "all": [
+                {"field": "attributes.orders_count", "op": "gte", "value": 1},
+                {"event": "Product Viewed", "performed": False, "last_days": 60},
+            ]
+        },
+        f"""
+        WITH f AS (SELECT event_id FROM events WHERE event = 'Product Viewed'
+                   AND timestamp BETWEEN $cut60 AND $now),
+        ep AS ({EP_FOR})
+        SELECT count(*) FROM profile_attributes a
+        WHERE a.orders_count >= 1 AND a.profile_id NOT IN (SELECT profile_id FROM ep)
+        """,  # noqa: S608 - constant SQL
+    ),
+    "bought in five stores in 2025": (
+        {
+            "event": "Order Completed",
+            "where": [{"property": "store_id", "op": "in", "value": PARAMS["stores"]}],
+            "since": "2025-01-01",
+            "until": "2026-01-01",
+        },
+        f"""
+        WITH f AS (SELECT event_id FROM events WHERE event = 'Order Completed'
+                   AND timestamp >= $since AND timestamp < $until
+                   AND list_contains($stores, properties->>'$.store_id')),
+        ep AS ({EP_FOR})
+        SELECT count(DISTINCT profile_id) FROM ep
+        """,  # noqa: S608 - constant SQL
+    ),
+    "Parisians but not big spenders (segment refs)": (
+        {"all": [{"segment": "@paris"}, {"segment": "@big", "member": False}]},
+        "SELECT count(*) FROM profiles p LEFT JOIN profile_attributes a USING (profile_id)"
+        " WHERE starts_with(p.traits->>'$.postcode', '75')"
+        " AND NOT coalesce(a.spend_365d >= 500, FALSE)",
+    ),
+}
+
+
+def _resolve_refs(rule: Any, ids: dict[str, str]) -> Any:  # Any: JSON
+    if isinstance(rule, dict):
+        return {
+            k: (ids[v[1:]] if k == "segment" else _resolve_refs(v, ids)) for k, v in rule.items()
+        }
+    if isinstance(rule, list):
+        return [_resolve_refs(r, ids) for r in rule]
+    return rule
+
+
+def _params(sql: str) -> dict[str, object]:
+    return {k: v for k, v in PARAMS.items() if f"${k}" in sql}
+
+
+def _same_attributes(warehouse: Warehouse) -> bool:
+    project = warehouse.run(Query("SELECT * EXCLUDE (computed_at) FROM profile_attributes"))
+    reference = warehouse.run(Query("SELECT * FROM bench_reference_attributes"))
+    project = project.sort("profile_id")
+    reference = reference.sort("profile_id").select(project.columns)
+    for name in project.columns:
+        a, b = project[name], reference[name]
+        if a.dtype.is_float():
+            diff = (a - b.cast(pl.Float64)).abs().fill_null(0).max()
+            if a.is_null().to_list() != b.is_null().to_list() or float(diff or 0) > 1e-6:  # type: ignore[arg-type]
+                return False
+        elif a.cast(pl.String).to_list() != b.cast(pl.String).to_list():
+            return False
+    return True
+
+
+def _prepared(scale: int, workdir: Path) -> sample_warehouse.Prepared:
+    """The prepared stores (reused from CDP_BENCH_PREPARED, or built here), copied to workdir."""
+    given = os.environ.get("CDP_BENCH_PREPARED")
+    if given:
+        folder = Path(given).resolve()
+        sample = json.loads((folder / sample_warehouse.READY).read_text())["sample"]
+        ready = sample_warehouse._load_ready(Path(sample), folder)
+        if ready is None:
+            raise SystemExit(f"{given} is not a folder prepared by benchmarks.sample_warehouse")
+        source = ready
+    else:
+        sample = workdir / "sample"
+        sample_data.generate(customers=scale, seed=42, out=sample)
+        source = sample_warehouse.ensure(sample, workdir / "prepared")
+    return source.copy_to(workdir / "stores")
+
+
+def _attributes(
+    result: Result, db: Database, warehouse: Warehouse, settings: SegmentsSettings
+) -> None:
+    project: list[float] = []
+    reference: list[float] = []
+    rounds = _rounds()
+    for _ in range(rounds):
+        with db.begin() as session:
+            t0 = time.perf_counter()
+            service.refresh_attributes(session, warehouse, settings=settings, now=NOW)
+            project.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        warehouse.execute(REFERENCE_ATTRIBUTES)
+        reference.append(time.perf_counter() - t0)
+    result.add(
+        Measure(
+            f"refresh of 11 built-in attributes (median of {rounds})",
+            "s",
+            statistics.median(project),
+            statistics.median(reference),
+            "hand-written DuckDB query, same columns",
+        )
+    )
+    result.details["attributes_project_s"] = [round(x, 2) for x in project]
+    result.details["attributes_reference_s"] = [round(x, 2) for x in reference]
+    result.details["attributes_same_values"] = _same_attributes(warehouse)
+    warehouse.execute(Query("DROP TABLE bench_reference_attributes"))
+
+
+def _segments(
+    result: Result, db: Database, warehouse: Warehouse, settings: SegmentsSettings
+) -> None:
+    with db.begin() as session:
+        ids = {
+            key: service.create_segment(
+                session,
+                warehouse,
+                name=f"bench {key}",
+                description=None,
+                rule=rule,
+                refresh_minutes=None,
+                settings=settings,
+                actor=None,
+            ).id
+            for key, rule in (("paris", PARIS), ("big", BIG))
+        }
+    total_project = total_reference = 0.0
+    mismatched = []
+    previews = {}
+    for name, (raw, hand) in CASES.items():
+        rule = _resolve_refs(raw, ids)
+        project: list[float] = []
+        reference: list[float] = []
+        counts = set()
+        got = None
+        for _ in range(_rounds()):
+            t0 = time.perf_counter()
+            with db.begin() as session:
+                query = service.compile_segment_rule(
+                    session, warehouse, rule=service.parse_rule(rule), settings=settings, now=NOW
+                )
+            count = Query(f"SELECT count(*) FROM ({query.sql})", query.params)  # noqa: S608
+            got = warehouse.scalar(count)
+            project.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            want = warehouse.scalar(Query(hand, _params(hand)))
+            reference.append(time.perf_counter() - t0)
+            counts.add((got, want))
+        if any(g != w for g, w in counts):
+            mismatched.append((name, sorted(counts)))
+        t0 = time.perf_counter()
+        with db.begin() as session:
+            service.preview(session, warehouse, rule=rule, settings=settings, now=NOW)
+        previews[name] = round(time.perf_counter() - t0, 3)
+        p, r = statistics.median(project), statistics.median(reference)
+        total_project += p
+        total_reference += r
+        result.add(Measure(f"{name} (count {got})", "s", p, r, "hand-written SQL"))
+    result.add(
+        Measure("ten segments, total", "s", total_project, total_reference, "hand-written SQL")
+    )
+    result.details["preview_seconds"] = previews
+    result.details["preview_seconds_max"] = max(previews.values())
+    result.details["counts_equal"] = not mismatched
+    if mismatched:
+        result.details["mismatched"] = mismatched
+
+
+INCREMENTAL_RULE: dict[str, Any] = {  # Any: JSON
+    "all": [
+        {"field": "traits.postcode", "op": "starts_with", "value": "75"},
+        {
+            "event": "Order Completed",
+            "where": [{"property": "products[].category", "op": "eq", "value": "beauty"}],
+            "count": {"op": "at_least", "value": 2},
+        },
+    ]
+}
+NEW_ORDERS = 1000
+
+# New orders: copies of the first orders of the sample with new ids, and their identifiers.
+ADD_ORDERS = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE bench_new AS
+    SELECT event_id AS old_id,
+           (SELECT max(event_id) FROM events) + row_number() OVER (ORDER BY event_id) AS new_id
+    FROM events WHERE event = 'Order Completed' ORDER BY event_id LIMIT $n;
+    INSERT INTO events
+    SELECT b.new_id, 'bench-' || e.message_id, e.source_id, e.batch_id, e.type, e.event,
+           e.user_id, e.anonymous_id, e.timestamp, e.received_at, e.properties, e.traits,
+           e.context
+    FROM events e JOIN bench_new b ON b.old_id = e.event_id;
+    INSERT INTO event_identifiers
+    SELECT b.new_id, i.kind, i.value FROM event_identifiers i JOIN bench_new b
+        ON b.old_id = i.event_id;
+    DROP TABLE bench_new
+    """,
+    {"n": NEW_ORDERS},
+)
+
+
+def _incremental(
+    result: Result,
+    db: Database,
+    warehouse: Warehouse,
+    app_settings: Settings,
+) -> None:
+    """A per-profile segment refreshed in full, then incrementally after new orders."""
+    settings = app_settings.segments
+    with db.begin() as session:
+        segment_id = service.create_segment(
+            session,
+            warehouse,
+            name="bench incremental",
+            description=None,
+            rule=INCREMENTAL_RULE,
+            refresh_minutes=None,
+            settings=settings,
+            actor=None,
+        ).id
+        rules = identity_service.get_rules(session)
+
+    def refresh(full: bool) -> tuple[float, service.SegmentRefresh]:
+        t0 = time.perf_counter()
+        with db.begin() as session:
+            done = service.refresh_segment(
+                session, warehouse, segment_id=segment_id, settings=settings, now=NOW, full=full
+            )
+        return time.perf_counter() - t0, done
+
+    first_s, first = refresh(False)
+    with warehouse.transaction() as cur:
+        for statement in ADD_ORDERS.sql.split(";\n"):
+            cur.execute(statement, {"n": NEW_ORDERS} if "$n" in statement else None)
+    t0 = time.perf_counter()
+    identity_service.resolve(warehouse, settings=app_settings, rules=rules)
+    result.details["identity_incremental_s (1,000 new orders)"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
+    service.refresh_event_map(warehouse)
+    result.details["event_map_after_identity_s"] = round(time.perf_counter() - t0, 2)
+    inc_s, inc = refresh(False)
+    full_s, full = refresh(True)
+    result.add(
+        Measure(
+            f"segment refresh after {NEW_ORDERS:,} new orders, incremental"
+            f" ({inc.evaluated:,} profiles evaluated)",
+            "s",
+            inc_s,
+            full_s,
+            "full refresh of the same segment",
+        )
+    )
+    result.details["incremental"] = {
+        "first_refresh": {"mode": first.mode, "seconds": round(first_s, 3), "size": first.size},
+        "incremental": {
+            "mode": inc.mode,
+            "size": inc.size,
+            "entries": inc.entries,
+            "exits": inc.exits,
+        },
+        "full_after": {"mode": full.mode, "size": full.size, "entries": full.entries},
+        "same_members": inc.size == full.size and full.entries == 0 and full.exits == 0,
+    }
+
+
+def run(scale: int, workdir: Path) -> Result:
+    """Prepare (or reuse) the sample stores, then time attributes and segments both ways."""
+    prepared = _prepared(scale, workdir)
+    result = Result("segments_sample", prepared.customers)
+    result.details["events"] = prepared.events
+    result.details["profiles"] = prepared.profiles
+    app_settings = prepared.settings(memory_limit=os.environ.get("CDP_BENCH_MEMORY", "4GB"))
+    settings = app_settings.segments
+    db = Database.from_settings(app_settings)
+    warehouse = Warehouse(
+        app_settings.warehouse_file, memory_limit=app_settings.duckdb_memory_limit
+    ).open()
+    try:
+        _attributes(result, db, warehouse, settings)
+        for step, call in (
+            ("event_map_s", lambda: service.refresh_event_map(warehouse)),
+            ("catalog_first_build_s", lambda: service.refresh_catalog(warehouse)),
+            # No new event since: the traits are re-read, the event catalogue is kept.
+            ("catalog_again_s", lambda: service.refresh_catalog(warehouse)),
+        ):
+            t0 = time.perf_counter()
+            call()
+            result.details[step] = round(time.perf_counter() - t0, 2)
+        _segments(result, db, warehouse, settings)
+        _incremental(result, db, warehouse, app_settings)
+    finally:
+        warehouse.close()
+        db.dispose()
+    return result
