@@ -339,6 +339,7 @@ def seed_segments(db: Database, warehouse: Warehouse, *, last: date) -> dict[str
         cur.execute(
             """
             INSERT INTO segment_refreshes
+                (refresh_id, segment_id, segment_version, refreshed_at, size, entries, exits)
             SELECT row_number() OVER (ORDER BY day, segment_id), segment_id, 1,
                    CAST(day AS TIMESTAMP) + INTERVAL 2 HOUR, size, entries, exits
             FROM (
