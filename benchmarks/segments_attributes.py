@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import polars as pl
@@ -30,16 +30,26 @@ AMOUNT = (
     " TRY_CAST(properties->>'$.total' AS DOUBLE))"
 )
 
-REFERENCE = Query(
-    f"""
-    CREATE OR REPLACE TABLE bench_reference_attributes AS
-    WITH ep AS (
+# Identity's event -> profile rule, written by hand: the profile of the event's most trusted
+# identifier that has one.
+EVENT_PROFILES = """
         SELECT ei.event_id, arg_min(n.profile_id, (n.rank, n.node_id)) AS profile_id
         FROM event_identifiers ei
         JOIN identity_nodes n ON n.kind = ei.kind AND n.value = ei.value
         WHERE n.profile_id IS NOT NULL
         GROUP BY ei.event_id
-    ),
+"""
+
+
+def reference_attributes(event_profiles: str, *, now: datetime) -> Query:
+    """One hand-written statement computing the built-in attributes into a reference table.
+
+    `event_profiles` is the SQL of the event -> profile map (a constant of the caller's).
+    """
+    return Query(
+        f"""
+    CREATE OR REPLACE TABLE bench_reference_attributes AS
+    WITH ep AS ({event_profiles}),
     ev AS MATERIALIZED (
         SELECT ep.profile_id, e.event_id, e.type, e.event, e.timestamp, e.properties
         FROM events e JOIN ep ON ep.event_id = e.event_id
@@ -90,9 +100,12 @@ REFERENCE = Query(
     LEFT JOIN p_agg ON p_agg.profile_id = p.profile_id
     LEFT JOIN v_agg ON v_agg.profile_id = p.profile_id
     LEFT JOIN e_agg ON e_agg.profile_id = p.profile_id
-    """,  # noqa: S608 - constant SQL (AMOUNT is a constant), values are parameters
-    {"cut": NOW - timedelta(days=365), "today": NOW.date()},
-)
+    """,  # noqa: S608 - constant SQL (AMOUNT and the callers' constants)
+        {"cut": now - timedelta(days=365), "today": now.date()},
+    )
+
+
+REFERENCE = reference_attributes(EVENT_PROFILES, now=NOW)
 
 
 def _same(warehouse: Warehouse) -> bool:

@@ -27,6 +27,7 @@ import polars as pl
 
 from benchmarks import sample_warehouse
 from benchmarks.core import Measure, Result
+from benchmarks.segments_attributes import reference_attributes
 from cdp import sample_data
 from cdp.config import SegmentsSettings, Settings
 from cdp.db import Database
@@ -43,11 +44,6 @@ def _rounds() -> int:
     """Timed rounds of each figure (the median is reported); CDP_BENCH_ROUNDS, default 3."""
     return int(os.environ.get("CDP_BENCH_ROUNDS", "3"))
 
-
-AMOUNT = (
-    "coalesce(TRY_CAST(properties->>'$.revenue' AS DOUBLE),"
-    " TRY_CAST(properties->>'$.total' AS DOUBLE))"
-)
 
 # Identity's event -> profile rule, written by hand: the profile of the event's most trusted
 # identifier that has one.
@@ -67,63 +63,7 @@ EP_FOR = """
     GROUP BY ei.event_id
 """
 
-REFERENCE_ATTRIBUTES = Query(
-    f"""
-    CREATE OR REPLACE TABLE bench_reference_attributes AS
-    WITH ep AS ({EP_ALL}),
-    ev AS MATERIALIZED (
-        SELECT ep.profile_id, e.event_id, e.type, e.event, e.timestamp, e.properties
-        FROM events e JOIN ep ON ep.event_id = e.event_id
-    ),
-    orders AS (
-        SELECT profile_id, timestamp, {AMOUNT} AS amount, properties->>'$.order_id' AS order_id
-        FROM ev WHERE event = 'Order Completed'
-    ),
-    refunds AS (
-        SELECT profile_id, properties->>'$.order_id' AS order_id, sum({AMOUNT}) AS amount,
-               bool_or({AMOUNT} IS NULL) AS full_refund
-        FROM ev WHERE event = 'Order Refunded' AND properties->>'$.order_id' IS NOT NULL
-        GROUP BY ALL
-    ),
-    purchases AS (
-        SELECT o.profile_id, o.timestamp, o.amount - coalesce(r.amount, 0) AS amount
-        FROM orders o LEFT JOIN refunds r ON r.profile_id = o.profile_id AND r.order_id = o.order_id
-        WHERE NOT coalesce(r.full_refund OR r.amount >= o.amount, FALSE)
-    ),
-    p_agg AS (
-        SELECT profile_id, min(timestamp) AS first_purchase_at, max(timestamp) AS last_purchase_at,
-               count(*) AS orders_count, count(*) FILTER (WHERE timestamp >= $cut) AS orders_365d,
-               sum(amount) AS spend_total,
-               sum(amount) FILTER (WHERE timestamp >= $cut) AS spend_365d,
-               avg(amount) AS avg_basket
-        FROM purchases GROUP BY ALL
-    ),
-    visits AS (
-        SELECT profile_id, CAST(timestamp AS DATE) AS day, max(timestamp) AS ts
-        FROM ev WHERE type IN ('page', 'screen') OR event = 'Order Completed' GROUP BY ALL
-    ),
-    v_agg AS (
-        SELECT profile_id, max(ts) AS last_visit_at,
-               count(*) FILTER (WHERE ts >= $cut) AS visits_365d
-        FROM visits GROUP BY ALL
-    ),
-    e_agg AS (SELECT profile_id, min(timestamp) AS customer_since FROM ev GROUP BY ALL)
-    SELECT p.profile_id, p_agg.first_purchase_at, p_agg.last_purchase_at, v_agg.last_visit_at,
-           coalesce(p_agg.orders_count, 0) AS orders_count,
-           coalesce(p_agg.orders_365d, 0) AS orders_365d,
-           coalesce(v_agg.visits_365d, 0) AS visits_365d,
-           coalesce(p_agg.spend_total, 0) AS spend_total,
-           coalesce(p_agg.spend_365d, 0) AS spend_365d,
-           p_agg.avg_basket, e_agg.customer_since,
-           date_diff('day', CAST(p_agg.last_purchase_at AS DATE), $today)
-               AS days_since_last_purchase
-    FROM profiles p
-    LEFT JOIN p_agg ON p_agg.profile_id = p.profile_id
-    LEFT JOIN v_agg ON v_agg.profile_id = p.profile_id
-    LEFT JOIN e_agg ON e_agg.profile_id = p.profile_id
-    """,  # noqa: S608 - constant SQL (AMOUNT, EP_ALL are constants), values are parameters
-    {"cut": NOW - timedelta(days=365), "today": NOW.date()},
-)
+REFERENCE_ATTRIBUTES = reference_attributes(EP_ALL, now=NOW)
 
 PARAMS: dict[str, object] = {
     "now": NOW,
