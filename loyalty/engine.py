@@ -29,8 +29,19 @@ logger = logging.getLogger(__name__)
 
 ORDER_EVENT = "Order Completed"
 REFUND_EVENT = "Order Refunded"
+# The event the scheduled birthday job generates (see `service.award_birthdays`); rules
+# triggered on it give birthday bonuses. Never read from the warehouse.
+BIRTHDAY_EVENT = "Birthday"
 # Amount properties read for spend and refunds, first present wins.
 AMOUNT_PATHS = ("total", "revenue")
+# Where a return names the sale it returns, first present wins (then `order_id`).
+ORIGINAL_ORDER_PATHS = ("original_order_id", "original_transaction_id")
+# An order event that may be a till return: a negative amount or quantity, or kind "refund".
+_RETURN_HINT = r'"(?:total|revenue|quantity)"\s*:\s*-|"kind"\s*:\s*"refund"'
+_QUANTITIES = pl.List(pl.Struct({"quantity": pl.Float64}))
+_LINE_AMOUNTS = pl.List(
+    pl.Struct({"price": pl.Float64, "unit_price": pl.Float64, "quantity": pl.Float64})
+)
 # Above this many profiles in a batch, members are read for the whole programme.
 IN_LIST_LIMIT = 5_000
 
@@ -148,16 +159,24 @@ TRACE_COLUMNS = (
 
 
 def prepare(frame: pl.DataFrame, tz: str) -> pl.DataFrame:
-    """Order rows by event time and add the row index, local date, month and order id."""
-    return (
-        frame.sort("timestamp", "event_id")
-        .with_row_index("row")
-        .with_columns(
-            pl.col("timestamp").dt.convert_time_zone(tz).dt.date().alias("local_date"),
-            pl.col("properties").str.json_path_match("$.order_id").alias("order_id"),
+    """Order rows by event time and add the row index, local date, month and order id.
+
+    A refund's order id is the sale it names (`original_order_id`, `original_transaction_id`,
+    else `order_id`), so a till return, whose own id is its transaction's, finds its sale.
+    """
+    props = pl.col("properties")
+    refund = pl.col("event") == REFUND_EVENT
+    prepared = frame.sort("timestamp", "event_id").with_row_index("row")
+    order_id = props.str.json_path_match("$.order_id")
+    if prepared.select(refund.any()).item():
+        original = pl.coalesce(
+            [props.str.json_path_match(f"$.{p}") for p in ORIGINAL_ORDER_PATHS] + [order_id]
         )
-        .with_columns(pl.col("local_date").dt.truncate("1mo").alias("month"))
-    )
+        order_id = pl.when(refund).then(original).otherwise(order_id)
+    return prepared.with_columns(
+        pl.col("timestamp").dt.convert_time_zone(tz).dt.date().alias("local_date"),
+        order_id.alias("order_id"),
+    ).with_columns(pl.col("local_date").dt.truncate("1mo").alias("month"))
 
 
 def trace(frame: pl.DataFrame, specs: list[RuleSpec]) -> pl.DataFrame:
@@ -338,10 +357,46 @@ def _normalise(events: pl.DataFrame) -> pl.DataFrame:
     dtype = frame.schema["timestamp"]
     if isinstance(dtype, pl.Datetime) and dtype.time_zone is None:
         frame = frame.with_columns(pl.col("timestamp").dt.replace_time_zone("UTC"))
+    return returns_as_refunds(
+        frame.with_columns(
+            pl.col("timestamp").dt.convert_time_zone("UTC").dt.cast_time_unit("us"),
+            pl.col("event_id").cast(pl.Int64),
+            pl.col("properties").cast(pl.String).fill_null("{}"),
+        )
+    )
+
+
+def returns_as_refunds(frame: pl.DataFrame) -> pl.DataFrame:
+    """Till returns recorded as order events become `Order Refunded` events.
+
+    A till export may record a return as an order whose total is negative, whose products
+    all have negative quantities, or whose `kind` is "refund", naming the sale in
+    `original_transaction_id`. Such a row earns nothing and reverses the sale's points
+    exactly as an `Order Refunded` of the same amount would. Only rows whose JSON text
+    hints at a return (a cheap regex) are parsed.
+    """
+    props = pl.col("properties")
+    hinted = (pl.col("event") == ORDER_EVENT) & props.str.contains(_RETURN_HINT)
+    candidates = frame.with_row_index("_row").filter(hinted)
+    if candidates.is_empty():
+        return frame
+    quantities = (
+        props.str.json_path_match("$.products")
+        .str.json_decode(_QUANTITIES)
+        .list.eval(pl.element().struct.field("quantity"))
+    )
+    confirmed = candidates.filter(
+        (
+            (_amount_expr() < 0)
+            | (props.str.json_path_match("$.kind") == "refund")
+            | ((quantities.list.max() < 0) & (quantities.list.len() > 0))
+        ).fill_null(False)
+    )["_row"]
+    if confirmed.is_empty():
+        return frame
+    returns = pl.int_range(pl.len(), dtype=confirmed.dtype).is_in(confirmed.implode())
     return frame.with_columns(
-        pl.col("timestamp").dt.convert_time_zone("UTC").dt.cast_time_unit("us"),
-        pl.col("event_id").cast(pl.Int64),
-        pl.col("properties").cast(pl.String).fill_null("{}"),
+        pl.when(returns).then(pl.lit(REFUND_EVENT)).otherwise(pl.col("event")).alias("event")
     )
 
 
@@ -501,6 +556,26 @@ def _amount_expr() -> pl.Expr:
     )
 
 
+def _refund_amount_expr() -> pl.Expr:
+    """The amount a refund gives back, positive whatever the sign it was recorded with:
+    `total` (else `revenue`), else the sum of its lines' price x quantity; null means all."""
+    lines = (
+        pl.col("properties")
+        .str.json_path_match("$.products")
+        .str.json_decode(_LINE_AMOUNTS)
+        .list.eval(
+            (
+                pl.coalesce(
+                    pl.element().struct.field("price"), pl.element().struct.field("unit_price")
+                )
+                * pl.element().struct.field("quantity").fill_null(1.0)
+            ).abs()
+        )
+        .list.sum()
+    )
+    return pl.coalesce(_amount_expr().abs(), pl.when(lines > 0).then(lines))
+
+
 def member_events(
     session: Session,
     *,
@@ -602,21 +677,28 @@ def _record_activity(session: Session, *, program: Program, frame: pl.DataFrame)
     )
     if orders.is_empty():
         return
-    rows = orders.select(
+    is_order = pl.col("event") == ORDER_EVENT
+    # Refund amounts may need their lines parsed: only on the (few) refund rows.
+    spend = pl.concat(
+        [
+            orders.filter(is_order).with_columns(_amount_expr().fill_null(0.0).alias("spend")),
+            orders.filter(~is_order).with_columns(
+                (-_refund_amount_expr().fill_null(0.0)).alias("spend")
+            ),
+        ]
+    )
+    rows = spend.select(
         pl.col("member_id"),
         pl.col("event_id"),
         pl.col("order_id"),
-        pl.when(pl.col("event") == ORDER_EVENT)
-        .then(_amount_expr().fill_null(0.0))
-        .otherwise(-_amount_expr().fill_null(0.0))
-        .alias("spend"),
-        pl.when(pl.col("event") == ORDER_EVENT).then(1).otherwise(0).alias("orders"),
+        pl.col("spend"),
+        pl.when(is_order).then(1).otherwise(0).alias("orders"),
         pl.col("timestamp").alias("occurred_at"),
         pl.concat_str(pl.lit(f"activity:{program.id}:"), pl.col("message_id")).alias(
             "idempotency_key"
         ),
     ).with_columns(
-        pl.Series("id", [new_id() for _ in range(orders.height)]),
+        pl.Series("id", [new_id() for _ in range(spend.height)]),
         pl.lit(program.id).alias("program_id"),
     )
     session.execute(ledger.insert_ignoring_conflicts(session, Activity.__table__), rows.to_dicts())
@@ -630,7 +712,7 @@ def _reverse_refunds(
         (pl.col("event") == REFUND_EVENT)
         & pl.col("order_id").is_not_null()
         & (pl.col("member_status") == "active")
-    ).with_columns(_amount_expr().alias("amount"))
+    ).with_columns(_refund_amount_expr().alias("amount"))
     written = 0
     for row in refunds.sort("timestamp", "event_id").iter_rows(named=True):
         key = f"event:{row['message_id']}:reverse:{program.id}"
