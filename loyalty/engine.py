@@ -394,7 +394,7 @@ def returns_as_refunds(frame: pl.DataFrame) -> pl.DataFrame:
     )["_row"]
     if confirmed.is_empty():
         return frame
-    returns = pl.int_range(pl.len(), dtype=confirmed.dtype).is_in(confirmed.implode())
+    returns = pl.int_range(pl.len(), dtype=pl.UInt32).is_in(confirmed.implode())
     return frame.with_columns(
         pl.when(returns).then(pl.lit(REFUND_EVENT)).otherwise(pl.col("event")).alias("event")
     )

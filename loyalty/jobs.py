@@ -80,6 +80,18 @@ def expire_points(context: JobContext) -> int:
     return expired
 
 
+def award_birthdays(context: JobContext) -> int:
+    """Birthday bonuses of the members whose birthday it is in their programme's time zone."""
+    credits = 0
+    for program_id in _active_programs(context):
+        with context.db.begin() as session:
+            credits += service.award_birthdays(
+                session, context.warehouse, program_id=program_id
+            ).credits
+    context.message = f"{credits} birthday credits"
+    return credits
+
+
 def reevaluate_tiers(context: JobContext) -> int:
     """Re-evaluate tiers (downgrades after grace) in every active programme."""
     moved = 0
@@ -117,6 +129,13 @@ JOBS: tuple[JobSpec, ...] = (
         "expire points past their expiry date",
         trigger="cron",
         trigger_args={"hour": 2, "minute": 0},
+    ),
+    JobSpec(
+        "loyalty.birthday_bonus",
+        award_birthdays,
+        "award birthday bonuses (hourly, so each programme's local day is caught early)",
+        trigger="cron",
+        trigger_args={"minute": 7},
     ),
     JobSpec(
         "loyalty.reevaluate_tiers",

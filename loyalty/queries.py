@@ -62,3 +62,19 @@ WHERE pick = 1
 # Replace the member snapshot with the registered frame `snapshot_frame`, in one transaction.
 DELETE_SNAPSHOT = "DELETE FROM loyalty_member_snapshot"
 INSERT_SNAPSHOT = "INSERT INTO loyalty_member_snapshot BY NAME SELECT * FROM snapshot_frame"
+
+
+def birthday_profiles(codes: list[int]) -> Query:
+    """Profiles whose `birth_date` trait (ISO date) falls on one of the `month*100+day` codes,
+    with their traits as JSON text."""
+    return Query(
+        """
+        SELECT profile_id, CAST(traits AS VARCHAR) AS traits
+        FROM profiles
+        WHERE list_contains($codes, CAST(strftime(
+            TRY_CAST(left(json_extract_string(traits, '$.birth_date'), 10) AS DATE), '%m%d'
+        ) AS INTEGER))
+        ORDER BY profile_id
+        """,
+        {"codes": codes},
+    )

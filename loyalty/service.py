@@ -1104,7 +1104,11 @@ def process_range(
     """Process warehouse events in `(after, up_to]` in batches of event ids."""
     program = get_program(session, program_id=program_id)
     specs = engine.active_rules(session, program_id=program.id)
-    names = sorted({s.event_name for s in specs} | {engine.ORDER_EVENT, engine.REFUND_EVENT})
+    # Birthday bonuses come from the scheduled job only, never from tracked events.
+    names = sorted(
+        ({s.event_name for s in specs} | {engine.ORDER_EVENT, engine.REFUND_EVENT})
+        - {engine.BIRTHDAY_EVENT}
+    )
     total = engine.ProcessResult()
     touched: set[str] = set()
     start = after_event_id
@@ -1176,6 +1180,64 @@ def backfill(
     program.last_event_id = max(program.last_event_id, up_to)
     session.flush()
     return result, program.last_event_id
+
+
+def birthday_codes(day: date) -> list[int]:
+    """The `month * 100 + day` birthdays celebrated on a date: 29 February is celebrated
+    on 1 March in common years (as the segment rule `birthday_in_next_days` counts it)."""
+    codes = [day.month * 100 + day.day]
+    leap = day.year % 4 == 0 and (day.year % 100 != 0 or day.year % 400 == 0)
+    if (day.month, day.day) == (3, 1) and not leap:
+        codes.append(229)
+    return codes
+
+
+def award_birthdays(
+    session: Session, warehouse: Warehouse, *, program_id: str, now: datetime | None = None
+) -> engine.ProcessResult:
+    """Give the birthday bonus to active members whose birthday is today in the programme's
+    time zone (the profile trait `birth_date`, an ISO date).
+
+    The bonus is whatever the programme's active rules triggered on `Birthday` award
+    (conditions, tier multiplier and caps apply as for any event). Each member gets one
+    `Birthday` event per local year, at the local midnight starting the day, whose message id
+    `birthday:<member>:<year>` puts its entries under the keys
+    `event:birthday:<member>:<year>:rule:<rule>`: running the job again the same day, or on
+    another day of the same year, awards nothing twice.
+    """
+    program = get_program(session, program_id=program_id)
+    result = engine.ProcessResult()
+    specs = [
+        s
+        for s in engine.active_rules(session, program_id=program.id)
+        if s.event_name == engine.BIRTHDAY_EVENT
+    ]
+    if program.status != "active" or not specs:
+        return result
+    now = now or utcnow()
+    today = calendar.local_date(now, program.timezone)
+    profiles = warehouse.run(queries.birthday_profiles(birthday_codes(today)))
+    if profiles.is_empty():
+        return result
+    members = engine.member_frame(
+        session, program_id=program.id, profiles=profiles["profile_id"].to_list()
+    ).filter(pl.col("member_status") == "active")
+    if members.is_empty():
+        return result
+    midnight = calendar.start_of_day(today, program.timezone)
+    events = members.select(
+        pl.lit(None, dtype=pl.Int64).alias("event_id"),
+        pl.concat_str(pl.lit("birthday:"), pl.col("member_id"), pl.lit(f":{today.year}")).alias(
+            "message_id"
+        ),
+        pl.lit("loyalty").alias("source_id"),
+        pl.lit("track").alias("type"),
+        pl.lit(engine.BIRTHDAY_EVENT).alias("event"),
+        pl.lit(midnight).dt.convert_time_zone("UTC").alias("timestamp"),
+        pl.lit("{}").alias("properties"),
+        "profile_id",
+    )
+    return engine.process_events(session, program=program, events=events, traits=profiles, now=now)
 
 
 def create_tier(session: Session, *, program_id: str, data: TierCreate) -> Tier:
