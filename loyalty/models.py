@@ -46,6 +46,8 @@ class Program(Base):
     last_event_id: Mapped[int] = mapped_column(BigInteger, default=0)
     # High-water mark of identity's published merges (`seq`) applied to the memberships.
     last_merge_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    # High-water mark of identity's published erasures (`seq`) applied to the memberships.
+    last_erasure_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
@@ -124,6 +126,8 @@ class LedgerEntry(Base):
     order_id: Mapped[str | None] = mapped_column(String(200), index=True)
     rule_id: Mapped[str | None] = mapped_column(String(36))
     redemption_id: Mapped[str | None] = mapped_column(String(36))
+    # The entry whose points or qualifying points a `split` transfer moves to another member.
+    source_entry_id: Mapped[str | None] = mapped_column(String(36), index=True)
     reason: Mapped[str | None] = mapped_column(Text)
     actor: Mapped[str | None] = mapped_column(String(200))
     idempotency_key: Mapped[str] = mapped_column(String(300), unique=True)

@@ -78,3 +78,17 @@ def birthday_profiles(codes: list[int]) -> Query:
         """,
         {"codes": codes},
     )
+
+
+def event_profiles_of(event_ids: list[int], *, event_profiles: str) -> Query:
+    """The profile each of these events belongs to now (`event_profiles` is identity's
+    parameter-free `(event_id, profile_id)` relation); erased or unresolved events are absent."""
+    return Query(
+        f"""
+        SELECT ep.event_id, ep.profile_id
+        FROM ({event_profiles}) AS ep
+        WHERE ep.event_id IN (SELECT unnest($ids))
+        ORDER BY ep.event_id
+        """,  # noqa: S608 - the relation is identity's constant SQL; values are parameters
+        {"ids": event_ids},
+    )

@@ -436,67 +436,263 @@ def merge_profiles(
     return source, target, moved
 
 
+EventProfiles = dict[int, str] | Callable[[list[int]], dict[int, str]]
+
+
+def event_profiles_of(warehouse: Warehouse, *, event_ids: list[int]) -> dict[int, str]:
+    """The profile identity gives each of these events now (absent: erased or unresolved)."""
+    if not event_ids:
+        return {}
+    frame = warehouse.run(
+        queries.event_profiles_of(
+            sorted(set(event_ids)), event_profiles=identity_service.event_profile_sql()
+        )
+    )
+    return dict(zip(frame["event_id"].to_list(), frame["profile_id"].to_list(), strict=True))
+
+
+def _group_head(session: Session, member: Member) -> Member:
+    if member.status == "merged" and member.merged_into is not None:
+        return get_member(session, member_id=member.merged_into)
+    return member
+
+
 def split_profiles(
     session: Session,
     *,
     program_id: str,
     from_profile_id: str,
     to_profile_id: str,
-    event_profiles: dict[int, str] | None = None,
+    event_profiles: EventProfiles | None = None,
     reason: str | None = None,
     now: datetime | None = None,
+    key: str | None = None,
 ) -> tuple[Member | None, Member | None, int]:
-    """Undo a merge: the restored profile's membership takes back the lots it earned.
+    """Apply an identity split: part of `from_profile_id` now forms `to_profile_id`.
 
-    A lot follows the event that earned it: with `event_profiles` (event id → profile id
-    after the split, from identity) a lot goes to the restored member when its event now
-    belongs to the restored profile; lots without an event (adjustments, imports) and
-    events missing from the map follow the member that earned them.
+    This is identity's direction (`merges_since` rows of kind 'split'). Each ledger entry of
+    the membership of `from_profile_id` (and of the memberships merged into it) follows the
+    event that earned it: when `event_profiles` (event id → profile now, a dict or a lookup
+    function) puts the event in `to_profile_id`, the entry's lot (what is left of it) and its
+    qualifying points move to the membership of `to_profile_id`, created if needed (enrolled
+    at its first moved entry), with a pair of `split` entries naming the moved entry
+    (`source_entry_id`, at the moved entry's time, so tier windows stay right). Entries
+    without an event (adjustments, bonuses, imports) and events missing from the map follow
+    the member that earned them. When the membership of `to_profile_id` was merged into that
+    of `from_profile_id` (an undone merge), it is restored first and takes back what it
+    earned. Purchase activity follows its event too. Replaying a split changes nothing.
     """
     program = get_program(session, program_id=program_id)
     now = now or utcnow()
-    source = find_member(session, program_id=program_id, profile_id=from_profile_id)
+    key = key or f"split:{from_profile_id}:{to_profile_id}:{now.isoformat()}"
+    found = find_member(session, program_id=program_id, profile_id=from_profile_id)
     target = find_member(session, program_id=program_id, profile_id=to_profile_id)
-    if source is None or target is None or source.merged_into != target.id:
-        return source, target, 0
-    for member_id in sorted((source.id, target.id)):
-        ledger.lock_member(session, member_id=member_id)
-    rows = session.execute(
-        select(Lot.entry_id, LedgerEntry.member_id, LedgerEntry.event_id)
-        .join(LedgerEntry, LedgerEntry.id == Lot.entry_id)
-        .where(Lot.member_id == target.id)
+    if found is None or found.status == "erased":
+        return found, target, 0
+    head = _group_head(session, found)
+    restoring = target is not None and target.merged_into == head.id
+    if target is not None and target.id == head.id:
+        return head, target, 0
+    group = set(member_group(session, member_id=head.id))
+    candidates = _split_candidates(session, program_id=program.id, group=group)
+    activity = session.execute(
+        select(Activity.id, Activity.member_id, Activity.event_id).where(
+            Activity.program_id == program.id, Activity.member_id.in_(list(group))
+        )
     ).all()
-    back = []
-    for lot_id, earner, event_id in rows:
-        owner = (event_profiles or {}).get(event_id) if event_id is not None else None
-        if owner == from_profile_id or (owner is None and earner == source.id):
-            back.append(lot_id)
-    moved = _move_lots(
-        session,
-        program=program,
-        from_member=target,
-        to_member=source,
-        lot_filter=back,
-        kind="split",
-        key=f"split:{source.id}:{target.id}:{now.isoformat()}",
-        now=now,
-    )
-    source.status = "active"
-    source.merged_into = None
-    source.status_changed_at = now
+    if event_profiles is None:
+        owners: dict[int, str] = {}
+    elif callable(event_profiles):
+        ids = [c["event_id"] for c in candidates if c["event_id"] is not None]
+        ids += [a.event_id for a in activity if a.event_id is not None]
+        owners = event_profiles(ids) if ids else {}
+    else:
+        owners = event_profiles
+    restored_id = target.id if (target is not None and restoring) else None
+
+    def goes_to_target(row: dict[str, Any]) -> bool:  # Any: column values
+        owner = owners.get(row["event_id"]) if row["event_id"] is not None else None
+        if owner is not None:
+            return owner == to_profile_id
+        return bool(row["earner"] == restored_id)
+
+    moving = [c for c in candidates if goes_to_target(c)]
+    if not moving and not restoring:
+        return head, target, 0
+    for member_id in sorted({head.id} | ({target.id} if target is not None else set())):
+        ledger.lock_member(session, member_id=member_id)
+    if target is None:
+        target = Member(
+            program_id=program.id,
+            profile_id=to_profile_id,
+            status="active",
+            enrolled_at=min(c["occurred_at"] for c in moving),
+            status_changed_at=now,
+        )
+        session.add(target)
+        session.flush()
+    elif restoring:
+        target.status = "active"
+        target.merged_into = None
+        target.status_changed_at = now
+        session.flush()
+    group_of = {m: head.id for m in group - {target.id}} | {target.id: target.id}
+    rows: list[dict[str, Any]] = []  # Any: column values
+    moved_lots: dict[str, list[str]] = {target.id: [], head.id: []}
+    moved_points = 0
+    for row in candidates:
+        dest = target.id if goes_to_target(row) else head.id
+        source_group = group_of.get(row["q_holder"])
+        qualifying = row["qualifying"] if source_group not in (None, dest) else 0
+        points = 0
+        if row["lot_holder"] is not None and row["lot_holder"] != dest:
+            points = int(row["remaining"] or 0)
+            moved_lots[dest].append(row["id"])
+        if not points and not qualifying:
+            continue
+        moved_points += points
+        origin = row["lot_holder"] if points else source_group
+        q_origin = source_group if qualifying else origin
+        assert origin is not None
+        assert q_origin is not None
+        pair = (
+            [(origin, -points, -qualifying, "out"), (dest, points, qualifying, "in")]
+            if origin == q_origin
+            else [
+                (origin, -points, 0, "out"),
+                (q_origin, 0, -qualifying, "q-out"),
+                (dest, points, qualifying, "in"),
+            ]
+        )
+        for member_id, pts, qual, suffix in pair:
+            entry_key = f"{key}:{row['id']}:{suffix}"
+            rows.append(
+                {
+                    "id": ledger.entry_id(entry_key),
+                    "program_id": program.id,
+                    "member_id": member_id,
+                    "kind": "split",
+                    "points": pts,
+                    "qualifying_points": qual,
+                    "unrecovered": 0,
+                    "status": "active",
+                    "occurred_at": row["occurred_at"],
+                    "local_date": row["local_date"],
+                    "created_at": now,
+                    "order_id": row["order_id"],
+                    "source_entry_id": row["id"],
+                    "reason": f"split of {from_profile_id}: follows event {row['event_id']}",
+                    "idempotency_key": entry_key,
+                }
+            )
+    if rows:
+        session.execute(ledger.insert_ignoring_conflicts(session, LedgerEntry.__table__), rows)
+    for dest_id, lot_ids in moved_lots.items():
+        for i in range(0, len(lot_ids), 1000):
+            session.execute(
+                update(Lot).where(Lot.entry_id.in_(lot_ids[i : i + 1000])).values(member_id=dest_id)
+            )
+    # Purchase activity (spend and orders tier metrics) follows its event the same way.
+    for activity_id, member_id, event_id in activity:
+        dest = target.id if goes_to_target({"event_id": event_id, "earner": member_id}) else head.id
+        if group_of.get(member_id) != dest:
+            session.execute(
+                update(Activity).where(Activity.id == activity_id).values(member_id=dest)
+            )
     session.add(
         MemberMerge(
             program_id=program_id,
             kind="split",
-            from_member_id=target.id,
-            to_member_id=source.id,
-            points=moved,
+            from_member_id=head.id,
+            to_member_id=target.id,
+            points=moved_points,
             at=now,
             reason=reason,
         )
     )
     session.flush()
-    return source, target, moved
+    tiers.evaluate(session, program=program, member_ids=[target.id], now=now)
+    return head, target, moved_points
+
+
+def _split_candidates(
+    session: Session, *, program_id: str, group: set[str]
+) -> list[dict[str, Any]]:  # Any: column values
+    """Every entry whose lot or qualifying points a member of the group holds now.
+
+    The holder of an entry's qualifying points is its earner, or the member the last `split`
+    transfer of it went to; split transfers themselves are never candidates.
+    """
+    last_in = (
+        select(
+            LedgerEntry.source_entry_id.label("entry_id"),
+            func.max(LedgerEntry.created_at).label("at"),
+        )
+        .where(
+            LedgerEntry.program_id == program_id,
+            LedgerEntry.kind == "split",
+            LedgerEntry.qualifying_points != 0,
+            LedgerEntry.idempotency_key.like("%:in"),
+        )
+        .group_by(LedgerEntry.source_entry_id)
+        .subquery()
+    )
+    transfer = (
+        select(LedgerEntry.source_entry_id, LedgerEntry.member_id)
+        .join(
+            last_in,
+            (last_in.c.entry_id == LedgerEntry.source_entry_id)
+            & (last_in.c.at == LedgerEntry.created_at),
+        )
+        .where(LedgerEntry.kind == "split", LedgerEntry.idempotency_key.like("%:in"))
+        .subquery()
+    )
+    members = list(group)
+    result = session.execute(
+        select(
+            LedgerEntry.id,
+            LedgerEntry.member_id,
+            LedgerEntry.event_id,
+            LedgerEntry.qualifying_points,
+            LedgerEntry.occurred_at,
+            LedgerEntry.local_date,
+            LedgerEntry.order_id,
+            Lot.member_id,
+            Lot.remaining,
+            transfer.c.member_id,
+        )
+        .outerjoin(Lot, Lot.entry_id == LedgerEntry.id)
+        .outerjoin(transfer, transfer.c.source_entry_id == LedgerEntry.id)
+        .where(
+            LedgerEntry.program_id == program_id,
+            LedgerEntry.kind != "split",
+            LedgerEntry.kind != "merge",
+            (
+                LedgerEntry.member_id.in_(members)
+                | Lot.member_id.in_(members)
+                | transfer.c.member_id.in_(members)
+            ),
+        )
+        .order_by(LedgerEntry.occurred_at, LedgerEntry.id)
+    ).all()
+    rows = []
+    for entry, earner, event_id, qual, at, day, order, lot_holder, remaining, moved_to in result:
+        q_holder = moved_to or earner
+        rows.append(
+            {
+                "id": entry,
+                "earner": earner,
+                "event_id": event_id,
+                "qualifying": int(qual or 0) if q_holder in group else 0,
+                "q_holder": q_holder,
+                "occurred_at": at,
+                "local_date": day,
+                "order_id": order,
+                "lot_holder": lot_holder if lot_holder in group else None,
+                "remaining": remaining,
+            }
+        )
+    return rows
 
 
 def _move_lots(
@@ -581,14 +777,25 @@ def sync_merges(
     published = identity_service.merges_since(warehouse, after_seq=program.last_merge_seq)
     moved = 0
     for row in published.iter_rows(named=True):
-        move = merge_profiles if row["kind"] == "merge" else split_profiles
-        moved += move(
+        if row["kind"] == "merge":
+            moved += merge_profiles(
+                session,
+                program_id=program.id,
+                from_profile_id=str(row["from_profile_id"]),
+                to_profile_id=str(row["to_profile_id"]),
+                reason=row["reason"],
+                now=now,
+            )[2]
+            continue
+        moved += split_profiles(
             session,
             program_id=program.id,
             from_profile_id=str(row["from_profile_id"]),
             to_profile_id=str(row["to_profile_id"]),
+            event_profiles=lambda ids: event_profiles_of(warehouse, event_ids=ids),
             reason=row["reason"],
             now=now,
+            key=f"identity-split:{row['seq']}",
         )[2]
     if published.height:
         program.last_merge_seq = int(published["seq"].max())  # type: ignore[arg-type]
