@@ -21,13 +21,14 @@ def _active_programs(context: JobContext) -> list[str]:
 
 
 def apply_merges(context: JobContext) -> int:
-    """Apply identity's merges and splits published since each programme's merge mark."""
-    applied = 0
+    """Apply identity's merges, splits and erasures published since each programme's marks."""
+    applied = erased = 0
     for program_id in _all_programs(context):
         with context.db.begin() as session:
             applied += service.sync_merges(session, context.warehouse, program_id=program_id)[0]
-    context.message = f"{applied} merges and splits applied"
-    return applied
+            erased += service.sync_erasures(session, context.warehouse, program_id=program_id)
+    context.message = f"{applied} merges and splits applied, {erased} erasures"
+    return applied + erased
 
 
 def _all_programs(context: JobContext) -> list[str]:
@@ -105,7 +106,7 @@ JOBS: tuple[JobSpec, ...] = (
     JobSpec(
         "loyalty.apply_merges",
         apply_merges,
-        "apply identity's profile merges and splits to memberships and ledgers",
+        "apply identity's merges, splits and erasures to memberships and ledgers",
         trigger="interval",
         trigger_args={"seconds": 30},
     ),

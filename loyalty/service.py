@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     case,
     cast,
+    delete,
     false,
     func,
     literal,
@@ -53,6 +54,7 @@ from loyalty.errors import (
 from loyalty.ledger import BalanceView, Credit
 from loyalty.models import (
     Activity,
+    IdempotencyRecord,
     LedgerEntry,
     Lot,
     Member,
@@ -803,6 +805,85 @@ def sync_merges(
     return published.height, moved
 
 
+def anonymise_profile(
+    session: Session, *, program_id: str, profile_id: str, now: datetime | None = None
+) -> int:
+    """Anonymise the membership of an erased profile (and the memberships merged into it).
+
+    The ledger's sums stay (points outstanding are still a liability, and every member's
+    entries still sum to its lots); what links them to the person goes: the membership's
+    profile id becomes `erased:<member id>` and its status `erased`; its entries, lots and
+    activity lose their event, message and order ids and free-text reasons, and their
+    idempotency keys (built from message ids) become `erased:<id>`; merge records lose their
+    reasons (identity's name identifiers); stored API responses that name the profile (or
+    a merged one) are deleted. Returns the number of memberships anonymised; a second call finds nothing.
+    """
+    now = now or utcnow()
+    head = find_member(session, program_id=program_id, profile_id=profile_id)
+    if head is None:
+        return 0
+    members = session.scalars(
+        select(Member).where(
+            Member.program_id == program_id,
+            (Member.id == head.id) | (Member.merged_into == head.id),
+        )
+    ).all()
+    ids = [m.id for m in members]
+    profile_ids = sorted({m.profile_id for m in members} | {profile_id})
+    for member in members:
+        member.profile_id = f"erased:{member.id}"
+        if member.status != "merged":
+            member.status = "erased"
+        member.status_changed_at = now
+    erased_key = literal("erased:") + LedgerEntry.id
+    session.execute(
+        update(LedgerEntry)
+        .where(LedgerEntry.member_id.in_(ids))
+        .values(
+            event_id=None,
+            message_id=None,
+            order_id=None,
+            reason=None,
+            idempotency_key=erased_key,
+        )
+    )
+    session.execute(update(Lot).where(Lot.member_id.in_(ids)).values(order_id=None))
+    session.execute(
+        update(Activity)
+        .where(Activity.member_id.in_(ids))
+        .values(event_id=None, order_id=None, idempotency_key=literal("erased:") + Activity.id)
+    )
+    session.execute(
+        update(MemberMerge)
+        .where(MemberMerge.from_member_id.in_(ids) | MemberMerge.to_member_id.in_(ids))
+        .values(reason=None)
+    )
+    for named in profile_ids:
+        session.execute(
+            delete(IdempotencyRecord).where(
+                IdempotencyRecord.response.contains(named, autoescape=True)
+            )
+        )
+    session.flush()
+    logger.info("loyalty membership anonymised", extra={"member_id": head.id})
+    return len(ids)
+
+
+def sync_erasures(session: Session, warehouse: Warehouse, *, program_id: str) -> int:
+    """Anonymise the memberships of the profiles identity erased since the programme's mark.
+
+    Returns how many erasures were read; replaying is harmless (the profile id is gone).
+    """
+    program = get_program(session, program_id=program_id)
+    published = identity_service.erasures_since(warehouse, after_seq=program.last_erasure_seq)
+    for row in published.iter_rows(named=True):
+        anonymise_profile(session, program_id=program.id, profile_id=str(row["profile_id"]))
+    if published.height:
+        program.last_erasure_seq = int(published["seq"].max())  # type: ignore[arg-type]
+    session.flush()
+    return published.height
+
+
 _SNAPSHOT_SCHEMA = {
     "program_id": pl.String(),
     "program_created_at": pl.Datetime("us"),
@@ -850,7 +931,7 @@ def publish_member_snapshot(
         .join(Program, Program.id == Member.program_id)
         .outerjoin(Tier, Tier.id == Member.tier_id)
         .outerjoin(spendable, spendable.c.member_id == Member.id)
-        .where(Member.status != "merged")
+        .where(Member.status.not_in(["merged", "erased"]))
     )
     columns = list(zip(*result.all(), strict=False)) or [()] * 8
     naive = [[v.replace(tzinfo=None) for v in col] for col in (columns[1], columns[5])]

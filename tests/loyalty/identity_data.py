@@ -21,6 +21,7 @@ def write_events(
     events: Sequence[tuple[Sequence[Ident], str | None, float]],
     *,
     traits: Sequence[dict[str, object] | None] | None = None,
+    properties: Sequence[dict[str, object]] | None = None,
 ) -> None:
     """Append events `(identifiers, event name, order total)` after the current maximum id
     (with the profile traits each carries, if given)."""
@@ -39,7 +40,12 @@ def write_events(
             "anonymous_id": [dict(idents).get("anonymous_id") for idents, _, _ in events],
             "timestamp": at,
             "received_at": at,
-            "properties": [orjson.dumps({"total": total}).decode() for _, _, total in events],
+            "properties": [
+                orjson.dumps({"total": total, **extra}).decode()
+                for (_, _, total), extra in zip(
+                    events, properties or [{}] * len(events), strict=True
+                )
+            ],
             "traits": [
                 None if t is None else orjson.dumps(t).decode()
                 for t in (traits or [None] * len(ids))
