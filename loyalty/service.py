@@ -816,7 +816,8 @@ def anonymise_profile(
     activity lose their event, message and order ids and free-text reasons, and their
     idempotency keys (built from message ids) become `erased:<id>`; merge records lose their
     reasons (identity's name identifiers); stored API responses that name the profile (or
-    a merged one) are deleted. Returns the number of memberships anonymised; a second call finds nothing.
+    a merged one) are deleted. Returns the number of memberships anonymised; a second call
+    finds nothing.
     """
     now = now or utcnow()
     head = find_member(session, program_id=program_id, profile_id=profile_id)
