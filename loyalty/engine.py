@@ -637,6 +637,7 @@ def process_events(
         return result
     prepared = prepare(frame, program.timezone)
     awards = pl.DataFrame()
+    priors = Priors()
     if specs:
         priors = load_priors(
             session,
@@ -644,6 +645,13 @@ def process_events(
             members=prepared["member_id"].unique().to_list(),
             since=prepared["local_date"].min(),  # type: ignore[arg-type]
         )
+    ladder = tiers.ladder(session, program_id=program.id)
+    ranks: pl.DataFrame | None = None
+    if ladder:
+        awards, ranks = _evaluate_with_tiers(
+            session, program=program, prepared=prepared, specs=specs, priors=priors, ladder=ladder
+        )
+    elif specs:
         awards = apply_caps(trace(prepared, specs), specs, priors)
     if not awards.is_empty():
         credits = awards.select(
@@ -665,34 +673,212 @@ def process_events(
     result.members = sorted(
         prepared.filter(pl.col("member_status") == "active")["member_id"].unique().to_list()
     )
-    # Upgrades are immediate: at the end of each batch (one event in real time).
-    tiers.evaluate(session, program=program, member_ids=result.members, now=now)
+    # Upgrades are immediate: each at the event that reached the threshold, and the events
+    # after it in the batch already earned with the new tier (see `_evaluate_with_tiers`).
+    if ranks is not None:
+        tiers.apply_row_upgrades(session, program=program, ladder_=ladder, ranks=ranks)
     return result
+
+
+# A condition on these fields makes a rule's outcome depend on the member's tier.
+_TIER_FIELDS = frozenset({"member.tier", "member.tier_rank"})
+
+
+def _tier_dependent(specs: list[RuleSpec], ladder: list[Tier]) -> bool:
+    multipliers = any(t.multiplier != 1.0 for t in ladder) and any(
+        s.apply_tier_multiplier for s in specs
+    )
+    conditions = any(rules.condition_fields(s.condition) & _TIER_FIELDS for s in specs)
+    return multipliers or conditions
+
+
+def _with_tiers(prepared: pl.DataFrame, ladder: list[Tier], ranks: pl.Series) -> pl.DataFrame:
+    """The frame with each row's tier columns set from its rank (0: no tier)."""
+    table = pl.DataFrame(
+        {
+            "tier_rank": [t.rank for t in ladder],
+            "tier_name": [t.name for t in ladder],
+            "tier_multiplier": [t.multiplier for t in ladder],
+        },
+        schema={"tier_rank": pl.Int64(), "tier_name": pl.String(), "tier_multiplier": pl.Float64()},
+    )
+    return (
+        prepared.drop("tier_rank", "tier_name", "tier_multiplier")
+        .with_columns(ranks.cast(pl.Int64).alias("tier_rank"))
+        .join(table, on="tier_rank", how="left", maintain_order="left")
+        .with_columns(pl.when(pl.col("tier_rank") > 0).then(pl.col("tier_rank")).alias("tier_rank"))
+    )
+
+
+def _evaluate_with_tiers(
+    session: Session,
+    *,
+    program: Program,
+    prepared: pl.DataFrame,
+    specs: list[RuleSpec],
+    priors: Priors,
+    ladder: list[Tier],
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Awards where every event earns with the tier its member holds at that event.
+
+    One-by-one processing upgrades a member right after the event that reaches a threshold,
+    so the next event earns with the new multiplier. A batch does the same set-based: with
+    the tiers held at each row, compute the awards, then the metric after each row (the
+    ledger's values before the batch + what each row adds: qualifying points of its awards
+    and of its refund's reversal, or its spend / order), hence the tier at each row; repeat
+    until the tiers no longer change. Tiers only go up during processing and each pass fixes
+    at least the next upgrade, so it ends within (number of tiers + 1) passes. Returns the
+    awards and `tiers.row_ranks` of the final pass.
+    """
+    rows = prepared.select(
+        "row",
+        "member_id",
+        "timestamp",
+        "event_id",
+        pl.col("tier_rank").fill_null(0).alias("current_rank"),
+    )
+    rows = rows.with_columns(
+        tiers.ranks_at(session, program=program, ladder_=ladder, rows=rows)
+    ).drop("current_rank")
+    before = _tier_priors(session, program=program, prepared=prepared)
+    activity = _activity_frame(prepared) if program.tier_metric != "points" else None
+    current = rows["start_rank"]
+    awards = pl.DataFrame()
+    ranks = pl.DataFrame()
+    dependent = _tier_dependent(specs, ladder)
+    for _ in range(len(ladder) + 3):
+        framed = _with_tiers(prepared, ladder, current) if dependent else prepared
+        if specs:
+            awards = apply_caps(trace(framed, specs), specs, priors)
+        if activity is not None:
+            column = "spend" if program.tier_metric == "spend" else "orders"
+            added = activity.select(
+                "member_id", pl.col("timestamp").alias("occurred_at"), "row", pl.col(column)
+            ).rename({column: "value"})
+        else:
+            added = _points_added(session, program=program, prepared=prepared, awards=awards)
+        ranks = tiers.row_ranks(
+            program, ladder, rows, pl.concat([before, added], how="vertical_relaxed")
+        )
+        found = ranks["rank_before"]
+        if not dependent or found.equals(current.cast(pl.Int64)):
+            break
+        current = found
+    return awards, ranks
+
+
+def _tier_priors(session: Session, *, program: Program, prepared: pl.DataFrame) -> pl.DataFrame:
+    """What the ledger counts toward the tier metric for the batch's members (and the
+    memberships merged into them) in the windows of the batch, events of the batch excepted.
+
+    Columns member_id (the surviving member), occurred_at, row (null), value.
+    """
+    members = prepared["member_id"].unique().to_list()
+    start = tiers.window_starts(program, prepared["timestamp"]).min()
+    end = prepared["timestamp"].max()
+    owner = func.coalesce(Member.merged_into, Member.id)
+    if program.tier_metric == "points":
+        table: Any = LedgerEntry  # Any: an ORM class
+        value: Any = LedgerEntry.qualifying_points  # Any: a column of either table
+    else:
+        table = Activity
+        value = Activity.spend if program.tier_metric == "spend" else Activity.orders
+    query = (
+        select(owner, table.occurred_at, table.event_id, value)
+        .join(Member, Member.id == table.member_id)
+        .where(
+            table.program_id == program.id,
+            table.occurred_at >= start,
+            table.occurred_at <= end,
+            value != 0,
+        )
+    )
+    batches = (
+        [query]
+        if len(members) > IN_LIST_LIMIT
+        else [
+            query.where(or_(Member.id.in_(chunk), Member.merged_into.in_(chunk)))
+            for chunk in _in_chunks(members)
+        ]
+    )
+    found = pl.DataFrame(
+        [row for q in batches for row in session.execute(q).all()],
+        schema={
+            "member_id": pl.String(),
+            "occurred_at": pl.Datetime("us", "UTC"),
+            "event_id": pl.Int64(),
+            "value": pl.Float64(),
+        },
+        orient="row",
+    )
+    batch_events = prepared["event_id"].drop_nulls().implode()
+    return found.filter(
+        pl.col("event_id").is_null() | ~pl.col("event_id").is_in(batch_events)
+    ).select(
+        "member_id",
+        "occurred_at",
+        pl.lit(None, dtype=pl.Int64).alias("row"),
+        "value",
+    )
+
+
+def _points_added(
+    session: Session, *, program: Program, prepared: pl.DataFrame, awards: pl.DataFrame
+) -> pl.DataFrame:
+    """Qualifying points each row adds: its awards, minus what its refund will reverse."""
+    schema = {
+        "member_id": pl.String(),
+        "occurred_at": pl.Datetime("us", "UTC"),
+        "row": pl.Int64(),
+        "value": pl.Float64(),
+    }
+    parts = [pl.DataFrame(schema=schema)]
+    if not awards.is_empty():
+        parts.append(
+            awards.select(
+                "member_id",
+                pl.col("timestamp").alias("occurred_at"),
+                pl.col("row").cast(pl.Int64),
+                pl.col("qualifying_points").cast(pl.Float64).alias("value"),
+            )
+        )
+    parts.append(_reversal_values(session, program=program, prepared=prepared, awards=awards))
+    return pl.concat(parts, how="vertical_relaxed")
+
+
+def _activity_frame(frame: pl.DataFrame) -> pl.DataFrame:
+    """The purchase activity of a prepared batch: one row per order (spend, 1 order) and per
+    refund (-amount) of active members, in row order, with the frame's columns kept."""
+    orders = frame.filter(
+        pl.col("event").is_in([ORDER_EVENT, REFUND_EVENT]) & (pl.col("member_status") == "active")
+    )
+    is_order = pl.col("event") == ORDER_EVENT
+    # Refund amounts may need their lines parsed: only on the (few) refund rows.
+    return (
+        pl.concat(
+            [
+                orders.filter(is_order).with_columns(_amount_expr().fill_null(0.0).alias("spend")),
+                orders.filter(~is_order).with_columns(
+                    (-_refund_amount_expr().fill_null(0.0)).alias("spend")
+                ),
+            ]
+        )
+        .with_columns(pl.when(is_order).then(1).otherwise(0).alias("orders"))
+        .sort("row")
+    )
 
 
 def _record_activity(session: Session, *, program: Program, frame: pl.DataFrame) -> None:
     """One activity row per order (spend, +1 order) and per refund (-amount)."""
-    orders = frame.filter(
-        pl.col("event").is_in([ORDER_EVENT, REFUND_EVENT]) & (pl.col("member_status") == "active")
-    )
-    if orders.is_empty():
+    spend = _activity_frame(frame)
+    if spend.is_empty():
         return
-    is_order = pl.col("event") == ORDER_EVENT
-    # Refund amounts may need their lines parsed: only on the (few) refund rows.
-    spend = pl.concat(
-        [
-            orders.filter(is_order).with_columns(_amount_expr().fill_null(0.0).alias("spend")),
-            orders.filter(~is_order).with_columns(
-                (-_refund_amount_expr().fill_null(0.0)).alias("spend")
-            ),
-        ]
-    )
     rows = spend.select(
         pl.col("member_id"),
         pl.col("event_id"),
         pl.col("order_id"),
         pl.col("spend"),
-        pl.when(is_order).then(1).otherwise(0).alias("orders"),
+        pl.col("orders"),
         pl.col("timestamp").alias("occurred_at"),
         pl.concat_str(pl.lit(f"activity:{program.id}:"), pl.col("message_id")).alias(
             "idempotency_key"
@@ -702,6 +888,142 @@ def _record_activity(session: Session, *, program: Program, frame: pl.DataFrame)
         pl.lit(program.id).alias("program_id"),
     )
     session.execute(ledger.insert_ignoring_conflicts(session, Activity.__table__), rows.to_dicts())
+
+
+def _reversal_values(
+    session: Session, *, program: Program, prepared: pl.DataFrame, awards: pl.DataFrame
+) -> pl.DataFrame:
+    """The qualifying points each refund row of the batch will reverse (negative values).
+
+    The same sums as `reverse_order`, done ahead for the whole batch: the orders' earnings
+    and reversals in the ledger (events of the batch excepted) plus the batch's awards, their
+    spend and earlier refunds (ledger activity plus the batch's). Columns member_id,
+    occurred_at, row, value.
+    """
+    schema = {
+        "member_id": pl.String(),
+        "occurred_at": pl.Datetime("us", "UTC"),
+        "row": pl.Int64(),
+        "value": pl.Float64(),
+    }
+    refunds = prepared.filter(
+        (pl.col("event") == REFUND_EVENT)
+        & pl.col("order_id").is_not_null()
+        & (pl.col("member_status") == "active")
+    )
+    if refunds.is_empty():
+        return pl.DataFrame(schema=schema)
+    refunds = refunds.with_columns(_refund_amount_expr().alias("amount"))
+    orders = refunds["order_id"].unique().to_list()
+    batch_events = prepared["event_id"].drop_nulls().implode()
+    entry_rows = [
+        row
+        for chunk in _in_chunks(orders)
+        for row in session.execute(
+            select(
+                LedgerEntry.order_id,
+                LedgerEntry.kind,
+                LedgerEntry.event_id,
+                LedgerEntry.points,
+                LedgerEntry.qualifying_points,
+                LedgerEntry.unrecovered,
+            ).where(
+                LedgerEntry.program_id == program.id,
+                LedgerEntry.order_id.in_(chunk),
+                LedgerEntry.kind.in_(["earn", "reverse"]),
+            )
+        ).all()
+    ]
+    entries = pl.DataFrame(
+        entry_rows,
+        schema={
+            "order_id": pl.String(),
+            "kind": pl.String(),
+            "event_id": pl.Int64(),
+            "points": pl.Int64(),
+            "qualifying": pl.Int64(),
+            "unrecovered": pl.Int64(),
+        },
+        orient="row",
+    ).filter(pl.col("event_id").is_null() | ~pl.col("event_id").is_in(batch_events))
+    activity_rows = [
+        row
+        for chunk in _in_chunks(orders)
+        for row in session.execute(
+            select(
+                Activity.order_id, Activity.event_id, Activity.occurred_at, Activity.spend
+            ).where(Activity.program_id == program.id, Activity.order_id.in_(chunk))
+        ).all()
+    ]
+    activity = pl.DataFrame(
+        activity_rows,
+        schema={
+            "order_id": pl.String(),
+            "event_id": pl.Int64(),
+            "timestamp": pl.Datetime("us", "UTC"),
+            "spend": pl.Float64(),
+        },
+        orient="row",
+    ).filter(pl.col("event_id").is_null() | ~pl.col("event_id").is_in(batch_events))
+    batch_activity = _activity_frame(prepared).filter(pl.col("order_id").is_in(orders))
+    activity = pl.concat(
+        [activity, batch_activity.select("order_id", "event_id", "timestamp", "spend")],
+        how="vertical_relaxed",
+    )
+    earned: dict[str, list[int]] = {o: [0, 0] for o in orders}
+    reversed_: dict[str, list[int]] = {o: [0, 0] for o in orders}
+    for order, kind, _, points, qualifying, unrecovered in entries.iter_rows():
+        if kind == "earn":
+            earned[order][0] += points
+            earned[order][1] += qualifying
+        else:
+            reversed_[order][0] += -points + unrecovered
+            reversed_[order][1] += -qualifying
+    if not awards.is_empty():
+        by_order = (
+            awards.filter(pl.col("order_id").is_in(orders))
+            .group_by("order_id")
+            .agg(pl.col("points").sum(), pl.col("qualifying_points").sum())
+        )
+        for order, points, qualifying in by_order.iter_rows():
+            earned[order][0] += points
+            earned[order][1] += qualifying
+    spent = dict(
+        activity.filter(pl.col("spend") > 0)
+        .group_by("order_id")
+        .agg(pl.col("spend").sum())
+        .iter_rows()
+    )
+    refunds_by_order: dict[str, list[tuple[datetime, int, float]]] = {}
+    for order, event_id, at, spend in activity.filter(pl.col("spend") < 0).iter_rows():
+        refunds_by_order.setdefault(order, []).append((at, event_id, -spend))
+    values: list[tuple[str, datetime, int, float]] = []
+    for row in refunds.sort("timestamp", "event_id").iter_rows(named=True):
+        order = row["order_id"]
+        points, qualifying = earned[order]
+        if not points:
+            continue
+        at, event_id = row["timestamp"], row["event_id"]
+        amount = row["amount"]
+        total = spent.get(order, 0.0)
+        if amount is None or not total:
+            share = 1.0
+        else:
+            before = sum(
+                a
+                for t, e, a in refunds_by_order.get(order, [])
+                if t < at or (t == at and event_id is not None and e is not None and e < event_id)
+            )
+            share = min(1.0, (before + float(amount)) / float(total))
+        back = int(round_half_up(points * share)) - reversed_[order][0]
+        back_q = int(round_half_up(qualifying * share)) - reversed_[order][1]
+        if back <= 0 and back_q <= 0:
+            continue
+        reversed_[order][0] += max(back, 0)
+        reversed_[order][1] += max(back_q, 0)
+        if back_q > 0:
+            values.append((row["member_id"], at, int(row["row"]), -float(back_q)))
+    return pl.DataFrame(values, schema=schema, orient="row")
 
 
 def _reverse_refunds(

@@ -211,6 +211,8 @@ class TierChange(Base):
     reason: Mapped[str] = mapped_column(String(20))
     metric_value: Mapped[float] = mapped_column(Float)
     at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    # The event whose processing reached the new tier (upgrades while processing events).
+    event_id: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class Rule(Base):

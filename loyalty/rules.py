@@ -215,6 +215,18 @@ def json_fields(condition: Condition | None) -> set[str]:
     return set()
 
 
+def condition_fields(condition: Condition | None) -> set[str]:
+    """Every field a condition reads."""
+    match condition:
+        case Compare(field=name):
+            return {name}
+        case AllOf(all=items) | AnyOf(any=items):
+            return set().union(*(condition_fields(c) for c in items)) if items else set()
+        case Not(not_=inner):
+            return condition_fields(inner)
+    return set()
+
+
 def formula_fields(formula: Fixed | PerAmount | PerLine) -> set[str]:
     """The `properties.*` fields a formula reads as scalars."""
     if isinstance(formula, PerAmount):

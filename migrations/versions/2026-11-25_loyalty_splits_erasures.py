@@ -1,4 +1,4 @@
-"""loyalty: split transfers name their source entry; erasure high-water mark per programme
+"""loyalty: split transfers name their source entry, erasure mark, tier changes name their event
 
 Revision ID: 0007_loyalty_splits_erasures
 Revises: 0006_segments
@@ -27,10 +27,14 @@ def upgrade() -> None:
         batch.create_index(
             batch.f("ix_loyalty_ledger_entry_source_entry_id"), ["source_entry_id"], unique=False
         )
+    with op.batch_alter_table("loyalty_tier_change") as batch:
+        batch.add_column(sa.Column("event_id", sa.BigInteger(), nullable=True))
 
 
 def downgrade() -> None:
     """Revert this revision."""
+    with op.batch_alter_table("loyalty_tier_change") as batch:
+        batch.drop_column("event_id")
     with op.batch_alter_table("loyalty_ledger_entry") as batch:
         batch.drop_index(batch.f("ix_loyalty_ledger_entry_source_entry_id"))
         batch.drop_column("source_entry_id")
