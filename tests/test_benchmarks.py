@@ -26,3 +26,22 @@ def test_benchmark_runs_tiny_and_reports_a_ratio(
     assert result["measures"], "a benchmark must report at least one measure"
     assert any(m["reference"] is not None and m["ratio"] is not None for m in result["measures"])
     assert name in capsys.readouterr().out
+
+
+def test_sample_warehouse_loads_a_sample_once_and_copies(tmp_path: Path) -> None:
+    from benchmarks.sample_warehouse import ensure
+    from cdp.sample_data import generate
+    from cdp.warehouse import Query, Warehouse
+
+    sample = tmp_path / "sample"
+    generate(customers=TINY_SCALE, seed=3, out=sample)
+    prepared = ensure(sample, tmp_path / "stores", memory_limit="1GB")
+    assert prepared.events > 0
+    assert 0 < prepared.profiles < prepared.events
+    stamp = prepared.warehouse_file.stat().st_mtime_ns
+    again = ensure(sample, tmp_path / "stores")
+    assert again.warehouse_file.stat().st_mtime_ns == stamp, "a ready folder is reused"
+    assert again.profiles == prepared.profiles
+    copy = again.copy_to(tmp_path / "copy")
+    with Warehouse(copy.warehouse_file, holder="test").open() as warehouse:
+        assert warehouse.scalar(Query("SELECT count(*) FROM events")) == prepared.events

@@ -85,7 +85,9 @@ def test_polars_forms_match_the_scalar_rules() -> None:
 
 
 # Names, not control characters: Python and Polars disagree on whether \x1f is a space.
-@given(st.text(alphabet=st.characters(exclude_categories=("Cc", "Cs")), max_size=30))
+# Nor code points unassigned in Python's Unicode tables (Cn; 14.0 on Python 3.11): Polars
+# carries newer tables and decomposes some of them (U+1CCD6 folds to "a" there, not here).
+@given(st.text(alphabet=st.characters(exclude_categories=("Cc", "Cs", "Cn")), max_size=30))
 def test_fold_text_agrees_with_its_polars_form(value: str) -> None:
     frame = pl.DataFrame({"v": [value]})
     polars_value = frame.select(composite_expr([pl.col("v"), pl.lit("x")]))["v"][0]
