@@ -99,6 +99,16 @@ class RuleSpec:
         )
 
 
+def warehouse_fields(specs: list[RuleSpec]) -> tuple[list[str], bool]:
+    """The property paths worth having the warehouse parse for these rules (always
+    `order_id`), and whether per-line rules need `products`."""
+    fields = {"properties.order_id"}
+    for spec in specs:
+        fields |= rules.json_fields(spec.condition) | rules.formula_fields(spec.formula)
+    paths = sorted(f.split(".", 1)[1] for f in fields if f.startswith("properties."))
+    return paths, any(isinstance(s.formula, rules.PerLine) for s in specs)
+
+
 def _empty(schema: dict[str, pl.DataType]) -> pl.DataFrame:
     return pl.DataFrame(schema=schema)
 
@@ -148,6 +158,7 @@ TRACE_COLUMNS = (
     "order_id",
     "rule_id",
     "priority",
+    "rule_order",
     "in_window",
     "condition",
     "blocked_by",
@@ -167,7 +178,11 @@ def prepare(frame: pl.DataFrame, tz: str) -> pl.DataFrame:
     props = pl.col("properties")
     refund = pl.col("event") == REFUND_EVENT
     prepared = frame.sort("timestamp", "event_id").with_row_index("row")
-    order_id = props.str.json_path_match("$.order_id")
+    order_id = (
+        pl.col("properties.order_id")
+        if "properties.order_id" in frame.columns
+        else props.str.json_path_match("$.order_id")
+    )
     if prepared.select(refund.any()).item():
         original = pl.coalesce(
             [props.str.json_path_match(f"$.{p}") for p in ORIGINAL_ORDER_PATHS] + [order_id]
@@ -189,10 +204,18 @@ def trace(frame: pl.DataFrame, specs: list[RuleSpec]) -> pl.DataFrame:
     for spec in specs:
         fields |= rules.json_fields(spec.condition) | rules.formula_fields(spec.formula)
     frame = rules.materialise(frame, fields)
+    # The JSON texts are parsed already; only per-line formulas read `properties` again, so
+    # the copies each rule's row filter makes stay narrow.
+    needs_text = "properties.products" not in frame.columns and any(
+        isinstance(s.formula, rules.PerLine) for s in specs
+    )
+    dropped = ["traits"] if needs_text else ["traits", "properties"]
+    frame = frame.drop([c for c in dropped if c in frame.columns])
     blocked = pl.Series("blocked_by", [None] * frame.height, dtype=pl.String)
     parts: list[pl.DataFrame] = []
-    for spec in sorted(specs, key=lambda s: (s.priority, s.id)):
-        mask = frame["event"] == spec.event_name
+    by_name = {name: frame["event"] == name for name in {s.event_name for s in specs}}
+    for order, spec in enumerate(stacking_order(specs)):
+        mask = by_name[spec.event_name]
         sub = frame.filter(mask)
         if sub.is_empty():
             continue
@@ -214,6 +237,7 @@ def trace(frame: pl.DataFrame, specs: list[RuleSpec]) -> pl.DataFrame:
                 multiplier.cast(pl.Float64).alias("multiplier"),
                 pl.lit(spec.id).alias("rule_id"),
                 pl.lit(spec.priority).alias("priority"),
+                pl.lit(order, dtype=pl.Int32).alias("rule_order"),
             )
             .with_columns(
                 rules.round_points(pl.col("base") * pl.col("multiplier"), rounding).alias(
@@ -256,39 +280,51 @@ def _clamp(frame: pl.DataFrame, *, cap: str, used: str, over: list[str]) -> pl.D
     )
 
 
-# Running totals (caps, limits) accumulate in this order.
-EVENT_ORDER = ("timestamp", "event_id", "priority", "rule_id")
+# Running totals (caps, limits) accumulate in this order: event time then event id (the
+# prepared `row`), then stacking order (`rule_order`: priority, then rule id).
+EVENT_ORDER = ("row", "rule_order")
 _SPEC_CAP = {"cap_day": "cap_per_day", "cap_month": "cap_per_month", "cap_budget": "budget"}
 
 
-def _limit(fired: pl.DataFrame, limited: list[str], counts: pl.DataFrame) -> pl.DataFrame:
+def _limit(fired: pl.DataFrame, limited: list[int], counts: pl.DataFrame) -> pl.DataFrame:
     """Drop the awards of limited rules past a member's limit (ledger count + rank here)."""
     inside = (
-        fired.filter(pl.col("rule_id").is_in(limited))
+        fired.filter(pl.col("rule_order").is_in(limited))
         .join(counts, on=["rule_id", "member_id"], how="left")
-        .sort(*EVENT_ORDER)
-        .with_columns(pl.int_range(1, pl.len() + 1).over(["rule_id", "member_id"]).alias("nth"))
+        .sort("rule_order", "row")
+        .with_columns(pl.int_range(1, pl.len() + 1).over(["rule_order", "member_id"]).alias("nth"))
         .filter(pl.col("nth") + pl.col("used_count").fill_null(0) <= pl.col("cap_count"))
         .drop("nth", "used_count")
     )
     return pl.concat(
-        [fired.filter(~pl.col("rule_id").is_in(limited)), inside], how="vertical_relaxed"
-    ).sort(*EVENT_ORDER)
+        [fired.filter(~pl.col("rule_order").is_in(limited)), inside], how="vertical_relaxed"
+    )
+
+
+def stacking_order(specs: list[RuleSpec]) -> list[RuleSpec]:
+    """The rules in the order they apply to an event: priority, then id."""
+    return sorted(specs, key=lambda s: (s.priority, s.id))
 
 
 def apply_caps(traced: pl.DataFrame, specs: list[RuleSpec], priors: Priors) -> pl.DataFrame:
-    """The awards: fired rows after per-member limits, day and month caps and budgets."""
+    """The awards: fired rows after per-member limits, day and month caps and budgets.
+
+    Rules are told apart by their stacking position (`rule_order`, an integer) rather than
+    their id, and only the rows of limited or capped rules are sorted and summed.
+    """
+    ordered = stacking_order(specs)
+    position = {s.id: i for i, s in enumerate(ordered)}
     caps = pl.DataFrame(
         {
-            "rule_id": [s.id for s in specs],
-            "cap_day": [s.cap_per_day for s in specs],
-            "cap_month": [s.cap_per_month for s in specs],
-            "cap_budget": [s.budget for s in specs],
-            "cap_count": [s.limit_per_member for s in specs],
-            "qualifying": [s.qualifying for s in specs],
+            "rule_order": list(range(len(ordered))),
+            "cap_day": [s.cap_per_day for s in ordered],
+            "cap_month": [s.cap_per_month for s in ordered],
+            "cap_budget": [s.budget for s in ordered],
+            "cap_count": [s.limit_per_member for s in ordered],
+            "qualifying": [s.qualifying for s in ordered],
         },
         schema={
-            "rule_id": pl.String(),
+            "rule_order": pl.Int32(),
             "cap_day": pl.Int64(),
             "cap_month": pl.Int64(),
             "cap_budget": pl.Int64(),
@@ -300,11 +336,10 @@ def apply_caps(traced: pl.DataFrame, specs: list[RuleSpec], priors: Priors) -> p
         return traced.with_columns(pl.lit(0).alias("points")).clear()
     fired = (
         traced.filter(pl.col("fired") & (pl.col("raw_points") > 0))
-        .join(caps, on="rule_id", how="left")
-        .sort(*EVENT_ORDER)
+        .join(caps, on="rule_order", how="left")
         .with_columns(pl.col("raw_points").alias("points"))
     )
-    limited = [s.id for s in specs if s.limit_per_member is not None]
+    limited = [position[s.id] for s in specs if s.limit_per_member is not None]
     if limited:
         fired = _limit(fired, limited, priors.count)
     steps: list[tuple[str, pl.DataFrame, list[str], str]] = [
@@ -313,27 +348,31 @@ def apply_caps(traced: pl.DataFrame, specs: list[RuleSpec], priors: Priors) -> p
         ("cap_budget", priors.budget, ["rule_id"], "used_budget"),
     ]
     for cap, prior, over, used in steps:
-        capped = [s.id for s in specs if getattr(s, _SPEC_CAP[cap]) is not None]
+        capped = [position[s.id] for s in specs if getattr(s, _SPEC_CAP[cap]) is not None]
         if not capped:
             continue
         # Only the rows of capped rules go through the join and the running sums.
         inside = (
-            fired.filter(pl.col("rule_id").is_in(capped))
+            fired.filter(pl.col("rule_order").is_in(capped))
             .join(prior, on=over, how="left")
             .sort(*EVENT_ORDER)
         )
         inside = _clamp(inside, cap=cap, used=used, over=over).drop(used)
         fired = pl.concat(
-            [fired.filter(~pl.col("rule_id").is_in(capped)), inside], how="vertical_relaxed"
-        ).sort(*EVENT_ORDER)
-    return fired.filter(pl.col("points") > 0).with_columns(
-        pl.when(pl.col("qualifying"))
-        .then(pl.col("points"))
-        .otherwise(0)
-        .alias("qualifying_points"),
-        pl.concat_str(
-            pl.lit("event:"), pl.col("message_id"), pl.lit(":rule:"), pl.col("rule_id")
-        ).alias("idempotency_key"),
+            [fired.filter(~pl.col("rule_order").is_in(capped)), inside], how="vertical_relaxed"
+        )
+    return (
+        fired.filter(pl.col("points") > 0)
+        .sort(*EVENT_ORDER)
+        .with_columns(
+            pl.when(pl.col("qualifying"))
+            .then(pl.col("points"))
+            .otherwise(0)
+            .alias("qualifying_points"),
+            pl.concat_str(
+                pl.lit("event:"), pl.col("message_id"), pl.lit(":rule:"), pl.col("rule_id")
+            ).alias("idempotency_key"),
+        )
     )
 
 
@@ -588,7 +627,8 @@ def member_events(
     """Events of the batch joined with their members (auto-enrolling when the programme does)."""
     specs = active_rules(session, program_id=program.id) if specs is None else specs
     names = {s.event_name for s in specs} | {ORDER_EVENT, REFUND_EVENT}
-    frame = _normalise(events.select(list(EVENT_SCHEMA)))
+    parsed = [c for c in events.columns if c.startswith("properties.")]
+    frame = _normalise(events.select([*EVENT_SCHEMA, *parsed]))
     frame = frame.filter(pl.col("event").is_in(list(names)) & pl.col("profile_id").is_not_null())
     enrolled = 0
     if enrol and program.enrolment == "automatic":

@@ -1364,14 +1364,32 @@ def resolve_profiles(
 
 
 def read_events(
-    warehouse: Warehouse, *, after_event_id: int, up_to_event_id: int, names: list[str]
+    warehouse: Warehouse,
+    *,
+    after_event_id: int,
+    up_to_event_id: int,
+    names: list[str],
+    specs: list[engine.RuleSpec] | None = None,
 ) -> pl.DataFrame:
-    """Warehouse events of the given names in `(after, up_to]`, with their profile ids."""
+    """Warehouse events of the given names in `(after, up_to]`, with their profile ids.
+
+    With `specs`, the properties the rules read (and `order_id`) come parsed by the
+    warehouse as `properties.<path>` columns (and `properties.products` for per-line rules).
+    """
+    paths, products = engine.warehouse_fields(specs or [])
     events = warehouse.run(
         queries.events_between(
-            after_event_id=after_event_id, up_to_event_id=up_to_event_id, names=names
+            after_event_id=after_event_id,
+            up_to_event_id=up_to_event_id,
+            names=names,
+            paths=paths,
+            products=products,
         )
     )
+    if paths:
+        events = events.rename({f"f{i}": f"properties.{p}" for i, p in enumerate(paths)})
+    if products:
+        events = events.rename({"products": "properties.products"})
     if events.is_empty():
         return pl.DataFrame(schema=engine.EVENT_SCHEMA)
     profiles = resolve_profiles(
@@ -1403,7 +1421,9 @@ def process_range(
     start = after_event_id
     while start < up_to_event_id:
         end = min(start + batch_size, up_to_event_id)
-        events = read_events(warehouse, after_event_id=start, up_to_event_id=end, names=names)
+        events = read_events(
+            warehouse, after_event_id=start, up_to_event_id=end, names=names, specs=specs
+        )
         result = engine.process_events(session, program=program, events=events, now=now)
         total.events += result.events
         total.enrolled += result.enrolled
