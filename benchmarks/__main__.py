@@ -18,6 +18,7 @@ BENCHMARKS: dict[str, tuple[str, int]] = {
     "ingestion_http": ("benchmarks.ingestion_http", 200_000),
     "loyalty_backfill": ("benchmarks.loyalty_backfill", 1_000_000),
     "loyalty_realtime": ("benchmarks.loyalty_realtime", 60_000),
+    "loyalty_sample": ("benchmarks.loyalty_sample", 1_000_000),
     "identity": ("benchmarks.identity", 1_000_000),
     "segments_attributes": ("benchmarks.segments_attributes", 200_000),
     "segments_rules": ("benchmarks.segments_rules", 200_000),
