@@ -26,6 +26,8 @@ def events_between(
     names: list[str],
     paths: Sequence[str] = (),
     products: bool = False,
+    since: object = None,
+    until: object = None,
 ) -> Query:
     """Events of the given names with `after < event_id <= up_to`, in id order.
 
@@ -33,7 +35,13 @@ def events_between(
     `properties.products` as a list of structs: DuckDB parses them once, in parallel, so the
     engine does not parse JSON text row by row.
     """
-    params: dict[str, object] = {"after": after_event_id, "up_to": up_to_event_id, "names": names}
+    params: dict[str, object] = {
+        "after": after_event_id,
+        "up_to": up_to_event_id,
+        "names": names,
+        "since": since,
+        "until": until,
+    }
     extra = ""
     for i, path in enumerate(paths):
         params[f"path{i}"] = "$." + path
@@ -48,6 +56,7 @@ def events_between(
                CAST(properties AS VARCHAR) AS properties{extra}
         FROM events
         WHERE event_id > $after AND event_id <= $up_to AND list_contains($names, event)
+          AND ($since IS NULL OR timestamp >= $since) AND ($until IS NULL OR timestamp < $until)
         ORDER BY event_id
         """,  # noqa: S608 - the extra columns are code-built; paths and values are parameters
         params,
@@ -121,4 +130,29 @@ def event_profiles_of(event_ids: list[int], *, event_profiles: str) -> Query:
         ORDER BY ep.event_id
         """,  # noqa: S608 - the relation is identity's constant SQL; values are parameters
         {"ids": event_ids},
+    )
+
+
+def time_boundaries(*, up_to_event_id: int, names: list[str], batches: int) -> Query:
+    """Timestamps cutting the events of these names up to an id into `batches` time slices
+    of about equal size (the first and last slices are open-ended)."""
+    return Query(
+        """
+        SELECT DISTINCT unnest(quantile_disc(timestamp, $cuts)) AS cut
+        FROM events WHERE event_id <= $up_to AND list_contains($names, event)
+        ORDER BY cut
+        """,
+        {
+            "up_to": up_to_event_id,
+            "names": names,
+            "cuts": [i / batches for i in range(1, batches)] or [0.5],
+        },
+    )
+
+
+def count_events(*, up_to_event_id: int, names: list[str]) -> Query:
+    """How many events of these names up to an id."""
+    return Query(
+        "SELECT count(*) FROM events WHERE event_id <= $up_to AND list_contains($names, event)",
+        {"up_to": up_to_event_id, "names": names},
     )

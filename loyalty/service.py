@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -1370,6 +1370,8 @@ def read_events(
     up_to_event_id: int,
     names: list[str],
     specs: list[engine.RuleSpec] | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
 ) -> pl.DataFrame:
     """Warehouse events of the given names in `(after, up_to]`, with their profile ids.
 
@@ -1384,6 +1386,8 @@ def read_events(
             names=names,
             paths=paths,
             products=products,
+            since=None if since is None else since.astimezone(UTC).replace(tzinfo=None),
+            until=None if until is None else until.astimezone(UTC).replace(tzinfo=None),
         )
     )
     if paths:
@@ -1407,8 +1411,10 @@ def process_range(
     up_to_event_id: int,
     batch_size: int = 250_000,
     now: datetime | None = None,
+    by_time: bool = False,
 ) -> engine.ProcessResult:
-    """Process warehouse events in `(after, up_to]` in batches of event ids."""
+    """Process warehouse events in `(after, up_to]` in batches of event ids, or (`by_time`,
+    from the first event) in slices of event time of about `batch_size` events each."""
     program = get_program(session, program_id=program_id)
     specs = engine.active_rules(session, program_id=program.id)
     # Birthday bonuses come from the scheduled job only, never from tracked events.
@@ -1418,11 +1424,35 @@ def process_range(
     )
     total = engine.ProcessResult()
     touched: set[str] = set()
-    start = after_event_id
-    while start < up_to_event_id:
-        end = min(start + batch_size, up_to_event_id)
+    if by_time:
+        # Slices of event time, so events loaded out of time order (a file imported after
+        # the web stream) are processed in time order: the first purchase is the earliest.
+        count = int(
+            warehouse.scalar(queries.count_events(up_to_event_id=up_to_event_id, names=names)) or 0
+        )
+        batches = max(1, -(-count // batch_size))
+        cuts: list[datetime | None] = []
+        if batches > 1:
+            frame = warehouse.run(
+                queries.time_boundaries(up_to_event_id=up_to_event_id, names=names, batches=batches)
+            )
+            cuts = [engine.as_utc(c) for c in frame["cut"].to_list()]
+        edges = [None, *cuts, None]
+        slices = [(0, up_to_event_id, edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
+    else:
+        slices = [
+            (start, min(start + batch_size, up_to_event_id), None, None)
+            for start in range(after_event_id, up_to_event_id, batch_size)
+        ]
+    for start, end, since, until in slices:
         events = read_events(
-            warehouse, after_event_id=start, up_to_event_id=end, names=names, specs=specs
+            warehouse,
+            after_event_id=start,
+            up_to_event_id=end,
+            names=names,
+            specs=specs,
+            since=since,
+            until=until,
         )
         result = engine.process_events(session, program=program, events=events, now=now)
         total.events += result.events
@@ -1431,7 +1461,6 @@ def process_range(
         total.points += result.points
         total.reversals += result.reversals
         touched.update(result.members)
-        start = end
     total.members = sorted(touched)
     return total
 
@@ -1479,12 +1508,21 @@ def backfill(
 ) -> tuple[engine.ProcessResult, int]:
     """Process the whole event history set-based (retroactive points), then move the mark.
 
+    The history is taken in slices of event time, so it earns as if processed one event
+    at a time in time order, whatever order its sources were loaded in.
+
     Idempotent: events already processed (by real time or an earlier backfill) add nothing.
     """
     program = get_program(session, program_id=program_id)
     up_to = _resolved_up_to(warehouse)
     result = process_range(
-        session, warehouse, program_id=program.id, after_event_id=0, up_to_event_id=up_to, now=now
+        session,
+        warehouse,
+        program_id=program.id,
+        after_event_id=0,
+        up_to_event_id=up_to,
+        now=now,
+        by_time=True,
     )
     program.last_event_id = max(program.last_event_id, up_to)
     session.flush()
