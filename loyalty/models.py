@@ -101,6 +101,9 @@ class LedgerEntry(Base):
     __table_args__ = (
         Index("ix_loyalty_ledger_entry_member_created", "member_id", "created_at"),
         Index("ix_loyalty_ledger_entry_caps", "rule_id", "member_id", "local_date"),
+        # Refunds look an order's entries up by (programme, order): without the pair, SQLite
+        # may pick the programme index and scan every entry of the programme per refund.
+        Index("ix_loyalty_ledger_entry_program_order", "program_id", "order_id"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -171,6 +174,7 @@ class Activity(Base):
     """A member's purchase activity (spend, orders) per event, for tiers, refunds and KPIs."""
 
     __tablename__ = "loyalty_activity"
+    __table_args__ = (Index("ix_loyalty_activity_program_order", "program_id", "order_id"),)
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     program_id: Mapped[str] = mapped_column(String(36), index=True)

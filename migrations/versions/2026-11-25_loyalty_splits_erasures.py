@@ -1,4 +1,5 @@
-"""loyalty: split transfers name their source entry, erasure mark, tier changes name their event
+"""loyalty: split transfers name their source entry, erasure mark, tier changes name their event,
+refund lookups by (programme, order)
 
 Revision ID: 0007_loyalty_splits_erasures
 Revises: 0006_segments
@@ -29,10 +30,21 @@ def upgrade() -> None:
         )
     with op.batch_alter_table("loyalty_tier_change") as batch:
         batch.add_column(sa.Column("event_id", sa.BigInteger(), nullable=True))
+    op.create_index(
+        "ix_loyalty_ledger_entry_program_order",
+        "loyalty_ledger_entry",
+        ["program_id", "order_id"],
+        unique=False,
+    )
+    op.create_index(
+        "ix_loyalty_activity_program_order", "loyalty_activity", ["program_id", "order_id"]
+    )
 
 
 def downgrade() -> None:
     """Revert this revision."""
+    op.drop_index("ix_loyalty_activity_program_order", table_name="loyalty_activity")
+    op.drop_index("ix_loyalty_ledger_entry_program_order", table_name="loyalty_ledger_entry")
     with op.batch_alter_table("loyalty_tier_change") as batch:
         batch.drop_column("event_id")
     with op.batch_alter_table("loyalty_ledger_entry") as batch:
