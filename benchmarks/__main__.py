@@ -18,6 +18,8 @@ BENCHMARKS: dict[str, tuple[str, int]] = {
     "ingestion_files": ("benchmarks.ingestion_files", 5_000_000),
     "ingestion_http": ("benchmarks.ingestion_http", 200_000),
     "loyalty_backfill": ("benchmarks.loyalty_backfill", 1_000_000),
+    "loyalty_realtime": ("benchmarks.loyalty_realtime", 60_000),
+    "loyalty_sample": ("benchmarks.loyalty_sample", 1_000_000),
     "identity": ("benchmarks.identity", 1_000_000),
     "identity_quality": ("benchmarks.identity_quality", 20_000),
     "segments_attributes": ("benchmarks.segments_attributes", 200_000),

@@ -29,8 +29,19 @@ logger = logging.getLogger(__name__)
 
 ORDER_EVENT = "Order Completed"
 REFUND_EVENT = "Order Refunded"
+# The event the scheduled birthday job generates (see `service.award_birthdays`); rules
+# triggered on it give birthday bonuses. Never read from the warehouse.
+BIRTHDAY_EVENT = "Birthday"
 # Amount properties read for spend and refunds, first present wins.
 AMOUNT_PATHS = ("total", "revenue")
+# Where a return names the sale it returns, first present wins (then `order_id`).
+ORIGINAL_ORDER_PATHS = ("original_order_id", "original_transaction_id")
+# An order event that may be a till return: a negative amount or quantity, or kind "refund".
+_RETURN_HINT = r'"(?:total|revenue|quantity)"\s*:\s*-|"kind"\s*:\s*"refund"'
+_QUANTITIES = pl.List(pl.Struct({"quantity": pl.Float64}))
+_LINE_AMOUNTS = pl.List(
+    pl.Struct({"price": pl.Float64, "unit_price": pl.Float64, "quantity": pl.Float64})
+)
 # Above this many profiles in a batch, members are read for the whole programme.
 IN_LIST_LIMIT = 5_000
 
@@ -88,6 +99,16 @@ class RuleSpec:
         )
 
 
+def warehouse_fields(specs: list[RuleSpec]) -> tuple[list[str], bool]:
+    """The property paths worth having the warehouse parse for these rules (always
+    `order_id`), and whether per-line rules need `products`."""
+    fields = {"properties.order_id"}
+    for spec in specs:
+        fields |= rules.json_fields(spec.condition) | rules.formula_fields(spec.formula)
+    paths = sorted(f.split(".", 1)[1] for f in fields if f.startswith("properties."))
+    return paths, any(isinstance(s.formula, rules.PerLine) for s in specs)
+
+
 def _empty(schema: dict[str, pl.DataType]) -> pl.DataFrame:
     return pl.DataFrame(schema=schema)
 
@@ -137,6 +158,7 @@ TRACE_COLUMNS = (
     "order_id",
     "rule_id",
     "priority",
+    "rule_order",
     "in_window",
     "condition",
     "blocked_by",
@@ -148,16 +170,28 @@ TRACE_COLUMNS = (
 
 
 def prepare(frame: pl.DataFrame, tz: str) -> pl.DataFrame:
-    """Order rows by event time and add the row index, local date, month and order id."""
-    return (
-        frame.sort("timestamp", "event_id")
-        .with_row_index("row")
-        .with_columns(
-            pl.col("timestamp").dt.convert_time_zone(tz).dt.date().alias("local_date"),
-            pl.col("properties").str.json_path_match("$.order_id").alias("order_id"),
-        )
-        .with_columns(pl.col("local_date").dt.truncate("1mo").alias("month"))
+    """Order rows by event time and add the row index, local date, month and order id.
+
+    A refund's order id is the sale it names (`original_order_id`, `original_transaction_id`,
+    else `order_id`), so a till return, whose own id is its transaction's, finds its sale.
+    """
+    props = pl.col("properties")
+    refund = pl.col("event") == REFUND_EVENT
+    prepared = frame.sort("timestamp", "event_id").with_row_index("row")
+    order_id = (
+        pl.col("properties.order_id")
+        if "properties.order_id" in frame.columns
+        else props.str.json_path_match("$.order_id")
     )
+    if prepared.select(refund.any()).item():
+        original = pl.coalesce(
+            [props.str.json_path_match(f"$.{p}") for p in ORIGINAL_ORDER_PATHS] + [order_id]
+        )
+        order_id = pl.when(refund).then(original).otherwise(order_id)
+    return prepared.with_columns(
+        pl.col("timestamp").dt.convert_time_zone(tz).dt.date().alias("local_date"),
+        order_id.alias("order_id"),
+    ).with_columns(pl.col("local_date").dt.truncate("1mo").alias("month"))
 
 
 def trace(frame: pl.DataFrame, specs: list[RuleSpec]) -> pl.DataFrame:
@@ -170,10 +204,18 @@ def trace(frame: pl.DataFrame, specs: list[RuleSpec]) -> pl.DataFrame:
     for spec in specs:
         fields |= rules.json_fields(spec.condition) | rules.formula_fields(spec.formula)
     frame = rules.materialise(frame, fields)
+    # The JSON texts are parsed already; only per-line formulas read `properties` again, so
+    # the copies each rule's row filter makes stay narrow.
+    needs_text = "properties.products" not in frame.columns and any(
+        isinstance(s.formula, rules.PerLine) for s in specs
+    )
+    dropped = ["traits"] if needs_text else ["traits", "properties"]
+    frame = frame.drop([c for c in dropped if c in frame.columns])
     blocked = pl.Series("blocked_by", [None] * frame.height, dtype=pl.String)
     parts: list[pl.DataFrame] = []
-    for spec in sorted(specs, key=lambda s: (s.priority, s.id)):
-        mask = frame["event"] == spec.event_name
+    by_name = {name: frame["event"] == name for name in {s.event_name for s in specs}}
+    for order, spec in enumerate(stacking_order(specs)):
+        mask = by_name[spec.event_name]
         sub = frame.filter(mask)
         if sub.is_empty():
             continue
@@ -195,6 +237,7 @@ def trace(frame: pl.DataFrame, specs: list[RuleSpec]) -> pl.DataFrame:
                 multiplier.cast(pl.Float64).alias("multiplier"),
                 pl.lit(spec.id).alias("rule_id"),
                 pl.lit(spec.priority).alias("priority"),
+                pl.lit(order, dtype=pl.Int32).alias("rule_order"),
             )
             .with_columns(
                 rules.round_points(pl.col("base") * pl.col("multiplier"), rounding).alias(
@@ -237,39 +280,51 @@ def _clamp(frame: pl.DataFrame, *, cap: str, used: str, over: list[str]) -> pl.D
     )
 
 
-# Running totals (caps, limits) accumulate in this order.
-EVENT_ORDER = ("timestamp", "event_id", "priority", "rule_id")
+# Running totals (caps, limits) accumulate in this order: event time then event id (the
+# prepared `row`), then stacking order (`rule_order`: priority, then rule id).
+EVENT_ORDER = ("row", "rule_order")
 _SPEC_CAP = {"cap_day": "cap_per_day", "cap_month": "cap_per_month", "cap_budget": "budget"}
 
 
-def _limit(fired: pl.DataFrame, limited: list[str], counts: pl.DataFrame) -> pl.DataFrame:
+def _limit(fired: pl.DataFrame, limited: list[int], counts: pl.DataFrame) -> pl.DataFrame:
     """Drop the awards of limited rules past a member's limit (ledger count + rank here)."""
     inside = (
-        fired.filter(pl.col("rule_id").is_in(limited))
+        fired.filter(pl.col("rule_order").is_in(limited))
         .join(counts, on=["rule_id", "member_id"], how="left")
-        .sort(*EVENT_ORDER)
-        .with_columns(pl.int_range(1, pl.len() + 1).over(["rule_id", "member_id"]).alias("nth"))
+        .sort("rule_order", "row")
+        .with_columns(pl.int_range(1, pl.len() + 1).over(["rule_order", "member_id"]).alias("nth"))
         .filter(pl.col("nth") + pl.col("used_count").fill_null(0) <= pl.col("cap_count"))
         .drop("nth", "used_count")
     )
     return pl.concat(
-        [fired.filter(~pl.col("rule_id").is_in(limited)), inside], how="vertical_relaxed"
-    ).sort(*EVENT_ORDER)
+        [fired.filter(~pl.col("rule_order").is_in(limited)), inside], how="vertical_relaxed"
+    )
+
+
+def stacking_order(specs: list[RuleSpec]) -> list[RuleSpec]:
+    """The rules in the order they apply to an event: priority, then id."""
+    return sorted(specs, key=lambda s: (s.priority, s.id))
 
 
 def apply_caps(traced: pl.DataFrame, specs: list[RuleSpec], priors: Priors) -> pl.DataFrame:
-    """The awards: fired rows after per-member limits, day and month caps and budgets."""
+    """The awards: fired rows after per-member limits, day and month caps and budgets.
+
+    Rules are told apart by their stacking position (`rule_order`, an integer) rather than
+    their id, and only the rows of limited or capped rules are sorted and summed.
+    """
+    ordered = stacking_order(specs)
+    position = {s.id: i for i, s in enumerate(ordered)}
     caps = pl.DataFrame(
         {
-            "rule_id": [s.id for s in specs],
-            "cap_day": [s.cap_per_day for s in specs],
-            "cap_month": [s.cap_per_month for s in specs],
-            "cap_budget": [s.budget for s in specs],
-            "cap_count": [s.limit_per_member for s in specs],
-            "qualifying": [s.qualifying for s in specs],
+            "rule_order": list(range(len(ordered))),
+            "cap_day": [s.cap_per_day for s in ordered],
+            "cap_month": [s.cap_per_month for s in ordered],
+            "cap_budget": [s.budget for s in ordered],
+            "cap_count": [s.limit_per_member for s in ordered],
+            "qualifying": [s.qualifying for s in ordered],
         },
         schema={
-            "rule_id": pl.String(),
+            "rule_order": pl.Int32(),
             "cap_day": pl.Int64(),
             "cap_month": pl.Int64(),
             "cap_budget": pl.Int64(),
@@ -281,11 +336,10 @@ def apply_caps(traced: pl.DataFrame, specs: list[RuleSpec], priors: Priors) -> p
         return traced.with_columns(pl.lit(0).alias("points")).clear()
     fired = (
         traced.filter(pl.col("fired") & (pl.col("raw_points") > 0))
-        .join(caps, on="rule_id", how="left")
-        .sort(*EVENT_ORDER)
+        .join(caps, on="rule_order", how="left")
         .with_columns(pl.col("raw_points").alias("points"))
     )
-    limited = [s.id for s in specs if s.limit_per_member is not None]
+    limited = [position[s.id] for s in specs if s.limit_per_member is not None]
     if limited:
         fired = _limit(fired, limited, priors.count)
     steps: list[tuple[str, pl.DataFrame, list[str], str]] = [
@@ -294,27 +348,31 @@ def apply_caps(traced: pl.DataFrame, specs: list[RuleSpec], priors: Priors) -> p
         ("cap_budget", priors.budget, ["rule_id"], "used_budget"),
     ]
     for cap, prior, over, used in steps:
-        capped = [s.id for s in specs if getattr(s, _SPEC_CAP[cap]) is not None]
+        capped = [position[s.id] for s in specs if getattr(s, _SPEC_CAP[cap]) is not None]
         if not capped:
             continue
         # Only the rows of capped rules go through the join and the running sums.
         inside = (
-            fired.filter(pl.col("rule_id").is_in(capped))
+            fired.filter(pl.col("rule_order").is_in(capped))
             .join(prior, on=over, how="left")
             .sort(*EVENT_ORDER)
         )
         inside = _clamp(inside, cap=cap, used=used, over=over).drop(used)
         fired = pl.concat(
-            [fired.filter(~pl.col("rule_id").is_in(capped)), inside], how="vertical_relaxed"
-        ).sort(*EVENT_ORDER)
-    return fired.filter(pl.col("points") > 0).with_columns(
-        pl.when(pl.col("qualifying"))
-        .then(pl.col("points"))
-        .otherwise(0)
-        .alias("qualifying_points"),
-        pl.concat_str(
-            pl.lit("event:"), pl.col("message_id"), pl.lit(":rule:"), pl.col("rule_id")
-        ).alias("idempotency_key"),
+            [fired.filter(~pl.col("rule_order").is_in(capped)), inside], how="vertical_relaxed"
+        )
+    return (
+        fired.filter(pl.col("points") > 0)
+        .sort(*EVENT_ORDER)
+        .with_columns(
+            pl.when(pl.col("qualifying"))
+            .then(pl.col("points"))
+            .otherwise(0)
+            .alias("qualifying_points"),
+            pl.concat_str(
+                pl.lit("event:"), pl.col("message_id"), pl.lit(":rule:"), pl.col("rule_id")
+            ).alias("idempotency_key"),
+        )
     )
 
 
@@ -338,10 +396,46 @@ def _normalise(events: pl.DataFrame) -> pl.DataFrame:
     dtype = frame.schema["timestamp"]
     if isinstance(dtype, pl.Datetime) and dtype.time_zone is None:
         frame = frame.with_columns(pl.col("timestamp").dt.replace_time_zone("UTC"))
+    return returns_as_refunds(
+        frame.with_columns(
+            pl.col("timestamp").dt.convert_time_zone("UTC").dt.cast_time_unit("us"),
+            pl.col("event_id").cast(pl.Int64),
+            pl.col("properties").cast(pl.String).fill_null("{}"),
+        )
+    )
+
+
+def returns_as_refunds(frame: pl.DataFrame) -> pl.DataFrame:
+    """Till returns recorded as order events become `Order Refunded` events.
+
+    A till export may record a return as an order whose total is negative, whose products
+    all have negative quantities, or whose `kind` is "refund", naming the sale in
+    `original_transaction_id`. Such a row earns nothing and reverses the sale's points
+    exactly as an `Order Refunded` of the same amount would. Only rows whose JSON text
+    hints at a return (a cheap regex) are parsed.
+    """
+    props = pl.col("properties")
+    hinted = (pl.col("event") == ORDER_EVENT) & props.str.contains(_RETURN_HINT)
+    candidates = frame.with_row_index("_row").filter(hinted)
+    if candidates.is_empty():
+        return frame
+    quantities = (
+        props.str.json_path_match("$.products")
+        .str.json_decode(_QUANTITIES)
+        .list.eval(pl.element().struct.field("quantity"))
+    )
+    confirmed = candidates.filter(
+        (
+            (_amount_expr() < 0)
+            | (props.str.json_path_match("$.kind") == "refund")
+            | ((quantities.list.max() < 0) & (quantities.list.len() > 0))
+        ).fill_null(False)
+    )["_row"]
+    if confirmed.is_empty():
+        return frame
+    returns = pl.int_range(pl.len(), dtype=pl.UInt32).is_in(confirmed.implode())
     return frame.with_columns(
-        pl.col("timestamp").dt.convert_time_zone("UTC").dt.cast_time_unit("us"),
-        pl.col("event_id").cast(pl.Int64),
-        pl.col("properties").cast(pl.String).fill_null("{}"),
+        pl.when(returns).then(pl.lit(REFUND_EVENT)).otherwise(pl.col("event")).alias("event")
     )
 
 
@@ -501,6 +595,26 @@ def _amount_expr() -> pl.Expr:
     )
 
 
+def _refund_amount_expr() -> pl.Expr:
+    """The amount a refund gives back, positive whatever the sign it was recorded with:
+    `total` (else `revenue`), else the sum of its lines' price x quantity; null means all."""
+    lines = (
+        pl.col("properties")
+        .str.json_path_match("$.products")
+        .str.json_decode(_LINE_AMOUNTS)
+        .list.eval(
+            (
+                pl.coalesce(
+                    pl.element().struct.field("price"), pl.element().struct.field("unit_price")
+                )
+                * pl.element().struct.field("quantity").fill_null(1.0)
+            ).abs()
+        )
+        .list.sum()
+    )
+    return pl.coalesce(_amount_expr().abs(), pl.when(lines > 0).then(lines))
+
+
 def member_events(
     session: Session,
     *,
@@ -513,7 +627,8 @@ def member_events(
     """Events of the batch joined with their members (auto-enrolling when the programme does)."""
     specs = active_rules(session, program_id=program.id) if specs is None else specs
     names = {s.event_name for s in specs} | {ORDER_EVENT, REFUND_EVENT}
-    frame = _normalise(events.select(list(EVENT_SCHEMA)))
+    parsed = [c for c in events.columns if c.startswith("properties.")]
+    frame = _normalise(events.select([*EVENT_SCHEMA, *parsed]))
     frame = frame.filter(pl.col("event").is_in(list(names)) & pl.col("profile_id").is_not_null())
     enrolled = 0
     if enrol and program.enrolment == "automatic":
@@ -562,6 +677,7 @@ def process_events(
         return result
     prepared = prepare(frame, program.timezone)
     awards = pl.DataFrame()
+    priors = Priors()
     if specs:
         priors = load_priors(
             session,
@@ -569,6 +685,13 @@ def process_events(
             members=prepared["member_id"].unique().to_list(),
             since=prepared["local_date"].min(),  # type: ignore[arg-type]
         )
+    ladder = tiers.ladder(session, program_id=program.id)
+    ranks: pl.DataFrame | None = None
+    if ladder:
+        awards, ranks = _evaluate_with_tiers(
+            session, program=program, prepared=prepared, specs=specs, priors=priors, ladder=ladder
+        )
+    elif specs:
         awards = apply_caps(trace(prepared, specs), specs, priors)
     if not awards.is_empty():
         credits = awards.select(
@@ -590,36 +713,357 @@ def process_events(
     result.members = sorted(
         prepared.filter(pl.col("member_status") == "active")["member_id"].unique().to_list()
     )
-    # Upgrades are immediate: at the end of each batch (one event in real time).
-    tiers.evaluate(session, program=program, member_ids=result.members, now=now)
+    # Upgrades are immediate: each at the event that reached the threshold, and the events
+    # after it in the batch already earned with the new tier (see `_evaluate_with_tiers`).
+    if ranks is not None:
+        tiers.apply_row_upgrades(session, program=program, ladder_=ladder, ranks=ranks)
     return result
+
+
+# A condition on these fields makes a rule's outcome depend on the member's tier.
+_TIER_FIELDS = frozenset({"member.tier", "member.tier_rank"})
+
+
+def _tier_dependent(specs: list[RuleSpec], ladder: list[Tier]) -> bool:
+    multipliers = any(t.multiplier != 1.0 for t in ladder) and any(
+        s.apply_tier_multiplier for s in specs
+    )
+    conditions = any(rules.condition_fields(s.condition) & _TIER_FIELDS for s in specs)
+    return multipliers or conditions
+
+
+def _with_tiers(prepared: pl.DataFrame, ladder: list[Tier], ranks: pl.Series) -> pl.DataFrame:
+    """The frame with each row's tier columns set from its rank (0: no tier)."""
+    table = pl.DataFrame(
+        {
+            "tier_rank": [t.rank for t in ladder],
+            "tier_name": [t.name for t in ladder],
+            "tier_multiplier": [t.multiplier for t in ladder],
+        },
+        schema={"tier_rank": pl.Int64(), "tier_name": pl.String(), "tier_multiplier": pl.Float64()},
+    )
+    return (
+        prepared.drop("tier_rank", "tier_name", "tier_multiplier")
+        .with_columns(ranks.cast(pl.Int64).alias("tier_rank"))
+        .join(table, on="tier_rank", how="left", maintain_order="left")
+        .with_columns(pl.when(pl.col("tier_rank") > 0).then(pl.col("tier_rank")).alias("tier_rank"))
+    )
+
+
+def _evaluate_with_tiers(
+    session: Session,
+    *,
+    program: Program,
+    prepared: pl.DataFrame,
+    specs: list[RuleSpec],
+    priors: Priors,
+    ladder: list[Tier],
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Awards where every event earns with the tier its member holds at that event.
+
+    One-by-one processing upgrades a member right after the event that reaches a threshold,
+    so the next event earns with the new multiplier. A batch does the same set-based: with
+    the tiers held at each row, compute the awards, then the metric after each row (the
+    ledger's values before the batch + what each row adds: qualifying points of its awards
+    and of its refund's reversal, or its spend / order), hence the tier at each row; repeat
+    until the tiers no longer change. Tiers only go up during processing and each pass fixes
+    at least the next upgrade, so it ends within (number of tiers + 1) passes. Returns the
+    awards and `tiers.row_ranks` of the final pass.
+    """
+    rows = prepared.select(
+        "row",
+        "member_id",
+        "timestamp",
+        "event_id",
+        pl.col("tier_rank").fill_null(0).alias("current_rank"),
+    )
+    rows = rows.with_columns(
+        tiers.ranks_at(session, program=program, ladder_=ladder, rows=rows)
+    ).drop("current_rank")
+    before = _tier_priors(session, program=program, prepared=prepared)
+    activity = _activity_frame(prepared) if program.tier_metric != "points" else None
+    current = rows["start_rank"]
+    awards = pl.DataFrame()
+    ranks = pl.DataFrame()
+    dependent = _tier_dependent(specs, ladder)
+    for _ in range(len(ladder) + 3):
+        framed = _with_tiers(prepared, ladder, current) if dependent else prepared
+        if specs:
+            awards = apply_caps(trace(framed, specs), specs, priors)
+        if activity is not None:
+            column = "spend" if program.tier_metric == "spend" else "orders"
+            added = activity.select(
+                "member_id", pl.col("timestamp").alias("occurred_at"), "row", pl.col(column)
+            ).rename({column: "value"})
+        else:
+            added = _points_added(session, program=program, prepared=prepared, awards=awards)
+        ranks = tiers.row_ranks(
+            program, ladder, rows, pl.concat([before, added], how="vertical_relaxed")
+        )
+        found = ranks["rank_before"]
+        if not dependent or found.equals(current.cast(pl.Int64)):
+            break
+        current = found
+    return awards, ranks
+
+
+def _tier_priors(session: Session, *, program: Program, prepared: pl.DataFrame) -> pl.DataFrame:
+    """What the ledger counts toward the tier metric for the batch's members (and the
+    memberships merged into them) in the windows of the batch, events of the batch excepted.
+
+    Columns member_id (the surviving member), occurred_at, row (null), value.
+    """
+    members = prepared["member_id"].unique().to_list()
+    start = tiers.window_starts(program, prepared["timestamp"]).min()
+    end = prepared["timestamp"].max()
+    owner = func.coalesce(Member.merged_into, Member.id)
+    if program.tier_metric == "points":
+        table: Any = LedgerEntry  # Any: an ORM class
+        value: Any = LedgerEntry.qualifying_points  # Any: a column of either table
+    else:
+        table = Activity
+        value = Activity.spend if program.tier_metric == "spend" else Activity.orders
+    query = (
+        select(owner, table.occurred_at, table.event_id, value)
+        .join(Member, Member.id == table.member_id)
+        .where(
+            table.program_id == program.id,
+            table.occurred_at >= start,
+            table.occurred_at <= end,
+            value != 0,
+        )
+    )
+    batches = (
+        [query]
+        if len(members) > IN_LIST_LIMIT
+        else [
+            query.where(or_(Member.id.in_(chunk), Member.merged_into.in_(chunk)))
+            for chunk in _in_chunks(members)
+        ]
+    )
+    found = pl.DataFrame(
+        [row for q in batches for row in session.execute(q).all()],
+        schema={
+            "member_id": pl.String(),
+            "occurred_at": pl.Datetime("us", "UTC"),
+            "event_id": pl.Int64(),
+            "value": pl.Float64(),
+        },
+        orient="row",
+    )
+    batch_events = prepared["event_id"].drop_nulls().implode()
+    return found.filter(
+        pl.col("event_id").is_null() | ~pl.col("event_id").is_in(batch_events)
+    ).select(
+        "member_id",
+        "occurred_at",
+        pl.lit(None, dtype=pl.Int64).alias("row"),
+        "value",
+    )
+
+
+def _points_added(
+    session: Session, *, program: Program, prepared: pl.DataFrame, awards: pl.DataFrame
+) -> pl.DataFrame:
+    """Qualifying points each row adds: its awards, minus what its refund will reverse."""
+    schema = {
+        "member_id": pl.String(),
+        "occurred_at": pl.Datetime("us", "UTC"),
+        "row": pl.Int64(),
+        "value": pl.Float64(),
+    }
+    parts = [pl.DataFrame(schema=schema)]
+    if not awards.is_empty():
+        parts.append(
+            awards.select(
+                "member_id",
+                pl.col("timestamp").alias("occurred_at"),
+                pl.col("row").cast(pl.Int64),
+                pl.col("qualifying_points").cast(pl.Float64).alias("value"),
+            )
+        )
+    parts.append(_reversal_values(session, program=program, prepared=prepared, awards=awards))
+    return pl.concat(parts, how="vertical_relaxed")
+
+
+def _activity_frame(frame: pl.DataFrame) -> pl.DataFrame:
+    """The purchase activity of a prepared batch: one row per order (spend, 1 order) and per
+    refund (-amount) of active members, in row order, with the frame's columns kept."""
+    orders = frame.filter(
+        pl.col("event").is_in([ORDER_EVENT, REFUND_EVENT]) & (pl.col("member_status") == "active")
+    )
+    is_order = pl.col("event") == ORDER_EVENT
+    # Refund amounts may need their lines parsed: only on the (few) refund rows.
+    return (
+        pl.concat(
+            [
+                orders.filter(is_order).with_columns(_amount_expr().fill_null(0.0).alias("spend")),
+                orders.filter(~is_order).with_columns(
+                    (-_refund_amount_expr().fill_null(0.0)).alias("spend")
+                ),
+            ]
+        )
+        .with_columns(pl.when(is_order).then(1).otherwise(0).alias("orders"))
+        .sort("row")
+    )
 
 
 def _record_activity(session: Session, *, program: Program, frame: pl.DataFrame) -> None:
     """One activity row per order (spend, +1 order) and per refund (-amount)."""
-    orders = frame.filter(
-        pl.col("event").is_in([ORDER_EVENT, REFUND_EVENT]) & (pl.col("member_status") == "active")
-    )
-    if orders.is_empty():
+    spend = _activity_frame(frame)
+    if spend.is_empty():
         return
-    rows = orders.select(
+    rows = spend.select(
         pl.col("member_id"),
         pl.col("event_id"),
         pl.col("order_id"),
-        pl.when(pl.col("event") == ORDER_EVENT)
-        .then(_amount_expr().fill_null(0.0))
-        .otherwise(-_amount_expr().fill_null(0.0))
-        .alias("spend"),
-        pl.when(pl.col("event") == ORDER_EVENT).then(1).otherwise(0).alias("orders"),
+        pl.col("spend"),
+        pl.col("orders"),
         pl.col("timestamp").alias("occurred_at"),
         pl.concat_str(pl.lit(f"activity:{program.id}:"), pl.col("message_id")).alias(
             "idempotency_key"
         ),
     ).with_columns(
-        pl.Series("id", [new_id() for _ in range(orders.height)]),
+        pl.Series("id", [new_id() for _ in range(spend.height)]),
         pl.lit(program.id).alias("program_id"),
     )
     session.execute(ledger.insert_ignoring_conflicts(session, Activity.__table__), rows.to_dicts())
+
+
+def _reversal_values(
+    session: Session, *, program: Program, prepared: pl.DataFrame, awards: pl.DataFrame
+) -> pl.DataFrame:
+    """The qualifying points each refund row of the batch will reverse (negative values).
+
+    The same sums as `reverse_order`, done ahead for the whole batch: the orders' earnings
+    and reversals in the ledger (events of the batch excepted) plus the batch's awards, their
+    spend and earlier refunds (ledger activity plus the batch's). Columns member_id,
+    occurred_at, row, value.
+    """
+    schema = {
+        "member_id": pl.String(),
+        "occurred_at": pl.Datetime("us", "UTC"),
+        "row": pl.Int64(),
+        "value": pl.Float64(),
+    }
+    refunds = prepared.filter(
+        (pl.col("event") == REFUND_EVENT)
+        & pl.col("order_id").is_not_null()
+        & (pl.col("member_status") == "active")
+    )
+    if refunds.is_empty():
+        return pl.DataFrame(schema=schema)
+    refunds = refunds.with_columns(_refund_amount_expr().alias("amount"))
+    orders = refunds["order_id"].unique().to_list()
+    batch_events = prepared["event_id"].drop_nulls().implode()
+    entry_rows = [
+        row
+        for chunk in _in_chunks(orders)
+        for row in session.execute(
+            select(
+                LedgerEntry.order_id,
+                LedgerEntry.kind,
+                LedgerEntry.event_id,
+                LedgerEntry.points,
+                LedgerEntry.qualifying_points,
+                LedgerEntry.unrecovered,
+            ).where(
+                LedgerEntry.program_id == program.id,
+                LedgerEntry.order_id.in_(chunk),
+                LedgerEntry.kind.in_(["earn", "reverse"]),
+            )
+        ).all()
+    ]
+    entries = pl.DataFrame(
+        entry_rows,
+        schema={
+            "order_id": pl.String(),
+            "kind": pl.String(),
+            "event_id": pl.Int64(),
+            "points": pl.Int64(),
+            "qualifying": pl.Int64(),
+            "unrecovered": pl.Int64(),
+        },
+        orient="row",
+    ).filter(pl.col("event_id").is_null() | ~pl.col("event_id").is_in(batch_events))
+    activity_rows = [
+        row
+        for chunk in _in_chunks(orders)
+        for row in session.execute(
+            select(
+                Activity.order_id, Activity.event_id, Activity.occurred_at, Activity.spend
+            ).where(Activity.program_id == program.id, Activity.order_id.in_(chunk))
+        ).all()
+    ]
+    activity = pl.DataFrame(
+        activity_rows,
+        schema={
+            "order_id": pl.String(),
+            "event_id": pl.Int64(),
+            "timestamp": pl.Datetime("us", "UTC"),
+            "spend": pl.Float64(),
+        },
+        orient="row",
+    ).filter(pl.col("event_id").is_null() | ~pl.col("event_id").is_in(batch_events))
+    batch_activity = _activity_frame(prepared).filter(pl.col("order_id").is_in(orders))
+    activity = pl.concat(
+        [activity, batch_activity.select("order_id", "event_id", "timestamp", "spend")],
+        how="vertical_relaxed",
+    )
+    earned: dict[str, list[int]] = {o: [0, 0] for o in orders}
+    reversed_: dict[str, list[int]] = {o: [0, 0] for o in orders}
+    for order, kind, _, points, qualifying, unrecovered in entries.iter_rows():
+        if kind == "earn":
+            earned[order][0] += points
+            earned[order][1] += qualifying
+        else:
+            reversed_[order][0] += -points + unrecovered
+            reversed_[order][1] += -qualifying
+    if not awards.is_empty():
+        by_order = (
+            awards.filter(pl.col("order_id").is_in(orders))
+            .group_by("order_id")
+            .agg(pl.col("points").sum(), pl.col("qualifying_points").sum())
+        )
+        for order, points, qualifying in by_order.iter_rows():
+            earned[order][0] += points
+            earned[order][1] += qualifying
+    spent = dict(
+        activity.filter(pl.col("spend") > 0)
+        .group_by("order_id")
+        .agg(pl.col("spend").sum())
+        .iter_rows()
+    )
+    refunds_by_order: dict[str, list[tuple[datetime, int, float]]] = {}
+    for order, event_id, at, spend in activity.filter(pl.col("spend") < 0).iter_rows():
+        refunds_by_order.setdefault(order, []).append((at, event_id, -spend))
+    values: list[tuple[str, datetime, int, float]] = []
+    for row in refunds.sort("timestamp", "event_id").iter_rows(named=True):
+        order = row["order_id"]
+        points, qualifying = earned[order]
+        if not points:
+            continue
+        at, event_id = row["timestamp"], row["event_id"]
+        amount = row["amount"]
+        total = spent.get(order, 0.0)
+        if amount is None or not total:
+            share = 1.0
+        else:
+            before = sum(
+                a
+                for t, e, a in refunds_by_order.get(order, [])
+                if t < at or (t == at and event_id is not None and e is not None and e < event_id)
+            )
+            share = min(1.0, (before + float(amount)) / float(total))
+        back = int(round_half_up(points * share)) - reversed_[order][0]
+        back_q = int(round_half_up(qualifying * share)) - reversed_[order][1]
+        if back <= 0 and back_q <= 0:
+            continue
+        reversed_[order][0] += max(back, 0)
+        reversed_[order][1] += max(back_q, 0)
+        if back_q > 0:
+            values.append((row["member_id"], at, int(row["row"]), -float(back_q)))
+    return pl.DataFrame(values, schema=schema, orient="row")
 
 
 def _reverse_refunds(
@@ -630,7 +1074,7 @@ def _reverse_refunds(
         (pl.col("event") == REFUND_EVENT)
         & pl.col("order_id").is_not_null()
         & (pl.col("member_status") == "active")
-    ).with_columns(_amount_expr().alias("amount"))
+    ).with_columns(_refund_amount_expr().alias("amount"))
     written = 0
     for row in refunds.sort("timestamp", "event_id").iter_rows(named=True):
         key = f"event:{row['message_id']}:reverse:{program.id}"

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from sqlalchemy import select
 
 from cdp.scheduler import JobContext, JobSpec
-from loyalty import service
+from identity import service as identity_service
+from loyalty import queries, service
 from loyalty.models import Program
 
 logger = logging.getLogger(__name__)
 
 SYNC_CHUNK = 5_000  # event ids per transaction of the real-time job
+SNAPSHOT_EVERY = 30.0  # seconds between member snapshots published by the real-time job
+_last_snapshot = float("-inf")
 
 
 def _active_programs(context: JobContext) -> list[str]:
@@ -21,13 +25,14 @@ def _active_programs(context: JobContext) -> list[str]:
 
 
 def apply_merges(context: JobContext) -> int:
-    """Apply identity's merges and splits published since each programme's merge mark."""
-    applied = 0
+    """Apply identity's merges, splits and erasures published since each programme's marks."""
+    applied = erased = 0
     for program_id in _all_programs(context):
         with context.db.begin() as session:
             applied += service.sync_merges(session, context.warehouse, program_id=program_id)[0]
-    context.message = f"{applied} merges and splits applied"
-    return applied
+            erased += service.sync_erasures(session, context.warehouse, program_id=program_id)
+    context.message = f"{applied} merges and splits applied, {erased} erasures"
+    return applied + erased
 
 
 def _all_programs(context: JobContext) -> list[str]:
@@ -36,10 +41,16 @@ def _all_programs(context: JobContext) -> list[str]:
 
 
 def process_new_events(context: JobContext) -> int:
-    """Award points for the events resolved since each active programme's high-water mark.
+    """Award points for the events loaded since each active programme's high-water mark.
 
-    Identity's merges are applied first, so points land on the surviving memberships.
+    Real time: every second. New events are resolved by identity first (incremental and
+    locked, so it is safe alongside identity's own job), then identity's merges, splits and
+    erasures are applied, so points land on the surviving memberships.
     """
+    if _has_unresolved(context):
+        with context.db.begin() as session:
+            rules = identity_service.get_rules(session)
+        identity_service.resolve(context.warehouse, settings=context.settings, rules=rules)
     changed = apply_merges(context)
     credits = 0
     for program_id in _active_programs(context):
@@ -56,11 +67,20 @@ def process_new_events(context: JobContext) -> int:
             if new_mark == mark:
                 break
             mark = new_mark
-    if changed:
+    global _last_snapshot
+    # The snapshot rewrites every membership: at most every SNAPSHOT_EVERY seconds here
+    # (and every 5 minutes by its own job), not at every one-second run.
+    if changed and time.monotonic() - _last_snapshot >= SNAPSHOT_EVERY:
         with context.db.begin() as session:
             service.publish_member_snapshot(session, context.warehouse)
+        _last_snapshot = time.monotonic()
     context.message = f"{credits} credits"
     return credits
+
+
+def _has_unresolved(context: JobContext) -> bool:
+    loaded = int(context.warehouse.scalar(queries.max_event_id()) or 0)
+    return loaded > identity_service.resolved_up_to(context.warehouse)
 
 
 def publish_snapshot(context: JobContext) -> int:
@@ -80,6 +100,18 @@ def expire_points(context: JobContext) -> int:
     return expired
 
 
+def award_birthdays(context: JobContext) -> int:
+    """Birthday bonuses of the members whose birthday it is in their programme's time zone."""
+    credits = 0
+    for program_id in _active_programs(context):
+        with context.db.begin() as session:
+            credits += service.award_birthdays(
+                session, context.warehouse, program_id=program_id
+            ).credits
+    context.message = f"{credits} birthday credits"
+    return credits
+
+
 def reevaluate_tiers(context: JobContext) -> int:
     """Re-evaluate tiers (downgrades after grace) in every active programme."""
     moved = 0
@@ -93,16 +125,16 @@ JOBS: tuple[JobSpec, ...] = (
     JobSpec(
         "loyalty.apply_merges",
         apply_merges,
-        "apply identity's profile merges and splits to memberships and ledgers",
+        "apply identity's merges, splits and erasures to memberships and ledgers",
         trigger="interval",
         trigger_args={"seconds": 30},
     ),
     JobSpec(
         "loyalty.process_events",
         process_new_events,
-        "award points for newly loaded events",
+        "resolve and award points for newly loaded events (real time)",
         trigger="interval",
-        trigger_args={"seconds": 5},
+        trigger_args={"seconds": 1},
     ),
     JobSpec(
         "loyalty.publish_snapshot",
@@ -117,6 +149,13 @@ JOBS: tuple[JobSpec, ...] = (
         "expire points past their expiry date",
         trigger="cron",
         trigger_args={"hour": 2, "minute": 0},
+    ),
+    JobSpec(
+        "loyalty.birthday_bonus",
+        award_birthdays,
+        "award birthday bonuses (hourly, so each programme's local day is caught early)",
+        trigger="cron",
+        trigger_args={"minute": 7},
     ),
     JobSpec(
         "loyalty.reevaluate_tiers",

@@ -46,6 +46,8 @@ class Program(Base):
     last_event_id: Mapped[int] = mapped_column(BigInteger, default=0)
     # High-water mark of identity's published merges (`seq`) applied to the memberships.
     last_merge_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    # High-water mark of identity's published erasures (`seq`) applied to the memberships.
+    last_erasure_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
@@ -113,6 +115,9 @@ class LedgerEntry(Base):
             "member_id",
             "points",
         ),
+        # Refunds look an order's entries up by (programme, order): without the pair, SQLite
+        # may pick the programme index and scan every entry of the programme per refund.
+        Index("ix_loyalty_ledger_entry_program_order", "program_id", "order_id"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -138,6 +143,8 @@ class LedgerEntry(Base):
     order_id: Mapped[str | None] = mapped_column(String(200), index=True)
     rule_id: Mapped[str | None] = mapped_column(String(36))
     redemption_id: Mapped[str | None] = mapped_column(String(36))
+    # The entry whose points or qualifying points a `split` transfer moves to another member.
+    source_entry_id: Mapped[str | None] = mapped_column(String(36), index=True)
     reason: Mapped[str | None] = mapped_column(Text)
     actor: Mapped[str | None] = mapped_column(String(200))
     idempotency_key: Mapped[str] = mapped_column(String(300), unique=True)
@@ -181,6 +188,7 @@ class Activity(Base):
     """A member's purchase activity (spend, orders) per event, for tiers, refunds and KPIs."""
 
     __tablename__ = "loyalty_activity"
+    __table_args__ = (Index("ix_loyalty_activity_program_order", "program_id", "order_id"),)
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     program_id: Mapped[str] = mapped_column(String(36), index=True)
@@ -221,6 +229,8 @@ class TierChange(Base):
     reason: Mapped[str] = mapped_column(String(20))
     metric_value: Mapped[float] = mapped_column(Float)
     at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    # The event whose processing reached the new tier (upgrades while processing events).
+    event_id: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class Rule(Base):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from cdp.warehouse import Query
 
 
@@ -10,17 +12,54 @@ def max_event_id() -> Query:
     return Query("SELECT coalesce(max(event_id), 0) FROM events")
 
 
-def events_between(*, after_event_id: int, up_to_event_id: int, names: list[str]) -> Query:
-    """Events of the given names with `after < event_id <= up_to`, in id order."""
+# The type `properties.products` is read as (the engine's per-line formulas).
+PRODUCTS_TYPE = (
+    '[{"sku": "VARCHAR", "category": "VARCHAR", "brand": "VARCHAR", "price": "DOUBLE",'
+    ' "quantity": "DOUBLE"}]'
+)
+
+
+def events_between(
+    *,
+    after_event_id: int,
+    up_to_event_id: int,
+    names: list[str],
+    paths: Sequence[str] = (),
+    products: bool = False,
+    since: object = None,
+    until: object = None,
+) -> Query:
+    """Events of the given names with `after < event_id <= up_to`, in id order.
+
+    The JSON properties at `paths` come as text columns `f0, f1, ...` and, with `products`,
+    `properties.products` as a list of structs: DuckDB parses them once, in parallel, so the
+    engine does not parse JSON text row by row.
+    """
+    params: dict[str, object] = {
+        "after": after_event_id,
+        "up_to": up_to_event_id,
+        "names": names,
+        "since": since,
+        "until": until,
+    }
+    extra = ""
+    for i, path in enumerate(paths):
+        params[f"path{i}"] = "$." + path
+        extra += f", json_extract_string(properties, $path{i}) AS f{i}"
+    if products:
+        extra += (
+            f", from_json(json_extract(properties, '$.products'), '{PRODUCTS_TYPE}') AS products"
+        )
     return Query(
-        """
+        f"""
         SELECT event_id, message_id, source_id, type, event, timestamp,
-               CAST(properties AS VARCHAR) AS properties
+               CAST(properties AS VARCHAR) AS properties{extra}
         FROM events
         WHERE event_id > $after AND event_id <= $up_to AND list_contains($names, event)
+          AND ($since IS NULL OR timestamp >= $since) AND ($until IS NULL OR timestamp < $until)
         ORDER BY event_id
-        """,
-        {"after": after_event_id, "up_to": up_to_event_id, "names": names},
+        """,  # noqa: S608 - the extra columns are code-built; paths and values are parameters
+        params,
     )
 
 
@@ -62,3 +101,58 @@ WHERE pick = 1
 # Replace the member snapshot with the registered frame `snapshot_frame`, in one transaction.
 DELETE_SNAPSHOT = "DELETE FROM loyalty_member_snapshot"
 INSERT_SNAPSHOT = "INSERT INTO loyalty_member_snapshot BY NAME SELECT * FROM snapshot_frame"
+
+
+def birthday_profiles(codes: list[int]) -> Query:
+    """Profiles whose `birth_date` trait (ISO date) falls on one of the `month*100+day` codes,
+    with their traits as JSON text."""
+    return Query(
+        """
+        SELECT profile_id, CAST(traits AS VARCHAR) AS traits
+        FROM profiles
+        WHERE list_contains($codes, CAST(strftime(
+            TRY_CAST(left(json_extract_string(traits, '$.birth_date'), 10) AS DATE), '%m%d'
+        ) AS INTEGER))
+        ORDER BY profile_id
+        """,
+        {"codes": codes},
+    )
+
+
+def event_profiles_of(event_ids: list[int], *, event_profiles: str) -> Query:
+    """The profile each of these events belongs to now (`event_profiles` is identity's
+    parameter-free `(event_id, profile_id)` relation); erased or unresolved events are absent."""
+    return Query(
+        f"""
+        SELECT ep.event_id, ep.profile_id
+        FROM ({event_profiles}) AS ep
+        WHERE ep.event_id IN (SELECT unnest($ids))
+        ORDER BY ep.event_id
+        """,  # noqa: S608 - the relation is identity's constant SQL; values are parameters
+        {"ids": event_ids},
+    )
+
+
+def time_boundaries(*, up_to_event_id: int, names: list[str], batches: int) -> Query:
+    """Timestamps cutting the events of these names up to an id into `batches` time slices
+    of about equal size (the first and last slices are open-ended)."""
+    return Query(
+        """
+        SELECT DISTINCT unnest(quantile_disc(timestamp, $cuts)) AS cut
+        FROM events WHERE event_id <= $up_to AND list_contains($names, event)
+        ORDER BY cut
+        """,
+        {
+            "up_to": up_to_event_id,
+            "names": names,
+            "cuts": [i / batches for i in range(1, batches)] or [0.5],
+        },
+    )
+
+
+def count_events(*, up_to_event_id: int, names: list[str]) -> Query:
+    """How many events of these names up to an id."""
+    return Query(
+        "SELECT count(*) FROM events WHERE event_id <= $up_to AND list_contains($names, event)",
+        {"up_to": up_to_event_id, "names": names},
+    )

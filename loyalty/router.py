@@ -165,19 +165,36 @@ def lookup_member(
 
 @router.post("/programs/{program_id}/merges", status_code=200, response_model=MergeResult)
 def apply_merge(
-    program_id: str, body: MergeCommand, session: SessionDep, idem: IdempotencyDep
+    program_id: str,
+    body: MergeCommand,
+    session: SessionDep,
+    warehouse: WarehouseDep,
+    idem: IdempotencyDep,
 ) -> Response:
-    """Apply one of identity's profile merges (or splits) to the programme's memberships."""
+    """Apply one of identity's profile merges (or splits) to the programme's memberships.
+
+    A split (`from` = the profile that lost identifiers, `to` = the piece) moves each entry
+    whose earning event identity now gives to the piece.
+    """
 
     def run() -> MergeResult:
-        apply = service.merge_profiles if body.kind == "merge" else service.split_profiles
-        source, target, moved = apply(
-            session,
-            program_id=program_id,
-            from_profile_id=body.from_profile_id,
-            to_profile_id=body.to_profile_id,
-            reason=body.reason,
-        )
+        if body.kind == "merge":
+            source, target, moved = service.merge_profiles(
+                session,
+                program_id=program_id,
+                from_profile_id=body.from_profile_id,
+                to_profile_id=body.to_profile_id,
+                reason=body.reason,
+            )
+        else:
+            source, target, moved = service.split_profiles(
+                session,
+                program_id=program_id,
+                from_profile_id=body.from_profile_id,
+                to_profile_id=body.to_profile_id,
+                event_profiles=lambda ids: service.event_profiles_of(warehouse, event_ids=ids),
+                reason=body.reason,
+            )
         return MergeResult(
             program_id=program_id,
             kind=body.kind,

@@ -215,6 +215,18 @@ def json_fields(condition: Condition | None) -> set[str]:
     return set()
 
 
+def condition_fields(condition: Condition | None) -> set[str]:
+    """Every field a condition reads."""
+    match condition:
+        case Compare(field=name):
+            return {name}
+        case AllOf(all=items) | AnyOf(any=items):
+            return set().union(*(condition_fields(c) for c in items)) if items else set()
+        case Not(not_=inner):
+            return condition_fields(inner)
+    return set()
+
+
 def formula_fields(formula: Fixed | PerAmount | PerLine) -> set[str]:
     """The `properties.*` fields a formula reads as scalars."""
     if isinstance(formula, PerAmount):
@@ -332,11 +344,11 @@ def base_points(formula: Fixed | PerAmount | PerLine, frame: pl.DataFrame) -> pl
         case PerAmount(amount=path, rate=rate):
             if not _PATH.match(path):
                 raise InvalidRule(f"invalid amount path {path!r}")
+            # The engine materialises `properties.<path>` once per frame (`materialise`).
+            column = f"properties.{path}"
+            source = pl.col(column) if column in frame.columns else _json_path("properties", path)
             return frame.select(
-                (
-                    _json_path("properties", path).cast(pl.Float64, strict=False).fill_null(0.0)
-                    * rate
-                )
+                (source.cast(pl.Float64, strict=False).fill_null(0.0) * rate)
                 .clip(lower_bound=0.0)
                 .alias("base")
             ).to_series()
@@ -362,7 +374,12 @@ def _per_line(formula: PerLine, frame: pl.DataFrame) -> pl.Series:
     lines = (
         frame.select(
             pl.int_range(pl.len(), dtype=pl.Int64).alias("row"),
-            _json_path("properties", "products").str.json_decode(pl.List(PRODUCT)).alias("line"),
+            (
+                # Parsed by the warehouse when the engine read the events, else here.
+                pl.col("properties.products").cast(pl.List(PRODUCT))
+                if "properties.products" in frame.columns
+                else _json_path("properties", "products").str.json_decode(pl.List(PRODUCT))
+            ).alias("line"),
         )
         .explode("line")
         .unnest("line")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     case,
     cast,
+    delete,
     false,
     func,
     literal,
@@ -53,6 +54,7 @@ from loyalty.errors import (
 from loyalty.ledger import BalanceView, Credit
 from loyalty.models import (
     Activity,
+    IdempotencyRecord,
     LedgerEntry,
     Lot,
     Member,
@@ -436,67 +438,263 @@ def merge_profiles(
     return source, target, moved
 
 
+EventProfiles = dict[int, str] | Callable[[list[int]], dict[int, str]]
+
+
+def event_profiles_of(warehouse: Warehouse, *, event_ids: list[int]) -> dict[int, str]:
+    """The profile identity gives each of these events now (absent: erased or unresolved)."""
+    if not event_ids:
+        return {}
+    frame = warehouse.run(
+        queries.event_profiles_of(
+            sorted(set(event_ids)), event_profiles=identity_service.event_profile_sql()
+        )
+    )
+    return dict(zip(frame["event_id"].to_list(), frame["profile_id"].to_list(), strict=True))
+
+
+def _group_head(session: Session, member: Member) -> Member:
+    if member.status == "merged" and member.merged_into is not None:
+        return get_member(session, member_id=member.merged_into)
+    return member
+
+
 def split_profiles(
     session: Session,
     *,
     program_id: str,
     from_profile_id: str,
     to_profile_id: str,
-    event_profiles: dict[int, str] | None = None,
+    event_profiles: EventProfiles | None = None,
     reason: str | None = None,
     now: datetime | None = None,
+    key: str | None = None,
 ) -> tuple[Member | None, Member | None, int]:
-    """Undo a merge: the restored profile's membership takes back the lots it earned.
+    """Apply an identity split: part of `from_profile_id` now forms `to_profile_id`.
 
-    A lot follows the event that earned it: with `event_profiles` (event id → profile id
-    after the split, from identity) a lot goes to the restored member when its event now
-    belongs to the restored profile; lots without an event (adjustments, imports) and
-    events missing from the map follow the member that earned them.
+    This is identity's direction (`merges_since` rows of kind 'split'). Each ledger entry of
+    the membership of `from_profile_id` (and of the memberships merged into it) follows the
+    event that earned it: when `event_profiles` (event id → profile now, a dict or a lookup
+    function) puts the event in `to_profile_id`, the entry's lot (what is left of it) and its
+    qualifying points move to the membership of `to_profile_id`, created if needed (enrolled
+    at its first moved entry), with a pair of `split` entries naming the moved entry
+    (`source_entry_id`, at the moved entry's time, so tier windows stay right). Entries
+    without an event (adjustments, bonuses, imports) and events missing from the map follow
+    the member that earned them. When the membership of `to_profile_id` was merged into that
+    of `from_profile_id` (an undone merge), it is restored first and takes back what it
+    earned. Purchase activity follows its event too. Replaying a split changes nothing.
     """
     program = get_program(session, program_id=program_id)
     now = now or utcnow()
-    source = find_member(session, program_id=program_id, profile_id=from_profile_id)
+    key = key or f"split:{from_profile_id}:{to_profile_id}:{now.isoformat()}"
+    found = find_member(session, program_id=program_id, profile_id=from_profile_id)
     target = find_member(session, program_id=program_id, profile_id=to_profile_id)
-    if source is None or target is None or source.merged_into != target.id:
-        return source, target, 0
-    for member_id in sorted((source.id, target.id)):
-        ledger.lock_member(session, member_id=member_id)
-    rows = session.execute(
-        select(Lot.entry_id, LedgerEntry.member_id, LedgerEntry.event_id)
-        .join(LedgerEntry, LedgerEntry.id == Lot.entry_id)
-        .where(Lot.member_id == target.id)
+    if found is None or found.status == "erased":
+        return found, target, 0
+    head = _group_head(session, found)
+    restoring = target is not None and target.merged_into == head.id
+    if target is not None and target.id == head.id:
+        return head, target, 0
+    group = set(member_group(session, member_id=head.id))
+    candidates = _split_candidates(session, program_id=program.id, group=group)
+    activity = session.execute(
+        select(Activity.id, Activity.member_id, Activity.event_id).where(
+            Activity.program_id == program.id, Activity.member_id.in_(list(group))
+        )
     ).all()
-    back = []
-    for lot_id, earner, event_id in rows:
-        owner = (event_profiles or {}).get(event_id) if event_id is not None else None
-        if owner == from_profile_id or (owner is None and earner == source.id):
-            back.append(lot_id)
-    moved = _move_lots(
-        session,
-        program=program,
-        from_member=target,
-        to_member=source,
-        lot_filter=back,
-        kind="split",
-        key=f"split:{source.id}:{target.id}:{now.isoformat()}",
-        now=now,
-    )
-    source.status = "active"
-    source.merged_into = None
-    source.status_changed_at = now
+    if event_profiles is None:
+        owners: dict[int, str] = {}
+    elif callable(event_profiles):
+        ids = [c["event_id"] for c in candidates if c["event_id"] is not None]
+        ids += [a.event_id for a in activity if a.event_id is not None]
+        owners = event_profiles(ids) if ids else {}
+    else:
+        owners = event_profiles
+    restored_id = target.id if (target is not None and restoring) else None
+
+    def goes_to_target(row: dict[str, Any]) -> bool:  # Any: column values
+        owner = owners.get(row["event_id"]) if row["event_id"] is not None else None
+        if owner is not None:
+            return owner == to_profile_id
+        return bool(row["earner"] == restored_id)
+
+    moving = [c for c in candidates if goes_to_target(c)]
+    if not moving and not restoring:
+        return head, target, 0
+    for member_id in sorted({head.id} | ({target.id} if target is not None else set())):
+        ledger.lock_member(session, member_id=member_id)
+    if target is None:
+        target = Member(
+            program_id=program.id,
+            profile_id=to_profile_id,
+            status="active",
+            enrolled_at=min(c["occurred_at"] for c in moving),
+            status_changed_at=now,
+        )
+        session.add(target)
+        session.flush()
+    elif restoring:
+        target.status = "active"
+        target.merged_into = None
+        target.status_changed_at = now
+        session.flush()
+    group_of = {m: head.id for m in group - {target.id}} | {target.id: target.id}
+    rows: list[dict[str, Any]] = []  # Any: column values
+    moved_lots: dict[str, list[str]] = {target.id: [], head.id: []}
+    moved_points = 0
+    for row in candidates:
+        dest = target.id if goes_to_target(row) else head.id
+        source_group = group_of.get(row["q_holder"])
+        qualifying = row["qualifying"] if source_group not in (None, dest) else 0
+        points = 0
+        if row["lot_holder"] is not None and row["lot_holder"] != dest:
+            points = int(row["remaining"] or 0)
+            moved_lots[dest].append(row["id"])
+        if not points and not qualifying:
+            continue
+        moved_points += points
+        origin = row["lot_holder"] if points else source_group
+        q_origin = source_group if qualifying else origin
+        assert origin is not None
+        assert q_origin is not None
+        pair = (
+            [(origin, -points, -qualifying, "out"), (dest, points, qualifying, "in")]
+            if origin == q_origin
+            else [
+                (origin, -points, 0, "out"),
+                (q_origin, 0, -qualifying, "q-out"),
+                (dest, points, qualifying, "in"),
+            ]
+        )
+        for member_id, pts, qual, suffix in pair:
+            entry_key = f"{key}:{row['id']}:{suffix}"
+            rows.append(
+                {
+                    "id": ledger.entry_id(entry_key),
+                    "program_id": program.id,
+                    "member_id": member_id,
+                    "kind": "split",
+                    "points": pts,
+                    "qualifying_points": qual,
+                    "unrecovered": 0,
+                    "status": "active",
+                    "occurred_at": row["occurred_at"],
+                    "local_date": row["local_date"],
+                    "created_at": now,
+                    "order_id": row["order_id"],
+                    "source_entry_id": row["id"],
+                    "reason": f"split of {from_profile_id}: follows event {row['event_id']}",
+                    "idempotency_key": entry_key,
+                }
+            )
+    if rows:
+        session.execute(ledger.insert_ignoring_conflicts(session, LedgerEntry.__table__), rows)
+    for dest_id, lot_ids in moved_lots.items():
+        for i in range(0, len(lot_ids), 1000):
+            session.execute(
+                update(Lot).where(Lot.entry_id.in_(lot_ids[i : i + 1000])).values(member_id=dest_id)
+            )
+    # Purchase activity (spend and orders tier metrics) follows its event the same way.
+    for activity_id, member_id, event_id in activity:
+        dest = target.id if goes_to_target({"event_id": event_id, "earner": member_id}) else head.id
+        if group_of.get(member_id) != dest:
+            session.execute(
+                update(Activity).where(Activity.id == activity_id).values(member_id=dest)
+            )
     session.add(
         MemberMerge(
             program_id=program_id,
             kind="split",
-            from_member_id=target.id,
-            to_member_id=source.id,
-            points=moved,
+            from_member_id=head.id,
+            to_member_id=target.id,
+            points=moved_points,
             at=now,
             reason=reason,
         )
     )
     session.flush()
-    return source, target, moved
+    tiers.evaluate(session, program=program, member_ids=[target.id], now=now)
+    return head, target, moved_points
+
+
+def _split_candidates(
+    session: Session, *, program_id: str, group: set[str]
+) -> list[dict[str, Any]]:  # Any: column values
+    """Every entry whose lot or qualifying points a member of the group holds now.
+
+    The holder of an entry's qualifying points is its earner, or the member the last `split`
+    transfer of it went to; split transfers themselves are never candidates.
+    """
+    last_in = (
+        select(
+            LedgerEntry.source_entry_id.label("entry_id"),
+            func.max(LedgerEntry.created_at).label("at"),
+        )
+        .where(
+            LedgerEntry.program_id == program_id,
+            LedgerEntry.kind == "split",
+            LedgerEntry.qualifying_points != 0,
+            LedgerEntry.idempotency_key.like("%:in"),
+        )
+        .group_by(LedgerEntry.source_entry_id)
+        .subquery()
+    )
+    transfer = (
+        select(LedgerEntry.source_entry_id, LedgerEntry.member_id)
+        .join(
+            last_in,
+            (last_in.c.entry_id == LedgerEntry.source_entry_id)
+            & (last_in.c.at == LedgerEntry.created_at),
+        )
+        .where(LedgerEntry.kind == "split", LedgerEntry.idempotency_key.like("%:in"))
+        .subquery()
+    )
+    members = list(group)
+    result = session.execute(
+        select(
+            LedgerEntry.id,
+            LedgerEntry.member_id,
+            LedgerEntry.event_id,
+            LedgerEntry.qualifying_points,
+            LedgerEntry.occurred_at,
+            LedgerEntry.local_date,
+            LedgerEntry.order_id,
+            Lot.member_id,
+            Lot.remaining,
+            transfer.c.member_id,
+        )
+        .outerjoin(Lot, Lot.entry_id == LedgerEntry.id)
+        .outerjoin(transfer, transfer.c.source_entry_id == LedgerEntry.id)
+        .where(
+            LedgerEntry.program_id == program_id,
+            LedgerEntry.kind != "split",
+            LedgerEntry.kind != "merge",
+            (
+                LedgerEntry.member_id.in_(members)
+                | Lot.member_id.in_(members)
+                | transfer.c.member_id.in_(members)
+            ),
+        )
+        .order_by(LedgerEntry.occurred_at, LedgerEntry.id)
+    ).all()
+    rows = []
+    for entry, earner, event_id, qual, at, day, order, lot_holder, remaining, moved_to in result:
+        q_holder = moved_to or earner
+        rows.append(
+            {
+                "id": entry,
+                "earner": earner,
+                "event_id": event_id,
+                "qualifying": int(qual or 0) if q_holder in group else 0,
+                "q_holder": q_holder,
+                "occurred_at": at,
+                "local_date": day,
+                "order_id": order,
+                "lot_holder": lot_holder if lot_holder in group else None,
+                "remaining": remaining,
+            }
+        )
+    return rows
 
 
 def _move_lots(
@@ -581,19 +779,110 @@ def sync_merges(
     published = identity_service.merges_since(warehouse, after_seq=program.last_merge_seq)
     moved = 0
     for row in published.iter_rows(named=True):
-        move = merge_profiles if row["kind"] == "merge" else split_profiles
-        moved += move(
+        if row["kind"] == "merge":
+            moved += merge_profiles(
+                session,
+                program_id=program.id,
+                from_profile_id=str(row["from_profile_id"]),
+                to_profile_id=str(row["to_profile_id"]),
+                reason=row["reason"],
+                now=now,
+            )[2]
+            continue
+        moved += split_profiles(
             session,
             program_id=program.id,
             from_profile_id=str(row["from_profile_id"]),
             to_profile_id=str(row["to_profile_id"]),
+            event_profiles=lambda ids: event_profiles_of(warehouse, event_ids=ids),
             reason=row["reason"],
             now=now,
+            key=f"identity-split:{row['seq']}",
         )[2]
     if published.height:
         program.last_merge_seq = int(published["seq"].max())  # type: ignore[arg-type]
     session.flush()
     return published.height, moved
+
+
+def anonymise_profile(
+    session: Session, *, program_id: str, profile_id: str, now: datetime | None = None
+) -> int:
+    """Anonymise the membership of an erased profile (and the memberships merged into it).
+
+    The ledger's sums stay (points outstanding are still a liability, and every member's
+    entries still sum to its lots); what links them to the person goes: the membership's
+    profile id becomes `erased:<member id>` and its status `erased`; its entries, lots and
+    activity lose their event, message and order ids and free-text reasons, and their
+    idempotency keys (built from message ids) become `erased:<id>`; merge records lose their
+    reasons (identity's name identifiers); stored API responses that name the profile (or
+    a merged one) are deleted. Returns the number of memberships anonymised; a second call
+    finds nothing.
+    """
+    now = now or utcnow()
+    head = find_member(session, program_id=program_id, profile_id=profile_id)
+    if head is None:
+        return 0
+    members = session.scalars(
+        select(Member).where(
+            Member.program_id == program_id,
+            (Member.id == head.id) | (Member.merged_into == head.id),
+        )
+    ).all()
+    ids = [m.id for m in members]
+    profile_ids = sorted({m.profile_id for m in members} | {profile_id})
+    for member in members:
+        member.profile_id = f"erased:{member.id}"
+        if member.status != "merged":
+            member.status = "erased"
+        member.status_changed_at = now
+    erased_key = literal("erased:") + LedgerEntry.id
+    session.execute(
+        update(LedgerEntry)
+        .where(LedgerEntry.member_id.in_(ids))
+        .values(
+            event_id=None,
+            message_id=None,
+            order_id=None,
+            reason=None,
+            idempotency_key=erased_key,
+        )
+    )
+    session.execute(update(Lot).where(Lot.member_id.in_(ids)).values(order_id=None))
+    session.execute(
+        update(Activity)
+        .where(Activity.member_id.in_(ids))
+        .values(event_id=None, order_id=None, idempotency_key=literal("erased:") + Activity.id)
+    )
+    session.execute(
+        update(MemberMerge)
+        .where(MemberMerge.from_member_id.in_(ids) | MemberMerge.to_member_id.in_(ids))
+        .values(reason=None)
+    )
+    for named in profile_ids:
+        session.execute(
+            delete(IdempotencyRecord).where(
+                IdempotencyRecord.response.contains(named, autoescape=True)
+            )
+        )
+    session.flush()
+    logger.info("loyalty membership anonymised", extra={"member_id": head.id})
+    return len(ids)
+
+
+def sync_erasures(session: Session, warehouse: Warehouse, *, program_id: str) -> int:
+    """Anonymise the memberships of the profiles identity erased since the programme's mark.
+
+    Returns how many erasures were read; replaying is harmless (the profile id is gone).
+    """
+    program = get_program(session, program_id=program_id)
+    published = identity_service.erasures_since(warehouse, after_seq=program.last_erasure_seq)
+    for row in published.iter_rows(named=True):
+        anonymise_profile(session, program_id=program.id, profile_id=str(row["profile_id"]))
+    if published.height:
+        program.last_erasure_seq = int(published["seq"].max())  # type: ignore[arg-type]
+    session.flush()
+    return published.height
 
 
 _SNAPSHOT_SCHEMA = {
@@ -643,7 +932,7 @@ def publish_member_snapshot(
         .join(Program, Program.id == Member.program_id)
         .outerjoin(Tier, Tier.id == Member.tier_id)
         .outerjoin(spendable, spendable.c.member_id == Member.id)
-        .where(Member.status != "merged")
+        .where(Member.status.not_in(["merged", "erased"]))
     )
     columns = list(zip(*result.all(), strict=False)) or [()] * 8
     naive = [[v.replace(tzinfo=None) for v in col] for col in (columns[1], columns[5])]
@@ -1075,14 +1364,36 @@ def resolve_profiles(
 
 
 def read_events(
-    warehouse: Warehouse, *, after_event_id: int, up_to_event_id: int, names: list[str]
+    warehouse: Warehouse,
+    *,
+    after_event_id: int,
+    up_to_event_id: int,
+    names: list[str],
+    specs: list[engine.RuleSpec] | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
 ) -> pl.DataFrame:
-    """Warehouse events of the given names in `(after, up_to]`, with their profile ids."""
+    """Warehouse events of the given names in `(after, up_to]`, with their profile ids.
+
+    With `specs`, the properties the rules read (and `order_id`) come parsed by the
+    warehouse as `properties.<path>` columns (and `properties.products` for per-line rules).
+    """
+    paths, products = engine.warehouse_fields(specs or [])
     events = warehouse.run(
         queries.events_between(
-            after_event_id=after_event_id, up_to_event_id=up_to_event_id, names=names
+            after_event_id=after_event_id,
+            up_to_event_id=up_to_event_id,
+            names=names,
+            paths=paths,
+            products=products,
+            since=None if since is None else since.astimezone(UTC).replace(tzinfo=None),
+            until=None if until is None else until.astimezone(UTC).replace(tzinfo=None),
         )
     )
+    if paths:
+        events = events.rename({f"f{i}": f"properties.{p}" for i, p in enumerate(paths)})
+    if products:
+        events = events.rename({"products": "properties.products"})
     if events.is_empty():
         return pl.DataFrame(schema=engine.EVENT_SCHEMA)
     profiles = resolve_profiles(
@@ -1100,17 +1411,49 @@ def process_range(
     up_to_event_id: int,
     batch_size: int = 250_000,
     now: datetime | None = None,
+    by_time: bool = False,
 ) -> engine.ProcessResult:
-    """Process warehouse events in `(after, up_to]` in batches of event ids."""
+    """Process warehouse events in `(after, up_to]` in batches of event ids, or (`by_time`,
+    from the first event) in slices of event time of about `batch_size` events each."""
     program = get_program(session, program_id=program_id)
     specs = engine.active_rules(session, program_id=program.id)
-    names = sorted({s.event_name for s in specs} | {engine.ORDER_EVENT, engine.REFUND_EVENT})
+    # Birthday bonuses come from the scheduled job only, never from tracked events.
+    names = sorted(
+        ({s.event_name for s in specs} | {engine.ORDER_EVENT, engine.REFUND_EVENT})
+        - {engine.BIRTHDAY_EVENT}
+    )
     total = engine.ProcessResult()
     touched: set[str] = set()
-    start = after_event_id
-    while start < up_to_event_id:
-        end = min(start + batch_size, up_to_event_id)
-        events = read_events(warehouse, after_event_id=start, up_to_event_id=end, names=names)
+    if by_time:
+        # Slices of event time, so events loaded out of time order (a file imported after
+        # the web stream) are processed in time order: the first purchase is the earliest.
+        count = int(
+            warehouse.scalar(queries.count_events(up_to_event_id=up_to_event_id, names=names)) or 0
+        )
+        batches = max(1, -(-count // batch_size))
+        cuts: list[datetime | None] = []
+        if batches > 1:
+            frame = warehouse.run(
+                queries.time_boundaries(up_to_event_id=up_to_event_id, names=names, batches=batches)
+            )
+            cuts = [engine.as_utc(c) for c in frame["cut"].to_list()]
+        edges = [None, *cuts, None]
+        slices = [(0, up_to_event_id, edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
+    else:
+        slices = [
+            (start, min(start + batch_size, up_to_event_id), None, None)
+            for start in range(after_event_id, up_to_event_id, batch_size)
+        ]
+    for start, end, since, until in slices:
+        events = read_events(
+            warehouse,
+            after_event_id=start,
+            up_to_event_id=end,
+            names=names,
+            specs=specs,
+            since=since,
+            until=until,
+        )
         result = engine.process_events(session, program=program, events=events, now=now)
         total.events += result.events
         total.enrolled += result.enrolled
@@ -1118,7 +1461,6 @@ def process_range(
         total.points += result.points
         total.reversals += result.reversals
         touched.update(result.members)
-        start = end
     total.members = sorted(touched)
     return total
 
@@ -1166,16 +1508,83 @@ def backfill(
 ) -> tuple[engine.ProcessResult, int]:
     """Process the whole event history set-based (retroactive points), then move the mark.
 
+    The history is taken in slices of event time, so it earns as if processed one event
+    at a time in time order, whatever order its sources were loaded in.
+
     Idempotent: events already processed (by real time or an earlier backfill) add nothing.
     """
     program = get_program(session, program_id=program_id)
     up_to = _resolved_up_to(warehouse)
     result = process_range(
-        session, warehouse, program_id=program.id, after_event_id=0, up_to_event_id=up_to, now=now
+        session,
+        warehouse,
+        program_id=program.id,
+        after_event_id=0,
+        up_to_event_id=up_to,
+        now=now,
+        by_time=True,
     )
     program.last_event_id = max(program.last_event_id, up_to)
     session.flush()
     return result, program.last_event_id
+
+
+def birthday_codes(day: date) -> list[int]:
+    """The `month * 100 + day` birthdays celebrated on a date: 29 February is celebrated
+    on 1 March in common years (as the segment rule `birthday_in_next_days` counts it)."""
+    codes = [day.month * 100 + day.day]
+    leap = day.year % 4 == 0 and (day.year % 100 != 0 or day.year % 400 == 0)
+    if (day.month, day.day) == (3, 1) and not leap:
+        codes.append(229)
+    return codes
+
+
+def award_birthdays(
+    session: Session, warehouse: Warehouse, *, program_id: str, now: datetime | None = None
+) -> engine.ProcessResult:
+    """Give the birthday bonus to active members whose birthday is today in the programme's
+    time zone (the profile trait `birth_date`, an ISO date).
+
+    The bonus is whatever the programme's active rules triggered on `Birthday` award
+    (conditions, tier multiplier and caps apply as for any event). Each member gets one
+    `Birthday` event per local year, at the local midnight starting the day, whose message id
+    `birthday:<member>:<year>` puts its entries under the keys
+    `event:birthday:<member>:<year>:rule:<rule>`: running the job again the same day, or on
+    another day of the same year, awards nothing twice.
+    """
+    program = get_program(session, program_id=program_id)
+    result = engine.ProcessResult()
+    specs = [
+        s
+        for s in engine.active_rules(session, program_id=program.id)
+        if s.event_name == engine.BIRTHDAY_EVENT
+    ]
+    if program.status != "active" or not specs:
+        return result
+    now = now or utcnow()
+    today = calendar.local_date(now, program.timezone)
+    profiles = warehouse.run(queries.birthday_profiles(birthday_codes(today)))
+    if profiles.is_empty():
+        return result
+    members = engine.member_frame(
+        session, program_id=program.id, profiles=profiles["profile_id"].to_list()
+    ).filter(pl.col("member_status") == "active")
+    if members.is_empty():
+        return result
+    midnight = calendar.start_of_day(today, program.timezone)
+    events = members.select(
+        pl.lit(None, dtype=pl.Int64).alias("event_id"),
+        pl.concat_str(pl.lit("birthday:"), pl.col("member_id"), pl.lit(f":{today.year}")).alias(
+            "message_id"
+        ),
+        pl.lit("loyalty").alias("source_id"),
+        pl.lit("track").alias("type"),
+        pl.lit(engine.BIRTHDAY_EVENT).alias("event"),
+        pl.lit(midnight).dt.convert_time_zone("UTC").alias("timestamp"),
+        pl.lit("{}").alias("properties"),
+        "profile_id",
+    )
+    return engine.process_events(session, program=program, events=events, traits=profiles, now=now)
 
 
 def create_tier(session: Session, *, program_id: str, data: TierCreate) -> Tier:

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
+import polars as pl
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -133,6 +134,7 @@ def _move(
     reason: str,
     value: float,
     now: datetime,
+    event_id: int | None = None,
 ) -> Move:
     move = Move(member.id, member.tier_id, target.id if target else None, reason, value)
     member.tier_id = move.to_tier_id
@@ -147,7 +149,204 @@ def _move(
             reason=reason,
             metric_value=value,
             at=now,
+            event_id=event_id,
         )
     )
     logger.info("tier changed", extra={"member_id": member.id, "reason": reason})
     return move
+
+
+def window_starts(program: Program, instants: pl.Series) -> pl.Series:
+    """`window_start` of each instant (UTC), computed once per distinct local date."""
+    local = instants.dt.convert_time_zone(program.timezone).dt.date()
+    starts = {
+        day: window_start(program, calendar.start_of_day(day, program.timezone))
+        for day in local.unique().to_list()
+    }
+    return local.replace_strict(
+        list(starts), list(starts.values()), return_dtype=pl.Datetime("us", "UTC")
+    ).alias("window_start")
+
+
+def _reached(ladder_: list[Tier], metric: pl.Expr) -> pl.Expr:
+    """The rank of the highest tier whose threshold the metric reaches (0: none)."""
+    rank: pl.Expr = pl.lit(0, dtype=pl.Int64)
+    for tier in ladder_:
+        rank = pl.when(metric >= tier.threshold).then(pl.lit(tier.rank)).otherwise(rank)
+    return rank
+
+
+def row_ranks(
+    program: Program, ladder_: list[Tier], rows: pl.DataFrame, values: pl.DataFrame
+) -> pl.DataFrame:
+    """The tier rank of each member at each event of a batch, as one-by-one processing has it.
+
+    `rows` (row, member_id, timestamp, start_rank) are the batch's events in processing order;
+    `values` (member_id, occurred_at, row, value) are what counts toward the metric: the
+    ledger's before the batch (row null) and what each row adds. After row j the member
+    qualifies with the values in [window start at ts_j, ts_j] up to row j; a member holds
+    at row i the highest rank reached after its earlier rows (never below its start rank:
+    processing only upgrades). Returns row, member_id, timestamp, metric, rank_before,
+    rank_after.
+    """
+    markers = rows.select(
+        "member_id",
+        pl.col("timestamp").alias("occurred_at"),
+        (pl.col("row").cast(pl.Float64) + 0.5).alias("seq"),
+        pl.lit(0.0).alias("value"),
+        pl.col("row").cast(pl.Int64),
+    )
+    counted = values.select(
+        "member_id",
+        "occurred_at",
+        pl.col("row").cast(pl.Float64).fill_null(-1.0).alias("seq"),
+        pl.col("value").cast(pl.Float64),
+        pl.lit(None, dtype=pl.Int64).alias("row"),
+    )
+    merged = (
+        pl.concat([counted, markers])
+        .sort("member_id", "occurred_at", "seq")
+        .with_columns(pl.col("value").cum_sum().over("member_id").alias("cum"))
+    )
+    at_row = merged.filter(pl.col("row").is_not_null()).select("row", pl.col("cum").alias("upto"))
+    last_by_instant = (
+        merged.group_by("member_id", "occurred_at", maintain_order=True)
+        .agg(pl.col("cum").last())
+        .sort("occurred_at")
+    )
+    starts = rows.with_columns(window_starts(program, rows["timestamp"])).sort("window_start")
+    before = starts.join_asof(
+        last_by_instant,
+        left_on="window_start",
+        right_on="occurred_at",
+        by="member_id",
+        strategy="backward",
+        allow_exact_matches=False,
+        check_sortedness=False,
+    ).select(pl.col("row").cast(pl.Int64), pl.col("cum").fill_null(0.0).alias("before"))
+    return (
+        rows.with_columns(pl.col("row").cast(pl.Int64))
+        .join(at_row, on="row")
+        .join(before, on="row")
+        .sort("row")
+        .with_columns((pl.col("upto") - pl.col("before")).round(6).alias("metric"))
+        .with_columns(_reached(ladder_, pl.col("metric")).alias("reached"))
+        .with_columns(
+            pl.max_horizontal(
+                pl.col("start_rank"),
+                pl.col("reached").shift(1).cum_max().over("member_id").fill_null(0),
+            ).alias("rank_before")
+        )
+        .with_columns(
+            pl.max_horizontal("rank_before", "reached").alias("rank_after"),
+        )
+        .select(
+            "row",
+            "member_id",
+            "timestamp",
+            "event_id",
+            "metric",
+            "rank_before",
+            "rank_after",
+            "reached",
+        )
+    )
+
+
+def ranks_at(
+    session: Session, *, program: Program, ladder_: list[Tier], rows: pl.DataFrame
+) -> pl.Series:
+    """The rank each member held at each row's event, from its tier history.
+
+    `rows` has member_id, timestamp, event_id and current_rank. The tier held at an event is
+    the one of the member's last change before it (a change at the same instant counts
+    unless it was reached by this event or a later one); a member without any history holds
+    its current tier; one whose history starts later holds none.
+    """
+    by_id = {t.id: t.rank for t in ladder_}
+    members = rows["member_id"].unique().to_list()
+    found = [
+        change
+        for chunk in [members[i : i + 1000] for i in range(0, len(members), 1000)]
+        for change in session.execute(
+            select(TierChange.member_id, TierChange.at, TierChange.event_id, TierChange.to_tier_id)
+            .where(TierChange.program_id == program.id, TierChange.member_id.in_(chunk))
+            .order_by(TierChange.at)
+        ).all()
+    ]
+    changes = pl.DataFrame(
+        [(m, at, e, by_id.get(t or "", 0)) for m, at, e, t in found],
+        schema={
+            "member_id": pl.String(),
+            "at": pl.Datetime("us", "UTC"),
+            "change_event": pl.Int64(),
+            "held": pl.Int64(),
+        },
+        orient="row",
+    ).sort("at")
+    history = changes["member_id"].unique().implode()
+    keyed = rows.with_row_index("_i").sort("timestamp")
+    upto = keyed.join_asof(
+        changes, left_on="timestamp", right_on="at", by="member_id", strategy="backward"
+    )
+    before = keyed.join_asof(
+        changes.select("member_id", "at", pl.col("held").alias("held_before")),
+        left_on="timestamp",
+        right_on="at",
+        by="member_id",
+        strategy="backward",
+        allow_exact_matches=False,
+    ).select("_i", "held_before")
+    same_instant_later = (
+        (pl.col("at") == pl.col("timestamp"))
+        & pl.col("change_event").is_not_null()
+        & pl.col("event_id").is_not_null()
+        & (pl.col("change_event") >= pl.col("event_id"))
+    )
+    return (
+        upto.join(before, on="_i")
+        .sort("_i")
+        .select(
+            pl.when(~pl.col("member_id").is_in(history))
+            .then(pl.col("current_rank"))
+            .when(same_instant_later)
+            .then(pl.col("held_before").fill_null(0))
+            .otherwise(pl.col("held").fill_null(0))
+            .alias("start_rank")
+        )
+        .to_series()
+    )
+
+
+def apply_row_upgrades(
+    session: Session, *, program: Program, ladder_: list[Tier], ranks: pl.DataFrame
+) -> list[Move]:
+    """Record the upgrades `row_ranks` found, each at the instant of the event that reached it
+    (only above the member's current tier: replaying old events never moves anyone)."""
+    by_rank = {t.rank: t for t in ladder_}
+    by_id = {t.id: t.rank for t in ladder_}
+    steps = ranks.filter(pl.col("rank_after") > pl.col("rank_before"))
+    last = ranks.group_by("member_id").agg(pl.col("reached").last())
+    ids = sorted(set(steps["member_id"].to_list()) | set(last["member_id"].to_list()))
+    members = {
+        m.id: m
+        for chunk in [ids[i : i + 1000] for i in range(0, len(ids), 1000)]
+        for m in session.scalars(
+            select(Member).where(Member.id.in_(chunk), Member.status == "active")
+        )
+    }
+    moves: list[Move] = []
+    for member_id, at, event_id, metric, rank in steps.select(
+        "member_id", "timestamp", "event_id", "metric", "rank_after"
+    ).iter_rows():
+        member = members.get(member_id)
+        if member is not None and rank > by_id.get(member.tier_id or "", 0):
+            moves.append(
+                _move(session, program, member, by_rank[rank], "upgrade", metric, at, event_id)
+            )
+    for member_id, reached in last.iter_rows():
+        member = members.get(member_id)
+        if member is not None and reached >= by_id.get(member.tier_id or "", 0):
+            member.below_tier_since = None
+    session.flush()
+    return moves

@@ -17,9 +17,14 @@ Ident = tuple[str, str]
 
 
 def write_events(
-    warehouse: Warehouse, events: Sequence[tuple[Sequence[Ident], str | None, float]]
+    warehouse: Warehouse,
+    events: Sequence[tuple[Sequence[Ident], str | None, float]],
+    *,
+    traits: Sequence[dict[str, object] | None] | None = None,
+    properties: Sequence[dict[str, object]] | None = None,
 ) -> None:
-    """Append events `(identifiers, event name, order total)` after the current maximum id."""
+    """Append events `(identifiers, event name, order total)` after the current maximum id
+    (with the profile traits each carries, if given)."""
     start = int(warehouse.scalar(Query("SELECT coalesce(max(event_id), 0) FROM events")))
     ids = list(range(start + 1, start + 1 + len(events)))
     at = [datetime(2026, 3, 2, 10) + timedelta(minutes=i) for i in ids]
@@ -35,8 +40,16 @@ def write_events(
             "anonymous_id": [dict(idents).get("anonymous_id") for idents, _, _ in events],
             "timestamp": at,
             "received_at": at,
-            "properties": [orjson.dumps({"total": total}).decode() for _, _, total in events],
-            "traits": [None] * len(ids),
+            "properties": [
+                orjson.dumps({"total": total, **extra}).decode()
+                for (_, _, total), extra in zip(
+                    events, properties or [{}] * len(events), strict=True
+                )
+            ],
+            "traits": [
+                None if t is None else orjson.dumps(t).decode()
+                for t in (traits or [None] * len(ids))
+            ],
             "context": ["{}"] * len(ids),
         },
         schema_overrides={"event_id": pl.Int64, "batch_id": pl.Int64, "traits": pl.String},

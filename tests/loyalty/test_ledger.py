@@ -171,8 +171,9 @@ def test_merge_moves_lots_to_the_survivor_and_replaying_it_changes_nothing(db: D
         gone = service.get_member(session, member_id=absorbed.id)
         assert (gone.status, gone.merged_into) == ("merged", survivor.id)
     with db.begin() as session:
+        # Identity's direction: "new" lost the identifiers that form "old" again.
         service.split_profiles(
-            session, program_id=program.id, from_profile_id="old", to_profile_id="new"
+            session, program_id=program.id, from_profile_id="new", to_profile_id="old"
         )
     with db.begin() as session:
         assert ledger.lots_sum(session, member_id=absorbed.id) == 40

@@ -1,0 +1,281 @@
+"""Loyalty real time: event acknowledged by the tracking API → points visible on the balance.
+
+A real `cdp serve` (scheduler on, SQLite operational store, DuckDB warehouse) runs as a
+subprocess with an active programme (automatic enrolment, 1 point per euro). A load
+generator in its own process sends a steady stream of `Order Completed` events of
+`customers` people at `rate` events per second (batches of 100 every 100 ms on
+`/v1/batch`). Meanwhile the harness sends probes: every 0.5 s an order of a new person
+(`/v1/track`, 10 EUR), then polls the member lookup by user id and the member's balance
+every 50 ms until the 10 points are spendable. Latency = points visible - probe
+acknowledged.
+
+The reference, measured on the same probes: event acknowledged → the person's profile
+visible through identity's lookup (`/api/profiles/lookup`), the stage loyalty builds on.
+The load generator reports how far it fell behind its schedule, so a run that could not
+hold the rate says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import orjson
+
+from benchmarks.core import Measure, Result
+from benchmarks.ingestion_http import _basic, _serve, _stop
+from cdp import migrate
+from cdp.auth import Role, create_key
+from cdp.db import Database
+from ingestion import service as ingestion_service
+from loyalty import service as loyalty_service
+from loyalty.schemas import ProgramCreate, RuleCreate
+
+RATE = 1_000  # events per second of steady load
+BATCH = 100
+CUSTOMERS = 5_000
+PROBE_EVERY = 0.5  # seconds between probes
+POLL_EVERY = 0.05  # seconds between two polls of one probe
+PROBE_TIMEOUT = 30.0
+PROBE_POINTS = 10
+
+
+async def _steady_load(url: str, key: str, rate: int, seconds: float) -> dict[str, float]:
+    """Send `rate` events per second for `seconds` in batches of 100; a JSON summary."""
+    auth = _basic(key)
+    per_tick = max(1, rate // (BATCH * 10))  # 1,000 events/s: one batch every 100 ms
+    interval = per_tick * BATCH / rate
+    prefix = f"load-{time.time_ns()}-"
+    sent = ok = other = 0
+    worst_lag = 0.0
+    latencies: list[float] = []
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        started = time.perf_counter()
+        tick = 0
+        pending: set[asyncio.Task[None]] = set()
+
+        async def post(body: bytes) -> None:
+            nonlocal ok, other
+            began = time.perf_counter()
+            answer = await client.post(
+                "/v1/batch",
+                content=body,
+                headers={"Authorization": auth, "Content-Type": "application/json"},
+            )
+            latencies.append(time.perf_counter() - began)
+            if answer.status_code == 200:
+                ok += BATCH
+            else:
+                other += BATCH
+
+        while (due := started + tick * interval) < started + seconds:
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            worst_lag = max(worst_lag, -delay)
+            for _ in range(per_tick):
+                events = []
+                for _ in range(BATCH):
+                    n = sent
+                    sent += 1
+                    events.append(
+                        {
+                            "type": "track",
+                            "messageId": f"{prefix}{n}",
+                            "userId": f"c-{n % CUSTOMERS}",
+                            "event": "Order Completed",
+                            "properties": {"order_id": f"{prefix}o{n}", "total": 20 + n % 50},
+                        }
+                    )
+                task = asyncio.create_task(post(orjson.dumps({"batch": events})))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            tick += 1
+        await asyncio.gather(*pending)
+        seconds_taken = time.perf_counter() - started
+    return {
+        "sent": sent,
+        "acknowledged": ok,
+        "refused": other,
+        "seconds": seconds_taken,
+        "worst_lag_s": worst_lag,
+        "p95_request_ms": float(np.percentile(np.array(latencies) * 1000, 95)) if latencies else 0,
+    }
+
+
+async def _probe(
+    client: httpx.AsyncClient, *, n: int, key: str, admin: str, program_id: str
+) -> tuple[float, float]:
+    """One probe: (ack → profile visible, ack → points visible), in seconds."""
+    user = f"probe-{time.time_ns()}-{n}"
+    body = {
+        "type": "track",
+        "userId": user,
+        "event": "Order Completed",
+        "properties": {"order_id": f"{user}-o", "total": PROBE_POINTS},
+    }
+    answer = await client.post("/v1/track", json=body, headers={"Authorization": _basic(key)})
+    answer.raise_for_status()
+    acked = time.perf_counter()
+    headers = {"Authorization": f"Bearer {admin}"}
+    profile_at: float | None = None
+    member_id: str | None = None
+    while time.perf_counter() - acked < PROBE_TIMEOUT:
+        if profile_at is None:
+            found = await client.get(
+                "/api/profiles/lookup", params={"kind": "user_id", "value": user}, headers=headers
+            )
+            if found.status_code == 200:
+                profile_at = time.perf_counter()
+        if member_id is None:
+            member = await client.get(
+                f"/api/loyalty/programs/{program_id}/members/lookup",
+                params={"kind": "user_id", "value": user},
+                headers=headers,
+            )
+            if member.status_code == 200:
+                member_id = member.json()["id"]
+        if member_id is not None:
+            balance = await client.get(f"/api/loyalty/members/{member_id}/balance", headers=headers)
+            if balance.status_code == 200 and balance.json()["active"] >= PROBE_POINTS:
+                seen = time.perf_counter()
+                return (profile_at or seen) - acked, seen - acked
+        await asyncio.sleep(POLL_EVERY)
+    raise RuntimeError(f"probe {user}: points not visible after {PROBE_TIMEOUT} s")
+
+
+async def _probes(
+    url: str, *, key: str, admin: str, program_id: str, seconds: float
+) -> list[tuple[float, float]]:
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        tasks = []
+        started = time.perf_counter()
+        n = 0
+        while time.perf_counter() - started < seconds:
+            tasks.append(
+                asyncio.create_task(
+                    _probe(client, n=n, key=key, admin=admin, program_id=program_id)
+                )
+            )
+            n += 1
+            await asyncio.sleep(PROBE_EVERY)
+        return list(await asyncio.gather(*tasks))
+
+
+def _setup(workdir: Path) -> tuple[str, str, str]:
+    """The operational store with an http source, an admin key and the programme."""
+    url = f"sqlite:///{workdir / 'cdp.sqlite3'}"
+    migrate.upgrade(url)
+    db = Database(url)
+    with db.begin() as session:
+        _, key = ingestion_service.create_source(session, name="bench", kind="http")
+        _, admin = create_key(session, name="bench", role=Role.admin)
+        program = loyalty_service.create_program(
+            session,
+            data=ProgramCreate(
+                name="Real time", status="active", enrolment="automatic", timezone="Europe/Paris"
+            ),
+        )
+        loyalty_service.create_rule(
+            session,
+            program_id=program.id,
+            data=RuleCreate(
+                name="1 pt per euro",
+                event_name="Order Completed",
+                formula={"type": "per_amount", "rate": 1},
+            ),
+        )
+    db.dispose()
+    assert key is not None
+    return key, admin, program.id
+
+
+def _load_process(
+    url: str, key: str, rate: int, seconds: float, out: Path
+) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.loyalty_realtime",
+            "--load",
+            url,
+            key,
+            str(rate),
+            str(seconds),
+            str(out),
+        ]
+    )
+
+
+def run(scale: int, workdir: Path) -> Result:
+    """Steady load of `RATE` events/s for `scale / RATE` seconds (at least 5), with probes."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    seconds = max(5.0, scale / RATE)
+    key, admin, program_id = _setup(workdir)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CDP_")}
+    env.update({"CDP_DATA_DIR": str(workdir), "CDP_LOG_LEVEL": "WARNING"})
+    url, server = _serve(
+        [sys.executable, "-m", "cdp.cli", "serve"], env, workdir / "server.log", "/healthz"
+    )
+    summary_file = workdir / "load.json"
+    try:
+        # A first wave warms the server up (imports, caches, first resolution).
+        asyncio.run(_probes(url, key=key, admin=admin, program_id=program_id, seconds=1.0))
+        load = _load_process(url, key, RATE, seconds, summary_file)
+        try:
+            probes = asyncio.run(
+                _probes(url, key=key, admin=admin, program_id=program_id, seconds=seconds)
+            )
+        finally:
+            load.wait(timeout=seconds + 120)
+    finally:
+        _stop(server)
+    if load.returncode != 0:
+        raise RuntimeError(f"load generator failed with {load.returncode}")
+    summary = json.loads(summary_file.read_text())
+    profile = np.array([p for p, _ in probes]) * 1000
+    points = np.array([v for _, v in probes]) * 1000
+    result = Result("loyalty_realtime", int(summary["acknowledged"]))
+    result.add(
+        Measure(
+            "p95 ack → points visible",
+            "ms",
+            float(np.percentile(points, 95)),
+            reference=float(np.percentile(profile, 95)),
+            reference_name="p95 ack → profile visible (identity lookup)",
+        )
+    )
+    result.add(Measure("p50 ack → points visible", "ms", float(np.percentile(points, 50))))
+    result.add(Measure("max ack → points visible", "ms", float(points.max())))
+    result.details["probes"] = len(probes)
+    result.details["target"] = "p95 under 2,000 ms at 1,000 events/s"
+    result.details["steady load"] = (
+        f"{summary['acknowledged']:,} events acknowledged in {summary['seconds']:.1f} s"
+        f" ({summary['acknowledged'] / summary['seconds']:,.0f}/s), {summary['refused']} refused,"
+        f" worst lag behind schedule {summary['worst_lag_s'] * 1000:.0f} ms,"
+        f" p95 request {summary['p95_request_ms']:.0f} ms"
+    )
+    return result
+
+
+def _main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description="steady tracking load (benchmark helper)")
+    parser.add_argument("--load", nargs=5, metavar=("URL", "KEY", "RATE", "SECONDS", "OUT"))
+    args = parser.parse_args(argv)
+    url, key, rate, seconds, out = args.load
+    summary = asyncio.run(_steady_load(url, key, int(rate), float(seconds)))
+    Path(out).write_text(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
