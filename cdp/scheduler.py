@@ -112,7 +112,7 @@ class JobRunner:
             raise Conflict(f"job {name} is already running")
         try:
             run_id = self._start(name, trigger)
-            return self._execute(spec, run_id)
+            return self._execute(spec, run_id, trigger)
         finally:
             lock.release()
 
@@ -130,7 +130,7 @@ class JobRunner:
 
         def work() -> JobRun:
             try:
-                return self._execute(spec, run_id)
+                return self._execute(spec, run_id, trigger)
             finally:
                 lock.release()
 
@@ -149,7 +149,7 @@ class JobRunner:
         logger.info("job started", extra={"job": name, "run_id": run_id, "trigger": trigger})
         return run_id
 
-    def _execute(self, spec: JobSpec, run_id: str) -> JobRun:
+    def _execute(self, spec: JobSpec, run_id: str, trigger: RunTrigger) -> JobRun:
         context = JobContext(self.settings, self.db, self.warehouse, run_id)
         status: RunStatus = "succeeded"
         error: str | None = None
@@ -169,6 +169,10 @@ class JobRunner:
             run.rows = context.rows
             run.message = context.message
             run.error = error
+            # Jobs that poll every second or few (loyalty, identity) would fill the table with
+            # runs that found nothing to do: a scheduled run that succeeded idle is not kept.
+            if trigger == "schedule" and status == "succeeded" and not run.rows and not run.message:
+                session.delete(run)
         logger.info(
             "job finished",
             extra={"job": spec.name, "run_id": run_id, "status": status, "rows": context.rows},

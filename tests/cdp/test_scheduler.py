@@ -50,6 +50,18 @@ def test_runs_are_recorded_with_outcome_and_rows(runner: JobRunner, db: Database
     assert (ok.id, bad.id) == (stored["count"].id, stored["fail"].id)
 
 
+def test_idle_scheduled_runs_are_not_kept_but_manual_ones_are(
+    settings: Settings, db: Database, warehouse: Warehouse
+) -> None:
+    job_runner = JobRunner(settings, db, warehouse)
+    job_runner.register(JobSpec("idle", lambda context: 0, "finds nothing to do"))
+    job_runner.run("idle", trigger="schedule")
+    job_runner.run("idle", trigger="manual")
+    with db.begin() as session:
+        runs = session.query(JobRun).filter_by(job="idle").all()
+    assert [r.trigger for r in runs] == ["manual"]
+
+
 def test_unknown_job_is_not_found(runner: JobRunner) -> None:
     with pytest.raises(NotFound):
         runner.run("nope", trigger="manual")
