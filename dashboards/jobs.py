@@ -15,7 +15,6 @@ def refresh_order_facts(context: JobContext) -> int:
 
 def snapshot_kpis(context: JobContext) -> int:
     """Store the daily value of every metric for the closed days not yet stored."""
-    order_facts.refresh(context.warehouse)
     with context.db.begin() as session:
         rows = service.take_snapshots(session, warehouse=context.warehouse)
     context.message = f"{rows} snapshot rows written"
