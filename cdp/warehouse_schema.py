@@ -448,4 +448,30 @@ MIGRATIONS: list[WarehouseMigration] = [
             """,
         ),
     ),
+    WarehouseMigration(
+        41,
+        "dashboards: order facts",
+        (
+            # One row per `Order Completed` event with its amount parsed once from the
+            # properties (`total`, else `revenue`, else 0), appended by
+            # `dashboards.order_facts.refresh` for the events after the high-water mark below.
+            # No profile is stored: readers resolve the buyer through identity's event ->
+            # profile relation at query time, so merges and unmerges need no rewrite.
+            """
+            CREATE TABLE dashboards_order_facts (
+                event_id BIGINT NOT NULL,
+                ordered_at TIMESTAMP NOT NULL,
+                amount DOUBLE NOT NULL
+            )
+            """,
+            # One row: the highest event id the order facts have looked at (events above it
+            # are read from `events` directly).
+            """
+            CREATE TABLE dashboards_order_facts_state (
+                mark BIGINT NOT NULL,
+                refreshed_at TIMESTAMP NOT NULL
+            )
+            """,
+        ),
+    ),
 ]

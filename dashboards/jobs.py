@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from cdp.scheduler import JobContext, JobSpec
-from dashboards import service
+from dashboards import order_facts, service
+
+
+def refresh_order_facts(context: JobContext) -> int:
+    """Append the orders received since the last run to the order facts."""
+    rows = order_facts.refresh(context.warehouse)
+    context.message = f"{rows} orders appended"
+    return rows
 
 
 def snapshot_kpis(context: JobContext) -> int:
@@ -15,6 +22,13 @@ def snapshot_kpis(context: JobContext) -> int:
 
 
 JOBS: tuple[JobSpec, ...] = (
+    JobSpec(
+        name="dashboards.order_facts",
+        func=refresh_order_facts,
+        description="Parse the amounts of new orders once for the members vs non-members KPI",
+        trigger="interval",
+        trigger_args={"minutes": 10},
+    ),
     JobSpec(
         name="dashboards.kpi_snapshots",
         func=snapshot_kpis,

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import Select
 
 from cdp.warehouse import Query, with_ctes
+from dashboards import order_facts
 from dashboards.metrics import Breakdown, Grain, Metric
 from dashboards.queries import PERIOD_START, metric_params
 from identity import service as identity_service
@@ -147,14 +148,6 @@ MEMBER_GROUPS = ("members", "non-members")
 MEMBER_MEASURES = ("average basket", "purchases per customer", "spend per customer")
 MEMBER_KEYS = tuple(f"{g}: {m}" for m in MEMBER_MEASURES for g in MEMBER_GROUPS)
 
-# `Order Completed` events by their own time, with their amount (`total`, else `revenue`).
-_ORDERS_SQL = """
-SELECT event_id, timestamp AS at,
-       coalesce(TRY_CAST(json_extract_string(properties, '$.total') AS DOUBLE),
-                TRY_CAST(json_extract_string(properties, '$.revenue') AS DOUBLE), 0) AS amount
-FROM events
-WHERE event = 'Order Completed' AND timestamp >= $start AND timestamp < $end_excl
-"""
 # A profile is a member for an order when it holds a membership (of the programme, or of any)
 # enrolled at or before the order; loyalty publishes memberships in its member snapshot.
 _MEMBERSHIPS_SQL = """
@@ -190,7 +183,7 @@ def member_vs_non_member(
     del params["breakdown"]
     sql = with_ctes(
         [
-            ("scoped_events", _ORDERS_SQL),
+            ("scoped_events", order_facts.ORDERS_SQL),
             ("event_profiles", identity_service.scoped_event_profile_sql()),
             ("memberships", _MEMBERSHIPS_SQL),
             ("groups", _GROUPS_SQL),
