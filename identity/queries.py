@@ -389,6 +389,10 @@ APPLY_STATUS = Query(
 
 # The raw components to recompute: those of every node whose links or status changed, and
 # those of the neighbours of nodes whose status or overrides changed (links may reopen).
+# The same two scans of `identity_nodes` also copy every node of the components of the run's
+# events into `id_comp_nodes` (flag `affected`: recomputed). A profile lies inside one raw
+# component, so the nodes of every profile the run writes are there: the later steps read
+# them from this small table instead of scanning `identity_nodes` again.
 AFFECTED_INCREMENTAL = Query(
     """
     CREATE OR REPLACE TEMP TABLE id_reopened AS
@@ -398,13 +402,25 @@ AFFECTED_INCREMENTAL = Query(
     SELECT node_id FROM id_status_cands
     UNION SELECT e.dst FROM identity_edges e SEMI JOIN id_reopened r ON r.node_id = e.src
     UNION SELECT e.src FROM identity_edges e SEMI JOIN id_reopened r ON r.node_id = e.dst;
-    CREATE OR REPLACE TEMP TABLE id_aff AS
-    SELECT n.node_id, n.kind, n.rank, n.status, n.first_event_id,
-           n.component_id AS old_component_id, n.profile_id AS old_profile_id
+    CREATE OR REPLACE TEMP TABLE id_comp_sel AS
+    SELECT n.component_id, bool_or(k.seed) AS affected
     FROM identity_nodes n
-    WHERE n.component_id IN (
-        SELECT n2.component_id FROM identity_nodes n2 SEMI JOIN id_seed s ON s.node_id = n2.node_id
-    );
+    JOIN (
+        SELECT node_id, bool_or(seed) AS seed FROM (
+            SELECT node_id, true AS seed FROM id_seed
+            UNION ALL SELECT node_id, false FROM id_new_ein
+        ) GROUP BY node_id
+    ) k ON k.node_id = n.node_id
+    GROUP BY n.component_id;
+    CREATE OR REPLACE TEMP TABLE id_comp_nodes AS
+    SELECT n.node_id, n.kind, n.value, n.rank, n.status, n.first_event_id, n.component_id,
+           n.profile_id, c.affected
+    FROM identity_nodes n JOIN id_comp_sel c ON c.component_id = n.component_id;
+    CREATE OR REPLACE TEMP TABLE id_aff AS
+    SELECT node_id, kind, rank, status, first_event_id,
+           component_id AS old_component_id, profile_id AS old_profile_id
+    FROM id_comp_nodes WHERE affected;
+    DROP TABLE id_comp_sel;
     """
 )
 
@@ -514,8 +530,14 @@ CHANGES = Query(
 )
 
 
-def publish_changes(*, seq: int, at: datetime) -> Query:
+# Where the publication reads the ends of its links: every node (full rebuild), or the
+# nodes of the run's components (incremental: a cause link joins two affected nodes).
+NODE_SOURCES = {"full": "identity_nodes", "incremental": "id_comp_nodes"}
+
+
+def publish_changes(*, seq: int, at: datetime, nodes: str = "full") -> Query:
     """Append the run's merges and splits to `profile_merges`, numbered after `seq`."""
+    table = NODE_SOURCES[nodes]
     return Query(
         """
         INSERT INTO profile_merges
@@ -528,9 +550,9 @@ def publish_changes(*, seq: int, at: datetime) -> Query:
                END,
                c.event_id, c.src, c.dst
         FROM id_changes c
-        LEFT JOIN identity_nodes a ON a.node_id = c.src
-        LEFT JOIN identity_nodes b ON b.node_id = c.dst
-        """,
+        LEFT JOIN {table} a ON a.node_id = c.src
+        LEFT JOIN {table} b ON b.node_id = c.dst
+        """.replace("{table}", table),
         {"seq": seq, "at": at},
     )
 
@@ -602,15 +624,24 @@ def record_decisions(at: datetime) -> Query:
 
 
 # Profiles to rebuild: every profile id the run assigned or took away, and the profiles of
-# identifiers seen in the new events (their traits and last_seen moved).
+# identifiers seen in the new events (their traits and last_seen moved). `id_touch_nodes`:
+# the nodes of the run's components with their profile after APPLY_ASSIGNMENT (which set
+# the label's profile on active affected nodes and NULL on the other affected ones).
 DIRTY_PROFILES = Query(
     """
+    CREATE OR REPLACE TEMP TABLE id_touch_nodes AS
+    SELECT c.node_id, c.kind, c.value,
+           CASE WHEN NOT c.affected THEN c.profile_id
+                WHEN c.status = 'active' THEN lp.profile_id END AS profile_id
+    FROM id_comp_nodes c
+    LEFT JOIN id_labels l ON l.node_id = c.node_id
+    LEFT JOIN id_label_pid lp ON lp.label = l.label;
     CREATE OR REPLACE TEMP TABLE id_dirty AS
     SELECT profile_id FROM id_label_pid
     UNION SELECT profile_id FROM id_old
-    UNION SELECT n.profile_id FROM identity_nodes n
-          SEMI JOIN id_new_ein x ON x.node_id = n.node_id
-          WHERE n.profile_id IS NOT NULL
+    UNION SELECT t.profile_id FROM id_touch_nodes t
+          SEMI JOIN id_new_ein x ON x.node_id = t.node_id
+          WHERE t.profile_id IS NOT NULL
     """
 )
 COUNT_DIRTY = Query("SELECT count(*) FROM id_dirty")
@@ -631,7 +662,7 @@ DIRTY_PROFILES_FULL = Query(
 EVENT_PROFILES_DIRTY = Query(
     """
     CREATE OR REPLACE TEMP TABLE id_dirty_nodes AS
-    SELECT n.node_id, n.kind, n.value, n.profile_id FROM identity_nodes n
+    SELECT n.node_id, n.kind, n.value, n.profile_id FROM id_touch_nodes n
     SEMI JOIN id_dirty d ON d.profile_id = n.profile_id;
     CREATE OR REPLACE TEMP TABLE id_pev_cand AS
     SELECT DISTINCT ei.event_id FROM identity_event_nodes ei
