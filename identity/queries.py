@@ -630,7 +630,7 @@ def record_decisions(at: datetime) -> Query:
 DIRTY_PROFILES = Query(
     """
     CREATE OR REPLACE TEMP TABLE id_touch_nodes AS
-    SELECT c.node_id, c.kind, c.value,
+    SELECT c.node_id, c.kind, c.value, c.rank,
            CASE WHEN NOT c.affected THEN c.profile_id
                 WHEN c.status = 'active' THEN lp.profile_id END AS profile_id
     FROM id_comp_nodes c
@@ -659,6 +659,10 @@ DIRTY_PROFILES_FULL = Query(
 # share an identifier with a dirty profile) or of every profile (full rebuild), and
 # `id_dirty_nodes`: the identifiers of those profiles (a table of the few dirty ones, or a
 # view of every node with a profile), read again for the profile rows.
+# Incremental: the nodes of the candidate events come from `id_touch_nodes`; an event's other
+# identifiers are in the same raw component unless inactive (no profile, so not needed) or
+# cut off by an admin's unmerge, so the lookup in `identity_nodes` is usually of nothing,
+# and DuckDB skips the scan of a join whose build side is empty.
 EVENT_PROFILES_DIRTY = Query(
     """
     CREATE OR REPLACE TEMP TABLE id_dirty_nodes AS
@@ -670,19 +674,30 @@ EVENT_PROFILES_DIRTY = Query(
     CREATE OR REPLACE TEMP TABLE id_pev_en AS
     SELECT ei.event_id, ei.node_id FROM identity_event_nodes ei
     SEMI JOIN id_pev_cand c ON c.event_id = ei.event_id;
+    CREATE OR REPLACE TEMP TABLE id_pev_nodes AS
+    SELECT t.node_id, t.rank, t.profile_id FROM id_touch_nodes t
+    SEMI JOIN id_pev_en x ON x.node_id = t.node_id;
+    INSERT INTO id_pev_nodes
+    SELECT n.node_id, n.rank, n.profile_id FROM identity_nodes n
+    SEMI JOIN (
+        SELECT node_id FROM id_pev_en
+        EXCEPT SELECT node_id FROM id_touch_nodes
+        EXCEPT SELECT node_id FROM identity_nodes WHERE status <> 'active'
+    ) r ON r.node_id = n.node_id;
     CREATE OR REPLACE TEMP TABLE id_ep AS
     SELECT ep.* FROM (
         SELECT x.event_id, arg_min(
             n.profile_id, (n.rank::HUGEINT << 60) + n.node_id
         ) AS profile_id
         FROM id_pev_en x
-        JOIN identity_nodes n ON n.node_id = x.node_id
+        JOIN id_pev_nodes n ON n.node_id = x.node_id
         WHERE n.profile_id IS NOT NULL
         GROUP BY x.event_id
     ) ep
     SEMI JOIN id_dirty d ON d.profile_id = ep.profile_id;
     DROP TABLE id_pev_cand;
     DROP TABLE id_pev_en;
+    DROP TABLE id_pev_nodes;
     """
 )
 EVENT_PROFILES_FULL = Query(

@@ -143,3 +143,38 @@ def test_profiles_written_in_id_ranges_equal_one_statement(monkeypatch: pytest.M
         # Re-resolving everything in ranges keeps every profile (ids and rows).
         resolve(split, full=True)
         assert [r[0] for r in _profile_rows(split)] == [r[0] for r in rows]
+
+
+def test_profile_rows_after_an_unmerge_equal_full_rebuild() -> None:
+    """An event whose identifiers an admin cut apart: when a later event touches only the
+    less trusted side, the old event still belongs to the more trusted side's profile (the
+    incremental refresh must look up the identifier outside the run's components)."""
+    first = [Ev([("user_id", "u1"), ("email", "a@x.com")], traits={"n": 1})]
+    later = [Ev([("email", "a@x.com")], traits={"n": 2})]
+    with fresh_warehouse() as incremental, fresh_warehouse() as rebuilt:
+        for wh in (incremental, rebuilt):
+            EventWriter(wh).write(first)
+        resolve(incremental)
+        (src, dst), *_ = incremental.rows(Query("SELECT src, dst FROM identity_edges"))
+        for wh in (incremental, rebuilt):
+            wh.rows(
+                queries.add_override(
+                    action="remove_link",
+                    src=src,
+                    dst=dst,
+                    profile_id="p",
+                    reason=None,
+                    actor=None,
+                    at=datetime(2026, 1, 1),
+                )
+            )
+        resolve(incremental)
+        for wh in (incremental, rebuilt):
+            EventWriter(wh).write(later)
+        resolve(incremental)
+        resolve(rebuilt, full=True)
+        rows = _profile_rows(incremental)
+        assert sorted(r[3] for r in rows) == [1, 1]
+        assert sorted(map(str, (r[3:] for r in rows))) == sorted(
+            map(str, (r[3:] for r in _profile_rows(rebuilt)))
+        )
