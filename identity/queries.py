@@ -348,21 +348,26 @@ def compute_status(auto_cap: int) -> Query:
     return Query(
         """
         CREATE OR REPLACE TEMP TABLE id_status_new AS
-        WITH cand AS (
-            SELECT n.node_id, n.rank, n.status
-            FROM identity_nodes n SEMI JOIN id_status_cands c ON c.node_id = n.node_id
-        ),
-        nbr AS (
+        WITH nbr AS (
             SELECT e.src AS node_id, e.dst AS other
-            FROM identity_edges e SEMI JOIN cand c ON c.node_id = e.src
+            FROM identity_edges e SEMI JOIN id_status_cands c ON c.node_id = e.src
             UNION ALL
-            SELECT e.dst, e.src FROM identity_edges e SEMI JOIN cand c ON c.node_id = e.dst
+            SELECT e.dst, e.src FROM identity_edges e SEMI JOIN id_status_cands c
+            ON c.node_id = e.dst
         ),
+        -- The candidates and their neighbours, read in one pass over the nodes.
+        pts AS (
+            SELECT n.node_id, n.rank, n.status
+            FROM identity_nodes n
+            SEMI JOIN (SELECT node_id FROM id_status_cands UNION SELECT other FROM nbr) k
+                ON k.node_id = n.node_id
+        ),
+        cand AS (SELECT p.* FROM pts p SEMI JOIN id_status_cands c ON c.node_id = p.node_id),
         higher AS (
             SELECT x.node_id, count(DISTINCT nbr.other) AS links
             FROM nbr
             JOIN cand x ON x.node_id = nbr.node_id
-            JOIN identity_nodes o ON o.node_id = nbr.other
+            JOIN pts o ON o.node_id = nbr.other
             WHERE o.rank < x.rank AND o.status <> 'blocked'
             GROUP BY x.node_id
         )
