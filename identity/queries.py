@@ -348,21 +348,26 @@ def compute_status(auto_cap: int) -> Query:
     return Query(
         """
         CREATE OR REPLACE TEMP TABLE id_status_new AS
-        WITH cand AS (
-            SELECT n.node_id, n.rank, n.status
-            FROM identity_nodes n SEMI JOIN id_status_cands c ON c.node_id = n.node_id
-        ),
-        nbr AS (
+        WITH nbr AS (
             SELECT e.src AS node_id, e.dst AS other
-            FROM identity_edges e SEMI JOIN cand c ON c.node_id = e.src
+            FROM identity_edges e SEMI JOIN id_status_cands c ON c.node_id = e.src
             UNION ALL
-            SELECT e.dst, e.src FROM identity_edges e SEMI JOIN cand c ON c.node_id = e.dst
+            SELECT e.dst, e.src FROM identity_edges e SEMI JOIN id_status_cands c
+            ON c.node_id = e.dst
         ),
+        -- The candidates and their neighbours, read in one pass over the nodes.
+        pts AS (
+            SELECT n.node_id, n.rank, n.status
+            FROM identity_nodes n
+            SEMI JOIN (SELECT node_id FROM id_status_cands UNION SELECT other FROM nbr) k
+                ON k.node_id = n.node_id
+        ),
+        cand AS (SELECT p.* FROM pts p SEMI JOIN id_status_cands c ON c.node_id = p.node_id),
         higher AS (
             SELECT x.node_id, count(DISTINCT nbr.other) AS links
             FROM nbr
             JOIN cand x ON x.node_id = nbr.node_id
-            JOIN identity_nodes o ON o.node_id = nbr.other
+            JOIN pts o ON o.node_id = nbr.other
             WHERE o.rank < x.rank AND o.status <> 'blocked'
             GROUP BY x.node_id
         )
@@ -389,6 +394,10 @@ APPLY_STATUS = Query(
 
 # The raw components to recompute: those of every node whose links or status changed, and
 # those of the neighbours of nodes whose status or overrides changed (links may reopen).
+# The same two scans of `identity_nodes` also copy every node of the components of the run's
+# events into `id_comp_nodes` (flag `affected`: recomputed). A profile lies inside one raw
+# component, so the nodes of every profile the run writes are there: the later steps read
+# them from this small table instead of scanning `identity_nodes` again.
 AFFECTED_INCREMENTAL = Query(
     """
     CREATE OR REPLACE TEMP TABLE id_reopened AS
@@ -398,13 +407,25 @@ AFFECTED_INCREMENTAL = Query(
     SELECT node_id FROM id_status_cands
     UNION SELECT e.dst FROM identity_edges e SEMI JOIN id_reopened r ON r.node_id = e.src
     UNION SELECT e.src FROM identity_edges e SEMI JOIN id_reopened r ON r.node_id = e.dst;
-    CREATE OR REPLACE TEMP TABLE id_aff AS
-    SELECT n.node_id, n.kind, n.rank, n.status, n.first_event_id,
-           n.component_id AS old_component_id, n.profile_id AS old_profile_id
+    CREATE OR REPLACE TEMP TABLE id_comp_sel AS
+    SELECT n.component_id, bool_or(k.seed) AS affected
     FROM identity_nodes n
-    WHERE n.component_id IN (
-        SELECT n2.component_id FROM identity_nodes n2 SEMI JOIN id_seed s ON s.node_id = n2.node_id
-    );
+    JOIN (
+        SELECT node_id, bool_or(seed) AS seed FROM (
+            SELECT node_id, true AS seed FROM id_seed
+            UNION ALL SELECT node_id, false FROM id_new_ein
+        ) GROUP BY node_id
+    ) k ON k.node_id = n.node_id
+    GROUP BY n.component_id;
+    CREATE OR REPLACE TEMP TABLE id_comp_nodes AS
+    SELECT n.node_id, n.kind, n.value, n.rank, n.status, n.first_event_id, n.component_id,
+           n.profile_id, c.affected
+    FROM identity_nodes n JOIN id_comp_sel c ON c.component_id = n.component_id;
+    CREATE OR REPLACE TEMP TABLE id_aff AS
+    SELECT node_id, kind, rank, status, first_event_id,
+           component_id AS old_component_id, profile_id AS old_profile_id
+    FROM id_comp_nodes WHERE affected;
+    DROP TABLE id_comp_sel;
     """
 )
 
@@ -514,8 +535,14 @@ CHANGES = Query(
 )
 
 
-def publish_changes(*, seq: int, at: datetime) -> Query:
+# Where the publication reads the ends of its links: every node (full rebuild), or the
+# nodes of the run's components (incremental: a cause link joins two affected nodes).
+NODE_SOURCES = {"full": "identity_nodes", "incremental": "id_comp_nodes"}
+
+
+def publish_changes(*, seq: int, at: datetime, nodes: str = "full") -> Query:
     """Append the run's merges and splits to `profile_merges`, numbered after `seq`."""
+    table = NODE_SOURCES[nodes]
     return Query(
         """
         INSERT INTO profile_merges
@@ -528,9 +555,9 @@ def publish_changes(*, seq: int, at: datetime) -> Query:
                END,
                c.event_id, c.src, c.dst
         FROM id_changes c
-        LEFT JOIN identity_nodes a ON a.node_id = c.src
-        LEFT JOIN identity_nodes b ON b.node_id = c.dst
-        """,
+        LEFT JOIN {table} a ON a.node_id = c.src
+        LEFT JOIN {table} b ON b.node_id = c.dst
+        """.replace("{table}", table),
         {"seq": seq, "at": at},
     )
 
@@ -602,15 +629,24 @@ def record_decisions(at: datetime) -> Query:
 
 
 # Profiles to rebuild: every profile id the run assigned or took away, and the profiles of
-# identifiers seen in the new events (their traits and last_seen moved).
+# identifiers seen in the new events (their traits and last_seen moved). `id_touch_nodes`:
+# the nodes of the run's components with their profile after APPLY_ASSIGNMENT (which set
+# the label's profile on active affected nodes and NULL on the other affected ones).
 DIRTY_PROFILES = Query(
     """
+    CREATE OR REPLACE TEMP TABLE id_touch_nodes AS
+    SELECT c.node_id, c.kind, c.value, c.rank,
+           CASE WHEN NOT c.affected THEN c.profile_id
+                WHEN c.status = 'active' THEN lp.profile_id END AS profile_id
+    FROM id_comp_nodes c
+    LEFT JOIN id_labels l ON l.node_id = c.node_id
+    LEFT JOIN id_label_pid lp ON lp.label = l.label;
     CREATE OR REPLACE TEMP TABLE id_dirty AS
     SELECT profile_id FROM id_label_pid
     UNION SELECT profile_id FROM id_old
-    UNION SELECT n.profile_id FROM identity_nodes n
-          SEMI JOIN id_new_ein x ON x.node_id = n.node_id
-          WHERE n.profile_id IS NOT NULL
+    UNION SELECT t.profile_id FROM id_touch_nodes t
+          SEMI JOIN id_new_ein x ON x.node_id = t.node_id
+          WHERE t.profile_id IS NOT NULL
     """
 )
 COUNT_DIRTY = Query("SELECT count(*) FROM id_dirty")
@@ -628,10 +664,14 @@ DIRTY_PROFILES_FULL = Query(
 # share an identifier with a dirty profile) or of every profile (full rebuild), and
 # `id_dirty_nodes`: the identifiers of those profiles (a table of the few dirty ones, or a
 # view of every node with a profile), read again for the profile rows.
+# Incremental: the nodes of the candidate events come from `id_touch_nodes`; an event's other
+# identifiers are in the same raw component unless inactive (no profile, so not needed) or
+# cut off by an admin's unmerge, so the lookup in `identity_nodes` is usually of nothing,
+# and DuckDB skips the scan of a join whose build side is empty.
 EVENT_PROFILES_DIRTY = Query(
     """
     CREATE OR REPLACE TEMP TABLE id_dirty_nodes AS
-    SELECT n.node_id, n.kind, n.value, n.profile_id FROM identity_nodes n
+    SELECT n.node_id, n.kind, n.value, n.profile_id FROM id_touch_nodes n
     SEMI JOIN id_dirty d ON d.profile_id = n.profile_id;
     CREATE OR REPLACE TEMP TABLE id_pev_cand AS
     SELECT DISTINCT ei.event_id FROM identity_event_nodes ei
@@ -639,19 +679,30 @@ EVENT_PROFILES_DIRTY = Query(
     CREATE OR REPLACE TEMP TABLE id_pev_en AS
     SELECT ei.event_id, ei.node_id FROM identity_event_nodes ei
     SEMI JOIN id_pev_cand c ON c.event_id = ei.event_id;
+    CREATE OR REPLACE TEMP TABLE id_pev_nodes AS
+    SELECT t.node_id, t.rank, t.profile_id FROM id_touch_nodes t
+    SEMI JOIN id_pev_en x ON x.node_id = t.node_id;
+    INSERT INTO id_pev_nodes
+    SELECT n.node_id, n.rank, n.profile_id FROM identity_nodes n
+    SEMI JOIN (
+        SELECT node_id FROM id_pev_en
+        EXCEPT SELECT node_id FROM id_touch_nodes
+        EXCEPT SELECT node_id FROM identity_nodes WHERE status <> 'active'
+    ) r ON r.node_id = n.node_id;
     CREATE OR REPLACE TEMP TABLE id_ep AS
     SELECT ep.* FROM (
         SELECT x.event_id, arg_min(
             n.profile_id, (n.rank::HUGEINT << 60) + n.node_id
         ) AS profile_id
         FROM id_pev_en x
-        JOIN identity_nodes n ON n.node_id = x.node_id
+        JOIN id_pev_nodes n ON n.node_id = x.node_id
         WHERE n.profile_id IS NOT NULL
         GROUP BY x.event_id
     ) ep
     SEMI JOIN id_dirty d ON d.profile_id = ep.profile_id;
     DROP TABLE id_pev_cand;
     DROP TABLE id_pev_en;
+    DROP TABLE id_pev_nodes;
     """
 )
 EVENT_PROFILES_FULL = Query(

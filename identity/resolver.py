@@ -153,7 +153,7 @@ def _resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool) -> Resol
             # Nodes are written once, labelled; the publication's reasons name them.
             step(queries.WRITE_NODES_FULL)
         step(queries.CHANGES)
-        step(queries.publish_changes(seq=seq, at=now))
+        step(queries.publish_changes(seq=seq, at=now, nodes="full" if full else "incremental"))
         step(queries.register_profiles(now))
         if not full:
             step(queries.APPLY_ASSIGNMENT)
