@@ -286,8 +286,14 @@ def ranks_at(
     ).sort("at")
     history = changes["member_id"].unique().implode()
     keyed = rows.with_row_index("_i").sort("timestamp")
+    # Both sides are sorted by time above; Polars cannot verify that per `by` group and warns.
     upto = keyed.join_asof(
-        changes, left_on="timestamp", right_on="at", by="member_id", strategy="backward"
+        changes,
+        left_on="timestamp",
+        right_on="at",
+        by="member_id",
+        strategy="backward",
+        check_sortedness=False,
     )
     before = keyed.join_asof(
         changes.select("member_id", "at", pl.col("held").alias("held_before")),
@@ -296,6 +302,7 @@ def ranks_at(
         by="member_id",
         strategy="backward",
         allow_exact_matches=False,
+        check_sortedness=False,
     ).select("_i", "held_before")
     same_instant_later = (
         (pl.col("at") == pl.col("timestamp"))
