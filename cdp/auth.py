@@ -145,13 +145,19 @@ class RequireRole:
         """Check the bearer key and its role."""
         if credentials is None or credentials.scheme.lower() != "bearer":
             raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-        key = authenticate(session, clear=credentials.credentials)
-        role = Role(key.role)
-        if role not in self.roles:
+        # A route guarded twice (router and route) checks the key once: a second lookup would
+        # autoflush the key's last-use touch and hold SQLite's write lock for the rest of the
+        # request, so a route that runs a job in its own session would wait on it.
+        principal: Principal | None = getattr(request.state, "principal", None)
+        if principal is None:
+            key = authenticate(session, clear=credentials.credentials)
+            principal = Principal(key_id=key.id, name=key.name, role=Role(key.role))
+            request.state.principal = principal
+        if principal.role not in self.roles:
             allowed = ", ".join(sorted(r.value for r in self.roles))
-            raise Forbidden(f"this route needs one of the roles: {allowed}; the key is {role}")
-        principal = Principal(key_id=key.id, name=key.name, role=role)
-        request.state.principal = principal
+            raise Forbidden(
+                f"this route needs one of the roles: {allowed}; the key is {principal.role}"
+            )
         return principal
 
 

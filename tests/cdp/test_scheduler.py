@@ -6,14 +6,15 @@ import threading
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import inspect
+from sqlalchemy import inspect, select
 
+from cdp.auth import ApiKey, Role
 from cdp.config import Settings
 from cdp.db import Database
 from cdp.errors import Conflict, NotFound
 from cdp.scheduler import JobContext, JobRun, JobRunner, JobSpec, Scheduler
 from cdp.warehouse import Query, Warehouse
-from tests.conftest import BACKENDS
+from tests.conftest import BACKENDS, make_key
 
 
 def _count_events(context: JobContext) -> int:
@@ -119,6 +120,15 @@ def test_scheduler_persists_jobs_in_the_database_and_fires_them(
     assert runs
     assert runs[0].trigger == "schedule"
     assert runs[0].rows == 3
+
+
+def test_a_new_keys_first_request_can_run_a_job_and_wait(client: TestClient, db: Database) -> None:
+    headers = {"Authorization": f"Bearer {make_key(db, Role.admin)}"}
+    run = client.post("/api/jobs/warehouse.checkpoint/run?wait=true", headers=headers)
+    assert run.status_code == 202, run.text
+    assert run.json()["status"] == "succeeded"
+    with db.begin() as session:
+        assert session.scalar(select(ApiKey.last_used_at)) is not None
 
 
 def test_jobs_api_lists_triggers_and_pages_runs(
