@@ -108,7 +108,7 @@ def reference_attributes(event_profiles: str, *, now: datetime) -> Query:
 REFERENCE = reference_attributes(EVENT_PROFILES, now=NOW)
 
 
-def _same(warehouse: Warehouse) -> bool:
+def same_attributes(warehouse: Warehouse) -> bool:
     project = warehouse.run(Query("SELECT * EXCLUDE (computed_at) FROM profile_attributes"))
     reference = warehouse.run(Query("SELECT * FROM bench_reference_attributes"))
     project = project.sort("profile_id")
@@ -162,7 +162,7 @@ def run(scale: int, workdir: Path) -> Result:
             time.perf_counter() - t0, 3
         )
         result.details["profiles"] = warehouse.scalar(Query("SELECT count(*) FROM profiles"))
-        result.details["same_values"] = _same(warehouse)
+        result.details["same_values"] = same_attributes(warehouse)
     finally:
         warehouse.close()
         db.dispose()

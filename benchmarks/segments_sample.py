@@ -23,11 +23,9 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import polars as pl
-
 from benchmarks import sample_warehouse
 from benchmarks.core import Measure, Result
-from benchmarks.segments_attributes import reference_attributes
+from benchmarks.segments_attributes import reference_attributes, same_attributes
 from cdp import sample_data
 from cdp.config import SegmentsSettings, Settings
 from cdp.db import Database
@@ -189,22 +187,6 @@ def _params(sql: str) -> dict[str, object]:
     return {k: v for k, v in PARAMS.items() if f"${k}" in sql}
 
 
-def _same_attributes(warehouse: Warehouse) -> bool:
-    project = warehouse.run(Query("SELECT * EXCLUDE (computed_at) FROM profile_attributes"))
-    reference = warehouse.run(Query("SELECT * FROM bench_reference_attributes"))
-    project = project.sort("profile_id")
-    reference = reference.sort("profile_id").select(project.columns)
-    for name in project.columns:
-        a, b = project[name], reference[name]
-        if a.dtype.is_float():
-            diff = (a - b.cast(pl.Float64)).abs().fill_null(0).max()
-            if a.is_null().to_list() != b.is_null().to_list() or float(diff or 0) > 1e-6:  # type: ignore[arg-type]
-                return False
-        elif a.cast(pl.String).to_list() != b.cast(pl.String).to_list():
-            return False
-    return True
-
-
 def _prepared(scale: int, workdir: Path) -> sample_warehouse.Prepared:
     """The prepared stores (reused from CDP_BENCH_PREPARED, or built here), copied to workdir."""
     given = os.environ.get("CDP_BENCH_PREPARED")
@@ -247,7 +229,7 @@ def _attributes(
     )
     result.details["attributes_project_s"] = [round(x, 2) for x in project]
     result.details["attributes_reference_s"] = [round(x, 2) for x in reference]
-    result.details["attributes_same_values"] = _same_attributes(warehouse)
+    result.details["attributes_same_values"] = same_attributes(warehouse)
     warehouse.execute(Query("DROP TABLE bench_reference_attributes"))
 
 
