@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import polars as pl
 from fastapi.testclient import TestClient
@@ -33,7 +34,7 @@ from cdp.app import create_app
 from cdp.auth import Role, create_key
 from cdp.config import Settings
 from cdp.db import Base, Database
-from cdp.warehouse import Query, Warehouse
+from cdp.warehouse import Cursor, Query, Warehouse
 from identity import service
 from identity.rules import IdentityRules
 from migrations.models import load_all_models
@@ -189,35 +190,81 @@ def scipy_reference(warehouse: Warehouse) -> tuple[float, int]:
 
 
 def quality(warehouse: Warehouse, truth: pl.DataFrame) -> dict[str, float | int]:
-    """Pairwise precision and recall of events grouped by profile vs by true person."""
-    mapped = service.event_profiles(warehouse, after_event_id=0)
-    frame = truth.join(mapped, on="event_id", how="left").with_columns(
-        pl.col("profile_id").fill_null(pl.lit("none:") + pl.col("event_id").cast(pl.String))
-    )
-    return {**scores(frame), "profiles": mapped["profile_id"].n_unique()}
+    """Pairwise precision and recall of events grouped by profile vs by true person.
+
+    Scored in DuckDB (the truth is registered, each event's profile is the identity
+    relation): no frame of every event's profile id is built in Python.
+    """
+    with warehouse.cursor() as cur:
+        cur.register("bench_truth", truth.select("event_id", "person").to_arrow())
+        try:
+            cur.execute(
+                """
+                CREATE OR REPLACE TEMP TABLE bench_scored AS
+                WITH ep AS ({profiles})
+                SELECT coalesce(ep.profile_id, 'none:' || t.event_id::VARCHAR) AS profile_id,
+                       t.person
+                FROM bench_truth t LEFT JOIN ep ON ep.event_id = t.event_id
+                """.replace("{profiles}", service.event_profile_sql())
+            )
+            figures = scores_sql(cur, "bench_scored")
+            profiles = cur.execute(
+                "SELECT count(DISTINCT profile_id) FROM ({profiles})".replace(
+                    "{profiles}", service.event_profile_sql()
+                )
+            ).fetchall()[0][0]
+            cur.execute("DROP TABLE bench_scored")
+        finally:
+            cur.unregister("bench_truth")
+    return {**figures, "profiles": int(profiles)}
+
+
+# Pairwise scores from the contingency table of (profile, person): true pairs are the pairs
+# inside a cell, predicted pairs those inside a profile, actual pairs those of a person; each
+# is a sum of C(n, 2) over a group-by, so nothing pairwise is ever built.
+_SCORES = """
+    WITH cells AS (
+        SELECT profile_id, person, count(*)::BIGINT AS n FROM {relation} GROUP BY ALL
+    ),
+    by_profile AS (
+        SELECT profile_id, sum(n)::HUGEINT AS n, count(*) AS persons FROM cells GROUP BY ALL
+    ),
+    by_person AS (SELECT person, sum(n)::HUGEINT AS n, count(*) AS profiles FROM cells GROUP BY ALL)
+    SELECT
+        (SELECT coalesce(sum(n * (n - 1) // 2), 0) FROM cells)::HUGEINT AS true_pos,
+        (SELECT coalesce(sum(n * (n - 1) // 2), 0) FROM by_profile)::HUGEINT AS predicted,
+        (SELECT coalesce(sum(n * (n - 1) // 2), 0) FROM by_person)::HUGEINT AS actual,
+        (SELECT count(DISTINCT c.person) FROM cells c
+         SEMI JOIN by_profile p ON p.profile_id = c.profile_id AND p.persons > 1) AS over,
+        (SELECT count(*) FROM by_person WHERE profiles > 1) AS under,
+        (SELECT count(*) FROM by_person) AS persons
+"""
+
+
+def scores_sql(cur: Cursor, relation: str) -> dict[str, float | int]:
+    """Pairwise precision/recall of `profile_id` against `person` in a DuckDB relation (a
+    table name from code), and the over- and under-merged persons."""
+    true_pos, predicted, actual, over, under, persons = cur.execute(
+        _SCORES.replace("{relation}", relation)
+    ).fetchall()[0]
+    return {
+        "precision": round(int(true_pos) / int(predicted), 5) if predicted else 1.0,
+        "recall": round(int(true_pos) / int(actual), 5) if actual else 1.0,
+        "over_merged_persons": int(over),
+        "under_merged_persons": int(under),
+        "persons": int(persons),
+    }
 
 
 def scores(frame: pl.DataFrame) -> dict[str, float | int]:
-    """Pairwise precision/recall of `profile_id` against `person`, and mis-merged persons."""
-
-    def pairs(counts: pl.Series) -> int:
-        n = counts.cast(pl.Int64)
-        return int((n * (n - 1) // 2).sum())
-
-    cells = frame.group_by("profile_id", "person").len()
-    true_pos = pairs(cells["len"])
-    predicted = pairs(frame.group_by("profile_id").len()["len"])
-    actual = pairs(frame.group_by("person").len()["len"])
-    persons_per_profile = cells.group_by("profile_id").len().rename({"len": "persons"})
-    over = cells.join(persons_per_profile, on="profile_id").filter(pl.col("persons") > 1)
-    under = cells.group_by("person").len().filter(pl.col("len") > 1)
-    return {
-        "precision": round(true_pos / predicted, 5) if predicted else 1.0,
-        "recall": round(true_pos / actual, 5) if actual else 1.0,
-        "over_merged_persons": over["person"].n_unique(),
-        "under_merged_persons": under.height,
-        "persons": frame["person"].n_unique(),
-    }
+    """Pairwise precision/recall of `profile_id` against `person` in a frame, and mis-merged
+    persons (the same SQL as `scores_sql`, on an in-memory DuckDB)."""
+    con = duckdb.connect()
+    try:
+        con.register("scored_frame", frame.select("profile_id", "person").to_arrow())
+        return scores_sql(con, "scored_frame")
+    finally:
+        con.close()
 
 
 def lookup_latency(workdir: Path, warehouse: Warehouse, values: list[str]) -> dict[str, float]:
