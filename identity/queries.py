@@ -89,9 +89,12 @@ FRAME_COPIES = {
 ACTIVE_SUPPRESSIONS = Query("SELECT count(*) FROM identity_suppressions WHERE lifted_at IS NULL")
 
 
-def new_event_identifiers(mark: int, up_to: int, *, suppressions: bool = True) -> Query:
+def new_event_identifiers(
+    mark: int, up_to: int, *, suppressions: bool = True, node_ids: bool = False
+) -> Query:
     """Identifiers of the events after the mark; re-sent data of erased people is deleted
-    (only looked for when some suppression is active)."""
+    (only looked for when some suppression is active). With `node_ids` (a full rebuild)
+    each row also carries its node id and its kind's rank, hashed once here."""
     drop_suppressed = """
         CREATE OR REPLACE TEMP TABLE id_suppressed_ei AS
         SELECT ei.event_id, ei.kind, ei.value FROM event_identifiers ei
@@ -114,6 +117,17 @@ def new_event_identifiers(mark: int, up_to: int, *, suppressions: bool = True) -
         SELECT ei.event_id, ei.kind, ei.value, e.timestamp AS ts
         FROM event_identifiers ei
         JOIN events e ON e.event_id = ei.event_id
+        WHERE ei.event_id > $mark AND ei.event_id <= $up_to
+        """
+    if node_ids:
+        collect = """
+        CREATE OR REPLACE TEMP TABLE id_new_ei AS
+        SELECT ei.event_id, ei.kind, ei.value, e.timestamp AS ts,
+               ('0x' || left(md5(ei.kind || chr(31) || ei.value), 15))::BIGINT AS node_id,
+               coalesce(r.rank, 1000000) AS rank
+        FROM event_identifiers ei
+        JOIN events e ON e.event_id = ei.event_id
+        LEFT JOIN id_kind_rank r ON r.kind = ei.kind
         WHERE ei.event_id > $mark AND ei.event_id <= $up_to
         """
     return Query(
@@ -202,30 +216,28 @@ INSERT_NEW_EDGES = Query(
 # A full rebuild builds the graph in temp tables and writes `identity_nodes` once, after
 # labelling, with status, component and profile (inserting then updating millions of rows
 # inside one transaction costs three sorts and an undo log). Node ids come from the same
-# hash; the graph tables were emptied by SNAPSHOT_FOR_FULL.
+# hash; the graph tables were emptied by SNAPSHOT_FOR_FULL. Each identifier row is hashed
+# once (`new_event_identifiers(node_ids=True)`) and nodes are grouped on that integer: a node
+# id is the identity of (kind, value) everywhere in the graph.
 def full_graph(pattern: str) -> Query:
     """Nodes (with their blocked flag), event nodes and links of every event up to the run's
-    mark, from `id_new_ei`."""
+    mark, from `id_new_ei` with node ids."""
     return Query(
         """
         CREATE OR REPLACE TEMP TABLE id_new_nodes AS
-        SELECT ('0x' || left(md5(kind || chr(31) || value), 15))::BIGINT AS node_id, kind, value,
-               coalesce((SELECT rank FROM id_kind_rank r WHERE r.kind = g.kind), 1000000) AS rank,
+        SELECT node_id, kind, value, rank,
                CASE WHEN lower(value) IN (SELECT lower(value) FROM id_block_values)
                          OR ($pattern <> '' AND regexp_full_match(value, $pattern))
                     THEN 'blocked' ELSE 'active' END AS status,
                first_event_id, first_seen, last_seen
         FROM (
-            SELECT kind, value, min(event_id) AS first_event_id, min(ts) AS first_seen,
-                   max(ts) AS last_seen
-            FROM id_new_ei GROUP BY kind, value
+            SELECT node_id, any_value(kind) AS kind, any_value(value) AS value,
+                   any_value(rank) AS rank, min(event_id) AS first_event_id,
+                   min(ts) AS first_seen, max(ts) AS last_seen
+            FROM id_new_ei GROUP BY node_id
         ) g;
         CREATE OR REPLACE TEMP TABLE id_new_ein AS
-        SELECT DISTINCT x.event_id,
-               ('0x' || left(md5(x.kind || chr(31) || x.value), 15))::BIGINT AS node_id,
-               coalesce((SELECT rank FROM id_kind_rank r WHERE r.kind = x.kind), 1000000) AS rank,
-               x.ts
-        FROM id_new_ei x;
+        SELECT DISTINCT event_id, node_id, rank, ts FROM id_new_ei;
         DROP TABLE id_new_ei;
         INSERT INTO identity_event_nodes SELECT event_id, node_id FROM id_new_ein;
         CREATE OR REPLACE TEMP TABLE id_new_edges AS

@@ -119,7 +119,7 @@ def _resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool) -> Resol
             step(queries.SNAPSHOT_FOR_FULL)
             mark = 0
         suppressions = int(_scalar(cur, queries.ACTIVE_SUPPRESSIONS)) > 0
-        step(queries.new_event_identifiers(mark, up_to, suppressions=suppressions))
+        step(queries.new_event_identifiers(mark, up_to, suppressions=suppressions, node_ids=full))
         step(queries.changed_overrides(-1 if full else seen_overrides))
         if full:
             step(queries.full_graph(rules.combined_pattern()))
