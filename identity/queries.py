@@ -717,14 +717,19 @@ EVENT_PROFILES_DIRTY = Query(
     DROP TABLE id_pev_nodes;
     """
 )
+# (Full rebuild: the aggregation carries the winning node id, an integer, and its profile id
+# is joined afterwards; carrying the 36-character id through the group-by costs more.)
 EVENT_PROFILES_FULL = Query(
     """
     CREATE OR REPLACE TEMP TABLE id_ep AS
-    SELECT ei.event_id, arg_min(n.profile_id, (n.rank::HUGEINT << 60) + n.node_id) AS profile_id
-    FROM identity_event_nodes ei
-    JOIN identity_nodes n ON n.node_id = ei.node_id
-    WHERE n.profile_id IS NOT NULL
-    GROUP BY ei.event_id;
+    WITH winner AS (
+        SELECT ei.event_id, arg_min(n.node_id, (n.rank::HUGEINT << 60) + n.node_id) AS node_id
+        FROM identity_event_nodes ei
+        JOIN identity_nodes n ON n.node_id = ei.node_id
+        WHERE n.profile_id IS NOT NULL
+        GROUP BY ei.event_id
+    )
+    SELECT w.event_id, n.profile_id FROM winner w JOIN identity_nodes n ON n.node_id = w.node_id;
     DELETE FROM profiles;
     CREATE OR REPLACE TEMP VIEW id_dirty_nodes AS
     SELECT node_id, kind, value, profile_id FROM identity_nodes WHERE profile_id IS NOT NULL;
@@ -909,8 +914,20 @@ SQL_LABELS_JUMP = Query(
 SQL_LABELS_APPLY_JUMP = Query("CREATE OR REPLACE TEMP TABLE sql_labels AS SELECT * FROM sql_jump")
 
 
+PROFILE_ROW_COLUMNS = (
+    "profile_id",
+    "created_at",
+    "updated_at",
+    "first_seen",
+    "last_seen",
+    "event_count",
+    "identifiers",
+    "traits",
+)
+
+
 def profile_row(profile_id: str) -> Query:
-    """One row of `profiles`."""
+    """One row of `profiles`, columns PROFILE_ROW_COLUMNS."""
     return Query(
         """
         SELECT profile_id, created_at, updated_at, first_seen, last_seen, event_count,
