@@ -662,6 +662,50 @@ DIRTY_PROFILES = Query(
     """
 )
 COUNT_DIRTY = Query("SELECT count(*) FROM id_dirty")
+# The run's events and new links, counted once their tables are used (a full rebuild drops
+# them then: the event nodes are the largest working table).
+GRAPH_COUNTS = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE id_graph_counts AS
+    SELECT (SELECT count(DISTINCT event_id) FROM id_new_ein) AS events,
+           (SELECT count(*) FROM id_new_edges) AS links
+    """
+)
+DROP_FULL_LINK_COPIES = Query(
+    """
+    DROP TABLE id_new_ein;
+    DROP TABLE id_new_edges;
+    """
+)
+# What a run did, read before the profile rows are built (a full rebuild then drops the
+# tables counted here); the affected count is by the statuses after the run.
+RUN_COUNTS = Query(
+    """
+    SELECT (SELECT events FROM id_graph_counts),
+           (SELECT count(*) FROM id_new_nodes),
+           (SELECT links FROM id_graph_counts),
+           (SELECT count(*) FROM id_aff),
+           (SELECT count(*) FROM id_label_pid WHERE is_new),
+           (SELECT count(*) FILTER (WHERE kind = 'merge') FROM id_changes),
+           (SELECT count(*) FILTER (WHERE kind = 'split') FROM id_changes),
+           (SELECT count(*) FROM id_aff WHERE status <> 'active')
+    """
+)
+# The working copies of a full rebuild's graph, once nodes, links, decisions and the
+# publication are written (the profile rows need `id_label_pid` and `id_old_profiles`).
+DROP_FULL_GRAPH_COPIES = Query(
+    """
+    DROP TABLE IF EXISTS id_new_nodes;
+    DROP TABLE IF EXISTS id_status_new;
+    DROP TABLE IF EXISTS id_aff;
+    DROP TABLE IF EXISTS id_used_links;
+    DROP TABLE IF EXISTS id_refusals;
+    DROP TABLE IF EXISTS id_old;
+    DROP TABLE IF EXISTS id_claims;
+    DROP TABLE IF EXISTS id_stay;
+    DROP TABLE IF EXISTS id_changes;
+    """
+)
 DIRTY_PROFILES_FULL = Query(
     """
     CREATE OR REPLACE TEMP TABLE id_dirty AS
@@ -717,10 +761,17 @@ EVENT_PROFILES_DIRTY = Query(
     DROP TABLE id_pev_nodes;
     """
 )
-# (Full rebuild: the aggregation carries the winning node id, an integer, and its profile id
-# is joined afterwards; carrying the 36-character id through the group-by costs more.)
+# Full rebuild: every profile is rebuilt, keyed by `id_pkey.pk`, a dense integer in the order
+# of the profile ids (the label of each profile comes from the labelling's `id_labels`, so
+# events and identifiers reach their key through integer joins only). The aggregation
+# carries the winning node id, an integer, rather than the 36-character profile id.
 EVENT_PROFILES_FULL = Query(
     """
+    CREATE OR REPLACE TEMP TABLE id_pkey AS
+    SELECT row_number() OVER (ORDER BY profile_id) AS pk, label, profile_id FROM id_label_pid;
+    CREATE OR REPLACE TEMP TABLE id_node_pk AS
+    SELECT l.node_id, k.pk FROM id_labels l JOIN id_pkey k ON k.label = l.label;
+    DROP TABLE id_labels;
     CREATE OR REPLACE TEMP TABLE id_ep AS
     WITH winner AS (
         SELECT ei.event_id, arg_min(n.node_id, (n.rank::HUGEINT << 60) + n.node_id) AS node_id
@@ -729,39 +780,21 @@ EVENT_PROFILES_FULL = Query(
         WHERE n.profile_id IS NOT NULL
         GROUP BY ei.event_id
     )
-    SELECT w.event_id, n.profile_id FROM winner w JOIN identity_nodes n ON n.node_id = w.node_id;
+    SELECT w.event_id, p.pk AS profile_id FROM winner w JOIN id_node_pk p ON p.node_id = w.node_id;
     DELETE FROM profiles;
     CREATE OR REPLACE TEMP VIEW id_dirty_nodes AS
-    SELECT node_id, kind, value, profile_id FROM identity_nodes WHERE profile_id IS NOT NULL;
+    SELECT n.node_id, n.kind, n.value, p.pk AS profile_id
+    FROM identity_nodes n JOIN id_node_pk p ON p.node_id = n.node_id;
     """
 )
+COUNT_PROFILE_KEYS = Query("SELECT count(*) FROM id_pkey")
 
 
-def refresh_profiles(at: datetime, *, low: str | None = None, high: str | None = None) -> Query:
-    """Rebuild the `profiles` rows of the dirty profiles in `[low, high)` (None: unbounded),
-    with trait survivorship, from `id_ep`.
-
-    A full rebuild writes the profiles in a few id ranges, one statement each, so no single
-    aggregation holds every event's traits; ranges in ascending order keep the table sorted
-    by id (zone maps serve the point lookups).
-    """
-    return Query(
-        """
-        CREATE OR REPLACE TEMP TABLE id_pn AS
-        SELECT n.node_id, n.kind, n.value, n.profile_id FROM id_dirty_nodes n
-        WHERE ($low::VARCHAR IS NULL OR n.profile_id >= $low)
-          AND ($high::VARCHAR IS NULL OR n.profile_id < $high);
-        CREATE OR REPLACE TEMP TABLE id_pev AS
-        SELECT ep.profile_id, e.event_id, e.source_id, e.timestamp, e.traits
-        FROM id_ep ep
-        JOIN events e ON e.event_id = ep.event_id
-        WHERE ($low::VARCHAR IS NULL OR ep.profile_id >= $low)
-          AND ($high::VARCHAR IS NULL OR ep.profile_id < $high);
-        DELETE FROM profiles p USING id_dirty d
-        WHERE p.profile_id = d.profile_id
-          AND ($low::VARCHAR IS NULL OR d.profile_id >= $low)
-          AND ($high::VARCHAR IS NULL OR d.profile_id < $high);
-        INSERT INTO profiles
+# The aggregations of a profile row, from `id_pev` (a profile's events) and `id_pn` (its
+# identifiers), both keyed by `profile_id`: the profile id (incremental) or the dense integer
+# key of a full rebuild (`id_pkey`), which groups faster than the 36-character id. Survivorship:
+# per trait, the configured source priority first, then the most recent non-null value.
+_PROFILE_ROW_CTES = """
         WITH stats AS (
             SELECT profile_id, min(timestamp) AS first_seen, max(timestamp) AS last_seen,
                    count(*) AS event_count
@@ -797,7 +830,35 @@ def refresh_profiles(at: datetime, *, low: str | None = None, high: str | None =
             )
             GROUP BY profile_id
         )
-        SELECT i.profile_id, r.created_at, $at, s.first_seen, s.last_seen,
+"""
+
+
+def refresh_profiles(at: datetime, *, low: str | None = None, high: str | None = None) -> Query:
+    """Rebuild the `profiles` rows of the dirty profiles in `[low, high)` (None: unbounded),
+    with trait survivorship, from `id_ep`.
+
+    A full rebuild writes the profiles in a few id ranges, one statement each, so no single
+    aggregation holds every event's traits; ranges in ascending order keep the table sorted
+    by id (zone maps serve the point lookups).
+    """
+    return Query(
+        """
+        CREATE OR REPLACE TEMP TABLE id_pn AS
+        SELECT n.node_id, n.kind, n.value, n.profile_id FROM id_dirty_nodes n
+        WHERE ($low::VARCHAR IS NULL OR n.profile_id >= $low)
+          AND ($high::VARCHAR IS NULL OR n.profile_id < $high);
+        CREATE OR REPLACE TEMP TABLE id_pev AS
+        SELECT ep.profile_id, e.event_id, e.source_id, e.timestamp, e.traits
+        FROM id_ep ep
+        JOIN events e ON e.event_id = ep.event_id
+        WHERE ($low::VARCHAR IS NULL OR ep.profile_id >= $low)
+          AND ($high::VARCHAR IS NULL OR ep.profile_id < $high);
+        DELETE FROM profiles p USING id_dirty d
+        WHERE p.profile_id = d.profile_id
+          AND ($low::VARCHAR IS NULL OR d.profile_id >= $low)
+          AND ($high::VARCHAR IS NULL OR d.profile_id < $high);
+        INSERT INTO profiles
+{survivorship}        SELECT i.profile_id, r.created_at, $at, s.first_seen, s.last_seen,
                coalesce(s.event_count, 0), i.identifiers, coalesce(t.traits, '{}')::JSON
         FROM idents i
         JOIN identity_profile_ids r ON r.profile_id = i.profile_id
@@ -805,7 +866,40 @@ def refresh_profiles(at: datetime, *, low: str | None = None, high: str | None =
         LEFT JOIN traits t ON t.profile_id = i.profile_id
         ORDER BY i.profile_id;
         DROP TABLE id_pev;
-        """,
+        """.replace("{survivorship}", _PROFILE_ROW_CTES),
+        {"at": at, "low": low, "high": high},
+    )
+
+
+def refresh_profiles_full(at: datetime, *, low: int, high: int) -> Query:
+    """Write the `profiles` rows of a full rebuild with keys `[low, high)` of `id_pkey`.
+
+    Keys follow the profile ids' order, so ranges written in ascending order keep the table
+    sorted by id (zone maps serve the point lookups); a few ranges, one statement each, so
+    no single aggregation holds every event's traits.
+    """
+    return Query(
+        """
+        CREATE OR REPLACE TEMP TABLE id_pn AS
+        SELECT node_id, kind, value, profile_id FROM id_dirty_nodes
+        WHERE profile_id >= $low AND profile_id < $high;
+        CREATE OR REPLACE TEMP TABLE id_pev AS
+        SELECT ep.profile_id, e.event_id, e.source_id, e.timestamp, e.traits
+        FROM id_ep ep
+        JOIN events e ON e.event_id = ep.event_id
+        WHERE ep.profile_id >= $low AND ep.profile_id < $high;
+        INSERT INTO profiles
+        {survivorship}
+        SELECT k.profile_id, r.created_at, $at, s.first_seen, s.last_seen,
+               coalesce(s.event_count, 0), i.identifiers, coalesce(t.traits, '{}')::JSON
+        FROM idents i
+        JOIN id_pkey k ON k.pk = i.profile_id
+        JOIN identity_profile_ids r ON r.profile_id = k.profile_id
+        LEFT JOIN stats s ON s.profile_id = i.profile_id
+        LEFT JOIN traits t ON t.profile_id = i.profile_id
+        ORDER BY i.profile_id;
+        DROP TABLE id_pev;
+        """.replace("{survivorship}", _PROFILE_ROW_CTES),
         {"at": at, "low": low, "high": high},
     )
 
