@@ -341,8 +341,17 @@ def run(scale: int, workdir: Path) -> Result:
     truth = pl.read_parquet(path.with_suffix(".truth.parquet"))
     warehouse = Warehouse(path, memory_limit=memory).open()
     try:
-        with timer() as full_elapsed:
-            full = service.resolve(warehouse, settings=settings, rules=rules, full=True)
+        steps = _StepTimes()
+        resolver_log = logging.getLogger("identity.resolver")
+        level = resolver_log.level
+        resolver_log.addHandler(steps)
+        resolver_log.setLevel(logging.DEBUG)
+        try:
+            with timer() as full_elapsed:
+                full = service.resolve(warehouse, settings=settings, rules=rules, full=True)
+        finally:
+            resolver_log.removeHandler(steps)
+            resolver_log.setLevel(level)
         scipy_seconds, scipy_components = scipy_reference(warehouse)
         result.add(
             Measure(
@@ -399,6 +408,7 @@ def run(scale: int, workdir: Path) -> Result:
             "generate_and_load_s": round(gen_elapsed(), 3),
             "generator_peak_rss_mib": generator_rss,
             "full": full.as_dict(),
+            "full_steps_s": steps.slowest(12),
             "scipy_components": scipy_components,
             "incremental": incremental.as_dict(),
             "quality": figures,
@@ -407,6 +417,24 @@ def run(scale: int, workdir: Path) -> Result:
     finally:
         warehouse.close()
     return result
+
+
+class _StepTimes(logging.Handler):
+    """Collects the seconds per step the resolver logs at debug level."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.seconds: dict[str, float] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = getattr(record, "seconds_per_step", None)
+        if isinstance(found, dict):
+            self.seconds.update(found)
+
+    def slowest(self, count: int) -> dict[str, float]:
+        """The `count` slowest steps (named by their first words), slowest first."""
+        ranked = sorted(self.seconds.items(), key=lambda kv: -kv[1])[:count]
+        return {name: round(seconds, 2) for name, seconds in ranked}
 
 
 def _take_events(data: Synthetic, count: int, *, first_event: int) -> Synthetic:
