@@ -17,23 +17,26 @@ Figures, each with its reference measured in the same run:
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import polars as pl
 from fastapi.testclient import TestClient
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from benchmarks.core import Measure, Result, timer
+from benchmarks.core import Measure, Result, peak_rss_mib, timer
 from cdp.app import create_app
 from cdp.auth import Role, create_key
 from cdp.config import Settings
 from cdp.db import Base, Database
-from cdp.warehouse import Query, Warehouse
+from cdp.warehouse import Cursor, Query, Warehouse
 from identity import service
 from identity.rules import IdentityRules
 from migrations.models import load_all_models
@@ -175,6 +178,20 @@ def load(warehouse: Warehouse, data: Synthetic) -> None:
         cur.unregister("bench_idents")
 
 
+def generate_into(scale: int, path: Path, memory: str) -> tuple[int, int, float]:
+    """Generate `scale` persons into the warehouse at `path` and their truth next to it
+    (`<path>.truth.parquet`); returns the events, identifier rows and this process's peak
+    RSS in MiB (run in a child process)."""
+    data = generate(scale, seed=SEED)
+    warehouse = Warehouse(path, memory_limit=memory).open()
+    try:
+        load(warehouse, data)
+    finally:
+        warehouse.close()
+    data.truth.write_parquet(path.with_suffix(".truth.parquet"))
+    return data.events.height, data.identifiers.height, round(peak_rss_mib(), 1)
+
+
 def scipy_reference(warehouse: Warehouse) -> tuple[float, int]:
     """Seconds to load the edge list from the warehouse and label it with scipy."""
     with timer() as elapsed:
@@ -189,35 +206,81 @@ def scipy_reference(warehouse: Warehouse) -> tuple[float, int]:
 
 
 def quality(warehouse: Warehouse, truth: pl.DataFrame) -> dict[str, float | int]:
-    """Pairwise precision and recall of events grouped by profile vs by true person."""
-    mapped = service.event_profiles(warehouse, after_event_id=0)
-    frame = truth.join(mapped, on="event_id", how="left").with_columns(
-        pl.col("profile_id").fill_null(pl.lit("none:") + pl.col("event_id").cast(pl.String))
-    )
-    return {**scores(frame), "profiles": mapped["profile_id"].n_unique()}
+    """Pairwise precision and recall of events grouped by profile vs by true person.
+
+    Scored in DuckDB (the truth is registered, each event's profile is the identity
+    relation): no frame of every event's profile id is built in Python.
+    """
+    with warehouse.cursor() as cur:
+        cur.register("bench_truth", truth.select("event_id", "person").to_arrow())
+        try:
+            cur.execute(
+                """
+                CREATE OR REPLACE TEMP TABLE bench_scored AS
+                WITH ep AS ({profiles})
+                SELECT coalesce(ep.profile_id, 'none:' || t.event_id::VARCHAR) AS profile_id,
+                       t.person
+                FROM bench_truth t LEFT JOIN ep ON ep.event_id = t.event_id
+                """.replace("{profiles}", service.event_profile_sql())
+            )
+            figures = scores_sql(cur, "bench_scored")
+            profiles = cur.execute(
+                "SELECT count(DISTINCT profile_id) FROM ({profiles})".replace(
+                    "{profiles}", service.event_profile_sql()
+                )
+            ).fetchall()[0][0]
+            cur.execute("DROP TABLE bench_scored")
+        finally:
+            cur.unregister("bench_truth")
+    return {**figures, "profiles": int(profiles)}
+
+
+# Pairwise scores from the contingency table of (profile, person): true pairs are the pairs
+# inside a cell, predicted pairs those inside a profile, actual pairs those of a person; each
+# is a sum of C(n, 2) over a group-by, so nothing pairwise is ever built.
+_SCORES = """
+    WITH cells AS (
+        SELECT profile_id, person, count(*)::BIGINT AS n FROM {relation} GROUP BY ALL
+    ),
+    by_profile AS (
+        SELECT profile_id, sum(n)::HUGEINT AS n, count(*) AS persons FROM cells GROUP BY ALL
+    ),
+    by_person AS (SELECT person, sum(n)::HUGEINT AS n, count(*) AS profiles FROM cells GROUP BY ALL)
+    SELECT
+        (SELECT coalesce(sum(n * (n - 1) // 2), 0) FROM cells)::HUGEINT AS true_pos,
+        (SELECT coalesce(sum(n * (n - 1) // 2), 0) FROM by_profile)::HUGEINT AS predicted,
+        (SELECT coalesce(sum(n * (n - 1) // 2), 0) FROM by_person)::HUGEINT AS actual,
+        (SELECT count(DISTINCT c.person) FROM cells c
+         SEMI JOIN by_profile p ON p.profile_id = c.profile_id AND p.persons > 1) AS over,
+        (SELECT count(*) FROM by_person WHERE profiles > 1) AS under,
+        (SELECT count(*) FROM by_person) AS persons
+"""
+
+
+def scores_sql(cur: Cursor, relation: str) -> dict[str, float | int]:
+    """Pairwise precision/recall of `profile_id` against `person` in a DuckDB relation (a
+    table name from code), and the over- and under-merged persons."""
+    true_pos, predicted, actual, over, under, persons = cur.execute(
+        _SCORES.replace("{relation}", relation)
+    ).fetchall()[0]
+    return {
+        "precision": round(int(true_pos) / int(predicted), 5) if predicted else 1.0,
+        "recall": round(int(true_pos) / int(actual), 5) if actual else 1.0,
+        "over_merged_persons": int(over),
+        "under_merged_persons": int(under),
+        "persons": int(persons),
+    }
 
 
 def scores(frame: pl.DataFrame) -> dict[str, float | int]:
-    """Pairwise precision/recall of `profile_id` against `person`, and mis-merged persons."""
-
-    def pairs(counts: pl.Series) -> int:
-        n = counts.cast(pl.Int64)
-        return int((n * (n - 1) // 2).sum())
-
-    cells = frame.group_by("profile_id", "person").len()
-    true_pos = pairs(cells["len"])
-    predicted = pairs(frame.group_by("profile_id").len()["len"])
-    actual = pairs(frame.group_by("person").len()["len"])
-    persons_per_profile = cells.group_by("profile_id").len().rename({"len": "persons"})
-    over = cells.join(persons_per_profile, on="profile_id").filter(pl.col("persons") > 1)
-    under = cells.group_by("person").len().filter(pl.col("len") > 1)
-    return {
-        "precision": round(true_pos / predicted, 5) if predicted else 1.0,
-        "recall": round(true_pos / actual, 5) if actual else 1.0,
-        "over_merged_persons": over["person"].n_unique(),
-        "under_merged_persons": under.height,
-        "persons": frame["person"].n_unique(),
-    }
+    """Pairwise precision/recall of `profile_id` against `person` in a frame, and mis-merged
+    persons (the same SQL as `scores_sql`, on an in-memory DuckDB)."""
+    con = duckdb.connect()
+    try:
+        con.register("scored_frame", frame.select("profile_id", "person").to_arrow())
+        return scores_sql(con, "scored_frame")
+    finally:
+        con.close()
 
 
 def lookup_latency(workdir: Path, warehouse: Warehouse, values: list[str]) -> dict[str, float]:
@@ -265,16 +328,30 @@ def run(scale: int, workdir: Path) -> Result:
     result = Result(benchmark="identity", scale=scale)
     # The issue's memory budget is 4 GiB; CDP_BENCH_DUCKDB_MEMORY raises DuckDB's share.
     memory = os.environ.get("CDP_BENCH_DUCKDB_MEMORY", "3GB")
-    warehouse = Warehouse(workdir / "identity.duckdb", memory_limit=memory).open()
+    path = workdir / "identity.duckdb"
+    # The generator runs in a child process: its frames are not part of what is measured,
+    # and memory Python freed is not always given back, so it would inflate the peak RSS of
+    # the process that resolves.
+    with timer() as gen_elapsed:
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+            n_events, n_identifiers, generator_rss = pool.submit(
+                generate_into, scale, path, memory
+            ).result()
+    truth = pl.read_parquet(path.with_suffix(".truth.parquet"))
+    warehouse = Warehouse(path, memory_limit=memory).open()
     try:
-        with timer() as gen_elapsed:
-            data = generate(scale, seed=SEED)
-            load(warehouse, data)
-        # Keep only the truth: the generator's frames are not part of what is measured.
-        truth, n_events, n_identifiers = data.truth, data.events.height, data.identifiers.height
-        del data
-        with timer() as full_elapsed:
-            full = service.resolve(warehouse, settings=settings, rules=rules, full=True)
+        steps = _StepTimes()
+        resolver_log = logging.getLogger("identity.resolver")
+        level = resolver_log.level
+        resolver_log.addHandler(steps)
+        resolver_log.setLevel(logging.DEBUG)
+        try:
+            with timer() as full_elapsed:
+                full = service.resolve(warehouse, settings=settings, rules=rules, full=True)
+        finally:
+            resolver_log.removeHandler(steps)
+            resolver_log.setLevel(level)
         scipy_seconds, scipy_components = scipy_reference(warehouse)
         result.add(
             Measure(
@@ -329,7 +406,9 @@ def run(scale: int, workdir: Path) -> Result:
             "events": n_events,
             "identifier_rows": n_identifiers,
             "generate_and_load_s": round(gen_elapsed(), 3),
+            "generator_peak_rss_mib": generator_rss,
             "full": full.as_dict(),
+            "full_steps_s": steps.slowest(12),
             "scipy_components": scipy_components,
             "incremental": incremental.as_dict(),
             "quality": figures,
@@ -338,6 +417,24 @@ def run(scale: int, workdir: Path) -> Result:
     finally:
         warehouse.close()
     return result
+
+
+class _StepTimes(logging.Handler):
+    """Collects the seconds per step the resolver logs at debug level."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.seconds: dict[str, float] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = getattr(record, "seconds_per_step", None)
+        if isinstance(found, dict):
+            self.seconds.update(found)
+
+    def slowest(self, count: int) -> dict[str, float]:
+        """The `count` slowest steps (named by their first words), slowest first."""
+        ranked = sorted(self.seconds.items(), key=lambda kv: -kv[1])[:count]
+        return {name: round(seconds, 2) for name, seconds in ranked}
 
 
 def _take_events(data: Synthetic, count: int, *, first_event: int) -> Synthetic:

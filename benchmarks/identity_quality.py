@@ -17,6 +17,8 @@ resolution then runs with the default rules, and the profiles are compared with
 `--scale` picks the sample: `/work/sample-<N>` style folders are found through
 `CDP_SAMPLE_DIR` (default `/work/sample-20k` for 20,000 and `/work/sample-1m` for 1,000,000);
 any other scale, or a missing folder, generates the sample (seed 42) into the work directory.
+`CDP_BENCH_PREPARED=/work/bench-1m` starts from a copy of the stores
+`benchmarks.sample_warehouse` loaded from the sample instead of loading it again.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ from pathlib import Path
 
 import polars as pl
 
+from benchmarks import sample_warehouse
 from benchmarks.core import Measure, Result
-from benchmarks.identity import scores
+from benchmarks.identity import scores_sql
+from benchmarks.sample_warehouse import Prepared
 from cdp import demo
 from cdp.config import Settings
 from cdp.db import Base, Database
@@ -72,14 +76,44 @@ EVENT_RECORDS = Query(
 
 # Each event's raw component: the connected component of its usable identifiers before the
 # per-kind limits (blocked and capped identifiers link nothing).
-EVENT_COMPONENTS = Query(
-    """
+EVENT_COMPONENTS = """
     SELECT en.event_id, min(n.component_id) AS component_id
     FROM identity_event_nodes en JOIN identity_nodes n ON n.node_id = en.node_id
     WHERE n.status = 'active'
     GROUP BY en.event_id
-    """
-)
+"""
+
+# Every ground-truth record with its person, its event (if it became one), its profile (a
+# record without one is a profile of its own) and the raw component of its event.
+SCORED_RECORDS = """
+    CREATE OR REPLACE TEMP TABLE q_records AS
+    WITH er AS ({records}),
+    ep AS ({profiles}),
+    comp AS ({components})
+    SELECT t.person_id::VARCHAR AS person, er.event_id IS NOT NULL AS ingested,
+           coalesce(ep.profile_id, 'none:' || t.source::VARCHAR || ':' || t.record_key)
+               AS profile_id,
+           comp.component_id
+    FROM read_parquet($truth) t
+    LEFT JOIN er ON er.source = t.source::VARCHAR AND er.record_key = t.record_key
+    LEFT JOIN ep ON ep.event_id = er.event_id
+    LEFT JOIN comp ON comp.event_id = er.event_id
+"""
+# The bound of any resolution by shared identifiers: every raw component split perfectly by
+# true person. Records it cannot join (no identifier, or never seen with one shared with
+# the person's other records) cost recall whatever the rules.
+_BOUND = """
+    (SELECT CASE WHEN component_id IS NULL THEN profile_id
+                 ELSE component_id::VARCHAR || ':' || person END AS profile_id,
+            person, ingested
+     FROM q_records)
+"""
+RELATIONS = {
+    "all": "q_records",
+    "bound": _BOUND,
+    "ingested": "(SELECT * FROM q_records WHERE ingested)",
+    "ingested_bound": "(SELECT * FROM {bound} WHERE ingested)".replace("{bound}", _BOUND),
+}
 
 
 def sample_folder(scale: int, workdir: Path) -> Path:
@@ -128,11 +162,10 @@ def load_sample(
     return imports
 
 
-def score_against_truth(
-    warehouse: Warehouse, db: Database, sample: Path
-) -> tuple[dict[str, float | int], pl.DataFrame]:
-    """Pairwise scores of the warehouse's profiles against the ground truth, and the frame
-    of (source, record_key, person, profile_id) they were computed from."""
+def score_against_truth(warehouse: Warehouse, db: Database, sample: Path) -> dict[str, float | int]:
+    """Pairwise scores of the warehouse's profiles against the ground truth, computed in
+    DuckDB (group-by counts of the profile x person contingency table, so the 1M sample's
+    20M records score in the warehouse's memory limit)."""
     with db.begin() as session:
         listed, _ = ingestion_service.list_sources(session, limit=1000, offset=0)
         names = pl.DataFrame(
@@ -140,71 +173,90 @@ def score_against_truth(
             schema={"id": pl.String, "name": pl.String},
             orient="row",
         )
+    sql = (
+        SCORED_RECORDS.replace("{records}", EVENT_RECORDS.sql)
+        .replace("{profiles}", service.event_profile_sql())
+        .replace("{components}", EVENT_COMPONENTS)
+    )
     with warehouse.cursor() as cur:
-        cur.register("src", names)
+        cur.register("src", names.to_arrow())
         try:
-            records = cur.sql(EVENT_RECORDS.sql, params=EVENT_RECORDS.params).pl()
+            cur.execute(sql, {**EVENT_RECORDS.params, "truth": str(sample / RECORDS_FILE)})
         finally:
             cur.unregister("src")
-    profiles = service.event_profiles(warehouse, after_event_id=0)
-    truth = pl.read_parquet(sample / RECORDS_FILE).with_columns(pl.col("source").cast(pl.String))
-    frame = (
-        truth.join(records, on=["source", "record_key"], how="left")
-        .join(profiles, on="event_id", how="left")
-        .with_columns(
-            pl.col("profile_id").fill_null(
-                pl.lit("none:") + pl.col("source") + ":" + pl.col("record_key")
-            ),
-        )
-        .rename({"person_id": "person"})
-    )
-    figures = scores(frame.select("profile_id", "person"))
-    # The bound of any resolution by shared identifiers: every raw component split perfectly
-    # by true person. Records it cannot join (no identifier, or never seen with one shared
-    # with the person's other records) cost recall whatever the rules.
-    components = warehouse.run(EVENT_COMPONENTS)
-    bound = frame.join(components, on="event_id", how="left").select(
-        pl.when(pl.col("component_id").is_null())
-        .then(pl.col("profile_id"))
-        .otherwise(pl.col("component_id").cast(pl.String) + ":" + pl.col("person"))
-        .alias("profile_id"),
-        "person",
-    )
-    figures["recall_bound"] = scores(bound)["recall"]
-    ingested = frame.filter(pl.col("event_id").is_not_null())
-    figures["ingested_precision"], figures["ingested_recall"] = (
-        scores(ingested.select("profile_id", "person"))[k] for k in ("precision", "recall")
-    )
-    figures["ingested_recall_bound"] = scores(bound.filter(frame["event_id"].is_not_null()))[
-        "recall"
-    ]
-    figures["records"] = frame.height
-    figures["records_without_event"] = int(frame["event_id"].null_count())
-    figures["records_without_profile"] = int(frame["profile_id"].str.starts_with("none:").sum())
-    figures["profiles"] = int(profiles["profile_id"].n_unique())
-    return figures, frame
+        try:
+            scored = {name: scores_sql(cur, relation) for name, relation in RELATIONS.items()}
+            records, without_event, without_profile = cur.execute(
+                """
+                SELECT count(*), count(*) FILTER (WHERE NOT ingested),
+                       count(*) FILTER (WHERE starts_with(profile_id, 'none:'))
+                FROM q_records
+                """
+            ).fetchall()[0]
+            profiles = cur.execute(
+                "SELECT count(DISTINCT profile_id) FROM ({profiles})".replace(
+                    "{profiles}", service.event_profile_sql()
+                )
+            ).fetchall()[0][0]
+        finally:
+            cur.execute("DROP TABLE IF EXISTS q_records")
+    figures = dict(scored["all"])
+    figures["recall_bound"] = scored["bound"]["recall"]
+    figures["ingested_precision"] = scored["ingested"]["precision"]
+    figures["ingested_recall"] = scored["ingested"]["recall"]
+    figures["ingested_recall_bound"] = scored["ingested_bound"]["recall"]
+    figures["records"] = int(records)
+    figures["records_without_event"] = int(without_event)
+    figures["records_without_profile"] = int(without_profile)
+    figures["profiles"] = int(profiles)
+    return figures
+
+
+def prepared_stores(sample: Path) -> Prepared | None:
+    """The stores `benchmarks.sample_warehouse` prepared from `sample`, when
+    `CDP_BENCH_PREPARED` names their folder and they are ready (they are copied, never
+    written)."""
+    folder = os.environ.get("CDP_BENCH_PREPARED")
+    if not folder:
+        return None
+    prepared = sample_warehouse.load_ready(sample, Path(folder))
+    if prepared is None:
+        raise RuntimeError(f"{folder} holds no stores prepared from {sample}")
+    return prepared
 
 
 def run(scale: int, workdir: Path) -> Result:
-    """Load the sample through the connectors, resolve, score against the ground truth."""
+    """Load the sample through the connectors (or copy the stores prepared from it, see
+    `prepared_stores`), resolve fully, score against the ground truth."""
     result = Result(benchmark="identity_quality", scale=scale)
     sample = sample_folder(scale, workdir)
     settings = Settings(data_dir=workdir, scheduler={"enabled": False}, log_json=False)
     load_all_models()
-    db = Database(f"sqlite:///{workdir / 'quality.sqlite3'}")
-    Base.metadata.create_all(db.engine)
+    prepared = prepared_stores(sample)
     memory = os.environ.get("CDP_BENCH_DUCKDB_MEMORY", "3GB")
-    warehouse = Warehouse(workdir / "quality.duckdb", memory_limit=memory).open()
+    if prepared is not None:
+        copy = prepared.copy_to(workdir / "prepared")
+        db = Database(f"sqlite:///{copy.database_file}")
+        warehouse = Warehouse(copy.warehouse_file, memory_limit=memory).open()
+    else:
+        db = Database(f"sqlite:///{workdir / 'quality.sqlite3'}")
+        Base.metadata.create_all(db.engine)
+        warehouse = Warehouse(workdir / "quality.duckdb", memory_limit=memory).open()
     try:
         started = time.perf_counter()
-        imports = load_sample(db, warehouse, settings, sample, workdir)
+        if prepared is not None:
+            imports = {"prepared": str(prepared.out)}
+        else:
+            imports = load_sample(db, warehouse, settings, sample, workdir)
         load_seconds = time.perf_counter() - started
         with db.begin() as session:
             rules = service.get_rules(session)
         started = time.perf_counter()
         resolved = service.resolve(warehouse, settings=settings, rules=rules, full=True)
         resolve_seconds = time.perf_counter() - started
-        figures, _ = score_against_truth(warehouse, db, sample)
+        started = time.perf_counter()
+        figures = score_against_truth(warehouse, db, sample)
+        score_seconds = time.perf_counter() - started
         result.add(
             Measure(
                 name="pairwise precision (target 0.99)",
@@ -228,6 +280,7 @@ def run(scale: int, workdir: Path) -> Result:
             "imports": imports,
             "load_s": round(load_seconds, 2),
             "resolve_s": round(resolve_seconds, 2),
+            "score_s": round(score_seconds, 2),
             "resolution": resolved.as_dict(),
             "quality": figures,
         }

@@ -89,6 +89,11 @@ def _load_ready(sample: Path, out: Path) -> Prepared | None:
     return Prepared(**ready)
 
 
+def load_ready(sample: Path, out: Path) -> Prepared | None:
+    """The stores under `out` when they are ready and were prepared from `sample` (read only)."""
+    return _load_ready(sample.resolve(), out.resolve())
+
+
 def ensure(
     sample: Path, out: Path, *, memory_limit: str = "3GB", rebuild: bool = False
 ) -> Prepared:

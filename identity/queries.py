@@ -89,9 +89,12 @@ FRAME_COPIES = {
 ACTIVE_SUPPRESSIONS = Query("SELECT count(*) FROM identity_suppressions WHERE lifted_at IS NULL")
 
 
-def new_event_identifiers(mark: int, up_to: int, *, suppressions: bool = True) -> Query:
+def new_event_identifiers(
+    mark: int, up_to: int, *, suppressions: bool = True, node_ids: bool = False
+) -> Query:
     """Identifiers of the events after the mark; re-sent data of erased people is deleted
-    (only looked for when some suppression is active)."""
+    (only looked for when some suppression is active). With `node_ids` (a full rebuild)
+    each row also carries its node id and its kind's rank, hashed once here."""
     drop_suppressed = """
         CREATE OR REPLACE TEMP TABLE id_suppressed_ei AS
         SELECT ei.event_id, ei.kind, ei.value FROM event_identifiers ei
@@ -114,6 +117,17 @@ def new_event_identifiers(mark: int, up_to: int, *, suppressions: bool = True) -
         SELECT ei.event_id, ei.kind, ei.value, e.timestamp AS ts
         FROM event_identifiers ei
         JOIN events e ON e.event_id = ei.event_id
+        WHERE ei.event_id > $mark AND ei.event_id <= $up_to
+        """
+    if node_ids:
+        collect = """
+        CREATE OR REPLACE TEMP TABLE id_new_ei AS
+        SELECT ei.event_id, ei.kind, ei.value, e.timestamp AS ts,
+               ('0x' || left(md5(ei.kind || chr(31) || ei.value), 15))::BIGINT AS node_id,
+               coalesce(r.rank, 1000000) AS rank
+        FROM event_identifiers ei
+        JOIN events e ON e.event_id = ei.event_id
+        LEFT JOIN id_kind_rank r ON r.kind = ei.kind
         WHERE ei.event_id > $mark AND ei.event_id <= $up_to
         """
     return Query(
@@ -202,30 +216,28 @@ INSERT_NEW_EDGES = Query(
 # A full rebuild builds the graph in temp tables and writes `identity_nodes` once, after
 # labelling, with status, component and profile (inserting then updating millions of rows
 # inside one transaction costs three sorts and an undo log). Node ids come from the same
-# hash; the graph tables were emptied by SNAPSHOT_FOR_FULL.
+# hash; the graph tables were emptied by SNAPSHOT_FOR_FULL. Each identifier row is hashed
+# once (`new_event_identifiers(node_ids=True)`) and nodes are grouped on that integer: a node
+# id is the identity of (kind, value) everywhere in the graph.
 def full_graph(pattern: str) -> Query:
     """Nodes (with their blocked flag), event nodes and links of every event up to the run's
-    mark, from `id_new_ei`."""
+    mark, from `id_new_ei` with node ids."""
     return Query(
         """
         CREATE OR REPLACE TEMP TABLE id_new_nodes AS
-        SELECT ('0x' || left(md5(kind || chr(31) || value), 15))::BIGINT AS node_id, kind, value,
-               coalesce((SELECT rank FROM id_kind_rank r WHERE r.kind = g.kind), 1000000) AS rank,
+        SELECT node_id, kind, value, rank,
                CASE WHEN lower(value) IN (SELECT lower(value) FROM id_block_values)
                          OR ($pattern <> '' AND regexp_full_match(value, $pattern))
                     THEN 'blocked' ELSE 'active' END AS status,
                first_event_id, first_seen, last_seen
         FROM (
-            SELECT kind, value, min(event_id) AS first_event_id, min(ts) AS first_seen,
-                   max(ts) AS last_seen
-            FROM id_new_ei GROUP BY kind, value
+            SELECT node_id, any_value(kind) AS kind, any_value(value) AS value,
+                   any_value(rank) AS rank, min(event_id) AS first_event_id,
+                   min(ts) AS first_seen, max(ts) AS last_seen
+            FROM id_new_ei GROUP BY node_id
         ) g;
         CREATE OR REPLACE TEMP TABLE id_new_ein AS
-        SELECT DISTINCT x.event_id,
-               ('0x' || left(md5(x.kind || chr(31) || x.value), 15))::BIGINT AS node_id,
-               coalesce((SELECT rank FROM id_kind_rank r WHERE r.kind = x.kind), 1000000) AS rank,
-               x.ts
-        FROM id_new_ei x;
+        SELECT DISTINCT event_id, node_id, rank, ts FROM id_new_ei;
         DROP TABLE id_new_ei;
         INSERT INTO identity_event_nodes SELECT event_id, node_id FROM id_new_ein;
         CREATE OR REPLACE TEMP TABLE id_new_edges AS
@@ -650,6 +662,50 @@ DIRTY_PROFILES = Query(
     """
 )
 COUNT_DIRTY = Query("SELECT count(*) FROM id_dirty")
+# The run's events and new links, counted once their tables are used (a full rebuild drops
+# them then: the event nodes are the largest working table).
+GRAPH_COUNTS = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE id_graph_counts AS
+    SELECT (SELECT count(DISTINCT event_id) FROM id_new_ein) AS events,
+           (SELECT count(*) FROM id_new_edges) AS links
+    """
+)
+DROP_FULL_LINK_COPIES = Query(
+    """
+    DROP TABLE id_new_ein;
+    DROP TABLE id_new_edges;
+    """
+)
+# What a run did, read before the profile rows are built (a full rebuild then drops the
+# tables counted here); the affected count is by the statuses after the run.
+RUN_COUNTS = Query(
+    """
+    SELECT (SELECT events FROM id_graph_counts),
+           (SELECT count(*) FROM id_new_nodes),
+           (SELECT links FROM id_graph_counts),
+           (SELECT count(*) FROM id_aff),
+           (SELECT count(*) FROM id_label_pid WHERE is_new),
+           (SELECT count(*) FILTER (WHERE kind = 'merge') FROM id_changes),
+           (SELECT count(*) FILTER (WHERE kind = 'split') FROM id_changes),
+           (SELECT count(*) FROM id_aff WHERE status <> 'active')
+    """
+)
+# The working copies of a full rebuild's graph, once nodes, links, decisions and the
+# publication are written (the profile rows need `id_label_pid` and `id_old_profiles`).
+DROP_FULL_GRAPH_COPIES = Query(
+    """
+    DROP TABLE IF EXISTS id_new_nodes;
+    DROP TABLE IF EXISTS id_status_new;
+    DROP TABLE IF EXISTS id_aff;
+    DROP TABLE IF EXISTS id_used_links;
+    DROP TABLE IF EXISTS id_refusals;
+    DROP TABLE IF EXISTS id_old;
+    DROP TABLE IF EXISTS id_claims;
+    DROP TABLE IF EXISTS id_stay;
+    DROP TABLE IF EXISTS id_changes;
+    """
+)
 DIRTY_PROFILES_FULL = Query(
     """
     CREATE OR REPLACE TEMP TABLE id_dirty AS
@@ -705,46 +761,40 @@ EVENT_PROFILES_DIRTY = Query(
     DROP TABLE id_pev_nodes;
     """
 )
+# Full rebuild: every profile is rebuilt, keyed by `id_pkey.pk`, a dense integer in the order
+# of the profile ids (the label of each profile comes from the labelling's `id_labels`, so
+# events and identifiers reach their key through integer joins only). The aggregation
+# carries the winning node id, an integer, rather than the 36-character profile id.
 EVENT_PROFILES_FULL = Query(
     """
+    CREATE OR REPLACE TEMP TABLE id_pkey AS
+    SELECT row_number() OVER (ORDER BY profile_id) AS pk, label, profile_id FROM id_label_pid;
+    CREATE OR REPLACE TEMP TABLE id_node_pk AS
+    SELECT l.node_id, k.pk FROM id_labels l JOIN id_pkey k ON k.label = l.label;
+    DROP TABLE id_labels;
     CREATE OR REPLACE TEMP TABLE id_ep AS
-    SELECT ei.event_id, arg_min(n.profile_id, (n.rank::HUGEINT << 60) + n.node_id) AS profile_id
-    FROM identity_event_nodes ei
-    JOIN identity_nodes n ON n.node_id = ei.node_id
-    WHERE n.profile_id IS NOT NULL
-    GROUP BY ei.event_id;
+    WITH winner AS (
+        SELECT ei.event_id, arg_min(n.node_id, (n.rank::HUGEINT << 60) + n.node_id) AS node_id
+        FROM identity_event_nodes ei
+        JOIN identity_nodes n ON n.node_id = ei.node_id
+        WHERE n.profile_id IS NOT NULL
+        GROUP BY ei.event_id
+    )
+    SELECT w.event_id, p.pk AS profile_id FROM winner w JOIN id_node_pk p ON p.node_id = w.node_id;
     DELETE FROM profiles;
     CREATE OR REPLACE TEMP VIEW id_dirty_nodes AS
-    SELECT node_id, kind, value, profile_id FROM identity_nodes WHERE profile_id IS NOT NULL;
+    SELECT n.node_id, n.kind, n.value, p.pk AS profile_id
+    FROM identity_nodes n JOIN id_node_pk p ON p.node_id = n.node_id;
     """
 )
+COUNT_PROFILE_KEYS = Query("SELECT count(*) FROM id_pkey")
 
 
-def refresh_profiles(at: datetime, *, low: str | None = None, high: str | None = None) -> Query:
-    """Rebuild the `profiles` rows of the dirty profiles in `[low, high)` (None: unbounded),
-    with trait survivorship, from `id_ep`.
-
-    A full rebuild writes the profiles in a few id ranges, one statement each, so no single
-    aggregation holds every event's traits; ranges in ascending order keep the table sorted
-    by id (zone maps serve the point lookups).
-    """
-    return Query(
-        """
-        CREATE OR REPLACE TEMP TABLE id_pn AS
-        SELECT n.node_id, n.kind, n.value, n.profile_id FROM id_dirty_nodes n
-        WHERE ($low::VARCHAR IS NULL OR n.profile_id >= $low)
-          AND ($high::VARCHAR IS NULL OR n.profile_id < $high);
-        CREATE OR REPLACE TEMP TABLE id_pev AS
-        SELECT ep.profile_id, e.event_id, e.source_id, e.timestamp, e.traits
-        FROM id_ep ep
-        JOIN events e ON e.event_id = ep.event_id
-        WHERE ($low::VARCHAR IS NULL OR ep.profile_id >= $low)
-          AND ($high::VARCHAR IS NULL OR ep.profile_id < $high);
-        DELETE FROM profiles p USING id_dirty d
-        WHERE p.profile_id = d.profile_id
-          AND ($low::VARCHAR IS NULL OR d.profile_id >= $low)
-          AND ($high::VARCHAR IS NULL OR d.profile_id < $high);
-        INSERT INTO profiles
+# The aggregations of a profile row, from `id_pev` (a profile's events) and `id_pn` (its
+# identifiers), both keyed by `profile_id`: the profile id (incremental) or the dense integer
+# key of a full rebuild (`id_pkey`), which groups faster than the 36-character id. Survivorship:
+# per trait, the configured source priority first, then the most recent non-null value.
+_PROFILE_ROW_CTES = """
         WITH stats AS (
             SELECT profile_id, min(timestamp) AS first_seen, max(timestamp) AS last_seen,
                    count(*) AS event_count
@@ -780,7 +830,35 @@ def refresh_profiles(at: datetime, *, low: str | None = None, high: str | None =
             )
             GROUP BY profile_id
         )
-        SELECT i.profile_id, r.created_at, $at, s.first_seen, s.last_seen,
+"""
+
+
+def refresh_profiles(at: datetime, *, low: str | None = None, high: str | None = None) -> Query:
+    """Rebuild the `profiles` rows of the dirty profiles in `[low, high)` (None: unbounded),
+    with trait survivorship, from `id_ep`.
+
+    A full rebuild writes the profiles in a few id ranges, one statement each, so no single
+    aggregation holds every event's traits; ranges in ascending order keep the table sorted
+    by id (zone maps serve the point lookups).
+    """
+    return Query(
+        """
+        CREATE OR REPLACE TEMP TABLE id_pn AS
+        SELECT n.node_id, n.kind, n.value, n.profile_id FROM id_dirty_nodes n
+        WHERE ($low::VARCHAR IS NULL OR n.profile_id >= $low)
+          AND ($high::VARCHAR IS NULL OR n.profile_id < $high);
+        CREATE OR REPLACE TEMP TABLE id_pev AS
+        SELECT ep.profile_id, e.event_id, e.source_id, e.timestamp, e.traits
+        FROM id_ep ep
+        JOIN events e ON e.event_id = ep.event_id
+        WHERE ($low::VARCHAR IS NULL OR ep.profile_id >= $low)
+          AND ($high::VARCHAR IS NULL OR ep.profile_id < $high);
+        DELETE FROM profiles p USING id_dirty d
+        WHERE p.profile_id = d.profile_id
+          AND ($low::VARCHAR IS NULL OR d.profile_id >= $low)
+          AND ($high::VARCHAR IS NULL OR d.profile_id < $high);
+        INSERT INTO profiles
+{survivorship}        SELECT i.profile_id, r.created_at, $at, s.first_seen, s.last_seen,
                coalesce(s.event_count, 0), i.identifiers, coalesce(t.traits, '{}')::JSON
         FROM idents i
         JOIN identity_profile_ids r ON r.profile_id = i.profile_id
@@ -788,7 +866,40 @@ def refresh_profiles(at: datetime, *, low: str | None = None, high: str | None =
         LEFT JOIN traits t ON t.profile_id = i.profile_id
         ORDER BY i.profile_id;
         DROP TABLE id_pev;
-        """,
+        """.replace("{survivorship}", _PROFILE_ROW_CTES),
+        {"at": at, "low": low, "high": high},
+    )
+
+
+def refresh_profiles_full(at: datetime, *, low: int, high: int) -> Query:
+    """Write the `profiles` rows of a full rebuild with keys `[low, high)` of `id_pkey`.
+
+    Keys follow the profile ids' order, so ranges written in ascending order keep the table
+    sorted by id (zone maps serve the point lookups); a few ranges, one statement each, so
+    no single aggregation holds every event's traits.
+    """
+    return Query(
+        """
+        CREATE OR REPLACE TEMP TABLE id_pn AS
+        SELECT node_id, kind, value, profile_id FROM id_dirty_nodes
+        WHERE profile_id >= $low AND profile_id < $high;
+        CREATE OR REPLACE TEMP TABLE id_pev AS
+        SELECT ep.profile_id, e.event_id, e.source_id, e.timestamp, e.traits
+        FROM id_ep ep
+        JOIN events e ON e.event_id = ep.event_id
+        WHERE ep.profile_id >= $low AND ep.profile_id < $high;
+        INSERT INTO profiles
+        {survivorship}
+        SELECT k.profile_id, r.created_at, $at, s.first_seen, s.last_seen,
+               coalesce(s.event_count, 0), i.identifiers, coalesce(t.traits, '{}')::JSON
+        FROM idents i
+        JOIN id_pkey k ON k.pk = i.profile_id
+        JOIN identity_profile_ids r ON r.profile_id = k.profile_id
+        LEFT JOIN stats s ON s.profile_id = i.profile_id
+        LEFT JOIN traits t ON t.profile_id = i.profile_id
+        ORDER BY i.profile_id;
+        DROP TABLE id_pev;
+        """.replace("{survivorship}", _PROFILE_ROW_CTES),
         {"at": at, "low": low, "high": high},
     )
 
@@ -897,8 +1008,20 @@ SQL_LABELS_JUMP = Query(
 SQL_LABELS_APPLY_JUMP = Query("CREATE OR REPLACE TEMP TABLE sql_labels AS SELECT * FROM sql_jump")
 
 
+PROFILE_ROW_COLUMNS = (
+    "profile_id",
+    "created_at",
+    "updated_at",
+    "first_seen",
+    "last_seen",
+    "event_count",
+    "identifiers",
+    "traits",
+)
+
+
 def profile_row(profile_id: str) -> Query:
-    """One row of `profiles`."""
+    """One row of `profiles`, columns PROFILE_ROW_COLUMNS."""
     return Query(
         """
         SELECT profile_id, created_at, updated_at, first_seen, last_seen, event_count,

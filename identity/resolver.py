@@ -119,12 +119,14 @@ def _resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool) -> Resol
             step(queries.SNAPSHOT_FOR_FULL)
             mark = 0
         suppressions = int(_scalar(cur, queries.ACTIVE_SUPPRESSIONS)) > 0
-        step(queries.new_event_identifiers(mark, up_to, suppressions=suppressions))
+        step(queries.new_event_identifiers(mark, up_to, suppressions=suppressions, node_ids=full))
         step(queries.changed_overrides(-1 if full else seen_overrides))
         if full:
             step(queries.full_graph(rules.combined_pattern()))
             step(queries.ACTIVE_REMOVED_LINKS)
             step(queries.full_status(rules.auto_cap))
+            queries.run_script(cur, queries.GRAPH_COUNTS)
+            queries.run_script(cur, queries.DROP_FULL_LINK_COPIES)
         else:
             step(queries.insert_new_nodes(rules.combined_pattern()))
             step(queries.TOUCH_SEEN_NODES)
@@ -147,6 +149,10 @@ def _resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool) -> Resol
         _temp_table(cur, "id_labels", labels)
         _temp_table(cur, "id_refusals", refusals)
         _temp_table(cur, "id_used_links", used)
+        result.rule_components = rule_components
+        result.refused_links = refusals.height
+        # The warehouse holds copies now; the frames would only add to the peak memory.
+        del nodes, links, labels, refusals, used
 
         step(queries.RECONCILE)
         if full:
@@ -158,42 +164,37 @@ def _resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool) -> Resol
         if not full:
             step(queries.APPLY_ASSIGNMENT)
         step(queries.record_decisions(now))
-        if full:
-            step(queries.DIRTY_PROFILES_FULL)
-            step(queries.EVENT_PROFILES_FULL)
-        else:
-            step(queries.DIRTY_PROFILES)
-            step(queries.EVENT_PROFILES_DIRTY)
-        for low, high in _profile_ranges(int(_scalar(cur, queries.COUNT_DIRTY))):
-            step(queries.refresh_profiles(now, low=low, high=high))
-
-        counts = cur.execute(
-            """
-            SELECT (SELECT count(DISTINCT event_id) FROM id_new_ein),
-                   (SELECT count(*) FROM id_new_nodes),
-                   (SELECT count(*) FROM id_new_edges),
-                   (SELECT count(*) FROM id_aff),
-                   (SELECT count(*) FROM id_dirty),
-                   (SELECT count(*) FROM id_label_pid WHERE is_new),
-                   (SELECT count(*) FILTER (WHERE kind = 'merge') FROM id_changes),
-                   (SELECT count(*) FILTER (WHERE kind = 'split') FROM id_changes),
-                   (SELECT count(*) FROM id_aff WHERE status <> 'active')
-            """
-        ).fetchall()[0]
+        if not full:
+            queries.run_script(cur, queries.GRAPH_COUNTS)
+        counts = cur.execute(queries.RUN_COUNTS.sql).fetchall()[0]
         (
             result.events,
             result.new_identifiers,
             result.new_links,
             result.affected_identifiers,
-            result.profiles_written,
             result.new_profiles,
             result.merges,
             result.splits,
-        ) = (int(c) for c in counts[:8])
+        ) = (int(c) for c in counts[:7])
+        if full:
+            # The graph is written: its working copies go before the profile rows are built
+            # (millions of rows the aggregations would otherwise have to share memory with).
+            queries.run_script(cur, queries.DROP_FULL_GRAPH_COPIES)
+            step(queries.DIRTY_PROFILES_FULL)
+            step(queries.EVENT_PROFILES_FULL)
+        else:
+            step(queries.DIRTY_PROFILES)
+            step(queries.EVENT_PROFILES_DIRTY)
+        result.profiles_written = int(_scalar(cur, queries.COUNT_DIRTY))
+        if full:
+            for first, end in _key_ranges(int(_scalar(cur, queries.COUNT_PROFILE_KEYS))):
+                step(queries.refresh_profiles_full(now, low=first, high=end))
+        else:
+            for low, high in _profile_ranges(result.profiles_written):
+                step(queries.refresh_profiles(now, low=low, high=high))
+
         # Statuses were applied before id_aff was taken, so id_aff has the new statuses.
-        result.excluded_identifiers = int(counts[8])
-        result.rule_components = rule_components
-        result.refused_links = refusals.height
+        result.excluded_identifiers = int(counts[7])
         for name, number, text in (
             (queries.STATE_MARK, up_to, None),
             (queries.STATE_SEQ, seq + result.merges + result.splits, None),
@@ -278,6 +279,14 @@ def _profile_ranges(dirty: int) -> list[tuple[str | None, str | None]]:
     bounds: list[str | None] = [None]
     bounds += [_HEX[len(_HEX) * k // parts] for k in range(1, parts)]
     bounds.append(None)
+    return list(itertools.pairwise(bounds))
+
+
+def _key_ranges(keys: int) -> list[tuple[int, int]]:
+    """Ascending `[first, end)` ranges of the keys 1..keys of a full rebuild's profiles, of
+    about PROFILES_PER_STATEMENT each."""
+    parts = max(1, -(-keys // PROFILES_PER_STATEMENT))
+    bounds = [1 + keys * k // parts for k in range(parts + 1)]
     return list(itertools.pairwise(bounds))
 
 

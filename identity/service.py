@@ -200,10 +200,13 @@ def get_profile(warehouse: Warehouse, *, profile_id: str) -> ProfileRead:
 
 
 def _live_profile(warehouse: Warehouse, *, live: str, requested: str) -> ProfileRead:
-    frame = warehouse.run(queries.profile_row(live))
-    if frame.height == 0:
+    # One small row: fetched as a tuple (a Polars frame costs more than the query here).
+    rows = warehouse.rows(queries.profile_row(live))
+    if not rows:
         raise ProfileNotFound(f"profile {requested} has no identifiers left")
-    profile = _profile(frame.row(0, named=True), requested=requested)
+    profile = _profile(
+        dict(zip(queries.PROFILE_ROW_COLUMNS, rows[0], strict=True)), requested=requested
+    )
     if _attributes_provider:
         profile.attributes = _attributes_provider[0](warehouse, profile.id)
     return profile

@@ -139,6 +139,11 @@ def test_profiles_written_in_id_ranges_equal_one_statement(monkeypatch: pytest.M
     assert len(ranges) == 16
     assert ranges[0] == (None, "1")
     assert ranges[-1] == ("f", None)
+    # A full rebuild's ranges are of its profiles' dense keys 1..n, covering each key once.
+    assert resolver._key_ranges(10) == [(1, 11)]
+    monkeypatch.setattr(resolver, "PROFILES_PER_STATEMENT", 3)
+    assert resolver._key_ranges(7) == [(1, 3), (3, 5), (5, 8)]
+    monkeypatch.undo()
     events = [Ev([("user_id", str(k)), ("email", f"{k}@x.org")]) for k in range(40)]
     with fresh_warehouse() as one, fresh_warehouse() as split:
         EventWriter(one).write(events)
@@ -155,6 +160,9 @@ def test_profiles_written_in_id_ranges_equal_one_statement(monkeypatch: pytest.M
         # Re-resolving everything in ranges keeps every profile (ids and rows).
         resolve(split, full=True)
         assert [r[0] for r in _profile_rows(split)] == [r[0] for r in rows]
+        # Ranges are written in ascending id order: the table is stored sorted by id.
+        stored = [r[0] for r in split.rows(Query("SELECT profile_id FROM profiles"))]
+        assert stored == sorted(stored)
 
 
 def test_profile_rows_after_an_unmerge_equal_full_rebuild() -> None:
