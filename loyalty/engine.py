@@ -17,7 +17,7 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 import polars as pl
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from cdp.db import new_id, utcnow
@@ -935,7 +935,7 @@ def _reversal_values(
 ) -> pl.DataFrame:
     """The qualifying points each refund row of the batch will reverse (negative values).
 
-    The same sums as `reverse_order`, done ahead for the whole batch: the orders' earnings
+    The same sums as `_reverse_refunds`, done ahead for the whole batch: the orders' earnings
     and reversals in the ledger (events of the batch excepted) plus the batch's awards, their
     spend and earlier refunds (ledger activity plus the batch's). Columns member_id,
     occurred_at, row, value.
@@ -1066,128 +1066,187 @@ def _reversal_values(
     return pl.DataFrame(values, schema=schema, orient="row")
 
 
+def _order_sums(
+    session: Session, *, program: Program, orders: list[str]
+) -> tuple[dict[str, list[int]], dict[str, list[int]], dict[str, float], dict[str, list[Any]]]:
+    """What the ledger holds for these orders: points and qualifying points earned, and
+    reversed so far (unrecovered included), spend, and the refunds' activity
+    (occurred_at, event_id, amount). Any: mixed row values."""
+    earned: dict[str, list[int]] = {}
+    reversed_: dict[str, list[int]] = {}
+    spent: dict[str, float] = {}
+    refunds: dict[str, list[Any]] = {}
+    for chunk in _in_chunks(orders):
+        for order, kind, points, qualifying, unrecovered in session.execute(
+            select(
+                LedgerEntry.order_id,
+                LedgerEntry.kind,
+                func.sum(LedgerEntry.points),
+                func.sum(LedgerEntry.qualifying_points),
+                func.sum(LedgerEntry.unrecovered),
+            )
+            .where(
+                LedgerEntry.program_id == program.id,
+                LedgerEntry.order_id.in_(chunk),
+                LedgerEntry.kind.in_(["earn", "reverse"]),
+            )
+            .group_by(LedgerEntry.order_id, LedgerEntry.kind)
+        ).all():
+            if order is None:
+                continue
+            if kind == "earn":
+                earned[order] = [int(points), int(qualifying)]
+            else:
+                reversed_[order] = [int(-points + unrecovered), int(-qualifying)]
+        for order, event_id, at, spend in session.execute(
+            select(
+                Activity.order_id, Activity.event_id, Activity.occurred_at, Activity.spend
+            ).where(Activity.program_id == program.id, Activity.order_id.in_(chunk))
+        ).all():
+            if order is None:
+                continue
+            if spend > 0:
+                spent[order] = spent.get(order, 0.0) + float(spend)
+            elif spend < 0:
+                refunds.setdefault(order, []).append((at, event_id, -float(spend)))
+    return earned, reversed_, spent, refunds
+
+
 def _reverse_refunds(
     session: Session, *, program: Program, frame: pl.DataFrame, now: datetime
 ) -> int:
-    """Reverse the points of refunded orders, in proportion to the amount refunded."""
+    """Reverse the points of refunded orders, in proportion to the amount refunded.
+
+    Set-based, with the very result of reversing each refund in turn (time order):
+    target reversal after a refund = round(points earned by the order * refunded so far /
+    order amount); the refund reverses the target minus what earlier refunds reversed.
+    Points come first from the order's own lots (pending ones included), then from the
+    member's other lots alive at the refund's time; what the balance cannot cover is
+    recorded as `unrecovered`. Qualifying points are reversed in the same proportion. The
+    ledger's sums, spend and lots are read once for the whole batch, the reversals planned
+    in memory and written in bulk (entries, draws, lot updates).
+    """
     refunds = frame.filter(
         (pl.col("event") == REFUND_EVENT)
         & pl.col("order_id").is_not_null()
         & (pl.col("member_status") == "active")
-    ).with_columns(_refund_amount_expr().alias("amount"))
-    written = 0
-    for row in refunds.sort("timestamp", "event_id").iter_rows(named=True):
-        key = f"event:{row['message_id']}:reverse:{program.id}"
-        if ledger.find_entry(session, key=key) is not None:
+    )
+    if refunds.is_empty():
+        return 0
+    refunds = (
+        refunds.with_columns(_refund_amount_expr().alias("amount"))
+        .sort("timestamp", "event_id")
+        .with_columns(
+            pl.concat_str(
+                pl.lit("event:"), pl.col("message_id"), pl.lit(f":reverse:{program.id}")
+            ).alias("key")
+        )
+    )
+    keys = refunds["key"].to_list()
+    done = {
+        key
+        for chunk in _in_chunks(keys)
+        for key in session.scalars(
+            select(LedgerEntry.idempotency_key).where(LedgerEntry.idempotency_key.in_(chunk))
+        )
+    }
+    refunds = refunds.filter(~pl.col("key").is_in(list(done))).unique(
+        "key", keep="first", maintain_order=True
+    )
+    if refunds.is_empty():
+        return 0
+    orders = refunds["order_id"].unique().to_list()
+    earned, reversed_, spent, refund_activity = _order_sums(session, program=program, orders=orders)
+    members = refunds.filter(pl.col("order_id").is_in(list(earned)))["member_id"].unique()
+    ledger.lock_members(session, member_ids=members.to_list())
+    lots = ledger.lots_of_members(session, member_ids=members.to_list())
+    entries: list[dict[str, Any]] = []  # Any: column values
+    draws: list[tuple[str, str, int]] = []
+    for row in refunds.iter_rows(named=True):
+        order = row["order_id"]
+        points, qualifying = earned.get(order, [0, 0])
+        if not points:
             continue
-        written += reverse_order(
-            session,
-            program=program,
-            member_id=row["member_id"],
-            order_id=row["order_id"],
-            refund_event_id=row["event_id"],
-            refunded_amount=row["amount"],
-            idempotency_key=key,
-            occurred_at=row["timestamp"],
-            now=now,
-        )
-    return written
-
-
-def reverse_order(
-    session: Session,
-    *,
-    program: Program,
-    member_id: str,
-    order_id: str,
-    refunded_amount: float | None,
-    idempotency_key: str,
-    occurred_at: datetime,
-    refund_event_id: int | None = None,
-    now: datetime | None = None,
-) -> int:
-    """Take back the share of an order's points that its refunds (so far) represent.
-
-    Target reversal after this refund = round(points earned by the order * refunded so far
-    / order amount); this refund reverses the target minus what earlier refunds reversed.
-    Points come first from the order's own lots (pending ones included), then from the
-    member's other lots; what the balance cannot cover is recorded as `unrecovered`.
-    Qualifying points are reversed in the same proportion (in full, they are not spendable).
-    """
-    now = now or utcnow()
-    earned, qualifying = session.execute(
-        select(
-            func.coalesce(func.sum(LedgerEntry.points), 0),
-            func.coalesce(func.sum(LedgerEntry.qualifying_points), 0),
-        ).where(
-            LedgerEntry.program_id == program.id,
-            LedgerEntry.order_id == order_id,
-            LedgerEntry.kind == "earn",
-        )
-    ).one()
-    reversed_points, reversed_qualifying = session.execute(
-        select(
-            func.coalesce(func.sum(-LedgerEntry.points + LedgerEntry.unrecovered), 0),
-            func.coalesce(func.sum(-LedgerEntry.qualifying_points), 0),
-        ).where(
-            LedgerEntry.program_id == program.id,
-            LedgerEntry.order_id == order_id,
-            LedgerEntry.kind == "reverse",
-        )
-    ).one()
-    spent = session.execute(
-        select(func.coalesce(func.sum(Activity.spend), 0.0)).where(
-            Activity.program_id == program.id,
-            Activity.order_id == order_id,
-            Activity.spend > 0,
-        )
-    ).scalar_one()
-    earlier = Activity.occurred_at < occurred_at
-    if refund_event_id is not None:
-        earlier = or_(
-            earlier, and_(Activity.occurred_at == occurred_at, Activity.event_id < refund_event_id)
-        )
-    refunded_before = -float(
-        session.execute(
-            select(func.coalesce(func.sum(Activity.spend), 0.0)).where(
-                Activity.program_id == program.id,
-                Activity.order_id == order_id,
-                Activity.spend < 0,
-                earlier,
+        at, event_id, amount = row["timestamp"], row["event_id"], row["amount"]
+        total = spent.get(order, 0.0)
+        if amount is None or not total:
+            share = 1.0
+        else:
+            before = sum(
+                a
+                for t, e, a in refund_activity.get(order, [])
+                if t < at or (t == at and event_id is not None and e is not None and e < event_id)
             )
-        ).scalar_one()
+            share = min(1.0, (before + float(amount)) / float(total))
+        done_points, done_qualifying = reversed_.setdefault(order, [0, 0])
+        back = int(round_half_up(points * share)) - done_points
+        back_q = int(round_half_up(qualifying * share)) - done_qualifying
+        if back <= 0 and back_q <= 0:
+            continue
+        plan, left = ledger.plan_reversal(
+            lots[row["member_id"]], points=max(back, 0), order_id=order, as_of=at
+        )
+        reversed_[order] = [done_points + max(back, 0), done_qualifying + max(back_q, 0)]
+        entry = ledger.entry_id(row["key"])
+        draws.extend((entry, lot_id, take) for lot_id, take in plan)
+        entries.append(
+            {
+                "id": entry,
+                "program_id": program.id,
+                "member_id": row["member_id"],
+                "kind": "reverse",
+                "points": -(max(back, 0) - left),
+                "qualifying_points": -max(back_q, 0),
+                "unrecovered": left,
+                "status": "active",
+                "pending_until": None,
+                "expires_at": None,
+                "occurred_at": at,
+                "local_date": calendar.local_date(at, program.timezone),
+                "created_at": now,
+                "event_id": event_id,
+                "message_id": None,
+                "order_id": order,
+                "rule_id": None,
+                "redemption_id": None,
+                "reason": f"order {order} refunded ({share:.0%})",
+                "actor": None,
+                "idempotency_key": row["key"],
+            }
+        )
+    utc = pl.Datetime("us", "UTC")
+    entry_frame = pl.DataFrame(
+        entries,
+        schema={
+            "id": pl.String(),
+            "program_id": pl.String(),
+            "member_id": pl.String(),
+            "kind": pl.String(),
+            "points": pl.Int64(),
+            "qualifying_points": pl.Int64(),
+            "unrecovered": pl.Int64(),
+            "status": pl.String(),
+            "pending_until": utc,
+            "expires_at": utc,
+            "occurred_at": utc,
+            "local_date": pl.Date(),
+            "created_at": utc,
+            "event_id": pl.Int64(),
+            "message_id": pl.String(),
+            "order_id": pl.String(),
+            "rule_id": pl.String(),
+            "redemption_id": pl.String(),
+            "reason": pl.String(),
+            "actor": pl.String(),
+            "idempotency_key": pl.String(),
+        },
     )
-    if not earned:
-        return 0
-    if refunded_amount is None or not spent:
-        share = 1.0
-    else:
-        share = min(1.0, (refunded_before + float(refunded_amount)) / float(spent))
-    target = int(round_half_up(int(earned) * share))
-    target_qualifying = int(round_half_up(int(qualifying) * share))
-    points = target - int(reversed_points)
-    qualifying_back = target_qualifying - int(reversed_qualifying)
-    if points <= 0 and qualifying_back <= 0:
-        return 0
-    ledger.lock_member(session, member_id=member_id)
-    ledger.debit(
-        session,
-        program=program,
-        member_id=member_id,
-        kind="reverse",
-        points=max(points, 0),
-        qualifying_points=-max(qualifying_back, 0),
-        idempotency_key=idempotency_key,
-        order_id=order_id,
-        include_pending=True,
-        partial=True,
-        as_of=occurred_at,
-        occurred_at=occurred_at,
-        now=now,
-        event_id=refund_event_id,
-        reason=f"order {order_id} refunded ({share:.0%})",
+    draw_frame = pl.DataFrame(
+        draws,
+        schema={"entry_id": pl.String(), "lot_id": pl.String(), "points": pl.Int64()},
+        orient="row",
     )
-    return 1
+    return ledger.write_debits(session, entries=entry_frame, draws=draw_frame)
 
 
 def round_half_up(value: float) -> int:

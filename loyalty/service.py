@@ -1350,19 +1350,6 @@ def dry_run(
     return DryRunResult(total_points=sum(v.points for v in verdicts), rules=verdicts)
 
 
-def resolve_profiles(
-    warehouse: Warehouse, *, after_event_id: int, up_to_event_id: int
-) -> pl.DataFrame:
-    """The profile of each resolved event in `(after, up_to]`: frame [event_id, profile_id].
-
-    Identity resolution decides (its `event_profiles`); an event it has not resolved has
-    no row, so callers never read past `identity_service.resolved_up_to`.
-    """
-    return identity_service.event_profiles(
-        warehouse, after_event_id=after_event_id, up_to_event_id=up_to_event_id
-    )
-
-
 def read_events(
     warehouse: Warehouse,
     *,
@@ -1388,6 +1375,9 @@ def read_events(
             products=products,
             since=None if since is None else since.astimezone(UTC).replace(tzinfo=None),
             until=None if until is None else until.astimezone(UTC).replace(tzinfo=None),
+            # Identity resolves only the events read (a slice of a backfill needs its own
+            # events' identifiers, not the whole history's).
+            event_profiles=identity_service.scoped_event_profile_sql(),
         )
     )
     if paths:
@@ -1396,10 +1386,7 @@ def read_events(
         events = events.rename({"products": "properties.products"})
     if events.is_empty():
         return pl.DataFrame(schema=engine.EVENT_SCHEMA)
-    profiles = resolve_profiles(
-        warehouse, after_event_id=after_event_id, up_to_event_id=up_to_event_id
-    )
-    return events.join(profiles, on="event_id", how="left")
+    return events.with_columns(pl.col("profile_id").cast(pl.String))
 
 
 def process_range(
