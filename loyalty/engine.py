@@ -927,7 +927,7 @@ def _record_activity(session: Session, *, program: Program, frame: pl.DataFrame)
         pl.Series("id", [new_id() for _ in range(spend.height)]),
         pl.lit(program.id).alias("program_id"),
     )
-    session.execute(ledger.insert_ignoring_conflicts(session, Activity.__table__), rows.to_dicts())
+    ledger.bulk_insert(session, Activity.__table__, rows)
 
 
 def _reversal_values(
@@ -1160,27 +1160,51 @@ def _reverse_refunds(
     members = refunds.filter(pl.col("order_id").is_in(list(earned)))["member_id"].unique()
     ledger.lock_members(session, member_ids=members.to_list())
     lots = ledger.lots_of_members(session, member_ids=members.to_list())
-    entries: list[dict[str, Any]] = []  # Any: column values
-    draws: list[tuple[str, str, int]] = []
+    shares: list[float] = []
     for row in refunds.iter_rows(named=True):
         order = row["order_id"]
-        points, qualifying = earned.get(order, [0, 0])
-        if not points:
-            continue
         at, event_id, amount = row["timestamp"], row["event_id"], row["amount"]
         total = spent.get(order, 0.0)
         if amount is None or not total:
-            share = 1.0
-        else:
-            before = sum(
-                a
-                for t, e, a in refund_activity.get(order, [])
-                if t < at or (t == at and event_id is not None and e is not None and e < event_id)
-            )
-            share = min(1.0, (before + float(amount)) / float(total))
+            shares.append(1.0)
+            continue
+        before = sum(
+            a
+            for t, e, a in refund_activity.get(order, [])
+            if t < at or (t == at and event_id is not None and e is not None and e < event_id)
+        )
+        shares.append(min(1.0, (before + float(amount)) / float(total)))
+    # The targets of every refund, rounded in one go (`round_half_up` of each).
+    earned_of = refunds.select(
+        pl.col("order_id")
+        .replace_strict(list(earned), [p for p, _ in earned.values()], default=0)
+        .cast(pl.Float64)
+        .alias("points"),
+        pl.col("order_id")
+        .replace_strict(list(earned), [q for _, q in earned.values()], default=0)
+        .cast(pl.Float64)
+        .alias("qualifying"),
+        pl.Series("share", shares, dtype=pl.Float64),
+    ).select(
+        _round_half_up(pl.col("points") * pl.col("share")).alias("target"),
+        _round_half_up(pl.col("qualifying") * pl.col("share")).alias("target_q"),
+    )
+    entries: list[dict[str, Any]] = []  # Any: column values
+    draws: list[tuple[str, str, int]] = []
+    for row, share, target, target_q in zip(
+        refunds.iter_rows(named=True),
+        shares,
+        earned_of["target"].to_list(),
+        earned_of["target_q"].to_list(),
+        strict=True,
+    ):
+        order = row["order_id"]
+        if not earned.get(order, [0, 0])[0]:
+            continue
+        at, event_id = row["timestamp"], row["event_id"]
         done_points, done_qualifying = reversed_.setdefault(order, [0, 0])
-        back = int(round_half_up(points * share)) - done_points
-        back_q = int(round_half_up(qualifying * share)) - done_qualifying
+        back = int(target) - done_points
+        back_q = int(target_q) - done_qualifying
         if back <= 0 and back_q <= 0:
             continue
         plan, left = ledger.plan_reversal(
@@ -1249,9 +1273,13 @@ def _reverse_refunds(
     return ledger.write_debits(session, entries=entry_frame, draws=draw_frame)
 
 
+def _round_half_up(values: pl.Expr) -> pl.Expr:
+    return values.round(rules.PRECISION).round(0, mode="half_away_from_zero").cast(pl.Int64)
+
+
 def round_half_up(value: float) -> int:
     """Round half away from zero (for shares of points)."""
-    return int(pl.Series([value]).round(rules.PRECISION).round(0, mode="half_away_from_zero")[0])
+    return int(pl.select(_round_half_up(pl.lit(value, dtype=pl.Float64))).item())
 
 
 def as_utc(value: datetime) -> datetime:

@@ -245,3 +245,8 @@ def test_planned_reversals_draw_exactly_what_debit_draws(db: Database, seed: int
             assert {lot.entry_id: lot.remaining for lot in lots} == {
                 lot.entry_id: after[lot.entry_id] for lot in lots
             }
+
+
+def test_entry_ids_in_bulk_are_the_uuid5_of_each_key(backend: str) -> None:
+    keys = ["event:m1:rule:r1", "import:p:q", "é:ü", "", *(f"k{i}" for i in range(100))]
+    assert ledger.entry_ids(keys) == [ledger.entry_id(k) for k in keys]
