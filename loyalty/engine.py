@@ -12,6 +12,7 @@ cap is "what the ledger already holds + what earlier rows of this batch took".
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
@@ -670,9 +671,11 @@ def process_events(
     result = ProcessResult(events=events.height)
     if events.is_empty():
         return result
+    steps = _Steps()
     frame, specs, result.enrolled = member_events(
         session, program=program, events=events, traits=traits
     )
+    steps.done("members")
     if frame.is_empty():
         return result
     prepared = prepare(frame, program.timezone)
@@ -685,6 +688,7 @@ def process_events(
             members=prepared["member_id"].unique().to_list(),
             since=prepared["local_date"].min(),  # type: ignore[arg-type]
         )
+    steps.done("priors")
     ladder = tiers.ladder(session, program_id=program.id)
     ranks: pl.DataFrame | None = None
     if ladder:
@@ -693,6 +697,7 @@ def process_events(
         )
     elif specs:
         awards = apply_caps(trace(prepared, specs), specs, priors)
+    steps.done("rules")
     if not awards.is_empty():
         credits = awards.select(
             "member_id",
@@ -708,8 +713,11 @@ def process_events(
         )
         result.credits = ledger.write_credits(session, program=program, frame=credits, now=now)
         result.points = int(awards["points"].sum())
+    steps.done("credits")
     _record_activity(session, program=program, frame=prepared)
+    steps.done("activity")
     result.reversals = _reverse_refunds(session, program=program, frame=prepared, now=now)
+    steps.done("reversals")
     result.members = sorted(
         prepared.filter(pl.col("member_status") == "active")["member_id"].unique().to_list()
     )
@@ -717,7 +725,24 @@ def process_events(
     # after it in the batch already earned with the new tier (see `_evaluate_with_tiers`).
     if ranks is not None:
         tiers.apply_row_upgrades(session, program=program, ladder_=ladder, ranks=ranks)
+    logger.debug("processed %d events: %s", result.events, steps)
     return result
+
+
+class _Steps:
+    """Seconds spent in each step of a batch, for the debug log (profiling backfills)."""
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self.last, 2)
+        self.last = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k} {v} s" for k, v in self.seconds.items())
 
 
 # A condition on these fields makes a rule's outcome depend on the member's tier.

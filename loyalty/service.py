@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -1432,6 +1433,7 @@ def process_range(
             for start in range(after_event_id, up_to_event_id, batch_size)
         ]
     for start, end, since, until in slices:
+        started = time.perf_counter()
         events = read_events(
             warehouse,
             after_event_id=start,
@@ -1441,6 +1443,7 @@ def process_range(
             since=since,
             until=until,
         )
+        logger.debug("read %d events in %.2f s", events.height, time.perf_counter() - started)
         result = engine.process_events(session, program=program, events=events, now=now)
         total.events += result.events
         total.enrolled += result.enrolled
