@@ -23,12 +23,13 @@ sample folder to prepare; otherwise a sample of `scale` customers is generated h
 from __future__ import annotations
 
 import json
+import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
 import polars as pl
-from sqlalchemy import select
 
 from benchmarks.core import Measure, Result, timer
 from benchmarks.sample_warehouse import Prepared, ensure
@@ -38,7 +39,6 @@ from cdp.sample_data import generate
 from cdp.warehouse import Query, Warehouse
 from identity import service as identity_service
 from loyalty import engine, service
-from loyalty.models import LedgerEntry, Rule
 from loyalty.schemas import ProgramCreate, RuleCreate
 
 RULES: list[dict[str, Any]] = [  # Any: rule JSON
@@ -65,11 +65,18 @@ RULES: list[dict[str, Any]] = [  # Any: rule JSON
     {"name": "half", "formula": {"type": "per_amount", "rate": 0.5}, "cap_per_day": 30},
 ]
 
+# The whole ledger the backfill should write, by hand: every award (profile, order, event,
+# rule, points) and every refund's reversal (rule 'reverse', the points it takes back,
+# whether the balance covers them or not: -points + unrecovered of its entry).
 REFERENCE_SQL = """
 WITH ev AS (
     SELECT e.event_id, e.message_id, ep.profile_id, e.timestamp,
+           json_extract_string(e.properties, '$.order_id') AS order_id,
            coalesce(TRY_CAST(json_extract_string(e.properties, '$.total') AS DOUBLE), 0) AS total,
            json_extract_string(e.properties, '$.store_id') AS store_id,
+           coalesce(TRY_CAST(json_extract_string(e.properties, '$.total') AS DOUBLE),
+                    TRY_CAST(json_extract_string(e.properties, '$.revenue') AS DOUBLE),
+                    0) AS spend,
            e.properties
     FROM events e JOIN ({relation}) ep USING (event_id)
     WHERE e.event = 'Order Completed' AND e.event_id <= $up_to
@@ -104,9 +111,67 @@ awards AS (
         PARTITION BY profile_id, CAST(timestamp AS DATE)
         ORDER BY timestamp, event_id ROWS UNBOUNDED PRECEDING) - raw)))
     FROM half
+),
+earned AS (
+    SELECT ev.profile_id, ev.order_id, ev.event_id, ev.message_id, a.rule,
+           CAST(a.points AS BIGINT) AS points
+    FROM awards a JOIN ev USING (message_id) WHERE a.points > 0
+),
+refunds AS (
+    SELECT e.event_id, e.message_id, ep.profile_id, e.timestamp,
+           coalesce(json_extract_string(e.properties, '$.original_order_id'),
+                    json_extract_string(e.properties, '$.original_transaction_id'),
+                    json_extract_string(e.properties, '$.order_id')) AS order_id,
+           abs(coalesce(TRY_CAST(json_extract_string(e.properties, '$.total') AS DOUBLE),
+                        TRY_CAST(json_extract_string(e.properties, '$.revenue') AS DOUBLE)))
+               AS amount
+    FROM events e JOIN ({relation}) ep USING (event_id)
+    WHERE e.event = 'Order Refunded' AND e.event_id <= $up_to
+      AND ep.profile_id IN (SELECT profile_id FROM ev)
+),
+order_points AS (SELECT order_id, sum(points) AS points FROM earned GROUP BY order_id),
+spent AS (SELECT order_id, sum(spend) AS spent FROM ev WHERE spend > 0 GROUP BY order_id),
+shares AS (
+    SELECT r.*, op.points AS earned_points,
+           CASE WHEN r.amount IS NULL OR coalesce(s.spent, 0) = 0 THEN 1.0
+                ELSE least(1.0, (coalesce(sum(coalesce(r.amount, 0)) OVER earlier, 0)
+                                 + r.amount) / s.spent) END AS share
+    FROM refunds r JOIN order_points op USING (order_id) LEFT JOIN spent s USING (order_id)
+    WINDOW earlier AS (PARTITION BY r.order_id ORDER BY r.timestamp, r.event_id
+                       ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+),
+targets AS (
+    SELECT *, CAST(round(round(earned_points * share, 6)) AS BIGINT) AS target FROM shares
+),
+reversals AS (
+    SELECT profile_id, order_id, event_id, message_id, 'reverse' AS rule,
+           target - greatest(0, coalesce(max(target) OVER (
+               PARTITION BY order_id ORDER BY timestamp, event_id
+               ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0)) AS points
+    FROM targets
 )
-SELECT message_id, rule, CAST(points AS BIGINT) AS points FROM awards WHERE points > 0
+SELECT profile_id, order_id, event_id, message_id, rule, points FROM earned
+UNION ALL
+SELECT profile_id, order_id, event_id, message_id, rule, points FROM reversals WHERE points > 0
 """
+
+# The ledger's entries compared with the reference: points per member, order, event and rule.
+LEDGER_KEY = ["profile_id", "order_id", "event_id", "rule", "points"]
+LEDGER_SQL = """
+SELECT m.profile_id, e.order_id, e.event_id, coalesce(r.name, e.kind) AS rule,
+       CASE WHEN e.kind = 'reverse' THEN -e.points + e.unrecovered ELSE e.points END AS points
+FROM loyalty_ledger_entry e
+JOIN loyalty_member m ON m.id = e.member_id
+LEFT JOIN loyalty_rule r ON r.id = e.rule_id
+WHERE e.program_id = ? AND e.kind IN ('earn', 'reverse')
+"""
+LEDGER_SCHEMA: dict[str, pl.DataType] = {
+    "profile_id": pl.String(),
+    "order_id": pl.String(),
+    "event_id": pl.Int64(),
+    "rule": pl.String(),
+    "points": pl.Int64(),
+}
 
 KEY = ["message_id", "rule"]
 
@@ -165,9 +230,86 @@ def _evaluate(warehouse: Warehouse, specs: list[engine.RuleSpec], up_to: int) ->
     return awards.join(names, on="rule_id").select("message_id", "rule", "points")
 
 
+class PeakRss:
+    """The peak resident memory of this process while a block runs (sampled every 50 ms
+    from /proc, so a phase's own peak shows even after an earlier, larger one)."""
+
+    def __init__(self) -> None:
+        self.peak_mib = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while True:
+            self.peak_mib = max(self.peak_mib, _rss_mib())
+            if self._stop.wait(0.05):
+                return
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mib = max(self.peak_mib, _rss_mib())
+
+
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _ledger(db: Database, program_id: str) -> pl.DataFrame:
+    """The backfill's earn and reverse entries, as the reference's rows, read in chunks."""
+    parts = [pl.DataFrame(schema=LEDGER_SCHEMA)]
+    with db.begin() as session:
+        cursor = session.connection().exec_driver_sql(LEDGER_SQL, (program_id,))
+        while rows := cursor.fetchmany(500_000):
+            parts.append(pl.DataFrame(rows, schema=LEDGER_SCHEMA, orient="row"))
+    return pl.concat(parts)
+
+
+def _hashes(frame: pl.DataFrame) -> pl.Series:
+    """One 64-bit hash per row of the compared columns, sorted: two multisets of rows are
+    compared in 8 bytes a row (the full frames are read again only to explain a difference)."""
+    return frame.select(LEDGER_KEY).cast(pl.Schema(LEDGER_SCHEMA)).hash_rows(seed=7).sort()
+
+
+def _ledger_hashes(db: Database, program_id: str) -> pl.Series:
+    """`_hashes` of the backfill's earn and reverse entries, read in chunks."""
+    parts = [pl.Series("hash", [], dtype=pl.UInt64)]
+    with db.begin() as session:
+        cursor = session.connection().exec_driver_sql(LEDGER_SQL, (program_id,))
+        while rows := cursor.fetchmany(500_000):
+            parts.append(_hashes(pl.DataFrame(rows, schema=LEDGER_SCHEMA, orient="row")))
+    return pl.concat(parts).sort()
+
+
+def _differences(ledger: pl.DataFrame, reference: pl.DataFrame) -> dict[str, object]:
+    """What differs between the ledger and the reference, by rule, with a few examples."""
+    extra = ledger.join(reference, on=LEDGER_KEY, how="anti", nulls_equal=True)
+    missing = reference.join(ledger, on=LEDGER_KEY, how="anti", nulls_equal=True)
+    return {
+        "ledger rows not in the reference": extra.height,
+        "reference rows not in the ledger": missing.height,
+        "by rule (ledger only)": dict(extra.group_by("rule").len().iter_rows()),
+        "by rule (reference only)": dict(missing.group_by("rule").len().iter_rows()),
+        "examples (ledger only)": extra.sort(LEDGER_KEY).head(3).rows(),
+        "examples (reference only)": missing.sort(LEDGER_KEY).head(3).rows(),
+    }
+
+
 def run(scale: int, workdir: Path) -> Result:
-    """Evaluate and backfill the sample history; compare both with the reference SQL."""
+    """Backfill the sample history and compare its ledger, entry by entry, with the
+    reference SQL; optionally (`CDP_BENCH_EVALUATION=1`) time the rule evaluation alone."""
     workdir.mkdir(parents=True, exist_ok=True)
+    # Per-slice step times of the backfill on stderr (read, members, priors, rules, ...).
+    logging.basicConfig(format="%(asctime)s %(name)s %(message)s")
+    for name in ("loyalty.engine", "loyalty.service"):
+        logging.getLogger(name).setLevel(logging.DEBUG)
     stores = _stores(scale, workdir)
     migrate.upgrade(f"sqlite:///{stores.database_file}")
     db = Database(f"sqlite:///{stores.database_file}")
@@ -178,21 +320,14 @@ def run(scale: int, workdir: Path) -> Result:
         up_to = identity_service.resolved_up_to(warehouse)
         with db.begin() as session:
             specs = engine.active_rules(session, program_id=program_id)
+        # The backfill first, so its peak memory is its own (DuckDB keeps the buffers of a
+        # large query in the process afterwards).
+        with timer() as backfill_time, PeakRss() as backfill_rss, db.begin() as session:
+            processed, _ = service.backfill(session, warehouse, program_id=program_id)
+        db.dispose()  # SQLite's page cache of the backfill's connection, before the reference
         sql = REFERENCE_SQL.format(relation=identity_service.event_profile_sql())
-        with timer() as reference_time:
-            reference = warehouse.run(Query(sql, {"up_to": up_to})).sort(KEY)
-        with timer() as evaluate_time:
-            awards = _evaluate(warehouse, specs, up_to)
-        evaluated_same = awards.sort(KEY).equals(reference)
-        result.add(
-            Measure(
-                "rule evaluation (read + members + Polars engine)",
-                "s",
-                evaluate_time(),
-                reference_time(),
-                "hand-written DuckDB SQL",
-            )
-        )
+        with timer() as reference_time, PeakRss() as reference_rss:
+            reference = warehouse.run(Query(sql, {"up_to": up_to}))
         result.details.update(
             {
                 "events": stores.events,
@@ -202,49 +337,62 @@ def run(scale: int, workdir: Path) -> Result:
                         Query("SELECT count(*) FROM events WHERE event = 'Order Completed'")
                     )
                 ),
-                "reference awards": reference.height,
-                "engine awards": awards.height,
-                "evaluation identical": evaluated_same,
+                "reference awards": int((reference["rule"] != "reverse").sum()),
+                "reference reversals": int((reference["rule"] == "reverse").sum()),
+                "reference peak RSS MiB": round(reference_rss.peak_mib),
             }
         )
-        if not evaluated_same:
-            raise AssertionError("the engine's awards differ from the reference SQL")
-        if os.environ.get("CDP_BENCH_SKIP_BACKFILL"):
-            return result
-        with timer() as backfill_time, db.begin() as session:
-            processed, _ = service.backfill(session, warehouse, program_id=program_id)
-        with db.begin() as session:
-            rows = session.execute(
-                select(LedgerEntry.message_id, Rule.name, LedgerEntry.points)
-                .join(Rule, Rule.id == LedgerEntry.rule_id)
-                .where(LedgerEntry.program_id == program_id, LedgerEntry.kind == "earn")
-            ).all()
-        ledger = pl.DataFrame(
-            rows,
-            schema={"message_id": pl.String, "rule": pl.String, "points": pl.Int64},
-            orient="row",
-        ).sort(KEY)
-        identical = ledger.equals(reference)
         result.add(
             Measure(
-                "whole backfill (enrolment + ledger, lots, activity, reversals in SQLite)",
+                "whole backfill (read, rules, enrolment, ledger entries, lots, activity,"
+                " reversals written to SQLite)",
                 "s",
                 backfill_time(),
                 reference_time(),
-                "hand-written DuckDB SQL",
+                "hand-written DuckDB SQL of the same awards and reversals",
             )
         )
+        found = _ledger_hashes(db, program_id)
+        identical = found.equals(_hashes(reference), check_names=False)
         result.details.update(
             {
+                "backfill peak RSS MiB": round(backfill_rss.peak_mib),
                 "ledger entries written": processed.credits,
-                "reversals": processed.reversals,
+                "reversals written": processed.reversals,
                 "members enrolled": processed.enrolled,
-                "ledgers identical": identical,
+                "ledger rows compared": found.len(),
+                "ledgers identical (entry by entry)": identical,
                 "backfill events/s": round(processed.events / max(backfill_time(), 1e-9)),
             }
         )
         if not identical:
-            raise AssertionError("the backfill's ledger differs from the reference SQL")
+            expected = reference.select(LEDGER_KEY)
+            result.details.update(_differences(_ledger(db, program_id), expected))
+        if os.environ.get("CDP_BENCH_EVALUATION"):
+            awards_reference = (
+                reference.filter(pl.col("rule") != "reverse").select([*KEY, "points"]).sort(KEY)
+            )
+            with timer() as evaluate_time, PeakRss() as evaluate_rss:
+                awards = _evaluate(warehouse, specs, up_to)
+            result.add(
+                Measure(
+                    "rule evaluation alone, all at once (read + members + Polars engine)",
+                    "s",
+                    evaluate_time(),
+                    reference_time(),
+                    "hand-written DuckDB SQL",
+                )
+            )
+            result.details.update(
+                {
+                    "evaluation identical": awards.sort(KEY).equals(awards_reference),
+                    "evaluation peak RSS MiB": round(evaluate_rss.peak_mib),
+                }
+            )
+        if not identical:
+            raise AssertionError(
+                f"the backfill's ledger differs from the reference: {result.details}"
+            )
     finally:
         warehouse.close()
         db.dispose()

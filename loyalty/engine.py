@@ -12,12 +12,13 @@ cap is "what the ledger already holds + what earlier rows of this batch took".
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
 
 import polars as pl
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from cdp.db import new_id, utcnow
@@ -515,25 +516,29 @@ def load_priors(
         "count": [s.id for s in specs if s.limit_per_member is not None],
     }
     earn = LedgerEntry.kind == "earn"
-    member_filter: list[Any] = []  # Any: SQL expressions
-    if len(members) <= IN_LIST_LIMIT:
-        member_filter = [LedgerEntry.member_id.in_(members)]
+    # The batch's members only, in chunks: a backfill slice of 150k members reads their
+    # rows through the caps index instead of every member's of the programme.
+    chunks = _in_chunks(sorted(members))
     if ids["day"] or ids["month"]:
-        rows = session.execute(
-            select(
-                LedgerEntry.rule_id,
-                LedgerEntry.member_id,
-                LedgerEntry.local_date,
-                func.sum(LedgerEntry.points),
-            )
-            .where(
-                earn,
-                LedgerEntry.rule_id.in_(ids["day"] + ids["month"]),
-                LedgerEntry.local_date >= calendar.month_start(since),
-                *member_filter,
-            )
-            .group_by(LedgerEntry.rule_id, LedgerEntry.member_id, LedgerEntry.local_date)
-        ).all()
+        rows = [
+            row
+            for chunk in chunks
+            for row in session.execute(
+                select(
+                    LedgerEntry.rule_id,
+                    LedgerEntry.member_id,
+                    LedgerEntry.local_date,
+                    func.sum(LedgerEntry.points),
+                )
+                .where(
+                    earn,
+                    LedgerEntry.rule_id.in_(ids["day"] + ids["month"]),
+                    LedgerEntry.member_id.in_(chunk),
+                    LedgerEntry.local_date >= calendar.month_start(since),
+                )
+                .group_by(LedgerEntry.rule_id, LedgerEntry.member_id, LedgerEntry.local_date)
+            ).all()
+        ]
         daily = pl.DataFrame(
             rows,
             schema={
@@ -561,11 +566,19 @@ def load_priors(
             budget_rows, schema={"rule_id": pl.String(), "used_budget": pl.Int64()}, orient="row"
         )
     if ids["count"]:
-        count_rows = session.execute(
-            select(LedgerEntry.rule_id, LedgerEntry.member_id, func.count())
-            .where(earn, LedgerEntry.rule_id.in_(ids["count"]), *member_filter)
-            .group_by(LedgerEntry.rule_id, LedgerEntry.member_id)
-        ).all()
+        count_rows = [
+            row
+            for chunk in chunks
+            for row in session.execute(
+                select(LedgerEntry.rule_id, LedgerEntry.member_id, func.count())
+                .where(
+                    earn,
+                    LedgerEntry.rule_id.in_(ids["count"]),
+                    LedgerEntry.member_id.in_(chunk),
+                )
+                .group_by(LedgerEntry.rule_id, LedgerEntry.member_id)
+            ).all()
+        ]
         priors.count = pl.DataFrame(
             count_rows,
             schema={"rule_id": pl.String(), "member_id": pl.String(), "used_count": pl.Int64()},
@@ -670,9 +683,11 @@ def process_events(
     result = ProcessResult(events=events.height)
     if events.is_empty():
         return result
+    steps = _Steps()
     frame, specs, result.enrolled = member_events(
         session, program=program, events=events, traits=traits
     )
+    steps.done("members")
     if frame.is_empty():
         return result
     prepared = prepare(frame, program.timezone)
@@ -685,6 +700,7 @@ def process_events(
             members=prepared["member_id"].unique().to_list(),
             since=prepared["local_date"].min(),  # type: ignore[arg-type]
         )
+    steps.done("priors")
     ladder = tiers.ladder(session, program_id=program.id)
     ranks: pl.DataFrame | None = None
     if ladder:
@@ -693,6 +709,7 @@ def process_events(
         )
     elif specs:
         awards = apply_caps(trace(prepared, specs), specs, priors)
+    steps.done("rules")
     if not awards.is_empty():
         credits = awards.select(
             "member_id",
@@ -708,8 +725,11 @@ def process_events(
         )
         result.credits = ledger.write_credits(session, program=program, frame=credits, now=now)
         result.points = int(awards["points"].sum())
+    steps.done("credits")
     _record_activity(session, program=program, frame=prepared)
+    steps.done("activity")
     result.reversals = _reverse_refunds(session, program=program, frame=prepared, now=now)
+    steps.done("reversals")
     result.members = sorted(
         prepared.filter(pl.col("member_status") == "active")["member_id"].unique().to_list()
     )
@@ -717,7 +737,24 @@ def process_events(
     # after it in the batch already earned with the new tier (see `_evaluate_with_tiers`).
     if ranks is not None:
         tiers.apply_row_upgrades(session, program=program, ladder_=ladder, ranks=ranks)
+    logger.debug("processed %d events: %s", result.events, steps)
     return result
+
+
+class _Steps:
+    """Seconds spent in each step of a batch, for the debug log (profiling backfills)."""
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self.last, 2)
+        self.last = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k} {v} s" for k, v in self.seconds.items())
 
 
 # A condition on these fields makes a rule's outcome depend on the member's tier.
@@ -927,7 +964,7 @@ def _record_activity(session: Session, *, program: Program, frame: pl.DataFrame)
         pl.Series("id", [new_id() for _ in range(spend.height)]),
         pl.lit(program.id).alias("program_id"),
     )
-    session.execute(ledger.insert_ignoring_conflicts(session, Activity.__table__), rows.to_dicts())
+    ledger.bulk_insert(session, Activity.__table__, rows)
 
 
 def _reversal_values(
@@ -935,7 +972,7 @@ def _reversal_values(
 ) -> pl.DataFrame:
     """The qualifying points each refund row of the batch will reverse (negative values).
 
-    The same sums as `reverse_order`, done ahead for the whole batch: the orders' earnings
+    The same sums as `_reverse_refunds`, done ahead for the whole batch: the orders' earnings
     and reversals in the ledger (events of the batch excepted) plus the batch's awards, their
     spend and earlier refunds (ledger activity plus the batch's). Columns member_id,
     occurred_at, row, value.
@@ -1066,133 +1103,220 @@ def _reversal_values(
     return pl.DataFrame(values, schema=schema, orient="row")
 
 
+def _order_sums(
+    session: Session, *, program: Program, orders: list[str]
+) -> tuple[dict[str, list[int]], dict[str, list[int]], dict[str, float], dict[str, list[Any]]]:
+    """What the ledger holds for these orders: points and qualifying points earned, and
+    reversed so far (unrecovered included), spend, and the refunds' activity
+    (occurred_at, event_id, amount). Any: mixed row values."""
+    earned: dict[str, list[int]] = {}
+    reversed_: dict[str, list[int]] = {}
+    spent: dict[str, float] = {}
+    refunds: dict[str, list[Any]] = {}
+    for chunk in _in_chunks(orders):
+        for order, kind, points, qualifying, unrecovered in session.execute(
+            select(
+                LedgerEntry.order_id,
+                LedgerEntry.kind,
+                func.sum(LedgerEntry.points),
+                func.sum(LedgerEntry.qualifying_points),
+                func.sum(LedgerEntry.unrecovered),
+            )
+            .where(
+                LedgerEntry.program_id == program.id,
+                LedgerEntry.order_id.in_(chunk),
+                LedgerEntry.kind.in_(["earn", "reverse"]),
+            )
+            .group_by(LedgerEntry.order_id, LedgerEntry.kind)
+        ).all():
+            if order is None:
+                continue
+            if kind == "earn":
+                earned[order] = [int(points), int(qualifying)]
+            else:
+                reversed_[order] = [int(-points + unrecovered), int(-qualifying)]
+        for order, event_id, at, spend in session.execute(
+            select(
+                Activity.order_id, Activity.event_id, Activity.occurred_at, Activity.spend
+            ).where(Activity.program_id == program.id, Activity.order_id.in_(chunk))
+        ).all():
+            if order is None:
+                continue
+            if spend > 0:
+                spent[order] = spent.get(order, 0.0) + float(spend)
+            elif spend < 0:
+                refunds.setdefault(order, []).append((at, event_id, -float(spend)))
+    return earned, reversed_, spent, refunds
+
+
 def _reverse_refunds(
     session: Session, *, program: Program, frame: pl.DataFrame, now: datetime
 ) -> int:
-    """Reverse the points of refunded orders, in proportion to the amount refunded."""
+    """Reverse the points of refunded orders, in proportion to the amount refunded.
+
+    Set-based, with the very result of reversing each refund in turn (time order):
+    target reversal after a refund = round(points earned by the order * refunded so far /
+    order amount); the refund reverses the target minus what earlier refunds reversed.
+    Points come first from the order's own lots (pending ones included), then from the
+    member's other lots alive at the refund's time; what the balance cannot cover is
+    recorded as `unrecovered`. Qualifying points are reversed in the same proportion. The
+    ledger's sums, spend and lots are read once for the whole batch, the reversals planned
+    in memory and written in bulk (entries, draws, lot updates).
+    """
     refunds = frame.filter(
         (pl.col("event") == REFUND_EVENT)
         & pl.col("order_id").is_not_null()
         & (pl.col("member_status") == "active")
-    ).with_columns(_refund_amount_expr().alias("amount"))
-    written = 0
-    for row in refunds.sort("timestamp", "event_id").iter_rows(named=True):
-        key = f"event:{row['message_id']}:reverse:{program.id}"
-        if ledger.find_entry(session, key=key) is not None:
+    )
+    if refunds.is_empty():
+        return 0
+    refunds = (
+        refunds.with_columns(_refund_amount_expr().alias("amount"))
+        .sort("timestamp", "event_id")
+        .with_columns(
+            pl.concat_str(
+                pl.lit("event:"), pl.col("message_id"), pl.lit(f":reverse:{program.id}")
+            ).alias("key")
+        )
+    )
+    keys = refunds["key"].to_list()
+    done = {
+        key
+        for chunk in _in_chunks(keys)
+        for key in session.scalars(
+            select(LedgerEntry.idempotency_key).where(LedgerEntry.idempotency_key.in_(chunk))
+        )
+    }
+    refunds = refunds.filter(~pl.col("key").is_in(list(done))).unique(
+        "key", keep="first", maintain_order=True
+    )
+    if refunds.is_empty():
+        return 0
+    orders = refunds["order_id"].unique().to_list()
+    earned, reversed_, spent, refund_activity = _order_sums(session, program=program, orders=orders)
+    members = refunds.filter(pl.col("order_id").is_in(list(earned)))["member_id"].unique()
+    ledger.lock_members(session, member_ids=members.to_list())
+    lots = ledger.lots_of_members(session, member_ids=members.to_list())
+    shares: list[float] = []
+    for row in refunds.iter_rows(named=True):
+        order = row["order_id"]
+        at, event_id, amount = row["timestamp"], row["event_id"], row["amount"]
+        total = spent.get(order, 0.0)
+        if amount is None or not total:
+            shares.append(1.0)
             continue
-        written += reverse_order(
-            session,
-            program=program,
-            member_id=row["member_id"],
-            order_id=row["order_id"],
-            refund_event_id=row["event_id"],
-            refunded_amount=row["amount"],
-            idempotency_key=key,
-            occurred_at=row["timestamp"],
-            now=now,
+        before = sum(
+            a
+            for t, e, a in refund_activity.get(order, [])
+            if t < at or (t == at and event_id is not None and e is not None and e < event_id)
         )
-    return written
-
-
-def reverse_order(
-    session: Session,
-    *,
-    program: Program,
-    member_id: str,
-    order_id: str,
-    refunded_amount: float | None,
-    idempotency_key: str,
-    occurred_at: datetime,
-    refund_event_id: int | None = None,
-    now: datetime | None = None,
-) -> int:
-    """Take back the share of an order's points that its refunds (so far) represent.
-
-    Target reversal after this refund = round(points earned by the order * refunded so far
-    / order amount); this refund reverses the target minus what earlier refunds reversed.
-    Points come first from the order's own lots (pending ones included), then from the
-    member's other lots; what the balance cannot cover is recorded as `unrecovered`.
-    Qualifying points are reversed in the same proportion (in full, they are not spendable).
-    """
-    now = now or utcnow()
-    earned, qualifying = session.execute(
-        select(
-            func.coalesce(func.sum(LedgerEntry.points), 0),
-            func.coalesce(func.sum(LedgerEntry.qualifying_points), 0),
-        ).where(
-            LedgerEntry.program_id == program.id,
-            LedgerEntry.order_id == order_id,
-            LedgerEntry.kind == "earn",
-        )
-    ).one()
-    reversed_points, reversed_qualifying = session.execute(
-        select(
-            func.coalesce(func.sum(-LedgerEntry.points + LedgerEntry.unrecovered), 0),
-            func.coalesce(func.sum(-LedgerEntry.qualifying_points), 0),
-        ).where(
-            LedgerEntry.program_id == program.id,
-            LedgerEntry.order_id == order_id,
-            LedgerEntry.kind == "reverse",
-        )
-    ).one()
-    spent = session.execute(
-        select(func.coalesce(func.sum(Activity.spend), 0.0)).where(
-            Activity.program_id == program.id,
-            Activity.order_id == order_id,
-            Activity.spend > 0,
-        )
-    ).scalar_one()
-    earlier = Activity.occurred_at < occurred_at
-    if refund_event_id is not None:
-        earlier = or_(
-            earlier, and_(Activity.occurred_at == occurred_at, Activity.event_id < refund_event_id)
-        )
-    refunded_before = -float(
-        session.execute(
-            select(func.coalesce(func.sum(Activity.spend), 0.0)).where(
-                Activity.program_id == program.id,
-                Activity.order_id == order_id,
-                Activity.spend < 0,
-                earlier,
-            )
-        ).scalar_one()
+        shares.append(min(1.0, (before + float(amount)) / float(total)))
+    # The targets of every refund, rounded in one go (`round_half_up` of each).
+    earned_of = refunds.select(
+        pl.col("order_id")
+        .replace_strict(list(earned), [p for p, _ in earned.values()], default=0)
+        .cast(pl.Float64)
+        .alias("points"),
+        pl.col("order_id")
+        .replace_strict(list(earned), [q for _, q in earned.values()], default=0)
+        .cast(pl.Float64)
+        .alias("qualifying"),
+        pl.Series("share", shares, dtype=pl.Float64),
+    ).select(
+        _round_half_up(pl.col("points") * pl.col("share")).alias("target"),
+        _round_half_up(pl.col("qualifying") * pl.col("share")).alias("target_q"),
     )
-    if not earned:
-        return 0
-    if refunded_amount is None or not spent:
-        share = 1.0
-    else:
-        share = min(1.0, (refunded_before + float(refunded_amount)) / float(spent))
-    target = int(round_half_up(int(earned) * share))
-    target_qualifying = int(round_half_up(int(qualifying) * share))
-    points = target - int(reversed_points)
-    qualifying_back = target_qualifying - int(reversed_qualifying)
-    if points <= 0 and qualifying_back <= 0:
-        return 0
-    ledger.lock_member(session, member_id=member_id)
-    ledger.debit(
-        session,
-        program=program,
-        member_id=member_id,
-        kind="reverse",
-        points=max(points, 0),
-        qualifying_points=-max(qualifying_back, 0),
-        idempotency_key=idempotency_key,
-        order_id=order_id,
-        include_pending=True,
-        partial=True,
-        as_of=occurred_at,
-        occurred_at=occurred_at,
-        now=now,
-        event_id=refund_event_id,
-        reason=f"order {order_id} refunded ({share:.0%})",
+    entries: list[dict[str, Any]] = []  # Any: column values
+    draws: list[tuple[str, str, int]] = []
+    for row, share, target, target_q in zip(
+        refunds.iter_rows(named=True),
+        shares,
+        earned_of["target"].to_list(),
+        earned_of["target_q"].to_list(),
+        strict=True,
+    ):
+        order = row["order_id"]
+        if not earned.get(order, [0, 0])[0]:
+            continue
+        at, event_id = row["timestamp"], row["event_id"]
+        done_points, done_qualifying = reversed_.setdefault(order, [0, 0])
+        back = int(target) - done_points
+        back_q = int(target_q) - done_qualifying
+        if back <= 0 and back_q <= 0:
+            continue
+        plan, left = ledger.plan_reversal(
+            lots[row["member_id"]], points=max(back, 0), order_id=order, as_of=at
+        )
+        reversed_[order] = [done_points + max(back, 0), done_qualifying + max(back_q, 0)]
+        entry = ledger.entry_id(row["key"])
+        draws.extend((entry, lot_id, take) for lot_id, take in plan)
+        entries.append(
+            {
+                "id": entry,
+                "program_id": program.id,
+                "member_id": row["member_id"],
+                "kind": "reverse",
+                "points": -(max(back, 0) - left),
+                "qualifying_points": -max(back_q, 0),
+                "unrecovered": left,
+                "status": "active",
+                "pending_until": None,
+                "expires_at": None,
+                "occurred_at": at,
+                "local_date": calendar.local_date(at, program.timezone),
+                "created_at": now,
+                "event_id": event_id,
+                "message_id": None,
+                "order_id": order,
+                "rule_id": None,
+                "redemption_id": None,
+                "reason": f"order {order} refunded ({share:.0%})",
+                "actor": None,
+                "idempotency_key": row["key"],
+            }
+        )
+    utc = pl.Datetime("us", "UTC")
+    entry_frame = pl.DataFrame(
+        entries,
+        schema={
+            "id": pl.String(),
+            "program_id": pl.String(),
+            "member_id": pl.String(),
+            "kind": pl.String(),
+            "points": pl.Int64(),
+            "qualifying_points": pl.Int64(),
+            "unrecovered": pl.Int64(),
+            "status": pl.String(),
+            "pending_until": utc,
+            "expires_at": utc,
+            "occurred_at": utc,
+            "local_date": pl.Date(),
+            "created_at": utc,
+            "event_id": pl.Int64(),
+            "message_id": pl.String(),
+            "order_id": pl.String(),
+            "rule_id": pl.String(),
+            "redemption_id": pl.String(),
+            "reason": pl.String(),
+            "actor": pl.String(),
+            "idempotency_key": pl.String(),
+        },
     )
-    return 1
+    draw_frame = pl.DataFrame(
+        draws,
+        schema={"entry_id": pl.String(), "lot_id": pl.String(), "points": pl.Int64()},
+        orient="row",
+    )
+    return ledger.write_debits(session, entries=entry_frame, draws=draw_frame)
+
+
+def _round_half_up(values: pl.Expr) -> pl.Expr:
+    return values.round(rules.PRECISION).round(0, mode="half_away_from_zero").cast(pl.Int64)
 
 
 def round_half_up(value: float) -> int:
     """Round half away from zero (for shares of points)."""
-    return int(pl.Series([value]).round(rules.PRECISION).round(0, mode="half_away_from_zero")[0])
+    return int(pl.select(_round_half_up(pl.lit(value, dtype=pl.Float64))).item())
 
 
 def as_utc(value: datetime) -> datetime:

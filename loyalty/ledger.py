@@ -9,6 +9,7 @@ is a no-op (`INSERT ... ON CONFLICT DO NOTHING`), whoever writes it.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
 from collections.abc import Sequence
@@ -64,6 +65,22 @@ def entry_id(key: str) -> str:
     return str(uuid.uuid5(ENTRY_NAMESPACE, key))
 
 
+def entry_ids(keys: Sequence[str]) -> list[str]:
+    """`entry_id` of many keys (the same UUIDv5s, about 3x faster than `uuid.uuid5` each:
+    the namespace is hashed once and no UUID objects are built)."""
+    base = hashlib.sha1(ENTRY_NAMESPACE.bytes, usedforsecurity=False)
+    out: list[str] = []
+    for key in keys:
+        digest = base.copy()
+        digest.update(key.encode())
+        n = int.from_bytes(digest.digest()[:16], "big")
+        n = (n & ~(0xF000 << 64)) | (5 << 76)  # version 5
+        n = (n & ~(0xC000 << 48)) | (0x8000 << 48)  # RFC 4122 variant
+        x = f"{n:032x}"
+        out.append(f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}")
+    return out
+
+
 def insert_ignoring_conflicts(session: Session, table: Any) -> Insert:  # Any: a Table
     """`INSERT ... ON CONFLICT DO NOTHING` for the session's dialect."""
     dialect = session.get_bind().dialect.name
@@ -110,7 +127,7 @@ def bulk_insert(session: Session, table: Any, frame: pl.DataFrame) -> int:  # An
     if dialect.name == "sqlite":
         # Large batches insert into several B-trees at random places (UUID keys, the
         # idempotency index): SQLite's default 2 MB page cache thrashes; 64 MB does not.
-        session.connection().exec_driver_sql("PRAGMA cache_size=-65536")
+        session.connection().exec_driver_sql("PRAGMA cache_size=-1048576")
         order = list(compiled.positiontup or [])
         rows = _sqlite_values(frame).select(order).rows()
     else:
@@ -195,7 +212,7 @@ def write_credits(
             .alias("pending_until")
         )
     dated = dated.with_columns(
-        pl.Series("id", [entry_id(k) for k in dated["idempotency_key"].to_list()]),
+        pl.Series("id", entry_ids(dated["idempotency_key"].to_list()), dtype=pl.String),
         pl.lit(program.id).alias("program_id"),
         pl.lit(0).alias("unrecovered"),
         pl.lit(now).dt.convert_time_zone("UTC").alias("created_at"),
@@ -404,6 +421,139 @@ def _apply_draws(session: Session, *, entry_id: str, draws: Sequence[tuple[str, 
             raise RuntimeError(f"lot {lot_id} cannot give {amount} points")
         session.add(LotDraw(entry_id=entry_id, lot_id=lot_id, points=amount))
     session.flush()
+
+
+@dataclass(slots=True)
+class LotState:
+    """A lot held in memory while many debits are planned at once (`plan_reversal`)."""
+
+    entry_id: str
+    order_id: str | None
+    remaining: int
+    earned_at: datetime
+    expires_at: datetime | None
+
+    def fifo_key(self) -> tuple[bool, datetime, datetime, str]:
+        """The order `debit` draws in: soonest expiry first (never last), then age, then id."""
+        return (
+            self.expires_at is None,
+            self.expires_at or self.earned_at,
+            self.earned_at,
+            self.entry_id,
+        )
+
+
+def lots_of_members(session: Session, *, member_ids: Sequence[str]) -> dict[str, list[LotState]]:
+    """The lots with points left of these members (their current owners), by member.
+
+    The caller holds the members' locks (`lock_members`)."""
+    found: dict[str, list[LotState]] = {m: [] for m in member_ids}
+    ids = sorted(set(member_ids))
+    for start in range(0, len(ids), 1000):
+        rows = session.execute(
+            select(
+                Lot.member_id,
+                Lot.entry_id,
+                Lot.order_id,
+                Lot.remaining,
+                Lot.earned_at,
+                Lot.expires_at,
+            ).where(Lot.member_id.in_(ids[start : start + 1000]), Lot.remaining > 0)
+        ).all()
+        for member_id, lot_id, order_id, remaining, earned_at, expires_at in rows:
+            found[member_id].append(
+                LotState(lot_id, order_id, int(remaining), earned_at, expires_at)
+            )
+    return found
+
+
+def lock_members(session: Session, *, member_ids: Sequence[str]) -> None:
+    """`lock_member` for many members at once (in id order, so two writers cannot deadlock)."""
+    ids = sorted(set(member_ids))
+    for start in range(0, len(ids), 1000):
+        chunk = ids[start : start + 1000]
+        if session.get_bind().dialect.name == "postgresql":
+            session.execute(
+                select(Member.id).where(Member.id.in_(chunk)).order_by(Member.id).with_for_update()
+            )
+        else:
+            session.execute(
+                update(Member).where(Member.id.in_(chunk)).values(lock_seq=Member.lock_seq + 1)
+            )
+
+
+def plan_reversal(
+    lots: list[LotState], *, points: int, order_id: str, as_of: datetime
+) -> tuple[list[tuple[str, int]], int]:
+    """The draws `debit(order_id=, include_pending=True, partial=True, as_of=)` would make,
+    on lots held in memory (updated in place): the order's own lots first, whatever their
+    state, then the member's other lots alive and earned at `as_of`. Returns the draws and
+    what the lots could not cover."""
+    plan: list[tuple[str, int]] = []
+    left = points
+    taken: set[str] = set()
+    if left > 0:
+        own = sorted(
+            (lot for lot in lots if lot.order_id == order_id and lot.remaining > 0),
+            key=LotState.fifo_key,
+        )
+        for lot in own:
+            if left <= 0:
+                break
+            take = min(left, lot.remaining)
+            plan.append((lot.entry_id, take))
+            taken.add(lot.entry_id)
+            left -= take
+    if left > 0:
+        others = sorted(
+            (
+                lot
+                for lot in lots
+                if lot.remaining > 0
+                and lot.entry_id not in taken
+                and (lot.expires_at is None or lot.expires_at > as_of)
+                and lot.earned_at <= as_of
+            ),
+            key=LotState.fifo_key,
+        )
+        for lot in others:
+            if left <= 0:
+                break
+            take = min(left, lot.remaining)
+            plan.append((lot.entry_id, take))
+            left -= take
+    by_id = {lot.entry_id: lot for lot in lots}
+    for lot_id, take in plan:
+        by_id[lot_id].remaining -= take
+    return plan, left
+
+
+def write_debits(session: Session, *, entries: pl.DataFrame, draws: pl.DataFrame) -> int:
+    """Write debit entries (all `ENTRY_COLUMNS`), their draws (entry_id, lot_id, points > 0)
+    and the lots' new remaining points in bulk. The caller holds the members' locks and
+    planned the draws on the lots as they are (`plan_reversal`). Returns the entries written.
+    """
+    if entries.is_empty():
+        return 0
+    written = bulk_insert(session, LedgerEntry.__table__, entries.select(ENTRY_COLUMNS))
+    if written != entries.height:
+        raise RuntimeError("a debit planned in bulk was written meanwhile; retry the batch")
+    if draws.is_empty():
+        return written
+    bulk_insert(session, LotDraw.__table__, draws.select("entry_id", "lot_id", "points"))
+    per_lot = draws.group_by("lot_id").agg(pl.col("points").sum().alias("amount"))
+    stmt = (
+        update(Lot)
+        .where(Lot.entry_id == bindparam("lot"), Lot.remaining >= bindparam("amount"))
+        .values(remaining=Lot.remaining - bindparam("amount"))
+    )
+    result = session.connection().execute(
+        stmt, [{"lot": i, "amount": a} for i, a in per_lot.iter_rows()]
+    )
+    dialect = session.get_bind().dialect
+    if dialect.supports_sane_multi_rowcount and result.rowcount != per_lot.height:
+        raise RuntimeError("a lot could not give the points planned from it")
+    return written
 
 
 def give_back(

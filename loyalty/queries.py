@@ -28,12 +28,15 @@ def events_between(
     products: bool = False,
     since: object = None,
     until: object = None,
+    event_profiles: str | None = None,
 ) -> Query:
     """Events of the given names with `after < event_id <= up_to`, in id order.
 
     The JSON properties at `paths` come as text columns `f0, f1, ...` and, with `products`,
     `properties.products` as a list of structs: DuckDB parses them once, in parallel, so the
-    engine does not parse JSON text row by row.
+    engine does not parse JSON text row by row. With `event_profiles` (identity's relation
+    over a CTE `scoped_events`), each event also comes with its `profile_id` (null when not
+    resolved), looked up for the selected events only.
     """
     params: dict[str, object] = {
         "after": after_event_id,
@@ -50,15 +53,31 @@ def events_between(
         extra += (
             f", from_json(json_extract(properties, '$.products'), '{PRODUCTS_TYPE}') AS products"
         )
+    where = """
+        WHERE {t}event_id > $after AND {t}event_id <= $up_to AND list_contains($names, event)
+          AND ($since IS NULL OR timestamp >= $since) AND ($until IS NULL OR timestamp < $until)
+    """
+    if event_profiles is None:
+        return Query(
+            f"""
+            SELECT event_id, message_id, source_id, type, event, timestamp,
+                   CAST(properties AS VARCHAR) AS properties{extra}
+            FROM events {where.format(t="")}
+            ORDER BY event_id
+            """,  # noqa: S608 - the extra columns are code-built; paths and values are parameters
+            params,
+        )
     return Query(
         f"""
-        SELECT event_id, message_id, source_id, type, event, timestamp,
-               CAST(properties AS VARCHAR) AS properties{extra}
-        FROM events
-        WHERE event_id > $after AND event_id <= $up_to AND list_contains($names, event)
-          AND ($since IS NULL OR timestamp >= $since) AND ($until IS NULL OR timestamp < $until)
-        ORDER BY event_id
-        """,  # noqa: S608 - the extra columns are code-built; paths and values are parameters
+        WITH scoped_events AS (SELECT event_id FROM events {where.format(t="")}),
+        event_profile AS ({event_profiles})
+        SELECT e.event_id, message_id, source_id, type, event, timestamp,
+               CAST(properties AS VARCHAR) AS properties{extra}, ep.profile_id
+        FROM events AS e
+        LEFT JOIN event_profile AS ep ON ep.event_id = e.event_id
+        {where.format(t="e.")}
+        ORDER BY e.event_id
+        """,  # noqa: S608 - columns and the relation are code constants; values are parameters
         params,
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -1350,19 +1351,6 @@ def dry_run(
     return DryRunResult(total_points=sum(v.points for v in verdicts), rules=verdicts)
 
 
-def resolve_profiles(
-    warehouse: Warehouse, *, after_event_id: int, up_to_event_id: int
-) -> pl.DataFrame:
-    """The profile of each resolved event in `(after, up_to]`: frame [event_id, profile_id].
-
-    Identity resolution decides (its `event_profiles`); an event it has not resolved has
-    no row, so callers never read past `identity_service.resolved_up_to`.
-    """
-    return identity_service.event_profiles(
-        warehouse, after_event_id=after_event_id, up_to_event_id=up_to_event_id
-    )
-
-
 def read_events(
     warehouse: Warehouse,
     *,
@@ -1388,6 +1376,9 @@ def read_events(
             products=products,
             since=None if since is None else since.astimezone(UTC).replace(tzinfo=None),
             until=None if until is None else until.astimezone(UTC).replace(tzinfo=None),
+            # Identity resolves only the events read (a slice of a backfill needs its own
+            # events' identifiers, not the whole history's).
+            event_profiles=identity_service.scoped_event_profile_sql(),
         )
     )
     if paths:
@@ -1396,10 +1387,7 @@ def read_events(
         events = events.rename({"products": "properties.products"})
     if events.is_empty():
         return pl.DataFrame(schema=engine.EVENT_SCHEMA)
-    profiles = resolve_profiles(
-        warehouse, after_event_id=after_event_id, up_to_event_id=up_to_event_id
-    )
-    return events.join(profiles, on="event_id", how="left")
+    return events.with_columns(pl.col("profile_id").cast(pl.String))
 
 
 def process_range(
@@ -1445,6 +1433,7 @@ def process_range(
             for start in range(after_event_id, up_to_event_id, batch_size)
         ]
     for start, end, since, until in slices:
+        started = time.perf_counter()
         events = read_events(
             warehouse,
             after_event_id=start,
@@ -1454,6 +1443,7 @@ def process_range(
             since=since,
             until=until,
         )
+        logger.debug("read %d events in %.2f s", events.height, time.perf_counter() - started)
         result = engine.process_events(session, program=program, events=events, now=now)
         total.events += result.events
         total.enrolled += result.enrolled

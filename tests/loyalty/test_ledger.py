@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -191,3 +192,61 @@ def test_merge_into_a_profile_without_membership_rekeys_the_membership(db: Datab
         )
         found = service.member_by_profile(session, program_id=program.id, profile_id="new")
     assert found.id == member.id
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_planned_reversals_draw_exactly_what_debit_draws(db: Database, seed: int) -> None:
+    """`plan_reversal` (the bulk path of refunds) == `debit(order_id=, include_pending=True,
+    partial=True, as_of=)` step by step: own lots first, then lots alive at the refund."""
+    rng = random.Random(seed)
+    program = make_program(db, expiry_policy="rolling", expiry_months=1, pending_days=3)
+    member = make_member(db, program)
+    for i in range(12):
+        at = T0 + timedelta(days=rng.choice([0, 0, 5, 20, 40, 70]))
+        earn(
+            db,
+            program,
+            member,
+            rng.randint(1, 60),
+            at=at,
+            key=f"lot-{i}",
+            order_id=rng.choice(["o1", "o2", None]),
+        )
+    for step in range(10):
+        as_of = T0 + timedelta(days=rng.randint(0, 80))
+        order = rng.choice(["o1", "o2", "o3"])
+        points = rng.randint(0, 90)
+        with db.begin() as session:
+            lots = ledger.lots_of_members(session, member_ids=[member.id])[member.id]
+            plan, left = ledger.plan_reversal(lots, points=points, order_id=order, as_of=as_of)
+            ledger.lock_member(session, member_id=member.id)
+            entry = ledger.debit(
+                session,
+                program=session.get(Program, program.id) or program,
+                member_id=member.id,
+                kind="reverse",
+                points=points,
+                idempotency_key=f"reverse-{step}",
+                order_id=order,
+                include_pending=True,
+                partial=True,
+                as_of=as_of,
+                occurred_at=as_of,
+                now=as_of,
+            )
+            draws = session.execute(
+                select(LotDraw.lot_id, LotDraw.points)
+                .where(LotDraw.entry_id == entry.id)
+                .order_by(LotDraw.id)
+            ).all()
+            assert [tuple(d) for d in draws] == plan
+            assert entry.unrecovered == left
+            after = {lot.entry_id: lot.remaining for lot in session.scalars(select(Lot))}
+            assert {lot.entry_id: lot.remaining for lot in lots} == {
+                lot.entry_id: after[lot.entry_id] for lot in lots
+            }
+
+
+def test_entry_ids_in_bulk_are_the_uuid5_of_each_key(backend: str) -> None:
+    keys = ["event:m1:rule:r1", "import:p:q", "é:ü", "", *(f"k{i}" for i in range(100))]
+    assert ledger.entry_ids(keys) == [ledger.entry_id(k) for k in keys]
