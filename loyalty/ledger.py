@@ -124,15 +124,21 @@ def bulk_insert(session: Session, table: Any, frame: pl.DataFrame) -> int:  # An
     dialect = session.get_bind().dialect
     compiled = stmt.compile(dialect=dialect)
     rows: Any  # Any: tuples (qmark) or dicts (pyformat)
-    if dialect.name == "sqlite":
-        # Large batches insert into several B-trees at random places (UUID keys, the
-        # idempotency index): SQLite's default 2 MB page cache thrashes; 64 MB does not.
-        session.connection().exec_driver_sql("PRAGMA cache_size=-1048576")
+    connection = session.connection()
+    if dialect.name != "sqlite":
+        result = connection.exec_driver_sql(str(compiled), frame.to_dicts())
+        return max(int(result.rowcount), 0)
+    # Large batches insert into several B-trees at random places (UUID keys, the idempotency
+    # index): SQLite's default 2 MB page cache thrashes. A 1 GiB cache is allowed for the
+    # insert only; the pooled connection gets its own setting back (and frees the pages).
+    previous = connection.exec_driver_sql("PRAGMA cache_size").scalar_one()
+    connection.exec_driver_sql("PRAGMA cache_size=-1048576")
+    try:
         order = list(compiled.positiontup or [])
         rows = _sqlite_values(frame).select(order).rows()
-    else:
-        rows = frame.to_dicts()
-    result = session.connection().exec_driver_sql(str(compiled), rows)
+        result = connection.exec_driver_sql(str(compiled), rows)
+    finally:
+        connection.exec_driver_sql(f"PRAGMA cache_size={int(previous)}")
     return max(int(result.rowcount), 0)
 
 

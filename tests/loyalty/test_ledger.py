@@ -5,13 +5,14 @@ from __future__ import annotations
 import random
 from datetime import UTC, datetime, timedelta
 
+import polars as pl
 import pytest
 from sqlalchemy import select
 
 from cdp.db import Database
 from loyalty import ledger, service
 from loyalty.errors import InsufficientPoints
-from loyalty.models import LedgerEntry, Lot, LotDraw, Program
+from loyalty.models import LedgerEntry, Lot, LotDraw, Member, Program
 from tests.conftest import BACKENDS
 from tests.loyalty.conftest import T0, earn, make_member, make_program
 
@@ -250,3 +251,28 @@ def test_planned_reversals_draw_exactly_what_debit_draws(db: Database, seed: int
 def test_entry_ids_in_bulk_are_the_uuid5_of_each_key(backend: str) -> None:
     keys = ["event:m1:rule:r1", "import:p:q", "é:ü", "", *(f"k{i}" for i in range(100))]
     assert ledger.entry_ids(keys) == [ledger.entry_id(k) for k in keys]
+
+
+def test_bulk_insert_leaves_the_connection_settings_as_it_found_them(db: Database) -> None:
+    """SQLite's bulk insert raises the page cache for itself only: the pooled connection
+    gets its own setting back."""
+    program = make_program(db)
+    with db.begin() as session:
+        connection = session.connection()
+        sqlite = connection.dialect.name == "sqlite"
+        before = connection.exec_driver_sql("PRAGMA cache_size").scalar_one() if sqlite else None
+        rows = pl.DataFrame(
+            {
+                "id": ["m-cache"],
+                "program_id": [program.id],
+                "profile_id": ["p-cache"],
+                "status": ["active"],
+                "enrolled_at": [T0],
+                "status_changed_at": [T0],
+                "lock_seq": [0],
+            }
+        )
+        assert ledger.bulk_insert(session, Member.__table__, rows) == 1
+        if sqlite:
+            assert connection.exec_driver_sql("PRAGMA cache_size").scalar_one() == before
+        assert session.get(Member, "m-cache") is not None
