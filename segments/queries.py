@@ -403,3 +403,77 @@ def sample_profiles(limit: int) -> Query:
         """,
         {"limit": limit},
     )
+
+
+# Materialised property values (segment_property_values): the value(s) at a field path of an
+# event's properties, parsed once. The extraction is the compiler's own
+# (`json_extract_string` with the same bound JSON path; one row per list element), so a
+# filter on these rows selects exactly the events a filter on the JSON selects.
+PROPERTY_PATHS = Query("SELECT event, path FROM segment_property_paths ORDER BY event, path")
+
+
+def append_property_values(
+    event: str, paths: list[tuple[str, str, bool]], *, after: int, upto: int
+) -> Query:
+    """Insert the values of one event's paths for its events with id in `(after, upto]`.
+
+    `paths`: (path, bound JSON path, whether it goes through list elements). The events are
+    scanned once; rows are sorted by path and time so a filter reads its path's window only.
+    """
+    params: dict[str, object] = {"event": event, "after": after, "upto": upto}
+    parts = []
+    for i, (path, jp, is_list) in enumerate(paths):
+        params[f"path{i}"], params[f"jp{i}"] = path, jp
+        value = f"json_extract_string(properties, $jp{i})"
+        if is_list:
+            value = f"unnest({value})"
+        parts.append(
+            f"SELECT $path{i} AS path, timestamp, event_id, {value} AS value"  # noqa: S608 - constants
+            " FROM seg_pv_events"
+        )
+    union = "\nUNION ALL\n".join(parts)
+    return Query(
+        f"""
+        INSERT INTO segment_property_values
+        WITH seg_pv_events AS MATERIALIZED (
+            SELECT timestamp, event_id, properties FROM events
+            WHERE event = $event AND event_id > $after AND event_id <= $upto
+        )
+        SELECT $event, path, timestamp, event_id, value
+        FROM ({union})
+        WHERE value IS NOT NULL
+        ORDER BY path, timestamp
+        """,  # noqa: S608 - SQL of this module, values bound
+        params,
+    )
+
+
+def drop_property_event(event: str) -> Query:
+    """Forget one event's materialised values (no longer a purchase or refund event)."""
+    return Query(
+        "DELETE FROM segment_property_values WHERE event = $event;\n"
+        "DELETE FROM segment_property_paths WHERE event = $event",
+        {"event": event},
+    )
+
+
+def add_property_path(event: str, path: str) -> Query:
+    """Record that one (event, path) is materialised up to the mark."""
+    return Query(
+        "INSERT INTO segment_property_paths VALUES ($event, $path)",
+        {"event": event, "path": path},
+    )
+
+
+# Rows of events that are gone (erased): they never match (event conditions read the events
+# through the event map, which holds live events only), this only reclaims their space.
+PRUNE_PROPERTY_VALUES = Query(
+    """
+    DELETE FROM segment_property_values WHERE event_id IN (
+        SELECT event_id FROM segment_property_values
+        EXCEPT
+        SELECT event_id FROM events
+    )
+    """
+)
+ERASURES_MARK = Query("SELECT coalesce(max(seq), 0) FROM profile_erasures")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from datetime import date, datetime
 from typing import Any
@@ -10,7 +11,13 @@ import pytest
 
 from cdp.warehouse import Query, Warehouse
 from identity import service as identity_service
-from segments.compiler import birthday_codes, compile_rule, event_map_relation
+from segments.compiler import (
+    PROPERTY_VALUES_TABLE,
+    PropertyValues,
+    birthday_codes,
+    compile_rule,
+    event_map_relation,
+)
 from segments.errors import InvalidRule
 from segments.fields import (
     FieldSource,
@@ -286,15 +293,20 @@ def test_hostile_values_in_every_string_position_are_bound_parameters(
     warehouse: Warehouse,
 ) -> None:
     tables_before = warehouse.rows(Query("SELECT count(*) FROM duckdb_tables()"))
-    for name, rule in _hostile_rules():
+    # Property filters both from the events' JSON and from the materialised values.
+    materialised = PropertyValues(0, frozenset({("Order Completed", "category")}))
+    for (name, rule), values in itertools.product(_hostile_rules(), (None, materialised)):
         query = compile_rule(
             rule,
             catalog=_catalog(),
             now=NOW,
             event_profiles_sql=event_map_relation(identity_service.event_profile_sql()),
             resolve_segment=lambda _: None,
+            property_values=values,
         )
         assert "DROP" not in query.sql, name
+        if name.startswith("event") and values is not None:
+            assert PROPERTY_VALUES_TABLE in query.sql, name
         assert any(HOSTILE in str(v) or HOSTILE_DQ in str(v) for v in query.params.values()), name
         assert warehouse.rows(Query(f"SELECT count(*) FROM ({query.sql})", query.params)) == [(0,)]
     assert warehouse.rows(Query("SELECT count(*) FROM duckdb_tables()")) == tables_before
