@@ -477,6 +477,8 @@ class _Context:
     values: PropertyValues | None = None
     # Whether some event condition filters on properties that `values` could answer.
     filters_properties: bool = False
+    # Whether the rule being compiled is under a negation (`not`, `member: false`).
+    negated: bool = False
 
 
 def _field(ctx: _Context, spec: CatalogField) -> str:
@@ -632,7 +634,7 @@ def _compile(ctx: _Context, rule: Rule, path: str, depth: int) -> str:
             parts = [_compile(ctx, r, f"{path}.any[{i}]", depth + 1) for i, r in enumerate(rules)]
             return "(" + " OR ".join(parts) + ")"
         case Not(not_=inner):
-            return f"(NOT {_compile(ctx, inner, f'{path}.not', depth + 1)})"
+            return f"(NOT {_negated(ctx, inner, f'{path}.not', depth + 1)})"
         case Compare(field=name, op=op, value=value):
             spec = ctx.catalog.fields.get(name)
             if spec is None:
@@ -648,7 +650,10 @@ def _compile(ctx: _Context, rule: Rule, path: str, depth: int) -> str:
                 sql = _comparison(
                     _field(ctx, spec), spec.type, op, value, ctx.params, path, ctx.now
                 )
-            return f"coalesce({sql}, FALSE)"
+            # Under a negation a NULL must read as false; elsewhere the WHERE clause already
+            # drops rows whose condition is NULL (so the bare comparison is the same, and
+            # DuckDB can push it into the table scan).
+            return f"coalesce({sql}, FALSE)" if ctx.negated else sql
         case EventCondition():
             return _event_condition(ctx, rule, path)
         case SegmentRef(segment=segment_id, member=member):
@@ -661,11 +666,26 @@ def _compile(ctx: _Context, rule: Rule, path: str, depth: int) -> str:
                 raise InvalidRule(f"{path}.segment: unknown segment {segment_id!r}")
             ctx.stack.append(segment_id)
             try:
-                sql = _compile(ctx, referenced, f"{path}.segment({segment_id})", depth + 1)
+                ref_path = f"{path}.segment({segment_id})"
+                sql = (
+                    _compile(ctx, referenced, ref_path, depth + 1)
+                    if member
+                    else _negated(ctx, referenced, ref_path, depth + 1)
+                )
             finally:
                 ctx.stack.pop()
             return sql if member else f"(NOT {sql})"
     raise InvalidRule(f"{path}: not a rule")  # unreachable: the union is closed
+
+
+def _negated(ctx: _Context, rule: Rule, path: str, depth: int) -> str:
+    """Compile a rule that will be negated: its comparisons must never be NULL."""
+    outer = ctx.negated
+    ctx.negated = True
+    try:
+        return _compile(ctx, rule, path, depth)
+    finally:
+        ctx.negated = outer
 
 
 _CLOCK_OPS = frozenset({"in_last_days", "more_than_days_ago", "birthday_in_next_days"})

@@ -72,10 +72,33 @@ def test_snapshot_of_traits_and_attributes_comparisons() -> None:
     assert query.sql == (
         "SELECT p.profile_id FROM profiles p\n"
         "LEFT JOIN profile_attributes a ON a.profile_id = p.profile_id\n"
-        "WHERE (coalesce(list_contains($p1, json_extract_string(p.traits, $p0)), FALSE)"
-        ' AND coalesce(a."orders_count" >= $p2, FALSE))'
+        # No negation above: a NULL comparison already drops the row (no coalesce, so DuckDB
+        # can push the comparison into the scan).
+        "WHERE (list_contains($p1, json_extract_string(p.traits, $p0))"
+        ' AND a."orders_count" >= $p2)'
     )
     assert query.params == {"p0": "$.country", "p1": ["FR", "DE"], "p2": 2}
+
+
+def test_comparisons_under_a_negation_are_never_null(warehouse: Warehouse) -> None:
+    """`member: false` and `not` (at any depth) keep the coalesce: a profile without the
+    trait is outside "vip" and so inside "not vip"."""
+    vip = {"field": "traits.vip", "op": "eq", "value": True}
+    warehouse.execute(
+        Query(
+            "INSERT INTO profiles VALUES ('p1', now()::TIMESTAMP, now()::TIMESTAMP, NULL, NULL,"
+            " 0, '{}', '{\"country\": \"FR\"}')"
+        )
+    )
+    for rule in (
+        {"segment": "s1", "member": False},
+        {"not": {"all": [{"any": [vip]}]}},
+        {"not": {"segment": "s1"}},
+    ):
+        query = _compile(rule, segments={"s1": vip})
+        assert "NOT coalesce(" in query.sql or "(NOT ((coalesce(" in query.sql, query.sql
+        assert warehouse.rows(query) == [("p1",)], rule
+    assert warehouse.rows(_compile(vip)) == []
 
 
 def test_snapshot_of_not_and_birthday() -> None:
@@ -91,8 +114,7 @@ def test_snapshot_of_not_and_birthday() -> None:
     assert query.sql == (
         "SELECT p.profile_id FROM profiles p\n"
         "WHERE ((NOT coalesce(TRY_CAST(json_extract_string(p.traits, $p0) AS BOOLEAN) = $p1,"
-        f" FALSE)) OR coalesce(list_contains($p3, CAST(strftime({birthday}, '%m%d') AS INTEGER)),"
-        " FALSE))"
+        f" FALSE)) OR list_contains($p3, CAST(strftime({birthday}, '%m%d') AS INTEGER)))"
     )
     assert query.params == {
         "p0": "$.vip",
