@@ -11,7 +11,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -546,6 +546,8 @@ class _WarehouseFields:
     attributes: dict[str, FieldType]
     marks: dict[str, str]
     values: compiler.PropertyValues | None = None
+    # The profiles watermark when these fields were asked for (not part of the cache key).
+    watermark: str = ""
 
 
 # The warehouse part of the catalogue, per warehouse, keyed by the package's marks: they move
@@ -566,10 +568,13 @@ def _fields_marks(
 
 
 def _warehouse_fields(warehouse: Warehouse) -> _WarehouseFields:
-    marks = tuple(warehouse.rows(queries.ALL_STATE))
+    """The warehouse part of the catalogue, with the profiles watermark read now (one query)."""
+    rows = warehouse.rows(queries.STATE_AND_WATERMARK)
+    watermark = str(rows[0][1])
+    marks = tuple(rows[1:])
     cached = _FIELDS_CACHE.get(warehouse)
     if cached is not None and cached[0] == marks:
-        return cached[1]
+        return replace(cached[1], watermark=watermark)
     marks = _fields_marks(warehouse, marks)
     traits: dict[str, FieldType] = {}
     for path, _, *counts in warehouse.rows(queries.TRAIT_CATALOG):
@@ -596,7 +601,7 @@ def _warehouse_fields(warehouse: Warehouse) -> _WarehouseFields:
         )
     fields = _WarehouseFields(traits, events, attributes, texts, values)
     _FIELDS_CACHE[warehouse] = (marks, fields)
-    return fields
+    return replace(fields, watermark=str(warehouse.scalar(queries.PROFILES_WATERMARK)))
 
 
 def catalog(session: Session, warehouse: Warehouse, *, settings: SegmentsSettings) -> Catalog:
@@ -639,22 +644,22 @@ def _resolver(session: Session) -> compiler.SegmentResolver:
     return resolve
 
 
-def _event_profiles(warehouse: Warehouse, marks: dict[str, str]) -> str:
+def _event_profiles(fields: _WarehouseFields) -> str:
     """The event -> profile relation for event conditions: the map materialised by the last
     attribute refresh while profiles have not changed since, identity's live relation else."""
-    mark = marks.get(STATE_EVENT_MAP)
-    if mark is not None and mark == str(warehouse.scalar(queries.PROFILES_WATERMARK)):
+    mark = fields.marks.get(STATE_EVENT_MAP)
+    if mark is not None and mark == fields.watermark:
         return queries.EVENT_PROFILES_TABLE
     return compiler.event_map_relation(identity_service.event_profile_sql())
 
 
-def _attributes_current(warehouse: Warehouse, marks: dict[str, str]) -> bool:
+def _attributes_current(fields: _WarehouseFields) -> bool:
     """Whether `profile_attributes` was refreshed since identity last changed profiles (then
     it has one row per live profile)."""
-    mark = marks.get(STATE_ATTRIBUTES)
+    mark = fields.marks.get(STATE_ATTRIBUTES)
     if mark is None:
         return False
-    return mark.split("#", 1)[0] == str(warehouse.scalar(queries.PROFILES_WATERMARK))
+    return mark.split("#", 1)[0] == fields.watermark
 
 
 def compile_segment_rule(
@@ -672,10 +677,10 @@ def compile_segment_rule(
         rule,
         catalog=_catalog(None, fields, settings=settings),
         now=now or _now(),
-        event_profiles_sql=lambda: _event_profiles(warehouse, fields.marks),
+        event_profiles_sql=lambda: _event_profiles(fields),
         resolve_segment=_resolver(session),
         segment_id=segment_id,
-        attributes_current=lambda: _attributes_current(warehouse, fields.marks),
+        attributes_current=lambda: _attributes_current(fields),
         property_values=fields.values,
     ).query
 
@@ -919,11 +924,11 @@ def refresh_segment(
             parse_rule(row.rule),
             catalog=_catalog(None, fields, settings=settings),
             now=at,
-            event_profiles_sql=lambda: _event_profiles(warehouse, fields.marks),
+            event_profiles_sql=lambda: _event_profiles(fields),
             resolve_segment=_resolver(session),
             segment_id=row.id,
             touched_only=touched_only,
-            attributes_current=lambda: _attributes_current(warehouse, fields.marks),
+            attributes_current=lambda: _attributes_current(fields),
             property_values=fields.values,
         )
 

@@ -138,7 +138,7 @@ def _select(
             service.parse_rule(rule),
             catalog=service._catalog(None, fields, settings=SETTINGS),
             now=NOW,
-            event_profiles_sql=lambda: service._event_profiles(warehouse, fields.marks),
+            event_profiles_sql=lambda: service._event_profiles(fields),
             resolve_segment=service._resolver(session),
             property_values=values,
         ).query
