@@ -413,38 +413,30 @@ PROPERTY_PATHS = Query("SELECT event, path FROM segment_property_paths ORDER BY 
 
 
 def append_property_values(
-    event: str, paths: list[tuple[str, str, bool]], *, after: int, upto: int
+    event: str, path: str, json_p: str, *, is_list: bool, after: int, upto: int
 ) -> Query:
-    """Insert the values of one event's paths for its events with id in `(after, upto]`.
+    """Insert the values at one path of one event's events with id in `(after, upto]`.
 
-    `paths`: (path, bound JSON path, whether it goes through list elements). The events are
-    scanned once; rows are sorted by path and time so a filter reads its path's window only.
+    `json_p` is the path's bound JSON path; through list elements one row per element. One
+    path per statement keeps the memory of a first build small (a year of orders' JSON would
+    otherwise be held and sorted at once); rows are sorted by time so a window reads its
+    part of the path only.
     """
-    params: dict[str, object] = {"event": event, "after": after, "upto": upto}
-    parts = []
-    for i, (path, jp, is_list) in enumerate(paths):
-        params[f"path{i}"], params[f"jp{i}"] = path, jp
-        value = f"json_extract_string(properties, $jp{i})"
-        if is_list:
-            value = f"unnest({value})"
-        parts.append(
-            f"SELECT $path{i} AS path, timestamp, event_id, {value} AS value"  # noqa: S608 - constants
-            " FROM seg_pv_events"
-        )
-    union = "\nUNION ALL\n".join(parts)
+    value = "json_extract_string(properties, $jp)"
+    if is_list:
+        value = f"unnest({value})"
     return Query(
         f"""
         INSERT INTO segment_property_values
-        WITH seg_pv_events AS MATERIALIZED (
-            SELECT timestamp, event_id, properties FROM events
+        SELECT $event, $path, timestamp, event_id, value
+        FROM (
+            SELECT timestamp, event_id, {value} AS value FROM events
             WHERE event = $event AND event_id > $after AND event_id <= $upto
         )
-        SELECT $event, path, timestamp, event_id, value
-        FROM ({union})
         WHERE value IS NOT NULL
-        ORDER BY path, timestamp
+        ORDER BY timestamp
         """,  # noqa: S608 - SQL of this module, values bound
-        params,
+        {"event": event, "path": path, "jp": json_p, "after": after, "upto": upto},
     )
 
 

@@ -442,9 +442,11 @@ def refresh_property_values(
             for paths, start in ((known, after), (new, 0)):
                 if not paths or upto <= start:
                     continue
-                spec = [(p, json_path(p), is_list_path(p)) for p in paths]
-                q = queries.append_property_values(event, spec, after=start, upto=upto)
-                added += int(_one(cur, q)[0])
+                for p in paths:
+                    q = queries.append_property_values(
+                        event, p, json_path(p), is_list=is_list_path(p), after=start, upto=upto
+                    )
+                    added += int(_one(cur, q)[0])
             for p in new:
                 q = queries.add_property_path(event, p)
                 cur.execute(q.sql, q.params)
