@@ -404,6 +404,33 @@ MIGRATIONS: list[WarehouseMigration] = [
         ),
     ),
     WarehouseMigration(
+        22,
+        "segments: materialised property values of order events",
+        (
+            # The value(s) at each catalogued field path of the purchase and refund events'
+            # properties, as `json_extract_string` gives them (one row per list element,
+            # NULLs left out), for the events up to a mark (segment_state
+            # `property_values_mark`): event conditions read them instead of parsing JSON.
+            """
+            CREATE TABLE segment_property_values (
+                event VARCHAR NOT NULL,
+                path VARCHAR NOT NULL,
+                timestamp TIMESTAMP,
+                event_id BIGINT NOT NULL,
+                value VARCHAR NOT NULL
+            )
+            """,
+            # The (event, path) pairs held there, each complete up to the mark.
+            """
+            CREATE TABLE segment_property_paths (
+                event VARCHAR NOT NULL,
+                path VARCHAR NOT NULL,
+                PRIMARY KEY (event, path)
+            )
+            """,
+        ),
+    ),
+    WarehouseMigration(
         30,
         "loyalty: member snapshot for the segment field catalogue",
         (

@@ -444,6 +444,18 @@ def event_map_relation(event_profiles_sql: str) -> str:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class PropertyValues:
+    """What `segment_property_values` holds: the values of `paths` ((event, path) pairs) of
+    every event with an id up to `mark`."""
+
+    mark: int
+    paths: frozenset[tuple[str, str]]
+
+
+PROPERTY_VALUES_TABLE = "segment_property_values"
+
+
 @dataclass(slots=True)
 class _Context:
     catalog: Catalog
@@ -461,6 +473,12 @@ class _Context:
     profile_columns: bool = False
     # The profile id column of the statement's base table.
     key: str = "p.profile_id"
+    # Materialised property values event conditions may read (None: parse the JSON).
+    values: PropertyValues | None = None
+    # Whether some event condition filters on properties that `values` could answer.
+    filters_properties: bool = False
+    # Whether the rule being compiled is under a negation (`not`, `member: false`).
+    negated: bool = False
 
 
 def _field(ctx: _Context, spec: CatalogField) -> str:
@@ -480,6 +498,39 @@ def _field(ctx: _Context, spec: CatalogField) -> str:
             if spec.source not in ctx.sources:
                 ctx.sources.append(spec.source)
             return f"{quote_ident('src_' + spec.source)}.{quote_ident(spec.column)}"
+
+
+def _stored_condition(
+    name: str,
+    ftype: FieldType,
+    flt: PropertyFilter,
+    window: list[str],
+    params: Params,
+    path: str,
+    now: datetime,
+) -> str:
+    """A property filter answered from `segment_property_values` for `ep.event_id`.
+
+    The rows hold, per event, the text(s) `json_extract_string` gives at the path (one per
+    list element, NULLs left out), so "some value satisfies the comparison" is exactly the
+    JSON filter of `_path_condition`, and `exists: false` is "no value" (after the cast).
+    """
+    value = "v.value" if ftype == "string" else f"TRY_CAST(v.value AS {SQL_TYPES[ftype]})"
+    negate = flt.op == "exists" and flt.value is False
+    cond = (
+        f"{value} IS NOT NULL"
+        if negate
+        else _comparison(value, ftype, flt.op, flt.value, params, path, now)
+    )
+    rows = " AND ".join(
+        [
+            f"v.path = {params.add(name)}",
+            *(w.format(t="v") for w in window),
+            cond,
+        ]
+    )
+    sub = f"SELECT v.event_id FROM {PROPERTY_VALUES_TABLE} v WHERE {rows}"
+    return f"ep.event_id {'NOT IN' if negate else 'IN'} ({sub})"
 
 
 def _event_condition(ctx: _Context, rule: EventCondition, path: str) -> str:
@@ -503,8 +554,7 @@ def _event_condition(ctx: _Context, rule: EventCondition, path: str) -> str:
     if rule.until is not None:
         window.append(f"{{t}}.timestamp < {params.add(rule.until)}")
     conds = [w.format(t="ep") for w in window]
-    if rule.where:
-        conds += [w.format(t="e") for w in window]
+    filters: list[tuple[str, FieldType, PropertyFilter, str]] = []
     for i, flt in enumerate(rule.where):
         where = f"{path}.where[{i}]"
         name = flt.property
@@ -515,9 +565,37 @@ def _event_condition(ctx: _Context, rule: EventCondition, path: str) -> str:
             raise InvalidRule(
                 f"{where}.property: unknown property {flt.property!r} of event {rule.event!r}"
             )
-        conds.append(
-            _path_condition("e.properties", name, ftype, flt.op, flt.value, params, where, ctx.now)
+        filters.append((name, ftype, flt, where))
+    values = ctx.values
+    if filters:
+        ctx.filters_properties = True
+    materialised = (
+        values is not None
+        and bool(filters)
+        and all((rule.event, name) in values.paths for name, _, _, _ in filters)
+    )
+    json_conds = [
+        _path_condition("e.properties", name, ftype, flt.op, flt.value, params, where, ctx.now)
+        for name, ftype, flt, where in filters
+    ]
+    if materialised:
+        assert values is not None
+        # Events up to the mark: their materialised values; events after it: their JSON.
+        mark = params.add(values.mark)
+        stored = [
+            _stored_condition(name, ftype, flt, window, params, where, ctx.now)
+            for name, ftype, flt, where in filters
+        ]
+        fresh = " AND ".join(
+            [f"e.event_id > {mark}", *(w.format(t="e") for w in window), *json_conds]
         )
+        conds.append(
+            f"((ep.event_id <= {mark} AND {' AND '.join(stored)})"
+            f" OR ep.event_id IN (SELECT e.event_id FROM events e WHERE {fresh}))"
+        )
+    elif filters:
+        conds += [w.format(t="e") for w in window]
+        conds += json_conds
     n = rule.count.value
     match rule.count.op:
         case "at_least" if n == 0:
@@ -534,7 +612,9 @@ def _event_condition(ctx: _Context, rule: EventCondition, path: str) -> str:
         cond = "TRUE"
     else:
         source = (
-            "seg_ep ep JOIN events e ON e.event_id = ep.event_id" if rule.where else "seg_ep ep"
+            "seg_ep ep JOIN events e ON e.event_id = ep.event_id"
+            if filters and not materialised
+            else "seg_ep ep"
         )
         query = (
             f"SELECT ep.profile_id FROM {source} WHERE {' AND '.join(conds)} GROUP BY ep.profile_id"
@@ -554,7 +634,7 @@ def _compile(ctx: _Context, rule: Rule, path: str, depth: int) -> str:
             parts = [_compile(ctx, r, f"{path}.any[{i}]", depth + 1) for i, r in enumerate(rules)]
             return "(" + " OR ".join(parts) + ")"
         case Not(not_=inner):
-            return f"(NOT {_compile(ctx, inner, f'{path}.not', depth + 1)})"
+            return f"(NOT {_negated(ctx, inner, f'{path}.not', depth + 1)})"
         case Compare(field=name, op=op, value=value):
             spec = ctx.catalog.fields.get(name)
             if spec is None:
@@ -570,7 +650,10 @@ def _compile(ctx: _Context, rule: Rule, path: str, depth: int) -> str:
                 sql = _comparison(
                     _field(ctx, spec), spec.type, op, value, ctx.params, path, ctx.now
                 )
-            return f"coalesce({sql}, FALSE)"
+            # Under a negation a NULL must read as false; elsewhere the WHERE clause already
+            # drops rows whose condition is NULL (so the bare comparison is the same, and
+            # DuckDB can push it into the table scan).
+            return f"coalesce({sql}, FALSE)" if ctx.negated else sql
         case EventCondition():
             return _event_condition(ctx, rule, path)
         case SegmentRef(segment=segment_id, member=member):
@@ -583,11 +666,26 @@ def _compile(ctx: _Context, rule: Rule, path: str, depth: int) -> str:
                 raise InvalidRule(f"{path}.segment: unknown segment {segment_id!r}")
             ctx.stack.append(segment_id)
             try:
-                sql = _compile(ctx, referenced, f"{path}.segment({segment_id})", depth + 1)
+                ref_path = f"{path}.segment({segment_id})"
+                sql = (
+                    _compile(ctx, referenced, ref_path, depth + 1)
+                    if member
+                    else _negated(ctx, referenced, ref_path, depth + 1)
+                )
             finally:
                 ctx.stack.pop()
             return sql if member else f"(NOT {sql})"
     raise InvalidRule(f"{path}: not a rule")  # unreachable: the union is closed
+
+
+def _negated(ctx: _Context, rule: Rule, path: str, depth: int) -> str:
+    """Compile a rule that will be negated: its comparisons must never be NULL."""
+    outer = ctx.negated
+    ctx.negated = True
+    try:
+        return _compile(ctx, rule, path, depth)
+    finally:
+        ctx.negated = outer
 
 
 _CLOCK_OPS = frozenset({"in_last_days", "more_than_days_ago", "birthday_in_next_days"})
@@ -616,6 +714,7 @@ def compile_rule(
     event_profiles_sql: str | Callable[[], str],
     resolve_segment: SegmentResolver,
     segment_id: str | None = None,
+    property_values: PropertyValues | None = None,
 ) -> Query:
     """One statement returning the `profile_id` of every profile the rule selects.
 
@@ -631,6 +730,7 @@ def compile_rule(
         event_profiles_sql=event_profiles_sql,
         resolve_segment=resolve_segment,
         segment_id=segment_id,
+        property_values=property_values,
     ).query
 
 
@@ -644,6 +744,7 @@ def compile_rule_parts(
     segment_id: str | None = None,
     touched_only: bool = False,
     attributes_current: bool | Callable[[], bool] = False,
+    property_values: PropertyValues | None = None,
 ) -> CompiledRule:
     """`compile_rule` with what incremental refresh needs; `touched_only` restricts the
     statement (and its event scans) to the profiles of temp table `seg_touched`.
@@ -651,18 +752,24 @@ def compile_rule_parts(
     `attributes_current` (or a function telling it, asked only when it matters): whether
     `profile_attributes` holds exactly the live profiles (refreshed since identity last ran);
     then a rule that reads no `profiles` column selects from `profile_attributes` alone.
+    `property_values`: the materialised property values property filters may read instead of
+    the events' JSON (same result either way).
     """
     stack = [segment_id] if segment_id else []
     ctx = _Context(catalog, Params(), now, resolve_segment, list(stack))
     condition = _compile(ctx, rule, "rule", 0)
+    # Of the JSON form: the fingerprint does not move when the materialised values do.
     fingerprint_of = (condition, sorted(ctx.params.values.items(), key=str), ctx.sources)
     base = "profiles p"
+    key = "p.profile_id"
     if ctx.attributes and not ctx.profile_columns:
         current = attributes_current() if callable(attributes_current) else attributes_current
         if current:
-            ctx = _Context(catalog, Params(), now, resolve_segment, list(stack), key="a.profile_id")
-            condition = _compile(ctx, rule, "rule", 0)
-            base = "profile_attributes a"
+            key, base = "a.profile_id", "profile_attributes a"
+    values = property_values if ctx.filters_properties else None
+    if key != ctx.key or values is not None:
+        ctx = _Context(catalog, Params(), now, resolve_segment, list(stack), key=key, values=values)
+        condition = _compile(ctx, rule, "rule", 0)
     key = ctx.key
     touched = f"SELECT profile_id FROM {TOUCHED_TABLE}"
     lines = []

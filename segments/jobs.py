@@ -17,6 +17,7 @@ def refresh_attributes(context: JobContext) -> int:
         return 0
     service.refresh_event_map(context.warehouse)
     service.refresh_catalog(context.warehouse)
+    service.refresh_property_values(context.warehouse, settings=settings)
     context.message = (
         f"{result.attributes} attributes of {result.profiles} profiles in {result.seconds:.2f}s"
     )
@@ -30,6 +31,7 @@ def refresh_attributes_now(context: JobContext) -> int:
         result = service.refresh_attributes(session, context.warehouse, settings=settings)
     service.refresh_event_map(context.warehouse)
     service.refresh_catalog(context.warehouse)
+    service.refresh_property_values(context.warehouse, settings=settings)
     context.message = (
         f"{result.attributes} attributes of {result.profiles} profiles in {result.seconds:.2f}s"
     )

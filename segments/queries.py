@@ -403,3 +403,81 @@ def sample_profiles(limit: int) -> Query:
         """,
         {"limit": limit},
     )
+
+
+# Materialised property values (segment_property_values): the value(s) at a field path of an
+# event's properties, parsed once. The extraction is the compiler's own
+# (`json_extract_string` with the same bound JSON path; one row per list element), so a
+# filter on these rows selects exactly the events a filter on the JSON selects.
+PROPERTY_PATHS = Query("SELECT event, path FROM segment_property_paths ORDER BY event, path")
+
+
+def append_property_values(
+    event: str, path: str, json_p: str, *, is_list: bool, after: int, upto: int
+) -> Query:
+    """Insert the values at one path of one event's events with id in `(after, upto]`.
+
+    `json_p` is the path's bound JSON path; through list elements one row per element. One
+    path per statement keeps the memory of a first build small (a year of orders' JSON would
+    otherwise be held and sorted at once); rows are sorted by time so a window reads its
+    part of the path only.
+    """
+    value = "json_extract_string(properties, $jp)"
+    if is_list:
+        value = f"unnest({value})"
+    return Query(
+        f"""
+        INSERT INTO segment_property_values
+        SELECT $event, $path, timestamp, event_id, value
+        FROM (
+            SELECT timestamp, event_id, {value} AS value FROM events
+            WHERE event = $event AND event_id > $after AND event_id <= $upto
+        )
+        WHERE value IS NOT NULL
+        ORDER BY timestamp
+        """,  # noqa: S608 - SQL of this module, values bound
+        {"event": event, "path": path, "jp": json_p, "after": after, "upto": upto},
+    )
+
+
+def drop_property_event(event: str) -> Query:
+    """Forget one event's materialised values (no longer a purchase or refund event)."""
+    return Query(
+        "DELETE FROM segment_property_values WHERE event = $event;\n"
+        "DELETE FROM segment_property_paths WHERE event = $event",
+        {"event": event},
+    )
+
+
+def add_property_path(event: str, path: str) -> Query:
+    """Record that one (event, path) is materialised up to the mark."""
+    return Query(
+        "INSERT INTO segment_property_paths VALUES ($event, $path)",
+        {"event": event, "path": path},
+    )
+
+
+# Rows of events that are gone (erased): they never match (event conditions read the events
+# through the event map, which holds live events only), this only reclaims their space.
+PRUNE_PROPERTY_VALUES = Query(
+    """
+    DELETE FROM segment_property_values WHERE event_id IN (
+        SELECT event_id FROM segment_property_values
+        EXCEPT
+        SELECT event_id FROM events
+    )
+    """
+)
+ERASURES_MARK = Query("SELECT coalesce(max(seq), 0) FROM profile_erasures")
+
+
+# The profiles watermark (first row, name NULL), then ALL_STATE's rows: one round trip.
+STATE_AND_WATERMARK = Query(
+    f"""
+    SELECT * FROM (
+        SELECT NULL AS name, ({PROFILES_WATERMARK.sql}) AS text, NULL AS updated_at
+        UNION ALL
+        SELECT name, text, updated_at FROM segment_state
+    ) ORDER BY name NULLS FIRST
+    """  # noqa: S608 - constants
+)

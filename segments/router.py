@@ -93,6 +93,7 @@ def refresh_attributes(
     result = service.refresh_attributes(session, warehouse, settings=settings.segments)
     service.refresh_event_map(warehouse)
     service.refresh_catalog(warehouse)
+    service.refresh_property_values(warehouse, settings=settings.segments)
     return AttributeRefreshRead(
         profiles=result.profiles,
         attributes=result.attributes,

@@ -11,7 +11,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -52,6 +52,8 @@ from segments.rules import (
     Rule,
     builtin_attributes,
     dump_rule,
+    is_list_path,
+    json_path,
     parse_rule,
 )
 
@@ -64,6 +66,7 @@ __all__ = [
     "profile_attributes",
     "refresh_attributes",
     "refresh_event_map",
+    "refresh_property_values",
     "refresh_segment",
     "register_field_source",
     "segment_events_since",
@@ -77,6 +80,8 @@ STATE_EVENT_MAP = "event_profiles_watermark"
 STATE_EVENT_CATALOG = "event_catalog_mark"
 STATE_ATTR_PROFILES = "attributes_profiles_mark"
 STATE_ATTR_DIGEST = "attributes_digest"
+STATE_PROPERTY_VALUES = "property_values_mark"
+STATE_PROPERTY_ERASURES = "property_values_erasures"
 # Numbers every rebuild of the catalogue or the attribute columns in this process.
 _GENERATION = itertools.count(1)
 _PARAM = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
@@ -402,6 +407,58 @@ def refresh_event_map(warehouse: Warehouse, *, now: datetime | None = None) -> i
     return int(row[0])
 
 
+def refresh_property_values(
+    warehouse: Warehouse, *, settings: SegmentsSettings, now: datetime | None = None
+) -> int:
+    """Materialise the values of the purchase and refund events' field paths (from the event
+    catalogue) for the events received since the last run; returns the rows added.
+
+    Paths new to the catalogue are materialised over every event; the others over the events
+    after the mark. One transaction: the rows, the paths and the mark move together. Event
+    conditions read the rows up to the mark and the JSON of the events after it, so their
+    result never depends on when this last ran. Rows of erased events are dropped when an
+    erasure was published since the last run (they could not match anyway).
+    """
+    at = now or _now()
+    wanted_events = list(dict.fromkeys((settings.purchase.event, settings.purchase.refund_event)))
+    added = 0
+    with warehouse.transaction() as cur:
+        state = {str(n): str(t) for n, t, _ in cur.execute(queries.ALL_STATE.sql).fetchall()}
+        after = int(state.get(STATE_PROPERTY_VALUES) or 0)
+        upto = max(int(_one(cur, queries.MAX_EVENT_ID)[0]), after)
+        have: dict[str, set[str]] = {}
+        for event, path in cur.execute(queries.PROPERTY_PATHS.sql).fetchall():
+            have.setdefault(str(event), set()).add(str(path))
+        for event in set(have) - set(wanted_events):
+            _run_script(cur, queries.drop_property_event(event))
+        catalogued: dict[str, set[str]] = {}
+        for event, path, _, *counts in cur.execute(queries.EVENT_CATALOG.sql).fetchall():
+            ftype = json_field_type(**dict(zip(_STAT_COLUMNS, map(int, counts), strict=True)))
+            if path and ftype is not None and event in wanted_events:
+                catalogued.setdefault(str(event), set()).add(str(path))
+        for event in wanted_events:
+            known = sorted(have.get(event, set()))
+            new = sorted(catalogued.get(event, set()) - set(known))
+            for paths, start in ((known, after), (new, 0)):
+                if not paths or upto <= start:
+                    continue
+                for p in paths:
+                    q = queries.append_property_values(
+                        event, p, json_path(p), is_list=is_list_path(p), after=start, upto=upto
+                    )
+                    added += int(_one(cur, q)[0])
+            for p in new:
+                q = queries.add_property_path(event, p)
+                cur.execute(q.sql, q.params)
+        erasures = str(_one(cur, queries.ERASURES_MARK)[0])
+        if erasures != state.get(STATE_PROPERTY_ERASURES, "0"):
+            cur.execute(queries.PRUNE_PROPERTY_VALUES.sql)
+        for name, text in ((STATE_PROPERTY_VALUES, str(upto)), (STATE_PROPERTY_ERASURES, erasures)):
+            write = queries.write_state(name, text, at)
+            cur.execute(write.sql, write.params)
+    return added
+
+
 # The field catalogue.
 
 
@@ -490,6 +547,9 @@ class _WarehouseFields:
     events: dict[str, dict[str, FieldType]]
     attributes: dict[str, FieldType]
     marks: dict[str, str]
+    values: compiler.PropertyValues | None = None
+    # The profiles watermark when these fields were asked for (not part of the cache key).
+    watermark: str = ""
 
 
 # The warehouse part of the catalogue, per warehouse, keyed by the package's marks: they move
@@ -510,10 +570,13 @@ def _fields_marks(
 
 
 def _warehouse_fields(warehouse: Warehouse) -> _WarehouseFields:
-    marks = tuple(warehouse.rows(queries.ALL_STATE))
+    """The warehouse part of the catalogue, with the profiles watermark read now (one query)."""
+    rows = warehouse.rows(queries.STATE_AND_WATERMARK)
+    watermark = str(rows[0][1])
+    marks = tuple(rows[1:])
     cached = _FIELDS_CACHE.get(warehouse)
     if cached is not None and cached[0] == marks:
-        return cached[1]
+        return replace(cached[1], watermark=watermark)
     marks = _fields_marks(warehouse, marks)
     traits: dict[str, FieldType] = {}
     for path, _, *counts in warehouse.rows(queries.TRAIT_CATALOG):
@@ -531,9 +594,16 @@ def _warehouse_fields(warehouse: Warehouse) -> _WarehouseFields:
         for name, dtype in warehouse.rows(queries.ATTRIBUTE_COLUMNS)
         if str(dtype) in _DUCK_TYPES
     }
-    fields = _WarehouseFields(traits, events, attributes, {str(n): str(t) for n, t, _ in marks})
+    texts = {str(n): str(t) for n, t, _ in marks}
+    values = None
+    if STATE_PROPERTY_VALUES in texts:
+        values = compiler.PropertyValues(
+            int(texts[STATE_PROPERTY_VALUES]),
+            frozenset((str(e), str(p)) for e, p in warehouse.rows(queries.PROPERTY_PATHS)),
+        )
+    fields = _WarehouseFields(traits, events, attributes, texts, values)
     _FIELDS_CACHE[warehouse] = (marks, fields)
-    return fields
+    return replace(fields, watermark=str(warehouse.scalar(queries.PROFILES_WATERMARK)))
 
 
 def catalog(session: Session, warehouse: Warehouse, *, settings: SegmentsSettings) -> Catalog:
@@ -576,22 +646,22 @@ def _resolver(session: Session) -> compiler.SegmentResolver:
     return resolve
 
 
-def _event_profiles(warehouse: Warehouse, marks: dict[str, str]) -> str:
+def _event_profiles(fields: _WarehouseFields) -> str:
     """The event -> profile relation for event conditions: the map materialised by the last
     attribute refresh while profiles have not changed since, identity's live relation else."""
-    mark = marks.get(STATE_EVENT_MAP)
-    if mark is not None and mark == str(warehouse.scalar(queries.PROFILES_WATERMARK)):
+    mark = fields.marks.get(STATE_EVENT_MAP)
+    if mark is not None and mark == fields.watermark:
         return queries.EVENT_PROFILES_TABLE
     return compiler.event_map_relation(identity_service.event_profile_sql())
 
 
-def _attributes_current(warehouse: Warehouse, marks: dict[str, str]) -> bool:
+def _attributes_current(fields: _WarehouseFields) -> bool:
     """Whether `profile_attributes` was refreshed since identity last changed profiles (then
     it has one row per live profile)."""
-    mark = marks.get(STATE_ATTRIBUTES)
+    mark = fields.marks.get(STATE_ATTRIBUTES)
     if mark is None:
         return False
-    return mark.split("#", 1)[0] == str(warehouse.scalar(queries.PROFILES_WATERMARK))
+    return mark.split("#", 1)[0] == fields.watermark
 
 
 def compile_segment_rule(
@@ -609,10 +679,11 @@ def compile_segment_rule(
         rule,
         catalog=_catalog(None, fields, settings=settings),
         now=now or _now(),
-        event_profiles_sql=lambda: _event_profiles(warehouse, fields.marks),
+        event_profiles_sql=lambda: _event_profiles(fields),
         resolve_segment=_resolver(session),
         segment_id=segment_id,
-        attributes_current=lambda: _attributes_current(warehouse, fields.marks),
+        attributes_current=lambda: _attributes_current(fields),
+        property_values=fields.values,
     ).query
 
 
@@ -855,11 +926,12 @@ def refresh_segment(
             parse_rule(row.rule),
             catalog=_catalog(None, fields, settings=settings),
             now=at,
-            event_profiles_sql=lambda: _event_profiles(warehouse, fields.marks),
+            event_profiles_sql=lambda: _event_profiles(fields),
             resolve_segment=_resolver(session),
             segment_id=row.id,
             touched_only=touched_only,
-            attributes_current=lambda: _attributes_current(warehouse, fields.marks),
+            attributes_current=lambda: _attributes_current(fields),
+            property_values=fields.values,
         )
 
     compiled = compile_(False)

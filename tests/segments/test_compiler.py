@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from datetime import date, datetime
 from typing import Any
@@ -10,7 +11,13 @@ import pytest
 
 from cdp.warehouse import Query, Warehouse
 from identity import service as identity_service
-from segments.compiler import birthday_codes, compile_rule, event_map_relation
+from segments.compiler import (
+    PROPERTY_VALUES_TABLE,
+    PropertyValues,
+    birthday_codes,
+    compile_rule,
+    event_map_relation,
+)
 from segments.errors import InvalidRule
 from segments.fields import (
     FieldSource,
@@ -65,10 +72,33 @@ def test_snapshot_of_traits_and_attributes_comparisons() -> None:
     assert query.sql == (
         "SELECT p.profile_id FROM profiles p\n"
         "LEFT JOIN profile_attributes a ON a.profile_id = p.profile_id\n"
-        "WHERE (coalesce(list_contains($p1, json_extract_string(p.traits, $p0)), FALSE)"
-        ' AND coalesce(a."orders_count" >= $p2, FALSE))'
+        # No negation above: a NULL comparison already drops the row (no coalesce, so DuckDB
+        # can push the comparison into the scan).
+        "WHERE (list_contains($p1, json_extract_string(p.traits, $p0))"
+        ' AND a."orders_count" >= $p2)'
     )
     assert query.params == {"p0": "$.country", "p1": ["FR", "DE"], "p2": 2}
+
+
+def test_comparisons_under_a_negation_are_never_null(warehouse: Warehouse) -> None:
+    """`member: false` and `not` (at any depth) keep the coalesce: a profile without the
+    trait is outside "vip" and so inside "not vip"."""
+    vip = {"field": "traits.vip", "op": "eq", "value": True}
+    warehouse.execute(
+        Query(
+            "INSERT INTO profiles VALUES ('p1', now()::TIMESTAMP, now()::TIMESTAMP, NULL, NULL,"
+            " 0, '{}', '{\"country\": \"FR\"}')"
+        )
+    )
+    for rule in (
+        {"segment": "s1", "member": False},
+        {"not": {"all": [{"any": [vip]}]}},
+        {"not": {"segment": "s1"}},
+    ):
+        query = _compile(rule, segments={"s1": vip})
+        assert "NOT coalesce(" in query.sql or "(NOT ((coalesce(" in query.sql, query.sql
+        assert warehouse.rows(query) == [("p1",)], rule
+    assert warehouse.rows(_compile(vip)) == []
 
 
 def test_snapshot_of_not_and_birthday() -> None:
@@ -84,8 +114,7 @@ def test_snapshot_of_not_and_birthday() -> None:
     assert query.sql == (
         "SELECT p.profile_id FROM profiles p\n"
         "WHERE ((NOT coalesce(TRY_CAST(json_extract_string(p.traits, $p0) AS BOOLEAN) = $p1,"
-        f" FALSE)) OR coalesce(list_contains($p3, CAST(strftime({birthday}, '%m%d') AS INTEGER)),"
-        " FALSE))"
+        f" FALSE)) OR list_contains($p3, CAST(strftime({birthday}, '%m%d') AS INTEGER)))"
     )
     assert query.params == {
         "p0": "$.vip",
@@ -286,15 +315,20 @@ def test_hostile_values_in_every_string_position_are_bound_parameters(
     warehouse: Warehouse,
 ) -> None:
     tables_before = warehouse.rows(Query("SELECT count(*) FROM duckdb_tables()"))
-    for name, rule in _hostile_rules():
+    # Property filters both from the events' JSON and from the materialised values.
+    materialised = PropertyValues(0, frozenset({("Order Completed", "category")}))
+    for (name, rule), values in itertools.product(_hostile_rules(), (None, materialised)):
         query = compile_rule(
             rule,
             catalog=_catalog(),
             now=NOW,
             event_profiles_sql=event_map_relation(identity_service.event_profile_sql()),
             resolve_segment=lambda _: None,
+            property_values=values,
         )
         assert "DROP" not in query.sql, name
+        if name.startswith("event") and values is not None:
+            assert PROPERTY_VALUES_TABLE in query.sql, name
         assert any(HOSTILE in str(v) or HOSTILE_DQ in str(v) for v in query.params.values()), name
         assert warehouse.rows(Query(f"SELECT count(*) FROM ({query.sql})", query.params)) == [(0,)]
     assert warehouse.rows(Query("SELECT count(*) FROM duckdb_tables()")) == tables_before
