@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
 import polars as pl
+import pyarrow as pa
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from cdp.db import Database, new_id, utcnow
 from cdp.warehouse import Warehouse
-from ingestion import transform
+from ingestion import queries, transform
 from ingestion.connectors import ROW
 from ingestion.errors import (
     ImportNotFound,
@@ -61,24 +62,41 @@ def content_hash(path: Path) -> str:
 
 
 class FileConnector:
-    """One file, streamed in chunks of rows, each numbered from 1 in `_row`."""
+    """One file, streamed in chunks of rows, each numbered from 1 in `_row`.
 
-    def __init__(self, path: Path, *, chunk_rows: int = CHUNK_ROWS) -> None:
+    CSV and Parquet are read by Polars. NDJSON (Segment messages) is read by DuckDB with
+    an explicit schema (`queries.SEGMENT_COLUMNS`, objects kept as JSON text) on a cursor
+    of `warehouse`: no pass over the whole file to infer a struct schema, and the parsing
+    runs on every core. `paths` are the mapping's extra fields (`properties.card`, a bare
+    top-level name), added as flat columns named by their path.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        chunk_rows: int = CHUNK_ROWS,
+        warehouse: Warehouse | None = None,
+        paths: Sequence[str] = (),
+    ) -> None:
         self.path = path
         self.name = path.name
         self.format = file_format(path)
         self.chunk_rows = chunk_rows
+        self.warehouse = warehouse
+        self.paths = tuple(paths)
 
     def _scan(self) -> pl.LazyFrame:
         path = str(self.path)
         if self.format == "csv":
             return pl.scan_csv(path, infer_schema=False, truncate_ragged_lines=True)
-        if self.format == "parquet":
-            return pl.scan_parquet(path)
-        return pl.scan_ndjson(path, infer_schema_length=None)
+        return pl.scan_parquet(path)
 
     def chunks(self) -> Iterator[pl.DataFrame]:
         """The file's rows in chunks."""
+        if self.format == "ndjson":
+            yield from self._segment_chunks()
+            return
         try:
             lazy = (
                 self._scan().with_row_index(ROW, offset=1).with_columns(pl.col(ROW).cast(pl.Int64))
@@ -86,6 +104,60 @@ class FileConnector:
             yield from lazy.collect_batches(chunk_size=self.chunk_rows)
         except (pl.exceptions.ComputeError, pl.exceptions.SchemaError, OSError) as exc:
             raise UnsupportedFile(f"{self.name}: cannot read the file: {exc}") from exc
+
+    def _segment_chunks(self) -> Iterator[pl.DataFrame]:
+        if self.warehouse is None:
+            raise RuntimeError("an NDJSON file is read through the warehouse")
+        columns = dict(queries.SEGMENT_COLUMNS)
+        for path in self.paths:
+            # Other top-level fields as text: a scalar as itself, an object as JSON text
+            # (a dotted path is then read from that text below).
+            columns.setdefault(path.split(".")[0], "VARCHAR")
+        query = queries.segment_lines(str(self.path), columns)
+        read = 0
+        with self.warehouse.cursor() as cur:
+            try:
+                reader = cur.sql(query.sql, params=query.params).to_arrow_reader(self.chunk_rows)
+                # The reader hands out DuckDB's smaller batches: gather a chunk's worth.
+                pending: list[pa.RecordBatch] = []
+                size = 0
+                for batch in reader:
+                    pending.append(batch)
+                    size += batch.num_rows
+                    if size >= self.chunk_rows:
+                        yield self._frame(pending, read)
+                        read += size
+                        pending, size = [], 0
+                if pending:
+                    yield self._frame(pending, read)
+            except UnsupportedFile:
+                raise
+            except Exception as exc:  # DuckDB's read errors (bad JSON, unreadable file)
+                if not _is_read_error(exc):
+                    raise
+                raise UnsupportedFile(f"{self.name}: cannot read the file: {exc}") from exc
+
+    def _frame(self, batches: list[pa.RecordBatch], read: int) -> pl.DataFrame:
+        """Record batches as one chunk, rows numbered after the `read` before them."""
+        frame = pl.from_arrow(pa.Table.from_batches(batches))
+        assert isinstance(frame, pl.DataFrame)
+        rows = pl.int_range(read + 1, read + frame.height + 1, dtype=pl.Int64)
+        return frame.select(rows.alias(ROW), pl.all(), *self._extra(frame))
+
+    def _extra(self, frame: pl.DataFrame) -> list[pl.Expr]:
+        """The mapping's dotted paths not read by the query, from their JSON text."""
+        extra: list[pl.Expr] = []
+        for path in dict.fromkeys(self.paths):
+            head, _, rest = path.partition(".")
+            if path in frame.columns or not rest:
+                continue
+            extra.append(pl.col(head).str.json_path_match(f"$.{rest}").alias(path))
+        return extra
+
+
+def _is_read_error(exc: Exception) -> bool:
+    """Whether an exception is DuckDB failing to read or parse the file."""
+    return type(exc).__module__.split(".")[0] in ("duckdb", "_duckdb")
 
 
 def count_rows(path: Path, file_format: FileFormat) -> int:
@@ -152,7 +224,7 @@ def run_queued_import(
     recorded on the import (status `failed`, the error) and raised.
     """
     try:
-        connector = FileConnector(path, chunk_rows=chunk_rows)
+        file_format(path)
         digest = content_hash(path)
         with db.begin() as session:
             run = session.get(ImportRun, import_id)
@@ -182,6 +254,9 @@ def run_queued_import(
                     "file already imported", extra={"source_id": source_id, "file": display}
                 )
                 return run
+            connector = FileConnector(
+                path, chunk_rows=chunk_rows, warehouse=warehouse, paths=_segment_paths(mapping)
+            )
             run.status = "running"
             run.rows_total = count_rows(path, connector.format)
             total_rows = run.rows_total
@@ -217,6 +292,14 @@ def run_queued_import(
         progress=progress,
         should_stop=should_stop,
     )
+
+
+def _segment_paths(mapping: Mapping) -> list[str]:
+    """The fields of a Segment message that the mapping's identifiers read."""
+    paths = [spec.column for spec in mapping.identifiers if spec.column is not None]
+    for spec in mapping.identifiers:
+        paths.extend(spec.composite or [])
+    return paths
 
 
 def _failed(db: Database, import_id: str, exc: Exception) -> None:
