@@ -221,8 +221,12 @@ ARROW_BATCH_ROWS = 122_880
 
 
 def batched(frame: pl.DataFrame) -> pa.Table:
-    """A frame as an Arrow table of several record batches, for parallel scans."""
-    table = frame.to_arrow()
+    """A frame as an Arrow table of several record batches, for parallel scans.
+
+    Strings stay Arrow string views, as Polars holds them (DuckDB scans them as fast as
+    plain strings): the conversion to the older layout copied every string.
+    """
+    table = frame.to_arrow(compat_level=pl.CompatLevel.newest())
     if frame.height <= ARROW_BATCH_ROWS:
         return table
     return pa.Table.from_batches(table.to_batches(max_chunksize=ARROW_BATCH_ROWS))
