@@ -286,7 +286,7 @@ def test_ndjson_objects_are_stored_as_sent(
         "timestamp": "2026-11-01",
         "properties": {"price": 1, "tags": ["a"], "empty": {}},
     }
-    other = {"type": "track", "event": "Viewed", "messageId": "m2", "userId": "u2"}
+    other: JsonDict = {"type": "track", "event": "Viewed", "messageId": "m2", "userId": "u2"}
     other["timestamp"] = "2026-11-01"
     other["properties"] = {"colour": "red", "price": 2.5}
     path = _write(tmp_path / "export.ndjson", [line, other])
