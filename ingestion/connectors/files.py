@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -53,12 +54,6 @@ def file_format(path: Path) -> FileFormat:
     except KeyError:
         known = ", ".join(sorted(SUFFIXES))
         raise UnsupportedFile(f"{path.name}: unsupported file type (known: {known})") from None
-
-
-def content_hash(path: Path) -> str:
-    """The SHA-256 of a file's content."""
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 class FileConnector:
@@ -160,20 +155,36 @@ def _is_read_error(exc: Exception) -> bool:
     return type(exc).__module__.split(".")[0] in ("duckdb", "_duckdb")
 
 
-def count_rows(path: Path, file_format: FileFormat) -> int:
-    """Rows of a CSV or NDJSON file, counted as lines (an estimate when quoted fields hold
-    line breaks); Parquet from its metadata."""
-    if file_format == "parquet":
-        return int(pl.scan_parquet(str(path)).select(pl.len()).collect().item())
+BLOCK_BYTES = 16 * 1024 * 1024
+
+
+def hash_and_count(path: Path, file_format: FileFormat) -> tuple[str, int]:
+    """The SHA-256 of a file and its rows, in one read of the file: CSV and NDJSON rows
+    counted as lines (an estimate when quoted fields hold line breaks), Parquet's from
+    its metadata.
+
+    A thread hashes each block (hashlib releases the GIL) while this one counts its line
+    breaks, so a large text file costs one read and the slower of the two, not both.
+    """
+    digest = hashlib.sha256()
     lines = 0
     last = b"\n"
-    with path.open("rb") as handle:
-        while block := handle.read(16 * 1024 * 1024):
-            lines += block.count(b"\n")
-            last = block[-1:]
+    with path.open("rb") as handle, ThreadPoolExecutor(1, "cdp-import-hash") as pool:
+        pending: Future[None] | None = None
+        while block := handle.read(BLOCK_BYTES):
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(digest.update, block)
+            if file_format != "parquet":
+                lines += block.count(b"\n")
+                last = block[-1:]
+        if pending is not None:
+            pending.result()
+    if file_format == "parquet":
+        return digest.hexdigest(), int(pl.scan_parquet(str(path)).select(pl.len()).collect().item())
     if last != b"\n":
         lines += 1  # a last line without its newline
-    return max(lines - 1, 0) if file_format == "csv" else lines
+    return digest.hexdigest(), max(lines - 1, 0) if file_format == "csv" else lines
 
 
 def _importable(session: Session, source_id: str) -> Source:
@@ -224,8 +235,7 @@ def run_queued_import(
     recorded on the import (status `failed`, the error) and raised.
     """
     try:
-        file_format(path)
-        digest = content_hash(path)
+        digest, rows_total = hash_and_count(path, file_format(path))
         with db.begin() as session:
             run = session.get(ImportRun, import_id)
             if run is None:
@@ -258,7 +268,7 @@ def run_queued_import(
                 path, chunk_rows=chunk_rows, warehouse=warehouse, paths=_segment_paths(mapping)
             )
             run.status = "running"
-            run.rows_total = count_rows(path, connector.format)
+            run.rows_total = rows_total
             total_rows = run.rows_total
     except Exception as exc:  # recorded on the import, then raised
         _failed(db, import_id, exc)
