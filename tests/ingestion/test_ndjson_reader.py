@@ -8,11 +8,13 @@ from typing import Any
 
 import orjson
 import polars as pl
+import pytest
 
 from cdp.db import Database
 from cdp.warehouse import Query, Warehouse
 from ingestion import service, transform
 from ingestion.connectors import ROW
+from ingestion.errors import UnsupportedFile
 from ingestion.imports import now_naive
 from ingestion.loader import loader_for, md5_hex
 from ingestion.schemas import Mapping
@@ -318,3 +320,17 @@ def test_timestamps_read_each_form_as_the_coalesce_did() -> None:
     got = transform.timestamps(frame, pl.col("ts"), pl.String())
     assert got.to_list() == expected.to_list()
     assert got.null_count() == 4
+
+
+def test_ndjson_with_a_malformed_line_fails_the_import_with_its_error(
+    db: Database, warehouse: Warehouse, tmp_path: Path
+) -> None:
+    path = tmp_path / "broken.ndjson"
+    path.write_bytes(orjson.dumps(LINES[1]) + b'\n{"type": broken\n')
+    with db.begin() as session:
+        source, _ = service.create_source(session, name="web", kind="http")
+    with pytest.raises(UnsupportedFile, match="cannot read the file"):
+        service.import_file(db, warehouse, source_id=source.id, path=path, region="FR")
+    with db.begin() as session:
+        (run,), _ = service.list_imports(session, source_id=source.id, limit=10, offset=0)
+        assert (run.status, run.error is not None) == ("failed", True)
