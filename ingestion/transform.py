@@ -136,15 +136,6 @@ def _json_column(frame: pl.DataFrame, name: str) -> pl.Expr:
     return pl.lit(None, dtype=pl.String)
 
 
-def _normalised(frame: pl.DataFrame, kind: str, raw: pl.Expr, region: str) -> pl.Series:
-    values = _series(frame, raw.cast(pl.String)).alias("v")
-    if kind == EMAIL:
-        return values.to_frame().select(email_expr(pl.col("v")))["v"]
-    if kind == PHONE:
-        return phones(values, region=region)
-    return values.to_frame().select(id_expr(pl.col("v")))["v"]
-
-
 @lru_cache(maxsize=64)
 def _phone_plan(region: str) -> tuple[str, str, tuple[int, ...]] | None:
     """(country code, national number pattern, possible lengths) of a region whose numbers
@@ -267,16 +258,42 @@ def _identifiers(
     composites: list[IdentifierSpec],
     ctx: Context,
 ) -> Identified:
-    """Normalise every mapped identifier of a chunk; count the values dropped per row."""
+    """Normalise every mapped identifier of a chunk; count the values dropped per row.
+
+    The raw values, the email and id rules and the dropped counts are each one `select`
+    over every mapped identifier (Polars runs the expressions in parallel), not one pass
+    per identifier; phones go through `phones` one column at a time.
+    """
     parts: list[tuple[str, pl.Series]] = []
-    dropped = pl.Series("dropped", [0] * frame.height, dtype=pl.Int64)
-    for kind, raw in found:
-        raw_values = _series(frame, raw.cast(pl.String).str.strip_chars())
-        values = _normalised(frame, kind, raw, ctx.region)
-        dropped = dropped + (
-            (raw_values.is_not_null() & (raw_values != "")) & values.is_null()
-        ).cast(pl.Int64)
+    raw_names = [f"r{i}" for i in range(len(found))]
+    raws = frame.select(
+        pl.col(ROW),
+        *(raw.cast(pl.String).alias(n) for (_, raw), n in zip(found, raw_names, strict=True)),
+    )
+    rules = [
+        (email_expr if kind == EMAIL else id_expr)(pl.col(n)).alias(f"n{i}")
+        for i, ((kind, _), n) in enumerate(zip(found, raw_names, strict=True))
+        if kind != PHONE
+    ]
+    normal = raws.select(rules) if rules else pl.DataFrame()
+    columns: list[pl.Series] = []
+    for i, ((kind, _), n) in enumerate(zip(found, raw_names, strict=True)):
+        values = (
+            phones(raws[n].alias("v"), region=ctx.region) if kind == PHONE else normal[f"n{i}"]
+        ).alias("v")
         parts.append((kind, values))
+        columns.append(values.alias(f"n{i}"))
+    if found:
+        terms = []
+        for i, n in enumerate(raw_names):
+            stripped = pl.col(n).str.strip_chars()
+            dropped_expr = (stripped.is_not_null() & (stripped != "")) & pl.col(f"n{i}").is_null()
+            terms.append(dropped_expr.cast(pl.Int64))
+        dropped = raws.with_columns(columns).select(pl.sum_horizontal(terms).alias("dropped"))[
+            "dropped"
+        ]
+    else:
+        dropped = pl.Series("dropped", [0] * frame.height, dtype=pl.Int64)
     for spec in composites:
         assert spec.composite is not None
         values = _series(frame, composite_expr([column(frame, p) for p in spec.composite]))
