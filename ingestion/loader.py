@@ -121,7 +121,7 @@ class Loader:
             with self.warehouse.transaction() as cur:
                 kept = _new_rows(cur, events)
                 new_events, new_identifiers = _numbered(data, kept, first_id)
-                stored = _stored(new_events)
+                stored = _stored(new_events, offered, first_id)
                 load_sources = pa.table(
                     {
                         "source_id": pa.array(sources, pa.string()),
@@ -221,8 +221,12 @@ ARROW_BATCH_ROWS = 122_880
 
 
 def batched(frame: pl.DataFrame) -> pa.Table:
-    """A frame as an Arrow table of several record batches, for parallel scans."""
-    table = frame.to_arrow()
+    """A frame as an Arrow table of several record batches, for parallel scans.
+
+    Strings stay Arrow string views, as Polars holds them (DuckDB scans them as fast as
+    plain strings): the conversion to the older layout copied every string.
+    """
+    table = frame.to_arrow(compat_level=pl.CompatLevel.newest())
     if frame.height <= ARROW_BATCH_ROWS:
         return table
     return pa.Table.from_batches(table.to_batches(max_chunksize=ARROW_BATCH_ROWS))
@@ -264,10 +268,17 @@ def _numbered(data: LoadInput, kept: Rows, first_id: int) -> tuple[pl.DataFrame,
     return new_events, new_identifiers
 
 
-def _stored(new_events: pl.DataFrame) -> dict[str, tuple[int, int | None, int | None]]:
+def _stored(
+    new_events: pl.DataFrame, offered: dict[str, int], first_id: int
+) -> dict[str, tuple[int, int | None, int | None]]:
     """Per source: events stored, first and last event id."""
     if not new_events.height:
         return {}
+    if len(offered) == 1:
+        # One source (every file import and most drains): its ids are the load's, which
+        # are numbered without gaps from `first_id`; no group-by over the events.
+        (source,) = offered
+        return {source: (new_events.height, first_id, first_id + new_events.height - 1)}
     return {
         str(r[0]): (int(r[1]), int(r[2]), int(r[3]))
         for r in new_events.group_by("source_id")

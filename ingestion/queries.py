@@ -154,6 +154,49 @@ def rejections_of_import(import_id: str, *, limit: int) -> Query:
     )
 
 
+# The Segment message fields an NDJSON import reads, with the types DuckDB reads them as:
+# scalars as text (a number as its digits), objects as JSON text.
+SEGMENT_COLUMNS: dict[str, str] = {
+    "type": "VARCHAR",
+    "event": "VARCHAR",
+    "name": "VARCHAR",
+    "messageId": "VARCHAR",
+    "timestamp": "VARCHAR",
+    "sentAt": "VARCHAR",
+    "userId": "VARCHAR",
+    "anonymousId": "VARCHAR",
+    "previousId": "VARCHAR",
+    "groupId": "VARCHAR",
+    "traits": "JSON",
+    "context": "JSON",
+    "properties": "JSON",
+}
+
+
+def segment_lines(path: str, columns: dict[str, str]) -> Query:
+    """The lines of a Segment NDJSON file with an explicit schema (`columns`: at least
+    `SEGMENT_COLUMNS`), objects as JSON text (null when not an object) and the nested
+    identifier fields as flat columns named by their path. No schema inference pass."""
+    return Query(
+        """
+        SELECT * REPLACE (
+                CASE WHEN json_type(traits) = 'OBJECT' THEN traits::VARCHAR END AS traits,
+                CASE WHEN json_type(context) = 'OBJECT' THEN context::VARCHAR END AS context,
+                CASE WHEN json_type(properties) = 'OBJECT' THEN properties::VARCHAR END
+                    AS properties),
+            traits->>'$.email' AS "traits.email",
+            traits->>'$.phone' AS "traits.phone",
+            CASE WHEN json_type(context, '$.traits') = 'OBJECT'
+                THEN (context->'$.traits')::VARCHAR END AS "context.traits",
+            context->>'$.traits.email' AS "context.traits.email",
+            context->>'$.traits.phone' AS "context.traits.phone",
+            context->>'$.device.id' AS "context.device.id"
+        FROM read_json($path, format = 'newline_delimited', columns = $columns)
+        """,
+        {"path": path, "columns": columns},
+    )
+
+
 def row_hashes() -> Query:
     """md5 of each registered row key, in input order."""
     return Query("SELECT md5(k) AS h FROM ingest_row_keys")

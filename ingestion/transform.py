@@ -84,16 +84,37 @@ def timestamp_expr(expr: pl.Expr, dtype: pl.DataType) -> pl.Expr:
     if isinstance(dtype, pl.Date):
         return expr.cast(TS)
     if dtype == pl.String:
-        text = expr.str.strip_chars()
-        candidates = [
-            text.str.to_datetime("%+", strict=False, time_unit="us")
-            .dt.convert_time_zone("UTC")
-            .dt.replace_time_zone(None),
-            *(text.str.to_datetime(f, strict=False, time_unit="us") for f in _ISO_FORMATS),
-            text.str.to_date("%Y-%m-%d", strict=False).cast(TS),
-        ]
-        return pl.coalesce(candidates)
+        return pl.coalesce(_timestamp_candidates(expr.str.strip_chars()))
     return pl.lit(None, dtype=TS)
+
+
+def _timestamp_candidates(text: pl.Expr) -> list[pl.Expr]:
+    """The forms a timestamp string is read in, first match wins."""
+    return [
+        text.str.to_datetime("%+", strict=False, time_unit="us")
+        .dt.convert_time_zone("UTC")
+        .dt.replace_time_zone(None),
+        *(text.str.to_datetime(f, strict=False, time_unit="us") for f in _ISO_FORMATS),
+        text.str.to_date("%Y-%m-%d", strict=False).cast(TS),
+    ]
+
+
+def timestamps(frame: pl.DataFrame, expr: pl.Expr, dtype: pl.DataType) -> pl.Series:
+    """`timestamp_expr` evaluated over a chunk, each later form tried only on the rows the
+    earlier ones left null (the same values as the coalesce, without parsing every row six
+    times when most rows are in the first form)."""
+    if dtype != pl.String:
+        return _series(frame, timestamp_expr(expr, dtype))
+    text = _series(frame, expr.str.strip_chars()).alias("t")
+    candidates = _timestamp_candidates(pl.col("t"))
+    parsed = text.to_frame().select(candidates[0])[:, 0].alias("ts")
+    for candidate in candidates[1:]:
+        todo = parsed.is_null() & text.is_not_null()
+        if not todo.any():
+            break
+        found = text.filter(todo).to_frame().select(candidate)[:, 0]
+        parsed = parsed.scatter(todo.arg_true(), found)
+    return parsed
 
 
 def _json(frame: pl.DataFrame, names: list[str]) -> pl.Expr:
@@ -103,19 +124,16 @@ def _json(frame: pl.DataFrame, names: list[str]) -> pl.Expr:
 
 
 def _json_column(frame: pl.DataFrame, name: str) -> pl.Expr:
-    """A struct column as JSON text (NDJSON objects); null when absent or not an object."""
-    if name in frame.columns and isinstance(frame.schema[name], pl.Struct):
+    """An object of a Segment message as JSON text: a struct column encoded, or a column
+    already holding JSON text (the file connector's NDJSON reader); null when absent."""
+    if name not in frame.columns:
+        return pl.lit(None, dtype=pl.String)
+    dtype = frame.schema[name]
+    if isinstance(dtype, pl.Struct):
         return pl.col(name).struct.json_encode()
+    if dtype == pl.String:
+        return pl.col(name)
     return pl.lit(None, dtype=pl.String)
-
-
-def _normalised(frame: pl.DataFrame, kind: str, raw: pl.Expr, region: str) -> pl.Series:
-    values = _series(frame, raw.cast(pl.String)).alias("v")
-    if kind == EMAIL:
-        return values.to_frame().select(email_expr(pl.col("v")))["v"]
-    if kind == PHONE:
-        return phones(values, region=region)
-    return values.to_frame().select(id_expr(pl.col("v")))["v"]
 
 
 @lru_cache(maxsize=64)
@@ -240,16 +258,42 @@ def _identifiers(
     composites: list[IdentifierSpec],
     ctx: Context,
 ) -> Identified:
-    """Normalise every mapped identifier of a chunk; count the values dropped per row."""
+    """Normalise every mapped identifier of a chunk; count the values dropped per row.
+
+    The raw values, the email and id rules and the dropped counts are each one `select`
+    over every mapped identifier (Polars runs the expressions in parallel), not one pass
+    per identifier; phones go through `phones` one column at a time.
+    """
     parts: list[tuple[str, pl.Series]] = []
-    dropped = pl.Series("dropped", [0] * frame.height, dtype=pl.Int64)
-    for kind, raw in found:
-        raw_values = _series(frame, raw.cast(pl.String).str.strip_chars())
-        values = _normalised(frame, kind, raw, ctx.region)
-        dropped = dropped + (
-            (raw_values.is_not_null() & (raw_values != "")) & values.is_null()
-        ).cast(pl.Int64)
+    raw_names = [f"r{i}" for i in range(len(found))]
+    raws = frame.select(
+        pl.col(ROW),
+        *(raw.cast(pl.String).alias(n) for (_, raw), n in zip(found, raw_names, strict=True)),
+    )
+    rules = [
+        (email_expr if kind == EMAIL else id_expr)(pl.col(n)).alias(f"n{i}")
+        for i, ((kind, _), n) in enumerate(zip(found, raw_names, strict=True))
+        if kind != PHONE
+    ]
+    normal = raws.select(rules) if rules else pl.DataFrame()
+    columns: list[pl.Series] = []
+    for i, ((kind, _), n) in enumerate(zip(found, raw_names, strict=True)):
+        values = (
+            phones(raws[n].alias("v"), region=ctx.region) if kind == PHONE else normal[f"n{i}"]
+        ).alias("v")
         parts.append((kind, values))
+        columns.append(values.alias(f"n{i}"))
+    if found:
+        terms = []
+        for i, n in enumerate(raw_names):
+            stripped = pl.col(n).str.strip_chars()
+            dropped_expr = (stripped.is_not_null() & (stripped != "")) & pl.col(f"n{i}").is_null()
+            terms.append(dropped_expr.cast(pl.Int64))
+        dropped = raws.with_columns(columns).select(pl.sum_horizontal(terms).alias("dropped"))[
+            "dropped"
+        ]
+    else:
+        dropped = pl.Series("dropped", [0] * frame.height, dtype=pl.Int64)
     for spec in composites:
         assert spec.composite is not None
         values = _series(frame, composite_expr([column(frame, p) for p in spec.composite]))
@@ -306,7 +350,7 @@ def mapped(frame: pl.DataFrame, mapping: Mapping, ctx: Context) -> LoadInput:
     ts_name = mapping.timestamp
     if ts_name:
         raw_ts = column(frame, ts_name)
-        ts = timestamp_expr(raw_ts, _dtype_of(frame, ts_name))
+        ts = pl.lit(timestamps(frame, raw_ts, _dtype_of(frame, ts_name)))
         ts_reason: pl.Expr = (
             pl.when(raw_ts.is_null())
             .then(pl.lit("missing timestamp"))
@@ -371,7 +415,7 @@ def segment(frame: pl.DataFrame, mapping: Mapping, ctx: Context) -> LoadInput:
         message_id = message_id.fill_null(_row_keys(frame, ctx))
     kind = text("type")
     ts_raw = text("timestamp")
-    ts = timestamp_expr(ts_raw, pl.String())
+    ts = pl.lit(timestamps(frame, ts_raw, pl.String()))
     sent_raw = text("sentAt")
     found: list[tuple[str, pl.Expr]] = [
         (USER_ID, text("userId")),
@@ -392,7 +436,7 @@ def segment(frame: pl.DataFrame, mapping: Mapping, ctx: Context) -> LoadInput:
     context_traits = (
         column(frame, "context.traits").struct.json_encode()
         if isinstance(_dtype_of(frame, "context.traits"), pl.Struct)
-        else pl.lit(None, dtype=pl.String)
+        else _json_column(frame, "context.traits")
     )
     events = frame.select(
         pl.col(ROW),
@@ -412,7 +456,7 @@ def segment(frame: pl.DataFrame, mapping: Mapping, ctx: Context) -> LoadInput:
         .then(pl.coalesce(traits, context_traits))
         .otherwise(traits),
         context=_json_column(frame, "context"),
-        sent_at=timestamp_expr(sent_raw, pl.String()),
+        sent_at=pl.lit(timestamps(frame, sent_raw, pl.String())),
         original_timestamp=ts,
         previous_id=text("previousId"),
         group_id=text("groupId"),

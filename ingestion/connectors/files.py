@@ -6,17 +6,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
 import polars as pl
+import pyarrow as pa
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from cdp.db import Database, new_id, utcnow
 from cdp.warehouse import Warehouse
-from ingestion import transform
+from ingestion import queries, transform
 from ingestion.connectors import ROW
 from ingestion.errors import (
     ImportNotFound,
@@ -43,6 +45,9 @@ SUFFIXES: dict[str, FileFormat] = {
     ".json": "ndjson",
 }
 CHUNK_ROWS = 500_000
+# NDJSON lines are wider (JSON text of three objects per row): half the rows per chunk
+# keeps the three chunks alive at once (loading, queued, being read) near the same memory.
+NDJSON_CHUNK_ROWS = 250_000
 
 
 def file_format(path: Path) -> FileFormat:
@@ -54,31 +59,42 @@ def file_format(path: Path) -> FileFormat:
         raise UnsupportedFile(f"{path.name}: unsupported file type (known: {known})") from None
 
 
-def content_hash(path: Path) -> str:
-    """The SHA-256 of a file's content."""
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 class FileConnector:
-    """One file, streamed in chunks of rows, each numbered from 1 in `_row`."""
+    """One file, streamed in chunks of rows, each numbered from 1 in `_row`.
 
-    def __init__(self, path: Path, *, chunk_rows: int = CHUNK_ROWS) -> None:
+    CSV and Parquet are read by Polars. NDJSON (Segment messages) is read by DuckDB with
+    an explicit schema (`queries.SEGMENT_COLUMNS`, objects kept as JSON text) on a cursor
+    of `warehouse`: no pass over the whole file to infer a struct schema, and the parsing
+    runs on every core. `paths` are the mapping's extra fields (`properties.card`, a bare
+    top-level name), added as flat columns named by their path.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        chunk_rows: int = CHUNK_ROWS,
+        warehouse: Warehouse | None = None,
+        paths: Sequence[str] = (),
+    ) -> None:
         self.path = path
         self.name = path.name
         self.format = file_format(path)
         self.chunk_rows = chunk_rows
+        self.warehouse = warehouse
+        self.paths = tuple(paths)
 
     def _scan(self) -> pl.LazyFrame:
         path = str(self.path)
         if self.format == "csv":
             return pl.scan_csv(path, infer_schema=False, truncate_ragged_lines=True)
-        if self.format == "parquet":
-            return pl.scan_parquet(path)
-        return pl.scan_ndjson(path, infer_schema_length=None)
+        return pl.scan_parquet(path)
 
     def chunks(self) -> Iterator[pl.DataFrame]:
         """The file's rows in chunks."""
+        if self.format == "ndjson":
+            yield from self._segment_chunks()
+            return
         try:
             lazy = (
                 self._scan().with_row_index(ROW, offset=1).with_columns(pl.col(ROW).cast(pl.Int64))
@@ -87,21 +103,92 @@ class FileConnector:
         except (pl.exceptions.ComputeError, pl.exceptions.SchemaError, OSError) as exc:
             raise UnsupportedFile(f"{self.name}: cannot read the file: {exc}") from exc
 
+    def _segment_chunks(self) -> Iterator[pl.DataFrame]:
+        if self.warehouse is None:
+            raise RuntimeError("an NDJSON file is read through the warehouse")
+        columns = dict(queries.SEGMENT_COLUMNS)
+        for path in self.paths:
+            # Other top-level fields as text: a scalar as itself, an object as JSON text
+            # (a dotted path is then read from that text below).
+            columns.setdefault(path.split(".")[0], "VARCHAR")
+        query = queries.segment_lines(str(self.path), columns)
+        read = 0
+        chunk_rows = min(self.chunk_rows, NDJSON_CHUNK_ROWS)
+        with self.warehouse.cursor() as cur:
+            try:
+                reader = cur.sql(query.sql, params=query.params).to_arrow_reader(chunk_rows)
+                # The reader hands out DuckDB's smaller batches: gather a chunk's worth.
+                pending: list[pa.RecordBatch] = []
+                size = 0
+                for batch in reader:
+                    pending.append(batch)
+                    size += batch.num_rows
+                    if size >= chunk_rows:
+                        yield self._frame(pending, read)
+                        read += size
+                        pending, size = [], 0
+                if pending:
+                    yield self._frame(pending, read)
+            except UnsupportedFile:
+                raise
+            except Exception as exc:  # DuckDB's read errors (bad JSON, unreadable file)
+                if not _is_read_error(exc):
+                    raise
+                raise UnsupportedFile(f"{self.name}: cannot read the file: {exc}") from exc
 
-def count_rows(path: Path, file_format: FileFormat) -> int:
-    """Rows of a CSV or NDJSON file, counted as lines (an estimate when quoted fields hold
-    line breaks); Parquet from its metadata."""
-    if file_format == "parquet":
-        return int(pl.scan_parquet(str(path)).select(pl.len()).collect().item())
+    def _frame(self, batches: list[pa.RecordBatch], read: int) -> pl.DataFrame:
+        """Record batches as one chunk, rows numbered after the `read` before them."""
+        frame = pl.from_arrow(pa.Table.from_batches(batches))
+        assert isinstance(frame, pl.DataFrame)
+        rows = pl.int_range(read + 1, read + frame.height + 1, dtype=pl.Int64)
+        return frame.select(rows.alias(ROW), pl.all(), *self._extra(frame))
+
+    def _extra(self, frame: pl.DataFrame) -> list[pl.Expr]:
+        """The mapping's dotted paths not read by the query, from their JSON text."""
+        extra: list[pl.Expr] = []
+        for path in dict.fromkeys(self.paths):
+            head, _, rest = path.partition(".")
+            if path in frame.columns or not rest:
+                continue
+            extra.append(pl.col(head).str.json_path_match(f"$.{rest}").alias(path))
+        return extra
+
+
+def _is_read_error(exc: Exception) -> bool:
+    """Whether an exception is DuckDB failing to read or parse the file."""
+    return type(exc).__module__.split(".")[0] in ("duckdb", "_duckdb")
+
+
+BLOCK_BYTES = 16 * 1024 * 1024
+
+
+def hash_and_count(path: Path, file_format: FileFormat) -> tuple[str, int]:
+    """The SHA-256 of a file and its rows, in one read of the file: CSV and NDJSON rows
+    counted as lines (an estimate when quoted fields hold line breaks), Parquet's from
+    its metadata.
+
+    A thread hashes each block (hashlib releases the GIL) while this one counts its line
+    breaks, so a large text file costs one read and the slower of the two, not both.
+    """
+    digest = hashlib.sha256()
     lines = 0
     last = b"\n"
-    with path.open("rb") as handle:
-        while block := handle.read(16 * 1024 * 1024):
-            lines += block.count(b"\n")
-            last = block[-1:]
+    with path.open("rb") as handle, ThreadPoolExecutor(1, "cdp-import-hash") as pool:
+        pending: Future[None] | None = None
+        while block := handle.read(BLOCK_BYTES):
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(digest.update, block)
+            if file_format != "parquet":
+                lines += block.count(b"\n")
+                last = block[-1:]
+        if pending is not None:
+            pending.result()
+    if file_format == "parquet":
+        return digest.hexdigest(), int(pl.scan_parquet(str(path)).select(pl.len()).collect().item())
     if last != b"\n":
         lines += 1  # a last line without its newline
-    return max(lines - 1, 0) if file_format == "csv" else lines
+    return digest.hexdigest(), max(lines - 1, 0) if file_format == "csv" else lines
 
 
 def _importable(session: Session, source_id: str) -> Source:
@@ -152,8 +239,7 @@ def run_queued_import(
     recorded on the import (status `failed`, the error) and raised.
     """
     try:
-        connector = FileConnector(path, chunk_rows=chunk_rows)
-        digest = content_hash(path)
+        digest, rows_total = hash_and_count(path, file_format(path))
         with db.begin() as session:
             run = session.get(ImportRun, import_id)
             if run is None:
@@ -182,8 +268,11 @@ def run_queued_import(
                     "file already imported", extra={"source_id": source_id, "file": display}
                 )
                 return run
+            connector = FileConnector(
+                path, chunk_rows=chunk_rows, warehouse=warehouse, paths=_segment_paths(mapping)
+            )
             run.status = "running"
-            run.rows_total = count_rows(path, connector.format)
+            run.rows_total = rows_total
             total_rows = run.rows_total
     except Exception as exc:  # recorded on the import, then raised
         _failed(db, import_id, exc)
@@ -217,6 +306,14 @@ def run_queued_import(
         progress=progress,
         should_stop=should_stop,
     )
+
+
+def _segment_paths(mapping: Mapping) -> list[str]:
+    """The fields of a Segment message that the mapping's identifiers read."""
+    paths = [spec.column for spec in mapping.identifiers if spec.column is not None]
+    for spec in mapping.identifiers:
+        paths.extend(spec.composite or [])
+    return paths
 
 
 def _failed(db: Database, import_id: str, exc: Exception) -> None:
