@@ -24,7 +24,7 @@ from cdp.identifiers import (
     id_expr,
     normalise_phones,
 )
-from ingestion.connectors import ROW
+from ingestion.connectors import MALFORMED, ROW
 from ingestion.loader import EVENT_SCHEMA, IDENTIFIER_SCHEMA, REJECTION_SCHEMA, TS, LoadInput
 from ingestion.schemas import IdentifierSpec, Mapping
 from ingestion.tracking import MESSAGE_TYPES
@@ -335,7 +335,10 @@ def _finish(
 
 def _row_keys(frame: pl.DataFrame, ctx: Context) -> pl.Series:
     """A stable id per row from its content, so the same record seen twice dedupes."""
-    content = _series(frame, pl.struct(pl.all().exclude(ROW)).struct.json_encode())
+    fields = [name for name in frame.columns if name not in (ROW, MALFORMED)]
+    # A chunk of unparseable lines only has no content: its rows are rejected anyway.
+    encoded = pl.struct(fields).struct.json_encode() if fields else pl.lit("{}")
+    content = _series(frame, encoded)
     return ("row-" + ctx.hasher(content)).alias("message_id")
 
 
@@ -462,7 +465,9 @@ def segment(frame: pl.DataFrame, mapping: Mapping, ctx: Context) -> LoadInput:
         group_id=text("groupId"),
     )
     reason = (
-        pl.when(~kind.is_in(sorted(MESSAGE_TYPES)) | kind.is_null())
+        pl.when(column(frame, MALFORMED).is_not_null())
+        .then(column(frame, MALFORMED).cast(pl.String))
+        .when(~kind.is_in(sorted(MESSAGE_TYPES)) | kind.is_null())
         .then(pl.lit("unknown type"))
         .when((kind == "alias") & (text("previousId").is_null() | text("userId").is_null()))
         .then(pl.lit("alias needs previousId and userId"))

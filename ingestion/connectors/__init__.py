@@ -10,6 +10,9 @@ import polars as pl
 # Every chunk carries this column: the 1-based number of the record in the source
 # (the row of a file, the position of a pulled row), used to report rejected rows.
 ROW = "_row"
+# Set on a record the connector could not parse (a malformed NDJSON line): its reason. Such a
+# row carries nothing else and is rejected with that reason under its number.
+MALFORMED = "_malformed"
 
 
 class Connector(Protocol):

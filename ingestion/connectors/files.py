@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
+import orjson
 import polars as pl
 import pyarrow as pa
 from sqlalchemy import select
@@ -19,7 +21,7 @@ from sqlalchemy.orm import Session
 from cdp.db import Database, new_id, utcnow
 from cdp.warehouse import Warehouse
 from ingestion import queries, transform
-from ingestion.connectors import ROW
+from ingestion.connectors import MALFORMED, ROW
 from ingestion.errors import (
     ImportNotFound,
     InvalidMapping,
@@ -103,15 +105,18 @@ class FileConnector:
         except (pl.exceptions.ComputeError, pl.exceptions.SchemaError, OSError) as exc:
             raise UnsupportedFile(f"{self.name}: cannot read the file: {exc}") from exc
 
-    def _segment_chunks(self) -> Iterator[pl.DataFrame]:
-        if self.warehouse is None:
-            raise RuntimeError("an NDJSON file is read through the warehouse")
+    def _segment_columns(self) -> dict[str, str]:
         columns = dict(queries.SEGMENT_COLUMNS)
         for path in self.paths:
             # Other top-level fields as text: a scalar as itself, an object as JSON text
             # (a dotted path is then read from that text below).
             columns.setdefault(path.split(".")[0], "VARCHAR")
-        query = queries.segment_lines(str(self.path), columns)
+        return columns
+
+    def _segment_chunks(self) -> Iterator[pl.DataFrame]:
+        if self.warehouse is None:
+            raise RuntimeError("an NDJSON file is read through the warehouse")
+        query = queries.segment_lines(str(self.path), self._segment_columns())
         read = 0
         chunk_rows = min(self.chunk_rows, NDJSON_CHUNK_ROWS)
         with self.warehouse.cursor() as cur:
@@ -129,12 +134,88 @@ class FileConnector:
                         pending, size = [], 0
                 if pending:
                     yield self._frame(pending, read)
+                return
             except UnsupportedFile:
                 raise
             except Exception as exc:  # DuckDB's read errors (bad JSON, unreadable file)
-                if not _is_read_error(exc):
+                # Met while the Arrow reader streams, DuckDB's error comes as pyarrow's OSError.
+                if not (_is_read_error(exc) or isinstance(exc, OSError)):
                     raise
-                raise UnsupportedFile(f"{self.name}: cannot read the file: {exc}") from exc
+                if not any(m in str(exc) for m in ("Malformed JSON", "JSON transform error")):
+                    raise UnsupportedFile(f"{self.name}: cannot read the file: {exc}") from exc
+                logger.warning(
+                    "%s: malformed JSON after record %d; checking the rest line by line",
+                    self.name,
+                    read,
+                )
+        # The records already handed out are the first `read` non-blank lines (DuckDB reads
+        # in file order and skips blank lines): the rest is read line by line.
+        yield from self._checked_chunks(skip=read, chunk_rows=chunk_rows)
+
+    def _checked_chunks(self, *, skip: int, chunk_rows: int) -> Iterator[pl.DataFrame]:
+        """The records after the first `skip` non-blank lines, each line checked on its own.
+
+        A line that is not a JSON object becomes a row with only its line number and the
+        reason in `MALFORMED` (rejected and counted like any bad row); the good lines of a
+        chunk are read by the same query as a clean file, numbered by their line. The slow
+        path, taken only for a file with malformed lines.
+        """
+        good: list[bytes] = []
+        numbers: list[int] = []
+        bad: list[tuple[int, str]] = []
+        seen = 0
+        with self.path.open("rb") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                seen += 1
+                if seen <= skip:
+                    continue
+                try:
+                    value = orjson.loads(line)
+                except orjson.JSONDecodeError as exc:
+                    bad.append((number, f"malformed JSON: {exc}"))
+                else:
+                    if isinstance(value, dict):
+                        good.append(line if line.endswith(b"\n") else line + b"\n")
+                        numbers.append(number)
+                    else:
+                        bad.append((number, "malformed JSON: not an object"))
+                if len(good) + len(bad) >= chunk_rows:
+                    yield self._checked_frame(good, numbers, bad)
+                    good, numbers, bad = [], [], []
+        if good or bad:
+            yield self._checked_frame(good, numbers, bad)
+
+    def _checked_frame(
+        self, good: list[bytes], numbers: list[int], bad: list[tuple[int, str]]
+    ) -> pl.DataFrame:
+        parts: list[pl.DataFrame] = []
+        if good:
+            assert self.warehouse is not None
+            with tempfile.TemporaryDirectory(prefix="cdp-ndjson-") as scratch:
+                lines = Path(scratch) / "lines.ndjson"
+                lines.write_bytes(b"".join(good))
+                query = queries.segment_lines(str(lines), self._segment_columns())
+                with self.warehouse.cursor() as cur:
+                    try:
+                        table = cur.sql(query.sql, params=query.params).to_arrow_table()
+                    except Exception as exc:
+                        if not _is_read_error(exc):
+                            raise
+                        raise UnsupportedFile(f"{self.name}: cannot read the file: {exc}") from exc
+            frame = pl.from_arrow(table)
+            assert isinstance(frame, pl.DataFrame)
+            rows = pl.Series(ROW, numbers, dtype=pl.Int64)
+            parts.append(frame.select(rows, pl.all(), *self._extra(frame)))
+        if bad:
+            parts.append(
+                pl.DataFrame(
+                    {ROW: [n for n, _ in bad], MALFORMED: [r for _, r in bad]},
+                    schema={ROW: pl.Int64, MALFORMED: pl.String},
+                )
+            )
+        return pl.concat(parts, how="diagonal_relaxed").sort(ROW)
 
     def _frame(self, batches: list[pa.RecordBatch], read: int) -> pl.DataFrame:
         """Record batches as one chunk, rows numbered after the `read` before them."""
