@@ -26,6 +26,7 @@ from typing import Any
 from benchmarks import sample_warehouse
 from benchmarks.core import Measure, Result
 from benchmarks.segments_attributes import reference_attributes, same_attributes
+from benchmarks.segments_rules import resolve_refs, time_cases
 from cdp import sample_data
 from cdp.config import SegmentsSettings, Settings
 from cdp.db import Database
@@ -173,20 +174,6 @@ CASES: dict[str, tuple[dict[str, Any], str]] = {  # Any: JSON
 }
 
 
-def _resolve_refs(rule: Any, ids: dict[str, str]) -> Any:  # Any: JSON
-    if isinstance(rule, dict):
-        return {
-            k: (ids[v[1:]] if k == "segment" else _resolve_refs(v, ids)) for k, v in rule.items()
-        }
-    if isinstance(rule, list):
-        return [_resolve_refs(r, ids) for r in rule]
-    return rule
-
-
-def _params(sql: str) -> dict[str, object]:
-    return {k: v for k, v in PARAMS.items() if f"${k}" in sql}
-
-
 def _prepared(scale: int, workdir: Path) -> sample_warehouse.Prepared:
     """The prepared stores (reused from CDP_BENCH_PREPARED, or built here), copied to workdir."""
     given = os.environ.get("CDP_BENCH_PREPARED")
@@ -250,46 +237,16 @@ def _segments(
             ).id
             for key, rule in (("paris", PARIS), ("big", BIG))
         }
-    total_project = total_reference = 0.0
-    mismatched = []
-    previews = {}
-    for name, (raw, hand) in CASES.items():
-        rule = _resolve_refs(raw, ids)
-        project: list[float] = []
-        reference: list[float] = []
-        counts = set()
-        got = None
-        for _ in range(_rounds()):
-            t0 = time.perf_counter()
-            with db.begin() as session:
-                query = service.compile_segment_rule(
-                    session, warehouse, rule=service.parse_rule(rule), settings=settings, now=NOW
-                )
-            count = Query(f"SELECT count(*) FROM ({query.sql})", query.params)  # noqa: S608
-            got = warehouse.scalar(count)
-            project.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            want = warehouse.scalar(Query(hand, _params(hand)))
-            reference.append(time.perf_counter() - t0)
-            counts.add((got, want))
-        if any(g != w for g, w in counts):
-            mismatched.append((name, sorted(counts)))
-        t0 = time.perf_counter()
-        with db.begin() as session:
-            service.preview(session, warehouse, rule=rule, settings=settings, now=NOW)
-        previews[name] = round(time.perf_counter() - t0, 3)
-        p, r = statistics.median(project), statistics.median(reference)
-        total_project += p
-        total_reference += r
-        result.add(Measure(f"{name} (count {got})", "s", p, r, "hand-written SQL"))
-    result.add(
-        Measure("ten segments, total", "s", total_project, total_reference, "hand-written SQL")
+    time_cases(
+        result,
+        db=db,
+        warehouse=warehouse,
+        settings=settings,
+        cases={name: (resolve_refs(raw, ids), hand) for name, (raw, hand) in CASES.items()},
+        params=PARAMS,
+        now=NOW,
+        rounds=_rounds(),
     )
-    result.details["preview_seconds"] = previews
-    result.details["preview_seconds_max"] = max(previews.values())
-    result.details["counts_equal"] = not mismatched
-    if mismatched:
-        result.details["mismatched"] = mismatched
 
 
 INCREMENTAL_RULE: dict[str, Any] = {  # Any: JSON
