@@ -119,7 +119,10 @@ class FileConnector:
         query = queries.segment_lines(str(self.path), self._segment_columns())
         read = 0
         chunk_rows = min(self.chunk_rows, NDJSON_CHUNK_ROWS)
-        with self.warehouse.cursor() as cur:
+        # Read on a scratch in-memory database: a stream held open on the warehouse would
+        # hold its transaction for the whole import, and DuckDB would not checkpoint the
+        # loads' WAL until the end (gigabytes at once for a large file).
+        with _reader() as scratch, scratch.cursor() as cur:
             try:
                 reader = cur.sql(query.sql, params=query.params).to_arrow_reader(chunk_rows)
                 # The reader hands out DuckDB's smaller batches: gather a chunk's worth.
@@ -197,7 +200,7 @@ class FileConnector:
                 lines = Path(scratch) / "lines.ndjson"
                 lines.write_bytes(b"".join(good))
                 query = queries.segment_lines(str(lines), self._segment_columns())
-                with self.warehouse.cursor() as cur:
+                with _reader() as scratch, scratch.cursor() as cur:
                     try:
                         table = cur.sql(query.sql, params=query.params).to_arrow_table()
                     except Exception as exc:
@@ -233,6 +236,15 @@ class FileConnector:
                 continue
             extra.append(pl.col(head).str.json_path_match(f"$.{rest}").alias(path))
         return extra
+
+
+# The scratch reader's own memory limit: it streams, holding a few of DuckDB's batches.
+READER_MEMORY = "1GB"
+
+
+def _reader() -> Warehouse:
+    """An in-memory DuckDB for reading a file apart from the warehouse."""
+    return Warehouse(":memory:", memory_limit=READER_MEMORY)
 
 
 def _is_read_error(exc: Exception) -> bool:
