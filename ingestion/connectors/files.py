@@ -195,12 +195,11 @@ class FileConnector:
     ) -> pl.DataFrame:
         parts: list[pl.DataFrame] = []
         if good:
-            assert self.warehouse is not None
-            with tempfile.TemporaryDirectory(prefix="cdp-ndjson-") as scratch:
-                lines = Path(scratch) / "lines.ndjson"
+            with tempfile.TemporaryDirectory(prefix="cdp-ndjson-") as folder:
+                lines = Path(folder) / "lines.ndjson"
                 lines.write_bytes(b"".join(good))
                 query = queries.segment_lines(str(lines), self._segment_columns())
-                with _reader() as scratch, scratch.cursor() as cur:
+                with _reader() as reader, reader.cursor() as cur:
                     try:
                         table = cur.sql(query.sql, params=query.params).to_arrow_table()
                     except Exception as exc:
