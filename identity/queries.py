@@ -10,7 +10,7 @@ import re
 from datetime import datetime
 from typing import Any
 
-from cdp.warehouse import Cursor, Query
+from cdp.warehouse import Cursor, Query, with_ctes
 
 # Node ids are a stable 60-bit hash of (kind, value), the same in every engine with md5:
 #   ('0x' || left(md5(kind || chr(31) || value), 15))::BIGINT
@@ -179,9 +179,8 @@ TOUCH_SEEN_NODES = Query(
     """
 )
 
-# Each event links every pair of its identifiers; an event with more than 8 identifiers
-# links them as a star around its most trusted one instead (k - 1 links).
-INSERT_NEW_EDGES = Query(
+# The events' identifier nodes (`id_new_ein`) of an incremental run, written as event nodes.
+NEW_EVENT_NODES = Query(
     """
     CREATE OR REPLACE TEMP TABLE id_new_ein AS
     SELECT DISTINCT x.event_id,
@@ -190,26 +189,55 @@ INSERT_NEW_EDGES = Query(
            x.ts
     FROM id_new_ei x;
     INSERT INTO identity_event_nodes SELECT DISTINCT event_id, node_id FROM id_new_ein;
-    CREATE OR REPLACE TEMP TABLE id_new_edges AS
-    WITH sized AS (
+    DROP TABLE id_new_ei;
+    DROP TABLE id_new_seen;
+    """
+)
+
+# Each event links every pair of its identifiers; an event with more than 8 identifiers
+# links them as a star around its most trusted one instead (k - 1 links). Both paths build
+# the links of `id_new_ein` (event, node, rank, ts) into `id_new_edges` with these steps;
+# the incremental one leaves out the links already stored, a full rebuild starts with none.
+_LINK_STEPS = (
+    (
+        "sized",
+        """
         SELECT event_id, count(*) AS k, arg_min(node_id, (rank, node_id)) AS centre_id
         FROM id_new_ein GROUP BY event_id HAVING count(*) > 1
+        """,
     ),
-    links AS (
+    (
+        "links",
+        """
         SELECT a.node_id AS src, b.node_id AS dst, a.event_id, a.ts
         FROM id_new_ein a
         JOIN sized s ON s.event_id = a.event_id
         JOIN id_new_ein b ON b.event_id = a.event_id AND b.node_id > a.node_id
         WHERE s.k <= 8 OR s.centre_id IN (a.node_id, b.node_id)
-    )
-    SELECT src, dst, min(event_id) AS first_event_id, arg_min(ts, event_id) AS first_at
-    FROM links l
-    WHERE NOT EXISTS (SELECT 1 FROM identity_edges e WHERE e.src = l.src AND e.dst = l.dst)
-    GROUP BY src, dst;
-    INSERT INTO identity_edges SELECT src, dst, first_event_id, first_at FROM id_new_edges;
-    DROP TABLE id_new_ei;
-    DROP TABLE id_new_seen;
-    """
+        """,
+    ),
+)
+_ALL_LINKS = """
+SELECT src, dst, min(event_id) AS first_event_id, arg_min(ts, event_id) AS first_at
+FROM links l
+GROUP BY src, dst
+"""
+_UNSTORED_LINKS = """
+SELECT src, dst, min(event_id) AS first_event_id, arg_min(ts, event_id) AS first_at
+FROM links l
+WHERE NOT EXISTS (SELECT 1 FROM identity_edges e WHERE e.src = l.src AND e.dst = l.dst)
+GROUP BY src, dst
+"""
+
+
+def _links(final: str) -> Query:
+    return Query("CREATE OR REPLACE TEMP TABLE id_new_edges AS\n" + with_ctes(_LINK_STEPS, final))
+
+
+NEW_LINKS = _links(_UNSTORED_LINKS)
+FULL_LINKS = _links(_ALL_LINKS)
+STORE_LINKS = Query(
+    "INSERT INTO identity_edges SELECT src, dst, first_event_id, first_at FROM id_new_edges"
 )
 
 
@@ -220,8 +248,8 @@ INSERT_NEW_EDGES = Query(
 # once (`new_event_identifiers(node_ids=True)`) and nodes are grouped on that integer: a node
 # id is the identity of (kind, value) everywhere in the graph.
 def full_graph(pattern: str) -> Query:
-    """Nodes (with their blocked flag), event nodes and links of every event up to the run's
-    mark, from `id_new_ei` with node ids."""
+    """Nodes (with their blocked flag) and event nodes of every event up to the run's mark,
+    from `id_new_ei` with node ids (`FULL_LINKS` then links them)."""
     return Query(
         """
         CREATE OR REPLACE TEMP TABLE id_new_nodes AS
@@ -240,22 +268,6 @@ def full_graph(pattern: str) -> Query:
         SELECT DISTINCT event_id, node_id, rank, ts FROM id_new_ei;
         DROP TABLE id_new_ei;
         INSERT INTO identity_event_nodes SELECT event_id, node_id FROM id_new_ein;
-        CREATE OR REPLACE TEMP TABLE id_new_edges AS
-        WITH sized AS (
-            SELECT event_id, count(*) AS k, arg_min(node_id, (rank, node_id)) AS centre_id
-            FROM id_new_ein GROUP BY event_id HAVING count(*) > 1
-        ),
-        links AS (
-            SELECT a.node_id AS src, b.node_id AS dst, a.event_id, a.ts
-            FROM id_new_ein a
-            JOIN sized s ON s.event_id = a.event_id
-            JOIN id_new_ein b ON b.event_id = a.event_id AND b.node_id > a.node_id
-            WHERE s.k <= 8 OR s.centre_id IN (a.node_id, b.node_id)
-        )
-        SELECT src, dst, min(event_id) AS first_event_id, arg_min(ts, event_id) AS first_at
-        FROM links l
-        GROUP BY src, dst;
-        INSERT INTO identity_edges SELECT src, dst, first_event_id, first_at FROM id_new_edges;
         """,
         {"pattern": pattern},
     )

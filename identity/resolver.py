@@ -123,6 +123,8 @@ def _resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool) -> Resol
         step(queries.changed_overrides(-1 if full else seen_overrides))
         if full:
             step(queries.full_graph(rules.combined_pattern()))
+            step(queries.FULL_LINKS)
+            step(queries.STORE_LINKS)
             step(queries.ACTIVE_REMOVED_LINKS)
             step(queries.full_status(rules.auto_cap))
             queries.run_script(cur, queries.GRAPH_COUNTS)
@@ -130,7 +132,9 @@ def _resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool) -> Resol
         else:
             step(queries.insert_new_nodes(rules.combined_pattern()))
             step(queries.TOUCH_SEEN_NODES)
-            step(queries.INSERT_NEW_EDGES)
+            step(queries.NEW_EVENT_NODES)
+            step(queries.NEW_LINKS)
+            step(queries.STORE_LINKS)
             step(queries.ACTIVE_REMOVED_LINKS)
             queries.run_script(cur, queries.STATUS_CANDIDATES_INCREMENTAL)
             step(queries.compute_status(rules.auto_cap))

@@ -495,42 +495,31 @@ def plan_reversal(
     on lots held in memory (updated in place): the order's own lots first, whatever their
     state, then the member's other lots alive and earned at `as_of`. Returns the draws and
     what the lots could not cover."""
+    own = sorted(
+        (lot for lot in lots if lot.order_id == order_id and lot.remaining > 0),
+        key=LotState.fifo_key,
+    )
+    own_ids = {lot.entry_id for lot in own}
+    others = sorted(
+        (
+            lot
+            for lot in lots
+            if lot.remaining > 0
+            and lot.entry_id not in own_ids
+            and (lot.expires_at is None or lot.expires_at > as_of)
+            and lot.earned_at <= as_of
+        ),
+        key=LotState.fifo_key,
+    )
     plan: list[tuple[str, int]] = []
     left = points
-    taken: set[str] = set()
-    if left > 0:
-        own = sorted(
-            (lot for lot in lots if lot.order_id == order_id and lot.remaining > 0),
-            key=LotState.fifo_key,
-        )
-        for lot in own:
-            if left <= 0:
-                break
-            take = min(left, lot.remaining)
-            plan.append((lot.entry_id, take))
-            taken.add(lot.entry_id)
-            left -= take
-    if left > 0:
-        others = sorted(
-            (
-                lot
-                for lot in lots
-                if lot.remaining > 0
-                and lot.entry_id not in taken
-                and (lot.expires_at is None or lot.expires_at > as_of)
-                and lot.earned_at <= as_of
-            ),
-            key=LotState.fifo_key,
-        )
-        for lot in others:
-            if left <= 0:
-                break
-            take = min(left, lot.remaining)
-            plan.append((lot.entry_id, take))
-            left -= take
-    by_id = {lot.entry_id: lot for lot in lots}
-    for lot_id, take in plan:
-        by_id[lot_id].remaining -= take
+    for lot in (*own, *others):
+        if left <= 0:
+            break
+        take = min(left, lot.remaining)
+        plan.append((lot.entry_id, take))
+        lot.remaining -= take
+        left -= take
     return plan, left
 
 

@@ -65,9 +65,9 @@ class FileConnector:
     """One file, streamed in chunks of rows, each numbered from 1 in `_row`.
 
     CSV and Parquet are read by Polars. NDJSON (Segment messages) is read by DuckDB with
-    an explicit schema (`queries.SEGMENT_COLUMNS`, objects kept as JSON text) on a cursor
-    of `warehouse`: no pass over the whole file to infer a struct schema, and the parsing
-    runs on every core. `paths` are the mapping's extra fields (`properties.card`, a bare
+    an explicit schema (`queries.SEGMENT_COLUMNS`, objects kept as JSON text) on a scratch
+    in-memory database: no pass over the whole file to infer a struct schema, and the
+    parsing runs on every core. `paths` are the mapping's extra fields (`properties.card`, a bare
     top-level name), added as flat columns named by their path.
     """
 
@@ -76,14 +76,12 @@ class FileConnector:
         path: Path,
         *,
         chunk_rows: int = CHUNK_ROWS,
-        warehouse: Warehouse | None = None,
         paths: Sequence[str] = (),
     ) -> None:
         self.path = path
         self.name = path.name
         self.format = file_format(path)
         self.chunk_rows = chunk_rows
-        self.warehouse = warehouse
         self.paths = tuple(paths)
 
     def _scan(self) -> pl.LazyFrame:
@@ -114,8 +112,6 @@ class FileConnector:
         return columns
 
     def _segment_chunks(self) -> Iterator[pl.DataFrame]:
-        if self.warehouse is None:
-            raise RuntimeError("an NDJSON file is read through the warehouse")
         query = queries.segment_lines(str(self.path), self._segment_columns())
         read = 0
         chunk_rows = min(self.chunk_rows, NDJSON_CHUNK_ROWS)
@@ -360,9 +356,7 @@ def run_queued_import(
                     "file already imported", extra={"source_id": source_id, "file": display}
                 )
                 return run
-            connector = FileConnector(
-                path, chunk_rows=chunk_rows, warehouse=warehouse, paths=_segment_paths(mapping)
-            )
+            connector = FileConnector(path, chunk_rows=chunk_rows, paths=_segment_paths(mapping))
             run.status = "running"
             run.rows_total = rows_total
             total_rows = run.rows_total
