@@ -10,7 +10,7 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -431,11 +431,8 @@ def refresh_property_values(
             have.setdefault(str(event), set()).add(str(path))
         for event in set(have) - set(wanted_events):
             _run_script(cur, queries.drop_property_event(event))
-        catalogued: dict[str, set[str]] = {}
-        for event, path, _, *counts in cur.execute(queries.EVENT_CATALOG.sql).fetchall():
-            ftype = json_field_type(**dict(zip(_STAT_COLUMNS, map(int, counts), strict=True)))
-            if path and ftype is not None and event in wanted_events:
-                catalogued.setdefault(str(event), set()).add(str(path))
+        typed = _event_fields(cur.execute(queries.EVENT_CATALOG.sql).fetchall())
+        catalogued = {e: set(typed.get(e, {})) for e in wanted_events}
         for event in wanted_events:
             known = sorted(have.get(event, set()))
             new = sorted(catalogued.get(event, set()) - set(known))
@@ -569,6 +566,19 @@ def _fields_marks(
     return marks
 
 
+def _event_fields(
+    rows: Sequence[tuple[Any, ...]],  # Any: SQL values of EVENT_CATALOG
+) -> dict[str, dict[str, FieldType]]:
+    """Each catalogued event's typed property paths (an event with none maps to {})."""
+    events: dict[str, dict[str, FieldType]] = {}
+    for event, path, _, *counts in rows:
+        props = events.setdefault(str(event), {})
+        ftype = json_field_type(**dict(zip(_STAT_COLUMNS, map(int, counts), strict=True)))
+        if path and ftype is not None:
+            props[str(path)] = ftype
+    return events
+
+
 def _warehouse_fields(warehouse: Warehouse) -> _WarehouseFields:
     """The warehouse part of the catalogue, with the profiles watermark read now (one query)."""
     rows = warehouse.rows(queries.STATE_AND_WATERMARK)
@@ -583,12 +593,7 @@ def _warehouse_fields(warehouse: Warehouse) -> _WarehouseFields:
         ftype = json_field_type(**dict(zip(_STAT_COLUMNS, map(int, counts), strict=True)))
         if ftype is not None:
             traits[str(path)] = ftype
-    events: dict[str, dict[str, FieldType]] = {}
-    for event, path, _, *counts in warehouse.rows(queries.EVENT_CATALOG):
-        props = events.setdefault(str(event), {})
-        ftype = json_field_type(**dict(zip(_STAT_COLUMNS, map(int, counts), strict=True)))
-        if path and ftype is not None:
-            props[str(path)] = ftype
+    events = _event_fields(warehouse.rows(queries.EVENT_CATALOG))
     attributes = {
         str(name): _DUCK_TYPES[str(dtype)]
         for name, dtype in warehouse.rows(queries.ATTRIBUTE_COLUMNS)
