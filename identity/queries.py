@@ -42,6 +42,9 @@ STATE_MARK = "last_event_id"
 STATE_SEQ = "merge_seq"
 STATE_RULES = "rules_fingerprint"
 STATE_OVERRIDES = "override_version"
+# Bumped in the same transaction as every write to `profiles` (resolution, erasure): later
+# layers compare it instead of scanning the table to know whether profiles changed.
+STATE_PROFILES_VERSION = "profiles_version"
 
 
 def read_state() -> Query:
@@ -55,6 +58,16 @@ def write_state(name: str, *, number: int | None = None, text: str | None = None
         "INSERT OR REPLACE INTO identity_state VALUES ($name, $number, $text)",
         {"name": name, "number": number, "text": text},
     )
+
+
+PROFILES_VERSION_SQL = (
+    "SELECT coalesce(max(number), 0) FROM identity_state WHERE name = 'profiles_version'"
+)
+
+BUMP_PROFILES_VERSION = Query(
+    "INSERT OR REPLACE INTO identity_state "
+    "SELECT 'profiles_version', (" + PROFILES_VERSION_SQL + ") + 1, NULL"
+)
 
 
 MAX_EVENT_ID = Query("SELECT coalesce(max(event_id), 0) FROM event_identifiers")

@@ -206,6 +206,7 @@ def _resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool) -> Resol
             (queries.STATE_RULES, None, fingerprint),
         ):
             queries.run_script(cur, queries.write_state(name, number=number, text=text))
+        queries.run_script(cur, queries.BUMP_PROFILES_VERSION)
     result.seconds = round(time.perf_counter() - started, 4)
     logger.debug("identity resolution steps", extra={"seconds_per_step": timings})
     logger.info("identity resolved", extra=result.as_dict())

@@ -66,6 +66,7 @@ __all__ = [
     "lookup",
     "merges_since",
     "profile_events",
+    "profiles_version_sql",
     "put_rules",
     "resolve",
     "resolve_profile_id",
@@ -419,6 +420,7 @@ def erase_profile(
     live = resolve_profile_id(warehouse, profile_id=profile_id)
     with resolver.exclusive(), warehouse.transaction() as cur:
         counts = queries.run_script(cur, queries.erase_profile(live, _naive_now()))
+        queries.run_script(cur, queries.BUMP_PROFILES_VERSION)
     assert counts is not None
     erasure = ErasureRead(
         profile_id=live,
@@ -521,6 +523,16 @@ def event_profile_sql() -> str:
     belongs to the profile of its most trusted identifier that has one.
     """
     return queries.EVENT_PROFILE_RELATION
+
+
+def profiles_version_sql() -> str:
+    """A parameter-free SQL query returning one number that changes whenever `profiles` does.
+
+    Every identity write to `profiles` (a resolution, an unmerge's re-resolution, an erasure)
+    bumps it in the same transaction, so a later layer can tell whether profiles changed
+    without scanning them. Never goes back; 0 before the first resolution.
+    """
+    return queries.PROFILES_VERSION_SQL
 
 
 def scoped_event_profile_sql() -> str:
