@@ -352,9 +352,7 @@ def prepare(
     summary.profiles = int(warehouse.scalar(_COUNT_PROFILES) or 0)
     say(f"identity: {resolved.mode}, {resolved.events} events, {summary.profiles} profiles")
     with db.begin() as session:
-        segments_service.refresh_attributes(session, warehouse, settings=settings.segments)
-    segments_service.refresh_event_map(warehouse)
-    segments_service.refresh_catalog(warehouse)
+        segments_service.refresh_derived(session, warehouse, settings=settings.segments)
     _ensure_program(db, warehouse, summary)
     summary.segments = _ensure_segments(db, warehouse, settings)
     with db.begin() as session:

@@ -11,13 +11,12 @@ def refresh_attributes(context: JobContext) -> int:
     and the catalogue."""
     settings = context.settings.segments
     with context.db.begin() as session:
-        result = service.refresh_attributes_if_stale(session, context.warehouse, settings=settings)
+        result = service.refresh_derived(
+            session, context.warehouse, settings=settings, only_if_stale=True
+        )
     if result.skipped:
         context.message = "unchanged since the last refresh"
         return 0
-    service.refresh_event_map(context.warehouse)
-    service.refresh_catalog(context.warehouse)
-    service.refresh_property_values(context.warehouse, settings=settings)
     context.message = (
         f"{result.attributes} attributes of {result.profiles} profiles in {result.seconds:.2f}s"
     )
@@ -25,13 +24,11 @@ def refresh_attributes(context: JobContext) -> int:
 
 
 def refresh_attributes_now(context: JobContext) -> int:
-    """Recompute every attribute, the event map and the field catalogue now."""
+    """Recompute every attribute, the event map, the field catalogue and the stored property
+    values now."""
     settings = context.settings.segments
     with context.db.begin() as session:
-        result = service.refresh_attributes(session, context.warehouse, settings=settings)
-    service.refresh_event_map(context.warehouse)
-    service.refresh_catalog(context.warehouse)
-    service.refresh_property_values(context.warehouse, settings=settings)
+        result = service.refresh_derived(session, context.warehouse, settings=settings)
     context.message = (
         f"{result.attributes} attributes of {result.profiles} profiles in {result.seconds:.2f}s"
     )

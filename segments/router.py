@@ -90,10 +90,7 @@ def refresh_attributes(
     session: SessionDep, warehouse: WarehouseDep, settings: SettingsDep
 ) -> AttributeRefreshRead:
     """Recompute every attribute of every profile now (and the event map and catalogue)."""
-    result = service.refresh_attributes(session, warehouse, settings=settings.segments)
-    service.refresh_event_map(warehouse)
-    service.refresh_catalog(warehouse)
-    service.refresh_property_values(warehouse, settings=settings.segments)
+    result = service.refresh_derived(session, warehouse, settings=settings.segments)
     return AttributeRefreshRead(
         profiles=result.profiles,
         attributes=result.attributes,

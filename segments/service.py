@@ -65,6 +65,7 @@ __all__ = [
     "parse_rule",
     "profile_attributes",
     "refresh_attributes",
+    "refresh_derived",
     "refresh_event_map",
     "refresh_property_values",
     "refresh_segment",
@@ -536,6 +537,33 @@ def refresh_catalog(
         ):
             write = queries.write_state(name, text, at)
             cur.execute(write.sql, write.params)
+
+
+def refresh_derived(
+    session: Session,
+    warehouse: Warehouse,
+    *,
+    settings: SegmentsSettings,
+    only_if_stale: bool = False,
+    now: datetime | None = None,
+) -> AttributeRefresh:
+    """Everything segments derive from profiles and events, in order: the attributes, the
+    event -> profile map, the field catalogue and the stored order property values.
+
+    `only_if_stale` (the scheduled job): do nothing when profiles, definitions and the day
+    are what the last refresh saw. The API, the demo and the on-demand job refresh anyway.
+    `now` is the attributes' clock (relative windows); the marks take the real time.
+    """
+    if only_if_stale:
+        result = refresh_attributes_if_stale(session, warehouse, settings=settings, now=now)
+        if result.skipped:
+            return result
+    else:
+        result = refresh_attributes(session, warehouse, settings=settings, now=now)
+    refresh_event_map(warehouse)
+    refresh_catalog(warehouse)
+    refresh_property_values(warehouse, settings=settings)
+    return result
 
 
 @dataclass(frozen=True, slots=True)

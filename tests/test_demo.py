@@ -17,6 +17,8 @@ import httpx
 import polars as pl
 
 from cdp.sample_data import CRM_FILE, SOURCE_CRM, SOURCE_TILL, SOURCE_WEB, WEB_FILE
+from cdp.warehouse import Query, Warehouse
+from segments.service import STATE_PROPERTY_VALUES
 
 CUSTOMERS = 300
 CDP_DEMO = (sys.executable, "-m", "cdp.cli", "demo")
@@ -187,6 +189,15 @@ def test_demo_loads_the_sample_through_the_platform_and_a_rerun_adds_nothing(
         assert "/dashboards" in demo.output
     finally:
         demo.stop()
+
+    # The demo refreshed everything segments derive, the stored order property values too.
+    with Warehouse(data_dir / "warehouse.duckdb") as warehouse:
+        mark = warehouse.scalar(
+            Query("SELECT text FROM segment_state WHERE name = $n", {"n": STATE_PROPERTY_VALUES})
+        )
+        assert mark is not None
+        assert int(mark) > 0
+        assert warehouse.scalar(Query("SELECT count(*) FROM segment_property_values")) > 0
 
     again = _start(data_dir, _free_port())
     try:
