@@ -420,7 +420,8 @@ MIGRATIONS: list[WarehouseMigration] = [
                 value VARCHAR NOT NULL
             )
             """,
-            # The (event, path) pairs held there, each complete up to the mark.
+            # The (event, path) pairs held there, each complete up to the mark (per path
+            # since version 23).
             """
             CREATE TABLE segment_property_paths (
                 event VARCHAR NOT NULL,
@@ -428,6 +429,34 @@ MIGRATIONS: list[WarehouseMigration] = [
                 PRIMARY KEY (event, path)
             )
             """,
+        ),
+    ),
+    WarehouseMigration(
+        23,
+        "segments: each materialised property path keeps its own mark",
+        (
+            # `upto`: the path's values are complete for the events up to this id. A path of an
+            # event that stops being the purchase or refund event keeps its rows and its mark
+            # (never deleted under a compiled rule that reads them); paths of events still
+            # wanted move on together. Existing paths start at the package's mark.
+            """
+            CREATE TABLE segment_property_paths_v23 (
+                event VARCHAR NOT NULL,
+                path VARCHAR NOT NULL,
+                upto BIGINT NOT NULL,
+                PRIMARY KEY (event, path)
+            )
+            """,
+            """
+            INSERT INTO segment_property_paths_v23
+            SELECT event, path, coalesce((
+                SELECT max(TRY_CAST(text AS BIGINT)) FROM segment_state
+                WHERE name = 'property_values_mark'
+            ), 0)
+            FROM segment_property_paths
+            """,
+            "DROP TABLE segment_property_paths",
+            "ALTER TABLE segment_property_paths_v23 RENAME TO segment_property_paths",
         ),
     ),
     WarehouseMigration(

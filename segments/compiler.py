@@ -446,11 +446,10 @@ def event_map_relation(event_profiles_sql: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class PropertyValues:
-    """What `segment_property_values` holds: the values of `paths` ((event, path) pairs) of
-    every event with an id up to `mark`."""
+    """What `segment_property_values` holds: for each (event, path) of `marks`, the values of
+    every event of that name with an id up to its mark."""
 
-    mark: int
-    paths: frozenset[tuple[str, str]]
+    marks: Mapping[tuple[str, str], int]
 
 
 PROPERTY_VALUES_TABLE = "segment_property_values"
@@ -572,7 +571,7 @@ def _event_condition(ctx: _Context, rule: EventCondition, path: str) -> str:
     materialised = (
         values is not None
         and bool(filters)
-        and all((rule.event, name) in values.paths for name, _, _, _ in filters)
+        and all((rule.event, name) in values.marks for name, _, _, _ in filters)
     )
     json_conds = [
         _path_condition("e.properties", name, ftype, flt.op, flt.value, params, where, ctx.now)
@@ -580,8 +579,9 @@ def _event_condition(ctx: _Context, rule: EventCondition, path: str) -> str:
     ]
     if materialised:
         assert values is not None
-        # Events up to the mark: their materialised values; events after it: their JSON.
-        mark = params.add(values.mark)
+        # Events up to the mark: their materialised values; events after it: their JSON. With
+        # several filters, the lowest of their paths' marks (each path is complete up to it).
+        mark = params.add(min(values.marks[(rule.event, name)] for name, _, _, _ in filters))
         stored = [
             _stored_condition(name, ftype, flt, window, params, where, ctx.now)
             for name, ftype, flt, where in filters

@@ -412,7 +412,7 @@ def sample_profiles(limit: int) -> Query:
 # event's properties, parsed once. The extraction is the compiler's own
 # (`json_extract_string` with the same bound JSON path; one row per list element), so a
 # filter on these rows selects exactly the events a filter on the JSON selects.
-PROPERTY_PATHS = Query("SELECT event, path FROM segment_property_paths ORDER BY event, path")
+PROPERTY_PATHS = Query("SELECT event, path, upto FROM segment_property_paths ORDER BY event, path")
 
 
 def append_property_values(
@@ -443,20 +443,11 @@ def append_property_values(
     )
 
 
-def drop_property_event(event: str) -> Query:
-    """Forget one event's materialised values (no longer a purchase or refund event)."""
+def set_property_path(event: str, path: str, upto: int) -> Query:
+    """Record that one (event, path) is materialised up to the event id `upto`."""
     return Query(
-        "DELETE FROM segment_property_values WHERE event = $event;\n"
-        "DELETE FROM segment_property_paths WHERE event = $event",
-        {"event": event},
-    )
-
-
-def add_property_path(event: str, path: str) -> Query:
-    """Record that one (event, path) is materialised up to the mark."""
-    return Query(
-        "INSERT INTO segment_property_paths VALUES ($event, $path)",
-        {"event": event, "path": path},
+        "INSERT OR REPLACE INTO segment_property_paths VALUES ($event, $path, $upto)",
+        {"event": event, "path": path, "upto": upto},
     )
 
 

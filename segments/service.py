@@ -83,6 +83,8 @@ STATE_ATTR_PROFILES = "attributes_profiles_mark"
 STATE_ATTR_DIGEST = "attributes_digest"
 STATE_PROPERTY_VALUES = "property_values_mark"
 STATE_PROPERTY_ERASURES = "property_values_erasures"
+# Moves whenever a path is added to the stored values (a cache key of the compiler's fields).
+STATE_PROPERTY_PATHS = "property_values_paths"
 # Numbers every rebuild of the catalogue or the attribute columns in this process.
 _GENERATION = itertools.count(1)
 _PARAM = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
@@ -414,44 +416,47 @@ def refresh_property_values(
     """Materialise the values of the purchase and refund events' field paths (from the event
     catalogue) for the events received since the last run; returns the rows added.
 
-    Paths new to the catalogue are materialised over every event; the others over the events
-    after the mark. One transaction: the rows, the paths and the mark move together. Event
-    conditions read the rows up to the mark and the JSON of the events after it, so their
-    result never depends on when this last ran. Rows of erased events are dropped when an
+    Each (event, path) keeps its own mark (`segment_property_paths.upto`): a path new to the
+    catalogue is materialised over every event, the others over the events after their mark.
+    One transaction: the rows and the marks move together. Event conditions read the rows up
+    to the mark and the JSON of the events after it, so their result never depends on when
+    this last ran. An event that stops being the purchase or refund event (the settings
+    changed) keeps its rows and marks: a rule compiled before still reads what it expects, and
+    its later events are read from their JSON. Rows of erased events are dropped when an
     erasure was published since the last run (they could not match anyway).
     """
     at = now or _now()
     wanted_events = list(dict.fromkeys((settings.purchase.event, settings.purchase.refund_event)))
     added = 0
+    new_paths = False
     with warehouse.transaction() as cur:
         state = {str(n): str(t) for n, t, _ in cur.execute(queries.ALL_STATE.sql).fetchall()}
         after = int(state.get(STATE_PROPERTY_VALUES) or 0)
         upto = max(int(_one(cur, queries.MAX_EVENT_ID)[0]), after)
-        have: dict[str, set[str]] = {}
-        for event, path in cur.execute(queries.PROPERTY_PATHS.sql).fetchall():
-            have.setdefault(str(event), set()).add(str(path))
-        for event in set(have) - set(wanted_events):
-            _run_script(cur, queries.drop_property_event(event))
+        have: dict[str, dict[str, int]] = {}
+        for event, path, mark in cur.execute(queries.PROPERTY_PATHS.sql).fetchall():
+            have.setdefault(str(event), {})[str(path)] = int(mark)
         typed = _event_fields(cur.execute(queries.EVENT_CATALOG.sql).fetchall())
-        catalogued = {e: set(typed.get(e, {})) for e in wanted_events}
         for event in wanted_events:
-            known = sorted(have.get(event, set()))
-            new = sorted(catalogued.get(event, set()) - set(known))
-            for paths, start in ((known, after), (new, 0)):
-                if not paths or upto <= start:
-                    continue
-                for p in paths:
+            known = have.get(event, {})
+            for p in sorted(set(typed.get(event, {})) | set(known)):
+                start = known.get(p, 0)
+                if upto > start:
                     q = queries.append_property_values(
                         event, p, json_path(p), is_list=is_list_path(p), after=start, upto=upto
                     )
                     added += int(_one(cur, q)[0])
-            for p in new:
-                q = queries.add_property_path(event, p)
-                cur.execute(q.sql, q.params)
+                if upto > start or p not in known:
+                    q = queries.set_property_path(event, p, upto)
+                    cur.execute(q.sql, q.params)
+                    new_paths = new_paths or p not in known
         erasures = str(_one(cur, queries.ERASURES_MARK)[0])
         if erasures != state.get(STATE_PROPERTY_ERASURES, "0"):
             cur.execute(queries.PRUNE_PROPERTY_VALUES.sql)
-        for name, text in ((STATE_PROPERTY_VALUES, str(upto)), (STATE_PROPERTY_ERASURES, erasures)):
+        marks = [(STATE_PROPERTY_VALUES, str(upto)), (STATE_PROPERTY_ERASURES, erasures)]
+        if new_paths:
+            marks.append((STATE_PROPERTY_PATHS, f"rebuilt {next(_GENERATION)}"))
+        for name, text in marks:
             write = queries.write_state(name, text, at)
             cur.execute(write.sql, write.params)
     return added
@@ -631,8 +636,7 @@ def _warehouse_fields(warehouse: Warehouse) -> _WarehouseFields:
     values = None
     if STATE_PROPERTY_VALUES in texts:
         values = compiler.PropertyValues(
-            int(texts[STATE_PROPERTY_VALUES]),
-            frozenset((str(e), str(p)) for e, p in warehouse.rows(queries.PROPERTY_PATHS)),
+            {(str(e), str(p)): int(m) for e, p, m in warehouse.rows(queries.PROPERTY_PATHS)}
         )
     fields = _WarehouseFields(traits, events, attributes, texts, values)
     _FIELDS_CACHE[warehouse] = (marks, fields)

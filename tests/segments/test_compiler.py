@@ -316,7 +316,7 @@ def test_hostile_values_in_every_string_position_are_bound_parameters(
 ) -> None:
     tables_before = warehouse.rows(Query("SELECT count(*) FROM duckdb_tables()"))
     # Property filters both from the events' JSON and from the materialised values.
-    materialised = PropertyValues(0, frozenset({("Order Completed", "category")}))
+    materialised = PropertyValues({("Order Completed", "category"): 0})
     for (name, rule), values in itertools.product(_hostile_rules(), (None, materialised)):
         query = compile_rule(
             rule,

@@ -175,10 +175,10 @@ def test_materialised_values_select_the_same_members(db: Database, shop: Warehou
     assert rows > 300
     values = service._warehouse_fields(shop).values
     assert values is not None
-    assert ("Order Completed", "products[].category") in values.paths
-    assert ("Order Completed", "products[].tags[]") in values.paths
-    assert ("Order Refunded", "order_id") in values.paths
-    assert not any(e == "Product Viewed" for e, _ in values.paths)
+    assert ("Order Completed", "products[].category") in values.marks
+    assert ("Order Completed", "products[].tags[]") in values.marks
+    assert ("Order Refunded", "order_id") in values.marks
+    assert not any(e == "Product Viewed" for e, _ in values.marks)
     results = _check_all(db, shop)
     # The rules mean something: each selects some profiles and leaves some out.
     everyone = len(shop.rows(Query("SELECT profile_id FROM profiles")))
@@ -210,7 +210,7 @@ def test_events_after_the_mark_merges_and_erasures(db: Database, shop: Warehouse
     service.refresh_property_values(shop, settings=SETTINGS, now=NOW)
     values = service._warehouse_fields(shop).values
     assert values is not None
-    assert ("Order Completed", "gift.wrap") in values.paths
+    assert ("Order Completed", "gift.wrap") in values.marks
     assert _check_all(db, shop) == after
     service.refresh_event_map(shop)
     assert _check_all(db, shop) == after
@@ -253,3 +253,51 @@ def test_incremental_runs_add_only_the_new_events(db: Database, shop: Warehouse)
     shop.execute(Query("DELETE FROM segment_property_paths"))
     shop.execute(Query("DELETE FROM segment_state WHERE name = 'property_values_mark'"))
     assert service.refresh_property_values(shop, settings=SETTINGS, now=NOW) == total
+
+
+def test_a_changed_purchase_event_keeps_the_values_a_compiled_rule_reads(
+    db: Database, shop: Warehouse
+) -> None:
+    """The settings name another purchase event: the old event's rows and marks stay (a rule
+    compiled just before still finds them), its new events are read from their JSON, and the
+    new purchase event is materialised from its first event."""
+    service.refresh_property_values(shop, settings=SETTINGS, now=NOW)
+    fields = service._warehouse_fields(shop)
+    assert fields.values is not None
+    with db.begin() as session:
+        compiled = compiler.compile_rule_parts(
+            service.parse_rule(RULES[0]),
+            catalog=service._catalog(None, fields, settings=SETTINGS),
+            now=NOW,
+            event_profiles_sql=lambda: service._event_profiles(fields),
+            resolve_segment=service._resolver(session),
+            property_values=fields.values,
+        ).query
+    assert compiler.PROPERTY_VALUES_TABLE in compiled.sql
+    before = {str(r[0]) for r in shop.rows(compiled)}
+    assert before
+
+    other = SegmentsSettings.model_validate({"purchase": {"event": "Product Viewed"}})
+    service.refresh_property_values(shop, settings=other, now=NOW)
+    assert {str(r[0]) for r in shop.rows(compiled)} == before
+    marks = service._warehouse_fields(shop).values
+    assert marks is not None
+    assert ("Product Viewed", "category") in marks.marks
+    frozen = marks.marks[("Order Completed", "products[].category")]
+
+    write_events(shop, _orders(random.Random(11), ["u7", "u8"], 30, "k"))
+    resolve(shop)
+    service.refresh_catalog(shop)
+    service.refresh_property_values(shop, settings=other, now=NOW)
+    marks = service._warehouse_fields(shop).values
+    assert marks is not None
+    assert marks.marks[("Order Completed", "products[].category")] == frozen
+    assert marks.marks[("Product Viewed", "category")] > frozen
+    _check_all(db, shop)
+    viewed = {
+        "event": "Product Viewed",
+        "where": [{"property": "category", "op": "eq", "value": "hats"}],
+    }
+    assert _select(db, shop, viewed, materialised=True) == _select(
+        db, shop, viewed, materialised=False
+    )
