@@ -615,8 +615,8 @@ def _event_fields(
 def _warehouse_fields(warehouse: Warehouse) -> _WarehouseFields:
     """The warehouse part of the catalogue, with the profiles watermark read now (one query)."""
     rows = warehouse.rows(queries.STATE_AND_WATERMARK)
-    watermark = str(rows[0][1])
-    marks = tuple(rows[1:])
+    watermark = next(str(text) for name, text, _ in rows if name is None)
+    marks = tuple(sorted((r for r in rows if r[0] is not None), key=lambda r: str(r[0])))
     cached = _FIELDS_CACHE.get(warehouse)
     if cached is not None and cached[0] == marks:
         return replace(cached[1], watermark=watermark)
