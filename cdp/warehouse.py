@@ -13,7 +13,7 @@ import os
 import re
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +31,18 @@ logger = logging.getLogger(__name__)
 Cursor = duckdb.DuckDBPyConnection
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# A statement that only reads: one SELECT (or WITH ... SELECT) naming no writing keyword.
+# Anything else counts as a possible write (see `Warehouse.writes`); erring that way is safe.
+_READ = re.compile(r"\s*(SELECT|WITH)\b", re.IGNORECASE)
+_WRITE_WORD = re.compile(
+    r";|\b(INSERT|UPDATE|DELETE|MERGE|CREATE|DROP|ALTER|COPY|ATTACH|DETACH|CHECKPOINT"
+    r"|VACUUM|IMPORT|EXPORT|LOAD|INSTALL|SET|RESET|PRAGMA|CALL|TRUNCATE|nextval|setval)\b",
+    re.IGNORECASE,
+)
+
+
+def _may_write(sql: str) -> bool:
+    return _READ.match(sql) is None or _WRITE_WORD.search(sql) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +90,7 @@ class Warehouse:
         self.holder = holder
         self._lock = threading.Lock()
         self._con: duckdb.DuckDBPyConnection | None = None
+        self._writes = 0
 
     @property
     def in_memory(self) -> bool:
@@ -142,9 +155,28 @@ class Warehouse:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def writes(self) -> int:
+        """A counter that moves each time something that may have written through this object
+        has finished: a cursor or transaction handed out, or a statement that is not a plain
+        SELECT. It moves after the commit, so a caller that reads it, then reads some state,
+        may reuse that state while the counter has not moved: no write committed since (one
+        process owns the file, and every write of that process goes through here)."""
+        return self._writes
+
     @contextmanager
     def cursor(self) -> Iterator[Cursor]:
-        """A cursor of its own for the calling thread; closed on exit."""
+        """A cursor of its own for the calling thread; closed on exit. Anything done through
+        it counts as a possible write (`writes` moves when it is closed)."""
+        try:
+            with self._read_cursor() as cur:
+                yield cur
+        finally:
+            with self._lock:
+                self._writes += 1
+
+    @contextmanager
+    def _read_cursor(self) -> Iterator[Cursor]:
         with self._lock:
             if self._con is None:
                 raise RuntimeError("warehouse is not open")
@@ -153,6 +185,9 @@ class Warehouse:
             yield cur
         finally:
             cur.close()
+
+    def _cursor_for(self, sql: str) -> AbstractContextManager[Cursor]:
+        return self.cursor() if _may_write(sql) else self._read_cursor()
 
     @contextmanager
     def transaction(self) -> Iterator[Cursor]:
@@ -168,7 +203,7 @@ class Warehouse:
 
     def run(self, query: Query) -> pl.DataFrame:
         """Run a query and return its result as a Polars frame."""
-        with self.cursor() as cur:
+        with self._cursor_for(query.sql) as cur:
             relation = cur.sql(query.sql, params=query.params or None)
             if relation is None:
                 return pl.DataFrame()
@@ -177,7 +212,7 @@ class Warehouse:
 
     def arrow(self, query: Query) -> pa.Table:
         """Run a query and return its result as an Arrow table."""
-        with self.cursor() as cur:
+        with self._cursor_for(query.sql) as cur:
             relation = cur.sql(query.sql, params=query.params or None)
             if relation is None:
                 return pa.table({})
@@ -186,12 +221,12 @@ class Warehouse:
 
     def rows(self, query: Query) -> list[tuple[Any, ...]]:  # Any: SQL values
         """Run a query and return its rows as tuples (small results only)."""
-        with self.cursor() as cur:
+        with self._cursor_for(query.sql) as cur:
             return cur.execute(query.sql, query.params or None).fetchall()
 
     def scalar(self, query: Query) -> Any:  # Any: SQL value
         """Run a query and return the first column of its first row, or None."""
-        with self.cursor() as cur:
+        with self._cursor_for(query.sql) as cur:
             row = cur.execute(query.sql, query.params or None).fetchone()
         return None if row is None else row[0]
 

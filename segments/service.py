@@ -612,9 +612,28 @@ def _event_fields(
     return events
 
 
-def _warehouse_fields(warehouse: Warehouse) -> _WarehouseFields:
-    """The warehouse part of the catalogue, with the profiles watermark read now (one query)."""
+# The last marks read per warehouse, with the warehouse's write counter read just before:
+# while the counter has not moved, nothing was written since and the marks are the same.
+_MARKS_CACHE: weakref.WeakKeyDictionary[Warehouse, tuple[int, list[tuple[Any, ...]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _marks_and_watermark(warehouse: Warehouse) -> list[tuple[Any, ...]]:  # Any: SQL values
+    """STATE_AND_WATERMARK's rows: read again only when the warehouse was written since."""
+    writes = warehouse.writes
+    cached = _MARKS_CACHE.get(warehouse)
+    if cached is not None and cached[0] == writes:
+        return cached[1]
     rows = warehouse.rows(queries.STATE_AND_WATERMARK)
+    _MARKS_CACHE[warehouse] = (writes, rows)
+    return rows
+
+
+def _warehouse_fields(warehouse: Warehouse) -> _WarehouseFields:
+    """The warehouse part of the catalogue, with the profiles watermark as of now (one small
+    query, none while nothing was written to the warehouse since the last one)."""
+    rows = _marks_and_watermark(warehouse)
     watermark = next(str(text) for name, text, _ in rows if name is None)
     marks = tuple(sorted((r for r in rows if r[0] is not None), key=lambda r: str(r[0])))
     cached = _FIELDS_CACHE.get(warehouse)

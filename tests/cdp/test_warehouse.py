@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
@@ -119,3 +120,45 @@ def test_second_process_gets_a_clear_message_naming_the_holder(tmp_path: Path) -
 
 def test_locked_error_is_a_cdp_error() -> None:
     assert WarehouseLocked.status_code == 503
+
+
+def test_the_write_counter_moves_after_every_possible_write_and_never_for_a_read(
+    warehouse: Warehouse,
+) -> None:
+    """Callers cache state read after `writes`; a write it missed would make them stale."""
+    warehouse.execute(Query("CREATE TABLE t (a INTEGER)"))
+
+    def moved(action: Callable[[], object]) -> bool:
+        before = warehouse.writes
+        action()
+        return warehouse.writes != before
+
+    reads = [
+        lambda: warehouse.rows(Query("SELECT a FROM t")),
+        lambda: warehouse.scalar(Query("  select count(*) FROM t WHERE a = $a", {"a": 1})),
+        lambda: warehouse.run(Query("WITH x AS (SELECT a FROM t) SELECT * FROM x")),
+        lambda: warehouse.arrow(Query("SELECT 1 AS updated_at")),
+    ]
+    assert not any(moved(r) for r in reads)
+    writes = [
+        lambda: warehouse.execute(Query("INSERT INTO t VALUES (1)")),
+        lambda: warehouse.rows(Query("INSERT INTO t VALUES (2) RETURNING a")),
+        lambda: warehouse.scalar(Query("WITH x AS (SELECT 3) INSERT INTO t SELECT * FROM x")),
+        lambda: warehouse.rows(Query("SELECT 1; DELETE FROM t WHERE a = 3")),
+        lambda: warehouse.run(Query("UPDATE t SET a = a + 10 WHERE a = 2")),
+        lambda: warehouse.execute(Query("CREATE SEQUENCE s1")),
+        lambda: warehouse.scalar(Query("SELECT nextval('s1')")),
+    ]
+    assert all(moved(w) for w in writes)
+
+    # A transaction moves it once committed, not before: state read inside the transaction
+    # under the old value would otherwise be trusted after the commit.
+    before = warehouse.writes
+    with warehouse.transaction() as cur:
+        cur.execute("INSERT INTO t VALUES (5)")
+        assert warehouse.writes == before
+    assert warehouse.writes > before
+    before = warehouse.writes
+    with warehouse.cursor() as cur:
+        cur.execute("INSERT INTO t VALUES (7)")
+    assert warehouse.writes > before
