@@ -332,7 +332,7 @@ def run(scale: int, workdir: Path) -> Result:
     workdir.mkdir(parents=True, exist_ok=True)
     # Per-slice step times of the backfill on stderr (read, members, priors, rules, ...).
     logging.basicConfig(format="%(asctime)s %(name)s %(message)s")
-    for name in ("loyalty.engine", "loyalty.service"):
+    for name in ("loyalty.engine", "loyalty.service", "loyalty.ledger"):
         logging.getLogger(name).setLevel(logging.DEBUG)
     stores = _stores(scale, workdir)
     migrate.upgrade(f"sqlite:///{stores.database_file}")
