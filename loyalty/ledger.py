@@ -140,6 +140,7 @@ def bulk_insert(session: Session, table: Any, frame: pl.DataFrame) -> int:  # An
     """
     if frame.is_empty():
         return 0
+    frame = _without_null_columns(table, frame)
     columns = frame.columns
     stmt = insert_ignoring_conflicts(session, table).values(
         {name: bindparam(name) for name in columns}
@@ -165,6 +166,21 @@ def bulk_insert(session: Session, table: Any, frame: pl.DataFrame) -> int:  # An
     finally:
         connection.exec_driver_sql(f"PRAGMA cache_size={int(previous)}")
     return max(int(result.rowcount), 0)
+
+
+def _without_null_columns(table: Any, frame: pl.DataFrame) -> pl.DataFrame:  # Any: a Table
+    """The frame without its all-null columns that would be NULL anyway (nullable, no
+    default): fewer values to build, bind and free per row (earn entries leave five of
+    their 21 columns empty), the same rows stored."""
+    empty = [
+        name
+        for name in frame.columns
+        if frame[name].null_count() == frame.height
+        and table.c[name].nullable
+        and table.c[name].default is None
+        and table.c[name].server_default is None
+    ]
+    return frame.drop(empty) if empty else frame
 
 
 def _staging(table: Any) -> Table:  # Any: a Table
