@@ -258,7 +258,7 @@ def _indexes(names: Sequence[str]) -> list[Index]:
 
 def entry_rows_estimate(session: Session) -> int:
     """About how many entries the ledger holds, all programmes (SQLite: the largest rowid,
-    one B-tree descent instead of a count)."""
+    one B-tree descent instead of a count; at least the count)."""
     if session.get_bind().dialect.name != "sqlite":
         return int(session.scalar(select(func.count()).select_from(LedgerEntry)) or 0)
     found = session.connection().exec_driver_sql("SELECT max(rowid) FROM loyalty_ledger_entry")

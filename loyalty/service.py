@@ -1525,6 +1525,8 @@ def _deferrable(session: Session, program: Program, *, events: int) -> list[str]
     instead of during them: only when it will write about as much as the ledger holds (the
     launch case, or a history larger than the ledger), since building an index reads the
     whole table, every programme's entries included."""
+    if session.get_bind().dialect.name != "sqlite":
+        return []  # see `ledger.deferred_indexes`
     if events <= ledger.entry_rows_estimate(session):
         return []
     names = list(ledger.DEFERRABLE_INDEXES)

@@ -112,3 +112,15 @@ def test_backfill_into_an_empty_ledger_leaves_every_index_in_place(
         )
         assert OCCURRED in " ".join(str(row[-1]) for row in plan)
         assert session.scalar(select(func.count()).select_from(LedgerEntry)) == 40
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_nothing_is_deferred_on_postgresql(db: Database) -> None:
+    """A dropped index would lock PostgreSQL's readers of the table out until the commit."""
+    program = _programme(db, with_tiers=False)
+    with db.begin() as session:
+        assert service._deferrable(session, program, events=10) == []
+        with ledger.deferred_indexes(session, names=list(ledger.DEFERRABLE_INDEXES)) as dropped:
+            assert dropped == []
+    # PostgreSQL also lists the unique constraints' indexes.
+    assert _model_index_names() <= _index_names(db)
