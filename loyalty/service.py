@@ -1505,18 +1505,34 @@ def backfill(
     """
     program = get_program(session, program_id=program_id)
     up_to = _resolved_up_to(warehouse)
-    result = process_range(
-        session,
-        warehouse,
-        program_id=program.id,
-        after_event_id=0,
-        up_to_event_id=up_to,
-        now=now,
-        by_time=True,
-    )
+    with ledger.deferred_indexes(session, names=_deferrable(session, program, events=up_to)):
+        result = process_range(
+            session,
+            warehouse,
+            program_id=program.id,
+            after_event_id=0,
+            up_to_event_id=up_to,
+            now=now,
+            by_time=True,
+        )
     program.last_event_id = max(program.last_event_id, up_to)
     session.flush()
     return result, program.last_event_id
+
+
+def _deferrable(session: Session, program: Program, *, events: int) -> list[str]:
+    """The secondary indexes a backfill of about `events` events builds after its writes
+    instead of during them: only when it will write about as much as the ledger holds (the
+    launch case, or a history larger than the ledger), since building an index reads the
+    whole table, every programme's entries included."""
+    if session.get_bind().dialect.name != "sqlite":
+        return []  # see `ledger.deferred_indexes`
+    if events <= ledger.entry_rows_estimate(session):
+        return []
+    names = list(ledger.DEFERRABLE_INDEXES)
+    if not tiers.ladder(session, program_id=program.id):
+        names += ledger.MEMBER_INDEXES
+    return names
 
 
 def birthday_codes(day: date) -> list[int]:

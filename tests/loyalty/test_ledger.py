@@ -276,3 +276,39 @@ def test_bulk_insert_leaves_the_connection_settings_as_it_found_them(db: Databas
         if sqlite:
             assert connection.exec_driver_sql("PRAGMA cache_size").scalar_one() == before
         assert session.get(Member, "m-cache") is not None
+
+
+def test_bulk_insert_of_many_rows_skips_existing_keys_and_counts_the_new(db: Database) -> None:
+    """Large batches take PostgreSQL's COPY path (a staging table, then INSERT ... SELECT
+    ... ON CONFLICT DO NOTHING): the same rows and counts as the small-batch path."""
+    program = make_program(db)
+    count = ledger.COPY_MIN_ROWS + 200
+
+    def rows(start: int, stop: int) -> pl.DataFrame:
+        return pl.DataFrame(
+            {
+                "id": [f"m{i}" for i in range(start, stop)],
+                "program_id": program.id,
+                "profile_id": [f"p{i}" for i in range(start, stop)],
+                "status": "active",
+                "enrolled_at": [T0 + timedelta(seconds=i) for i in range(start, stop)],
+                "status_changed_at": T0,
+                "lock_seq": 0,
+            }
+        )
+
+    with db.begin() as session:
+        assert ledger.bulk_insert(session, Member.__table__, rows(0, count)) == count
+        # Twice in one transaction (the staging table is reused), half of it already there.
+        again = rows(count // 2, count + count // 2)
+        assert ledger.bulk_insert(session, Member.__table__, again) == count - count // 2
+    with db.begin() as session:
+        stored = session.execute(
+            select(Member.id, Member.profile_id, Member.enrolled_at).where(
+                Member.program_id == program.id
+            )
+        ).all()
+    assert len(stored) == count + count // 2
+    assert {(m, p, at.astimezone(UTC)) for m, p, at in stored} == {
+        (f"m{i}", f"p{i}", T0 + timedelta(seconds=i)) for i in range(count + count // 2)
+    }
