@@ -71,13 +71,9 @@ _REPEATED = (
     + rf")[{_ASCII_WS}().\-/]*$"
 )
 _EMAIL = rf"[^@{_ASCII_WS}]+@[^@{_ASCII_WS}]+\.[^@{_ASCII_WS}]+"
-# The timestamp forms SQL reads (anything else goes to Polars): a date; a naive date and
-# time, `T` or space, seconds and up to 6 decimals optional; `T`, seconds and an offset.
-_DATE = "[1-9][0-9]{3}-[0-9]{2}-[0-9]{2}"
-_CLOCK = "(?:[01][0-9]|2[0-3]):[0-5][0-9]"
 _TS = (
-    f"{_DATE}|{_DATE}[T ]{_CLOCK}(?::[0-5][0-9](?:\\.[0-9]{{1,6}})?)?"
-    f"|{_DATE}T{_CLOCK}:[0-5][0-9](?:\\.[0-9]{{1,6}})?(?:Z|[+-]{_CLOCK})"
+    r"^([1-9][0-9]{3}-[0-9]{2}-[0-9]{2})(?:([T ])([01][0-9]|2[0-3]):([0-5][0-9])"
+    r"(?::([0-5][0-9])(\.[0-9]{1,6})?)?(Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])?)?$"
 )
 CHUNK = "ingest_sql_chunk"
 # The scratch database holds one chunk and its rules' output at a time.
@@ -92,53 +88,37 @@ def _literal(text: str) -> str:
 _PLACEHOLDER_LIST = ", ".join(_literal(p) for p in sorted(PLACEHOLDERS))
 
 
-_WS_CODES = ", ".join(str(ord(c)) for c in WHITESPACE)
-
-
 def _trim(expr: str) -> str:
-    """Polars' `strip_chars()` (DuckDB's `trim` with a set of characters is slow: it only
-    runs on the values that start or end with whitespace)."""
-    edge = f"ord({expr}[1]) IN ({_WS_CODES}) OR ord({expr}[-1]) IN ({_WS_CODES})"
-    return f"CASE WHEN {edge} THEN trim({expr}, $ws) ELSE {expr} END"
+    return f"trim({expr}, $ws)"
 
 
 def _ascii(expr: str) -> str:
     return f"(strlen({expr}) = length({expr}))"
 
 
-_PLACEHOLDER_MAX = max(len(p) for p in PLACEHOLDERS)
-
-
-def _placeholder(text: str, *, folded: str | None = None) -> str:
-    """Whether an ASCII trimmed value is a placeholder (`_placeholder_expr`); `folded`: its
-    lower-cased form if the caller has it. The list is only looked up for short values and
-    the repeated-digit pattern only tried on values that start and end with a digit or
-    punctuation (every value it matches does), most ids and emails skip both."""
-    folded = folded or f"lower({text})"
+def _placeholder(folded: str) -> str:
+    """Whether an ASCII, trimmed, lower-cased value is a placeholder (`_placeholder_expr`)."""
     repeated = _literal(_REPEATED)
-    return (
-        f"((length({text}) <= {_PLACEHOLDER_MAX} AND {folded} IN ({_PLACEHOLDER_LIST}))"
-        f" OR (ord({text}[1]) < 58 AND ord({text}[-1]) < 58"
-        f" AND regexp_matches({text}, {repeated})))"
-    )
+    return f"({folded} IN ({_PLACEHOLDER_LIST}) OR regexp_matches({folded}, {repeated}))"
 
 
-def id_sql(raw: str, text: str) -> tuple[str, str]:
-    """(normalised, fallback) of an id column `raw` (`text`: trimmed): `id_expr` for ASCII
-    values, else the raw value for Polars."""
+def id_sql(raw: str) -> tuple[str, str]:
+    """(normalised, fallback) of an id column: `id_expr` for ASCII values, else the raw
+    value for Polars."""
+    text = _trim(raw)
+    folded = f"lower({text})"
     return (
-        f"CASE WHEN {_ascii(raw)} AND NOT {_placeholder(text)} THEN {text} END",
+        f"CASE WHEN {_ascii(raw)} AND NOT {_placeholder(folded)} THEN {text} END",
         f"CASE WHEN NOT {_ascii(raw)} THEN {raw} END",
     )
 
 
-def email_sql(raw: str, text: str) -> tuple[str, str]:
-    """(normalised, fallback) of an email column `raw` (`text`: trimmed): `email_expr` for
-    ASCII values."""
-    folded = f"lower({text})"
-    ok = f"regexp_full_match({folded}, {_literal(_EMAIL)}) AND NOT {_placeholder(text, folded=folded)}"
+def email_sql(raw: str) -> tuple[str, str]:
+    """(normalised, fallback) of an email column: `email_expr` for ASCII values."""
+    text = f"lower({_trim(raw)})"
+    ok = f"regexp_full_match({text}, {_literal(_EMAIL)}) AND NOT {_placeholder(text)}"
     return (
-        f"CASE WHEN {_ascii(raw)} AND {ok} THEN {folded} END",
+        f"CASE WHEN {_ascii(raw)} AND {ok} THEN {text} END",
         f"CASE WHEN NOT {_ascii(raw)} THEN {raw} END",
     )
 
@@ -155,7 +135,7 @@ def phone_nsn_sql(raw: str, region: str) -> str:
     return f"regexp_extract(regexp_replace({raw}, {noise}, '', 'g'), {prefix}, 1)"
 
 
-def phone_sql(raw: str, text: str, nsn: str, region: str) -> tuple[str, str]:
+def phone_sql(raw: str, nsn: str, region: str) -> tuple[str, str]:
     """(normalised, fallback) of a phone column whose NSN is in column `nsn`:
     `transform.phones`' rewrite of the region's common forms for ASCII values; every other
     non-null value falls back (to `transform.phones`, so `phonenumbers` for odd forms)."""
@@ -167,7 +147,7 @@ def phone_sql(raw: str, text: str, nsn: str, region: str) -> tuple[str, str]:
     digits = f"regexp_replace({raw}, {noise}, '', 'g')"
     repeated = _literal("^(?:" + "|".join(f"{d}+" for d in "0123456789") + ")$")
     placeholder = (
-        f"(lower({text}) IN ({_PLACEHOLDER_LIST})"
+        f"(lower({_trim(raw)}) IN ({_PLACEHOLDER_LIST})"
         f" OR regexp_matches(ltrim({digits}, '+'), {repeated}))"
     )
     lengths_sql = ", ".join(str(int(n)) for n in lengths)
@@ -179,17 +159,28 @@ def phone_sql(raw: str, text: str, nsn: str, region: str) -> tuple[str, str]:
     return normal, f"CASE WHEN {raw} IS NOT NULL AND ({normal}) IS NULL THEN {raw} END"
 
 
-def timestamp_sql(text: str) -> str:
-    """Naive UTC timestamp of a trimmed text column in the forms SQL reads, else null."""
+def timestamp_parts_sql(raw: str) -> str:
+    """The parts of a timestamp text (a struct; all '' when not a form SQL reads)."""
+    names = "['d', 'sep', 'h', 'mi', 's', 'f', 'tz']"
+    return f"regexp_extract({_trim(raw)}, {_literal(_TS)}, {names})"
+
+
+def timestamp_sql(p: str) -> str:
+    """Naive UTC timestamp from the parts in struct column `p`, null when SQL cannot read it."""
+    clock = f"{p}.h || ':' || {p}.mi || ':'"
     offset = (
-        f"to_minutes((CASE WHEN {text}[-6] = '-' THEN -1 ELSE 1 END)"
-        f" * ({text}[-5:-4]::INTEGER * 60 + {text}[-2:-1]::INTEGER))"
+        f"CASE WHEN {p}.tz = 'Z' THEN INTERVAL 0 MINUTE"
+        f" ELSE to_minutes((CASE WHEN {p}.tz[1] = '-' THEN -1 ELSE 1 END)"
+        f" * ({p}.tz[2:3]::INTEGER * 60 + {p}.tz[5:6]::INTEGER)) END"
     )
     return (
-        f"CASE WHEN regexp_full_match({text}, {_literal(_TS)}) THEN CASE"
-        f" WHEN {text}[-1] = 'Z' THEN TRY_CAST({text}[1:-2] AS TIMESTAMP)"
-        f" WHEN {text}[-6] IN ('+', '-') THEN TRY_CAST({text}[1:-7] AS TIMESTAMP) - {offset}"
-        f" ELSE TRY_CAST({text} AS TIMESTAMP) END END"
+        f"CASE WHEN {p}.d = '' THEN NULL"
+        f" WHEN {p}.sep = '' THEN TRY_CAST({p}.d AS DATE)::TIMESTAMP"
+        f" WHEN {p}.tz = '' THEN TRY_CAST({p}.d || ' ' || {clock}"
+        f" || CASE WHEN {p}.s = '' THEN '00' ELSE {p}.s END || {p}.f AS TIMESTAMP)"
+        f" WHEN {p}.sep = 'T' AND {p}.s <> '' THEN TRY_CAST({p}.d || ' ' || {clock}"
+        f" || {p}.s || {p}.f AS TIMESTAMP) - {offset}"
+        f" END"
     )
 
 
@@ -238,27 +229,26 @@ class SqlRules:
         the identifier rules of `idents` (n{i}, f{i}, e{i}), `columns` (SQL over the
         chunk's columns) and `timestamps` (output name -> text column)."""
         inner = ["*", *(f"{raw} AS r{i}" for i, raw in enumerate(raws))]
+        inner += [f"{timestamp_parts_sql(col)} AS p_{name}" for name, col in timestamps.items()]
         middle = ["*"]
-        middle += [f"{_trim(col)} AS tt_{name}" for name, col in timestamps.items()]
-        middle += [f"{_trim(f'r{i.index}')} AS t{i.index}" for i in idents]
         middle += [
             f"{phone_nsn_sql(f'r{i.index}', self.region)} AS nsn{i.index}"
             for i in idents
             if i.kind == PHONE
         ]
         outer = [*columns]
-        outer += [f"{timestamp_sql(f'tt_{name}')} AS {name}" for name in timestamps]
+        outer += [f"{timestamp_sql(f'p_{name}')} AS {name}" for name in timestamps]
         for ident in idents:
-            raw, text = f"r{ident.index}", f"t{ident.index}"
+            raw = f"r{ident.index}"
             if ident.kind == PHONE:
-                normal, fallback = phone_sql(raw, text, f"nsn{ident.index}", self.region)
+                normal, fallback = phone_sql(raw, f"nsn{ident.index}", self.region)
             elif ident.kind == EMAIL:
-                normal, fallback = email_sql(raw, text)
+                normal, fallback = email_sql(raw)
             else:
-                normal, fallback = id_sql(raw, text)
+                normal, fallback = id_sql(raw)
             outer.append(f"{normal} AS n{ident.index}")
             outer.append(f"{fallback} AS f{ident.index}")
-            outer.append(f"{text} <> '' AS e{ident.index}")
+            outer.append(f"{_trim(raw)} <> '' AS e{ident.index}")
         # This module's SQL over the fixed column names of the projection; values bound.
         inner_sql = f"SELECT {', '.join(inner)} FROM {CHUNK}"  # noqa: S608
         middle_sql = f"SELECT {', '.join(middle)} FROM ({inner_sql})"  # noqa: S608
