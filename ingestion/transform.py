@@ -71,7 +71,7 @@ def _series(frame: pl.DataFrame, expr: pl.Expr) -> pl.Series:
     return frame.select(pl.col(ROW), expr.alias("_value"))["_value"]
 
 
-def dtype_of(frame: pl.DataFrame, name: str) -> pl.DataType:
+def _dtype_of(frame: pl.DataFrame, name: str) -> pl.DataType:
     return frame.select(column(frame, name)).dtypes[0]
 
 
@@ -117,13 +117,13 @@ def timestamps(frame: pl.DataFrame, expr: pl.Expr, dtype: pl.DataType) -> pl.Ser
     return parsed
 
 
-def json_of(frame: pl.DataFrame, names: list[str]) -> pl.Expr:
+def _json(frame: pl.DataFrame, names: list[str]) -> pl.Expr:
     if not names:
         return pl.lit(None, dtype=pl.String)
     return pl.struct([column(frame, n).alias(n) for n in names]).struct.json_encode()
 
 
-def json_column(frame: pl.DataFrame, name: str) -> pl.Expr:
+def _json_column(frame: pl.DataFrame, name: str) -> pl.Expr:
     """An object of a Segment message as JSON text: a struct column encoded, or a column
     already holding JSON text (the file connector's NDJSON reader); null when absent."""
     if name not in frame.columns:
@@ -137,7 +137,7 @@ def json_column(frame: pl.DataFrame, name: str) -> pl.Expr:
 
 
 @lru_cache(maxsize=64)
-def phone_plan(region: str) -> tuple[str, str, tuple[int, ...]] | None:
+def _phone_plan(region: str) -> tuple[str, str, tuple[int, ...]] | None:
     """(country code, national number pattern, possible lengths) of a region whose numbers
     read as `phonenumbers` reads them with plain string rules, or None.
 
@@ -172,7 +172,7 @@ def phones(values: pl.Series, *, region: str) -> pl.Series:
     countries, extensions, letters, placeholders) goes to `phonenumbers`, once per distinct
     value. Tests check that both paths agree.
     """
-    plan = phone_plan(region)
+    plan = _phone_plan(region)
     if plan is None:
         return normalise_phones(values, region=region)
     code, pattern, lengths = plan
@@ -301,7 +301,7 @@ def _identifiers(
     return Identified(parts, dropped)
 
 
-def finish(
+def _finish(
     frame: pl.DataFrame,
     events: pl.DataFrame,
     identified: Identified,
@@ -333,17 +333,13 @@ def finish(
     )
 
 
-def row_content(frame: pl.DataFrame) -> pl.Series:
-    """Each row's content as JSON text, the input of its `row-` key."""
+def _row_keys(frame: pl.DataFrame, ctx: Context) -> pl.Series:
+    """A stable id per row from its content, so the same record seen twice dedupes."""
     fields = [name for name in frame.columns if name not in (ROW, MALFORMED)]
     # A chunk of unparseable lines only has no content: its rows are rejected anyway.
     encoded = pl.struct(fields).struct.json_encode() if fields else pl.lit("{}")
-    return _series(frame, encoded)
-
-
-def _row_keys(frame: pl.DataFrame, ctx: Context) -> pl.Series:
-    """A stable id per row from its content, so the same record seen twice dedupes."""
-    return ("row-" + ctx.hasher(row_content(frame))).alias("message_id")
+    content = _series(frame, encoded)
+    return ("row-" + ctx.hasher(content)).alias("message_id")
 
 
 def mapped(frame: pl.DataFrame, mapping: Mapping, ctx: Context) -> LoadInput:
@@ -357,7 +353,7 @@ def mapped(frame: pl.DataFrame, mapping: Mapping, ctx: Context) -> LoadInput:
     ts_name = mapping.timestamp
     if ts_name:
         raw_ts = column(frame, ts_name)
-        ts = pl.lit(timestamps(frame, raw_ts, dtype_of(frame, ts_name)))
+        ts = pl.lit(timestamps(frame, raw_ts, _dtype_of(frame, ts_name)))
         ts_reason: pl.Expr = (
             pl.when(raw_ts.is_null())
             .then(pl.lit("missing timestamp"))
@@ -394,8 +390,8 @@ def mapped(frame: pl.DataFrame, mapping: Mapping, ctx: Context) -> LoadInput:
         anonymous_id=identified.first(ANONYMOUS_ID),
         timestamp=ts,
         received_at=pl.lit(ctx.received_at, dtype=TS),
-        properties=json_of(frame, mapping.properties),
-        traits=json_of(frame, mapping.traits),
+        properties=_json(frame, mapping.properties),
+        traits=_json(frame, mapping.traits),
         context=pl.lit(None, dtype=pl.String),
         sent_at=pl.lit(None, dtype=TS),
         original_timestamp=pl.lit(None, dtype=TS),
@@ -403,7 +399,7 @@ def mapped(frame: pl.DataFrame, mapping: Mapping, ctx: Context) -> LoadInput:
         group_id=pl.lit(None, dtype=pl.String),
     )
     reason = pl.coalesce(ts_reason, event_reason)
-    return finish(frame, events, identified, reason, ctx)
+    return _finish(frame, events, identified, reason, ctx)
 
 
 def segment(frame: pl.DataFrame, mapping: Mapping, ctx: Context) -> LoadInput:
@@ -413,7 +409,7 @@ def segment(frame: pl.DataFrame, mapping: Mapping, ctx: Context) -> LoadInput:
         expr = column(frame, name)
         return (
             expr.cast(pl.String).str.strip_chars()
-            if dtype_of(frame, name) != pl.Null
+            if _dtype_of(frame, name) != pl.Null
             else (pl.lit(None, dtype=pl.String))
         )
 
@@ -439,11 +435,11 @@ def segment(frame: pl.DataFrame, mapping: Mapping, ctx: Context) -> LoadInput:
             found.append((spec.kind, text(spec.column)))
     composites = [s for s in mapping.identifiers if s.composite is not None]
     identified = _identifiers(frame, found, composites, ctx)
-    traits = json_column(frame, "traits")
+    traits = _json_column(frame, "traits")
     context_traits = (
         column(frame, "context.traits").struct.json_encode()
-        if isinstance(dtype_of(frame, "context.traits"), pl.Struct)
-        else json_column(frame, "context.traits")
+        if isinstance(_dtype_of(frame, "context.traits"), pl.Struct)
+        else _json_column(frame, "context.traits")
     )
     events = frame.select(
         pl.col(ROW),
@@ -458,11 +454,11 @@ def segment(frame: pl.DataFrame, mapping: Mapping, ctx: Context) -> LoadInput:
         anonymous_id=text("anonymousId"),
         timestamp=ts,
         received_at=pl.lit(ctx.received_at, dtype=TS),
-        properties=json_column(frame, "properties"),
+        properties=_json_column(frame, "properties"),
         traits=pl.when(kind == "identify")
         .then(pl.coalesce(traits, context_traits))
         .otherwise(traits),
-        context=json_column(frame, "context"),
+        context=_json_column(frame, "context"),
         sent_at=pl.lit(timestamps(frame, sent_raw, pl.String())),
         original_timestamp=ts,
         previous_id=text("previousId"),
@@ -484,4 +480,4 @@ def segment(frame: pl.DataFrame, mapping: Mapping, ctx: Context) -> LoadInput:
         .when(ts.is_null())
         .then(pl.lit("unparseable timestamp"))
     )
-    return finish(frame, events, identified, reason, ctx)
+    return _finish(frame, events, identified, reason, ctx)

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from cdp.db import Database, new_id, utcnow
 from cdp.warehouse import Warehouse
-from ingestion import queries, sqlmap, transform
+from ingestion import queries, transform
 from ingestion.connectors import MALFORMED, ROW
 from ingestion.errors import (
     ImportNotFound,
@@ -372,31 +372,26 @@ def run_queued_import(
         hasher=lambda values: md5_hex(warehouse, values),
     )
     checked = False
-    # The per-row rules run in SQL on a scratch DuckDB of the reader thread (`sqlmap`).
-    rules = sqlmap.SqlRules(region)
 
     def apply(chunk: pl.DataFrame) -> LoadInput:
         nonlocal checked
         if connector.format == "ndjson":
-            return sqlmap.segment(chunk, mapping, ctx, rules)
+            return transform.segment(chunk, mapping, ctx)
         if not checked:
             _check_file_columns(db, source_id, mapping, chunk, known_columns, display)
             checked = True
-        return sqlmap.mapped(chunk, mapping, ctx, rules)
+        return transform.mapped(chunk, mapping, ctx)
 
-    try:
-        return run_import(
-            db,
-            warehouse,
-            import_id=import_id,
-            connector=connector,
-            transform=apply,
-            total_rows=total_rows,
-            progress=progress,
-            should_stop=should_stop,
-        )
-    finally:
-        rules.close()
+    return run_import(
+        db,
+        warehouse,
+        import_id=import_id,
+        connector=connector,
+        transform=apply,
+        total_rows=total_rows,
+        progress=progress,
+        should_stop=should_stop,
+    )
 
 
 def _segment_paths(mapping: Mapping) -> list[str]:

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cdp.identifiers import normalise_phone
-from ingestion.transform import phone_plan, phones
+from ingestion.transform import _phone_plan, phones
 
 EDGES = [
     "06 12 34 56 78",
@@ -65,13 +65,13 @@ def test_edge_cases_match_phonenumbers(region: str) -> None:
 
 
 def test_regions_with_plain_rules_take_the_fast_path() -> None:
-    assert phone_plan("FR") is not None
-    assert phone_plan("fr") is not None
+    assert _phone_plan("FR") is not None
+    assert _phone_plan("fr") is not None
     # Shared country code (+1, +44), or no trunk prefix (Italy): phonenumbers only.
-    assert phone_plan("US") is None
-    assert phone_plan("GB") is None
-    assert phone_plan("IT") is None
-    assert phone_plan("ZZ") is None
+    assert _phone_plan("US") is None
+    assert _phone_plan("GB") is None
+    assert _phone_plan("IT") is None
+    assert _phone_plan("ZZ") is None
 
 
 PREFIXES = st.sampled_from(
