@@ -100,6 +100,11 @@ def append_load(*, events: bool, segment_fields: bool, rejections: bool) -> Quer
     return Query(";\n".join(step.strip() for step in steps))
 
 
+def checkpoint() -> Query:
+    """Write what was appended into the database file's checkpointed storage."""
+    return Query("CHECKPOINT")
+
+
 def spool_mark() -> Query:
     """The highest spool sequence number loaded into the warehouse."""
     return Query("SELECT coalesce(max(drained_lsn), 0) FROM ingest_spool_mark")
