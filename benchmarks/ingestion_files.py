@@ -242,9 +242,15 @@ def run_sample(sample_dir: Path, workdir: Path, names: list[str]) -> Result:
             )
             logger.info("%s: %s", name, details[name])
     finally:
+        _reset_peak_rss()
+        started = time.perf_counter()
         warehouse.close()
+        closing = time.perf_counter() - started
         db.dispose()
     result = Result("ingestion_files (sample)", total_events)
+    result.details["warehouse close"] = (
+        f"{closing:.1f} s, peak RSS during the close {_peak_rss_since_reset_mib():,.0f} MiB"
+    )
     result.add(
         Measure(
             "import time, all files",
