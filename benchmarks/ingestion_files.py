@@ -215,6 +215,9 @@ def run_sample(sample_dir: Path, workdir: Path, names: list[str]) -> Result:
     total_events = 0
     total_project = 0.0
     total_reference = 0.0
+    # The peak RSS is reset before each import and before the close (so each is measured
+    # alone); the process's peak is the highest of them.
+    process_peak = 0.0
     details: dict[str, str] = {}
     try:
         for name in names:
@@ -231,6 +234,7 @@ def run_sample(sample_dir: Path, workdir: Path, names: list[str]) -> Result:
             record = service.import_file(db, warehouse, source_id=source_id, path=path, region="FR")
             seconds = time.perf_counter() - started
             rss = _peak_rss_since_reset_mib()
+            process_peak = max(process_peak, rss)
             total_events += record.rows_read
             total_project += seconds
             total_reference += reference
@@ -242,9 +246,19 @@ def run_sample(sample_dir: Path, workdir: Path, names: list[str]) -> Result:
             )
             logger.info("%s: %s", name, details[name])
     finally:
+        _reset_peak_rss()
+        started = time.perf_counter()
         warehouse.close()
+        closing = time.perf_counter() - started
         db.dispose()
     result = Result("ingestion_files (sample)", total_events)
+    close_rss = _peak_rss_since_reset_mib()
+    result.details["warehouse close"] = (
+        f"{closing:.1f} s, peak RSS during the close {close_rss:,.0f} MiB"
+    )
+    result.details["process peak RSS (imports and close; the `peak RSS` line is the close's)"] = (
+        f"{max(process_peak, close_rss):,.0f} MiB"
+    )
     result.add(
         Measure(
             "import time, all files",

@@ -176,6 +176,17 @@ class Loader:
             for row in load_sources.to_pylist()
         }
 
+    def checkpoint(self) -> None:
+        """Checkpoint the warehouse between two loads; skipped (logged) if DuckDB refuses,
+        for example while another connection's transaction is open."""
+        with self._lock:
+            try:
+                self.warehouse.execute(queries.checkpoint())
+            except Exception as exc:  # DuckDB's errors: the next checkpoint will do
+                if type(exc).__module__.split(".")[0] not in ("duckdb", "_duckdb"):
+                    raise
+                logger.warning("checkpoint skipped: %s", exc)
+
     def spool_mark(self) -> int:
         """The highest spool sequence number whose load committed."""
         return int(self.warehouse.scalar(queries.spool_mark()))

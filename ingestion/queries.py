@@ -100,6 +100,11 @@ def append_load(*, events: bool, segment_fields: bool, rejections: bool) -> Quer
     return Query(";\n".join(step.strip() for step in steps))
 
 
+def checkpoint() -> Query:
+    """Write what was appended into the database file's checkpointed storage."""
+    return Query("CHECKPOINT")
+
+
 def spool_mark() -> Query:
     """The highest spool sequence number loaded into the warehouse."""
     return Query("SELECT coalesce(max(drained_lsn), 0) FROM ingest_spool_mark")
@@ -176,22 +181,35 @@ SEGMENT_COLUMNS: dict[str, str] = {
 def segment_lines(path: str, columns: dict[str, str]) -> Query:
     """The lines of a Segment NDJSON file with an explicit schema (`columns`: at least
     `SEGMENT_COLUMNS`), objects as JSON text (null when not an object) and the nested
-    identifier fields as flat columns named by their path. No schema inference pass."""
+    identifier fields as flat columns named by their path. No schema inference pass.
+
+    Each object is parsed once for all its paths (a list of paths), and "is an object" is
+    read from the first character of its JSON text (DuckDB writes values minified: an
+    object starts with `{`, a string with `"`), not by parsing it again with `json_type`.
+    """
     return Query(
         """
-        SELECT * REPLACE (
-                CASE WHEN json_type(traits) = 'OBJECT' THEN traits::VARCHAR END AS traits,
-                CASE WHEN json_type(context) = 'OBJECT' THEN context::VARCHAR END AS context,
-                CASE WHEN json_type(properties) = 'OBJECT' THEN properties::VARCHAR END
+        SELECT * EXCLUDE (_t, _c) REPLACE (
+                CASE WHEN left(traits, 1) = '{' THEN traits::VARCHAR END AS traits,
+                CASE WHEN left(context, 1) = '{' THEN context::VARCHAR END AS context,
+                CASE WHEN left(properties, 1) = '{' THEN properties::VARCHAR END
                     AS properties),
-            traits->>'$.email' AS "traits.email",
-            traits->>'$.phone' AS "traits.phone",
-            CASE WHEN json_type(context, '$.traits') = 'OBJECT'
-                THEN (context->'$.traits')::VARCHAR END AS "context.traits",
-            context->>'$.traits.email' AS "context.traits.email",
-            context->>'$.traits.phone' AS "context.traits.phone",
-            context->>'$.device.id' AS "context.device.id"
-        FROM read_json($path, format = 'newline_delimited', columns = $columns)
+            _t[1]->>'$' AS "traits.email",
+            _t[2]->>'$' AS "traits.phone",
+            CASE WHEN left(_c[1], 1) = '{' THEN _c[1]::VARCHAR END AS "context.traits",
+            _c[2]->>'$' AS "context.traits.email",
+            _c[3]->>'$' AS "context.traits.phone",
+            _c[4]->>'$' AS "context.device.id"
+        FROM (
+            SELECT *,
+                CASE WHEN left(traits, 1) = '{'
+                    THEN json_extract(traits, ['$.email', '$.phone']) END AS _t,
+                CASE WHEN left(context, 1) = '{'
+                    THEN json_extract(context,
+                        ['$.traits', '$.traits.email', '$.traits.phone', '$.device.id']) END
+                    AS _c
+            FROM read_json($path, format = 'newline_delimited', columns = $columns)
+        )
         """,
         {"path": path, "columns": columns},
     )

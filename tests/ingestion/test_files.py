@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from cdp import migrate
 from cdp.db import Database
 from cdp.warehouse import Query, Warehouse
-from ingestion import service
+from ingestion import imports, service
 from ingestion.errors import InvalidMapping, UnsupportedFile
 from ingestion.imports import read_ahead
 from ingestion.loader import LoadInput, empty_events, empty_identifiers
@@ -276,3 +276,35 @@ def test_read_ahead_keeps_chunk_order_and_raises_the_readers_error_in_turn() -> 
     reader = read_ahead(_ThreeThenBroken(), _numbered)
     assert next(reader)[1].channel == "0"
     reader.close()
+
+
+@pytest.mark.parametrize(("checkpoint_rows", "wal_left"), [(0, True), (2, False)])
+def test_long_imports_checkpoint_the_warehouse_as_they_go(
+    db: Database,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    checkpoint_rows: int,
+    wal_left: bool,
+) -> None:
+    """Appends reach the WAL; a checkpoint every `CHECKPOINT_ROWS` rows empties it, so the
+    warehouse's close has nothing left to checkpoint."""
+    monkeypatch.setattr(imports, "CHECKPOINT_ROWS", checkpoint_rows)
+    path = tmp_path / "crm.csv"
+    rows = [
+        f"c{n},c{n}@example.com,,Ann,Lee,2026-11-0{1 + n % 9}T10:00:00Z,Lee,1980-01-02"
+        for n in range(6)
+    ]
+    header = "customer_id,email,phone,first_name,last_name,updated_at,last,birth_date"
+    path.write_text("\n".join([header, *rows]) + "\n")
+    mapping = {**CRM_MAPPING, "identifiers": CRM_MAPPING["identifiers"][:2]}
+    with Warehouse(tmp_path / "w.duckdb", holder="test") as warehouse:
+        with db.begin() as session:
+            source, _ = service.create_source(
+                session, name="crm", kind="file", mapping=Mapping.model_validate(mapping)
+            )
+        run = service.import_file(
+            db, warehouse, source_id=source.id, path=path, region="FR", chunk_rows=2
+        )
+        assert (run.status, run.accepted) == ("succeeded", 6)
+        wal = tmp_path / "w.duckdb.wal"
+        assert (wal.exists() and wal.stat().st_size > 0) == wal_left

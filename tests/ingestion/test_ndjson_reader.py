@@ -13,7 +13,7 @@ import pytest
 
 from cdp.db import Database
 from cdp.warehouse import Query, Warehouse
-from ingestion import service, transform
+from ingestion import queries, service, transform
 from ingestion.connectors import ROW
 from ingestion.imports import now_naive
 from ingestion.loader import loader_for, md5_hex
@@ -424,3 +424,55 @@ def test_a_malformed_line_deep_in_a_large_file_loses_and_repeats_nothing(
     (warning,) = [r.getMessage() for r in caplog.records if "after record" in r.getMessage()]
     handed_out = int(warning.split("after record ")[1].split(";")[0])
     assert 0 < handed_out < 199_900  # the case under test: records were handed out first
+
+
+# The reader's query before objects were parsed once per line (json_type and one `->>`
+# per path): the reference for `queries.segment_lines`.
+_PATH_BY_PATH = """
+SELECT * REPLACE (
+        CASE WHEN json_type(traits) = 'OBJECT' THEN traits::VARCHAR END AS traits,
+        CASE WHEN json_type(context) = 'OBJECT' THEN context::VARCHAR END AS context,
+        CASE WHEN json_type(properties) = 'OBJECT' THEN properties::VARCHAR END
+            AS properties),
+    traits->>'$.email' AS "traits.email",
+    traits->>'$.phone' AS "traits.phone",
+    CASE WHEN json_type(context, '$.traits') = 'OBJECT'
+        THEN (context->'$.traits')::VARCHAR END AS "context.traits",
+    context->>'$.traits.email' AS "context.traits.email",
+    context->>'$.traits.phone' AS "context.traits.phone",
+    context->>'$.device.id' AS "context.device.id"
+FROM read_json($path, format = 'newline_delimited', columns = $columns)
+"""
+
+ODD_OBJECTS: list[JsonDict] = [
+    {"type": "track", "traits": "{not an object", "context": "{x"},
+    {"type": "track", "traits": ["a"], "context": {"traits": "{still a string"}},
+    {"type": "track", "traits": 12, "context": {"traits": ["x"], "device": {"id": 42}}},
+    {"type": "track", "traits": None, "context": None, "properties": None},
+    {"type": "track", "traits": {}, "context": {"traits": {}, "device": {}}},
+    {"type": "track", "traits": {"email": 5, "phone": None}, "context": {"device": "d"}},
+    {
+        "type": "track",
+        "traits": {"email": {"a": 1}, "phone": [1, 2]},
+        "context": {"traits": {"email": " E@x.io ", "phone": 33612345678}, "device": {"id": ""}},
+        "properties": {"nested": {"k": [1, 2.5, "x"]}},
+    },
+    {"type": "track", "traits": {"email": "é@x.fr", "phone": "+33 6 12"}, "properties": "{"},
+    {"type": "track", "context": {"traits": {"email": None}, "device": {"id": None}}},
+]
+
+
+def test_segment_lines_parse_objects_once_and_read_what_path_by_path_read(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "odd.ndjson"
+    # Spaces inside the lines: the JSON text DuckDB hands out is its own (minified).
+    path.write_bytes(b"\n".join(orjson.dumps(line).replace(b":", b": ") for line in ODD_OBJECTS))
+    query = queries.segment_lines(str(path), dict(queries.SEGMENT_COLUMNS))
+    with Warehouse(":memory:", holder="test") as scratch:
+        new = scratch.run(query)
+        old = scratch.run(Query(_PATH_BY_PATH, query.params))
+    assert new.columns == old.columns
+    assert new.rows() == old.rows()
+    assert new["context.traits"].to_list()[1] is None  # a string that starts with `{`
+    assert new["context.device.id"].to_list()[2] == "42"
