@@ -806,6 +806,10 @@ COUNT_PROFILE_KEYS = Query("SELECT count(*) FROM id_pkey")
 # identifiers), both keyed by `profile_id`: the profile id (incremental) or the dense integer
 # key of a full rebuild (`id_pkey`), which groups faster than the 36-character id. Survivorship:
 # per trait, the configured source priority first, then the most recent non-null value.
+# `json_each` parses each event's traits once (json_keys then json_extract per key parsed them
+# once per key, twice with the null filter). Without source priorities the order (latest time,
+# then highest event id) is one HUGEINT, `epoch_us << 64` plus the event id shifted to be
+# non-negative, which compares several times faster than a struct.
 _PROFILE_ROW_CTES = """
         WITH stats AS (
             SELECT profile_id, min(timestamp) AS first_seen, max(timestamp) AS last_seen,
@@ -813,22 +817,12 @@ _PROFILE_ROW_CTES = """
             FROM id_pev GROUP BY profile_id
         ),
         kv AS (
-            SELECT profile_id, source_id, timestamp, event_id, key,
-                   json_extract(traits, key) AS val
-            FROM (
-                SELECT profile_id, source_id, timestamp, event_id, traits,
-                       unnest(json_keys(traits)) AS key
-                FROM id_pev WHERE traits IS NOT NULL AND json_type(traits) = 'OBJECT'
-            )
+            SELECT p.profile_id, p.source_id, p.timestamp, p.event_id, j.key, j.value AS val
+            FROM id_pev p, json_each(p.traits) j
+            WHERE p.traits IS NOT NULL AND json_type(p.traits) = 'OBJECT' AND j.type <> 'NULL'
         ),
         survivor AS (
-            SELECT kv.profile_id, kv.key,
-                   arg_min(kv.val, (coalesce(ts.prio, 1000000), -epoch_us(kv.timestamp),
-                                    -kv.event_id)) AS val
-            FROM kv LEFT JOIN id_trait_sources ts
-                ON ts.trait = kv.key AND ts.source_id = kv.source_id
-            WHERE json_type(kv.val) <> 'NULL'
-            GROUP BY kv.profile_id, kv.key
+{survivor}
         ),
         traits AS (
             SELECT profile_id, json_group_object(key, val) AS traits
@@ -843,11 +837,37 @@ _PROFILE_ROW_CTES = """
             GROUP BY profile_id
         )
 """
+_SURVIVOR = {
+    # Per trait, a value from the first listed source wins over recency.
+    True: """
+            SELECT kv.profile_id, kv.key,
+                   arg_min(kv.val, (coalesce(ts.prio, 1000000), -epoch_us(kv.timestamp),
+                                    -kv.event_id)) AS val
+            FROM kv LEFT JOIN id_trait_sources ts
+                ON ts.trait = kv.key AND ts.source_id = kv.source_id
+            GROUP BY kv.profile_id, kv.key""",
+    False: """
+            SELECT profile_id, key,
+                   arg_max(val, (epoch_us(timestamp)::HUGEINT << 64)
+                                + (event_id::HUGEINT + 9223372036854775808)) AS val
+            FROM kv
+            GROUP BY profile_id, key""",
+}
 
 
-def refresh_profiles(at: datetime, *, low: str | None = None, high: str | None = None) -> Query:
+def _profile_row_ctes(prioritised: bool) -> str:
+    return _PROFILE_ROW_CTES.replace("{survivor}", _SURVIVOR[prioritised])
+
+
+def refresh_profiles(
+    at: datetime,
+    *,
+    low: str | None = None,
+    high: str | None = None,
+    prioritised: bool = True,
+) -> Query:
     """Rebuild the `profiles` rows of the dirty profiles in `[low, high)` (None: unbounded),
-    with trait survivorship, from `id_ep`.
+    with trait survivorship, from `id_ep` (`prioritised`: some trait has source priorities).
 
     A full rebuild writes the profiles in a few id ranges, one statement each, so no single
     aggregation holds every event's traits; ranges in ascending order keep the table sorted
@@ -878,12 +898,12 @@ def refresh_profiles(at: datetime, *, low: str | None = None, high: str | None =
         LEFT JOIN traits t ON t.profile_id = i.profile_id
         ORDER BY i.profile_id;
         DROP TABLE id_pev;
-        """.replace("{survivorship}", _PROFILE_ROW_CTES),
+        """.replace("{survivorship}", _profile_row_ctes(prioritised)),
         {"at": at, "low": low, "high": high},
     )
 
 
-def refresh_profiles_full(at: datetime, *, low: int, high: int) -> Query:
+def refresh_profiles_full(at: datetime, *, low: int, high: int, prioritised: bool = True) -> Query:
     """Write the `profiles` rows of a full rebuild with keys `[low, high)` of `id_pkey`.
 
     Keys follow the profile ids' order, so ranges written in ascending order keep the table
@@ -911,7 +931,7 @@ def refresh_profiles_full(at: datetime, *, low: int, high: int) -> Query:
         LEFT JOIN traits t ON t.profile_id = i.profile_id
         ORDER BY i.profile_id;
         DROP TABLE id_pev;
-        """.replace("{survivorship}", _PROFILE_ROW_CTES),
+        """.replace("{survivorship}", _profile_row_ctes(prioritised)),
         {"at": at, "low": low, "high": high},
     )
 

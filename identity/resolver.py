@@ -190,12 +190,13 @@ def _resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool) -> Resol
             step(queries.DIRTY_PROFILES)
             step(queries.EVENT_PROFILES_DIRTY)
         result.profiles_written = int(_scalar(cur, queries.COUNT_DIRTY))
+        ranked = bool(rules.trait_source_priority)
         if full:
             for first, end in _key_ranges(int(_scalar(cur, queries.COUNT_PROFILE_KEYS))):
-                step(queries.refresh_profiles_full(now, low=first, high=end))
+                step(queries.refresh_profiles_full(now, low=first, high=end, prioritised=ranked))
         else:
             for low, high in _profile_ranges(result.profiles_written):
-                step(queries.refresh_profiles(now, low=low, high=high))
+                step(queries.refresh_profiles(now, low=low, high=high, prioritised=ranked))
 
         # Statuses were applied before id_aff was taken, so id_aff has the new statuses.
         result.excluded_identifiers = int(counts[7])
