@@ -304,11 +304,12 @@ def lookup_latency(workdir: Path, warehouse: Warehouse, values: list[str]) -> di
             api.append(time.perf_counter() - started)
             assert resp.status_code in (200, 404), resp.text
             started = time.perf_counter()
+            normalised = value.strip().lower()
             warehouse.rows(
                 Query(
                     "SELECT p.* FROM identity_nodes n JOIN profiles p USING (profile_id)"
-                    " WHERE n.kind = 'email' AND n.value = $v",
-                    {"v": value},
+                    " WHERE n.node_id = $node AND n.kind = 'email' AND n.value = $v",
+                    {"node": service.node_id(kind="email", value=normalised), "v": normalised},
                 )
             )
             raw.append(time.perf_counter() - started)

@@ -6,6 +6,7 @@ temporary tables of that run. Each statement is one set-based step.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from datetime import datetime
 from typing import Any
@@ -19,6 +20,12 @@ from cdp.warehouse import Cursor, Query, with_ctes
 NO_RANK = 1_000_000
 
 _PARAM = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def node_id_of(kind: str, value: str) -> int:
+    """The node id of an identifier, computed as the SQL above computes it."""
+    digest = hashlib.md5((kind + chr(31) + value).encode(), usedforsecurity=False)
+    return int(digest.hexdigest()[:15], 16)
 
 
 def run_script(cur: Cursor, query: Query) -> tuple[Any, ...] | None:  # Any: SQL values
@@ -162,7 +169,7 @@ def insert_new_nodes(pattern: str) -> Query:
                     THEN 'blocked' ELSE 'active' END,
                node_id, NULL, first_event_id, first_seen, last_seen
         FROM id_new_nodes
-        ORDER BY kind, value;
+        ORDER BY node_id;
         """,
         {"pattern": pattern},
     )
@@ -302,31 +309,36 @@ def full_status(auto_cap: int) -> Query:
         FROM id_new_nodes n LEFT JOIN higher h ON h.node_id = n.node_id;
         CREATE OR REPLACE TEMP TABLE id_aff AS
         SELECT n.node_id, n.kind, n.rank, s.status, n.first_event_id,
-               NULL::BIGINT AS old_component_id, NULL::VARCHAR AS old_profile_id
+               NULL::BIGINT AS old_component_id, NULL::VARCHAR AS old_profile_id,
+               n.value, n.first_seen, n.last_seen
         FROM id_new_nodes n JOIN id_status_new s ON s.node_id = n.node_id;
         """,
         {"cap": auto_cap},
     )
 
 
-# The nodes of a full rebuild, written once with their labels, sorted by kind and value.
+# The nodes of a full rebuild with their status (`id_aff` of a full rebuild carries every
+# column of a node); the resolver adds component and profile, sorts them by node id and
+# writes them once (`id_nodes_frame`, registered from Arrow: no join and no SQL sort).
+FULL_NODE_ROWS = Query(
+    """
+    SELECT node_id, kind, value, rank, status, first_event_id, first_seen, last_seen
+    FROM id_aff
+    """
+)
+LABEL_PROFILES = Query("SELECT label, profile_id FROM id_label_pid")
 WRITE_NODES_FULL = Query(
     """
     INSERT INTO identity_nodes
-    SELECT n.node_id, n.kind, n.value, n.rank, a.status,
-           CASE WHEN a.status = 'active' THEN l.component_id ELSE n.node_id END,
-           CASE WHEN a.status = 'active' THEN lp.profile_id END,
-           n.first_event_id, n.first_seen, n.last_seen
-    FROM id_new_nodes n
-    JOIN id_aff a ON a.node_id = n.node_id
-    LEFT JOIN id_labels l ON l.node_id = n.node_id
-    LEFT JOIN id_label_pid lp ON lp.label = l.label
-    ORDER BY n.kind, n.value
+    SELECT node_id, kind, value, rank, status, component_id, profile_id, first_event_id,
+           first_seen, last_seen
+    FROM id_nodes_frame
     """
 )
 
 
-# (Nodes are appended sorted by kind and value so zone maps serve point lookups.)
+# (Nodes are appended sorted by node id so zone maps serve point lookups: a lookup names the
+# node id of the identifier it looks for, `node_id_of`.)
 # Nodes whose status may change: new ones, endpoints of new links, nodes of changed overrides.
 STATUS_CANDIDATES_INCREMENTAL = Query(
     """
@@ -939,11 +951,16 @@ def refresh_profiles_full(at: datetime, *, low: int, high: int, prioritised: boo
 # Public reads.
 
 
+# Point lookups of an identifier name its node id: nodes are sorted by node id, so zone maps
+# skip every row group but one (kind and value guard against a hash collision).
 def lookup(kind: str, value: str) -> Query:
     """The profile of one identifier."""
     return Query(
-        "SELECT profile_id FROM identity_nodes WHERE kind = $kind AND value = $value",
-        {"kind": kind, "value": value},
+        """
+        SELECT profile_id FROM identity_nodes
+        WHERE node_id = $node AND kind = $kind AND value = $value
+        """,
+        {"node": node_id_of(kind, value), "kind": kind, "value": value},
     )
 
 
@@ -1266,8 +1283,11 @@ def search_profiles(
 def node_of(kind: str, value: str) -> Query:
     """The node id and profile of an identifier."""
     return Query(
-        "SELECT node_id, profile_id FROM identity_nodes WHERE kind = $kind AND value = $value",
-        {"kind": kind, "value": value},
+        """
+        SELECT node_id, profile_id FROM identity_nodes
+        WHERE node_id = $node AND kind = $kind AND value = $value
+        """,
+        {"node": node_id_of(kind, value), "kind": kind, "value": value},
     )
 
 
