@@ -785,10 +785,26 @@ EVENT_PROFILES_DIRTY = Query(
     DROP TABLE id_pev_nodes;
     """
 )
+# The winning identifier of each event of a full rebuild (its most trusted active one: every
+# active node gets a profile), taken from the run's event nodes once statuses are known, so the
+# profile rows need not read the stored event nodes and nodes again. Few nodes are inactive:
+# they are left out with an anti join on that small set.
+EVENT_WINNERS_FULL = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE id_event_winner AS
+    SELECT x.event_id, arg_min(x.node_id, (x.rank::HUGEINT << 60) + x.node_id) AS node_id
+    FROM id_new_ein x
+    ANTI JOIN (SELECT node_id FROM id_status_new WHERE status <> 'active') s
+        ON s.node_id = x.node_id
+    GROUP BY x.event_id
+    """
+)
 # Full rebuild: every profile is rebuilt, keyed by `id_pkey.pk`, a dense integer in the order
 # of the profile ids (the label of each profile comes from the labelling's `id_labels`, so
 # events and identifiers reach their key through integer joins only). The aggregation
-# carries the winning node id, an integer, rather than the 36-character profile id.
+# carries the winning node id, an integer, rather than the 36-character profile id. The
+# identifier lists of every profile are built in one pass over the nodes (`id_idents`; a
+# statement per key range re-read every node's strings for each range).
 EVENT_PROFILES_FULL = Query(
     """
     CREATE OR REPLACE TEMP TABLE id_pkey AS
@@ -797,18 +813,18 @@ EVENT_PROFILES_FULL = Query(
     SELECT l.node_id, k.pk FROM id_labels l JOIN id_pkey k ON k.label = l.label;
     DROP TABLE id_labels;
     CREATE OR REPLACE TEMP TABLE id_ep AS
-    WITH winner AS (
-        SELECT ei.event_id, arg_min(n.node_id, (n.rank::HUGEINT << 60) + n.node_id) AS node_id
-        FROM identity_event_nodes ei
-        JOIN identity_nodes n ON n.node_id = ei.node_id
-        WHERE n.profile_id IS NOT NULL
-        GROUP BY ei.event_id
-    )
-    SELECT w.event_id, p.pk AS profile_id FROM winner w JOIN id_node_pk p ON p.node_id = w.node_id;
+    SELECT w.event_id, p.pk AS profile_id
+    FROM id_event_winner w JOIN id_node_pk p ON p.node_id = w.node_id;
+    DROP TABLE id_event_winner;
     DELETE FROM profiles;
-    CREATE OR REPLACE TEMP VIEW id_dirty_nodes AS
-    SELECT n.node_id, n.kind, n.value, p.pk AS profile_id
-    FROM identity_nodes n JOIN id_node_pk p ON p.node_id = n.node_id;
+    CREATE OR REPLACE TEMP TABLE id_idents AS
+    SELECT profile_id, json_group_object(kind, vals) AS identifiers
+    FROM (
+        SELECT p.pk AS profile_id, n.kind, list(n.value ORDER BY n.value) AS vals
+        FROM identity_nodes n JOIN id_node_pk p ON p.node_id = n.node_id
+        GROUP BY p.pk, n.kind
+    )
+    GROUP BY profile_id;
     """
 )
 COUNT_PROFILE_KEYS = Query("SELECT count(*) FROM id_pkey")
@@ -839,7 +855,9 @@ _PROFILE_ROW_CTES = """
         traits AS (
             SELECT profile_id, json_group_object(key, val) AS traits
             FROM survivor GROUP BY profile_id
-        ),
+        ){idents}
+"""
+_IDENTS_CTE = """,
         idents AS (
             SELECT profile_id, json_group_object(kind, vals) AS identifiers
             FROM (
@@ -867,8 +885,10 @@ _SURVIVOR = {
 }
 
 
-def _profile_row_ctes(prioritised: bool) -> str:
-    return _PROFILE_ROW_CTES.replace("{survivor}", _SURVIVOR[prioritised])
+def _profile_row_ctes(prioritised: bool, *, idents: bool = True) -> str:
+    return _PROFILE_ROW_CTES.replace("{survivor}", _SURVIVOR[prioritised]).replace(
+        "{idents}", _IDENTS_CTE if idents else "\n"
+    )
 
 
 def refresh_profiles(
@@ -924,9 +944,6 @@ def refresh_profiles_full(at: datetime, *, low: int, high: int, prioritised: boo
     """
     return Query(
         """
-        CREATE OR REPLACE TEMP TABLE id_pn AS
-        SELECT node_id, kind, value, profile_id FROM id_dirty_nodes
-        WHERE profile_id >= $low AND profile_id < $high;
         CREATE OR REPLACE TEMP TABLE id_pev AS
         SELECT ep.profile_id, e.event_id, e.source_id, e.timestamp, e.traits
         FROM id_ep ep
@@ -936,14 +953,15 @@ def refresh_profiles_full(at: datetime, *, low: int, high: int, prioritised: boo
         {survivorship}
         SELECT k.profile_id, r.created_at, $at, s.first_seen, s.last_seen,
                coalesce(s.event_count, 0), i.identifiers, coalesce(t.traits, '{}')::JSON
-        FROM idents i
+        FROM id_idents i
         JOIN id_pkey k ON k.pk = i.profile_id
         JOIN identity_profile_ids r ON r.profile_id = k.profile_id
         LEFT JOIN stats s ON s.profile_id = i.profile_id
         LEFT JOIN traits t ON t.profile_id = i.profile_id
+        WHERE i.profile_id >= $low AND i.profile_id < $high
         ORDER BY i.profile_id;
         DROP TABLE id_pev;
-        """.replace("{survivorship}", _profile_row_ctes(prioritised)),
+        """.replace("{survivorship}", _profile_row_ctes(prioritised, idents=False)),
         {"at": at, "low": low, "high": high},
     )
 
