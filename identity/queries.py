@@ -786,17 +786,23 @@ EVENT_PROFILES_DIRTY = Query(
     """
 )
 # The winning identifier of each event of a full rebuild (its most trusted active one: every
-# active node gets a profile), taken from the run's event nodes once statuses are known, so the
-# profile rows need not read the stored event nodes and nodes again. Few nodes are inactive:
-# they are left out with an anti join on that small set.
+# active node gets a profile; NULL when none is active), taken from the run's event nodes once
+# statuses are known, so the profile rows need not read the stored event nodes and nodes
+# again. Few nodes are inactive: they are marked by a join with that small set. The same
+# group-by counts the run's events (GRAPH_COUNTS of the incremental path).
 EVENT_WINNERS_FULL = Query(
     """
     CREATE OR REPLACE TEMP TABLE id_event_winner AS
-    SELECT x.event_id, arg_min(x.node_id, (x.rank::HUGEINT << 60) + x.node_id) AS node_id
+    SELECT x.event_id,
+           arg_min(x.node_id, (x.rank::HUGEINT << 60) + x.node_id)
+               FILTER (WHERE s.node_id IS NULL) AS node_id
     FROM id_new_ein x
-    ANTI JOIN (SELECT node_id FROM id_status_new WHERE status <> 'active') s
+    LEFT JOIN (SELECT node_id FROM id_status_new WHERE status <> 'active') s
         ON s.node_id = x.node_id
-    GROUP BY x.event_id
+    GROUP BY x.event_id;
+    CREATE OR REPLACE TEMP TABLE id_graph_counts AS
+    SELECT (SELECT count(*) FROM id_event_winner) AS events,
+           (SELECT count(*) FROM id_new_edges) AS links;
     """
 )
 # Full rebuild: every profile is rebuilt, keyed by `id_pkey.pk`, a dense integer in the order
@@ -808,7 +814,9 @@ EVENT_WINNERS_FULL = Query(
 EVENT_PROFILES_FULL = Query(
     """
     CREATE OR REPLACE TEMP TABLE id_pkey AS
-    SELECT row_number() OVER (ORDER BY profile_id) AS pk, label, profile_id FROM id_label_pid;
+    SELECT row_number() OVER (ORDER BY lp.profile_id) AS pk, lp.label, lp.profile_id,
+           r.created_at
+    FROM id_label_pid lp JOIN identity_profile_ids r ON r.profile_id = lp.profile_id;
     CREATE OR REPLACE TEMP TABLE id_node_pk AS
     SELECT l.node_id, k.pk FROM id_labels l JOIN id_pkey k ON k.label = l.label;
     DROP TABLE id_labels;
@@ -951,11 +959,10 @@ def refresh_profiles_full(at: datetime, *, low: int, high: int, prioritised: boo
         WHERE ep.profile_id >= $low AND ep.profile_id < $high;
         INSERT INTO profiles
         {survivorship}
-        SELECT k.profile_id, r.created_at, $at, s.first_seen, s.last_seen,
+        SELECT k.profile_id, k.created_at, $at, s.first_seen, s.last_seen,
                coalesce(s.event_count, 0), i.identifiers, coalesce(t.traits, '{}')::JSON
         FROM id_idents i
         JOIN id_pkey k ON k.pk = i.profile_id
-        JOIN identity_profile_ids r ON r.profile_id = k.profile_id
         LEFT JOIN stats s ON s.profile_id = i.profile_id
         LEFT JOIN traits t ON t.profile_id = i.profile_id
         WHERE i.profile_id >= $low AND i.profile_id < $high

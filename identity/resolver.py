@@ -130,7 +130,6 @@ def _resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool) -> Resol
             step(queries.ACTIVE_REMOVED_LINKS)
             step(queries.full_status(rules.auto_cap))
             step(queries.EVENT_WINNERS_FULL)
-            queries.run_script(cur, queries.GRAPH_COUNTS)
             queries.run_script(cur, queries.DROP_FULL_LINK_COPIES)
         else:
             step(queries.insert_new_nodes(rules.combined_pattern()))
