@@ -216,7 +216,8 @@ _LINK_STEPS = (
     (
         "links",
         """
-        SELECT a.node_id AS src, b.node_id AS dst, a.event_id, a.ts
+        SELECT a.node_id AS src, b.node_id AS dst, a.event_id, a.ts, a.rank AS src_rank,
+               b.rank AS dst_rank
         FROM id_new_ein a
         JOIN sized s ON s.event_id = a.event_id
         JOIN id_new_ein b ON b.event_id = a.event_id AND b.node_id > a.node_id
@@ -224,8 +225,11 @@ _LINK_STEPS = (
         """,
     ),
 )
+# A full rebuild keeps each link's end ranks (a node's rank is its kind's): the status and the
+# labelling's links then need no join with the nodes, only with the few inactive ones.
 _ALL_LINKS = """
-SELECT src, dst, min(event_id) AS first_event_id, arg_min(ts, event_id) AS first_at
+SELECT src, dst, min(event_id) AS first_event_id, arg_min(ts, event_id) AS first_at,
+       min(src_rank) AS src_rank, min(dst_rank) AS dst_rank
 FROM links l
 GROUP BY src, dst
 """
@@ -290,13 +294,12 @@ def full_status(auto_cap: int) -> Query:
         """
         CREATE OR REPLACE TEMP TABLE id_status_new AS
         WITH higher AS (
-            SELECT CASE WHEN a.rank < b.rank THEN e.dst ELSE e.src END AS node_id,
+            SELECT CASE WHEN e.src_rank < e.dst_rank THEN e.dst ELSE e.src END AS node_id,
                    count(*) AS links
             FROM id_new_edges e
-            JOIN id_new_nodes a ON a.node_id = e.src
-            JOIN id_new_nodes b ON b.node_id = e.dst
-            WHERE a.rank <> b.rank
-              AND (CASE WHEN a.rank < b.rank THEN a.status ELSE b.status END) <> 'blocked'
+            ANTI JOIN (SELECT node_id FROM id_new_nodes WHERE status = 'blocked') b
+                ON b.node_id = CASE WHEN e.src_rank < e.dst_rank THEN e.src ELSE e.dst END
+            WHERE e.src_rank <> e.dst_rank
             GROUP BY 1
         )
         SELECT n.node_id, n.status AS old_status,
@@ -488,6 +491,21 @@ AFFECTED_ACTIVE_NODES = Query(
     "SELECT node_id, kind FROM id_aff WHERE status = 'active' ORDER BY node_id"
 )
 # With the ranks of their ends: inside one event, links of trusted identifiers apply first.
+# A full rebuild reads them from its link copy (every node is affected; the few inactive ones
+# are left out with anti joins).
+AFFECTED_LINKS_FULL = Query(
+    """
+    SELECT e.src, e.dst, e.first_event_id,
+           least(e.src_rank, e.dst_rank) AS high_rank,
+           greatest(e.src_rank, e.dst_rank) AS low_rank
+    FROM id_new_edges e
+    ANTI JOIN (SELECT node_id FROM id_status_new WHERE status <> 'active') a
+        ON a.node_id = e.src
+    ANTI JOIN (SELECT node_id FROM id_status_new WHERE status <> 'active') b
+        ON b.node_id = e.dst
+    ANTI JOIN id_removed_links r ON r.src = e.src AND r.dst = e.dst
+    """
+)
 AFFECTED_LINKS = Query(
     """
     SELECT e.src, e.dst, e.first_event_id,
@@ -695,12 +713,7 @@ GRAPH_COUNTS = Query(
            (SELECT count(*) FROM id_new_edges) AS links
     """
 )
-DROP_FULL_LINK_COPIES = Query(
-    """
-    DROP TABLE id_new_ein;
-    DROP TABLE id_new_edges;
-    """
-)
+DROP_FULL_LINK_COPIES = Query("DROP TABLE id_new_edges")
 # What a run did, read before the profile rows are built (a full rebuild then drops the
 # tables counted here); the affected count is by the statuses after the run.
 RUN_COUNTS = Query(
@@ -803,6 +816,7 @@ EVENT_WINNERS_FULL = Query(
     CREATE OR REPLACE TEMP TABLE id_graph_counts AS
     SELECT (SELECT count(*) FROM id_event_winner) AS events,
            (SELECT count(*) FROM id_new_edges) AS links;
+    DROP TABLE id_new_ein;
     """
 )
 # Full rebuild: every profile is rebuilt, keyed by `id_pkey.pk`, a dense integer in the order

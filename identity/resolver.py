@@ -130,7 +130,6 @@ def _resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool) -> Resol
             step(queries.ACTIVE_REMOVED_LINKS)
             step(queries.full_status(rules.auto_cap))
             step(queries.EVENT_WINNERS_FULL)
-            queries.run_script(cur, queries.DROP_FULL_LINK_COPIES)
         else:
             step(queries.insert_new_nodes(rules.combined_pattern()))
             step(queries.TOUCH_SEEN_NODES)
@@ -145,7 +144,9 @@ def _resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool) -> Resol
             step(queries.OLD_ASSIGNMENT_INCREMENTAL)
 
         nodes = cur.sql(queries.AFFECTED_ACTIVE_NODES.sql).pl()
-        links = cur.sql(queries.AFFECTED_LINKS.sql).pl()
+        links = cur.sql((queries.AFFECTED_LINKS_FULL if full else queries.AFFECTED_LINKS).sql).pl()
+        if full:
+            queries.run_script(cur, queries.DROP_FULL_LINK_COPIES)
         began = time.perf_counter()
         labels, refusals, rule_components = label_profiles(nodes, links, rules.limits)
         result.labelling_seconds = round(time.perf_counter() - began, 4)
