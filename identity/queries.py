@@ -488,7 +488,7 @@ SNAPSHOT_FOR_FULL = Query(
 )
 
 AFFECTED_ACTIVE_NODES = Query(
-    "SELECT node_id, kind FROM id_aff WHERE status = 'active' ORDER BY node_id"
+    "SELECT node_id, kind, first_event_id FROM id_aff WHERE status = 'active' ORDER BY node_id"
 )
 # With the ranks of their ends: inside one event, links of trusted identifiers apply first.
 # A full rebuild reads them from its link copy (every node is affected; the few inactive ones
@@ -537,8 +537,7 @@ RECONCILE = Query(
         GROUP BY s.label
     ),
     labels AS (
-        SELECT l.label, min(a.first_event_id) AS born_event_id
-        FROM id_labels l JOIN id_aff a ON a.node_id = l.node_id GROUP BY l.label
+        SELECT label, min(first_event_id) AS born_event_id FROM id_labels GROUP BY label
     )
     SELECT labels.label, coalesce(surv.profile_id, gen_random_uuid()::VARCHAR) AS profile_id,
            surv.profile_id IS NULL AS is_new, labels.born_event_id

@@ -153,7 +153,8 @@ def _resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool) -> Resol
         used = links.select("src", "dst", "first_event_id").join(
             refusals.select("src", "dst"), on=["src", "dst"], how="anti"
         )
-        _temp_table(cur, "id_labels", labels)
+        # Each label's birth (its earliest identifier) is then a group-by of `id_labels` alone.
+        _temp_table(cur, "id_labels", labels.with_columns(nodes["first_event_id"]))
         _temp_table(cur, "id_refusals", refusals)
         _temp_table(cur, "id_used_links", used)
         result.rule_components = rule_components
