@@ -318,9 +318,16 @@ def _write_nodes_full(
     """
     nodes = cur.sql(queries.FULL_NODE_ROWS.sql).to_arrow_table()
     ids = nodes.column("node_id").to_numpy()
-    order = np.argsort(ids)
-    ids = ids[order]
-    nodes = nodes.take(pa.array(order))
+    by_id = np.argsort(ids)
+    ids = ids[by_id]
+    order = pa.array(by_id)
+    # Column by column, each unsorted column released once taken (peak: one extra column).
+    names = nodes.column_names
+    columns = []
+    for _ in names:
+        columns.append(nodes.column(0).take(order))
+        nodes = nodes.remove_column(0)
+    nodes = pa.table(columns, names=names)
     at = np.searchsorted(ids, active)
     component = ids.copy()
     component[at] = components
