@@ -320,22 +320,21 @@ def full_status(auto_cap: int) -> Query:
     )
 
 
-# The nodes of a full rebuild with their status (`id_aff` of a full rebuild carries every
-# column of a node); the resolver adds component and profile, sorts them by node id and
-# writes them once (`id_nodes_frame`, registered from Arrow: no join and no SQL sort).
-FULL_NODE_ROWS = Query(
-    """
-    SELECT node_id, kind, value, rank, status, first_event_id, first_seen, last_seen
-    FROM id_aff
-    """
-)
-LABEL_PROFILES = Query("SELECT label, profile_id FROM id_label_pid")
+# The nodes of a full rebuild, written once with their labels, sorted by node id (zone maps
+# serve the lookups, which name the node id). `id_aff` of a full rebuild carries every column
+# of a node, so only the labels and their profile ids are joined, and the sort key is one
+# integer rather than kind and value.
 WRITE_NODES_FULL = Query(
     """
     INSERT INTO identity_nodes
-    SELECT node_id, kind, value, rank, status, component_id, profile_id, first_event_id,
-           first_seen, last_seen
-    FROM id_nodes_frame
+    SELECT n.node_id, n.kind, n.value, n.rank, n.status,
+           CASE WHEN n.status = 'active' THEN l.component_id ELSE n.node_id END,
+           CASE WHEN n.status = 'active' THEN lp.profile_id END,
+           n.first_event_id, n.first_seen, n.last_seen
+    FROM id_aff n
+    LEFT JOIN id_labels l ON l.node_id = n.node_id
+    LEFT JOIN id_label_pid lp ON lp.label = l.label
+    ORDER BY n.node_id
     """
 )
 

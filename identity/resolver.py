@@ -32,9 +32,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import numpy as np
-import numpy.typing as npt
 import polars as pl
-import pyarrow as pa
 
 from cdp.warehouse import Cursor, Query, Warehouse
 from identity import queries
@@ -159,18 +157,13 @@ def _resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool) -> Resol
         _temp_table(cur, "id_used_links", used)
         result.rule_components = rule_components
         result.refused_links = refusals.height
-        # A full rebuild writes the nodes from the labelling's arrays (sorted by node id).
-        labelled = [labels[c].to_numpy() for c in ("node_id", "component_id", "label")]
         # The warehouse holds copies now; the frames would only add to the peak memory.
         del nodes, links, labels, refusals, used
 
         step(queries.RECONCILE)
         if full:
             # Nodes are written once, labelled; the publication's reasons name them.
-            began = time.perf_counter()
-            _write_nodes_full(cur, *labelled)
-            timings["write nodes"] = round(time.perf_counter() - began, 4)
-        del labelled
+            step(queries.WRITE_NODES_FULL)
         step(queries.CHANGES)
         step(queries.publish_changes(seq=seq, at=now, nodes="full" if full else "incremental"))
         step(queries.register_profiles(now))
@@ -302,51 +295,6 @@ def _key_ranges(keys: int) -> list[tuple[int, int]]:
     parts = max(1, -(-keys // PROFILES_PER_STATEMENT))
     bounds = [1 + keys * k // parts for k in range(parts + 1)]
     return list(itertools.pairwise(bounds))
-
-
-def _write_nodes_full(
-    cur: Cursor,
-    active: npt.NDArray[np.int64],
-    components: npt.NDArray[np.int64],
-    labels: npt.NDArray[np.int64],
-) -> None:
-    """Write every node of a full rebuild once, sorted by node id (zone maps serve lookups).
-
-    `active` are the labelled (active) node ids, sorted, with their raw component and label;
-    the other nodes are their own component and belong to no profile. Sorting the node ids
-    in numpy and taking the rows in Arrow replaces three joins and an SQL sort of the strings.
-    """
-    nodes = cur.sql(queries.FULL_NODE_ROWS.sql).to_arrow_table()
-    ids = nodes.column("node_id").to_numpy()
-    by_id = np.argsort(ids)
-    ids = ids[by_id]
-    order = pa.array(by_id)
-    # Column by column, each unsorted column released once taken (peak: one extra column).
-    names = nodes.column_names
-    columns = []
-    for _ in names:
-        columns.append(nodes.column(0).take(order))
-        nodes = nodes.remove_column(0)
-    nodes = pa.table(columns, names=names)
-    at = np.searchsorted(ids, active)
-    component = ids.copy()
-    component[at] = components
-    pids = cur.sql(queries.LABEL_PROFILES.sql).to_arrow_table()
-    pid_labels = pids.column("label").to_numpy()
-    by_label = np.argsort(pid_labels)
-    which = np.zeros(len(ids), dtype=np.int64)
-    which[at] = by_label[np.searchsorted(pid_labels[by_label], labels)]
-    missing = np.ones(len(ids), dtype=bool)
-    missing[at] = False
-    profile = pids.column("profile_id").take(pa.array(which, mask=missing))
-    frame = nodes.append_column("component_id", pa.array(component)).append_column(
-        "profile_id", profile
-    )
-    cur.register("id_nodes_frame", frame)
-    try:
-        cur.execute(queries.WRITE_NODES_FULL.sql)
-    finally:
-        cur.unregister("id_nodes_frame")
 
 
 def _load_rules(cur: Cursor, rules: IdentityRules) -> None:
