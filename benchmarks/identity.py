@@ -409,7 +409,7 @@ def run(scale: int, workdir: Path) -> Result:
             "generate_and_load_s": round(gen_elapsed(), 3),
             "generator_peak_rss_mib": generator_rss,
             "full": full.as_dict(),
-            "full_steps_s": steps.slowest(12),
+            "full_steps_s": steps.slowest(24),
             "scipy_components": scipy_components,
             "incremental": incremental.as_dict(),
             "quality": figures,
