@@ -6,7 +6,6 @@ temporary tables of that run. Each statement is one set-based step.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from datetime import datetime
 from typing import Any
@@ -20,12 +19,6 @@ from cdp.warehouse import Cursor, Query, with_ctes
 NO_RANK = 1_000_000
 
 _PARAM = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
-
-
-def node_id_of(kind: str, value: str) -> int:
-    """The node id of an identifier, computed as the SQL above computes it."""
-    digest = hashlib.md5((kind + chr(31) + value).encode(), usedforsecurity=False)
-    return int(digest.hexdigest()[:15], 16)
 
 
 def run_script(cur: Cursor, query: Query) -> tuple[Any, ...] | None:  # Any: SQL values
@@ -169,7 +162,7 @@ def insert_new_nodes(pattern: str) -> Query:
                     THEN 'blocked' ELSE 'active' END,
                node_id, NULL, first_event_id, first_seen, last_seen
         FROM id_new_nodes
-        ORDER BY node_id;
+        ORDER BY kind, value;
         """,
         {"pattern": pattern},
     )
@@ -320,10 +313,9 @@ def full_status(auto_cap: int) -> Query:
     )
 
 
-# The nodes of a full rebuild, written once with their labels, sorted by node id (zone maps
-# serve the lookups, which name the node id). `id_aff` of a full rebuild carries every column
-# of a node, so only the labels and their profile ids are joined, and the sort key is one
-# integer rather than kind and value.
+# The nodes of a full rebuild, written once with their labels, sorted by kind and value (zone
+# maps serve the lookups). `id_aff` of a full rebuild carries every column of a node, so only
+# the labels and their profile ids are joined.
 WRITE_NODES_FULL = Query(
     """
     INSERT INTO identity_nodes
@@ -334,13 +326,12 @@ WRITE_NODES_FULL = Query(
     FROM id_aff n
     LEFT JOIN id_labels l ON l.node_id = n.node_id
     LEFT JOIN id_label_pid lp ON lp.label = l.label
-    ORDER BY n.node_id
+    ORDER BY n.kind, n.value
     """
 )
 
 
-# (Nodes are appended sorted by node id so zone maps serve point lookups: a lookup names the
-# node id of the identifier it looks for, `node_id_of`.)
+# (Nodes are appended sorted by kind and value so zone maps serve point lookups.)
 # Nodes whose status may change: new ones, endpoints of new links, nodes of changed overrides.
 STATUS_CANDIDATES_INCREMENTAL = Query(
     """
@@ -988,16 +979,11 @@ def refresh_profiles_full(at: datetime, *, low: int, high: int, prioritised: boo
 # Public reads.
 
 
-# Point lookups of an identifier name its node id: nodes are sorted by node id, so zone maps
-# skip every row group but one (kind and value guard against a hash collision).
 def lookup(kind: str, value: str) -> Query:
     """The profile of one identifier."""
     return Query(
-        """
-        SELECT profile_id FROM identity_nodes
-        WHERE node_id = $node AND kind = $kind AND value = $value
-        """,
-        {"node": node_id_of(kind, value), "kind": kind, "value": value},
+        "SELECT profile_id FROM identity_nodes WHERE kind = $kind AND value = $value",
+        {"kind": kind, "value": value},
     )
 
 
@@ -1320,11 +1306,8 @@ def search_profiles(
 def node_of(kind: str, value: str) -> Query:
     """The node id and profile of an identifier."""
     return Query(
-        """
-        SELECT node_id, profile_id FROM identity_nodes
-        WHERE node_id = $node AND kind = $kind AND value = $value
-        """,
-        {"node": node_id_of(kind, value), "kind": kind, "value": value},
+        "SELECT node_id, profile_id FROM identity_nodes WHERE kind = $kind AND value = $value",
+        {"kind": kind, "value": value},
     )
 
 

@@ -65,7 +65,6 @@ __all__ = [
     "list_overrides",
     "lookup",
     "merges_since",
-    "node_id",
     "profile_events",
     "put_rules",
     "resolve",
@@ -108,11 +107,6 @@ def resolve(
     """Resolve new events into profiles (incremental), or rebuild everything (`full`)."""
     del settings  # part of the contract; resolution needs nothing from it yet
     return resolver.resolve(warehouse, rules=rules, full=full)
-
-
-def node_id(*, kind: str, value: str) -> int:
-    """The node id of a normalised identifier: the graph's hash of kind and value."""
-    return queries.node_id_of(kind, value)
 
 
 def lookup(warehouse: Warehouse, *, kind: str, value: str) -> str | None:

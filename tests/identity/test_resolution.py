@@ -7,7 +7,7 @@ import pytest
 
 from cdp.errors import NotFound
 from cdp.warehouse import Query, Warehouse
-from identity import queries, service
+from identity import service
 from identity.rules import IdentityRules
 from tests.identity.conftest import Ev, EventWriter, partition, resolve
 
@@ -243,18 +243,7 @@ def test_full_rebuild_keeps_profile_ids(warehouse: Warehouse, events: EventWrite
     assert service.merges_since(warehouse, after_seq=0).height == 0
 
 
-def test_node_id_of_matches_the_hash_the_sql_computes(warehouse: Warehouse) -> None:
-    for kind, value in [("email", "a@x.com"), ("phone", "+33612345678"), ("user_id", "é ü 1")]:
-        sql = warehouse.scalar(
-            Query(
-                "SELECT ('0x' || left(md5($k || chr(31) || $v), 15))::BIGINT",
-                {"k": kind, "v": value},
-            )
-        )
-        assert queries.node_id_of(kind, value) == sql
-
-
-def test_full_rebuild_stores_nodes_in_node_id_order_and_lookups_find_them(
+def test_full_rebuild_stores_nodes_in_kind_value_order_and_lookups_find_them(
     warehouse: Warehouse, events: EventWriter
 ) -> None:
     events.write(
@@ -266,7 +255,8 @@ def test_full_rebuild_stores_nodes_in_node_id_order_and_lookups_find_them(
     resolve(warehouse, full=True)
     stored = warehouse.run(Query("SELECT node_id, kind, value, profile_id FROM identity_nodes"))
     assert stored.height == 101
-    assert stored["node_id"].to_list() == sorted(stored["node_id"].to_list())
+    keys = list(zip(stored["kind"].to_list(), stored["value"].to_list(), strict=True))
+    assert keys == sorted(keys)
     for row in stored.iter_rows(named=True):
         assert service.lookup(warehouse, kind=row["kind"], value=row["value"]) == row["profile_id"]
     assert service.lookup(warehouse, kind="email", value="unknown") is None
