@@ -127,8 +127,7 @@ def _resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool) -> Resol
             step(queries.STORE_LINKS)
             step(queries.ACTIVE_REMOVED_LINKS)
             step(queries.full_status(rules.auto_cap))
-            queries.run_script(cur, queries.GRAPH_COUNTS)
-            queries.run_script(cur, queries.DROP_FULL_LINK_COPIES)
+            step(queries.EVENT_WINNERS_FULL)
         else:
             step(queries.insert_new_nodes(rules.combined_pattern()))
             step(queries.TOUCH_SEEN_NODES)
@@ -143,14 +142,17 @@ def _resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool) -> Resol
             step(queries.OLD_ASSIGNMENT_INCREMENTAL)
 
         nodes = cur.sql(queries.AFFECTED_ACTIVE_NODES.sql).pl()
-        links = cur.sql(queries.AFFECTED_LINKS.sql).pl()
+        links = cur.sql((queries.AFFECTED_LINKS_FULL if full else queries.AFFECTED_LINKS).sql).pl()
+        if full:
+            queries.run_script(cur, queries.DROP_FULL_LINK_COPIES)
         began = time.perf_counter()
         labels, refusals, rule_components = label_profiles(nodes, links, rules.limits)
         result.labelling_seconds = round(time.perf_counter() - began, 4)
         used = links.select("src", "dst", "first_event_id").join(
             refusals.select("src", "dst"), on=["src", "dst"], how="anti"
         )
-        _temp_table(cur, "id_labels", labels)
+        # Each label's birth (its earliest identifier) is then a group-by of `id_labels` alone.
+        _temp_table(cur, "id_labels", labels.with_columns(nodes["first_event_id"]))
         _temp_table(cur, "id_refusals", refusals)
         _temp_table(cur, "id_used_links", used)
         result.rule_components = rule_components
@@ -190,12 +192,13 @@ def _resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool) -> Resol
             step(queries.DIRTY_PROFILES)
             step(queries.EVENT_PROFILES_DIRTY)
         result.profiles_written = int(_scalar(cur, queries.COUNT_DIRTY))
+        ranked = bool(rules.trait_source_priority)
         if full:
             for first, end in _key_ranges(int(_scalar(cur, queries.COUNT_PROFILE_KEYS))):
-                step(queries.refresh_profiles_full(now, low=first, high=end))
+                step(queries.refresh_profiles_full(now, low=first, high=end, prioritised=ranked))
         else:
             for low, high in _profile_ranges(result.profiles_written):
-                step(queries.refresh_profiles(now, low=low, high=high))
+                step(queries.refresh_profiles(now, low=low, high=high, prioritised=ranked))
 
         # Statuses were applied before id_aff was taken, so id_aff has the new statuses.
         result.excluded_identifiers = int(counts[7])

@@ -60,6 +60,36 @@ def test_trait_takes_the_most_recent_non_null_value(
     }
 
 
+def test_trait_tie_on_time_goes_to_the_later_event_in_both_paths(
+    warehouse: Warehouse, events: EventWriter
+) -> None:
+    at = datetime(2026, 5, 1)
+    events.write(
+        [
+            Ev([("user_id", "u1")], traits={"city": "Lyon"}, at=at),
+            Ev([("user_id", "u1")], traits={"city": "Paris"}, at=at),
+            Ev([("user_id", "u1")], traits={"city": "Nice"}, at=datetime(2026, 4, 1)),
+        ]
+    )
+    resolve(warehouse)
+    assert _profile_row(warehouse, "user_id", "u1")["traits"] == {"city": "Paris"}
+    resolve(warehouse, full=True)
+    assert _profile_row(warehouse, "user_id", "u1")["traits"] == {"city": "Paris"}
+
+
+def test_trait_keys_that_look_like_json_paths_are_kept_as_keys(
+    warehouse: Warehouse, events: EventWriter
+) -> None:
+    # json_extract read "/x" as a JSON pointer (the trait was lost) and failed on "$y".
+    traits = {"a.b": 1, "/x": 2, "$y": 3, "q r": None, "z": [1, {"k": "v"}]}
+    events.write([Ev([("user_id", "u1")], traits=traits)])
+    resolve(warehouse)
+    expected = {"a.b": 1, "/x": 2, "$y": 3, "z": [1, {"k": "v"}]}
+    assert _profile_row(warehouse, "user_id", "u1")["traits"] == expected
+    resolve(warehouse, full=True)
+    assert _profile_row(warehouse, "user_id", "u1")["traits"] == expected
+
+
 def test_source_priority_wins_over_recency_for_its_trait(
     warehouse: Warehouse, events: EventWriter
 ) -> None:

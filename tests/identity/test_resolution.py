@@ -243,6 +243,26 @@ def test_full_rebuild_keeps_profile_ids(warehouse: Warehouse, events: EventWrite
     assert service.merges_since(warehouse, after_seq=0).height == 0
 
 
+def test_full_rebuild_stores_nodes_in_kind_value_order_and_lookups_find_them(
+    warehouse: Warehouse, events: EventWriter
+) -> None:
+    events.write(
+        [
+            Ev([("user_id", f"u{i}"), ("email", f"e{i}@x.com"), ("email", "unknown")])
+            for i in range(50)
+        ]
+    )
+    resolve(warehouse, full=True)
+    stored = warehouse.run(Query("SELECT node_id, kind, value, profile_id FROM identity_nodes"))
+    assert stored.height == 101
+    keys = list(zip(stored["kind"].to_list(), stored["value"].to_list(), strict=True))
+    assert keys == sorted(keys)
+    for row in stored.iter_rows(named=True):
+        assert service.lookup(warehouse, kind=row["kind"], value=row["value"]) == row["profile_id"]
+    assert service.lookup(warehouse, kind="email", value="unknown") is None
+    assert _pid(warehouse, "email", "e7@x.com") == _pid(warehouse, "user_id", "u7")
+
+
 def test_profiles_table_is_empty_for_unresolved_events(warehouse: Warehouse) -> None:
     resolve(warehouse)
     assert warehouse.run(Query("SELECT * FROM profiles")).height == 0
