@@ -19,7 +19,7 @@ from typing import Any
 
 import polars as pl
 from sqlalchemy import func, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from cdp.db import new_id, utcnow
 from loyalty import calendar, ledger, rules, tiers
@@ -176,23 +176,28 @@ def prepare(frame: pl.DataFrame, tz: str) -> pl.DataFrame:
     A refund's order id is the sale it names (`original_order_id`, `original_transaction_id`,
     else `order_id`), so a till return, whose own id is its transaction's, finds its sale.
     """
+    prepared = frame.sort("timestamp", "event_id").with_row_index("row")
+    return prepared.with_columns(
+        pl.col("timestamp").dt.convert_time_zone(tz).dt.date().alias("local_date"),
+        _order_id_expr(prepared).alias("order_id"),
+    ).with_columns(pl.col("local_date").dt.truncate("1mo").alias("month"))
+
+
+def _order_id_expr(frame: pl.DataFrame) -> pl.Expr:
+    """Each row's order id: the order's own, or for a refund the sale it names."""
     props = pl.col("properties")
     refund = pl.col("event") == REFUND_EVENT
-    prepared = frame.sort("timestamp", "event_id").with_row_index("row")
     order_id = (
         pl.col("properties.order_id")
         if "properties.order_id" in frame.columns
         else props.str.json_path_match("$.order_id")
     )
-    if prepared.select(refund.any()).item():
+    if frame.select(refund.any()).item():
         original = pl.coalesce(
             [props.str.json_path_match(f"$.{p}") for p in ORIGINAL_ORDER_PATHS] + [order_id]
         )
         order_id = pl.when(refund).then(original).otherwise(order_id)
-    return prepared.with_columns(
-        pl.col("timestamp").dt.convert_time_zone(tz).dt.date().alias("local_date"),
-        order_id.alias("order_id"),
-    ).with_columns(pl.col("local_date").dt.truncate("1mo").alias("month"))
+    return order_id
 
 
 def trace(frame: pl.DataFrame, specs: list[RuleSpec]) -> pl.DataFrame:
@@ -648,6 +653,13 @@ def member_events(
         enrolled = _enrol_automatically(session, program=program, frame=frame, specs=specs)
     profiles = frame["profile_id"].unique().to_list()
     members = member_frame(session, program_id=program.id, profiles=profiles)
+    followed = _refunds_follow_their_orders(
+        session, program_id=program.id, frame=frame, members=members
+    )
+    if followed is not frame:  # some refunds took their order owner's profile
+        frame = followed
+        profiles = frame["profile_id"].unique().to_list()
+        members = member_frame(session, program_id=program.id, profiles=profiles)
     joined = frame.join(members, on="profile_id", how="inner").with_columns(
         ((pl.col("timestamp") - pl.col("enrolled_at")).dt.total_days()).alias("seniority_days")
     )
@@ -660,6 +672,86 @@ def member_events(
     else:
         joined = joined.with_columns(pl.lit(None, dtype=pl.String).alias("traits"))
     return joined, specs, enrolled
+
+
+def _refunds_follow_their_orders(
+    session: Session, *, program_id: str, frame: pl.DataFrame, members: pl.DataFrame
+) -> pl.DataFrame:
+    """A refund whose profile has no active member (not enrolled, merged away, or re-keyed
+    to another profile by a merge since the sale) takes the profile of the active member
+    that recorded its order, so the order's points are reversed where they are, whatever
+    profile the refund arrives with; replaying it later, once memberships moved again,
+    then finds it done. The order's owner is the member of its activity row in the ledger
+    (following merges to the survivor) or, for a sale earlier in the same batch (time, then
+    event id), the member of that row: what processing the events one by one would see.
+    A refund with no such order keeps its profile (and is skipped, as before)."""
+    refund = pl.col("event") == REFUND_EVENT
+    if frame.is_empty() or not frame.select(refund.any()).item():
+        return frame
+    active = members.filter(pl.col("member_status") == "active")["profile_id"].implode()
+    keyed = frame.with_row_index("_i").with_columns(_order_id_expr(frame).alias("_order"))
+    orphans = keyed.filter(
+        refund & pl.col("_order").is_not_null() & ~pl.col("profile_id").is_in(active)
+    )
+    if orphans.is_empty():
+        return frame
+    orders = orphans["_order"].unique().to_list()
+    owner, live = aliased(Member), aliased(Member)
+    recorded = [
+        (str(order), str(profile))
+        for chunk in _in_chunks(orders)
+        for order, profile in session.execute(
+            select(Activity.order_id, live.profile_id)
+            .join(owner, owner.id == Activity.member_id)
+            .join(live, live.id == func.coalesce(owner.merged_into, owner.id))
+            .where(
+                Activity.program_id == program_id,
+                Activity.orders > 0,
+                Activity.order_id.in_(chunk),
+                live.status == "active",
+            )
+            .order_by(Activity.occurred_at, Activity.event_id)
+        ).all()
+    ]
+    owners: dict[str, str] = {}
+    for order, owner_profile in recorded:
+        owners.setdefault(order, owner_profile)
+    sales = keyed.filter(
+        (pl.col("event") == ORDER_EVENT)
+        & pl.col("_order").is_in(orders)
+        & pl.col("profile_id").is_in(active)
+    ).select("_order", pl.col("profile_id").alias("_owner"), "timestamp", "event_id")
+    # Orders without a recorded owner: the first sale of the batch before the refund.
+    unowned = orphans.filter(~pl.col("_order").is_in(list(owners))).select(
+        "_i", "_order", "timestamp", "event_id"
+    )
+    in_batch = (
+        unowned.join(sales, on="_order", suffix="_sale")
+        .filter(
+            (pl.col("timestamp_sale") < pl.col("timestamp"))
+            | (
+                (pl.col("timestamp_sale") == pl.col("timestamp"))
+                & (pl.col("event_id_sale") < pl.col("event_id"))
+            )
+        )
+        .sort("_i", "timestamp_sale", "event_id_sale")
+        .unique("_i", keep="first")
+    )
+    moved: dict[int, str] = {
+        int(i): owners[str(order)]
+        for i, order in orphans.select("_i", "_order").iter_rows()
+        if str(order) in owners
+    }
+    moved.update((int(i), str(o)) for i, o in in_batch.select("_i", "_owner").iter_rows())
+    if not moved:
+        return frame
+    index = pl.int_range(pl.len(), dtype=pl.UInt32)
+    return frame.with_columns(
+        pl.when(index.is_in(list(moved)))
+        .then(index.replace_strict(list(moved), list(moved.values()), default=None))
+        .otherwise(pl.col("profile_id"))
+        .alias("profile_id")
+    )
 
 
 def process_events(

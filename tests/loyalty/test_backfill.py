@@ -9,7 +9,7 @@ from typing import Any
 import polars as pl
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 
 from cdp.config import Settings
 from cdp.db import Database
@@ -66,7 +66,9 @@ RULES: list[dict[str, Any]] = [  # Any: rule JSON
 TIERS = (("Silver", 1, 250.0, 1.5), ("Gold", 2, 700.0, 2.0))
 
 
-def _history(seed: int, n: int = 90) -> list[dict[str, Any]]:  # Any: rows
+def _history(seed: int, n: int = 90, *, guests: bool = False) -> list[dict[str, Any]]:  # Any: rows
+    """`guests`: half the refunds come from a profile that is no member (a till return
+    without the card, say): they must still reverse the order's points."""
     rng = random.Random(seed)
     rows: list[dict[str, Any]] = []  # Any: rows
     orders: list[tuple[str, str]] = []
@@ -93,6 +95,8 @@ def _history(seed: int, n: int = 90) -> list[dict[str, Any]]:  # Any: rows
             rows.append(ev(profile, at, "Review Submitted", i))
         elif orders:
             who, order = rng.choice(orders)
+            if guests and rng.random() < 0.5:
+                who = "guest"
             rows.append(ev(who, at, "Order Refunded", i, order_id=order, total=rng.randint(1, 60)))
         else:
             rows.append(ev(profile, at, "Page Viewed", i))
@@ -224,10 +228,11 @@ def _upgrades(db: Database, program: Program) -> list[tuple[str, datetime]]:
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("guests", [False, True], ids=["members", "guest-refunds"])
 def test_backfill_gives_the_same_ledger_as_processing_events_one_by_one(
-    db: Database, warehouse: Warehouse
+    db: Database, warehouse: Warehouse, guests: bool
 ) -> None:
-    rows = _history(seed=7)
+    rows = _history(seed=7, guests=guests)
     _load_warehouse(warehouse, rows)
     program = _programme_with_rules(db, "club")
     with db.begin() as session:
@@ -259,6 +264,18 @@ def test_backfill_gives_the_same_ledger_as_processing_events_one_by_one(
             assert stored is not None
             engine.process_events(session, program=stored, events=events.slice(i, 1))
     assert _ledger(db, program) == set_based
+    if guests:
+        # The guests' refunds reversed their orders' points (on the buyers' members).
+        guest_refunds = {r["message_id"] for r in rows if r["profile_id"] == "guest"}
+        keys = [f"event:{m}:reverse:{program.id}" for m in guest_refunds]
+        with db.begin() as session:
+            reversed_ = session.scalar(
+                select(func.count()).where(
+                    LedgerEntry.kind == "reverse", LedgerEntry.idempotency_key.in_(keys)
+                )
+            )
+        assert guest_refunds
+        assert reversed_
 
 
 def _forget(db: Database, program: Program) -> None:
