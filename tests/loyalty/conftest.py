@@ -6,13 +6,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from sqlalchemy.orm import Session
 
 from cdp.auth import Role
 from cdp.db import Database
 from loyalty import service
 from loyalty.ledger import Credit, credit
 from loyalty.models import LedgerEntry, Member, Program
-from loyalty.schemas import ProgramCreate
+from loyalty.schemas import ProgramCreate, RuleCreate
 from tests.conftest import make_key
 
 T0 = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)
@@ -29,6 +30,15 @@ def make_program(db: Database, **overrides: Any) -> Program:  # Any: programme f
     fields: dict[str, Any] = {"name": "Club", "status": "active", **overrides}  # Any: fields
     with db.begin() as session:
         return service.create_program(session, data=ProgramCreate(**fields))
+
+
+def add_base_rule(session: Session, program: Program) -> None:
+    """The plain earning rule many tests start from: 1 point per unit spent on orders."""
+    service.create_rule(
+        session,
+        program_id=program.id,
+        data=RuleCreate(name="base", event_name="Order Completed", formula={"type": "per_amount"}),
+    )
 
 
 def make_member(db: Database, program: Program, profile_id: str = "p1") -> Member:

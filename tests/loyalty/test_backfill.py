@@ -30,7 +30,7 @@ from loyalty.models import (
 )
 from loyalty.schemas import RuleCreate, TierCreate
 from tests.conftest import BACKENDS
-from tests.loyalty.conftest import T0, make_program
+from tests.loyalty.conftest import T0, add_base_rule, make_program
 from tests.loyalty.events import ev
 
 RULES: list[dict[str, Any]] = [  # Any: rule JSON
@@ -295,13 +295,7 @@ def test_sync_processes_only_events_after_the_mark(
 ) -> None:
     program = make_program(db, enrolment="automatic")
     with db.begin() as session:
-        service.create_rule(
-            session,
-            program_id=program.id,
-            data=RuleCreate(
-                name="base", event_name="Order Completed", formula={"type": "per_amount"}
-            ),
-        )
+        add_base_rule(session, program)
     _load_warehouse(warehouse, [ev("a", T0, event_id=1, total=10)])
     url = f"/api/loyalty/programs/{program.id}/sync"
     first = client.post(url, headers=loyalty_headers).json()

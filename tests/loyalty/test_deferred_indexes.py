@@ -9,8 +9,8 @@ from cdp.db import Database
 from cdp.warehouse import Warehouse
 from loyalty import ledger, service
 from loyalty.models import Activity, LedgerEntry, Lot, Program
-from loyalty.schemas import RuleCreate, TierCreate
-from tests.loyalty.conftest import T0, make_program
+from loyalty.schemas import TierCreate
+from tests.loyalty.conftest import T0, add_base_rule, make_program
 from tests.loyalty.events import ev
 from tests.loyalty.test_backfill import _load_warehouse
 
@@ -62,13 +62,7 @@ def test_deferred_indexes_are_dropped_only_inside_the_writing_transaction(db: Da
 def _programme(db: Database, *, with_tiers: bool) -> Program:
     program = make_program(db, enrolment="automatic")
     with db.begin() as session:
-        service.create_rule(
-            session,
-            program_id=program.id,
-            data=RuleCreate(
-                name="base", event_name="Order Completed", formula={"type": "per_amount"}
-            ),
-        )
+        add_base_rule(session, program)
         if with_tiers:
             service.create_tier(
                 session,

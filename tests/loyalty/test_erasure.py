@@ -22,9 +22,8 @@ from loyalty.models import (
     MemberMerge,
     Program,
 )
-from loyalty.schemas import RuleCreate
 from tests.conftest import BACKENDS
-from tests.loyalty.conftest import make_program
+from tests.loyalty.conftest import add_base_rule, make_program
 from tests.loyalty.identity_data import profile_of, resolve, write_events
 
 
@@ -38,13 +37,7 @@ def test_erasure_anonymises_the_member_and_keeps_the_ledger_sums(
 ) -> None:
     program = make_program(db, enrolment="automatic")
     with db.begin() as session:
-        service.create_rule(
-            session,
-            program_id=program.id,
-            data=RuleCreate(
-                name="base", event_name="Order Completed", formula={"type": "per_amount"}
-            ),
-        )
+        add_base_rule(session, program)
     ann, bob = ("email", "ann@example.com"), ("email", "bob@example.com")
     write_events(
         warehouse,

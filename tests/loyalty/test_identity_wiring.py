@@ -14,21 +14,14 @@ from cdp.scheduler import JobRunner
 from cdp.warehouse import Warehouse
 from loyalty import jobs, service
 from loyalty.models import LedgerEntry, Member, Program
-from loyalty.schemas import RuleCreate
 from tests.conftest import BACKENDS
-from tests.loyalty.conftest import T0, earn, make_member, make_program
+from tests.loyalty.conftest import T0, add_base_rule, earn, make_member, make_program
 from tests.loyalty.identity_data import profile_of, resolve, write_events
 
 
 def _base_rule(db: Database, program: Program) -> None:
     with db.begin() as session:
-        service.create_rule(
-            session,
-            program_id=program.id,
-            data=RuleCreate(
-                name="base", event_name="Order Completed", formula={"type": "per_amount"}
-            ),
-        )
+        add_base_rule(session, program)
 
 
 def test_events_earn_for_the_profile_identity_resolved(db: Database, warehouse: Warehouse) -> None:

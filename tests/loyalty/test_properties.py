@@ -18,8 +18,8 @@ from cdp.db import Database
 from cdp.errors import CdpError
 from loyalty import engine, ledger, service
 from loyalty.models import LedgerEntry, Lot, LotDraw, Member, Program, Redemption
-from loyalty.schemas import RewardCreate, RuleCreate
-from tests.loyalty.conftest import T0, make_program
+from loyalty.schemas import RewardCreate
+from tests.loyalty.conftest import T0, add_base_rule, make_program
 from tests.loyalty.events import ev, frame
 
 PROFILES = ("p0", "p1", "p2")
@@ -114,13 +114,7 @@ def test_random_ledger_histories_keep_the_invariants(
 ) -> None:
     program = make_program(db, enrolment="automatic", expiry_policy="rolling", expiry_months=1)
     with db.begin() as session:
-        service.create_rule(
-            session,
-            program_id=program.id,
-            data=RuleCreate(
-                name="base", event_name="Order Completed", formula={"type": "per_amount"}
-            ),
-        )
+        add_base_rule(session, program)
         rewards = [
             service.create_reward(
                 session, program_id=program.id, data=RewardCreate(name=f"r{cost}", points_cost=cost)

@@ -10,9 +10,9 @@ from cdp.auth import Role
 from cdp.db import Database
 from cdp.warehouse import Query, Warehouse
 from loyalty import service
-from loyalty.schemas import RuleCreate, TierCreate
+from loyalty.schemas import TierCreate
 from tests.conftest import make_key
-from tests.loyalty.conftest import make_program
+from tests.loyalty.conftest import add_base_rule, make_program
 from tests.loyalty.identity_data import profile_of, resolve, write_events
 
 
@@ -33,13 +33,7 @@ def test_segment_rule_on_loyalty_tier_selects_the_gold_members(
     service.register_segment_fields()
     program = make_program(db, enrolment="automatic")
     with db.begin() as session:
-        service.create_rule(
-            session,
-            program_id=program.id,
-            data=RuleCreate(
-                name="base", event_name="Order Completed", formula={"type": "per_amount"}
-            ),
-        )
+        add_base_rule(session, program)
         service.create_tier(
             session, program_id=program.id, data=TierCreate(name="Silver", rank=1, threshold=0)
         )

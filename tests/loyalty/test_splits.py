@@ -12,8 +12,9 @@ from identity import service as identity_service
 from identity.schemas import UnmergeCreate
 from loyalty import ledger, service
 from loyalty.models import Activity, LedgerEntry, Lot, Member, Program
-from loyalty.schemas import ProgramCreate, RuleCreate
+from loyalty.schemas import ProgramCreate
 from tests.conftest import BACKENDS
+from tests.loyalty.conftest import add_base_rule
 from tests.loyalty.identity_data import profile_of, resolve, write_events
 
 DEVICE = ("anonymous_id", "dev-1")
@@ -55,13 +56,7 @@ def test_unmerge_in_identity_splits_the_ledger_by_the_events_identifiers(
             session,
             data=ProgramCreate(name="Club", status="active", enrolment="automatic"),
         )
-        service.create_rule(
-            session,
-            program_id=program.id,
-            data=RuleCreate(
-                name="base", event_name="Order Completed", formula={"type": "per_amount"}
-            ),
-        )
+        add_base_rule(session, program)
     # Two people's orders, then a login that (wrongly) ties the device to the email.
     write_events(warehouse, [([DEVICE], "Order Completed", 30), ([EMAIL], "Order Completed", 50)])
     resolve(warehouse)
