@@ -119,8 +119,8 @@ earned AS (
            CAST(a.points AS BIGINT) AS points
     FROM awards a JOIN ev USING (message_id) WHERE a.points > 0
 ),
-refunds AS (
-    SELECT e.event_id, e.message_id, ep.profile_id, e.timestamp,
+refund_events AS (
+    SELECT e.event_id, e.message_id, ep.profile_id AS own, e.timestamp,
            coalesce(json_extract_string(e.properties, '$.original_order_id'),
                     json_extract_string(e.properties, '$.original_transaction_id'),
                     json_extract_string(e.properties, '$.order_id')) AS order_id,
@@ -129,7 +129,20 @@ refunds AS (
                AS amount
     FROM events e JOIN ({relation}) ep USING (event_id)
     WHERE e.event = 'Order Refunded' AND e.event_id <= $up_to
-      AND ep.profile_id IN (SELECT profile_id FROM ev)
+),
+-- A refund from a buyer (a member) is that member's; from anyone else, it is the refund of
+-- the member whose sale it names, when that sale came before it (time, then event id).
+refunds AS (
+    SELECT * FROM (
+        SELECT r.* EXCLUDE (own),
+               CASE WHEN r.own IN (SELECT profile_id FROM ev) THEN r.own ELSE (
+                   SELECT s.profile_id FROM ev s
+                   WHERE s.order_id = r.order_id
+                     AND (s.timestamp < r.timestamp
+                          OR (s.timestamp = r.timestamp AND s.event_id < r.event_id))
+                   ORDER BY s.timestamp, s.event_id LIMIT 1) END AS profile_id
+        FROM refund_events r
+    ) WHERE profile_id IS NOT NULL
 ),
 order_points AS (SELECT order_id, sum(points) AS points FROM earned GROUP BY order_id),
 spent AS (SELECT order_id, sum(spend) AS spent FROM ev WHERE spend > 0 GROUP BY order_id),
