@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from cdp.warehouse import Cursor, Warehouse
 from ingestion import queries
+from ingestion.dedupe import KeyFilter, Keys, Mask
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ class Loader:
         self._lock = threading.Lock()
         self._next_event_id: int | None = None
         self._next_batch_id = 0
+        # Upper halves of the stored message keys; filled on the first load (see dedupe.py).
+        self._keys: KeyFilter | None = None
 
     def _init_counters(self) -> int:
         if self._next_event_id is None:
@@ -119,7 +122,7 @@ class Loader:
             first_id = self._init_counters()
             now = datetime.now(UTC).replace(tzinfo=None)
             with self.warehouse.transaction() as cur:
-                kept = _new_rows(cur, events)
+                kept, kept_high, kept_low = _new_rows(cur, events, self._key_filter(cur))
                 new_events, new_identifiers = _numbered(data, kept, first_id)
                 stored = _stored(new_events, offered, first_id)
                 load_sources = pa.table(
@@ -151,6 +154,15 @@ class Loader:
                 if new_events.height:
                     cur.register(queries.NEW_EVENTS, batched(new_events))
                     cur.register(queries.NEW_IDENTIFIERS, batched(new_identifiers))
+                    cur.register(
+                        queries.NEW_KEYS,
+                        pa.table(
+                            {
+                                "key_high": pa.array(kept_high, pa.uint64()),
+                                "key_low": pa.array(kept_low, pa.uint64()),
+                            }
+                        ),
+                    )
                 if data.rejections.height:
                     cur.register(queries.NEW_REJECTIONS, data.rejections.to_arrow())
                 script = queries.append_load(
@@ -161,6 +173,9 @@ class Loader:
                 cur.execute(script.sql)
                 if data.spool_lsn is not None:
                     _set_spool_mark(cur, data.spool_lsn)
+            # Only once committed: the filter must never hold a key the table does not.
+            if self._keys is not None:
+                self._keys.add(kept_high)
             self._next_event_id = first_id + new_events.height
             self._next_batch_id += len(sources)
         return {
@@ -175,6 +190,20 @@ class Loader:
             )
             for row in load_sources.to_pylist()
         }
+
+    def _key_filter(self, cur: Cursor) -> KeyFilter:
+        """The key filter, (re)built from the dedupe table unless it counts as many keys."""
+        stored = int(cur.execute(queries.stored_keys_count().sql).fetchall()[0][0])
+        if self._keys is None or self._keys.count != stored:
+            if self._keys is not None:
+                logger.warning(
+                    "message key filter out of step (%d keys, the table holds %d): rebuilt",
+                    self._keys.count,
+                    stored,
+                )
+            highs = cur.sql(queries.stored_key_highs().sql).to_arrow_table().column(0)
+            self._keys = KeyFilter.of(highs.to_numpy().astype(np.uint64, copy=False))
+        return self._keys
 
     def checkpoint(self) -> None:
         """Checkpoint the warehouse between two loads; skipped (logged) if DuckDB refuses,
@@ -243,17 +272,62 @@ def batched(frame: pl.DataFrame) -> pa.Table:
     return pa.Table.from_batches(table.to_batches(max_chunksize=ARROW_BATCH_ROWS))
 
 
-def _new_rows(cur: Cursor, events: pl.DataFrame) -> Rows:
-    """The sorted `_row` of the incoming events whose (source, message id) is new."""
+def _new_rows(cur: Cursor, events: pl.DataFrame, keys: KeyFilter) -> tuple[Rows, Keys, Keys]:
+    """The sorted `_row` of the incoming events whose (source, message id) is new, with the
+    two halves of their message keys (md5, computed once here).
+
+    Within the load the first row of a message wins. Against what is stored, rows the key
+    filter clears are new; the others (duplicates, mostly) are checked by the exact anti-join.
+    """
     if not events.height:
-        return np.empty(0, dtype=np.int64)
+        empty = np.empty(0, dtype=np.uint64)
+        return np.empty(0, dtype=np.int64), empty, empty
     cur.register(queries.INCOMING, batched(events.select("_row", "source_id", "message_id")))
     try:
-        table = cur.sql(queries.new_messages().sql).to_arrow_table()
+        table = cur.sql(queries.message_keys().sql).to_arrow_table()
+        rows: Rows = table.column("_row").to_numpy().astype(np.int64, copy=False)
+        highs: Keys = table.column("key_high").to_numpy().astype(np.uint64, copy=False)
+        lows: Keys = table.column("key_low").to_numpy().astype(np.uint64, copy=False)
+        if len(rows) > 1 and not (rows[1:] > rows[:-1]).all():
+            order = np.argsort(rows, kind="stable")
+            rows, highs, lows = rows[order], highs[order], lows[order]
+        first = _first_of_each_key(rows, highs, lows)
+        if first is not None:
+            rows, highs, lows = rows[first], highs[first], lows[first]
+        maybe = keys.may_contain(highs)
+        if not maybe.any():
+            return rows, highs, lows
+        candidates = pa.table(
+            {
+                "_row": pa.array(rows[maybe], pa.int64()),
+                "key_high": pa.array(highs[maybe], pa.uint64()),
+                "key_low": pa.array(lows[maybe], pa.uint64()),
+            }
+        )
+        cur.register(queries.CANDIDATES, candidates)
+        try:
+            fresh = cur.sql(queries.new_candidates().sql).to_arrow_table()
+        finally:
+            cur.unregister(queries.CANDIDATES)
     finally:
         cur.unregister(queries.INCOMING)
-    rows: Rows = table.column("_row").to_numpy().astype(np.int64, copy=False)
-    return rows
+    keep = ~maybe
+    keep[maybe] = np.isin(rows[maybe], fresh.column("_row").to_numpy())
+    return rows[keep], highs[keep], lows[keep]
+
+
+def _first_of_each_key(rows: Rows, highs: Keys, lows: Keys) -> Mask | None:
+    """Which rows (sorted) are the first of their key, or None when no key repeats."""
+    ordered = np.sort(highs)
+    if not (ordered[1:] == ordered[:-1]).any():
+        return None  # distinct upper halves: distinct keys
+    order = np.lexsort((rows, lows, highs))
+    high, low = highs[order], lows[order]
+    starts = np.ones(len(order), dtype=np.bool_)
+    starts[1:] = (high[1:] != high[:-1]) | (low[1:] != low[:-1])
+    first = np.zeros(len(order), dtype=np.bool_)
+    first[order[starts]] = True
+    return first
 
 
 def _numbered(data: LoadInput, kept: Rows, first_id: int) -> tuple[pl.DataFrame, pl.DataFrame]:

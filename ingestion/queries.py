@@ -7,8 +7,10 @@ from cdp.warehouse import Query
 # Names under which the loader registers its Arrow inputs on its cursor (the SQL below
 # spells them out: no SQL here is built from strings).
 INCOMING = "ingest_incoming"
+CANDIDATES = "ingest_candidates"
 NEW_EVENTS = "ingest_new_events"
 NEW_IDENTIFIERS = "ingest_new_identifiers"
+NEW_KEYS = "ingest_new_keys"
 LOAD_SOURCES = "ingest_load_sources"
 NEW_REJECTIONS = "ingest_new_rejections"
 ROW_KEYS = "ingest_row_keys"
@@ -22,26 +24,45 @@ def counters() -> Query:
     )
 
 
-def new_messages() -> Query:
-    """Rows of the incoming load whose (source, message id) was never stored: first wins."""
+def message_keys() -> Query:
+    """The message key of every incoming row, in two 64-bit halves, with its `_row`."""
     return Query(
         """
-        WITH first_seen AS (
-            SELECT min(_row) AS _row, md5_number(source_id || chr(0) || message_id) AS message_key
-            FROM ingest_incoming
-            GROUP BY message_key
-        )
-        SELECT f._row
-        FROM first_seen AS f
-        ANTI JOIN ingest_message_keys AS k ON k.message_key = f.message_key
-        ORDER BY f._row
+        SELECT _row, (k >> 64)::UBIGINT AS key_high,
+            (k & 18446744073709551615::UHUGEINT)::UBIGINT AS key_low
+        FROM (SELECT _row, md5_number(source_id || chr(0) || message_id) AS k
+              FROM ingest_incoming)
         """
     )
+
+
+def new_candidates() -> Query:
+    """Of the rows in `ingest_candidates` (`_row` and key halves: rows the key filter could
+    not clear), those whose message key was never stored."""
+    return Query(
+        """
+        SELECT c._row
+        FROM ingest_candidates AS c
+        ANTI JOIN ingest_message_keys AS k
+            ON k.message_key = (c.key_high::UHUGEINT << 64) | c.key_low::UHUGEINT
+        """
+    )
+
+
+def stored_keys_count() -> Query:
+    """How many message keys the dedupe table holds."""
+    return Query("SELECT count(*) FROM ingest_message_keys")
+
+
+def stored_key_highs() -> Query:
+    """The upper 64 bits of every stored message key (to fill the loader's key filter)."""
+    return Query("SELECT (message_key >> 64)::UBIGINT AS key_high FROM ingest_message_keys")
 
 
 # The appends of one load, run as one script inside the loader's transaction (one call
 # into DuckDB, so the writer thread gives up and retakes the GIL once, not once per
 # statement). Inputs: ingest_new_events (numbered), ingest_new_identifiers (numbered),
+# ingest_new_keys (the new events' message keys in halves),
 # ingest_load_sources (one row per source with its counters, channel, import and time),
 # ingest_new_rejections.
 _EVENTS = """
@@ -53,7 +74,7 @@ FROM ingest_new_events AS e JOIN ingest_load_sources AS s ON s.source_id = e.sou
 """
 _KEYS = """
 INSERT INTO ingest_message_keys
-SELECT md5_number(source_id || chr(0) || message_id) FROM ingest_new_events
+SELECT (key_high::UHUGEINT << 64) | key_low::UHUGEINT FROM ingest_new_keys
 """
 _SEGMENT_FIELDS = """
 INSERT INTO event_segment_fields (event_id, sent_at, original_timestamp, previous_id, group_id)
