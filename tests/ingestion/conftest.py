@@ -5,12 +5,14 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+import polars as pl
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from cdp.auth import Role
 from cdp.db import Database
+from ingestion.loader import EVENT_SCHEMA, IDENTIFIER_SCHEMA, LoadInput
 from tests.conftest import make_key
 
 
@@ -62,3 +64,36 @@ def http_source(client: TestClient, data_headers: dict[str, str]) -> dict[str, A
             ]
         },
     )
+
+
+def track_load(source_id: str, ids: list[str]) -> LoadInput:
+    """A load of `track` events "E" with these message ids, each with a `user_id` identifier
+    equal to its message id."""
+    n = len(ids)
+    events = pl.DataFrame(
+        {
+            "_row": list(range(n)),
+            "message_id": ids,
+            "source_id": [source_id] * n,
+            "type": ["track"] * n,
+            "event": ["E"] * n,
+            "timestamp": [pl.datetime(2026, 1, 1)] * n,
+        }
+    ).with_columns(
+        pl.datetime(2026, 1, 1).alias("timestamp"), pl.datetime(2026, 1, 1).alias("received_at")
+    )
+    events = (
+        events.with_columns(
+            [
+                pl.lit(None, dtype=t).alias(c)
+                for c, t in EVENT_SCHEMA.items()
+                if c not in events.columns
+            ]
+        )
+        .select(list(EVENT_SCHEMA))
+        .cast(EVENT_SCHEMA)  # type: ignore[arg-type]  # polars' cast mapping is invariant
+    )
+    identifiers = pl.DataFrame(
+        {"_row": list(range(n)), "kind": ["user_id"] * n, "value": ids}, schema=IDENTIFIER_SCHEMA
+    )
+    return LoadInput(channel="file", events=events, identifiers=identifiers)

@@ -3,51 +3,18 @@ for messages that were never stored, and follows the dedupe table when it change
 
 from __future__ import annotations
 
-from datetime import datetime
-
 import numpy as np
 import polars as pl
 import pytest
 
 from cdp.warehouse import Query, Warehouse
 from ingestion.dedupe import KeyFilter
-from ingestion.loader import LoadInput, loader_for
-
-NOW = datetime(2026, 12, 6, 10, 0)
-
-
-def _load(source_id: str, ids: list[str]) -> LoadInput:
-    """A load of `track` events with these message ids, one user id each."""
-    n = len(ids)
-    events = pl.DataFrame(
-        {
-            "_row": list(range(n)),
-            "message_id": ids,
-            "source_id": [source_id] * n,
-            "type": ["track"] * n,
-            "event": ["Seen"] * n,
-            "user_id": [f"u-{m}" for m in ids],
-            "anonymous_id": [None] * n,
-            "timestamp": [NOW] * n,
-            "received_at": [NOW] * n,
-            "properties": ["{}"] * n,
-            "traits": [None] * n,
-            "context": [None] * n,
-            "sent_at": [None] * n,
-            "original_timestamp": [None] * n,
-            "previous_id": [None] * n,
-            "group_id": [None] * n,
-        },
-        schema_overrides={"timestamp": pl.Datetime("us"), "received_at": pl.Datetime("us")},
-    )
-    identifiers = pl.DataFrame(
-        {"_row": list(range(n)), "kind": ["user_id"] * n, "value": [f"u-{m}" for m in ids]}
-    )
-    return LoadInput(channel="file", events=events, identifiers=identifiers)
+from ingestion.loader import loader_for
+from tests.ingestion.conftest import track_load
 
 
 def _accepted(warehouse: Warehouse, source_id: str, ids: list[str]) -> int:
-    return loader_for(warehouse).load(_load(source_id, ids))[source_id].accepted
+    return loader_for(warehouse).load(track_load(source_id, ids))[source_id].accepted
 
 
 def _stored(warehouse: Warehouse) -> list[str]:
@@ -74,7 +41,7 @@ def test_key_filter_answers_like_a_set_of_upper_halves() -> None:
 def test_a_message_repeated_within_a_load_is_stored_once_first_row_first(
     warehouse: Warehouse,
 ) -> None:
-    load = _load("s", ["a", "b", "a", "c", "b"])
+    load = track_load("s", ["a", "b", "a", "c", "b"])
     load.events = load.events.with_columns(pl.Series("event", ["1", "2", "3", "4", "5"]))
     assert loader_for(warehouse).load(load)["s"].accepted == 3
     rows = warehouse.rows(Query("SELECT message_id, event FROM events ORDER BY event_id"))
@@ -119,7 +86,7 @@ def test_keys_removed_from_the_table_are_not_held_against_new_messages(
 
 def test_a_load_that_fails_leaves_no_key_in_the_filter(warehouse: Warehouse) -> None:
     assert _accepted(warehouse, "s", ["a"]) == 1
-    broken = _load("s", ["b"])
+    broken = track_load("s", ["b"])
     broken.events = broken.events.with_columns(pl.lit(None, pl.String).alias("type"))
     with pytest.raises(Exception, match="NOT NULL"):  # DuckDB's constraint error
         loader_for(warehouse).load(broken)  # events.type is NOT NULL: the load fails

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import polars as pl
 import pytest
 from fastapi.testclient import TestClient
 
@@ -13,9 +12,9 @@ from cdp.auth import Role
 from cdp.db import Database
 from cdp.warehouse import Query, Warehouse
 from ingestion import service
-from ingestion.loader import EVENT_SCHEMA, IDENTIFIER_SCHEMA, Loader, LoadInput
+from ingestion.loader import Loader
 from tests.conftest import BACKENDS, make_key
-from tests.ingestion.conftest import create_source
+from tests.ingestion.conftest import create_source, track_load
 
 JsonDict = dict[str, Any]  # Any: JSON
 
@@ -134,41 +133,10 @@ def test_sources_need_the_data_role(client: TestClient, db: Database) -> None:
     assert client.get("/api/sources", headers=marketer).status_code == 403
 
 
-def _frame(source_id: str, ids: list[str]) -> LoadInput:
-    n = len(ids)
-    events = pl.DataFrame(
-        {
-            "_row": list(range(n)),
-            "message_id": ids,
-            "source_id": [source_id] * n,
-            "type": ["track"] * n,
-            "event": ["E"] * n,
-            "timestamp": [pl.datetime(2026, 1, 1)] * n,
-        }
-    ).with_columns(
-        pl.datetime(2026, 1, 1).alias("timestamp"), pl.datetime(2026, 1, 1).alias("received_at")
-    )
-    events = (
-        events.with_columns(
-            [
-                pl.lit(None, dtype=t).alias(c)
-                for c, t in EVENT_SCHEMA.items()
-                if c not in events.columns
-            ]
-        )
-        .select(list(EVENT_SCHEMA))
-        .cast(EVENT_SCHEMA)  # type: ignore[arg-type]  # polars' cast mapping is invariant
-    )
-    identifiers = pl.DataFrame(
-        {"_row": list(range(n)), "kind": ["user_id"] * n, "value": ids}, schema=IDENTIFIER_SCHEMA
-    )
-    return LoadInput(channel="file", events=events, identifiers=identifiers)
-
-
 def test_loader_dedupes_across_restarts_and_keeps_event_ids_monotonic(tmp_path: Path) -> None:
     path = tmp_path / "w.duckdb"
     with Warehouse(path) as warehouse:
-        first = Loader(warehouse).load(_frame("s1", ["a", "b", "c"]))
+        first = Loader(warehouse).load(track_load("s1", ["a", "b", "c"]))
         assert (first["s1"].accepted, first["s1"].first_event_id, first["s1"].last_event_id) == (
             3,
             1,
@@ -176,10 +144,10 @@ def test_loader_dedupes_across_restarts_and_keeps_event_ids_monotonic(tmp_path: 
         )
     with Warehouse(path) as warehouse:  # a restarted process: a new loader
         loader = Loader(warehouse)
-        again = loader.load(_frame("s1", ["c", "d"]))
+        again = loader.load(track_load("s1", ["c", "d"]))
         assert (again["s1"].accepted, again["s1"].duplicates) == (1, 1)
         assert again["s1"].first_event_id == 4
-        other = loader.load(_frame("s2", ["a"]))  # same message id, another source: kept
+        other = loader.load(track_load("s2", ["a"]))  # same message id, another source: kept
         assert other["s2"].accepted == 1
         assert service.high_water_mark(warehouse) == 5
         pairs = warehouse.rows(
