@@ -46,6 +46,8 @@ class FieldSource:
 
 
 _SOURCES: dict[str, FieldSource] = {}
+# Moves with every (un)registration, so a catalogue built earlier can tell it is stale.
+_VERSION = [0]
 
 
 def register_field_source(source: FieldSource) -> None:
@@ -56,11 +58,18 @@ def register_field_source(source: FieldSource) -> None:
         if not _IDENT.match(column):
             raise ValueError(f"field {source.name}.{column}: not a valid column name")
     _SOURCES[source.name] = source
+    _VERSION[0] += 1
 
 
 def unregister_field_source(name: str) -> None:
     """Remove a package's fields from the catalogue."""
     _SOURCES.pop(name, None)
+    _VERSION[0] += 1
+
+
+def field_sources_version() -> int:
+    """A number that changes whenever a field source is registered or removed."""
+    return _VERSION[0]
 
 
 def field_sources() -> list[FieldSource]:

@@ -40,6 +40,7 @@ from segments.fields import (
     Catalog,
     FieldSource,
     build_catalog,
+    field_sources_version,
     json_field_type,
     register_field_source,
     unregister_field_source,
@@ -667,6 +668,29 @@ def catalog(session: Session, warehouse: Warehouse, *, settings: SegmentsSetting
     return _catalog(session, _warehouse_fields(warehouse), settings=settings)
 
 
+# The last catalogue built for compiling (no descriptions), with what it was built from: the
+# warehouse fields' dicts (the same objects while the package's marks have not moved) and the
+# registered field sources' version. Rebuilding it was most of a compile's own cost between
+# two writes (about 0.5 ms of 0.8 ms at 1M profiles).
+_COMPILE_CATALOG: list[tuple[object, object, object, int, Catalog]] = []
+
+
+def _compile_catalog(fields: _WarehouseFields) -> Catalog:
+    """The catalogue compiles use: built again only when the fields or the sources changed."""
+    version = field_sources_version()
+    for traits, attributes, events, seen, built in _COMPILE_CATALOG:
+        if (
+            traits is fields.traits
+            and attributes is fields.attributes
+            and events is fields.events
+            and seen == version
+        ):
+            return built
+    built = build_catalog(traits=fields.traits, attributes=fields.attributes, events=fields.events)
+    _COMPILE_CATALOG[:] = [(fields.traits, fields.attributes, fields.events, version, built)]
+    return built
+
+
 def _catalog(
     session: Session | None, fields: _WarehouseFields, *, settings: SegmentsSettings
 ) -> Catalog:
@@ -733,7 +757,7 @@ def compile_segment_rule(
     fields = _warehouse_fields(warehouse)
     return compiler.compile_rule_parts(
         rule,
-        catalog=_catalog(None, fields, settings=settings),
+        catalog=_compile_catalog(fields),
         now=now or _now(),
         event_profiles_sql=lambda: _event_profiles(fields),
         resolve_segment=_resolver(session),
@@ -980,7 +1004,7 @@ def refresh_segment(
     def compile_(touched_only: bool) -> compiler.CompiledRule:
         return compiler.compile_rule_parts(
             parse_rule(row.rule),
-            catalog=_catalog(None, fields, settings=settings),
+            catalog=_compile_catalog(fields),
             now=at,
             event_profiles_sql=lambda: _event_profiles(fields),
             resolve_segment=_resolver(session),

@@ -7,6 +7,7 @@ from cdp.config import SegmentsSettings
 from cdp.db import Database
 from cdp.warehouse import Warehouse
 from segments import service
+from segments.fields import FieldSource, register_field_source, unregister_field_source
 from tests.segments.conftest import NOW, Ev, resolve, write_events
 
 RULE = {"field": "attributes.orders_count", "op": "gte", "value": 1}
@@ -45,3 +46,34 @@ def test_marks_are_reused_until_a_write_and_results_follow_identity(
     with db.begin() as session:
         service.refresh_derived(session, warehouse, settings=SegmentsSettings(), now=NOW)
     assert len(_members(db, warehouse)) == 2
+
+
+def test_the_compile_catalogue_is_reused_until_fields_or_sources_change(
+    db: Database, warehouse: Warehouse
+) -> None:
+    write_events(
+        warehouse, [Ev("u1", "Order Completed", properties={"revenue": 10}, traits={"city": "x"})]
+    )
+    resolve(warehouse)
+    with db.begin() as session:
+        service.refresh_derived(session, warehouse, settings=SegmentsSettings(), now=NOW)
+    fields = service._warehouse_fields(warehouse)
+    built = service._compile_catalog(fields)
+    assert service._compile_catalog(service._warehouse_fields(warehouse)) is built
+    assert "traits.city" in built.fields
+
+    # A registered source appears at once, and is gone once removed.
+    register_field_source(FieldSource("extra", "SELECT NULL AS profile_id", {"score": "number"}))
+    try:
+        with_source = service._compile_catalog(service._warehouse_fields(warehouse))
+        assert "extra.score" in with_source.fields
+    finally:
+        unregister_field_source("extra")
+    assert "extra.score" not in service._compile_catalog(fields).fields
+
+    # A new trait rebuilds the warehouse fields, and with them the catalogue.
+    write_events(warehouse, [Ev("u2", "Signed Up", traits={"plan": "gold"})])
+    resolve(warehouse)
+    with db.begin() as session:
+        service.refresh_derived(session, warehouse, settings=SegmentsSettings(), now=NOW)
+    assert "traits.plan" in service._compile_catalog(service._warehouse_fields(warehouse)).fields
