@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 TS = pl.Datetime("us")
 Rows = np.ndarray[Any, np.dtype[np.int64]]  # Any: numpy's shape parameter
+# The key filter is kept up to this many stored message keys (400 MB of memory).
+KEY_FILTER_MAX_KEYS = 50_000_000
 EVENT_SCHEMA: dict[str, pl.DataType] = {
     "_row": pl.Int64(),
     "message_id": pl.String(),
@@ -99,6 +101,9 @@ class Loader:
         self._next_batch_id = 0
         # Upper halves of the stored message keys; filled on the first load (see dedupe.py).
         self._keys: KeyFilter | None = None
+        # Beyond this many stored keys the filter is not kept (8 bytes a key in memory): every
+        # load is then anti-joined against the whole dedupe table, as without a filter.
+        self.max_filter_keys = KEY_FILTER_MAX_KEYS
 
     def _init_counters(self) -> int:
         if self._next_event_id is None:
@@ -191,9 +196,19 @@ class Loader:
             for row in load_sources.to_pylist()
         }
 
-    def _key_filter(self, cur: Cursor) -> KeyFilter:
-        """The key filter, (re)built from the dedupe table unless it counts as many keys."""
+    def _key_filter(self, cur: Cursor) -> KeyFilter | None:
+        """The key filter, (re)built from the dedupe table unless it counts as many keys;
+        None once the table holds more than `max_filter_keys`."""
         stored = int(cur.execute(queries.stored_keys_count().sql).fetchall()[0][0])
+        if stored > self.max_filter_keys:
+            if self._keys is not None:
+                logger.info(
+                    "%d message keys stored, more than %d: dedupe without the key filter",
+                    stored,
+                    self.max_filter_keys,
+                )
+                self._keys = None
+            return None
         if self._keys is None or self._keys.count != stored:
             if self._keys is not None:
                 logger.warning(
@@ -272,12 +287,13 @@ def batched(frame: pl.DataFrame) -> pa.Table:
     return pa.Table.from_batches(table.to_batches(max_chunksize=ARROW_BATCH_ROWS))
 
 
-def _new_rows(cur: Cursor, events: pl.DataFrame, keys: KeyFilter) -> tuple[Rows, Keys, Keys]:
+def _new_rows(cur: Cursor, events: pl.DataFrame, keys: KeyFilter | None) -> tuple[Rows, Keys, Keys]:
     """The sorted `_row` of the incoming events whose (source, message id) is new, with the
     two halves of their message keys (md5, computed once here).
 
     Within the load the first row of a message wins. Against what is stored, rows the key
-    filter clears are new; the others (duplicates, mostly) are checked by the exact anti-join.
+    filter clears are new; the others (duplicates, mostly) are checked by the exact anti-join
+    (every row, without a filter).
     """
     if not events.height:
         empty = np.empty(0, dtype=np.uint64)
@@ -294,7 +310,7 @@ def _new_rows(cur: Cursor, events: pl.DataFrame, keys: KeyFilter) -> tuple[Rows,
         first = _first_of_each_key(rows, highs, lows)
         if first is not None:
             rows, highs, lows = rows[first], highs[first], lows[first]
-        maybe = keys.may_contain(highs)
+        maybe = keys.may_contain(highs) if keys is not None else np.ones(len(rows), np.bool_)
         if not maybe.any():
             return rows, highs, lows
         candidates = pa.table(

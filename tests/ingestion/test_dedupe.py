@@ -95,3 +95,16 @@ def test_a_load_that_fails_leaves_no_key_in_the_filter(warehouse: Warehouse) -> 
     assert keys.count == 1
     assert _accepted(warehouse, "s", ["b"]) == 1
     assert _stored(warehouse) == ["a", "b"]
+
+
+def test_beyond_its_limit_the_filter_is_dropped_and_dedupe_still_holds(
+    warehouse: Warehouse,
+) -> None:
+    loader = loader_for(warehouse)
+    loader.max_filter_keys = 3
+    assert _accepted(warehouse, "s", ["a", "b"]) == 2
+    assert loader._keys is not None
+    assert _accepted(warehouse, "s", ["b", "c", "d"]) == 2  # 4 keys stored: over the limit
+    assert _accepted(warehouse, "s", ["a", "d", "e"]) == 1
+    assert loader._keys is None
+    assert _stored(warehouse) == ["a", "b", "c", "d", "e"]
