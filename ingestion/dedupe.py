@@ -44,7 +44,11 @@ class KeyFilter:
     def of(cls, keys: Keys) -> KeyFilter:
         """A filter holding `keys` (upper 64 bits of stored message keys)."""
         made = cls()
-        made.add(keys)
+        ordered = np.sort(keys)
+        # Views of one sorted array (no copy per partition); the first add of each
+        # partition replaces its view, and the array goes once every view is replaced.
+        made._parts = np.split(ordered, np.searchsorted(ordered, _BOUNDS))
+        made.count = len(keys)
         return made
 
     def add(self, keys: Keys) -> None:

@@ -36,6 +36,10 @@ def test_key_filter_answers_like_a_set_of_upper_halves() -> None:
     assert (keys.may_contain(asked) == expected).all()
     assert keys.may_contain(stored).all()
     assert not KeyFilter().may_contain(stored).any()
+    built = KeyFilter.of(stored[:3_000])  # from the table: one sorted array
+    built.add(stored[3_000:])
+    assert built.count == len(stored)
+    assert (built.may_contain(asked) == expected).all()
 
 
 def test_a_message_repeated_within_a_load_is_stored_once_first_row_first(
