@@ -53,18 +53,12 @@ class KeyFilter:
 
     def add(self, keys: Keys) -> None:
         """Remember stored keys (their upper 64 bits)."""
-        if not len(keys):
-            return
         ordered = np.sort(keys)
-        cuts = np.searchsorted(ordered, _BOUNDS).tolist()
-        start = 0
-        for part, end in enumerate([*cuts, len(ordered)]):
-            if end > start:
-                merged = np.concatenate([self._parts[part], ordered[start:end]])
-                # Two sorted runs: the stable sort (timsort) merges them in one pass.
-                merged.sort(kind="stable")
-                self._parts[part] = merged
-            start = end
+        for part, start, end in _runs(ordered):
+            merged = np.concatenate([self._parts[part], ordered[start:end]])
+            # Two sorted runs: the stable sort (timsort) merges them in one pass.
+            merged.sort(kind="stable")
+            self._parts[part] = merged
         self.count += len(keys)
 
     def may_contain(self, keys: Keys) -> Mask:
@@ -74,21 +68,23 @@ class KeyFilter:
             return found
         order = np.argsort(keys)
         ordered = keys[order]
-        cuts = np.searchsorted(ordered, _BOUNDS).tolist()
         hits = np.zeros(len(keys), dtype=np.bool_)
-        start = 0
-        for part, end in enumerate([*cuts, len(ordered)]):
+        for part, start, end in _runs(ordered):
             stored = self._parts[part]
-            if end > start and len(stored):
+            if len(stored):
                 wanted = ordered[start:end]
                 at = np.searchsorted(stored, wanted)
                 at[at == len(stored)] = 0
                 hits[start:end] = stored[at] == wanted
-            start = end
         found[order] = hits
         return found
 
-    @property
-    def nbytes(self) -> int:
-        """Memory held by the keys."""
-        return sum(part.nbytes for part in self._parts)
+
+def _runs(ordered: Keys) -> list[tuple[int, int, int]]:
+    """(partition, start, end) of each non-empty run of sorted keys in one partition."""
+    cuts = [0, *np.searchsorted(ordered, _BOUNDS).tolist(), len(ordered)]
+    return [
+        (part, cuts[part], cuts[part + 1])
+        for part in range(len(cuts) - 1)
+        if cuts[part + 1] > cuts[part]
+    ]

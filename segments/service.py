@@ -664,8 +664,17 @@ def _warehouse_fields(warehouse: Warehouse) -> _WarehouseFields:
 
 
 def catalog(session: Session, warehouse: Warehouse, *, settings: SegmentsSettings) -> Catalog:
-    """Every field, event and property rules may use (built on first use if never built)."""
-    return _catalog(session, _warehouse_fields(warehouse), settings=settings)
+    """Every field, event and property rules may use (built on first use if never built), with
+    the attributes' descriptions (compiles use `_compile_catalog`, which has none)."""
+    fields = _warehouse_fields(warehouse)
+    return build_catalog(
+        traits=fields.traits,
+        attributes=fields.attributes,
+        events=fields.events,
+        attribute_descriptions={
+            i.name: i.description or "" for i in list_attributes(session, settings=settings)
+        },
+    )
 
 
 # The last catalogue built for compiling (no descriptions), with what it was built from: the
@@ -689,23 +698,6 @@ def _compile_catalog(fields: _WarehouseFields) -> Catalog:
     built = build_catalog(traits=fields.traits, attributes=fields.attributes, events=fields.events)
     _COMPILE_CATALOG[:] = [(fields.traits, fields.attributes, fields.events, version, built)]
     return built
-
-
-def _catalog(
-    session: Session | None, fields: _WarehouseFields, *, settings: SegmentsSettings
-) -> Catalog:
-    # Descriptions are for people reading the catalogue; compiling does without them.
-    descriptions = (
-        {}
-        if session is None
-        else {i.name: i.description or "" for i in list_attributes(session, settings=settings)}
-    )
-    return build_catalog(
-        traits=fields.traits,
-        attributes=fields.attributes,
-        events=fields.events,
-        attribute_descriptions=descriptions,
-    )
 
 
 # Segments.

@@ -31,7 +31,7 @@ def test_key_filter_answers_like_a_set_of_upper_halves() -> None:
     keys.add(stored[2_000:])  # in two adds, so partitions are merged
     assert keys.count == len(stored)
     others = rng.integers(0, 2**64 - 1, 5_000, dtype=np.uint64)
-    asked = np.concatenate([others, stored[::7], edges + np.uint64(0)])
+    asked = np.concatenate([others, stored[::7], edges])
     expected = np.isin(asked, stored)
     assert (keys.may_contain(asked) == expected).all()
     assert keys.may_contain(stored).all()

@@ -136,7 +136,7 @@ def _select(
     with db.begin() as session:
         query = compiler.compile_rule_parts(
             service.parse_rule(rule),
-            catalog=service._catalog(None, fields, settings=SETTINGS),
+            catalog=service._compile_catalog(fields),
             now=NOW,
             event_profiles_sql=lambda: service._event_profiles(fields),
             resolve_segment=service._resolver(session),
@@ -267,7 +267,7 @@ def test_a_changed_purchase_event_keeps_the_values_a_compiled_rule_reads(
     with db.begin() as session:
         compiled = compiler.compile_rule_parts(
             service.parse_rule(RULES[0]),
-            catalog=service._catalog(None, fields, settings=SETTINGS),
+            catalog=service._compile_catalog(fields),
             now=NOW,
             event_profiles_sql=lambda: service._event_profiles(fields),
             resolve_segment=service._resolver(session),
