@@ -151,6 +151,7 @@ def _ctas_child(reader: str, path: str, target: str) -> tuple[float, float]:
     _reset_peak_rss()  # a spawned child starts with its parent's high-water mark
     con = duckdb.connect(target, config={"memory_limit": REFERENCE_MEMORY})
     try:
+        con.execute("SET enable_progress_bar = false")  # its output, not part of the work
         started = time.perf_counter()
         con.execute(READERS[reader], {"p": path})
         return time.perf_counter() - started, _peak_rss_since_reset_mib()

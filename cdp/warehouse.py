@@ -30,6 +30,12 @@ logger = logging.getLogger(__name__)
 
 Cursor = duckdb.DuckDBPyConnection
 
+# Rows of one DuckDB row group (its default, which the warehouse keeps). An append of more
+# rows than this is written to the database file in whole row groups as it runs, and its
+# last, partial row group stays a row group of its own: appends of a multiple of this many
+# rows leave none behind for the next checkpoint to merge (see docs/ingestion.md).
+ROW_GROUP_ROWS = 122_880
+
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # A statement that only reads: one SELECT (or WITH ... SELECT) naming no writing keyword.
 # Anything else counts as a possible write (see `Warehouse.writes`); erring that way is safe.

@@ -20,7 +20,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from cdp.warehouse import Cursor, Warehouse
+from cdp.warehouse import ROW_GROUP_ROWS, Cursor, Warehouse
 from ingestion import queries
 from ingestion.dedupe import KeyFilter, Keys, Mask
 
@@ -272,7 +272,7 @@ def concat_loads(loads: list[LoadInput], *, spool_lsn: int | None = None) -> Loa
 
 # Rows per Arrow record batch handed to DuckDB: its scans of a registered table run one
 # thread per batch, so a single 500k-row batch would insert on one core.
-ARROW_BATCH_ROWS = 122_880
+ARROW_BATCH_ROWS = ROW_GROUP_ROWS
 
 
 def batched(frame: pl.DataFrame) -> pa.Table:

@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 
 from cdp.db import Database
-from cdp.warehouse import Query, Warehouse
+from cdp.warehouse import ROW_GROUP_ROWS, Query, Warehouse
 from ingestion import queries, service, transform
 from ingestion.connectors import ROW
 from ingestion.imports import now_naive
@@ -476,3 +476,24 @@ def test_segment_lines_parse_objects_once_and_read_what_path_by_path_read(
     assert new.rows() == old.rows()
     assert new["context.traits"].to_list()[1] is None  # a string that starts with `{`
     assert new["context.device.id"].to_list()[2] == "42"
+
+
+def test_a_large_import_leaves_no_partial_row_group_but_the_last(
+    db: Database, warehouse: Warehouse, tmp_path: Path
+) -> None:
+    """Each chunk is whole row groups: a partial one per chunk would stay in the table until a
+    checkpoint rewrote it (seconds per checkpoint on a large import)."""
+    lines = 2 * ROW_GROUP_ROWS + 1_000  # one default chunk, then a small one
+    path = tmp_path / "large.ndjson"
+    path.write_bytes(b"\n".join(_track(f"r{n}", f"u{n % 5000}") for n in range(lines)) + b"\n")
+    with db.begin() as session:
+        source, _ = service.create_source(session, name="web", kind="http")
+    run = service.import_file(db, warehouse, source_id=source.id, path=path, region="FR")
+    assert run.accepted == lines
+    groups = warehouse.rows(
+        Query(
+            "SELECT row_group_id, sum(count) FROM pragma_storage_info('events')"
+            " WHERE column_path = '[0]' GROUP BY row_group_id ORDER BY row_group_id"
+        )
+    )
+    assert [rows for _, rows in groups] == [ROW_GROUP_ROWS, ROW_GROUP_ROWS, 1_000]
