@@ -86,7 +86,10 @@ def run_import(
             _record(db, import_id, counts, first_batch, last_batch, status="running")
             if progress is not None:
                 progress(counts["rows_read"], total_rows)
-    except Exception as exc:  # recorded on the import, then re-raised to the caller
+    # Recorded on the import, then re-raised to the caller; BaseException too, so that a
+    # panic of a Rust library (pyo3's PanicException) or an interrupt does not leave the
+    # import `running` for ever.
+    except BaseException as exc:
         _record(
             db,
             import_id,

@@ -118,9 +118,19 @@ def timestamps(frame: pl.DataFrame, expr: pl.Expr, dtype: pl.DataType) -> pl.Ser
 
 
 def _json(frame: pl.DataFrame, names: list[str]) -> pl.Expr:
+    """The mapped columns as one JSON object per row (always valid JSON: the loader stores
+    it without parsing it again)."""
     if not names:
         return pl.lit(None, dtype=pl.String)
-    return pl.struct([column(frame, n).alias(n) for n in names]).struct.json_encode()
+    return pl.struct([_jsonable(frame, n).alias(n) for n in names]).struct.json_encode()
+
+
+def _jsonable(frame: pl.DataFrame, name: str) -> pl.Expr:
+    """A column as Polars can write it to JSON: bytes (a Parquet BINARY column) as base64
+    text, which Polars' JSON writer does not do itself (it panics)."""
+    if _dtype_of(frame, name) == pl.Binary:
+        return column(frame, name).bin.encode("base64")
+    return column(frame, name)
 
 
 def _json_column(frame: pl.DataFrame, name: str) -> pl.Expr:
@@ -337,7 +347,11 @@ def _row_keys(frame: pl.DataFrame, ctx: Context) -> pl.Series:
     """A stable id per row from its content, so the same record seen twice dedupes."""
     fields = [name for name in frame.columns if name not in (ROW, MALFORMED)]
     # A chunk of unparseable lines only has no content: its rows are rejected anyway.
-    encoded = pl.struct(fields).struct.json_encode() if fields else pl.lit("{}")
+    encoded = (
+        pl.struct([_jsonable(frame, n).alias(n) for n in fields]).struct.json_encode()
+        if fields
+        else pl.lit("{}")
+    )
     content = _series(frame, encoded)
     return ("row-" + ctx.hasher(content)).alias("message_id")
 

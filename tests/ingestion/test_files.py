@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, date, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -11,14 +12,16 @@ import orjson
 import polars as pl
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from cdp import migrate
 from cdp.db import Database
 from cdp.warehouse import Query, Warehouse
-from ingestion import imports, service
+from ingestion import imports, service, transform
 from ingestion.errors import InvalidMapping, UnsupportedFile
 from ingestion.imports import read_ahead
 from ingestion.loader import LoadInput, empty_events, empty_identifiers
+from ingestion.models import ImportRun
 from ingestion.schemas import Mapping
 from tests.cdp.test_cli import cdp
 from tests.ingestion.conftest import basic, create_source, drained
@@ -308,3 +311,76 @@ def test_long_imports_checkpoint_the_warehouse_as_they_go(
         assert (run.status, run.accepted) == ("succeeded", 6)
         wal = tmp_path / "w.duckdb.wal"
         assert (wal.exists() and wal.stat().st_size > 0) == wal_left
+
+
+def test_mapped_columns_of_every_type_are_stored_as_valid_json(
+    db: Database, warehouse: Warehouse, tmp_path: Path
+) -> None:
+    """The loader stores the JSON columns without parsing them again, so what the mapping
+    writes must be valid JSON whatever the file's column types (bytes as base64 text)."""
+    columns: dict[str, pl.Series] = {
+        "text": pl.Series(['quote " back \\ line \n ctl \x01 sep \u2028', None]),
+        "binary": pl.Series([b"\x00\xff", None]),
+        "float": pl.Series([float("nan"), float("inf")]),
+        "big": pl.Series([2**64 - 1, 0], dtype=pl.UInt64),
+        "amount": pl.Series([Decimal("1.25"), None]),
+        "day": pl.Series([date(2026, 1, 2), None]),
+        "at": pl.Series([datetime(2026, 1, 2, 3, tzinfo=UTC), None]),
+        "tags": pl.Series([["a", "b"], []]),
+        "nested": pl.Series([{"x": 1, "y": "z"}, None]),
+        "kind": pl.Series(["a", "b"], dtype=pl.Categorical),
+    }
+    frame = pl.DataFrame({"card": ["K1", "K2"], "ts": [datetime(2026, 11, 1)] * 2, **columns})
+    path = tmp_path / "typed.parquet"
+    frame.write_parquet(path)
+    with db.begin() as session:
+        source, _ = service.create_source(
+            session,
+            name="typed",
+            kind="file",
+            mapping=Mapping.model_validate(
+                {
+                    "event": "Typed",
+                    "timestamp": "ts",
+                    "identifiers": [{"kind": "loyalty_card", "column": "card"}],
+                    "properties": list(columns),
+                    "traits": ["binary", "text"],
+                }
+            ),
+        )
+    run = service.import_file(db, warehouse, source_id=source.id, path=path, region="FR")
+    assert (run.status, run.accepted) == ("succeeded", 2)
+    stored = warehouse.rows(
+        Query(
+            "SELECT properties::VARCHAR, traits::VARCHAR, json_valid(properties),"
+            " json_valid(traits), properties->>'$.binary', message_id"
+            " FROM events ORDER BY properties->>'$.kind'"
+        )
+    )
+    assert [row[2:5] for row in stored] == [(True, True, "AP8="), (True, True, None)]
+    first = orjson.loads(stored[0][0])
+    assert first["text"] == columns["text"][0]
+    assert (first["float"], first["big"], first["tags"]) == (None, 2**64 - 1, ["a", "b"])
+    assert orjson.loads(stored[0][1]) == {"binary": "AP8=", "text": columns["text"][0]}
+    assert all(row[5].startswith("row-") for row in stored)  # content keys read bytes too
+
+
+class _Panic(BaseException):
+    """Stands for pyo3's PanicException: a library's panic is not an `Exception`."""
+
+
+def test_an_import_stopped_by_a_panic_is_recorded_as_failed(
+    db: Database, warehouse: Warehouse, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def panic(frame: pl.DataFrame, mapping: Mapping, ctx: object) -> LoadInput:
+        raise _Panic("not yet implemented")
+
+    monkeypatch.setattr(transform, "mapped", panic)
+    path = tmp_path / "crm.csv"
+    path.write_text(CSV)
+    source_id = _crm(db)
+    with pytest.raises(_Panic):
+        service.import_file(db, warehouse, source_id=source_id, path=path, region="FR")
+    with db.begin() as session:
+        (run,) = session.scalars(select(ImportRun).where(ImportRun.source_id == source_id))
+        assert (run.status, run.error) == ("failed", "_Panic: not yet implemented")
