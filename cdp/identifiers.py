@@ -151,11 +151,18 @@ def is_valid_kind(kind: str) -> bool:
 # Polars forms of the same rules, for bulk paths (files, database pulls).
 
 
+# The placeholders (any case) or a repeated digit, as one Rust regex: one pass over each
+# value, no lower-cased copy (Rust regexes have no backreferences: `(\d)\1+` is spelled out).
+_PLACEHOLDER_POLARS = (
+    "(?i)^(?:"
+    + "|".join(re.escape(p) for p in sorted(PLACEHOLDERS))
+    + ")$|"
+    + _REPEATED_DIGIT_POLARS
+)
+
+
 def _placeholder_expr(expr: pl.Expr) -> pl.Expr:
-    folded = expr.str.to_lowercase()
-    # One regex pass: Rust regexes have no backreferences, so `(\d)\1+` is spelled out.
-    repeated = folded.str.contains(_REPEATED_DIGIT_POLARS)
-    return folded.is_in(sorted(PLACEHOLDERS)) | repeated
+    return expr.str.contains(_PLACEHOLDER_POLARS)
 
 
 def id_expr(expr: pl.Expr) -> pl.Expr:

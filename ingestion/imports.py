@@ -21,7 +21,7 @@ from cdp.db import Database, utcnow
 from cdp.warehouse import Warehouse
 from ingestion.connectors import Connector
 from ingestion.errors import ImportInterrupted
-from ingestion.loader import LoadInput, loader_for
+from ingestion.loader import LoadInput, loader_for, with_message_keys
 from ingestion.models import ImportRun
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,12 @@ def run_import(
     last_batch: int | None = None
     since_checkpoint = 0
     try:
-        for chunk, data in read_ahead(connector, transform):
+        # The reader thread also computes each load's message keys (md5 in DuckDB), work
+        # the loader would otherwise do while the reader waits (see docs/ingestion.md).
+        def prepare(chunk: pl.DataFrame) -> LoadInput:
+            return with_message_keys(warehouse, transform(chunk))
+
+        for chunk, data in read_ahead(connector, prepare):
             if should_stop is not None and should_stop():
                 raise ImportInterrupted(
                     "the server stopped during the import; the rows loaded so far stay"

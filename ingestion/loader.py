@@ -76,6 +76,19 @@ class LoadInput:
     # The spool's sequence number up to which this load takes the spooled records: the
     # mark is stored in the load's transaction, so a replay never loads a record twice.
     spool_lsn: int | None = None
+    # The events' message keys, when computed ahead of the load (`with_message_keys`: an
+    # import's reader thread does it while the previous chunk loads); else the load does.
+    keys: MessageKeys | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MessageKeys:
+    """The message key (md5 of source and message id) of each event, in `_row` order, as
+    two 64-bit halves."""
+
+    rows: Rows
+    highs: Keys
+    lows: Keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +140,8 @@ class Loader:
             first_id = self._init_counters()
             now = datetime.now(UTC).replace(tzinfo=None)
             with self.warehouse.transaction() as cur:
-                kept, kept_high, kept_low = _new_rows(cur, events, self._key_filter(cur))
+                keys = data.keys if data.keys is not None else _message_keys(cur, events)
+                kept, kept_high, kept_low = _new_rows(cur, keys, self._key_filter(cur))
                 new_events, new_identifiers = _numbered(data, kept, first_id)
                 stored = _stored(new_events, offered, first_id)
                 load_sources = pa.table(
@@ -307,46 +321,63 @@ def batched(frame: pl.DataFrame, *, json: tuple[str, ...] = ()) -> pa.Table:
     return pa.Table.from_batches(table.to_batches(max_chunksize=ARROW_BATCH_ROWS))
 
 
-def _new_rows(cur: Cursor, events: pl.DataFrame, keys: KeyFilter | None) -> tuple[Rows, Keys, Keys]:
+def with_message_keys(warehouse: Warehouse, data: LoadInput) -> LoadInput:
+    """`data` with its events' message keys computed (on a cursor of its own, so a thread
+    can prepare the next load while the loader commits the current one)."""
+    if data.keys is None:
+        with warehouse.cursor() as cur:
+            data.keys = _message_keys(cur, data.events)
+    return data
+
+
+def _message_keys(cur: Cursor, events: pl.DataFrame) -> MessageKeys:
+    """The message keys of the events (md5 by DuckDB), sorted by `_row`."""
+    if not events.height:
+        empty = np.empty(0, dtype=np.uint64)
+        return MessageKeys(np.empty(0, dtype=np.int64), empty, empty)
+    cur.register(queries.INCOMING, batched(events.select("_row", "source_id", "message_id")))
+    try:
+        table = cur.sql(queries.message_keys().sql).to_arrow_table()
+    finally:
+        cur.unregister(queries.INCOMING)
+    rows: Rows = table.column("_row").to_numpy().astype(np.int64, copy=False)
+    highs: Keys = table.column("key_high").to_numpy().astype(np.uint64, copy=False)
+    lows: Keys = table.column("key_low").to_numpy().astype(np.uint64, copy=False)
+    if len(rows) > 1 and not (rows[1:] > rows[:-1]).all():
+        order = np.argsort(rows, kind="stable")
+        rows, highs, lows = rows[order], highs[order], lows[order]
+    return MessageKeys(rows, highs, lows)
+
+
+def _new_rows(cur: Cursor, keys: MessageKeys, known: KeyFilter | None) -> tuple[Rows, Keys, Keys]:
     """The sorted `_row` of the incoming events whose (source, message id) is new, with the
-    two halves of their message keys (md5, computed once here).
+    two halves of their message keys.
 
     Within the load the first row of a message wins. Against what is stored, rows the key
     filter clears are new; the others (duplicates, mostly) are checked by the exact anti-join
     (every row, without a filter).
     """
-    if not events.height:
-        empty = np.empty(0, dtype=np.uint64)
-        return np.empty(0, dtype=np.int64), empty, empty
-    cur.register(queries.INCOMING, batched(events.select("_row", "source_id", "message_id")))
+    rows, highs, lows = keys.rows, keys.highs, keys.lows
+    if not len(rows):
+        return rows, highs, lows
+    first = _first_of_each_key(rows, highs, lows)
+    if first is not None:
+        rows, highs, lows = rows[first], highs[first], lows[first]
+    maybe = known.may_contain(highs) if known is not None else np.ones(len(rows), np.bool_)
+    if not maybe.any():
+        return rows, highs, lows
+    candidates = pa.table(
+        {
+            "_row": pa.array(rows[maybe], pa.int64()),
+            "key_high": pa.array(highs[maybe], pa.uint64()),
+            "key_low": pa.array(lows[maybe], pa.uint64()),
+        }
+    )
+    cur.register(queries.CANDIDATES, candidates)
     try:
-        table = cur.sql(queries.message_keys().sql).to_arrow_table()
-        rows: Rows = table.column("_row").to_numpy().astype(np.int64, copy=False)
-        highs: Keys = table.column("key_high").to_numpy().astype(np.uint64, copy=False)
-        lows: Keys = table.column("key_low").to_numpy().astype(np.uint64, copy=False)
-        if len(rows) > 1 and not (rows[1:] > rows[:-1]).all():
-            order = np.argsort(rows, kind="stable")
-            rows, highs, lows = rows[order], highs[order], lows[order]
-        first = _first_of_each_key(rows, highs, lows)
-        if first is not None:
-            rows, highs, lows = rows[first], highs[first], lows[first]
-        maybe = keys.may_contain(highs) if keys is not None else np.ones(len(rows), np.bool_)
-        if not maybe.any():
-            return rows, highs, lows
-        candidates = pa.table(
-            {
-                "_row": pa.array(rows[maybe], pa.int64()),
-                "key_high": pa.array(highs[maybe], pa.uint64()),
-                "key_low": pa.array(lows[maybe], pa.uint64()),
-            }
-        )
-        cur.register(queries.CANDIDATES, candidates)
-        try:
-            fresh = cur.sql(queries.new_candidates().sql).to_arrow_table()
-        finally:
-            cur.unregister(queries.CANDIDATES)
+        fresh = cur.sql(queries.new_candidates().sql).to_arrow_table()
     finally:
-        cur.unregister(queries.INCOMING)
+        cur.unregister(queries.CANDIDATES)
     keep = ~maybe
     keep[maybe] = np.isin(rows[maybe], fresh.column("_row").to_numpy())
     return rows[keep], highs[keep], lows[keep]

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cdp.identifiers import (
+    PLACEHOLDERS,
     composite_expr,
     composite_value,
     email_expr,
@@ -66,7 +67,14 @@ def test_polars_forms_match_the_scalar_rules() -> None:
     raw = ["  Ann@Example.com", "test@test.com", None, "bad", "ZOE@X.IO "]
     frame = pl.DataFrame({"v": raw})
     assert frame.select(email_expr(pl.col("v")))["v"].to_list() == [normalise_email(v) for v in raw]
-    ids = [" a ", "null", None, "0000", "x-1"]
+    emails = ["Test@Test.com", "TEST@EXAMPLE.COM", "test@testxcom", "noemail@noemail.comx"]
+    assert pl.DataFrame({"v": emails}).select(email_expr(pl.col("v")))["v"].to_list() == [
+        normalise_email(v) for v in emails
+    ]
+    ids = [" a ", "null", None, "0000", "x-1", "NULL", "N/A", "UnKnown", "00 00-00", "+1111"]
+    # Near misses: a placeholder's `.` or `/` is literal, and a placeholder must be whole.
+    ids += ["nullx", "n/ab", "nxa", "test@testxcom", "TEST@EXAMPLE.COMM", "1112", "a-none"]
+    ids += [p.upper() for p in sorted(PLACEHOLDERS)] + [p.title() for p in sorted(PLACEHOLDERS)]
     assert pl.DataFrame({"v": ids}).select(id_expr(pl.col("v")))["v"].to_list() == [
         normalise_id(v) for v in ids
     ]
