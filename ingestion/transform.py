@@ -511,7 +511,9 @@ def segment(frame: pl.DataFrame, mapping: Mapping, ctx: Context) -> LoadInput:
         .otherwise(traits),
         context=_json_column(frame, "context"),
         sent_at=pl.lit(timestamps(frame, sent_raw, pl.String())),
-        original_timestamp=ts,
+        # A file's stored timestamp is the message's own (no clock-skew correction, which
+        # only the tracking API does): `original_timestamp` would repeat it.
+        original_timestamp=pl.lit(None, dtype=TS),
         previous_id=text("previousId"),
         group_id=text("groupId"),
     )
