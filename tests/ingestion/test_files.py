@@ -50,12 +50,17 @@ c4,test@test.com,0000000000,Dan,Roux,1990-09-09,2026-11-04
 """
 
 
-def _crm(db: Database) -> str:
+def _file_source(db: Database, name: str, mapping: JsonDict) -> str:
+    """A `file` source with this mapping; returns its id."""
     with db.begin() as session:
         source, _ = service.create_source(
-            session, name="crm", kind="file", mapping=Mapping.model_validate(CRM_MAPPING)
+            session, name=name, kind="file", mapping=Mapping.model_validate(mapping)
         )
         return source.id
+
+
+def _crm(db: Database) -> str:
+    return _file_source(db, "crm", CRM_MAPPING)
 
 
 def test_csv_import_loads_good_rows_and_reports_bad_ones_by_row(
@@ -116,21 +121,16 @@ def test_reimporting_the_same_content_is_a_no_op(
 def test_parquet_import_with_typed_columns_and_row_hash_ids(
     db: Database, warehouse: Warehouse, tmp_path: Path
 ) -> None:
-    with db.begin() as session:
-        source, _ = service.create_source(
-            session,
-            name="tills",
-            kind="file",
-            mapping=Mapping.model_validate(
-                {
-                    "event": "Purchase",
-                    "timestamp": "ts",
-                    "identifiers": [{"kind": "loyalty_card", "column": "card"}],
-                    "properties": ["amount", "store"],
-                }
-            ),
-        )
-        source_id = source.id
+    source_id = _file_source(
+        db,
+        "tills",
+        {
+            "event": "Purchase",
+            "timestamp": "ts",
+            "identifiers": [{"kind": "loyalty_card", "column": "card"}],
+            "properties": ["amount", "store"],
+        },
+    )
     frame = pl.DataFrame(
         {
             "card": ["K1", "K2", None, "K1"],
@@ -333,22 +333,18 @@ def test_mapped_columns_of_every_type_are_stored_as_valid_json(
     frame = pl.DataFrame({"card": ["K1", "K2"], "ts": [datetime(2026, 11, 1)] * 2, **columns})
     path = tmp_path / "typed.parquet"
     frame.write_parquet(path)
-    with db.begin() as session:
-        source, _ = service.create_source(
-            session,
-            name="typed",
-            kind="file",
-            mapping=Mapping.model_validate(
-                {
-                    "event": "Typed",
-                    "timestamp": "ts",
-                    "identifiers": [{"kind": "loyalty_card", "column": "card"}],
-                    "properties": list(columns),
-                    "traits": ["binary", "text"],
-                }
-            ),
-        )
-    run = service.import_file(db, warehouse, source_id=source.id, path=path, region="FR")
+    source_id = _file_source(
+        db,
+        "typed",
+        {
+            "event": "Typed",
+            "timestamp": "ts",
+            "identifiers": [{"kind": "loyalty_card", "column": "card"}],
+            "properties": list(columns),
+            "traits": ["binary", "text"],
+        },
+    )
+    run = service.import_file(db, warehouse, source_id=source_id, path=path, region="FR")
     assert (run.status, run.accepted) == ("succeeded", 2)
     stored = warehouse.rows(
         Query(
