@@ -45,16 +45,24 @@ def run_import(
     import_id: str,
     connector: Connector,
     transform: Transform,
-    total_rows: int | None = None,
+    total_rows: int | Callable[[], int | None] | None = None,
     progress: Progress | None = None,
     after_chunk: AfterChunk | None = None,
     should_stop: Callable[[], bool] | None = None,
+    content_hash: Callable[[], str] | None = None,
 ) -> ImportRun:
     """Load every chunk of `connector`, keeping the import record `import_id` up to date.
 
+    `total_rows` may be a function, asked after each chunk (None while the total is not
+    known yet: a thread is counting). `content_hash`, when given, is called once every chunk
+    is loaded and its value recorded with the success, in the same transaction.
     `should_stop` is asked before each chunk: a stopping server interrupts a long import
     between two committed chunks (recorded as failed, with what it loaded so far).
     """
+
+    def total() -> int | None:
+        return total_rows() if callable(total_rows) else total_rows
+
     loader = loader_for(warehouse)
     started = time.perf_counter()
     counts = {"rows_read": 0, "accepted": 0, "rejected": 0, "duplicates": 0, "dropped": 0}
@@ -88,9 +96,13 @@ def run_import(
                 since_checkpoint = 0
             if after_chunk is not None:
                 after_chunk(chunk)
-            _record(db, import_id, counts, first_batch, last_batch, status="running")
+            known = total()
+            _record(
+                db, import_id, counts, first_batch, last_batch, status="running", rows_total=known
+            )
             if progress is not None:
-                progress(counts["rows_read"], total_rows)
+                progress(counts["rows_read"], known)
+        digest = content_hash() if content_hash is not None else None
     # Recorded on the import, then re-raised to the caller; BaseException too, so that a
     # panic of a Rust library (pyo3's PanicException) or an interrupt does not leave the
     # import `running` for ever.
@@ -114,6 +126,8 @@ def run_import(
         last_batch,
         status="succeeded",
         duration_ms=int((time.perf_counter() - started) * 1000),
+        rows_total=total(),
+        content_hash=digest,
     )
     logger.info(
         "import finished",
@@ -180,10 +194,16 @@ def _record(
     status: str,
     duration_ms: int | None = None,
     error: str | None = None,
+    rows_total: int | None = None,
+    content_hash: str | None = None,
 ) -> ImportRun:
     with db.begin() as session:
         run = session.get(ImportRun, import_id)
         assert run is not None
+        if rows_total is not None:
+            run.rows_total = rows_total
+        if content_hash is not None:
+            run.content_hash = content_hash
         run.rows_read = counts["rows_read"]
         run.accepted = counts["accepted"]
         run.rejected = counts["rejected"]

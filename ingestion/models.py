@@ -50,6 +50,9 @@ class ImportRun(Base):
     channel: Mapped[str] = mapped_column(String(20))
     name: Mapped[str] = mapped_column(String(500))
     content_hash: Mapped[str | None] = mapped_column(String(64), index=True)
+    # SHA-256 of the file's size and first and last MiB (`files.content_probe`): an earlier
+    # import with another probe cannot have had the same content.
+    content_probe: Mapped[str | None] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(20))
     rows_read: Mapped[int] = mapped_column(Integer, default=0)
     # Rows in the file: exact for Parquet, counted lines for CSV/NDJSON; None if unknown.
