@@ -69,12 +69,13 @@ def run_import(
     first_batch: int | None = None
     last_batch: int | None = None
     since_checkpoint = 0
-    try:
-        # The reader thread also computes each load's message keys (md5 in DuckDB), work
-        # the loader would otherwise do while the reader waits (see docs/ingestion.md).
-        def prepare(chunk: pl.DataFrame) -> LoadInput:
-            return with_message_keys(warehouse, transform(chunk))
 
+    # The reader thread also computes each load's message keys (md5 in DuckDB), work the
+    # loader would otherwise do while the reader waits (see docs/ingestion.md).
+    def prepare(chunk: pl.DataFrame) -> LoadInput:
+        return with_message_keys(warehouse, transform(chunk))
+
+    try:
         for chunk, data in read_ahead(connector, prepare):
             if should_stop is not None and should_stop():
                 raise ImportInterrupted(

@@ -362,10 +362,10 @@ def run_queued_import(
     is hashed before anything else, to compare. A failure is recorded on the import (status
     `failed`, the error) and raised.
     """
-    fmt = file_format(path)
     digest: str | None = None
     rows_total: int | None = None
     try:
+        fmt = file_format(path)
         probe = content_probe(path)
         with db.begin() as session:
             run = _import_run(session, import_id)
