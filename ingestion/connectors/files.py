@@ -531,6 +531,18 @@ def _check_file_columns(
             f"{name} lacks mapped columns: {', '.join(missing)}",
             details={"missing": missing, "columns": columns},
         )
+    nested = {
+        c: str(chunk.schema[c])
+        for spec in mapping.identifiers
+        for c in ([spec.column] if spec.column else list(spec.composite or []))
+        if c in chunk.columns and chunk.schema[c].is_nested()
+    }
+    if nested:
+        raise InvalidMapping(
+            f"{name}: identifier columns must hold text or numbers, not lists or structs:"
+            f" {', '.join(f'{c} ({t})' for c, t in sorted(nested.items()))}",
+            details={"columns": nested},
+        )
     if known is None:
         with db.begin() as session:
             source = session.get(Source, source_id)

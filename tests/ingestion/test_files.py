@@ -445,3 +445,27 @@ def test_imports_recorded_before_probes_are_still_compared_by_hash(
         recorded.content_probe = None  # as written before migration 0011
     again = service.import_file(db, warehouse, source_id=source_id, path=path, region="FR")
     assert again.status == "skipped"
+
+
+def test_a_nested_identifier_column_is_refused_with_a_clear_error(
+    db: Database, warehouse: Warehouse, tmp_path: Path
+) -> None:
+    source_id = _file_source(
+        db,
+        "nested",
+        {
+            "event": "E",
+            "timestamp": "ts",
+            "identifiers": [{"kind": "user_id", "column": "u"}, {"kind": "email", "column": "e"}],
+        },
+    )
+    path = tmp_path / "nested.parquet"
+    pl.DataFrame(
+        {"u": [["a"], ["b"]], "e": ["a@b.io", "c@d.io"], "ts": [datetime(2026, 1, 1)] * 2}
+    ).write_parquet(path)
+    with pytest.raises(InvalidMapping, match=r"not lists or structs: u \(List\(String\)\)"):
+        service.import_file(db, warehouse, source_id=source_id, path=path, region="FR")
+    with db.begin() as session:
+        (run,) = session.scalars(select(ImportRun).where(ImportRun.source_id == source_id))
+        assert run.status == "failed"
+    assert warehouse.scalar(Query("SELECT count(*) FROM events")) == 0
