@@ -199,10 +199,14 @@ def _stores(scale: int, workdir: Path) -> Prepared:
         return Prepared(**{**ready, "out": Path(prepared)}).copy_to(workdir / "stores")
     sample = os.environ.get("CDP_BENCH_SAMPLE")
     if sample:
-        return ensure(Path(sample), workdir / "stores")
-    out = workdir / "sample"
-    generate(customers=scale, seed=42, out=out)
-    return ensure(out, workdir / "stores")
+        base = ensure(Path(sample), workdir / "prepared")
+    else:
+        out = workdir / "sample"
+        generate(customers=scale, seed=42, out=out)
+        base = ensure(out, workdir / "prepared")
+    # The backfill writes into the stores: every run starts from a fresh copy, so a reused
+    # --workdir measures the same work (its ledger grew by a whole backfill per run before).
+    return base.copy_to(workdir / "stores")
 
 
 def _programme(db: Database) -> str:
@@ -310,6 +314,8 @@ def _write_floor(path: Path, rows: pl.DataFrame) -> None:
     """The storage floor: the reference's rows written in one `executemany` into a SQLite
     table with only its integer primary key (no other index), committed, through the same
     engine settings as the operational store."""
+    for leftover in (path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")):
+        leftover.unlink(missing_ok=True)  # a --workdir used before holds the last run's table
     floor = Database(f"sqlite:///{path}")
     try:
         with floor.begin() as session:
