@@ -362,11 +362,7 @@ def _row_keys(frame: pl.DataFrame, ctx: Context) -> pl.Series:
     """A stable id per row from its content, so the same record seen twice dedupes."""
     fields = [name for name in frame.columns if name not in (ROW, MALFORMED)]
     # A chunk of unparseable lines only has no content: its rows are rejected anyway.
-    encoded = (
-        pl.struct([_jsonable(frame, n).alias(n) for n in fields]).struct.json_encode()
-        if fields
-        else pl.lit("{}")
-    )
+    encoded = _json(frame, fields) if fields else pl.lit("{}")
     content = _series(frame, encoded)
     return ("row-" + ctx.hasher(content)).alias("message_id")
 

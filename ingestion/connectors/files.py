@@ -4,6 +4,7 @@ streamed chunks and loaded in bulk; re-importing a file with the same content is
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import tempfile
@@ -425,30 +426,24 @@ def run_queued_import(
             checked = True
         return transform.mapped(chunk, mapping, ctx)
 
+    load = functools.partial(
+        run_import,
+        db,
+        warehouse,
+        import_id=import_id,
+        connector=connector,
+        transform=apply,
+        progress=progress,
+        should_stop=should_stop,
+    )
     if digest is not None:
-        return run_import(
-            db,
-            warehouse,
-            import_id=import_id,
-            connector=connector,
-            transform=apply,
-            total_rows=rows_total,
-            progress=progress,
-            should_stop=should_stop,
-        )
+        return load(total_rows=rows_total)
     ended = threading.Event()
     with ThreadPoolExecutor(1, "cdp-import-content") as pool:
         content = pool.submit(hash_and_count, path, fmt, cancelled=ended.is_set)
         try:
-            return run_import(
-                db,
-                warehouse,
-                import_id=import_id,
-                connector=connector,
-                transform=apply,
+            return load(
                 total_rows=lambda: content.result()[1] if _succeeded(content) else None,
-                progress=progress,
-                should_stop=should_stop,
                 content_hash=lambda: content.result()[0],
             )
         finally:

@@ -60,6 +60,13 @@ def _file_source(db: Database, name: str, mapping: JsonDict) -> str:
         return source.id
 
 
+def _only_import(db: Database, source_id: str) -> ImportRun:
+    """The one import record of a source."""
+    with db.begin() as session:
+        (run,) = session.scalars(select(ImportRun).where(ImportRun.source_id == source_id))
+        return run
+
+
 def _crm(db: Database) -> str:
     return _file_source(db, "crm", CRM_MAPPING)
 
@@ -378,9 +385,8 @@ def test_an_import_stopped_by_a_panic_is_recorded_as_failed(
     source_id = _crm(db)
     with pytest.raises(_Panic):
         service.import_file(db, warehouse, source_id=source_id, path=path, region="FR")
-    with db.begin() as session:
-        (run,) = session.scalars(select(ImportRun).where(ImportRun.source_id == source_id))
-        assert (run.status, run.error) == ("failed", "_Panic: not yet implemented")
+    run = _only_import(db, source_id)
+    assert (run.status, run.error) == ("failed", "_Panic: not yet implemented")
 
 
 def _large_crm(path: Path, rows: int, *, middle: str = "Lee") -> None:
@@ -465,7 +471,5 @@ def test_a_nested_identifier_column_is_refused_with_a_clear_error(
     ).write_parquet(path)
     with pytest.raises(InvalidMapping, match=r"not lists or structs: u \(List\(String\)\)"):
         service.import_file(db, warehouse, source_id=source_id, path=path, region="FR")
-    with db.begin() as session:
-        (run,) = session.scalars(select(ImportRun).where(ImportRun.source_id == source_id))
-        assert run.status == "failed"
+    assert _only_import(db, source_id).status == "failed"
     assert warehouse.scalar(Query("SELECT count(*) FROM events")) == 0
