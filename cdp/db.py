@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import uuid
+import secrets
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
@@ -59,8 +60,19 @@ def utcnow() -> datetime:
 
 
 def new_id() -> str:
-    """A new random identifier for an operational row."""
-    return str(uuid.uuid4())
+    """A new identifier for an operational row: a UUIDv7 (RFC 9562), the current Unix
+    millisecond in its first 48 bits and 74 random bits after it.
+
+    Rows created one after the other get ids in (about) ascending order, so an insert lands
+    at the end of its table's primary-key B-tree instead of at a random place: a bulk write
+    of many rows (a loyalty backfill enrolling members and recording activity) touches the
+    same few pages instead of the whole index. The random bits keep ids unguessable and
+    unique across processes.
+    """
+    n = (time.time_ns() // 1_000_000) << 80 | 7 << 76 | secrets.randbits(12) << 64
+    n |= 0b10 << 62 | secrets.randbits(62)
+    x = f"{n:032x}"
+    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:  # Any: DB-API objects

@@ -82,17 +82,26 @@ def entry_id(key: str) -> str:
     return str(uuid.uuid5(ENTRY_NAMESPACE, key))
 
 
-def entry_ids(keys: Sequence[str]) -> list[str]:
-    """`entry_id` of many keys (the same UUIDv5s, about 3x faster than `uuid.uuid5` each:
-    the namespace is hashed once and no UUID objects are built)."""
+def ordered_ids(keys: Sequence[str], millis: Sequence[int]) -> list[str]:
+    """Ids that sort by time: for each key and its instant (Unix milliseconds), a UUIDv8
+    (RFC 9562, custom) whose first 48 bits are the instant and the other 74 free bits the
+    SHA-1 of the key in `ENTRY_NAMESPACE`. The same key at the same instant gives the same id.
+
+    Credits and activity rows take these: written in time order (as a backfill and real time
+    write them), their ids land at the end of the primary-key B-trees (entries, lots,
+    activity) instead of at random places, and the lots' foreign-key checks find their entry
+    among the pages just written. Measured on the 100k sample's 852k credits: lots written
+    in 4.0 s instead of 8.1 s, entries 10.1 s instead of 11.1 s.
+    """
     base = hashlib.sha1(ENTRY_NAMESPACE.bytes, usedforsecurity=False)
     out: list[str] = []
-    for key in keys:
+    for key, ms in zip(keys, millis, strict=True):
         digest = base.copy()
         digest.update(key.encode())
-        n = int.from_bytes(digest.digest()[:16], "big")
-        n = (n & ~(0xF000 << 64)) | (5 << 76)  # version 5
-        n = (n & ~(0xC000 << 48)) | (0x8000 << 48)  # RFC 4122 variant
+        low = int.from_bytes(digest.digest()[:10], "big")  # 80 bits, 74 kept
+        n = (min(max(ms, 0), 0xFFFF_FFFF_FFFF) << 80) | (8 << 76)  # instant, version 8
+        n |= ((low >> 62) & 0xFFF) << 64  # 12 bits
+        n |= (0b10 << 62) | (low & ((1 << 62) - 1))  # RFC variant, 62 bits
         x = f"{n:032x}"
         out.append(f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}")
     return out
@@ -362,7 +371,14 @@ def write_credits(
             .alias("pending_until")
         )
     dated = dated.with_columns(
-        pl.Series("id", entry_ids(dated["idempotency_key"].to_list()), dtype=pl.String),
+        pl.Series(
+            "id",
+            ordered_ids(
+                dated["idempotency_key"].to_list(),
+                dated["occurred_at"].dt.epoch("ms").to_list(),
+            ),
+            dtype=pl.String,
+        ),
         pl.lit(program.id).alias("program_id"),
         pl.lit(0).alias("unrecovered"),
         pl.lit(now).dt.convert_time_zone("UTC").alias("created_at"),
@@ -386,7 +402,12 @@ def write_credits(
     inserted = bulk_insert(session, LedgerEntry.__table__, entries)
     if not inserted:
         return 0
-    # An entry that existed already has its lot (written with it): the lot insert skips it.
+    if inserted < entries.height:
+        # Some keys were written already, maybe under another id (an entry written before
+        # ids were ordered, or the same key at another instant): only the ids now in the
+        # ledger get a lot, and an entry that existed with the same id has its lot already
+        # (written with it), which the lot insert skips.
+        entries = entries.filter(pl.col("id").is_in(_written(session, entries["id"])))
     lots = entries.filter(pl.col("points") > 0).select(
         pl.col("id").alias("entry_id"),
         "program_id",
@@ -400,6 +421,18 @@ def write_credits(
     )
     bulk_insert(session, Lot.__table__, lots)
     return inserted
+
+
+def _written(session: Session, ids: pl.Series) -> list[str]:
+    """Which of these entry ids the ledger holds."""
+    values = ids.unique().to_list()
+    return [
+        found
+        for start in range(0, len(values), 500)
+        for found in session.scalars(
+            select(LedgerEntry.id).where(LedgerEntry.id.in_(values[start : start + 500]))
+        )
+    ]
 
 
 def credit(

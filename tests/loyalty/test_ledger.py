@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import polars as pl
@@ -248,9 +249,49 @@ def test_planned_reversals_draw_exactly_what_debit_draws(db: Database, seed: int
             }
 
 
-def test_entry_ids_in_bulk_are_the_uuid5_of_each_key(backend: str) -> None:
+def test_ordered_ids_sort_by_instant_and_are_the_same_for_the_same_key(backend: str) -> None:
     keys = ["event:m1:rule:r1", "import:p:q", "é:ü", "", *(f"k{i}" for i in range(100))]
-    assert ledger.entry_ids(keys) == [ledger.entry_id(k) for k in keys]
+    millis = [1_700_000_000_000 + 1000 * (i % 7) for i in range(len(keys))]
+    ids = ledger.ordered_ids(keys, millis)
+    assert ids == ledger.ordered_ids(keys, millis)
+    assert len(set(ids)) == len(keys)
+    assert all(uuid.UUID(i).version == 8 and uuid.UUID(i).variant == uuid.RFC_4122 for i in ids)
+    assert [int(i.replace("-", "")[:12], 16) for i in ids] == millis
+    by_id = sorted(range(len(keys)), key=lambda i: ids[i])
+    assert [millis[i] for i in by_id] == sorted(millis)
+    # The same key at another instant is another id; before 1970 the instant is 0.
+    assert ledger.ordered_ids(["k1"], [1]) != ledger.ordered_ids(["k1"], [2])
+    assert ledger.ordered_ids(["k1"], [-5]) == ledger.ordered_ids(["k1"], [0])
+
+
+def test_a_batch_with_a_key_written_under_another_id_gets_lots_for_its_new_entries_only(
+    db: Database,
+) -> None:
+    """A key may be in the ledger under an id that is not the one a batch computes (entries
+    written before ids were ordered by time, or the same key at another instant): the batch
+    writes its other entries with their lots and leaves that one, with no lot of its own."""
+    program = make_program(db)
+    member = make_member(db, program)
+    old = earn(db, program, member, 10, at=T0 + timedelta(days=1), key="event:m1:rule:r")
+    with db.begin() as session:
+        frame = pl.DataFrame(
+            {
+                "member_id": [member.id, member.id],
+                "kind": ["earn", "earn"],
+                "points": [10, 7],
+                "qualifying_points": [10, 7],
+                "occurred_at": [T0, T0 + timedelta(hours=1)],
+                "idempotency_key": ["event:m1:rule:r", "event:m2:rule:r"],
+            },
+            schema_overrides={"occurred_at": pl.Datetime("us", "UTC")},
+        )
+        assert ledger.write_credits(session, program=program, frame=frame, now=T0) == 1
+    with db.begin() as session:
+        entries = {e.idempotency_key: e.id for e in session.scalars(select(LedgerEntry))}
+        lots = {lot.entry_id: lot.points for lot in session.scalars(select(Lot))}
+        assert entries["event:m1:rule:r"] == old.id
+        assert len(entries) == 2
+        assert lots == {old.id: 10, entries["event:m2:rule:r"]: 7}
 
 
 def test_bulk_insert_leaves_the_connection_settings_as_it_found_them(db: Database) -> None:
