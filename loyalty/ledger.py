@@ -156,7 +156,6 @@ def bulk_insert(session: Session, table: Any, frame: pl.DataFrame) -> int:  # An
     )
     dialect = session.get_bind().dialect
     compiled = stmt.compile(dialect=dialect)
-    rows: Any  # Any: tuples (qmark) or dicts (pyformat)
     connection = session.connection()
     if dialect.name == "postgresql" and frame.height >= COPY_MIN_ROWS:
         return _copy_insert(session, table, frame)
@@ -169,12 +168,21 @@ def bulk_insert(session: Session, table: Any, frame: pl.DataFrame) -> int:  # An
     previous = connection.exec_driver_sql("PRAGMA cache_size").scalar_one()
     connection.exec_driver_sql("PRAGMA cache_size=-1048576")
     try:
-        order = list(compiled.positiontup or [])
-        rows = _sqlite_values(frame).select(order).rows()
-        result = connection.exec_driver_sql(str(compiled), rows)
+        values = _sqlite_values(frame)
+        # Tuples zipped from whole columns as the driver asks for them: a quarter less time
+        # than building every row first with `DataFrame.rows()` (852k entries: 3.0 / 4.0 s).
+        # SQLAlchemy wants a list of them; the driver's cursor takes the iterator.
+        lists = [values[name].to_list() for name in compiled.positiontup or []]
+        driver: Any = connection.connection.dbapi_connection  # Any: the sqlite3 connection
+        cursor = driver.cursor()
+        try:
+            cursor.executemany(str(compiled), zip(*lists, strict=True))
+            inserted = int(cursor.rowcount)
+        finally:
+            cursor.close()
     finally:
         connection.exec_driver_sql(f"PRAGMA cache_size={int(previous)}")
-    return max(int(result.rowcount), 0)
+    return max(inserted, 0)
 
 
 def _without_null_columns(table: Any, frame: pl.DataFrame) -> pl.DataFrame:  # Any: a Table
