@@ -162,12 +162,9 @@ def bulk_insert(session: Session, table: Any, frame: pl.DataFrame) -> int:  # An
     if dialect.name != "sqlite":
         result = connection.exec_driver_sql(str(compiled), frame.to_dicts())
         return max(int(result.rowcount), 0)
-    # Large batches insert into several B-trees at random places (UUID keys, the idempotency
-    # index): SQLite's default 2 MB page cache thrashes. A 1 GiB cache is allowed for the
-    # insert only; the pooled connection gets its own setting back (and frees the pages).
-    previous = connection.exec_driver_sql("PRAGMA cache_size").scalar_one()
-    connection.exec_driver_sql("PRAGMA cache_size=-1048576")
-    try:
+    # Large batches insert into several B-trees at random places (the idempotency key, caps,
+    # orders): SQLite's default 2 MB page cache thrashes.
+    with large_cache(session):
         values = _sqlite_values(frame)
         # Tuples zipped from whole columns as the driver asks for them: a quarter less time
         # than building every row first with `DataFrame.rows()` (852k entries: 3.0 / 4.0 s).
@@ -180,9 +177,35 @@ def bulk_insert(session: Session, table: Any, frame: pl.DataFrame) -> int:  # An
             inserted = int(cursor.rowcount)
         finally:
             cursor.close()
-    finally:
-        connection.exec_driver_sql(f"PRAGMA cache_size={int(previous)}")
     return max(inserted, 0)
+
+
+# SQLite's page cache for bulk work, in KiB (the default is 2 MB).
+LARGE_CACHE_KIB = 1_048_576
+
+
+@contextmanager
+def large_cache(session: Session) -> Iterator[None]:
+    """SQLite: a 1 GiB page cache on the session's connection for the block; the pooled
+    connection gets its own setting back after it (and frees the pages). A block inside
+    another keeps the outer one's cache: a backfill holds it from its first read to its
+    last write, so the pages one step reads or writes (the ledger's indexes, the members)
+    are still there for the next step and the next slice. Setting the cache back to 2 MB
+    between steps, as each bulk insert did, dropped every clean page it held, and the
+    steps that read the ledger (caps and limits, refunds, members) read them again."""
+    if session.get_bind().dialect.name != "sqlite":
+        yield
+        return
+    connection = session.connection()
+    previous = int(connection.exec_driver_sql("PRAGMA cache_size").scalar_one())
+    if previous == -LARGE_CACHE_KIB:
+        yield
+        return
+    connection.exec_driver_sql(f"PRAGMA cache_size=-{LARGE_CACHE_KIB}")
+    try:
+        yield
+    finally:
+        connection.exec_driver_sql(f"PRAGMA cache_size={previous}")
 
 
 def _without_null_columns(table: Any, frame: pl.DataFrame) -> pl.DataFrame:  # Any: a Table
@@ -309,13 +332,9 @@ def deferred_indexes(session: Session, *, names: Sequence[str]) -> Iterator[list
         connection.execute(DropIndex(index, if_exists=True))
     yield [str(index.name) for index in indexes]
     started = time.perf_counter()
-    previous = connection.exec_driver_sql("PRAGMA cache_size").scalar_one()
-    connection.exec_driver_sql("PRAGMA cache_size=-1048576")
-    try:
+    with large_cache(session):
         for index in indexes:
             connection.execute(CreateIndex(index))
-    finally:
-        connection.exec_driver_sql(f"PRAGMA cache_size={int(previous)}")
     logger.debug("built %d deferred indexes in %.2f s", len(indexes), time.perf_counter() - started)
 
 

@@ -1505,7 +1505,8 @@ def backfill(
     """
     program = get_program(session, program_id=program_id)
     up_to = _resolved_up_to(warehouse)
-    with ledger.deferred_indexes(session, names=_deferrable(session, program, events=up_to)):
+    deferred = _deferrable(session, program, events=up_to)
+    with ledger.large_cache(session), ledger.deferred_indexes(session, names=deferred):
         result = process_range(
             session,
             warehouse,

@@ -295,8 +295,8 @@ def test_a_batch_with_a_key_written_under_another_id_gets_lots_for_its_new_entri
 
 
 def test_bulk_insert_leaves_the_connection_settings_as_it_found_them(db: Database) -> None:
-    """SQLite's bulk insert raises the page cache for itself only: the pooled connection
-    gets its own setting back."""
+    """SQLite's bulk insert raises the page cache for itself only, or keeps the cache of the
+    block that raised it: the pooled connection gets its own setting back."""
     program = make_program(db)
     with db.begin() as session:
         connection = session.connection()
@@ -317,6 +317,18 @@ def test_bulk_insert_leaves_the_connection_settings_as_it_found_them(db: Databas
         if sqlite:
             assert connection.exec_driver_sql("PRAGMA cache_size").scalar_one() == before
         assert session.get(Member, "m-cache") is not None
+        # Inside a block that raised it (a backfill), the cache stays raised between inserts
+        # and is given back at the block's end.
+        with ledger.large_cache(session):
+            second = rows.with_columns(
+                pl.lit("m-cache-2").alias("id"), pl.lit("p2").alias("profile_id")
+            )
+            assert ledger.bulk_insert(session, Member.__table__, second) == 1
+            if sqlite:
+                raised = connection.exec_driver_sql("PRAGMA cache_size").scalar_one()
+                assert raised == -ledger.LARGE_CACHE_KIB != before
+        if sqlite:
+            assert connection.exec_driver_sql("PRAGMA cache_size").scalar_one() == before
 
 
 def test_bulk_insert_of_many_rows_skips_existing_keys_and_counts_the_new(db: Database) -> None:
