@@ -71,6 +71,12 @@ def new_id() -> str:
     """
     n = (time.time_ns() // 1_000_000) << 80 | 7 << 76 | secrets.randbits(12) << 64
     n |= 0b10 << 62 | secrets.randbits(62)
+    return uuid_text(n)
+
+
+def uuid_text(n: int) -> str:
+    """The canonical text of the 128-bit UUID `n` (what `str(uuid.UUID(int=n))` gives,
+    without building the object)."""
     x = f"{n:032x}"
     return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
 

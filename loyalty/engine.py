@@ -445,10 +445,6 @@ def returns_as_refunds(frame: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _in_chunks(values: list[str], size: int = 1000) -> list[list[str]]:
-    return [values[i : i + size] for i in range(0, len(values), size)]
-
-
 def _enrol_automatically(
     session: Session, *, program: Program, frame: pl.DataFrame, specs: list[RuleSpec]
 ) -> int:
@@ -491,7 +487,7 @@ def member_frame(session: Session, *, program_id: str, profiles: list[str]) -> p
     batches = (
         [query]
         if len(profiles) > IN_LIST_LIMIT
-        else [query.where(Member.profile_id.in_(chunk)) for chunk in _in_chunks(profiles)]
+        else [query.where(Member.profile_id.in_(chunk)) for chunk in ledger.in_chunks(profiles)]
     )
     rows = [row for q in batches for row in session.execute(q).all()]
     return pl.DataFrame(
@@ -523,7 +519,7 @@ def load_priors(
     earn = LedgerEntry.kind == "earn"
     # The batch's members only, in chunks: a backfill slice of 150k members reads their
     # rows through the caps index instead of every member's of the programme.
-    chunks = _in_chunks(sorted(members))
+    chunks = ledger.in_chunks(sorted(members))
     if ids["day"] or ids["month"]:
         rows = [
             row
@@ -699,7 +695,7 @@ def _refunds_follow_their_orders(
     owner, live = aliased(Member), aliased(Member)
     recorded = [
         (str(order), str(profile))
-        for chunk in _in_chunks(orders)
+        for chunk in ledger.in_chunks(orders)
         for order, profile in session.execute(
             select(Activity.order_id, live.profile_id)
             .join(owner, owner.id == Activity.member_id)
@@ -967,7 +963,7 @@ def _tier_priors(session: Session, *, program: Program, prepared: pl.DataFrame) 
         if len(members) > IN_LIST_LIMIT
         else [
             query.where(or_(Member.id.in_(chunk), Member.merged_into.in_(chunk)))
-            for chunk in _in_chunks(members)
+            for chunk in ledger.in_chunks(members)
         ]
     )
     found = pl.DataFrame(
@@ -1087,7 +1083,7 @@ def _reversal_values(
     batch_events = prepared["event_id"].drop_nulls().implode()
     entry_rows = [
         row
-        for chunk in _in_chunks(orders)
+        for chunk in ledger.in_chunks(orders)
         for row in session.execute(
             select(
                 LedgerEntry.order_id,
@@ -1117,7 +1113,7 @@ def _reversal_values(
     ).filter(pl.col("event_id").is_null() | ~pl.col("event_id").is_in(batch_events))
     activity_rows = [
         row
-        for chunk in _in_chunks(orders)
+        for chunk in ledger.in_chunks(orders)
         for row in session.execute(
             select(
                 Activity.order_id, Activity.event_id, Activity.occurred_at, Activity.spend
@@ -1205,7 +1201,7 @@ def _order_sums(
     reversed_: dict[str, list[int]] = {}
     spent: dict[str, float] = {}
     refunds: dict[str, list[Any]] = {}
-    for chunk in _in_chunks(orders):
+    for chunk in ledger.in_chunks(orders):
         for order, kind, points, qualifying, unrecovered in session.execute(
             select(
                 LedgerEntry.order_id,
@@ -1274,7 +1270,7 @@ def _reverse_refunds(
     keys = refunds["key"].to_list()
     done = {
         key
-        for chunk in _in_chunks(keys)
+        for chunk in ledger.in_chunks(keys)
         for key in session.scalars(
             select(LedgerEntry.idempotency_key).where(LedgerEntry.idempotency_key.in_(chunk))
         )

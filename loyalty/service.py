@@ -591,10 +591,8 @@ def split_profiles(
     if rows:
         session.execute(ledger.insert_ignoring_conflicts(session, LedgerEntry.__table__), rows)
     for dest_id, lot_ids in moved_lots.items():
-        for i in range(0, len(lot_ids), 1000):
-            session.execute(
-                update(Lot).where(Lot.entry_id.in_(lot_ids[i : i + 1000])).values(member_id=dest_id)
-            )
+        for chunk in ledger.in_chunks(lot_ids):
+            session.execute(update(Lot).where(Lot.entry_id.in_(chunk)).values(member_id=dest_id))
     # Purchase activity (spend and orders tier metrics) follows its event the same way.
     for activity_id, member_id, event_id in activity:
         dest = target.id if goes_to_target({"event_id": event_id, "earner": member_id}) else head.id

@@ -10,7 +10,7 @@ import polars as pl
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from loyalty import calendar
+from loyalty import calendar, ledger
 from loyalty.models import Activity, LedgerEntry, Member, Program, Tier, TierChange
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def metrics(
     since = window_start(program, now)
     owner = func.coalesce(Member.merged_into, Member.id)
     values: dict[str, float] = dict.fromkeys(member_ids, 0.0)
-    for chunk in [member_ids[i : i + 1000] for i in range(0, len(member_ids), 1000)]:
+    for chunk in ledger.in_chunks(member_ids):
         group = (
             select(Member.id, owner.label("owner"))
             .where(
@@ -267,7 +267,7 @@ def ranks_at(
     members = rows["member_id"].unique().to_list()
     found = [
         change
-        for chunk in [members[i : i + 1000] for i in range(0, len(members), 1000)]
+        for chunk in ledger.in_chunks(members)
         for change in session.execute(
             select(TierChange.member_id, TierChange.at, TierChange.event_id, TierChange.to_tier_id)
             .where(TierChange.program_id == program.id, TierChange.member_id.in_(chunk))
@@ -337,7 +337,7 @@ def apply_row_upgrades(
     ids = sorted(set(steps["member_id"].to_list()) | set(last["member_id"].to_list()))
     members = {
         m.id: m
-        for chunk in [ids[i : i + 1000] for i in range(0, len(ids), 1000)]
+        for chunk in ledger.in_chunks(ids)
         for m in session.scalars(
             select(Member).where(Member.id.in_(chunk), Member.status == "active")
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 
-from cdp.db import new_id
+from cdp.db import new_id, uuid_text
 
 
 def test_new_ids_are_uuid7_that_carry_their_creation_millisecond() -> None:
@@ -20,3 +20,8 @@ def test_new_ids_are_uuid7_that_carry_their_creation_millisecond() -> None:
     # Created one after the other, their instants never go back (a B-tree append).
     assert stamps == sorted(stamps)
     assert len(set(ids)) == len(ids)
+
+
+def test_uuid_text_is_the_canonical_form() -> None:
+    for n in (0, 1, 2**128 - 1, uuid.UUID(new_id()).int, 0x0123456789ABCDEF0123456789ABCDEF):
+        assert uuid_text(n) == str(uuid.UUID(int=n))
