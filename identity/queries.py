@@ -1000,6 +1000,22 @@ def lookup(kind: str, value: str) -> Query:
     )
 
 
+# Bulk forms of the two lookups above, over a frame the caller registers as `id_lookup_frame`
+# (columns `row`, `kind`, `value` for identifiers; `row`, `profile_id` for profile ids).
+LOOKUP_MANY = """
+SELECT f.row, n.profile_id
+FROM id_lookup_frame f LEFT JOIN identity_nodes n ON n.kind = f.kind AND n.value = f.value
+ORDER BY f.row
+"""
+
+LIVE_PROFILE_IDS = """
+SELECT f.row, CASE WHEN r.profile_id IS NULL THEN NULL ELSE coalesce(r.merged_into, r.profile_id)
+    END AS profile_id
+FROM id_lookup_frame f LEFT JOIN identity_profile_ids r ON r.profile_id = f.profile_id
+ORDER BY f.row
+"""
+
+
 def profile_id_record(profile_id: str) -> Query:
     """The registry row of a profile id."""
     return Query(

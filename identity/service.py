@@ -124,6 +124,43 @@ def lookup_identifier(
     return None if normalised is None else lookup(warehouse, kind=kind, value=normalised)
 
 
+def lookup_identifiers(
+    warehouse: Warehouse, *, settings: Settings, kinds: list[str], values: list[str | None]
+) -> list[str | None]:
+    """The profile holding each identifier given as typed (normalised first), in order;
+    None where the value is not usable or no profile holds it. One query for the lot."""
+    normalised = [
+        normalise(kind, value, region=settings.default_phone_region)
+        for kind, value in zip(kinds, values, strict=True)
+    ]
+    frame = pl.DataFrame(
+        {"row": range(len(kinds)), "kind": kinds, "value": normalised},
+        schema={"row": pl.Int64, "kind": pl.String, "value": pl.String},
+    )
+    return _by_row(warehouse, frame, queries.LOOKUP_MANY)
+
+
+def live_profile_ids(warehouse: Warehouse, *, profile_ids: list[str]) -> list[str | None]:
+    """Each profile id's live profile (following merges), in order; None if never issued."""
+    frame = pl.DataFrame(
+        {"row": range(len(profile_ids)), "profile_id": profile_ids},
+        schema={"row": pl.Int64, "profile_id": pl.String},
+    )
+    return _by_row(warehouse, frame, queries.LIVE_PROFILE_IDS)
+
+
+def _by_row(warehouse: Warehouse, frame: pl.DataFrame, sql: str) -> list[str | None]:
+    if frame.is_empty():
+        return []
+    with warehouse.cursor() as cur:
+        cur.register("id_lookup_frame", frame)
+        try:
+            rows = cur.execute(sql).fetchall()
+        finally:
+            cur.unregister("id_lookup_frame")
+    return [None if profile is None else str(profile) for _, profile in rows]
+
+
 def resolved_up_to(warehouse: Warehouse) -> int:
     """The highest event id resolution has processed (0 before the first run).
 

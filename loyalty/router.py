@@ -551,10 +551,21 @@ def list_expiring(
 def import_balances(
     program_id: str,
     session: SessionDep,
+    warehouse: WarehouseDep,
+    settings: SettingsDep,
     idem: IdempotencyDep,
-    file: Annotated[UploadFile, File(description="CSV: profile_id, balance[, expires_at, tier]")],
+    file: Annotated[
+        UploadFile,
+        File(
+            description="CSV: balance, profile_id or identifier_kind + identifier"
+            "[, expires_at, tier, enrolled_at]"
+        ),
+    ],
 ) -> Response:
-    """Import opening balances from a CSV file; importing the same rows again changes nothing."""
+    """Import opening balances from a CSV file; importing the same rows again changes nothing.
+
+    Each row names its member by `profile_id` or by an identifier the old system knew
+    (`identifier_kind`, `identifier`: e.g. `loyalty_card`, `email`)."""
     content = file.file.read()
     return run_once(
         session,
@@ -562,7 +573,7 @@ def import_balances(
         body={"file": content.decode("utf-8", errors="replace")},
         model=ImportResult,
         run=lambda: service.import_opening_balances(
-            session, program_id=program_id, content=content
+            session, warehouse, settings=settings, program_id=program_id, content=content
         ),
     )
 

@@ -1712,18 +1712,30 @@ def expiring_soon(
     return [(str(m), str(p), int(s), e) for m, p, s, e in rows if e is not None]
 
 
-IMPORT_COLUMNS = ("profile_id", "balance")
+# Who a row is for: our profile id, or an identifier the old system knew the member by.
+IMPORT_KEYS = (("profile_id",), ("identifier_kind", "identifier"))
+IMPORT_OPTIONAL = ("expires_at", "tier", "enrolled_at", *(c for key in IMPORT_KEYS for c in key))
 
 
 def import_opening_balances(
-    session: Session, *, program_id: str, content: bytes, now: datetime | None = None
+    session: Session,
+    warehouse: Warehouse,
+    *,
+    settings: Settings,
+    program_id: str,
+    content: bytes,
+    now: datetime | None = None,
 ) -> ImportResult:
     """Import opening balances from a CSV file (migrating from another system).
 
-    Columns: `profile_id`, `balance`, and optionally `expires_at` (ISO 8601), `tier` (a
-    tier name) and `enrolled_at`. Each profile gets at most one opening balance, keyed
-    `import:<programme>:<profile>`, so importing the same file again changes nothing.
-    Bad rows are reported by their row number (1 = first data row); good rows are imported.
+    Columns: `balance`, who the row is for, and optionally `expires_at` (ISO 8601), `tier`
+    (a tier name) and `enrolled_at` (ISO 8601). Who: `profile_id` (a merged-away id counts
+    for its survivor), or `identifier_kind` and `identifier` (e.g. `loyalty_card`, `email`:
+    normalised and looked up as identity does); a row with a `profile_id` uses it. Each
+    profile gets at most one opening balance, keyed `import:<programme>:<profile>`, so
+    importing the same file again changes nothing. Bad rows (unknown profile, identifier no
+    profile holds, bad number or date, unknown tier, a profile named twice) are reported by
+    their row number (1 = first data row); good rows are imported.
     """
     program = get_program(session, program_id=program_id)
     now = now or utcnow()
@@ -1731,15 +1743,16 @@ def import_opening_balances(
         raw = pl.read_csv(content, infer_schema=False)
     except (pl.exceptions.PolarsError, ValueError) as exc:
         raise InvalidImport(f"cannot read the file as CSV: {exc}") from None
-    missing = [c for c in IMPORT_COLUMNS if c not in raw.columns]
-    if missing:
-        raise InvalidImport(f"missing columns: {', '.join(missing)}")
-    for optional in ("expires_at", "tier", "enrolled_at"):
+    if "balance" not in raw.columns:
+        raise InvalidImport("missing column: balance")
+    if not any(all(c in raw.columns for c in key) for key in IMPORT_KEYS):
+        raise InvalidImport("missing columns: profile_id, or identifier_kind and identifier")
+    for optional in IMPORT_OPTIONAL:
         if optional not in raw.columns:
             raw = raw.with_columns(pl.lit(None, dtype=pl.String).alias(optional))
     ladder = {t.name: t for t in tiers.ladder(session, program_id=program.id)}
     parsed = raw.with_row_index("row", offset=1).with_columns(
-        pl.col("profile_id").str.strip_chars(),
+        *(_blank_as_null(c) for c in ("profile_id", "identifier_kind", "identifier")),
         pl.col("balance").str.strip_chars().cast(pl.Int64, strict=False).alias("points"),
         pl.col("expires_at")
         .str.strip_chars()
@@ -1750,25 +1763,52 @@ def import_opening_balances(
         .str.to_datetime(time_zone="UTC", strict=False)
         .alias("enrolled"),
     )
+    parsed = parsed.with_columns(
+        pl.Series("profile", _import_profiles(warehouse, settings, parsed), dtype=pl.String)
+    )
+    by_identifier = pl.col("profile_id").is_null() & pl.col("identifier").is_not_null()
     problem = (
-        pl.when(pl.col("profile_id").is_null() | (pl.col("profile_id") == ""))
-        .then(pl.lit("profile_id is empty"))
+        pl.when(pl.col("profile_id").is_null() & pl.col("identifier").is_null())
+        .then(pl.lit("profile_id (or identifier) is empty"))
+        .when(by_identifier & pl.col("identifier_kind").is_null())
+        .then(pl.lit("identifier_kind is empty"))
+        .when(pl.col("profile_id").is_not_null() & pl.col("profile").is_null())
+        .then(pl.format("no profile {}", pl.col("profile_id")))
+        .when(by_identifier & pl.col("profile").is_null())
+        .then(pl.format("no profile holds {} {}", pl.col("identifier_kind"), pl.col("identifier")))
         .when(pl.col("points").is_null() | (pl.col("points") < 0))
         .then(pl.lit("balance is not a whole number >= 0"))
         .when(pl.col("expires_at").is_not_null() & pl.col("expires_override").is_null())
         .then(pl.lit("expires_at is not an ISO 8601 date-time"))
+        .when(pl.col("enrolled_at").is_not_null() & pl.col("enrolled").is_null())
+        .then(pl.lit("enrolled_at is not an ISO 8601 date-time"))
         .when(pl.col("tier").is_not_null() & ~pl.col("tier").is_in(list(ladder)))
         .then(pl.lit("unknown tier"))
-        .when(pl.col("profile_id").is_duplicated())
-        .then(pl.lit("profile_id appears more than once"))
         .otherwise(None)
     )
     checked = parsed.with_columns(problem.alias("problem"))
+    # A profile named by several rows (two ids merged since, an id and an identifier of
+    # the same person): none of them is imported, since which one the old system meant
+    # is not for the import to guess.
+    checked = checked.with_columns(
+        pl.when(
+            pl.col("problem").is_null()
+            & pl.col("profile").is_duplicated()
+            & pl.col("profile").is_not_null()
+        )
+        .then(pl.lit("the same profile is named by another row"))
+        .otherwise(pl.col("problem"))
+        .alias("problem")
+    )
     errors = [
         ImportRowError(row=int(r["row"]), message=str(r["problem"]))
         for r in checked.filter(pl.col("problem").is_not_null()).iter_rows(named=True)
     ]
-    good = checked.filter(pl.col("problem").is_null())
+    good = (
+        checked.filter(pl.col("problem").is_null())
+        .drop("profile_id")
+        .rename({"profile": "profile_id"})
+    )
     members_created = 0
     if not good.is_empty():
         result = session.execute(
@@ -1816,7 +1856,7 @@ def import_opening_balances(
     ):
         already = session.scalar(
             select(TierChange.id).where(
-                TierChange.member_id == r["member_id"], TierChange.reason == "import"
+                TierChange.member_id == r["member_id"], TierChange.reason == tiers.IMPORT_REASON
             )
         )
         if already is not None:
@@ -1829,7 +1869,7 @@ def import_opening_balances(
                 member_id=member.id,
                 from_tier_id=member.tier_id,
                 to_tier_id=tier.id,
-                reason="import",
+                reason=tiers.IMPORT_REASON,
                 metric_value=0.0,
                 at=now,
             )
@@ -1846,6 +1886,45 @@ def import_opening_balances(
         tiers_set=tiers_set,
         errors=errors,
     )
+
+
+def _blank_as_null(column: str) -> pl.Expr:
+    text = pl.col(column).str.strip_chars()
+    return pl.when(text != "").then(text).alias(column)
+
+
+def _import_profiles(
+    warehouse: Warehouse, settings: Settings, rows: pl.DataFrame
+) -> list[str | None]:
+    """The live profile of each import row: its `profile_id` followed through merges, else
+    the profile holding its identifier; None when there is none (reported by the caller)."""
+    by_id = rows.filter(pl.col("profile_id").is_not_null())
+    by_identifier = rows.filter(
+        pl.col("profile_id").is_null()
+        & pl.col("identifier").is_not_null()
+        & pl.col("identifier_kind").is_not_null()
+    )
+    found: dict[int, str | None] = {}
+    found.update(
+        zip(
+            by_id["row"].to_list(),
+            identity_service.live_profile_ids(warehouse, profile_ids=by_id["profile_id"].to_list()),
+            strict=True,
+        )
+    )
+    found.update(
+        zip(
+            by_identifier["row"].to_list(),
+            identity_service.lookup_identifiers(
+                warehouse,
+                settings=settings,
+                kinds=by_identifier["identifier_kind"].to_list(),
+                values=by_identifier["identifier"].to_list(),
+            ),
+            strict=True,
+        )
+    )
+    return [found.get(row) for row in rows["row"].to_list()]
 
 
 # Any: a dialect-aware "first day of the period" SQL construct, given by the caller

@@ -15,6 +15,13 @@ from loyalty.models import Activity, LedgerEntry, Member, Program, Tier, TierCha
 
 logger = logging.getLogger(__name__)
 
+# Tier history reason of a tier set by an opening-balance import.
+IMPORT_REASON = "import"
+# An imported tier is kept this long whatever the metric says: the points, spend or orders
+# that earned it are in the old system, not in this ledger, so the first re-evaluations
+# would otherwise step every imported member down.
+IMPORT_HOLD_MONTHS = 12
+
 
 def window_start(program: Program, now: datetime) -> datetime:
     """Where the qualification window starts: 12 months back, or the local new year."""
@@ -108,6 +115,7 @@ def evaluate(
     ).all()
     moves: list[Move] = []
     grace = timedelta(days=program.tier_grace_days)
+    held = _imported_tiers_held(session, member_ids=member_ids, now=now) if downgrade else {}
     for member in members:
         value = values.get(member.id, 0.0)
         target = _target(tiers, value)
@@ -116,6 +124,8 @@ def evaluate(
         if target_rank > current_rank:
             moves.append(_move(session, program, member, target, "upgrade", value, now))
         elif target_rank < current_rank and downgrade:
+            if held.get(member.id) == member.tier_id:
+                continue
             if member.below_tier_since is None:
                 member.below_tier_since = now
             if now - member.below_tier_since >= grace:
@@ -124,6 +134,25 @@ def evaluate(
             member.below_tier_since = None
     session.flush()
     return moves
+
+
+def _imported_tiers_held(
+    session: Session, *, member_ids: list[str], now: datetime
+) -> dict[str, str | None]:
+    """Member id -> the tier an import gave it within `IMPORT_HOLD_MONTHS` (still held while
+    it is the member's tier: an upgrade since ends the hold)."""
+    since = now - timedelta(days=round(IMPORT_HOLD_MONTHS * 365.25 / 12))
+    held: dict[str, str | None] = {}
+    for chunk in ledger.in_chunks(member_ids):
+        for member_id, tier_id in session.execute(
+            select(TierChange.member_id, TierChange.to_tier_id).where(
+                TierChange.member_id.in_(chunk),
+                TierChange.reason == IMPORT_REASON,
+                TierChange.at > since,
+            )
+        ):
+            held[member_id] = tier_id
+    return held
 
 
 def _move(

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from cdp.config import Settings
 from cdp.db import Database
 from cdp.warehouse import Warehouse
 from loyalty import ledger, service
@@ -14,6 +15,7 @@ from loyalty.models import Activity, LedgerEntry, Lot, Member
 from loyalty.schemas import RewardCreate, RuleCreate, TierCreate
 from tests.loyalty.conftest import T0, earn, make_member, make_program
 from tests.loyalty.events import ev
+from tests.loyalty.identity_data import profile_of, resolve, write_events
 from tests.loyalty.test_backfill import _load_warehouse
 from tests.loyalty.test_engine import _process
 
@@ -101,46 +103,134 @@ def test_spend_metric_counts_orders_net_of_refunds(db: Database) -> None:
         assert progress.value == 70
 
 
+def _people(warehouse: Warehouse, cards: list[str]) -> list[str]:
+    """One resolved profile per loyalty card (each also has the email `<card>@old.example`,
+    stored normalised, as ingestion would)."""
+    write_events(
+        warehouse,
+        [
+            ([("loyalty_card", c), ("email", f"{c.lower()}@old.example")], "Signed Up", 0)
+            for c in cards
+        ],
+    )
+    resolve(warehouse)
+    return [profile_of(warehouse, "loyalty_card", c) for c in cards]
+
+
 def test_opening_balance_import_is_idempotent_and_reports_bad_rows(
-    db: Database, client: TestClient, loyalty_headers: H
+    db: Database, warehouse: Warehouse, client: TestClient, loyalty_headers: H
 ) -> None:
     program = make_program(db)
     _, gold = _ladder(db, program.id)
+    p1, p2, p3, p4, p5 = _people(warehouse, ["C1", "C2", "C3", "C4", "C5"])
     csv = (
-        b"profile_id,balance,expires_at,tier\n"
-        b"p1,500,2027-06-30T22:00:00Z,Gold\n"
-        b"p2,abc,,\n"
-        b"p3,40,,\n"
-        b",10,,\n"
-        b"p4,10,,Diamond\n"
-    )
+        "profile_id,identifier_kind,identifier,balance,expires_at,tier,enrolled_at\n"
+        f"{p1},,,500,2027-06-30T22:00:00Z,Gold,\n"
+        f"{p2},,,abc,,,\n"
+        ",email, C3@OLD.example ,40,,,2024-05-01T00:00:00Z\n"
+        ",,,10,,,\n"
+        f"{p4},,,10,,Diamond,\n"
+        "nobody,,,10,,,\n"
+        ",email,nobody@old.example,10,,,\n"
+        ",loyalty_card,C2,10,,,not-a-date\n"
+        f"{p5},,,10,,,\n"
+        ",loyalty_card,C5,20,,,\n"
+        ",,C4,20,,,\n"
+    ).encode()
     url = f"/api/loyalty/programs/{program.id}/imports"
     first = client.post(url, files={"file": ("old.csv", csv, "text/csv")}, headers=loyalty_headers)
     assert first.status_code == 200, first.text
     body = first.json()
     assert (body["rows"], body["imported"], body["members_created"], body["tiers_set"]) == (
-        5,
+        11,
         2,
         2,
         1,
     )
     assert [(e["row"], e["message"]) for e in body["errors"]] == [
         (2, "balance is not a whole number >= 0"),
-        (4, "profile_id is empty"),
+        (4, "profile_id (or identifier) is empty"),
         (5, "unknown tier"),
+        (6, "no profile nobody"),
+        (7, "no profile holds email nobody@old.example"),
+        (8, "enrolled_at is not an ISO 8601 date-time"),
+        (9, "the same profile is named by another row"),
+        (10, "the same profile is named by another row"),
+        (11, "identifier_kind is empty"),
     ]
     again = client.post(url, files={"file": ("old.csv", csv, "text/csv")}, headers=loyalty_headers)
     assert (again.json()["imported"], again.json()["already_imported"]) == (0, 2)
     with db.begin() as session:
-        p1 = service.member_by_profile(session, program_id=program.id, profile_id="p1")
-        assert p1.tier_id == gold
-        lot = session.scalars(select(Lot).where(Lot.member_id == p1.id)).one()
+        first_member = service.member_by_profile(session, program_id=program.id, profile_id=p1)
+        assert first_member.tier_id == gold
+        lot = session.scalars(select(Lot).where(Lot.member_id == first_member.id)).one()
         assert (lot.remaining, lot.pending_until, lot.expires_at) == (
             500,
             None,
             datetime(2027, 6, 30, 22, tzinfo=UTC),
         )
+        # Found by its email as typed in the old system (normalised as identity does).
+        third = service.member_by_profile(session, program_id=program.id, profile_id=p3)
+        assert third.enrolled_at == datetime(2024, 5, 1, tzinfo=UTC)
+        assert service.member_balance(session, member_id=third.id)[1].active == 40
         assert len(session.scalars(select(LedgerEntry)).all()) == 2
+        # No member for a row that failed, nor for profiles nobody imported.
+        assert {m.profile_id for m in session.scalars(select(Member))} == {p1, p3}
+
+
+def test_opening_balance_import_takes_a_merged_away_profile_id_to_its_survivor(
+    db: Database, warehouse: Warehouse, client: TestClient, loyalty_headers: H
+) -> None:
+    program = make_program(db)
+    write_events(warehouse, [([("email", "ann@old.example")], "Signed Up", 0)])
+    write_events(warehouse, [([("anonymous_id", "cookie-1")], "Page Viewed", 0)])
+    resolve(warehouse)
+    older = profile_of(warehouse, "email", "ann@old.example")
+    newer = profile_of(warehouse, "anonymous_id", "cookie-1")
+    # She logs in on that browser: the older profile absorbs the newer one.
+    write_events(
+        warehouse, [([("email", "ann@old.example"), ("anonymous_id", "cookie-1")], "Login", 0)]
+    )
+    resolve(warehouse)
+    assert profile_of(warehouse, "anonymous_id", "cookie-1") == older != newer
+    csv = f"profile_id,balance\n{newer},70\n".encode()
+    answer = client.post(
+        f"/api/loyalty/programs/{program.id}/imports",
+        files={"file": ("old.csv", csv, "text/csv")},
+        headers=loyalty_headers,
+    )
+    assert answer.status_code == 200, answer.text
+    assert (answer.json()["imported"], answer.json()["errors"]) == (1, [])
+    with db.begin() as session:
+        member = service.member_by_profile(session, program_id=program.id, profile_id=older)
+        assert service.member_balance(session, member_id=member.id)[1].active == 70
+
+
+def test_an_imported_tier_is_held_for_twelve_months_then_re_evaluated(
+    db: Database, warehouse: Warehouse
+) -> None:
+    program = make_program(db)
+    silver, gold = _ladder(db, program.id)
+    (profile,) = _people(warehouse, ["G1"])
+    now = datetime(2026, 3, 10, tzinfo=UTC)
+    with db.begin() as session:
+        result = service.import_opening_balances(
+            session,
+            warehouse,
+            settings=Settings(),
+            program_id=program.id,
+            content=f"profile_id,balance,tier\n{profile},0,Gold\n".encode(),
+            now=now,
+        )
+        assert (result.tiers_set, result.errors) == (1, [])
+        member_id = service.member_by_profile(session, program_id=program.id, profile_id=profile).id
+    # Nothing in this ledger qualifies the member (the old system's points are not here):
+    # the nightly re-evaluation keeps the imported tier for 12 months, then steps it down.
+    for days, expected in ((1, gold), (200, gold), (364, gold), (366, None)):
+        with db.begin() as session:
+            service.reevaluate_tiers(session, program_id=program.id, now=now + timedelta(days=days))
+            assert session.get(Member, member_id).tier_id == expected, days  # type: ignore[union-attr]
+    del silver
 
 
 def test_expiring_soon_lists_members_to_remind(
