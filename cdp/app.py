@@ -176,10 +176,13 @@ def _segment_attributes(warehouse: Warehouse, profile_id: str) -> dict[str, Any]
 def wire_packages() -> None:
     """Register what a lower layer needs from a higher one (see ARCHITECTURE.md).
 
-    Identity's profile API shows segments' computed attributes; loyalty's segment fields
-    register when `loyalty.service` is imported (and again here, idempotently).
+    Identity's profile API shows segments' computed attributes, and its privacy export
+    what loyalty and segments hold about the person; loyalty's segment fields register when
+    `loyalty.service` is imported (and again here, idempotently).
     """
     identity_service.register_attributes_provider(_segment_attributes)
+    identity_service.register_export_section("loyalty", loyalty_service.person_export)
+    identity_service.register_export_section("segments", segments_service.person_export)
     loyalty_service.register_segment_fields()
 
 

@@ -194,6 +194,11 @@ class ProfileExport(BaseModel):
     profile: ProfileRead
     identity: IdentityExplanation
     events: list[EventRead]
+    # Any: each layer's own document (e.g. "loyalty", "segments").
+    held_by: dict[str, Any] = Field(
+        default_factory=dict,
+        description="what the other layers hold about the person, by layer",
+    )
 
 
 class ConsentCreate(BaseModel):

@@ -216,6 +216,18 @@ AttributesProvider = Callable[[Warehouse, str], dict[str, Any] | None]
 _attributes_provider: list[AttributesProvider] = []
 
 
+# Any: a JSON-ready document. What another layer holds about a person, for the export:
+# `section(session, warehouse, live_profile_id)`. Identity imports no layer above it, so the
+# composition root (`cdp/app.py`) registers loyalty's and segments' sections here.
+ExportSection = Callable[[Session, Warehouse, str], Any]
+_export_sections: dict[str, ExportSection] = {}
+
+
+def register_export_section(name: str, section: ExportSection) -> None:
+    """Add (or replace) a named section of `export_profile`'s `held_by` document."""
+    _export_sections[name] = section
+
+
 def register_attributes_provider(provider: AttributesProvider | None) -> None:
     """Set (or clear, with None) the function `get_profile` asks for a profile's attributes.
 
@@ -473,7 +485,9 @@ def erase_profile(
 def export_profile(
     session: Session, warehouse: Warehouse, *, profile_id: str, actor: str | None
 ) -> ProfileExport:
-    """Everything held about a person, as one document; audited."""
+    """Everything held about a person, as one document; audited. `held_by` has what the
+    other layers hold (registered sections: loyalty memberships and ledgers, segment
+    memberships and their history)."""
     profile = get_profile(warehouse, profile_id=profile_id)
     events = [
         _event(row)
@@ -484,8 +498,18 @@ def export_profile(
         profile=profile,
         identity=explain_identity(warehouse, profile_id=profile.id),
         events=events,
+        held_by={
+            name: section(session, warehouse, profile.id)
+            for name, section in sorted(_export_sections.items())
+        },
     )
-    _audit(session, "export", profile.id, actor, {"events": len(events)})
+    _audit(
+        session,
+        "export",
+        profile.id,
+        actor,
+        {"events": len(events), "sections": sorted(_export_sections)},
+    )
     return export
 
 

@@ -19,7 +19,6 @@ from loyalty.schemas import (
     DryRunRequest,
     DryRunResult,
     ExpiringMember,
-    ExpiringRead,
     ImportResult,
     KpiRead,
     LedgerEntryRead,
@@ -222,21 +221,7 @@ def get_member(member_id: str, session: SessionDep) -> MemberRead:
 @router.get("/members/{member_id}/balance")
 def get_balance(member_id: str, session: SessionDep) -> BalanceRead:
     """Active, pending and soon-expiring points, qualifying points and tier progress."""
-    member, view = service.member_balance(session, member_id=member_id)
-    return BalanceRead(
-        member_id=member.id,
-        active=view.active,
-        pending=view.pending,
-        expired_unprocessed=view.expired_unprocessed,
-        total=view.total,
-        next_pending_release=view.next_pending_release,
-        expiring_soon=[
-            ExpiringRead(date=e.date, expires_at=e.expires_at, points=e.points)
-            for e in view.expiring_soon
-        ],
-        qualifying_points=service.qualifying_points(session, member_id=member.id),
-        tier=service.tier_progress(session, member_id=member.id),
-    )
+    return service.balance_read(session, member_id=member_id)
 
 
 @router.get("/members/{member_id}/history")

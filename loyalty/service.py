@@ -68,19 +68,25 @@ from loyalty.models import (
     TierChange,
 )
 from loyalty.schemas import (
+    BalanceRead,
     CountAt,
     DryRunRequest,
     DryRunResult,
+    ExpiringRead,
     ImportResult,
     ImportRowError,
     KpiRead,
+    LedgerEntryRead,
     MemberAction,
+    MemberRead,
     ProgramCreate,
     ProgramUpdate,
+    RedemptionRead,
     RewardCreate,
     RuleCreate,
     RuleUpdate,
     RuleVerdict,
+    TierChangeRead,
     TierCreate,
     TierProgress,
 )
@@ -326,6 +332,76 @@ def member_balance(
     member = get_member(session, member_id=member_id)
     program = get_program(session, program_id=member.program_id)
     return member, ledger.balance(session, program=program, member_id=member.id, now=now)
+
+
+def balance_read(session: Session, *, member_id: str) -> BalanceRead:
+    """The balance document of the API: active, pending and soon-expiring points, qualifying
+    points and tier progress."""
+    member, view = member_balance(session, member_id=member_id)
+    return BalanceRead(
+        member_id=member.id,
+        active=view.active,
+        pending=view.pending,
+        expired_unprocessed=view.expired_unprocessed,
+        total=view.total,
+        next_pending_release=view.next_pending_release,
+        expiring_soon=[
+            ExpiringRead(date=e.date, expires_at=e.expires_at, points=e.points)
+            for e in view.expiring_soon
+        ],
+        qualifying_points=qualifying_points(session, member_id=member.id),
+        tier=tier_progress(session, member_id=member.id),
+    )
+
+
+def person_export(session: Session, warehouse: Warehouse, profile_id: str) -> list[dict[str, Any]]:
+    """Everything loyalty holds about a profile, for identity's export (JSON-ready): each
+    programme's membership with the memberships merged into it, its balance, every ledger
+    entry, redemption (coupon codes included) and tier change, oldest first."""
+    del warehouse  # part of identity's section contract; loyalty's data is all here
+    heads = session.scalars(
+        select(Member).where(Member.profile_id == profile_id).order_by(Member.enrolled_at)
+    ).all()
+    out: list[dict[str, Any]] = []
+    for head in heads:
+        group = member_group(session, member_id=head.id)
+        program = get_program(session, program_id=head.program_id)
+        entries = session.scalars(
+            select(LedgerEntry)
+            .where(LedgerEntry.member_id.in_(group))
+            .order_by(LedgerEntry.occurred_at, LedgerEntry.id)
+        ).all()
+        redemptions = session.scalars(
+            select(Redemption)
+            .where(Redemption.member_id.in_(group))
+            .order_by(Redemption.created_at, Redemption.id)
+        ).all()
+        changes = session.scalars(
+            select(TierChange)
+            .where(TierChange.member_id.in_(group))
+            .order_by(TierChange.at, TierChange.id)
+        ).all()
+        merged = [m for m in session.scalars(select(Member).where(Member.id.in_(group[1:])))]
+        out.append(
+            {
+                "program": {"id": program.id, "name": program.name},
+                "membership": MemberRead.model_validate(head).model_dump(mode="json"),
+                "merged_memberships": [
+                    MemberRead.model_validate(m).model_dump(mode="json") for m in merged
+                ],
+                "balance": balance_read(session, member_id=head.id).model_dump(mode="json"),
+                "ledger": [
+                    LedgerEntryRead.model_validate(e).model_dump(mode="json") for e in entries
+                ],
+                "redemptions": [
+                    RedemptionRead.model_validate(r).model_dump(mode="json") for r in redemptions
+                ],
+                "tier_history": [
+                    TierChangeRead.model_validate(c).model_dump(mode="json") for c in changes
+                ],
+            }
+        )
+    return out
 
 
 def member_group(session: Session, *, member_id: str) -> list[str]:

@@ -335,6 +335,24 @@ def members(segment_id: str, *, limit: int, offset: int) -> Query:
     )
 
 
+def profile_memberships(profile_id: str) -> Query:
+    """The segments a profile is in now, and since when."""
+    return Query(
+        "SELECT segment_id, entered_at FROM segment_membership WHERE profile_id = $pid"
+        " ORDER BY entered_at, segment_id",
+        {"pid": profile_id},
+    )
+
+
+def profile_segment_events(profile_id: str) -> Query:
+    """A profile's entries into and exits from segments, oldest first."""
+    return Query(
+        "SELECT segment_id, kind, occurred_at FROM segment_events WHERE profile_id = $pid"
+        " ORDER BY seq",
+        {"pid": profile_id},
+    )
+
+
 def member_count(segment_id: str) -> Query:
     """How many members the segment has now."""
     return Query(

@@ -1149,6 +1149,29 @@ def members(
     return items, total
 
 
+def person_export(session: Session, warehouse: Warehouse, profile_id: str) -> dict[str, Any]:
+    """What segments hold about a profile, for identity's export (JSON-ready): the segments
+    it is in (by id and name, since when) and its entries and exits, oldest first."""
+    names = {
+        str(sid): str(name)
+        for sid, name in session.execute(select(SegmentsSegment.id, SegmentsSegment.name))
+    }
+
+    def stamp(at: datetime) -> str:
+        return at.replace(tzinfo=UTC).isoformat()
+
+    return {
+        "memberships": [
+            {"segment_id": sid, "segment": names.get(sid), "entered_at": stamp(entered)}
+            for sid, entered in warehouse.rows(queries.profile_memberships(profile_id))
+        ],
+        "history": [
+            {"segment_id": sid, "segment": names.get(sid), "kind": kind, "at": stamp(at)}
+            for sid, kind, at in warehouse.rows(queries.profile_segment_events(profile_id))
+        ],
+    }
+
+
 ExportFormat = Literal["csv", "parquet"]
 EXPORT_BATCH_ROWS = 50_000
 
