@@ -227,7 +227,8 @@ def new_admin_key(db: Database) -> str:
 
 
 def _ensure_program(db: Database, warehouse: Warehouse, summary: DemoSummary) -> None:
-    """Create the demo programme once (paused until its backfill is done) or sync it."""
+    """Create the demo programme once (active: the server's first run of the real-time job
+    backfills it, see `backfill_program`) or sync it."""
     with db.begin() as session:
         programs, _ = loyalty_service.list_programs(session, limit=1000, offset=0)
         program = next((p for p in programs if p.name == PROGRAM_NAME), None)

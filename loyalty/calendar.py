@@ -67,6 +67,23 @@ def expires_at(day: date, tz: str, policy: str, months: int | None) -> datetime 
     raise InvalidProgram(f"unknown expiry policy {policy!r}")
 
 
+def expiry_problem(policy: str, months: int | None) -> str | None:
+    """What is wrong with an expiry policy and its months, or None.
+
+    Calendar periods start on 1 January, so an `end_of_period` length must divide the year
+    (1, 2, 3, 4, 6, 12) or be whole years (24, 36...): with 5 months the periods would
+    restart every January and their lengths would differ from one year to the next.
+    """
+    if policy != "none" and months is None:
+        return "expiry_months is required with an expiry policy"
+    if policy == "end_of_period" and months is not None and 12 % months and months % 12:
+        return (
+            f"an end_of_period of {months} months does not tile the calendar year:"
+            " use 1, 2, 3, 4, 6 or a multiple of 12"
+        )
+    return None
+
+
 def month_start(day: date) -> date:
     """The first day of the day's month."""
     return day.replace(day=1)

@@ -92,9 +92,13 @@ def publish_snapshot(context: JobContext) -> int:
 
 
 def expire_points(context: JobContext) -> int:
-    """Expire the points past their expiry in every active programme."""
+    """Expire the points past their expiry in every programme that ever ran: a paused or
+    ended programme's points still expire on their dates (breakage and liability stay
+    true); a draft has none."""
     expired = 0
-    for program_id in _active_programs(context):
+    with context.db.begin() as session:
+        programs = list(session.scalars(select(Program.id).where(Program.status != "draft")))
+    for program_id in programs:
         with context.db.begin() as session:
             expired += service.expire_points(session, program_id=program_id)
     return expired

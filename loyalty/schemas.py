@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from loyalty import rules
+from loyalty import calendar, rules
 
 ProgramStatus = Literal["draft", "active", "paused", "ended"]
 Enrolment = Literal["automatic", "explicit"]
@@ -43,8 +43,9 @@ class ProgramCreate(ProgramBase):
 
     @model_validator(mode="after")
     def _expiry_needs_months(self) -> ProgramCreate:
-        if self.expiry_policy != "none" and self.expiry_months is None:
-            raise ValueError("expiry_months is required with an expiry policy")
+        problem = calendar.expiry_problem(self.expiry_policy, self.expiry_months)
+        if problem is not None:
+            raise ValueError(problem)
         return self
 
 

@@ -165,8 +165,9 @@ def update_program(session: Session, *, program_id: str, data: ProgramUpdate) ->
         if value is None and name not in {"expiry_months"}:
             continue
         setattr(program, name, value)
-    if program.expiry_policy != "none" and program.expiry_months is None:
-        raise InvalidProgram("expiry_months is required with an expiry policy")
+    problem = calendar.expiry_problem(program.expiry_policy, program.expiry_months)
+    if problem is not None:
+        raise InvalidProgram(problem)
     if status is not None and status != program.status:
         if status not in STATUS_CHANGES[program.status]:
             raise InvalidStatusChange(
@@ -1778,6 +1779,9 @@ def expiring_soon(
         .join(Member, Member.id == Lot.member_id)
         .where(
             Lot.program_id == program_id,
+            # Reminders go to members who can still spend: not to opted-out, unenrolled or
+            # erased ones (their points still expire, see `expire_points`).
+            Member.status == "active",
             Lot.remaining > 0,
             Lot.expires_at > now,
             Lot.expires_at <= now + timedelta(days=days),

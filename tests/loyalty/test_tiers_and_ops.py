@@ -9,10 +9,11 @@ from sqlalchemy import select
 
 from cdp.config import Settings
 from cdp.db import Database
+from cdp.scheduler import JobRunner
 from cdp.warehouse import Warehouse
-from loyalty import ledger, service
+from loyalty import jobs, ledger, service
 from loyalty.models import Activity, LedgerEntry, Lot, Member
-from loyalty.schemas import RewardCreate, RuleCreate, TierCreate
+from loyalty.schemas import ProgramUpdate, RewardCreate, RuleCreate, TierCreate
 from tests.loyalty.conftest import T0, earn, make_member, make_program
 from tests.loyalty.events import ev
 from tests.loyalty.identity_data import profile_of, resolve, write_events
@@ -238,14 +239,74 @@ def test_expiring_soon_lists_members_to_remind(
 ) -> None:
     program = make_program(db, expiry_policy="rolling", expiry_months=1)
     member = make_member(db, program)
+    gone = make_member(db, program, "p-gone")
     now = datetime.now(UTC)
     earn(db, program, member, 30, at=now - timedelta(days=20), key="soon")
     earn(db, program, member, 20, at=now - timedelta(days=1), key="later")
+    earn(db, program, gone, 40, at=now - timedelta(days=20), key="gone-soon")
+    # An opted-out member is not reminded (its points still expire).
+    with db.begin() as session:
+        service.change_membership(
+            session, program_id=program.id, profile_id="p-gone", action="opt_out"
+        )
     resp = client.get(
         f"/api/loyalty/programs/{program.id}/expiring?days=15", headers=loyalty_headers
     )
     assert resp.status_code == 200
     assert [(r["member_id"], r["points"]) for r in resp.json()] == [(member.id, 30)]
+
+
+def test_the_expiry_job_expires_points_of_paused_and_ended_programmes_too(
+    db: Database, warehouse: Warehouse, settings: Settings
+) -> None:
+    past = datetime.now(UTC) - timedelta(days=70)
+    ledgers = []
+    for status in ("active", "paused", "ended"):
+        program = make_program(db, name=status, expiry_policy="rolling", expiry_months=1)
+        member = make_member(db, program)
+        earn(db, program, member, 25, at=past, key=f"old-{status}")
+        if status != "active":
+            with db.begin() as session:
+                service.update_program(
+                    session, program_id=program.id, data=ProgramUpdate(status="paused")
+                )
+                if status == "ended":
+                    service.update_program(
+                        session, program_id=program.id, data=ProgramUpdate(status="ended")
+                    )
+        ledgers.append(member.id)
+    runner = JobRunner(settings, db, warehouse)
+    runner.register(*jobs.JOBS)
+    try:
+        run = runner.run("loyalty.expire_points", trigger="manual")
+    finally:
+        runner.shutdown()
+    assert (run.status, run.rows) == ("succeeded", 3)
+    with db.begin() as session:
+        for member_id in ledgers:
+            kinds = session.scalars(
+                select(LedgerEntry.kind).where(LedgerEntry.member_id == member_id)
+            ).all()
+            assert sorted(kinds) == ["earn", "expire"], member_id
+
+
+def test_an_end_of_period_expiry_must_tile_the_calendar_year(
+    client: TestClient, loyalty_headers: H
+) -> None:
+    body = {"name": "Club", "expiry_policy": "end_of_period"}
+    for months, expected in ((5, 422), (7, 422), (18, 422), (4, 201), (6, 201), (24, 201)):
+        answer = client.post(
+            "/api/loyalty/programs", json={**body, "expiry_months": months}, headers=loyalty_headers
+        )
+        assert answer.status_code == expected, (months, answer.text)
+    made = client.post(
+        "/api/loyalty/programs", json={**body, "expiry_months": 3}, headers=loyalty_headers
+    ).json()
+    changed = client.patch(
+        f"/api/loyalty/programs/{made['id']}", json={"expiry_months": 5}, headers=loyalty_headers
+    )
+    assert changed.status_code == 422, changed.text
+    assert "does not tile the calendar year" in changed.text
 
 
 def test_kpis_sum_up_the_ledger_and_compare_members_with_non_members(
