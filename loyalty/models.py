@@ -18,6 +18,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     text,
+    true,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -45,6 +46,9 @@ class Program(Base):
     tier_grace_days: Mapped[int] = mapped_column(Integer, default=0)
     # High-water mark of the warehouse `events` processed for this programme.
     last_event_id: Mapped[int] = mapped_column(BigInteger, default=0)
+    # False: each activation moves the mark to the present, so events loaded while the
+    # programme was not active never earn in real time (the backfill still can).
+    earn_history: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
     # High-water mark of identity's published merges (`seq`) applied to the memberships.
     last_merge_seq: Mapped[int] = mapped_column(BigInteger, default=0)
     # High-water mark of identity's published erasures (`seq`) applied to the memberships.

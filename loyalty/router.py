@@ -52,7 +52,9 @@ router = APIRouter(prefix="/api/loyalty", tags=["loyalty"], dependencies=[Depend
 
 
 @router.post("/programs", status_code=201, response_model=ProgramRead)
-def create_program(body: ProgramCreate, session: SessionDep, idem: IdempotencyDep) -> Response:
+def create_program(
+    body: ProgramCreate, session: SessionDep, warehouse: WarehouseDep, idem: IdempotencyDep
+) -> Response:
     """Create a programme (a draft unless `status` says otherwise)."""
     return run_once(
         session,
@@ -60,7 +62,9 @@ def create_program(body: ProgramCreate, session: SessionDep, idem: IdempotencyDe
         body=body.model_dump(mode="json"),
         model=ProgramRead,
         status_code=201,
-        run=lambda: ProgramRead.model_validate(service.create_program(session, data=body)),
+        run=lambda: ProgramRead.model_validate(
+            service.create_program(session, data=body, warehouse=warehouse)
+        ),
     )
 
 
@@ -85,7 +89,11 @@ def get_program(program_id: str, session: SessionDep) -> ProgramRead:
 
 @router.patch("/programs/{program_id}", status_code=200, response_model=ProgramRead)
 def update_program(
-    program_id: str, body: ProgramUpdate, session: SessionDep, idem: IdempotencyDep
+    program_id: str,
+    body: ProgramUpdate,
+    session: SessionDep,
+    warehouse: WarehouseDep,
+    idem: IdempotencyDep,
 ) -> Response:
     """Change a programme's settings or status."""
     return run_once(
@@ -95,7 +103,7 @@ def update_program(
         model=ProgramRead,
         status_code=200,
         run=lambda: ProgramRead.model_validate(
-            service.update_program(session, program_id=program_id, data=body)
+            service.update_program(session, program_id=program_id, data=body, warehouse=warehouse)
         ),
     )
 

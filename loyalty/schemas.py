@@ -34,6 +34,13 @@ class ProgramBase(BaseModel):
     tier_metric: TierMetric = "points"
     tier_window: TierWindow = "rolling_12_months"
     tier_grace_days: int = Field(default=0, ge=0, le=730)
+    earn_history: bool = Field(
+        default=True,
+        description="true: activating the programme earns on the events already loaded (the"
+        " real-time job starts from its mark, 0 for a new programme); false: each activation"
+        " (from draft or pause) starts at the present, so only events loaded while it is"
+        " active earn in real time; the history earns only through the backfill endpoint",
+    )
 
 
 class ProgramCreate(ProgramBase):
@@ -64,6 +71,7 @@ class ProgramUpdate(BaseModel):
     tier_metric: TierMetric | None = None
     tier_window: TierWindow | None = None
     tier_grace_days: int | None = Field(default=None, ge=0, le=730)
+    earn_history: bool | None = None
 
 
 class ProgramRead(ProgramBase):

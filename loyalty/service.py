@@ -124,10 +124,15 @@ STATUS_CHANGES: dict[str, frozenset[str]] = {
 }
 
 
-def create_program(session: Session, *, data: ProgramCreate) -> Program:
-    """Create a programme."""
+def create_program(
+    session: Session, *, data: ProgramCreate, warehouse: Warehouse | None = None
+) -> Program:
+    """Create a programme. One created active without `earn_history` starts at the present
+    (the warehouse says where that is)."""
     calendar.zone(data.timezone)
     program = Program(**data.model_dump(), created_at=utcnow(), updated_at=utcnow())
+    if program.status == "active":
+        _activated(program, warehouse)
     session.add(program)
     session.flush()
     logger.info("loyalty programme created", extra={"program_id": program.id})
@@ -152,7 +157,19 @@ def list_programs(
     return paginate(session, query, Program.created_at, Program.id, limit=limit, offset=offset)
 
 
-def update_program(session: Session, *, program_id: str, data: ProgramUpdate) -> Program:
+def _activated(program: Program, warehouse: Warehouse | None) -> None:
+    """A programme becomes active: without `earn_history`, its mark moves to the events
+    resolved now, so what was loaded before (or during a pause) does not earn in real time."""
+    if program.earn_history:
+        return
+    if warehouse is None:
+        raise ValueError("activating a programme without earn_history needs the warehouse")
+    program.last_event_id = max(program.last_event_id or 0, _resolved_up_to(warehouse))
+
+
+def update_program(
+    session: Session, *, program_id: str, data: ProgramUpdate, warehouse: Warehouse | None = None
+) -> Program:
     """Change a programme's settings or status (draft → active ⇄ paused → ended)."""
     program = get_program(session, program_id=program_id)
     changes = data.model_dump(exclude_unset=True)
@@ -175,6 +192,8 @@ def update_program(session: Session, *, program_id: str, data: ProgramUpdate) ->
                 details={"from": program.status, "to": status},
             )
         program.status = status
+        if status == "active":
+            _activated(program, warehouse)
     program.updated_at = utcnow()
     session.flush()
     return program
