@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Query, Response, UploadFile
 
 from cdp.auth import Principal, Role, require
-from cdp.db import SessionDep
+from cdp.db import SessionDep, utcnow
 from cdp.deps import SettingsDep, WarehouseDep
 from cdp.pagination import Page, PageDep
 from loyalty import engine, service
@@ -236,12 +236,13 @@ def get_balance(member_id: str, session: SessionDep) -> BalanceRead:
 def get_history(
     member_id: str, session: SessionDep, page: PageDep, kind: str | None = None
 ) -> Page[LedgerEntryRead]:
-    """The member's ledger, newest first."""
+    """The member's ledger, newest first (by when each movement happened)."""
     rows, total = service.history(
         session, member_id=member_id, kind=kind, limit=page.limit, offset=page.offset
     )
+    now = utcnow()
     return Page[LedgerEntryRead].of(
-        [LedgerEntryRead.model_validate(r) for r in rows], total=total, params=page
+        [LedgerEntryRead.at(r, now) for r in rows], total=total, params=page
     )
 
 

@@ -173,6 +173,16 @@ class LedgerEntryRead(BaseModel):
     actor: str | None
     idempotency_key: str
 
+    @classmethod
+    def at(cls, entry: Any, now: datetime) -> LedgerEntryRead:  # Any: a LedgerEntry row
+        """The entry as read at `now`: a credit written `pending` reads `active` once its
+        pending period is over (the stored row is never updated; the lot's `pending_until`
+        is what the balance uses)."""
+        read = cls.model_validate(entry)
+        if read.status == "pending" and (read.pending_until is None or read.pending_until <= now):
+            read.status = "active"
+        return read
+
 
 class AdjustmentCreate(BaseModel):
     """Body of a manual adjustment: a reason is mandatory and kept in the audit trail."""

@@ -379,6 +379,7 @@ def person_export(session: Session, warehouse: Warehouse, profile_id: str) -> li
     programme's membership with the memberships merged into it, its balance, every ledger
     entry, redemption (coupon codes included) and tier change, oldest first."""
     del warehouse  # part of identity's section contract; loyalty's data is all here
+    now = utcnow()
     heads = session.scalars(
         select(Member).where(Member.profile_id == profile_id).order_by(Member.enrolled_at)
     ).all()
@@ -410,9 +411,7 @@ def person_export(session: Session, warehouse: Warehouse, profile_id: str) -> li
                     MemberRead.model_validate(m).model_dump(mode="json") for m in merged
                 ],
                 "balance": balance_read(session, member_id=head.id).model_dump(mode="json"),
-                "ledger": [
-                    LedgerEntryRead.model_validate(e).model_dump(mode="json") for e in entries
-                ],
+                "ledger": [LedgerEntryRead.at(e, now).model_dump(mode="json") for e in entries],
                 "redemptions": [
                     RedemptionRead.model_validate(r).model_dump(mode="json") for r in redemptions
                 ],
@@ -433,7 +432,9 @@ def member_group(session: Session, *, member_id: str) -> list[str]:
 def history(
     session: Session, *, member_id: str, kind: str | None = None, limit: int, offset: int
 ) -> tuple[list[LedgerEntry], int]:
-    """A member's ledger entries (and those of memberships merged into it), newest first."""
+    """A member's ledger entries (and those of memberships merged into it), newest first by
+    when they happened (`occurred_at`: a backfill writes years of history at once, so the
+    write time says nothing), then by write time and id."""
     get_member(session, member_id=member_id)
     query = select(LedgerEntry).where(
         LedgerEntry.member_id.in_(member_group(session, member_id=member_id))
@@ -443,6 +444,7 @@ def history(
     return paginate(
         session,
         query,
+        LedgerEntry.occurred_at.desc(),
         LedgerEntry.created_at.desc(),
         LedgerEntry.id.desc(),
         limit=limit,

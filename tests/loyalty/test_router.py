@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ from fastapi.testclient import TestClient
 from cdp.auth import Role
 from cdp.db import Database
 from tests.conftest import BACKENDS, make_key
+from tests.loyalty.conftest import earn, make_member, make_program
 
 H = dict[str, str]
 
@@ -165,3 +167,24 @@ def test_loyalty_routes_refuse_viewer_and_marketer_keys(client: TestClient, db: 
     for role in (Role.viewer, Role.marketer):
         headers = {"Authorization": f"Bearer {make_key(db, role)}"}
         assert client.get("/api/loyalty/programs", headers=headers).status_code == 403
+
+
+def test_history_is_in_the_order_things_happened_and_shows_released_points_active(
+    db: Database, client: TestClient, loyalty_headers: H
+) -> None:
+    program = make_program(db, pending_days=7)
+    member = make_member(db, program)
+    now = datetime.now(UTC)
+    day = timedelta(days=1)
+    # Each written when it happened, but the oldest one written last (a late file).
+    earn(db, program, member, 10, at=now - 9 * day, key="middle", now=now - 9 * day)
+    earn(db, program, member, 20, at=now - day, key="recent", now=now - day)
+    earn(db, program, member, 50, at=now - 30 * day, key="old", now=now - day / 2)
+    history = client.get(
+        f"/api/loyalty/members/{member.id}/history", headers=loyalty_headers
+    ).json()
+    assert [(e["points"], e["status"]) for e in history["items"]] == [
+        (20, "pending"),  # spendable in 6 days
+        (10, "active"),  # written pending, released 2 days ago
+        (50, "active"),
+    ]
