@@ -126,9 +126,22 @@ def fold_text(value: object) -> str | None:
     return folded or None
 
 
+# A folded part that is a date at midnight, written as a date-time ("1980-02-01 00:00:00",
+# "1980-02-01t00:00:00.000z", "...+00:00"): the date alone, so a birth date gives the same key
+# from a DATE column, a TIMESTAMP column or an ISO string. Same text in Python and Rust.
+_MIDNIGHT = r"^([0-9]{4}-[0-9]{2}-[0-9]{2})[ t]00:00(?::00(?:\.0+)?)?(?:z|[+-]00:?00| utc)?$"
+_MIDNIGHT_RE = re.compile(_MIDNIGHT)
+
+
+def _part(value: object) -> str | None:
+    folded = fold_text(value)
+    return None if folded is None else _MIDNIGHT_RE.sub(r"\1", folded)
+
+
 def composite_value(parts: Sequence[object]) -> str | None:
-    """A composite key from its parts, folded and joined with `|`; None if any part is empty."""
-    folded = [fold_text(p) for p in parts]
+    """A composite key from its parts, folded and joined with `|`; None if any part is empty.
+    A part that is a date-time at midnight counts as its date (see `_MIDNIGHT`)."""
+    folded = [_part(p) for p in parts]
     if any(p is None for p in folded):
         return None
     return COMPOSITE_SEPARATOR.join(p for p in folded if p is not None)
@@ -187,7 +200,10 @@ def fold_expr(expr: pl.Expr) -> pl.Expr:
 
 def composite_expr(parts: Sequence[pl.Expr]) -> pl.Expr:
     """Polars: a composite key of folded parts joined by `|`, null if any part is empty."""
-    return pl.concat_str([fold_expr(p) for p in parts], separator=COMPOSITE_SEPARATOR)
+    return pl.concat_str(
+        [fold_expr(p).str.replace(_MIDNIGHT, "${1}") for p in parts],
+        separator=COMPOSITE_SEPARATOR,
+    )
 
 
 def normalise_phones(values: pl.Series, *, region: str) -> pl.Series:

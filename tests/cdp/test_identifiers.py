@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import date, datetime
+
 import polars as pl
 import pytest
 from hypothesis import given
@@ -61,6 +63,30 @@ def test_composite_key_folds_accents_case_and_spaces() -> None:
     assert composite_value(["  Lefèvre ", "1980-02-01", "75011"]) == "lefevre|1980-02-01|75011"
     assert composite_value(["Dupont", "", "75011"]) is None
     assert composite_value(["Dupont", None, "75011"]) is None
+
+
+def test_a_date_part_gives_one_key_from_a_date_a_midnight_timestamp_or_iso_text() -> None:
+    expected = "lefevre|1980-02-01"
+    for birth in (
+        date(1980, 2, 1),
+        datetime(1980, 2, 1),
+        "1980-02-01T00:00:00Z",
+        "1980-02-01T00:00:00.000+00:00",
+        "1980-02-01 00:00:00",
+    ):
+        assert composite_value(["Lefèvre", birth]) == expected, birth
+    assert composite_value(["Lefèvre", "1980-02-01T10:30:00"]) == "lefevre|1980-02-01t10:30:00"
+    frame = pl.DataFrame(
+        {
+            "name": ["Lefèvre"] * 3,
+            "d": [date(1980, 2, 1)] * 3,
+            "ts": [datetime(1980, 2, 1)] * 3,
+            "text": ["1980-02-01T00:00:00Z", "1980-02-01", "1980-02-01 00:00:00.000000"],
+        }
+    )
+    for column in ("d", "ts", "text"):
+        keys = frame.select(composite_expr([pl.col("name"), pl.col(column)]))["name"].to_list()
+        assert keys == [expected] * 3, column
 
 
 def test_polars_forms_match_the_scalar_rules() -> None:
