@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
@@ -98,6 +99,18 @@ class RuleSpec:
             budget=rule.budget,
             limit_per_member=rule.limit_per_member,
         )
+
+
+# Reads the profile data the rules' conditions need (`rules.ProfileNeeds`) for a list of
+# profile ids, set-based: a frame keyed by `profile_id` with `traits` (JSON text),
+# `attributes.<name>` (text) and `segment:<id>` (boolean) columns. Profiles absent from it
+# have no traits, no attribute values and no segment.
+ProfileLoader = Callable[[list[str]], pl.DataFrame]
+
+
+def profile_needs(specs: list[RuleSpec]) -> rules.ProfileNeeds:
+    """What these rules' conditions read of the members' profiles."""
+    return rules.ProfileNeeds.of(s.condition for s in specs)
 
 
 def warehouse_fields(specs: list[RuleSpec]) -> tuple[list[str], bool]:
@@ -204,12 +217,13 @@ def trace(frame: pl.DataFrame, specs: list[RuleSpec]) -> pl.DataFrame:
     """Every (row, rule) whose trigger matches: window, condition, stacking and raw points.
 
     `frame` is the output of `prepare` with member columns (member_id, tier_name, tier_rank,
-    tier_multiplier, seniority_days, member_status, traits).
+    tier_multiplier, seniority_days, member_status, traits) and the profile data the
+    conditions read (`attributes.<name>`, `segment:<id>`; absent ones count as null).
     """
     fields: set[str] = set()
     for spec in specs:
         fields |= rules.json_fields(spec.condition) | rules.formula_fields(spec.formula)
-    frame = rules.materialise(frame, fields)
+    frame = rules.with_profile_columns(rules.materialise(frame, fields), profile_needs(specs))
     # The JSON texts are parsed already; only per-line formulas read `properties` again, so
     # the copies each rule's row filter makes stay narrow.
     needs_text = "properties.products" not in frame.columns and any(
@@ -634,11 +648,13 @@ def member_events(
     *,
     program: Program,
     events: pl.DataFrame,
-    traits: pl.DataFrame | None = None,
+    profile_data: ProfileLoader | None = None,
     specs: list[RuleSpec] | None = None,
     enrol: bool = True,
 ) -> tuple[pl.DataFrame, list[RuleSpec], int]:
-    """Events of the batch joined with their members (auto-enrolling when the programme does)."""
+    """Events of the batch joined with their members (auto-enrolling when the programme does)
+    and, with `profile_data`, with the profile data of those members (read once per batch, for
+    the profiles that have a member only)."""
     specs = active_rules(session, program_id=program.id) if specs is None else specs
     names = {s.event_name for s in specs} | {ORDER_EVENT, REFUND_EVENT}
     parsed = [c for c in events.columns if c.startswith("properties.")]
@@ -659,12 +675,13 @@ def member_events(
     joined = frame.join(members, on="profile_id", how="inner").with_columns(
         ((pl.col("timestamp") - pl.col("enrolled_at")).dt.total_days()).alias("seniority_days")
     )
-    if traits is not None and not traits.is_empty():
-        joined = joined.join(
-            traits.select("profile_id", pl.col("traits").cast(pl.String)),
-            on="profile_id",
-            how="left",
-        )
+    loaded = None
+    if profile_data is not None and not joined.is_empty():
+        loaded = profile_data(joined["profile_id"].unique().sort().to_list())
+    if loaded is not None and loaded.width > 1:
+        joined = joined.join(loaded, on="profile_id", how="left")
+    if "traits" in joined.columns:
+        joined = joined.with_columns(pl.col("traits").cast(pl.String))
     else:
         joined = joined.with_columns(pl.lit(None, dtype=pl.String).alias("traits"))
     return joined, specs, enrolled
@@ -755,15 +772,16 @@ def process_events(
     *,
     program: Program,
     events: pl.DataFrame,
-    traits: pl.DataFrame | None = None,
+    profile_data: ProfileLoader | None = None,
     now: datetime | None = None,
 ) -> ProcessResult:
     """Award, record activity and reverse refunds for a batch of events of profiles.
 
     `events` has the warehouse `events` columns (event_id, message_id, source_id, type,
-    event, timestamp, properties as JSON text) plus `profile_id`. `traits` optionally maps
-    profile_id to a JSON object of profile traits for `traits.*` conditions. Idempotent:
-    replaying any event writes nothing new.
+    event, timestamp, properties as JSON text) plus `profile_id`. `profile_data` reads the
+    profile data of the batch's members for `traits.*`, `attributes.*` and segment conditions
+    (`service.profile_loader` reads the warehouse); without it they see no traits, no
+    attribute values and no segment. Idempotent: replaying any event writes nothing new.
     """
     if program.status not in {"active", "draft"}:
         raise ProgramNotActive(f"programme {program.id} is {program.status}")
@@ -773,7 +791,7 @@ def process_events(
         return result
     steps = _Steps()
     frame, specs, result.enrolled = member_events(
-        session, program=program, events=events, traits=traits
+        session, program=program, events=events, profile_data=profile_data
     )
     steps.done("members")
     if frame.is_empty():

@@ -138,6 +138,19 @@ def birthday_profiles(codes: list[int]) -> Query:
     )
 
 
+def profile_traits(profile_ids: list[str]) -> Query:
+    """The traits (JSON text) of these profiles, for `traits.*` conditions: a semi-join on
+    the bound id list, one scan of `profiles` for a whole batch."""
+    return Query(
+        """
+        SELECT profile_id, CAST(traits AS VARCHAR) AS traits
+        FROM profiles
+        WHERE profile_id IN (SELECT unnest($ids))
+        """,
+        {"ids": profile_ids},
+    )
+
+
 def event_profiles_of(event_ids: list[int], *, event_profiles: str) -> Query:
     """The profile each of these events belongs to now (`event_profiles` is identity's
     parameter-free `(event_id, profile_id)` relation); erased or unresolved events are absent."""

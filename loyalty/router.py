@@ -417,9 +417,11 @@ def update_rule(
 
 
 @router.post("/programs/{program_id}/dry-run")
-def dry_run(program_id: str, body: DryRunRequest, session: SessionDep) -> DryRunResult:
+def dry_run(
+    program_id: str, body: DryRunRequest, session: SessionDep, warehouse: WarehouseDep
+) -> DryRunResult:
     """Evaluate rules against a sample event and member; explains each verdict, writes nothing."""
-    return service.dry_run(session, program_id=program_id, request=body)
+    return service.dry_run(session, program_id=program_id, request=body, warehouse=warehouse)
 
 
 def _processed(result: engine.ProcessResult, mark: int) -> ProcessResultRead:

@@ -1,15 +1,19 @@
 """Earning-rule conditions and formulas: a small JSON model compiled to Polars expressions.
 
-Conditions are `{"all": [...]}`, `{"any": [...]}`, `{"not": {...}}` or a comparison
-`{"field": "properties.total", "op": "gte", "value": 50}`. Fields come from a closed set of
-namespaces (`event.*`, `properties.*`, `member.*`, `traits.*`), never from free SQL, and
-compile to expressions over the frame the engine builds. A missing value compares false.
-The model mirrors the audience rule language so it can later delegate to `segments`.
+Conditions are `{"all": [...]}`, `{"any": [...]}`, `{"not": {...}}`, a comparison
+`{"field": "properties.total", "op": "gte", "value": 50}` or a saved segment's membership
+`{"segment": "<segment id>", "member": true}` (the audience rule language's shape). Fields
+come from a closed set of namespaces (`event.*`, `properties.*`, `member.*`, `traits.*`,
+`attributes.*`), never from free SQL, and compile to expressions over the frame the engine
+builds. A missing value compares false. The model mirrors the audience rule language so it
+can later delegate to `segments`.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import polars as pl
@@ -21,6 +25,9 @@ Op = Literal["eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in", "contains", "
 Rounding = Literal["floor", "ceil", "half_up", "half_even"]
 
 _PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+# Computed attribute names, as `segments` allows them (columns of `profile_attributes`).
+_ATTRIBUTE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+NAMESPACES = ("event", "member", "properties", "traits", "attributes")
 EVENT_FIELDS = {"name": "event", "source_id": "source_id", "type": "type"}
 MEMBER_FIELDS = {
     "tier": "tier_name",
@@ -50,8 +57,12 @@ class Compare(BaseModel):
             raise ValueError(f"event fields are {sorted(EVENT_FIELDS)}")
         if namespace == "member" and rest not in MEMBER_FIELDS:
             raise ValueError(f"member fields are {sorted(MEMBER_FIELDS)}")
-        if namespace not in {"event", "member", "properties", "traits"}:
-            raise ValueError("fields start with event., member., properties. or traits.")
+        if namespace == "attributes" and not _ATTRIBUTE.match(rest):
+            raise ValueError("attributes.<name>: a computed attribute's lower-case name")
+        if namespace not in NAMESPACES:
+            raise ValueError(
+                "fields start with event., member., properties., traits. or attributes."
+            )
         if self.op in {"in", "not_in"} and not isinstance(self.value, list):
             raise ValueError(f"{self.op} needs a list value")
         return self
@@ -81,7 +92,16 @@ class Not(BaseModel):
     not_: Condition = Field(alias="not")
 
 
-Condition = Compare | AllOf | AnyOf | Not
+class SegmentRef(BaseModel):
+    """Membership (or not, `member: false`) of a saved segment, as last refreshed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    segment: str = Field(min_length=1, max_length=36)
+    member: bool = True
+
+
+Condition = Compare | AllOf | AnyOf | Not | SegmentRef
 AllOf.model_rebuild()
 AnyOf.model_rebuild()
 Not.model_rebuild()
@@ -198,9 +218,14 @@ def field_expr(name: str) -> pl.Expr:
         return pl.col(EVENT_FIELDS[rest])
     if namespace == "member":
         return pl.col(MEMBER_FIELDS[rest])
-    if namespace in {"properties", "traits"}:
+    if namespace in {"properties", "traits", "attributes"}:
         return pl.col(name)
     raise InvalidRule(f"unknown field {name!r}")
+
+
+def segment_column(segment_id: str) -> str:
+    """The engine frame's boolean column saying whether the row's profile is in a segment."""
+    return f"segment:{segment_id}"
 
 
 def json_fields(condition: Condition | None) -> set[str]:
@@ -213,6 +238,54 @@ def json_fields(condition: Condition | None) -> set[str]:
         case Not(not_=inner):
             return json_fields(inner)
     return set()
+
+
+def segment_ids(condition: Condition | None) -> set[str]:
+    """The saved segments whose membership a condition reads."""
+    match condition:
+        case SegmentRef(segment=segment_id):
+            return {segment_id}
+        case AllOf(all=items) | AnyOf(any=items):
+            return set().union(*(segment_ids(c) for c in items)) if items else set()
+        case Not(not_=inner):
+            return segment_ids(inner)
+    return set()
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileNeeds:
+    """What conditions read of the member's profile: traits (JSON text), computed attributes
+    (by name) and saved segments' memberships (by id). Only these are loaded."""
+
+    traits: bool = False
+    attributes: frozenset[str] = frozenset()
+    segments: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, conditions: Iterable[Condition | None]) -> ProfileNeeds:
+        """The profile data a set of conditions reads."""
+        fields: set[str] = set()
+        segments: set[str] = set()
+        for condition in conditions:
+            fields |= condition_fields(condition)
+            segments |= segment_ids(condition)
+        return cls(
+            traits=any(f.startswith("traits.") for f in fields),
+            attributes=frozenset(f.split(".", 1)[1] for f in fields if f.startswith("attributes.")),
+            segments=frozenset(segments),
+        )
+
+    def __bool__(self) -> bool:
+        return self.traits or bool(self.attributes) or bool(self.segments)
+
+
+def with_profile_columns(frame: pl.DataFrame, needs: ProfileNeeds) -> pl.DataFrame:
+    """The frame with every attribute and segment column the conditions read (null when the
+    profile data was not loaded: no value, not a member), so a condition always compiles."""
+    wanted: dict[str, pl.DataType] = {f"attributes.{a}": pl.String() for a in needs.attributes}
+    wanted |= {segment_column(s): pl.Boolean() for s in needs.segments}
+    missing = [pl.lit(None, dtype=t).alias(n) for n, t in wanted.items() if n not in frame.columns]
+    return frame.with_columns(missing) if missing else frame
 
 
 def condition_fields(condition: Condition | None) -> set[str]:
@@ -297,6 +370,9 @@ def compile_condition(condition: Condition | None) -> pl.Expr:
             )
         case Not(not_=inner):
             return ~compile_condition(inner)
+        case SegmentRef(segment=segment_id, member=member):
+            inside = pl.col(segment_column(segment_id)).fill_null(False)
+            return inside if member else ~inside
     raise InvalidRule(f"unsupported condition {condition!r}")
 
 
@@ -304,7 +380,9 @@ def explain_condition(
     condition: Condition | None, row: pl.DataFrame
 ) -> dict[str, Any]:  # Any: JSON
     """Evaluate every node of a condition on a one-row frame, for the dry run."""
-    row = materialise(row, json_fields(condition))
+    row = with_profile_columns(
+        materialise(row, json_fields(condition)), ProfileNeeds.of([condition])
+    )
     result = bool(row.select(compile_condition(condition).alias("r")).item())
     match condition:
         case None:
@@ -318,6 +396,9 @@ def explain_condition(
             return {"any": [explain_condition(c, row) for c in items], "result": result}
         case Not(not_=inner):
             return {"not": explain_condition(inner, row), "result": result}
+        case SegmentRef(segment=segment_id, member=member):
+            inside = bool(row.select(pl.col(segment_column(segment_id)).fill_null(False)).item())
+            return {"segment": segment_id, "member": member, "actual": inside, "result": result}
     raise InvalidRule(f"unsupported condition {condition!r}")
 
 

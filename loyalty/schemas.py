@@ -329,7 +329,9 @@ class RuleFields(BaseModel):
     name: str = Field(min_length=1, max_length=200)
     event_name: str = Field(min_length=1, max_length=200, description="Trigger event")
     condition: dict[str, Any] | None = Field(  # Any: JSON condition
-        default=None, description="all/any/not + comparisons over event, member, traits"
+        default=None,
+        description="all/any/not + comparisons over event, properties, member, traits,"
+        " attributes, and segment membership",
     )
     formula: dict[str, Any] = Field(  # Any: JSON formula
         description="fixed, per_amount or per_line"
@@ -414,13 +416,24 @@ class SampleEvent(BaseModel):
 
 
 class SampleMember(BaseModel):
-    """The member of a dry run: an existing one (its tier, seniority and caps used), or a
-    described one."""
+    """The member of a dry run: an existing one (its tier, seniority and caps used, its
+    profile's stored traits, attributes and segments unless given here), or a described one."""
 
     member_id: str | None = None
     tier: str | None = Field(default=None, description="Tier name, for a described member")
     enrolled_at: datetime | None = None
-    traits: dict[str, Any] = Field(default_factory=dict)  # Any: profile traits
+    traits: dict[str, Any] = Field(  # Any: profile traits
+        default_factory=dict, description="Profile traits (empty: an existing member's stored)"
+    )
+    attributes: dict[str, Any] = Field(  # Any: attribute values
+        default_factory=dict,
+        description="Computed attribute values by name (replace an existing member's stored)",
+    )
+    segments: list[str] | None = Field(
+        default=None,
+        description="Ids of the saved segments the member is in (null: an existing member's"
+        " stored memberships, none for a described member)",
+    )
 
 
 class DryRunRequest(BaseModel):

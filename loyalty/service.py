@@ -38,6 +38,7 @@ from loyalty.errors import (
     AlreadyMember,
     InvalidImport,
     InvalidProgram,
+    InvalidRule,
     InvalidStatusChange,
     MemberNotActive,
     MemberNotFound,
@@ -86,6 +87,7 @@ from loyalty.schemas import (
     RuleCreate,
     RuleUpdate,
     RuleVerdict,
+    SampleMember,
     TierChangeRead,
     TierCreate,
     TierProgress,
@@ -1270,9 +1272,20 @@ def cancel_redemption(
     return redemption
 
 
+def _check_segments(session: Session, condition: dict[str, Any] | None) -> None:  # Any: JSON
+    """InvalidRule when a condition names a saved segment that does not exist."""
+    for segment_id in sorted(rules.segment_ids(rules.parse_condition(condition))):
+        if segments_service.find_segment(session, segment_id=segment_id) is None:
+            raise InvalidRule(
+                f"invalid condition: no saved segment {segment_id!r}"
+                " (a segment condition names a saved segment by its id)"
+            )
+
+
 def create_rule(session: Session, *, program_id: str, data: RuleCreate) -> Rule:
     """Add an earning rule to a programme."""
     get_program(session, program_id=program_id)
+    _check_segments(session, data.condition)
     rule = Rule(program_id=program_id, created_at=utcnow(), **data.model_dump())
     session.add(rule)
     session.flush()
@@ -1298,6 +1311,8 @@ def list_rules(
 def update_rule(session: Session, *, rule_id: str, data: RuleUpdate) -> Rule:
     """Change a rule; only the fields given change (past awards stay as they are)."""
     rule = get_rule(session, rule_id=rule_id)
+    if "condition" in data.model_fields_set:
+        _check_segments(session, data.condition)
     for name, value in data.model_dump(exclude_unset=True).items():
         if value is None and name in {"name", "formula", "priority", "status"}:
             continue
@@ -1306,8 +1321,53 @@ def update_rule(session: Session, *, rule_id: str, data: RuleUpdate) -> Rule:
     return rule
 
 
+def _json_text(value: Any) -> str:  # Any: a JSON value
+    """A JSON value as the text a condition reads (strings unquoted, like properties)."""
+    return value if isinstance(value, str) else orjson.dumps(value).decode()
+
+
+def _sample_profile(
+    warehouse: Warehouse | None,
+    *,
+    member: Member | None,
+    sample: SampleMember,
+    needs: rules.ProfileNeeds,
+) -> dict[str, Any]:  # Any: column values of the sample row
+    """The profile columns of a dry run's member: an existing member's stored traits,
+    attributes and segment memberships (read from the warehouse when given), with what the
+    request gives in their place (traits when not empty, attributes by name, segments when
+    given); a described member has only what the request gives."""
+    stored: dict[str, Any] = {}  # Any: column values
+    if member is not None and warehouse is not None and needs:
+        stored = profile_data(warehouse, needs=needs, profile_ids=[member.profile_id]).row(
+            0, named=True
+        )
+    values: dict[str, Any] = {  # Any: column values
+        "traits": orjson.dumps(sample.traits).decode()
+        if sample.traits or stored.get("traits") is None
+        else stored["traits"]
+    }
+    for name in needs.attributes:
+        values[f"attributes.{name}"] = stored.get(f"attributes.{name}")
+    for name, value in sample.attributes.items():
+        values[f"attributes.{name}"] = None if value is None else _json_text(value)
+    for segment_id in needs.segments:
+        column = rules.segment_column(segment_id)
+        if sample.segments is not None:
+            values[column] = segment_id in sample.segments
+        else:
+            values[column] = bool(stored.get(column))
+    return values
+
+
 def _sample_frame(
-    session: Session, *, program: Program, request: DryRunRequest, now: datetime
+    session: Session,
+    warehouse: Warehouse | None,
+    *,
+    program: Program,
+    request: DryRunRequest,
+    now: datetime,
+    needs: rules.ProfileNeeds,
 ) -> tuple[pl.DataFrame, str | None]:
     sample = request.member
     member = None
@@ -1315,6 +1375,7 @@ def _sample_frame(
         member = get_member(session, member_id=sample.member_id)
         if member.program_id != program.id:
             raise MemberNotFound(f"member {member.id} is not in programme {program.id}")
+    profile = _sample_profile(warehouse, member=member, sample=sample, needs=needs)
     tier_id = member.tier_id if member is not None else None
     tier = session.get(Tier, tier_id) if tier_id is not None else None
     if member is None and sample.tier is not None:
@@ -1342,7 +1403,7 @@ def _sample_frame(
                 "tier_name": tier.name if tier is not None else None,
                 "tier_rank": tier.rank if tier is not None else None,
                 "tier_multiplier": tier.multiplier if tier is not None else None,
-                "traits": orjson.dumps(sample.traits).decode(),
+                **profile,
             }
         ],
         schema_overrides={
@@ -1351,6 +1412,7 @@ def _sample_frame(
             "tier_name": pl.String(),
             "tier_rank": pl.Int64(),
             "tier_multiplier": pl.Float64(),
+            **{c: pl.Boolean() if c.startswith("segment:") else pl.String() for c in profile},
         },
     ).with_columns(
         ((pl.col("timestamp") - pl.col("enrolled_at")).dt.total_days()).alias("seniority_days")
@@ -1359,12 +1421,18 @@ def _sample_frame(
 
 
 def dry_run(
-    session: Session, *, program_id: str, request: DryRunRequest, now: datetime | None = None
+    session: Session,
+    *,
+    program_id: str,
+    request: DryRunRequest,
+    warehouse: Warehouse | None = None,
+    now: datetime | None = None,
 ) -> DryRunResult:
     """Evaluate rules against a sample event and member, explaining each rule's verdict.
 
     Nothing is written. With an existing member, its tier, seniority and the caps it has
-    used are those of the ledger.
+    used are those of the ledger, and (with `warehouse`) its profile's traits, computed
+    attributes and segment memberships are the stored ones unless the request gives them.
     """
     program = get_program(session, program_id=program_id)
     now = now or utcnow()
@@ -1375,7 +1443,16 @@ def dry_run(
             engine.RuleSpec.of(Rule(id=f"draft-{i}", program_id=program.id, **r.model_dump()))
             for i, r in enumerate(request.rules)
         ]
-    frame, member_id = _sample_frame(session, program=program, request=request, now=now)
+        for draft in request.rules:
+            _check_segments(session, draft.condition)
+    frame, member_id = _sample_frame(
+        session,
+        warehouse,
+        program=program,
+        request=request,
+        now=now,
+        needs=engine.profile_needs(specs),
+    )
     prepared = engine.prepare(frame, program.timezone)
     traced = engine.trace(prepared, specs)
     priors = engine.Priors()
@@ -1506,6 +1583,7 @@ def process_range(
         ({s.event_name for s in specs} | {engine.ORDER_EVENT, engine.REFUND_EVENT})
         - {engine.BIRTHDAY_EVENT}
     )
+    loader = profile_loader(warehouse, specs=specs)
     total = engine.ProcessResult()
     touched: set[str] = set()
     if by_time:
@@ -1540,7 +1618,9 @@ def process_range(
             until=until,
         )
         logger.debug("read %d events in %.2f s", events.height, time.perf_counter() - started)
-        result = engine.process_events(session, program=program, events=events, now=now)
+        result = engine.process_events(
+            session, program=program, events=events, profile_data=loader, now=now
+        )
         total.events += result.events
         total.enrolled += result.enrolled
         total.credits += result.credits
@@ -1549,6 +1629,67 @@ def process_range(
         touched.update(result.members)
     total.members = sorted(touched)
     return total
+
+
+def profile_data(
+    warehouse: Warehouse, *, needs: rules.ProfileNeeds, profile_ids: list[str]
+) -> pl.DataFrame:
+    """What `needs` names of these profiles, read set-based (a few statements per batch,
+    whatever its size): one row per profile id with `traits` (JSON text, from identity's
+    `profiles`), `attributes.<name>` (text: numbers as numbers, timestamps as ISO
+    `YYYY-MM-DDTHH:MM:SS`, from the last attribute refresh) and `segment:<id>` (whether the
+    profile is a member as of the segment's last refresh)."""
+    frame = pl.DataFrame({"profile_id": profile_ids}, schema={"profile_id": pl.String()})
+    if needs.traits:
+        traits = warehouse.run(queries.profile_traits(profile_ids))
+        frame = frame.join(
+            traits.select(pl.col("profile_id").cast(pl.String), pl.col("traits").cast(pl.String)),
+            on="profile_id",
+            how="left",
+        )
+    if needs.attributes:
+        values = segments_service.attribute_values(
+            warehouse, profile_ids=profile_ids, names=sorted(needs.attributes)
+        )
+        texts = [
+            (
+                pl.col(c).dt.strftime("%Y-%m-%dT%H:%M:%S")
+                if values.schema[c].is_temporal()
+                else pl.col(c).cast(pl.String)
+            ).alias(f"attributes.{c}")
+            for c in values.columns
+            if c != "profile_id"
+        ]
+        if texts:
+            frame = frame.join(
+                values.select(pl.col("profile_id").cast(pl.String), *texts),
+                on="profile_id",
+                how="left",
+            )
+    if needs.segments:
+        members = segments_service.memberships_among(
+            warehouse, segment_ids=sorted(needs.segments), profile_ids=profile_ids
+        )
+        frame = frame.with_columns(
+            pl.col("profile_id")
+            .is_in(
+                members.filter(pl.col("segment_id") == s)["profile_id"].cast(pl.String).implode()
+            )
+            .alias(rules.segment_column(s))
+            for s in sorted(needs.segments)
+        )
+    return frame
+
+
+def profile_loader(
+    warehouse: Warehouse, *, specs: list[engine.RuleSpec]
+) -> engine.ProfileLoader | None:
+    """The engine's reader of the profile data these rules' conditions need, or None when
+    they need none (then nothing is read)."""
+    needs = engine.profile_needs(specs)
+    if not needs:
+        return None
+    return lambda profile_ids: profile_data(warehouse, needs=needs, profile_ids=profile_ids)
 
 
 def _resolved_up_to(warehouse: Warehouse) -> int:
@@ -1687,7 +1828,13 @@ def award_birthdays(
         pl.lit("{}").alias("properties"),
         "profile_id",
     )
-    return engine.process_events(session, program=program, events=events, traits=profiles, now=now)
+    return engine.process_events(
+        session,
+        program=program,
+        events=events,
+        profile_data=profile_loader(warehouse, specs=specs),
+        now=now,
+    )
 
 
 def create_tier(session: Session, *, program_id: str, data: TierCreate) -> Tier:

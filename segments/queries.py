@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from cdp.warehouse import Query
+from cdp.warehouse import Query, quote_ident
 from identity import service as identity_service
 
 # The catalogue counts the values found at each JSON path by JSON type; the field type is
@@ -165,6 +165,30 @@ def write_state(name: str, text: str, at: datetime) -> Query:
 def profile_attributes(profile_id: str) -> Query:
     """The computed attributes of one profile."""
     return Query("SELECT * FROM profile_attributes WHERE profile_id = $pid", {"pid": profile_id})
+
+
+def attribute_values(profile_ids: list[str], columns: list[str]) -> Query:
+    """Some attribute columns of these profiles (a semi-join on the bound id list); `columns`
+    must be existing columns of `profile_attributes` (see `ATTRIBUTE_COLUMNS`)."""
+    selected = "".join(f", {quote_ident(c)}" for c in columns)
+    return Query(
+        f"""
+        SELECT profile_id{selected} FROM profile_attributes
+        WHERE profile_id IN (SELECT unnest($ids))
+        """,  # noqa: S608 - column names come from the table's own catalogue, quoted
+        {"ids": profile_ids},
+    )
+
+
+def memberships_among(segment_ids: list[str], profile_ids: list[str]) -> Query:
+    """The current memberships of these segments among these profiles."""
+    return Query(
+        """
+        SELECT segment_id, profile_id FROM segment_membership
+        WHERE list_contains($sids, segment_id) AND profile_id IN (SELECT unnest($ids))
+        """,
+        {"sids": segment_ids, "ids": profile_ids},
+    )
 
 
 # Membership refresh: the compiled rule is first materialised into `seg_new` (one column,

@@ -63,6 +63,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "FieldSource",
     "attribute_definitions",
+    "attribute_values",
+    "memberships_among",
     "parse_rule",
     "profile_attributes",
     "refresh_attributes",
@@ -391,6 +393,29 @@ def profile_attributes(warehouse: Warehouse, *, profile_id: str) -> dict[str, An
         return None
     row: dict[str, Any] = frame.drop("profile_id").row(0, named=True)  # Any: see above
     return row
+
+
+def attribute_values(
+    warehouse: Warehouse, *, profile_ids: list[str], names: Sequence[str]
+) -> pl.DataFrame:
+    """The computed attributes `names` of these profiles as of the last refresh, set-based:
+    `profile_id` and one column per name that the last refresh computed (a name never
+    computed, or unknown, has no column); profiles without values have no row."""
+    columns = {str(n) for n, _ in warehouse.rows(queries.ATTRIBUTE_COLUMNS)}
+    wanted = sorted(set(names) & columns)
+    if not profile_ids or not wanted:
+        return pl.DataFrame(schema={"profile_id": pl.String()})
+    return warehouse.run(queries.attribute_values(profile_ids, wanted))
+
+
+def memberships_among(
+    warehouse: Warehouse, *, segment_ids: Sequence[str], profile_ids: list[str]
+) -> pl.DataFrame:
+    """Which of these profiles are current members (as of each segment's last refresh) of
+    these saved segments: rows `(segment_id, profile_id)`, read set-based."""
+    if not segment_ids or not profile_ids:
+        return pl.DataFrame(schema={"segment_id": pl.String(), "profile_id": pl.String()})
+    return warehouse.run(queries.memberships_among(sorted(segment_ids), profile_ids))
 
 
 def refresh_event_map(warehouse: Warehouse, *, now: datetime | None = None) -> int:

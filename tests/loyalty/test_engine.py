@@ -136,7 +136,9 @@ def test_conditions_read_properties_member_tier_seniority_and_traits(db: Databas
     traits = pl.DataFrame(
         {"profile_id": ["fr", "gold"], "traits": ['{"country": "FR"}', '{"country": "DE"}']}
     )
-    _process(db, program, rows, traits=traits)
+    _process(
+        db, program, rows, profile_data=lambda ids: traits.filter(pl.col("profile_id").is_in(ids))
+    )
     assert _earned(db, program) == [
         ("gold", "m1", 3),
         ("gold", "m1", 100),
