@@ -1208,7 +1208,8 @@ def profile_nodes(profile_id: str) -> Query:
 
 def profile_links(profile_id: str) -> Query:
     """Links touching a profile's identifiers, with the event that created them and whether
-    they are in use (both ends in the profile) or not (refused, removed, other profile)."""
+    they are in use (both ends in the profile) or not (refused, removed, other profile, or
+    an end blocked or capped: such an identifier belongs to no profile)."""
     return Query(
         """
         WITH pn AS (SELECT node_id FROM identity_nodes WHERE profile_id = $pid),
@@ -1219,7 +1220,7 @@ def profile_links(profile_id: str) -> Query:
         )
         SELECT a.kind AS from_kind, a.value AS from_value, b.kind AS to_kind,
                b.value AS to_value, l.first_event_id AS event_id, l.first_at AS linked_at,
-               (a.profile_id = $pid AND b.profile_id = $pid
+               (coalesce(a.profile_id = $pid AND b.profile_id = $pid, false)
                 AND NOT EXISTS (
                     SELECT 1 FROM identity_link_overrides o
                     WHERE o.action = 'remove_link' AND o.lifted_at IS NULL
@@ -1263,16 +1264,28 @@ def profile_history(profile_id: str) -> Query:
 
 
 def profile_decisions(profile_id: str) -> Query:
-    """Rule decisions about a profile's identifiers and the links touching them."""
+    """Rule decisions about a profile's identifiers, the links touching them, and the
+    blocked or capped identifiers linked to them (why those links are not used)."""
     return Query(
         """
-        WITH pn AS (SELECT node_id FROM identity_nodes WHERE profile_id = $pid)
+        WITH pn AS (SELECT node_id FROM identity_nodes WHERE profile_id = $pid),
+        nbr AS (
+            SELECT e.dst AS node_id FROM identity_edges e SEMI JOIN pn ON pn.node_id = e.src
+            UNION
+            SELECT e.src FROM identity_edges e SEMI JOIN pn ON pn.node_id = e.dst
+        ),
+        inactive AS (
+            SELECT n.node_id FROM identity_nodes n SEMI JOIN nbr ON nbr.node_id = n.node_id
+            WHERE n.status <> 'active'
+        )
         SELECT d.decision, a.kind, a.value, b.kind AS other_kind, b.value AS other_value,
                d.event_id, d.detail, d.decided_at
         FROM identity_decisions d
         JOIN identity_nodes a ON a.node_id = d.node_id
         LEFT JOIN identity_nodes b ON b.node_id = d.other_node_id
         WHERE d.node_id IN (SELECT node_id FROM pn) OR d.other_node_id IN (SELECT node_id FROM pn)
+           OR (d.decision IN ('blocked', 'capped')
+               AND d.node_id IN (SELECT node_id FROM inactive))
         ORDER BY d.event_id NULLS LAST, a.kind, a.value
         """,
         {"pid": profile_id},

@@ -10,6 +10,7 @@ from cdp.auth import Role
 from cdp.db import Database
 from cdp.warehouse import Warehouse
 from identity import service
+from identity.rules import IdentityRules
 from tests.conftest import make_key
 from tests.identity.conftest import Ev, EventWriter, resolve
 
@@ -165,3 +166,34 @@ def test_rules_round_trip_and_apply_on_next_resolution(
     assert run.status_code == 200, run.text
     assert run.json()["refused_links"] == 2  # a-b, then d-b once d holds a
     assert client.get("/api/identity/rules", headers=_headers(db, Role.marketer)).status_code == 403
+
+
+def test_identity_and_export_explain_links_to_blocked_and_capped_identifiers(
+    client: TestClient, db: Database, warehouse: Warehouse, events: EventWriter
+) -> None:
+    events.write(
+        [
+            Ev([("user_id", "u1"), ("email", "unknown"), ("phone", "+33600000001")]),
+            Ev([("user_id", "u2"), ("phone", "+33600000001")]),
+        ]
+    )
+    resolve(warehouse, IdentityRules(auto_cap=1))
+    pid = service.lookup(warehouse, kind="user_id", value="u1")
+    resp = client.get(f"/api/profiles/{pid}/identity", headers=_headers(db, Role.marketer))
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    ends = {
+        (frozenset({(x["from_kind"], x["from_value"]), (x["to_kind"], x["to_value"])}), x["used"])
+        for x in body["links"]
+    }
+    assert ends == {
+        (frozenset({("user_id", "u1"), ("email", "unknown")}), False),
+        (frozenset({("user_id", "u1"), ("phone", "+33600000001")}), False),
+    }
+    assert {(d["decision"], d["kind"], d["value"]) for d in body["decisions"]} == {
+        ("blocked", "email", "unknown"),
+        ("capped", "phone", "+33600000001"),
+    }
+    export = client.get(f"/api/profiles/{pid}/export", headers=_headers(db, Role.admin))
+    assert export.status_code == 200, export.text
+    assert export.json()["identity"]["links"] == body["links"]
