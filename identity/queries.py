@@ -72,6 +72,16 @@ BUMP_PROFILES_VERSION = Query(
 
 MAX_EVENT_ID = Query("SELECT coalesce(max(event_id), 0) FROM event_identifiers")
 MAX_OVERRIDE_VERSION = Query("SELECT coalesce(max(version), 0) FROM identity_link_overrides")
+# The version of an override created or lifted now: above every stored version and above the
+# last one the resolver saw. An erasure deletes the overrides naming the person's identifiers,
+# so the stored maximum can go back; a version at or below the resolver's mark would be
+# taken for one it already applied, and the decision would be ignored.
+_NEXT_OVERRIDE_VERSION = """
+    greatest(
+        (SELECT coalesce(max(version), 0) FROM identity_link_overrides),
+        (SELECT coalesce(max(number), 0) FROM identity_state WHERE name = 'override_version')
+    ) + 1
+"""
 
 
 # Copies of Arrow/Polars frames registered as `<name>_frame` into temp tables of the run.
@@ -1359,11 +1369,11 @@ def add_override(
     return Query(
         """
         INSERT INTO identity_link_overrides
-        SELECT coalesce(max(override_id), 0) + 1, coalesce(max(version), 0) + 1, $action, $src,
+        SELECT coalesce(max(override_id), 0) + 1, {next_version}, $action, $src,
                $dst, $pid, $reason, $at, $actor, NULL, NULL
         FROM identity_link_overrides
         RETURNING override_id
-        """,
+        """.replace("{next_version}", _NEXT_OVERRIDE_VERSION),
         {
             "action": action,
             "src": src,
@@ -1381,11 +1391,10 @@ def lift_override(override_id: int, *, actor: str | None, at: datetime) -> Query
     return Query(
         """
         UPDATE identity_link_overrides
-        SET lifted_at = $at, lifted_by = $actor,
-            version = (SELECT coalesce(max(version), 0) + 1 FROM identity_link_overrides)
+        SET lifted_at = $at, lifted_by = $actor, version = {next_version}
         WHERE override_id = $id AND lifted_at IS NULL
         RETURNING override_id
-        """,
+        """.replace("{next_version}", _NEXT_OVERRIDE_VERSION),
         {"id": override_id, "actor": actor, "at": at},
     )
 

@@ -107,7 +107,8 @@ def _resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool) -> Resol
             logger.info("identity rules changed: full rebuild")
             full = True
         up_to = int(_scalar(cur, queries.MAX_EVENT_ID))
-        override_version = int(_scalar(cur, queries.MAX_OVERRIDE_VERSION))
+        # Never below the mark: an erasure deletes overrides, so the stored maximum can go back.
+        override_version = max(int(_scalar(cur, queries.MAX_OVERRIDE_VERSION)), seen_overrides)
         result = ResolveResult(mode="full" if full else "incremental", up_to_event_id=up_to)
         if not full and up_to <= mark and override_version <= seen_overrides:
             if old_fingerprint is None:
