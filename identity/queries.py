@@ -530,9 +530,11 @@ AFFECTED_LINKS = Query(
     """
 )
 
-# Stable ids: per old profile, the new label holding most of its nodes keeps it ("stays");
-# per label, the oldest staying profile (created first, then born from the earlier event)
-# survives and the other stayers merge into it; a label nobody stays in gets a new id.
+# Stable ids: per old profile, the new label holding its birth identifiers (those first seen
+# in the event it was born from) keeps it ("stays"), else the label holding most of its
+# nodes; per label, the oldest staying profile (created first, then born from the earlier
+# event) survives and the other stayers merge into it; a label nobody stays in gets a new
+# id. Births are looked up only for the profiles that split (claims in several labels).
 # Materialised so each new uuid is drawn once.
 RECONCILE = Query(
     """
@@ -540,8 +542,18 @@ RECONCILE = Query(
     SELECT l.label, o.profile_id, count(*) AS nodes
     FROM id_labels l JOIN id_old o ON o.node_id = l.node_id
     GROUP BY l.label, o.profile_id;
+    CREATE OR REPLACE TEMP TABLE id_births AS
+    WITH split AS (SELECT profile_id FROM id_claims GROUP BY profile_id HAVING count(*) > 1)
+    SELECT DISTINCT l.label, o.profile_id
+    FROM id_old o
+    JOIN split s ON s.profile_id = o.profile_id
+    JOIN identity_profile_ids r ON r.profile_id = o.profile_id
+    JOIN id_labels l ON l.node_id = o.node_id AND l.first_event_id = r.born_event_id;
     CREATE OR REPLACE TEMP TABLE id_stay AS
-    SELECT profile_id, arg_min(label, (-nodes, label)) AS label FROM id_claims GROUP BY profile_id;
+    SELECT c.profile_id, arg_min(c.label, (b.label IS NULL, -c.nodes, c.label)) AS label
+    FROM id_claims c
+    LEFT JOIN id_births b ON b.label = c.label AND b.profile_id = c.profile_id
+    GROUP BY c.profile_id;
     CREATE OR REPLACE TEMP TABLE id_label_pid AS
     WITH surv AS (
         SELECT s.label,
@@ -555,6 +567,32 @@ RECONCILE = Query(
     SELECT labels.label, coalesce(surv.profile_id, gen_random_uuid()::VARCHAR) AS profile_id,
            surv.profile_id IS NULL AS is_new, labels.born_event_id
     FROM labels LEFT JOIN surv ON surv.label = labels.label;
+    """
+)
+
+# Merged-away ids that follow a split: an id merged into a profile that splits now points at
+# the profile of the part holding its birth identifiers (an undone merge: the old id of the
+# person split off names that person, not the profile it had been merged into). Only the
+# parts that leave a profile are looked at (splits are rare).
+REDIRECTS = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE id_redirects AS
+    WITH moved AS (
+        SELECT c.label, c.profile_id FROM id_claims c
+        JOIN id_stay s ON s.profile_id = c.profile_id
+        WHERE s.label <> c.label
+    ),
+    cand AS (
+        SELECT DISTINCT r.profile_id, l.label
+        FROM moved m
+        JOIN id_old o ON o.profile_id = m.profile_id
+        JOIN id_labels l ON l.node_id = o.node_id AND l.label = m.label
+        JOIN identity_profile_ids r
+            ON r.merged_into = m.profile_id AND r.born_event_id = l.first_event_id
+    )
+    SELECT c.profile_id, arg_min(lp.profile_id, c.label) AS to_pid
+    FROM cand c JOIN id_label_pid lp ON lp.label = c.label
+    GROUP BY c.profile_id
     """
 )
 
@@ -629,7 +667,8 @@ def publish_changes(*, seq: int, at: datetime, nodes: str = "full") -> Query:
 
 
 def register_profiles(at: datetime) -> Query:
-    """Record new profile ids and point merged-away ids (and theirs) at the survivor."""
+    """Record new profile ids, point merged-away ids (and theirs) at the survivor, and the
+    ids that follow a split (`REDIRECTS`) at their part's profile."""
     return Query(
         """
         INSERT INTO identity_profile_ids
@@ -639,6 +678,8 @@ def register_profiles(at: datetime) -> Query:
         FROM id_changes c WHERE c.kind = 'merge' AND r.profile_id = c.from_pid;
         UPDATE identity_profile_ids r SET merged_into = c.to_pid
         FROM id_changes c WHERE c.kind = 'merge' AND r.merged_into = c.from_pid;
+        UPDATE identity_profile_ids r SET merged_into = d.to_pid
+        FROM id_redirects d WHERE r.profile_id = d.profile_id;
         """,
         {"at": at},
     )
@@ -751,6 +792,8 @@ DROP_FULL_GRAPH_COPIES = Query(
     DROP TABLE IF EXISTS id_refusals;
     DROP TABLE IF EXISTS id_old;
     DROP TABLE IF EXISTS id_claims;
+    DROP TABLE IF EXISTS id_births;
+    DROP TABLE IF EXISTS id_redirects;
     DROP TABLE IF EXISTS id_stay;
     DROP TABLE IF EXISTS id_changes;
     """
