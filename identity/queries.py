@@ -70,6 +70,12 @@ BUMP_PROFILES_VERSION = Query(
 )
 
 
+def pattern_runs(pattern: str) -> Query:
+    """Whether the warehouse's regular expressions (RE2) accept a pattern: `try` turns the
+    compile error of a pattern RE2 rejects (look-arounds, backreferences) into NULL."""
+    return Query("SELECT try(regexp_full_match('', $pattern)) IS NOT NULL", {"pattern": pattern})
+
+
 MAX_EVENT_ID = Query("SELECT coalesce(max(event_id), 0) FROM event_identifiers")
 MAX_OVERRIDE_VERSION = Query("SELECT coalesce(max(version), 0) FROM identity_link_overrides")
 # The version of an override created or lifted now: above every stored version and above the

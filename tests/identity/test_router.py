@@ -197,3 +197,23 @@ def test_identity_and_export_explain_links_to_blocked_and_capped_identifiers(
     export = client.get(f"/api/profiles/{pid}/export", headers=_headers(db, Role.admin))
     assert export.status_code == 200, export.text
     assert export.json()["identity"]["links"] == body["links"]
+
+
+def test_rules_reject_a_pattern_that_re2_cannot_run_and_name_it(
+    client: TestClient, db: Database, warehouse: Warehouse, events: EventWriter
+) -> None:
+    headers = _headers(db, Role.data)
+    rules = client.get("/api/identity/rules", headers=headers).json()
+    for pattern in [r"(?!x).*@spam\.com", r"(a)\1@x\.com"]:
+        bad = client.put(
+            "/api/identity/rules",
+            json={**rules, "blocked_patterns": [r".*@ok\.com", pattern]},
+            headers=headers,
+        )
+        assert bad.status_code == 422, bad.text
+        assert bad.json()["error"]["code"] == "identity.invalid_rules"
+        assert pattern in bad.json()["error"]["message"]
+    assert client.get("/api/identity/rules", headers=headers).json() == rules
+    events.write([Ev([("user_id", "u1"), ("email", "a@spam.com")])])
+    run = client.post("/api/identity/resolve", headers=_headers(db, Role.admin))
+    assert run.status_code == 200, run.text
