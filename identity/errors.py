@@ -45,3 +45,9 @@ class InvalidRules(Invalid):
     """The rules cannot run as given (a blocked pattern the warehouse's RE2 rejects)."""
 
     code = "identity.invalid_rules"
+
+
+class InvalidTraitFilter(Invalid):
+    """A trait filter names no trait (an empty key)."""
+
+    code = "identity.invalid_trait_filter"

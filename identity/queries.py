@@ -1375,12 +1375,21 @@ _SEARCH_COUNT = """
 """
 
 
+def trait_path(key: str) -> str:
+    """The JSON path of one top-level key, whatever its characters (a non-empty key)."""
+    return '$."' + key.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def search_profiles(
     traits: dict[str, str], *, seen_after: datetime | None, limit: int, offset: int
 ) -> tuple[Query, Query]:
-    """A page of profiles matching trait filters, and the total count."""
+    """A page of profiles matching trait filters, and the total count.
+
+    Each trait key becomes a quoted JSON path (`$."key"`): a bare key starting with `$` or
+    `/` would be read as a path (an error, or a JSON pointer that matches nothing).
+    """
     params: dict[str, object] = {
-        "names": list(traits),
+        "names": [trait_path(name) for name in traits],
         "values": list(traits.values()),
         "seen_after": seen_after,
     }

@@ -21,6 +21,7 @@ from identity.errors import (
     IdentifierNotFound,
     InvalidIdentifier,
     InvalidRules,
+    InvalidTraitFilter,
     NothingToUnmerge,
     OverrideNotFound,
     ProfileNotFound,
@@ -288,7 +289,13 @@ def search_profiles(
     limit: int = 50,
     offset: int = 0,
 ) -> tuple[list[ProfileRead], int]:
-    """Profiles whose traits equal every given value (as text), latest activity first."""
+    """Profiles whose traits equal every given value (as text), latest activity first.
+
+    A key is a top-level trait name taken literally (`a.b`, `$x` and `/x` are names, not
+    JSON paths); an empty key raises InvalidTraitFilter.
+    """
+    if any(not name for name in traits):
+        raise InvalidTraitFilter("a trait filter needs a trait name")
     page, total = queries.search_profiles(
         traits, seen_after=_naive(seen_after), limit=limit, offset=offset
     )

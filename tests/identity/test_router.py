@@ -217,3 +217,19 @@ def test_rules_reject_a_pattern_that_re2_cannot_run_and_name_it(
     events.write([Ev([("user_id", "u1"), ("email", "a@spam.com")])])
     run = client.post("/api/identity/resolve", headers=_headers(db, Role.admin))
     assert run.status_code == 200, run.text
+
+
+def test_search_profiles_by_trait_keys_that_look_like_json_paths(
+    client: TestClient, db: Database, warehouse: Warehouse, events: EventWriter
+) -> None:
+    traits = {"$y": "z", "/x": "y", "a.b": "x", '"q\\': "w", "$": "d"}
+    events.write([Ev([("user_id", "u1")], traits=traits), Ev([("user_id", "u2")])])
+    resolve(warehouse)
+    headers = _headers(db, Role.marketer)
+    for key, value in traits.items():
+        resp = client.get("/api/profiles", params={"trait": f"{key}:{value}"}, headers=headers)
+        assert resp.status_code == 200, (key, resp.text)
+        assert resp.json()["total"] == 1, key
+        assert resp.json()["items"][0]["identifiers"] == {"user_id": ["u1"]}
+    nested = client.get("/api/profiles", params={"trait": "$.a:x"}, headers=headers)
+    assert nested.json()["total"] == 0
