@@ -39,3 +39,15 @@ class SuppressionNotFound(NotFound):
     """The identifier is not on the suppression list."""
 
     code = "identity.suppression_not_found"
+
+
+class InvalidRules(Invalid):
+    """The rules cannot run as given (a blocked pattern the warehouse's RE2 rejects)."""
+
+    code = "identity.invalid_rules"
+
+
+class InvalidTraitFilter(Invalid):
+    """A trait filter names no trait (an empty key)."""
+
+    code = "identity.invalid_trait_filter"

@@ -70,8 +70,24 @@ BUMP_PROFILES_VERSION = Query(
 )
 
 
+def pattern_runs(pattern: str) -> Query:
+    """Whether the warehouse's regular expressions (RE2) accept a pattern: `try` turns the
+    compile error of a pattern RE2 rejects (look-arounds, backreferences) into NULL."""
+    return Query("SELECT try(regexp_full_match('', $pattern)) IS NOT NULL", {"pattern": pattern})
+
+
 MAX_EVENT_ID = Query("SELECT coalesce(max(event_id), 0) FROM event_identifiers")
 MAX_OVERRIDE_VERSION = Query("SELECT coalesce(max(version), 0) FROM identity_link_overrides")
+# The version of an override created or lifted now: above every stored version and above the
+# last one the resolver saw. An erasure deletes the overrides naming the person's identifiers,
+# so the stored maximum can go back; a version at or below the resolver's mark would be
+# taken for one it already applied, and the decision would be ignored.
+_NEXT_OVERRIDE_VERSION = """
+    greatest(
+        (SELECT coalesce(max(version), 0) FROM identity_link_overrides),
+        (SELECT coalesce(max(number), 0) FROM identity_state WHERE name = 'override_version')
+    ) + 1
+"""
 
 
 # Copies of Arrow/Polars frames registered as `<name>_frame` into temp tables of the run.
@@ -520,9 +536,11 @@ AFFECTED_LINKS = Query(
     """
 )
 
-# Stable ids: per old profile, the new label holding most of its nodes keeps it ("stays");
-# per label, the oldest staying profile (created first, then born from the earlier event)
-# survives and the other stayers merge into it; a label nobody stays in gets a new id.
+# Stable ids: per old profile, the new label holding its birth identifiers (those first seen
+# in the event it was born from) keeps it ("stays"), else the label holding most of its
+# nodes; per label, the oldest staying profile (created first, then born from the earlier
+# event) survives and the other stayers merge into it; a label nobody stays in gets a new
+# id. Births are looked up only for the profiles that split (claims in several labels).
 # Materialised so each new uuid is drawn once.
 RECONCILE = Query(
     """
@@ -530,8 +548,18 @@ RECONCILE = Query(
     SELECT l.label, o.profile_id, count(*) AS nodes
     FROM id_labels l JOIN id_old o ON o.node_id = l.node_id
     GROUP BY l.label, o.profile_id;
+    CREATE OR REPLACE TEMP TABLE id_births AS
+    WITH split AS (SELECT profile_id FROM id_claims GROUP BY profile_id HAVING count(*) > 1)
+    SELECT DISTINCT l.label, o.profile_id
+    FROM id_old o
+    JOIN split s ON s.profile_id = o.profile_id
+    JOIN identity_profile_ids r ON r.profile_id = o.profile_id
+    JOIN id_labels l ON l.node_id = o.node_id AND l.first_event_id = r.born_event_id;
     CREATE OR REPLACE TEMP TABLE id_stay AS
-    SELECT profile_id, arg_min(label, (-nodes, label)) AS label FROM id_claims GROUP BY profile_id;
+    SELECT c.profile_id, arg_min(c.label, (b.label IS NULL, -c.nodes, c.label)) AS label
+    FROM id_claims c
+    LEFT JOIN id_births b ON b.label = c.label AND b.profile_id = c.profile_id
+    GROUP BY c.profile_id;
     CREATE OR REPLACE TEMP TABLE id_label_pid AS
     WITH surv AS (
         SELECT s.label,
@@ -545,6 +573,32 @@ RECONCILE = Query(
     SELECT labels.label, coalesce(surv.profile_id, gen_random_uuid()::VARCHAR) AS profile_id,
            surv.profile_id IS NULL AS is_new, labels.born_event_id
     FROM labels LEFT JOIN surv ON surv.label = labels.label;
+    """
+)
+
+# Merged-away ids that follow a split: an id merged into a profile that splits now points at
+# the profile of the part holding its birth identifiers (an undone merge: the old id of the
+# person split off names that person, not the profile it had been merged into). Only the
+# parts that leave a profile are looked at (splits are rare).
+REDIRECTS = Query(
+    """
+    CREATE OR REPLACE TEMP TABLE id_redirects AS
+    WITH moved AS (
+        SELECT c.label, c.profile_id FROM id_claims c
+        JOIN id_stay s ON s.profile_id = c.profile_id
+        WHERE s.label <> c.label
+    ),
+    cand AS (
+        SELECT DISTINCT r.profile_id, l.label
+        FROM moved m
+        JOIN id_old o ON o.profile_id = m.profile_id
+        JOIN id_labels l ON l.node_id = o.node_id AND l.label = m.label
+        JOIN identity_profile_ids r
+            ON r.merged_into = m.profile_id AND r.born_event_id = l.first_event_id
+    )
+    SELECT c.profile_id, arg_min(lp.profile_id, c.label) AS to_pid
+    FROM cand c JOIN id_label_pid lp ON lp.label = c.label
+    GROUP BY c.profile_id
     """
 )
 
@@ -619,7 +673,8 @@ def publish_changes(*, seq: int, at: datetime, nodes: str = "full") -> Query:
 
 
 def register_profiles(at: datetime) -> Query:
-    """Record new profile ids and point merged-away ids (and theirs) at the survivor."""
+    """Record new profile ids, point merged-away ids (and theirs) at the survivor, and the
+    ids that follow a split (`REDIRECTS`) at their part's profile."""
     return Query(
         """
         INSERT INTO identity_profile_ids
@@ -629,6 +684,8 @@ def register_profiles(at: datetime) -> Query:
         FROM id_changes c WHERE c.kind = 'merge' AND r.profile_id = c.from_pid;
         UPDATE identity_profile_ids r SET merged_into = c.to_pid
         FROM id_changes c WHERE c.kind = 'merge' AND r.merged_into = c.from_pid;
+        UPDATE identity_profile_ids r SET merged_into = d.to_pid
+        FROM id_redirects d WHERE r.profile_id = d.profile_id;
         """,
         {"at": at},
     )
@@ -741,6 +798,8 @@ DROP_FULL_GRAPH_COPIES = Query(
     DROP TABLE IF EXISTS id_refusals;
     DROP TABLE IF EXISTS id_old;
     DROP TABLE IF EXISTS id_claims;
+    DROP TABLE IF EXISTS id_births;
+    DROP TABLE IF EXISTS id_redirects;
     DROP TABLE IF EXISTS id_stay;
     DROP TABLE IF EXISTS id_changes;
     """
@@ -1224,7 +1283,8 @@ def profile_nodes(profile_id: str) -> Query:
 
 def profile_links(profile_id: str) -> Query:
     """Links touching a profile's identifiers, with the event that created them and whether
-    they are in use (both ends in the profile) or not (refused, removed, other profile)."""
+    they are in use (both ends in the profile) or not (refused, removed, other profile, or
+    an end blocked or capped: such an identifier belongs to no profile)."""
     return Query(
         """
         WITH pn AS (SELECT node_id FROM identity_nodes WHERE profile_id = $pid),
@@ -1235,7 +1295,7 @@ def profile_links(profile_id: str) -> Query:
         )
         SELECT a.kind AS from_kind, a.value AS from_value, b.kind AS to_kind,
                b.value AS to_value, l.first_event_id AS event_id, l.first_at AS linked_at,
-               (a.profile_id = $pid AND b.profile_id = $pid
+               (coalesce(a.profile_id = $pid AND b.profile_id = $pid, false)
                 AND NOT EXISTS (
                     SELECT 1 FROM identity_link_overrides o
                     WHERE o.action = 'remove_link' AND o.lifted_at IS NULL
@@ -1279,16 +1339,28 @@ def profile_history(profile_id: str) -> Query:
 
 
 def profile_decisions(profile_id: str) -> Query:
-    """Rule decisions about a profile's identifiers and the links touching them."""
+    """Rule decisions about a profile's identifiers, the links touching them, and the
+    blocked or capped identifiers linked to them (why those links are not used)."""
     return Query(
         """
-        WITH pn AS (SELECT node_id FROM identity_nodes WHERE profile_id = $pid)
+        WITH pn AS (SELECT node_id FROM identity_nodes WHERE profile_id = $pid),
+        nbr AS (
+            SELECT e.dst AS node_id FROM identity_edges e SEMI JOIN pn ON pn.node_id = e.src
+            UNION
+            SELECT e.src FROM identity_edges e SEMI JOIN pn ON pn.node_id = e.dst
+        ),
+        inactive AS (
+            SELECT n.node_id FROM identity_nodes n SEMI JOIN nbr ON nbr.node_id = n.node_id
+            WHERE n.status <> 'active'
+        )
         SELECT d.decision, a.kind, a.value, b.kind AS other_kind, b.value AS other_value,
                d.event_id, d.detail, d.decided_at
         FROM identity_decisions d
         JOIN identity_nodes a ON a.node_id = d.node_id
         LEFT JOIN identity_nodes b ON b.node_id = d.other_node_id
         WHERE d.node_id IN (SELECT node_id FROM pn) OR d.other_node_id IN (SELECT node_id FROM pn)
+           OR (d.decision IN ('blocked', 'capped')
+               AND d.node_id IN (SELECT node_id FROM inactive))
         ORDER BY d.event_id NULLS LAST, a.kind, a.value
         """,
         {"pid": profile_id},
@@ -1319,12 +1391,21 @@ _SEARCH_COUNT = """
 """
 
 
+def trait_path(key: str) -> str:
+    """The JSON path of one top-level key, whatever its characters (a non-empty key)."""
+    return '$."' + key.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def search_profiles(
     traits: dict[str, str], *, seen_after: datetime | None, limit: int, offset: int
 ) -> tuple[Query, Query]:
-    """A page of profiles matching trait filters, and the total count."""
+    """A page of profiles matching trait filters, and the total count.
+
+    Each trait key becomes a quoted JSON path (`$."key"`): a bare key starting with `$` or
+    `/` would be read as a path (an error, or a JSON pointer that matches nothing).
+    """
     params: dict[str, object] = {
-        "names": list(traits),
+        "names": [trait_path(name) for name in traits],
         "values": list(traits.values()),
         "seen_after": seen_after,
     }
@@ -1362,11 +1443,11 @@ def add_override(
     return Query(
         """
         INSERT INTO identity_link_overrides
-        SELECT coalesce(max(override_id), 0) + 1, coalesce(max(version), 0) + 1, $action, $src,
+        SELECT coalesce(max(override_id), 0) + 1, {next_version}, $action, $src,
                $dst, $pid, $reason, $at, $actor, NULL, NULL
         FROM identity_link_overrides
         RETURNING override_id
-        """,
+        """.replace("{next_version}", _NEXT_OVERRIDE_VERSION),
         {
             "action": action,
             "src": src,
@@ -1384,11 +1465,10 @@ def lift_override(override_id: int, *, actor: str | None, at: datetime) -> Query
     return Query(
         """
         UPDATE identity_link_overrides
-        SET lifted_at = $at, lifted_by = $actor,
-            version = (SELECT coalesce(max(version), 0) + 1 FROM identity_link_overrides)
+        SET lifted_at = $at, lifted_by = $actor, version = {next_version}
         WHERE override_id = $id AND lifted_at IS NULL
         RETURNING override_id
-        """,
+        """.replace("{next_version}", _NEXT_OVERRIDE_VERSION),
         {"id": override_id, "actor": actor, "at": at},
     )
 

@@ -11,10 +11,12 @@ One run, in one warehouse transaction:
    statuses; everything in a full rebuild) are relabelled: scipy connected components on the
    integer edge list, then a time-ordered, rule-aware union-find for the few components over
    a per-kind limit. Recomputing whole components is what makes incremental == full.
-4. Stable ids: each old profile stays with the new piece holding most of its identifiers;
-   among the profiles staying in one piece the oldest survives, the others are merged into
-   it; parts that leave a profile are splits; pieces nobody stays in get a new id. Merges
-   and splits are appended to `profile_merges`, the publication later layers consume.
+4. Stable ids: each old profile stays with the new piece holding its birth identifiers
+   (else most of its identifiers); among the profiles staying in one piece the oldest
+   survives, the others are merged into it; parts that leave a profile are splits; pieces
+   nobody stays in get a new id; ids once merged into a splitting profile follow their birth
+   identifiers. Merges and splits are appended to `profile_merges`, the publication later
+   layers consume.
 5. The `profiles` rows of every touched profile are rebuilt (identifiers by kind, first and
    last seen, traits by survivorship).
 """
@@ -107,7 +109,8 @@ def _resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool) -> Resol
             logger.info("identity rules changed: full rebuild")
             full = True
         up_to = int(_scalar(cur, queries.MAX_EVENT_ID))
-        override_version = int(_scalar(cur, queries.MAX_OVERRIDE_VERSION))
+        # Never below the mark: an erasure deletes overrides, so the stored maximum can go back.
+        override_version = max(int(_scalar(cur, queries.MAX_OVERRIDE_VERSION)), seen_overrides)
         result = ResolveResult(mode="full" if full else "incremental", up_to_event_id=up_to)
         if not full and up_to <= mark and override_version <= seen_overrides:
             if old_fingerprint is None:
@@ -161,6 +164,7 @@ def _resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool) -> Resol
         del nodes, links, labels, refusals, used
 
         step(queries.RECONCILE)
+        step(queries.REDIRECTS)
         if full:
             # Nodes are written once, labelled; the publication's reasons name them.
             step(queries.WRITE_NODES_FULL)

@@ -207,10 +207,13 @@ def get_rules(session: SessionDep) -> RulesRead:
 
 
 @identity.put("/rules")
-def put_rules(body: RulesUpdate, session: SessionDep, request: Request) -> RulesRead:
+def put_rules(
+    body: RulesUpdate, session: SessionDep, warehouse: WarehouseDep, request: Request
+) -> RulesRead:
     """Replace the rules; the next resolution run rebuilds the profiles under them."""
     rules = service.put_rules(
         session,
+        warehouse,
         rules=service.IdentityRules.model_validate(body.model_dump()),
         updated_by=_principal_name(request),
     )

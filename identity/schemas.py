@@ -65,7 +65,10 @@ class LinkRead(BaseModel):
     to_value: str
     event_id: int
     linked_at: datetime
-    used: bool = Field(description="False when refused by a rule, removed, or across profiles")
+    used: bool = Field(
+        description="False when refused by a rule, removed, across profiles, or when an end "
+        "is blocked or capped (its decision is then among the profile's decisions)"
+    )
 
 
 class MergeRead(BaseModel):

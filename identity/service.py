@@ -20,6 +20,8 @@ from identity import queries, resolver
 from identity.errors import (
     IdentifierNotFound,
     InvalidIdentifier,
+    InvalidRules,
+    InvalidTraitFilter,
     NothingToUnmerge,
     OverrideNotFound,
     ProfileNotFound,
@@ -84,8 +86,25 @@ def get_rules(session: Session) -> IdentityRules:
     return IdentityRules() if row is None else IdentityRules.model_validate(row.document)
 
 
-def put_rules(session: Session, *, rules: IdentityRules, updated_by: str | None) -> IdentityRules:
-    """Replace the rules; the next resolution rebuilds the graph under them."""
+def put_rules(
+    session: Session,
+    warehouse: Warehouse,
+    *,
+    rules: IdentityRules,
+    updated_by: str | None,
+) -> IdentityRules:
+    """Replace the rules; the next resolution rebuilds the graph under them.
+
+    Blocked patterns run in the warehouse (RE2), which rejects some patterns Python's `re`
+    compiles (look-arounds, backreferences): each is compiled there first, so a pattern that
+    would fail every later resolution run is refused (InvalidRules) instead of saved.
+    """
+    for pattern in rules.blocked_patterns:
+        if not warehouse.scalar(queries.pattern_runs(pattern)):
+            raise InvalidRules(
+                f"blocked pattern `{pattern}` is not a valid RE2 regular expression "
+                "(no look-arounds or backreferences)"
+            )
     row = session.get(IdentityRuleSet, RULES_ROW)
     document = rules.model_dump(mode="json")
     if row is None:
@@ -319,7 +338,13 @@ def search_profiles(
     limit: int = 50,
     offset: int = 0,
 ) -> tuple[list[ProfileRead], int]:
-    """Profiles whose traits equal every given value (as text), latest activity first."""
+    """Profiles whose traits equal every given value (as text), latest activity first.
+
+    A key is a top-level trait name taken literally (`a.b`, `$x` and `/x` are names, not
+    JSON paths); an empty key raises InvalidTraitFilter.
+    """
+    if any(not name for name in traits):
+        raise InvalidTraitFilter("a trait filter needs a trait name")
     page, total = queries.search_profiles(
         traits, seen_after=_naive(seen_after), limit=limit, offset=offset
     )

@@ -10,6 +10,7 @@ from cdp.auth import Role
 from cdp.db import Database
 from cdp.warehouse import Warehouse
 from identity import service
+from identity.rules import IdentityRules
 from tests.conftest import make_key
 from tests.identity.conftest import Ev, EventWriter, resolve
 
@@ -165,3 +166,70 @@ def test_rules_round_trip_and_apply_on_next_resolution(
     assert run.status_code == 200, run.text
     assert run.json()["refused_links"] == 2  # a-b, then d-b once d holds a
     assert client.get("/api/identity/rules", headers=_headers(db, Role.marketer)).status_code == 403
+
+
+def test_identity_and_export_explain_links_to_blocked_and_capped_identifiers(
+    client: TestClient, db: Database, warehouse: Warehouse, events: EventWriter
+) -> None:
+    events.write(
+        [
+            Ev([("user_id", "u1"), ("email", "unknown"), ("phone", "+33600000001")]),
+            Ev([("user_id", "u2"), ("phone", "+33600000001")]),
+        ]
+    )
+    resolve(warehouse, IdentityRules(auto_cap=1))
+    pid = service.lookup(warehouse, kind="user_id", value="u1")
+    resp = client.get(f"/api/profiles/{pid}/identity", headers=_headers(db, Role.marketer))
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    ends = {
+        (frozenset({(x["from_kind"], x["from_value"]), (x["to_kind"], x["to_value"])}), x["used"])
+        for x in body["links"]
+    }
+    assert ends == {
+        (frozenset({("user_id", "u1"), ("email", "unknown")}), False),
+        (frozenset({("user_id", "u1"), ("phone", "+33600000001")}), False),
+    }
+    assert {(d["decision"], d["kind"], d["value"]) for d in body["decisions"]} == {
+        ("blocked", "email", "unknown"),
+        ("capped", "phone", "+33600000001"),
+    }
+    export = client.get(f"/api/profiles/{pid}/export", headers=_headers(db, Role.admin))
+    assert export.status_code == 200, export.text
+    assert export.json()["identity"]["links"] == body["links"]
+
+
+def test_rules_reject_a_pattern_that_re2_cannot_run_and_name_it(
+    client: TestClient, db: Database, warehouse: Warehouse, events: EventWriter
+) -> None:
+    headers = _headers(db, Role.data)
+    rules = client.get("/api/identity/rules", headers=headers).json()
+    for pattern in [r"(?!x).*@spam\.com", r"(a)\1@x\.com"]:
+        bad = client.put(
+            "/api/identity/rules",
+            json={**rules, "blocked_patterns": [r".*@ok\.com", pattern]},
+            headers=headers,
+        )
+        assert bad.status_code == 422, bad.text
+        assert bad.json()["error"]["code"] == "identity.invalid_rules"
+        assert pattern in bad.json()["error"]["message"]
+    assert client.get("/api/identity/rules", headers=headers).json() == rules
+    events.write([Ev([("user_id", "u1"), ("email", "a@spam.com")])])
+    run = client.post("/api/identity/resolve", headers=_headers(db, Role.admin))
+    assert run.status_code == 200, run.text
+
+
+def test_search_profiles_by_trait_keys_that_look_like_json_paths(
+    client: TestClient, db: Database, warehouse: Warehouse, events: EventWriter
+) -> None:
+    traits = {"$y": "z", "/x": "y", "a.b": "x", '"q\\': "w", "$": "d"}
+    events.write([Ev([("user_id", "u1")], traits=traits), Ev([("user_id", "u2")])])
+    resolve(warehouse)
+    headers = _headers(db, Role.marketer)
+    for key, value in traits.items():
+        resp = client.get("/api/profiles", params={"trait": f"{key}:{value}"}, headers=headers)
+        assert resp.status_code == 200, (key, resp.text)
+        assert resp.json()["total"] == 1, key
+        assert resp.json()["items"][0]["identifiers"] == {"user_id": ["u1"]}
+    nested = client.get("/api/profiles", params={"trait": "$.a:x"}, headers=headers)
+    assert nested.json()["total"] == 0

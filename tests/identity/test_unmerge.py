@@ -9,7 +9,7 @@ from cdp.config import Settings
 from cdp.db import Database
 from cdp.warehouse import Warehouse
 from identity import service
-from identity.schemas import IdentifierRef, LinkRef, UnmergeCreate
+from identity.schemas import IdentifierRef, LinkRef, UnmergeCreate, UnmergeRead
 from tests.conftest import make_key
 from tests.identity.conftest import Ev, EventWriter, partition, resolve
 
@@ -136,3 +136,80 @@ def test_unmerge_route_is_admin_only_and_validates_the_request(
     assert _pid(warehouse, "email", "a@x.com") == pid
     again = client.delete(f"/api/identity/overrides/{override_id}", headers=admin)
     assert again.status_code == 404
+
+
+def _remove_link(
+    warehouse: Warehouse, db: Database, email: str, phone: str
+) -> tuple[str | None, UnmergeRead]:
+    pid = _pid(warehouse, "email", email)
+    assert pid is not None
+    link = LinkRef.model_validate(
+        {"from": {"kind": "email", "value": email}, "to": {"kind": "phone", "value": phone}}
+    )
+    with db.begin() as session:
+        outcome = service.unmerge(
+            session,
+            warehouse,
+            settings=Settings(),
+            profile_id=pid,
+            request=UnmergeCreate(link=link),
+            actor="admin",
+        )
+    return pid, outcome
+
+
+def test_unmerge_after_an_erasure_of_an_unmerged_person_still_splits(
+    warehouse: Warehouse, events: EventWriter, db: Database
+) -> None:
+    events.write(
+        [
+            Ev([("email", "bob@x.com"), ("phone", "+33622222222")]),
+            Ev([("email", "ana@x.com"), ("phone", "+33611111111")]),
+        ]
+    )
+    resolve(warehouse)
+    _remove_link(warehouse, db, "ana@x.com", "+33611111111")
+    ana = _pid(warehouse, "email", "ana@x.com")
+    assert ana is not None
+    with db.begin() as session:
+        # Deletes Ana's unmerge decision, the newest one.
+        service.erase_profile(session, warehouse, profile_id=ana, actor="admin")
+    bob, outcome = _remove_link(warehouse, db, "bob@x.com", "+33622222222")
+    assert outcome.resolution.splits == 1
+    assert _pid(warehouse, "email", "bob@x.com") == bob
+    assert _pid(warehouse, "phone", "+33622222222") not in (None, bob)
+    resolve(warehouse, full=True)
+    assert _pid(warehouse, "email", "bob@x.com") != _pid(warehouse, "phone", "+33622222222")
+
+
+def test_after_an_undone_merge_the_merged_away_id_redirects_to_its_identifiers(
+    warehouse: Warehouse, events: EventWriter, db: Database
+) -> None:
+    events.write([Ev([("email", "ana@x.com")], traits={"name": "Ana"})])
+    resolve(warehouse)
+    ana = _pid(warehouse, "email", "ana@x.com")
+    events.write([Ev([("phone", "+33611111111"), ("anonymous_id", "b1")], traits={"name": "Bob"})])
+    resolve(warehouse)
+    bob = _pid(warehouse, "phone", "+33611111111")
+    assert ana is not None
+    assert bob is not None
+    events.write([Ev([("email", "ana@x.com"), ("phone", "+33611111111")])])
+    resolve(warehouse)
+    assert service.resolve_profile_id(warehouse, profile_id=bob) == ana
+    # Bob's part is the larger one: Ana's id still stays with Ana's first identifier.
+    _, outcome = _remove_link(warehouse, db, "ana@x.com", "+33611111111")
+    assert _pid(warehouse, "email", "ana@x.com") == ana
+    split_off = _pid(warehouse, "phone", "+33611111111")
+    assert split_off not in (None, ana)
+    assert _pid(warehouse, "anonymous_id", "b1") == split_off
+    assert sorted(outcome.profiles) == sorted([ana, split_off])
+    profile = service.get_profile(warehouse, profile_id=bob)
+    assert (profile.id, profile.redirected, profile.traits) == (split_off, True, {"name": "Bob"})
+    published = service.merges_since(warehouse, after_seq=0)
+    assert published.select("kind", "from_profile_id", "to_profile_id").rows()[-2:] == [
+        ("merge", bob, ana),
+        ("split", ana, split_off),
+    ]
+    resolve(warehouse, full=True)
+    assert _pid(warehouse, "email", "ana@x.com") == ana
+    assert service.resolve_profile_id(warehouse, profile_id=bob) == split_off
