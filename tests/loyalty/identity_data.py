@@ -9,9 +9,11 @@ import orjson
 import polars as pl
 
 from cdp.config import Settings
+from cdp.db import Database
 from cdp.warehouse import Query, Warehouse
 from identity import service as identity_service
 from identity.rules import IdentityRules
+from segments import service as segments_service
 
 Ident = tuple[str, str]
 
@@ -82,3 +84,24 @@ def profile_of(warehouse: Warehouse, kind: str, value: str) -> str:
     profile_id = identity_service.lookup(warehouse, kind=kind, value=value)
     assert profile_id is not None
     return profile_id
+
+
+def french_segment(db: Database, warehouse: Warehouse, settings: Settings) -> str:
+    """A saved segment of the profiles whose trait `country` is FR, materialised by the
+    segments package (exactly one such profile is expected)."""
+    with db.begin() as session:
+        segment = segments_service.create_segment(
+            session,
+            warehouse,
+            name="French",
+            description=None,
+            rule={"field": "traits.country", "op": "eq", "value": "FR"},
+            refresh_minutes=None,
+            settings=settings.segments,
+            actor=None,
+        )
+        refreshed = segments_service.refresh_segment(
+            session, warehouse, segment_id=segment.id, settings=settings.segments
+        )
+    assert refreshed.size == 1
+    return segment.id

@@ -5,19 +5,18 @@ from __future__ import annotations
 from fastapi.testclient import TestClient
 
 from cdp.auth import Role
-from cdp.config import SegmentsSettings
+from cdp.config import Settings
 from cdp.db import Database
 from cdp.warehouse import Warehouse
 from loyalty import service
 from loyalty.schemas import RewardCreate, TierCreate
-from segments import service as segments_service
 from tests.conftest import make_key
 from tests.loyalty.conftest import earn, make_member, make_program
-from tests.loyalty.identity_data import profile_of, resolve, write_events
+from tests.loyalty.identity_data import french_segment, profile_of, resolve, write_events
 
 
 def test_export_holds_loyalty_memberships_ledgers_and_segment_memberships(
-    client: TestClient, db: Database, warehouse: Warehouse
+    client: TestClient, db: Database, warehouse: Warehouse, settings: Settings
 ) -> None:
     write_events(
         warehouse,
@@ -41,20 +40,7 @@ def test_export_holds_loyalty_memberships_ledgers_and_segment_memberships(
         )
         redemption = service.redeem(session, member_id=member.id, reward_id=reward.id)
         coupon = redemption.coupon_code
-        settings = SegmentsSettings()
-        segment = segments_service.create_segment(
-            session,
-            warehouse,
-            name="French",
-            description=None,
-            rule={"field": "traits.country", "op": "eq", "value": "FR"},
-            refresh_minutes=None,
-            settings=settings,
-            actor=None,
-        )
-        segments_service.refresh_segment(
-            session, warehouse, segment_id=segment.id, settings=settings
-        )
+    french_segment(db, warehouse, settings)
     admin = {"Authorization": f"Bearer {make_key(db, Role.admin)}"}
 
     answer = client.get(f"/api/profiles/{ann}/export", headers=admin)

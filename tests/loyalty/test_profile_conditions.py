@@ -17,7 +17,7 @@ from loyalty.models import LedgerEntry, Member, Program
 from loyalty.schemas import RuleCreate
 from segments import service as segments_service
 from tests.loyalty.conftest import make_program
-from tests.loyalty.identity_data import profile_of, resolve, write_events
+from tests.loyalty.identity_data import french_segment, profile_of, resolve, write_events
 
 PEOPLE = ("ann", "bob", "cara")
 
@@ -124,31 +124,11 @@ def test_sync_and_backfill_read_the_computed_attributes(
     assert synced == backfilled == {"ann": 13}
 
 
-def _french_segment(db: Database, warehouse: Warehouse, settings: Settings) -> str:
-    """A saved segment of the French profiles, materialised by the segments package."""
-    with db.begin() as session:
-        segment = segments_service.create_segment(
-            session,
-            warehouse,
-            name="French",
-            description=None,
-            rule={"field": "traits.country", "op": "eq", "value": "FR"},
-            refresh_minutes=None,
-            settings=settings.segments,
-            actor=None,
-        )
-        refreshed = segments_service.refresh_segment(
-            session, warehouse, segment_id=segment.id, settings=settings.segments
-        )
-    assert refreshed.size == 1
-    return segment.id
-
-
 def test_sync_and_backfill_award_a_segments_members_only(
     db: Database, warehouse: Warehouse, settings: Settings
 ) -> None:
     _people(warehouse, [{"country": "FR"}, {"country": "DE"}, None])
-    french = _french_segment(db, warehouse, settings)
+    french = french_segment(db, warehouse, settings)
     rules: list[dict[str, Any]] = [  # Any: JSON
         {"condition": {"segment": french}, "formula": {"type": "fixed", "points": 20}},
         {
@@ -164,7 +144,7 @@ def test_only_the_profile_data_the_rules_read_is_loaded(
     db: Database, warehouse: Warehouse, settings: Settings
 ) -> None:
     _people(warehouse, [{"vip": True, "country": "FR"}, None, None])
-    french = _french_segment(db, warehouse, settings)
+    french = french_segment(db, warehouse, settings)
     ann = profile_of(warehouse, *_email("ann"))
     program = _programme(
         db, "club", [{"condition": {"segment": french}, "formula": {"type": "fixed", "points": 1}}]
@@ -222,7 +202,7 @@ def test_dry_run_reads_an_existing_members_stored_profile(
     loyalty_headers: dict[str, str],
 ) -> None:
     _people(warehouse, [{"vip": True, "country": "FR"}, None, None])
-    french = _french_segment(db, warehouse, settings)
+    french = french_segment(db, warehouse, settings)
     rules = [
         {"name": "vip", "condition": VIP, "formula": {"type": "fixed", "points": 50}},
         {
