@@ -1143,17 +1143,21 @@ def cancel_redemption(
     """Cancel a redemption: its points go back to the lots they came from, stock comes back."""
     now = now or utcnow()
     redemption = get_redemption(session, redemption_id=redemption_id)
-    ledger.lock_member(session, member_id=redemption.member_id)
+    # The lots drawn on may have moved to a survivor (merge) or another member (split) since.
+    holders = ledger.draw_owners(session, entry_id=redemption.entry_id)
+    ledger.lock_members(session, member_ids=[redemption.member_id, *holders])
     session.refresh(redemption)
     if redemption.status == "cancelled":
         raise RedemptionAlreadyCancelled(f"redemption {redemption.id} was cancelled already")
     program = get_program(session, program_id=redemption.program_id)
     original = session.get(LedgerEntry, redemption.entry_id)
     assert original is not None
+    member = get_member(session, member_id=redemption.member_id)
     entry = ledger.give_back(
         session,
         program=program,
         original=original,
+        member_id=_group_head(session, member).id,
         kind="refund",
         idempotency_key=f"cancel:{redemption.id}",
         now=now,
