@@ -517,9 +517,15 @@ def load_priors(
         "count": [s.id for s in specs if s.limit_per_member is not None],
     }
     earn = LedgerEntry.kind == "earn"
+    # A merge leaves the absorbed member's earnings on it (only its lots move), yet they are
+    # the survivor's history: its first-purchase bonus or its day's capped points count for
+    # the survivor. The absorbed members are read first (by `merged_into`), then their
+    # entries are read with the survivors' and counted for the survivor.
+    absorbed = _absorbed_members(session, members=members)
+    survivor_of = pl.col("member_id").replace(absorbed)
     # The batch's members only, in chunks: a backfill slice of 150k members reads their
     # rows through the caps index instead of every member's of the programme.
-    chunks = ledger.in_chunks(sorted(members))
+    chunks = ledger.in_chunks(sorted({*members, *absorbed}))
     if ids["day"] or ids["month"]:
         rows = [
             row
@@ -550,6 +556,12 @@ def load_priors(
             },
             orient="row",
         )
+        if absorbed:
+            daily = (
+                daily.with_columns(survivor_of)
+                .group_by("rule_id", "member_id", "local_date")
+                .agg(pl.col("used").sum())
+            )
         priors.day = daily.filter(pl.col("rule_id").is_in(ids["day"])).rename({"used": "used_day"})
         priors.month = (
             daily.filter(pl.col("rule_id").is_in(ids["month"]))
@@ -585,7 +597,24 @@ def load_priors(
             schema={"rule_id": pl.String(), "member_id": pl.String(), "used_count": pl.Int64()},
             orient="row",
         )
+        if absorbed:
+            priors.count = (
+                priors.count.with_columns(survivor_of)
+                .group_by("rule_id", "member_id")
+                .agg(pl.col("used_count").sum())
+            )
     return priors
+
+
+def _absorbed_members(session: Session, *, members: list[str]) -> dict[str, str]:
+    """The memberships merged into these members: absorbed member id -> survivor's id."""
+    found: dict[str, str] = {}
+    for chunk in ledger.in_chunks(sorted(set(members))):
+        rows = session.execute(
+            select(Member.id, Member.merged_into).where(Member.merged_into.in_(chunk))
+        ).all()
+        found.update({absorbed: survivor for absorbed, survivor in rows if survivor})
+    return found
 
 
 @dataclass(slots=True)

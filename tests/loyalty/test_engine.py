@@ -249,6 +249,27 @@ def test_monthly_cap_budget_and_first_purchase_limit(db: Database) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_limits_and_caps_count_what_merged_memberships_earned(db: Database) -> None:
+    program = make_program(db)
+    for p in ("guest", "account"):
+        make_member(db, program, p)
+    _rule(db, program, name="daily", cap_per_day=50)
+    _rule(db, program, name="first", formula={"type": "fixed", "points": 100}, limit_per_member=1)
+    _process(db, program, [ev("guest", T0, event_id=1, total=40)])
+    with db.begin() as session:
+        service.merge_profiles(
+            session, program_id=program.id, from_profile_id="guest", to_profile_id="account"
+        )
+    # Same person, same day: no second first-purchase bonus, and the daily cap has 10 left.
+    _process(db, program, [ev("account", T0 + timedelta(hours=1), event_id=2, total=40)])
+    assert _earned(db, program) == [
+        ("guest", "m1", 40),
+        ("guest", "m1", 100),
+        ("account", "m2", 10),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_replaying_events_awards_nothing_more(db: Database) -> None:
     program = make_program(db, enrolment="automatic")
     _rule(db, program)
