@@ -638,24 +638,48 @@ def _amount_expr() -> pl.Expr:
     )
 
 
-def _refund_amount_expr() -> pl.Expr:
-    """The amount a refund gives back, positive whatever the sign it was recorded with:
-    `total` (else `revenue`), else the sum of its lines' price x quantity; null means all."""
-    lines = (
+def _lines_amount_expr(*, absolute: bool) -> pl.Expr:
+    """The sum of an event's lines' price (else unit price) x quantity (1 when absent)."""
+    line = pl.coalesce(
+        pl.element().struct.field("price"), pl.element().struct.field("unit_price")
+    ) * pl.element().struct.field("quantity").fill_null(1.0)
+    return (
         pl.col("properties")
         .str.json_path_match("$.products")
         .str.json_decode(_LINE_AMOUNTS)
-        .list.eval(
-            (
-                pl.coalesce(
-                    pl.element().struct.field("price"), pl.element().struct.field("unit_price")
-                )
-                * pl.element().struct.field("quantity").fill_null(1.0)
-            ).abs()
-        )
+        .list.eval(line.abs() if absolute else line)
         .list.sum()
     )
+
+
+def _refund_amount_expr() -> pl.Expr:
+    """The amount a refund gives back, positive whatever the sign it was recorded with:
+    `total` (else `revenue`), else the sum of its lines' price x quantity; null means all."""
+    lines = _lines_amount_expr(absolute=True)
     return pl.coalesce(_amount_expr().abs(), pl.when(lines > 0).then(lines))
+
+
+def _order_spend(orders: pl.DataFrame) -> pl.DataFrame:
+    """Order rows with their `spend`: `total` (else `revenue`), else the sum of their lines'
+    price x quantity (what a line refund gives back is measured the same way, so refunding
+    one line of two reverses half, not all); 0 without either. Lines netting below zero
+    count 0: a negative spend on an order row would read as a refund of it."""
+    with_amount = orders.with_columns(_amount_expr().alias("spend"))
+    # Lines are parsed only for the (usually few) orders without an amount.
+    missing = with_amount["spend"].is_null()
+    if not missing.any():
+        return with_amount
+    return pl.concat(
+        [
+            with_amount.filter(~missing),
+            with_amount.filter(missing).with_columns(
+                _lines_amount_expr(absolute=False)
+                .fill_null(0.0)
+                .clip(lower_bound=0.0)
+                .alias("spend")
+            ),
+        ]
+    )
 
 
 def member_events(
@@ -1051,7 +1075,7 @@ def _activity_frame(frame: pl.DataFrame) -> pl.DataFrame:
     return (
         pl.concat(
             [
-                orders.filter(is_order).with_columns(_amount_expr().fill_null(0.0).alias("spend")),
+                _order_spend(orders.filter(is_order)),
                 orders.filter(~is_order).with_columns(
                     (-_refund_amount_expr().fill_null(0.0)).alias("spend")
                 ),

@@ -324,6 +324,27 @@ def test_partial_refunds_reverse_points_in_proportion_and_add_up_to_the_whole(
         assert sorted(reversals) == [-51, -50]
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_refunding_one_line_of_an_order_without_total_reverses_that_line_s_share(
+    db: Database,
+) -> None:
+    program = make_program(db)
+    member = make_member(db, program, "a")
+    _rule(db, program, formula={"type": "per_line", "rate": 1})
+    lines = [
+        {"sku": "A", "price": 30, "quantity": 2},
+        {"sku": "B", "price": 40},
+    ]
+    _process(db, program, [ev("a", T0, event_id=1, order_id="o1", products=lines)])
+    refund = ev("a", T0 + timedelta(days=1), "Order Refunded", 2, order_id="o1", products=lines[1:])
+    _process(db, program, [refund])
+    with db.begin() as session:
+        # The order's spend is its lines' 2 x 30 + 40 = 100; 40 back reverses 40% of its 100 points.
+        spend = session.scalars(select(Activity.spend).order_by(Activity.event_id)).all()
+        assert spend == [100.0, -40.0]
+        assert ledger.lots_sum(session, member_id=member.id) == 60
+
+
 def test_refund_without_amount_reverses_the_whole_order(db: Database) -> None:
     program = make_program(db)
     member = make_member(db, program, "a")
