@@ -959,7 +959,11 @@ def _evaluate_with_tiers(
         tiers.ranks_at(session, program=program, ladder_=ladder, rows=rows)
     ).drop("current_rank")
     before = _tier_priors(session, program=program, prepared=prepared)
-    activity = _activity_frame(prepared) if program.tier_metric != "points" else None
+    activity = (
+        _activity(session, program=program, frame=prepared)
+        if program.tier_metric != "points"
+        else None
+    )
     current = rows["start_rank"]
     awards = pl.DataFrame()
     ranks = pl.DataFrame()
@@ -1077,18 +1081,92 @@ def _activity_frame(frame: pl.DataFrame) -> pl.DataFrame:
             [
                 _order_spend(orders.filter(is_order)),
                 orders.filter(~is_order).with_columns(
-                    (-_refund_amount_expr().fill_null(0.0)).alias("spend")
+                    (-_refund_amount_expr().fill_null(0.0)).alias("spend"),
+                    _refund_amount_expr().is_null().alias("whole"),
                 ),
-            ]
+            ],
+            how="diagonal_relaxed",
         )
-        .with_columns(pl.when(is_order).then(1).otherwise(0).alias("orders"))
+        .with_columns(
+            pl.when(is_order).then(1).otherwise(0).alias("orders"),
+            pl.col("whole").fill_null(False),
+        )
         .sort("row")
     )
 
 
+def _activity(session: Session, *, program: Program, frame: pl.DataFrame) -> pl.DataFrame:
+    """`_activity_frame` with the refunds that complete an order counting -1 order.
+
+    The orders tier metric counts orders minus fully refunded ones: a refund counts -1 when
+    it has no amount (the whole order) or brings what the order's refunds gave back to its
+    spend, and the order still counts (it was recorded, and no earlier refund took it off).
+    A partial refund leaves the order counted: the customer still bought the rest. The
+    order's activity comes from the ledger (events of the batch excepted, so a replay counts
+    the same) and from the batch, in event order (time, then event id), as one-by-one
+    processing sees it.
+    """
+    activity = _activity_frame(frame)
+    refunds = activity.filter((pl.col("event") == REFUND_EVENT) & pl.col("order_id").is_not_null())
+    if refunds.is_empty():
+        return activity
+    orders = refunds["order_id"].unique().to_list()
+    batch_events = set(frame["event_id"].drop_nulls().to_list())
+    seen = [
+        row
+        for chunk in ledger.in_chunks(orders)
+        for row in session.execute(
+            select(
+                Activity.order_id,
+                Activity.occurred_at,
+                Activity.event_id,
+                Activity.spend,
+                Activity.orders,
+            ).where(Activity.program_id == program.id, Activity.order_id.in_(chunk))
+        ).all()
+        if row.event_id is None or row.event_id not in batch_events
+    ]
+    # (time, event id, batch row or None, spend, orders, whole refund) per order.
+    history: dict[str, list[tuple[datetime, int, int | None, float, int, bool]]] = {}
+    for order, at, event_id, spend, counted in seen:
+        history.setdefault(str(order), []).append(
+            (at, event_id or 0, None, float(spend), int(counted), False)
+        )
+    batch = activity.filter(pl.col("order_id").is_in(orders))
+    for order, at, event_id, row, spend, counted, whole in batch.select(
+        "order_id", "timestamp", "event_id", "row", "spend", "orders", "whole"
+    ).iter_rows():
+        history.setdefault(order, []).append(
+            (at, event_id or 0, row, float(spend), int(counted), whole)
+        )
+    removed: list[int] = []
+    for items in history.values():
+        sold = refunded = 0.0
+        counted = 0
+        for _, _, row, spend, orders_, whole in sorted(items, key=lambda i: (i[0], i[1])):
+            if spend > 0 or orders_ > 0:
+                sold += max(spend, 0.0)
+                counted += orders_
+                continue
+            if row is not None:
+                refunded += -spend
+                if counted > 0 and (whole or refunded >= sold - 1e-9):
+                    removed.append(row)
+                    counted -= 1
+            else:
+                refunded += -spend
+                counted += orders_
+    if not removed:
+        return activity
+    return activity.with_columns(
+        pl.when(pl.col("row").is_in(removed)).then(-1).otherwise(pl.col("orders")).alias("orders")
+    )
+
+
 def _record_activity(session: Session, *, program: Program, frame: pl.DataFrame) -> None:
-    """One activity row per order (spend, +1 order) and per refund (-amount)."""
-    spend = _activity_frame(frame)
+    """One activity row per order (spend, +1 order) and per refund (-amount; -1 order when it
+    completes the order's refund)."""
+    spend = _activity(session, program=program, frame=frame)
     if spend.is_empty():
         return
     rows = spend.select(
