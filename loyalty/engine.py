@@ -146,6 +146,9 @@ class Priors:
             {"rule_id": pl.String(), "member_id": pl.String(), "used_count": pl.Int64()}
         )
     )
+    # Keys of awards of capped exclusive rules that the ledger holds for the batch's events:
+    # a replay sees its own earlier awards in the caps, and must block where they blocked.
+    written: set[str] = field(default_factory=set)
 
 
 TRACE_COLUMNS = (
@@ -200,11 +203,17 @@ def _order_id_expr(frame: pl.DataFrame) -> pl.Expr:
     return order_id
 
 
-def trace(frame: pl.DataFrame, specs: list[RuleSpec]) -> pl.DataFrame:
+def trace(frame: pl.DataFrame, specs: list[RuleSpec], priors: Priors) -> pl.DataFrame:
     """Every (row, rule) whose trigger matches: window, condition, stacking and raw points.
 
     `frame` is the output of `prepare` with member columns (member_id, tier_name, tier_rank,
-    tier_multiplier, seniority_days, member_status, traits).
+    tier_multiplier, seniority_days, member_status, traits). An exclusive rule blocks the
+    later rules of the rows where it fired, unless its caps or limit (`priors`: what the
+    ledger holds) took all its points away there: a promotion capped for the day must not
+    leave the member's next orders without their base points. Its caps depend only on its
+    own fired rows, so they are computed (`apply_caps` of that rule alone) before the later
+    rules are traced; `apply_caps` of all the rules then gives it the same points.
+    A fired exclusive rule whose formula gives 0 points still blocks (a deliberate blocker).
     """
     fields: set[str] = set()
     for spec in specs:
@@ -261,6 +270,23 @@ def trace(frame: pl.DataFrame, specs: list[RuleSpec]) -> pl.DataFrame:
         parts.append(part)
         if spec.exclusive:
             fired_rows = part.filter(pl.col("fired"))["row"]
+            if _capped(spec):
+                awarded = apply_caps(
+                    part.with_columns(pl.lit(0, dtype=pl.Int32).alias("rule_order")),
+                    [spec],
+                    priors,
+                )["row"]
+                key = pl.concat_str(
+                    pl.lit("event:"), pl.col("message_id"), pl.lit(f":rule:{spec.id}")
+                )
+                fired_rows = part.filter(
+                    pl.col("fired")
+                    & (
+                        (pl.col("raw_points") <= 0)
+                        | pl.col("row").is_in(awarded.implode())
+                        | key.is_in(list(priors.written))
+                    )
+                )["row"]
             hit = frame["row"].is_in(fired_rows.implode())
             blocked = (
                 pl.select(pl.when(hit & blocked.is_null()).then(pl.lit(spec.id)).otherwise(blocked))
@@ -270,6 +296,12 @@ def trace(frame: pl.DataFrame, specs: list[RuleSpec]) -> pl.DataFrame:
     if not parts:
         return pl.DataFrame(schema={c: pl.Null() for c in TRACE_COLUMNS}).clear()
     return pl.concat(parts, how="vertical_relaxed")
+
+
+def _capped(spec: RuleSpec) -> bool:
+    """Whether caps or a per-member limit may lower the rule's points."""
+    limits = (spec.cap_per_day, spec.cap_per_month, spec.budget, spec.limit_per_member)
+    return any(limit is not None for limit in limits)
 
 
 def _clamp(frame: pl.DataFrame, *, cap: str, used: str, over: list[str]) -> pl.DataFrame:
@@ -384,7 +416,7 @@ def apply_caps(traced: pl.DataFrame, specs: list[RuleSpec], priors: Priors) -> p
 
 def evaluate(frame: pl.DataFrame, specs: list[RuleSpec], priors: Priors, tz: str) -> pl.DataFrame:
     """Awards for a frame of member events: one row per (event, rule) with points > 0."""
-    return apply_caps(trace(prepare(frame, tz), specs), specs, priors)
+    return apply_caps(trace(prepare(frame, tz), specs, priors), specs, priors)
 
 
 def active_rules(session: Session, *, program_id: str) -> list[RuleSpec]:
@@ -506,10 +538,18 @@ def member_frame(session: Session, *, program_id: str, profiles: list[str]) -> p
 
 
 def load_priors(
-    session: Session, *, specs: list[RuleSpec], members: list[str], since: date
+    session: Session,
+    *,
+    specs: list[RuleSpec],
+    members: list[str],
+    since: date,
+    events: pl.DataFrame | None = None,
 ) -> Priors:
-    """What the ledger holds for capped rules, from the month of the batch's first day."""
+    """What the ledger holds for capped rules, from the month of the batch's first day, and
+    (`events`: the batch) the awards it holds of capped exclusive rules for those events."""
     priors = Priors()
+    if events is not None:
+        priors.written = _exclusive_written(session, specs=specs, events=events)
     ids = {
         "day": [s.id for s in specs if s.cap_per_day is not None],
         "month": [s.id for s in specs if s.cap_per_month is not None],
@@ -604,6 +644,30 @@ def load_priors(
                 .agg(pl.col("used_count").sum())
             )
     return priors
+
+
+def _exclusive_written(
+    session: Session, *, specs: list[RuleSpec], events: pl.DataFrame
+) -> set[str]:
+    """Keys of the awards of capped exclusive rules already written for these events (read
+    through the unique key index, only for rows that trigger such a rule in its window)."""
+    keys: list[str] = []
+    for spec in specs:
+        if not (spec.exclusive and _capped(spec)):
+            continue
+        rows = events.filter(pl.col("event") == spec.event_name)
+        if spec.starts_at is not None:
+            rows = rows.filter(pl.col("timestamp") >= spec.starts_at)
+        if spec.ends_at is not None:
+            rows = rows.filter(pl.col("timestamp") < spec.ends_at)
+        keys += [f"event:{m}:rule:{spec.id}" for m in rows["message_id"].to_list()]
+    return {
+        key
+        for chunk in ledger.in_chunks(sorted(set(keys)))
+        for key in session.scalars(
+            select(LedgerEntry.idempotency_key).where(LedgerEntry.idempotency_key.in_(chunk))
+        )
+    }
 
 
 def _absorbed_members(session: Session, *, members: list[str]) -> dict[str, str]:
@@ -840,6 +904,7 @@ def process_events(
             specs=specs,
             members=prepared["member_id"].unique().to_list(),
             since=prepared["local_date"].min(),  # type: ignore[arg-type]
+            events=prepared,
         )
     steps.done("priors")
     ladder = tiers.ladder(session, program_id=program.id)
@@ -849,7 +914,7 @@ def process_events(
             session, program=program, prepared=prepared, specs=specs, priors=priors, ladder=ladder
         )
     elif specs:
-        awards = apply_caps(trace(prepared, specs), specs, priors)
+        awards = apply_caps(trace(prepared, specs, priors), specs, priors)
     steps.done("rules")
     if not awards.is_empty():
         credits = awards.select(
@@ -971,7 +1036,7 @@ def _evaluate_with_tiers(
     for _ in range(len(ladder) + 3):
         framed = _with_tiers(prepared, ladder, current) if dependent else prepared
         if specs:
-            awards = apply_caps(trace(framed, specs), specs, priors)
+            awards = apply_caps(trace(framed, specs, priors), specs, priors)
         if activity is not None:
             column = "spend" if program.tier_metric == "spend" else "orders"
             added = activity.select(

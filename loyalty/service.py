@@ -1283,7 +1283,6 @@ def dry_run(
         ]
     frame, member_id = _sample_frame(session, program=program, request=request, now=now)
     prepared = engine.prepare(frame, program.timezone)
-    traced = engine.trace(prepared, specs)
     priors = engine.Priors()
     if member_id is not None and specs:
         priors = engine.load_priors(
@@ -1292,6 +1291,7 @@ def dry_run(
             members=[member_id],
             since=prepared["local_date"][0],
         )
+    traced = engine.trace(prepared, specs, priors)
     awards = engine.apply_caps(traced, specs, priors)
     awarded = dict(zip(awards["rule_id"].to_list(), awards["points"].to_list(), strict=True))
     by_rule = {row["rule_id"]: row for row in traced.iter_rows(named=True)}

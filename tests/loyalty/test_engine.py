@@ -172,6 +172,36 @@ def test_exclusive_rule_stops_later_rules_and_windows_bound_campaigns(db: Databa
     assert _earned(db, program) == [("a", "m1", 10), ("a", "m2", 30), ("a", "m3", 10)]
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_exclusive_rule_capped_to_nothing_does_not_block_later_rules(db: Database) -> None:
+    rows = [
+        ev("a", T0, event_id=1, total=10),
+        ev("a", T0 + timedelta(hours=1), event_id=2, total=50),
+        ev("a", T0 + timedelta(days=1), event_id=3, total=5),
+    ]
+    for one_by_one in (False, True):
+        program = make_program(db, name=f"Club {one_by_one}")
+        make_member(db, program, "a")
+        _rule(
+            db,
+            program,
+            name="promo x3",
+            priority=1,
+            exclusive=True,
+            formula={"type": "per_amount", "rate": 3},
+            cap_per_day=30,
+        )
+        _rule(db, program, name="base", priority=10)
+        for batch in [[row] for row in rows] if one_by_one else [rows]:
+            _process(db, program, batch)
+        # The promo's day is used up by m1: m2 earns its base points; the next day, the
+        # promo fires again and blocks the base rule.
+        assert _earned(db, program) == [("a", "m1", 30), ("a", "m2", 50), ("a", "m3", 15)]
+        # A replay sees the promo's own awards in its caps, yet blocks where they blocked.
+        _process(db, program, rows)
+        assert _earned(db, program) == [("a", "m1", 30), ("a", "m2", 50), ("a", "m3", 15)]
+
+
 def test_tier_multiplier_applies_to_rules_that_opt_in(db: Database) -> None:
     program = make_program(db)
     member = make_member(db, program, "a")
