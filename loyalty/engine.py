@@ -159,6 +159,9 @@ class Priors:
             {"rule_id": pl.String(), "member_id": pl.String(), "used_count": pl.Int64()}
         )
     )
+    # Keys of awards of capped exclusive rules that the ledger holds for the batch's events:
+    # a replay sees its own earlier awards in the caps, and must block where they blocked.
+    written: set[str] = field(default_factory=set)
 
 
 TRACE_COLUMNS = (
@@ -213,12 +216,19 @@ def _order_id_expr(frame: pl.DataFrame) -> pl.Expr:
     return order_id
 
 
-def trace(frame: pl.DataFrame, specs: list[RuleSpec]) -> pl.DataFrame:
+def trace(frame: pl.DataFrame, specs: list[RuleSpec], priors: Priors) -> pl.DataFrame:
     """Every (row, rule) whose trigger matches: window, condition, stacking and raw points.
 
     `frame` is the output of `prepare` with member columns (member_id, tier_name, tier_rank,
     tier_multiplier, seniority_days, member_status, traits) and the profile data the
-    conditions read (`attributes.<name>`, `segment:<id>`; absent ones count as null).
+    conditions read (`attributes.<name>`, `segment:<id>`; absent ones count as null). An
+    exclusive rule blocks the
+    later rules of the rows where it fired, unless its caps or limit (`priors`: what the
+    ledger holds) took all its points away there: a promotion capped for the day must not
+    leave the member's next orders without their base points. Its caps depend only on its
+    own fired rows, so they are computed (`apply_caps` of that rule alone) before the later
+    rules are traced; `apply_caps` of all the rules then gives it the same points.
+    A fired exclusive rule whose formula gives 0 points still blocks (a deliberate blocker).
     """
     fields: set[str] = set()
     for spec in specs:
@@ -275,6 +285,23 @@ def trace(frame: pl.DataFrame, specs: list[RuleSpec]) -> pl.DataFrame:
         parts.append(part)
         if spec.exclusive:
             fired_rows = part.filter(pl.col("fired"))["row"]
+            if _capped(spec):
+                awarded = apply_caps(
+                    part.with_columns(pl.lit(0, dtype=pl.Int32).alias("rule_order")),
+                    [spec],
+                    priors,
+                )["row"]
+                key = pl.concat_str(
+                    pl.lit("event:"), pl.col("message_id"), pl.lit(f":rule:{spec.id}")
+                )
+                fired_rows = part.filter(
+                    pl.col("fired")
+                    & (
+                        (pl.col("raw_points") <= 0)
+                        | pl.col("row").is_in(awarded.implode())
+                        | key.is_in(list(priors.written))
+                    )
+                )["row"]
             hit = frame["row"].is_in(fired_rows.implode())
             blocked = (
                 pl.select(pl.when(hit & blocked.is_null()).then(pl.lit(spec.id)).otherwise(blocked))
@@ -284,6 +311,12 @@ def trace(frame: pl.DataFrame, specs: list[RuleSpec]) -> pl.DataFrame:
     if not parts:
         return pl.DataFrame(schema={c: pl.Null() for c in TRACE_COLUMNS}).clear()
     return pl.concat(parts, how="vertical_relaxed")
+
+
+def _capped(spec: RuleSpec) -> bool:
+    """Whether caps or a per-member limit may lower the rule's points."""
+    limits = (spec.cap_per_day, spec.cap_per_month, spec.budget, spec.limit_per_member)
+    return any(limit is not None for limit in limits)
 
 
 def _clamp(frame: pl.DataFrame, *, cap: str, used: str, over: list[str]) -> pl.DataFrame:
@@ -398,7 +431,7 @@ def apply_caps(traced: pl.DataFrame, specs: list[RuleSpec], priors: Priors) -> p
 
 def evaluate(frame: pl.DataFrame, specs: list[RuleSpec], priors: Priors, tz: str) -> pl.DataFrame:
     """Awards for a frame of member events: one row per (event, rule) with points > 0."""
-    return apply_caps(trace(prepare(frame, tz), specs), specs, priors)
+    return apply_caps(trace(prepare(frame, tz), specs, priors), specs, priors)
 
 
 def active_rules(session: Session, *, program_id: str) -> list[RuleSpec]:
@@ -520,10 +553,18 @@ def member_frame(session: Session, *, program_id: str, profiles: list[str]) -> p
 
 
 def load_priors(
-    session: Session, *, specs: list[RuleSpec], members: list[str], since: date
+    session: Session,
+    *,
+    specs: list[RuleSpec],
+    members: list[str],
+    since: date,
+    events: pl.DataFrame | None = None,
 ) -> Priors:
-    """What the ledger holds for capped rules, from the month of the batch's first day."""
+    """What the ledger holds for capped rules, from the month of the batch's first day, and
+    (`events`: the batch) the awards it holds of capped exclusive rules for those events."""
     priors = Priors()
+    if events is not None:
+        priors.written = _exclusive_written(session, specs=specs, events=events)
     ids = {
         "day": [s.id for s in specs if s.cap_per_day is not None],
         "month": [s.id for s in specs if s.cap_per_month is not None],
@@ -531,9 +572,15 @@ def load_priors(
         "count": [s.id for s in specs if s.limit_per_member is not None],
     }
     earn = LedgerEntry.kind == "earn"
+    # A merge leaves the absorbed member's earnings on it (only its lots move), yet they are
+    # the survivor's history: its first-purchase bonus or its day's capped points count for
+    # the survivor. The absorbed members are read first (by `merged_into`), then their
+    # entries are read with the survivors' and counted for the survivor.
+    absorbed = _absorbed_members(session, members=members)
+    survivor_of = pl.col("member_id").replace(absorbed)
     # The batch's members only, in chunks: a backfill slice of 150k members reads their
     # rows through the caps index instead of every member's of the programme.
-    chunks = ledger.in_chunks(sorted(members))
+    chunks = ledger.in_chunks(sorted({*members, *absorbed}))
     if ids["day"] or ids["month"]:
         rows = [
             row
@@ -564,6 +611,12 @@ def load_priors(
             },
             orient="row",
         )
+        if absorbed:
+            daily = (
+                daily.with_columns(survivor_of)
+                .group_by("rule_id", "member_id", "local_date")
+                .agg(pl.col("used").sum())
+            )
         priors.day = daily.filter(pl.col("rule_id").is_in(ids["day"])).rename({"used": "used_day"})
         priors.month = (
             daily.filter(pl.col("rule_id").is_in(ids["month"]))
@@ -599,7 +652,48 @@ def load_priors(
             schema={"rule_id": pl.String(), "member_id": pl.String(), "used_count": pl.Int64()},
             orient="row",
         )
+        if absorbed:
+            priors.count = (
+                priors.count.with_columns(survivor_of)
+                .group_by("rule_id", "member_id")
+                .agg(pl.col("used_count").sum())
+            )
     return priors
+
+
+def _exclusive_written(
+    session: Session, *, specs: list[RuleSpec], events: pl.DataFrame
+) -> set[str]:
+    """Keys of the awards of capped exclusive rules already written for these events (read
+    through the unique key index, only for rows that trigger such a rule in its window)."""
+    keys: list[str] = []
+    for spec in specs:
+        if not (spec.exclusive and _capped(spec)):
+            continue
+        rows = events.filter(pl.col("event") == spec.event_name)
+        if spec.starts_at is not None:
+            rows = rows.filter(pl.col("timestamp") >= spec.starts_at)
+        if spec.ends_at is not None:
+            rows = rows.filter(pl.col("timestamp") < spec.ends_at)
+        keys += [f"event:{m}:rule:{spec.id}" for m in rows["message_id"].to_list()]
+    return {
+        key
+        for chunk in ledger.in_chunks(sorted(set(keys)))
+        for key in session.scalars(
+            select(LedgerEntry.idempotency_key).where(LedgerEntry.idempotency_key.in_(chunk))
+        )
+    }
+
+
+def _absorbed_members(session: Session, *, members: list[str]) -> dict[str, str]:
+    """The memberships merged into these members: absorbed member id -> survivor's id."""
+    found: dict[str, str] = {}
+    for chunk in ledger.in_chunks(sorted(set(members))):
+        rows = session.execute(
+            select(Member.id, Member.merged_into).where(Member.merged_into.in_(chunk))
+        ).all()
+        found.update({absorbed: survivor for absorbed, survivor in rows if survivor})
+    return found
 
 
 @dataclass(slots=True)
@@ -623,24 +717,48 @@ def _amount_expr() -> pl.Expr:
     )
 
 
-def _refund_amount_expr() -> pl.Expr:
-    """The amount a refund gives back, positive whatever the sign it was recorded with:
-    `total` (else `revenue`), else the sum of its lines' price x quantity; null means all."""
-    lines = (
+def _lines_amount_expr(*, absolute: bool) -> pl.Expr:
+    """The sum of an event's lines' price (else unit price) x quantity (1 when absent)."""
+    line = pl.coalesce(
+        pl.element().struct.field("price"), pl.element().struct.field("unit_price")
+    ) * pl.element().struct.field("quantity").fill_null(1.0)
+    return (
         pl.col("properties")
         .str.json_path_match("$.products")
         .str.json_decode(_LINE_AMOUNTS)
-        .list.eval(
-            (
-                pl.coalesce(
-                    pl.element().struct.field("price"), pl.element().struct.field("unit_price")
-                )
-                * pl.element().struct.field("quantity").fill_null(1.0)
-            ).abs()
-        )
+        .list.eval(line.abs() if absolute else line)
         .list.sum()
     )
+
+
+def _refund_amount_expr() -> pl.Expr:
+    """The amount a refund gives back, positive whatever the sign it was recorded with:
+    `total` (else `revenue`), else the sum of its lines' price x quantity; null means all."""
+    lines = _lines_amount_expr(absolute=True)
     return pl.coalesce(_amount_expr().abs(), pl.when(lines > 0).then(lines))
+
+
+def _order_spend(orders: pl.DataFrame) -> pl.DataFrame:
+    """Order rows with their `spend`: `total` (else `revenue`), else the sum of their lines'
+    price x quantity (what a line refund gives back is measured the same way, so refunding
+    one line of two reverses half, not all); 0 without either. Lines netting below zero
+    count 0: a negative spend on an order row would read as a refund of it."""
+    with_amount = orders.with_columns(_amount_expr().alias("spend"))
+    # Lines are parsed only for the (usually few) orders without an amount.
+    missing = with_amount["spend"].is_null()
+    if not missing.any():
+        return with_amount
+    return pl.concat(
+        [
+            with_amount.filter(~missing),
+            with_amount.filter(missing).with_columns(
+                _lines_amount_expr(absolute=False)
+                .fill_null(0.0)
+                .clip(lower_bound=0.0)
+                .alias("spend")
+            ),
+        ]
+    )
 
 
 def member_events(
@@ -805,6 +923,7 @@ def process_events(
             specs=specs,
             members=prepared["member_id"].unique().to_list(),
             since=prepared["local_date"].min(),  # type: ignore[arg-type]
+            events=prepared,
         )
     steps.done("priors")
     ladder = tiers.ladder(session, program_id=program.id)
@@ -814,7 +933,7 @@ def process_events(
             session, program=program, prepared=prepared, specs=specs, priors=priors, ladder=ladder
         )
     elif specs:
-        awards = apply_caps(trace(prepared, specs), specs, priors)
+        awards = apply_caps(trace(prepared, specs, priors), specs, priors)
     steps.done("rules")
     if not awards.is_empty():
         credits = awards.select(
@@ -924,7 +1043,11 @@ def _evaluate_with_tiers(
         tiers.ranks_at(session, program=program, ladder_=ladder, rows=rows)
     ).drop("current_rank")
     before = _tier_priors(session, program=program, prepared=prepared)
-    activity = _activity_frame(prepared) if program.tier_metric != "points" else None
+    activity = (
+        _activity(session, program=program, frame=prepared)
+        if program.tier_metric != "points"
+        else None
+    )
     current = rows["start_rank"]
     awards = pl.DataFrame()
     ranks = pl.DataFrame()
@@ -932,7 +1055,7 @@ def _evaluate_with_tiers(
     for _ in range(len(ladder) + 3):
         framed = _with_tiers(prepared, ladder, current) if dependent else prepared
         if specs:
-            awards = apply_caps(trace(framed, specs), specs, priors)
+            awards = apply_caps(trace(framed, specs, priors), specs, priors)
         if activity is not None:
             column = "spend" if program.tier_metric == "spend" else "orders"
             added = activity.select(
@@ -1040,20 +1163,94 @@ def _activity_frame(frame: pl.DataFrame) -> pl.DataFrame:
     return (
         pl.concat(
             [
-                orders.filter(is_order).with_columns(_amount_expr().fill_null(0.0).alias("spend")),
+                _order_spend(orders.filter(is_order)),
                 orders.filter(~is_order).with_columns(
-                    (-_refund_amount_expr().fill_null(0.0)).alias("spend")
+                    (-_refund_amount_expr().fill_null(0.0)).alias("spend"),
+                    _refund_amount_expr().is_null().alias("whole"),
                 ),
-            ]
+            ],
+            how="diagonal_relaxed",
         )
-        .with_columns(pl.when(is_order).then(1).otherwise(0).alias("orders"))
+        .with_columns(
+            pl.when(is_order).then(1).otherwise(0).alias("orders"),
+            pl.col("whole").fill_null(False),
+        )
         .sort("row")
     )
 
 
+def _activity(session: Session, *, program: Program, frame: pl.DataFrame) -> pl.DataFrame:
+    """`_activity_frame` with the refunds that complete an order counting -1 order.
+
+    The orders tier metric counts orders minus fully refunded ones: a refund counts -1 when
+    it has no amount (the whole order) or brings what the order's refunds gave back to its
+    spend, and the order still counts (it was recorded, and no earlier refund took it off).
+    A partial refund leaves the order counted: the customer still bought the rest. The
+    order's activity comes from the ledger (events of the batch excepted, so a replay counts
+    the same) and from the batch, in event order (time, then event id), as one-by-one
+    processing sees it.
+    """
+    activity = _activity_frame(frame)
+    refunds = activity.filter((pl.col("event") == REFUND_EVENT) & pl.col("order_id").is_not_null())
+    if refunds.is_empty():
+        return activity
+    orders = refunds["order_id"].unique().to_list()
+    batch_events = set(frame["event_id"].drop_nulls().to_list())
+    seen = [
+        row
+        for chunk in ledger.in_chunks(orders)
+        for row in session.execute(
+            select(
+                Activity.order_id,
+                Activity.occurred_at,
+                Activity.event_id,
+                Activity.spend,
+                Activity.orders,
+            ).where(Activity.program_id == program.id, Activity.order_id.in_(chunk))
+        ).all()
+        if row.event_id is None or row.event_id not in batch_events
+    ]
+    # (time, event id, batch row or None, spend, orders, whole refund) per order.
+    history: dict[str, list[tuple[datetime, int, int | None, float, int, bool]]] = {}
+    for order, at, event_id, spend, counted in seen:
+        history.setdefault(str(order), []).append(
+            (at, event_id or 0, None, float(spend), int(counted), False)
+        )
+    batch = activity.filter(pl.col("order_id").is_in(orders))
+    for order, at, event_id, row, spend, counted, whole in batch.select(
+        "order_id", "timestamp", "event_id", "row", "spend", "orders", "whole"
+    ).iter_rows():
+        history.setdefault(order, []).append(
+            (at, event_id or 0, row, float(spend), int(counted), whole)
+        )
+    removed: list[int] = []
+    for items in history.values():
+        sold = refunded = 0.0
+        counted = 0
+        for _, _, row, spend, orders_, whole in sorted(items, key=lambda i: (i[0], i[1])):
+            if spend > 0 or orders_ > 0:
+                sold += max(spend, 0.0)
+                counted += orders_
+                continue
+            if row is not None:
+                refunded += -spend
+                if counted > 0 and (whole or refunded >= sold - 1e-9):
+                    removed.append(row)
+                    counted -= 1
+            else:
+                refunded += -spend
+                counted += orders_
+    if not removed:
+        return activity
+    return activity.with_columns(
+        pl.when(pl.col("row").is_in(removed)).then(-1).otherwise(pl.col("orders")).alias("orders")
+    )
+
+
 def _record_activity(session: Session, *, program: Program, frame: pl.DataFrame) -> None:
-    """One activity row per order (spend, +1 order) and per refund (-amount)."""
-    spend = _activity_frame(frame)
+    """One activity row per order (spend, +1 order) and per refund (-amount; -1 order when it
+    completes the order's refund)."""
+    spend = _activity(session, program=program, frame=frame)
     if spend.is_empty():
         return
     rows = spend.select(

@@ -769,11 +769,24 @@ def write_debits(session: Session, *, entries: pl.DataFrame, draws: pl.DataFrame
     return written
 
 
+def draw_owners(session: Session, *, entry_id: str) -> list[str]:
+    """The members that now hold the lots a debit drew on (a merge or split moves lots)."""
+    return sorted(
+        session.scalars(
+            select(Lot.member_id)
+            .join(LotDraw, LotDraw.lot_id == Lot.entry_id)
+            .where(LotDraw.entry_id == entry_id)
+            .distinct()
+        ).all()
+    )
+
+
 def give_back(
     session: Session,
     *,
     program: Program,
     original: LedgerEntry,
+    member_id: str,
     kind: str,
     idempotency_key: str,
     now: datetime | None = None,
@@ -782,6 +795,13 @@ def give_back(
 ) -> LedgerEntry:
     """Undo a debit: return its points to the very lots it drew on (a cancelled redemption).
 
+    The points are credited to whoever holds each lot now, not to the debit's member: a
+    merge since the debit moved the lots to the survivor (a split, to another member), and
+    each member's entries must still sum to its lots. `member_id` (the debit's member, or
+    the survivor it was merged into) takes the entry keyed `idempotency_key`, and the
+    qualifying points; a lot held by another member gives that member an entry of its own,
+    keyed `<idempotency_key>:<member id>`. Returns the first entry.
+
     A lot that expired in between gets its points back expired; the expiry job takes them.
     """
     existing = find_entry(session, key=idempotency_key)
@@ -789,32 +809,47 @@ def give_back(
         return existing
     now = now or utcnow()
     draws = session.execute(
-        select(LotDraw.lot_id, func.sum(LotDraw.points))
+        select(Lot.member_id, LotDraw.lot_id, func.sum(LotDraw.points))
+        .join(Lot, Lot.entry_id == LotDraw.lot_id)
         .where(LotDraw.entry_id == original.id)
-        .group_by(LotDraw.lot_id)
+        .group_by(Lot.member_id, LotDraw.lot_id)
+        .order_by(LotDraw.lot_id)
     ).all()
-    back = [(lot_id, -int(total)) for lot_id, total in draws if total]
-    entry = LedgerEntry(
-        id=entry_id(idempotency_key),
-        program_id=program.id,
-        member_id=original.member_id,
-        kind=kind,
-        points=-sum(amount for _, amount in back),
-        qualifying_points=-original.qualifying_points,
-        unrecovered=0,
-        status="active",
-        occurred_at=now,
-        local_date=calendar.local_date(now, program.timezone),
-        created_at=now,
-        redemption_id=original.redemption_id,
-        reason=reason,
-        actor=actor,
-        idempotency_key=idempotency_key,
-    )
-    session.add(entry)
-    session.flush()
-    _apply_draws(session, entry_id=entry.id, draws=back)
-    return entry
+    back: dict[str, list[tuple[str, int]]] = {}
+    for owner, lot_id, total in draws:
+        if total:
+            back.setdefault(owner, []).append((lot_id, -int(total)))
+    if member_id not in back:
+        # Every lot left this member (or it drew nothing): the first holder takes the key.
+        member_id = min(back, default=member_id)
+    owners = [member_id, *sorted(set(back) - {member_id})]
+    local = calendar.local_date(now, program.timezone)
+    entries: list[LedgerEntry] = []
+    for owner in owners:
+        lots = back.get(owner, [])
+        key = idempotency_key if owner == member_id else f"{idempotency_key}:{owner}"
+        entry = LedgerEntry(
+            id=entry_id(key),
+            program_id=program.id,
+            member_id=owner,
+            kind=kind,
+            points=-sum(amount for _, amount in lots),
+            qualifying_points=-original.qualifying_points if owner == member_id else 0,
+            unrecovered=0,
+            status="active",
+            occurred_at=now,
+            local_date=local,
+            created_at=now,
+            redemption_id=original.redemption_id,
+            reason=reason,
+            actor=actor,
+            idempotency_key=key,
+        )
+        session.add(entry)
+        session.flush()
+        _apply_draws(session, entry_id=entry.id, draws=lots)
+        entries.append(entry)
+    return entries[0]
 
 
 @dataclass(frozen=True, slots=True)

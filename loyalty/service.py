@@ -1243,17 +1243,21 @@ def cancel_redemption(
     """Cancel a redemption: its points go back to the lots they came from, stock comes back."""
     now = now or utcnow()
     redemption = get_redemption(session, redemption_id=redemption_id)
-    ledger.lock_member(session, member_id=redemption.member_id)
+    # The lots drawn on may have moved to a survivor (merge) or another member (split) since.
+    holders = ledger.draw_owners(session, entry_id=redemption.entry_id)
+    ledger.lock_members(session, member_ids=[redemption.member_id, *holders])
     session.refresh(redemption)
     if redemption.status == "cancelled":
         raise RedemptionAlreadyCancelled(f"redemption {redemption.id} was cancelled already")
     program = get_program(session, program_id=redemption.program_id)
     original = session.get(LedgerEntry, redemption.entry_id)
     assert original is not None
+    member = get_member(session, member_id=redemption.member_id)
     entry = ledger.give_back(
         session,
         program=program,
         original=original,
+        member_id=_group_head(session, member).id,
         kind="refund",
         idempotency_key=f"cancel:{redemption.id}",
         now=now,
@@ -1454,7 +1458,6 @@ def dry_run(
         needs=engine.profile_needs(specs),
     )
     prepared = engine.prepare(frame, program.timezone)
-    traced = engine.trace(prepared, specs)
     priors = engine.Priors()
     if member_id is not None and specs:
         priors = engine.load_priors(
@@ -1463,6 +1466,7 @@ def dry_run(
             members=[member_id],
             since=prepared["local_date"][0],
         )
+    traced = engine.trace(prepared, specs, priors)
     awards = engine.apply_caps(traced, specs, priors)
     awarded = dict(zip(awards["rule_id"].to_list(), awards["points"].to_list(), strict=True))
     by_rule = {row["rule_id"]: row for row in traced.iter_rows(named=True)}

@@ -51,6 +51,8 @@ RULES: list[dict[str, Any]] = [  # Any: rule JSON
         "priority": 1,
         "exclusive": True,
         "formula": {"type": "per_amount", "rate": 5, "rounding": "half_up"},
+        # Capped: once a member's day is used up, the later rules earn again on its orders.
+        "cap_per_day": 300,
         "starts_at": (T0 + timedelta(days=10)).isoformat(),
         "ends_at": (T0 + timedelta(days=12)).isoformat(),
     },

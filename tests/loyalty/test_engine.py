@@ -174,6 +174,36 @@ def test_exclusive_rule_stops_later_rules_and_windows_bound_campaigns(db: Databa
     assert _earned(db, program) == [("a", "m1", 10), ("a", "m2", 30), ("a", "m3", 10)]
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_exclusive_rule_capped_to_nothing_does_not_block_later_rules(db: Database) -> None:
+    rows = [
+        ev("a", T0, event_id=1, total=10),
+        ev("a", T0 + timedelta(hours=1), event_id=2, total=50),
+        ev("a", T0 + timedelta(days=1), event_id=3, total=5),
+    ]
+    for one_by_one in (False, True):
+        program = make_program(db, name=f"Club {one_by_one}")
+        make_member(db, program, "a")
+        _rule(
+            db,
+            program,
+            name="promo x3",
+            priority=1,
+            exclusive=True,
+            formula={"type": "per_amount", "rate": 3},
+            cap_per_day=30,
+        )
+        _rule(db, program, name="base", priority=10)
+        for batch in [[row] for row in rows] if one_by_one else [rows]:
+            _process(db, program, batch)
+        # The promo's day is used up by m1: m2 earns its base points; the next day, the
+        # promo fires again and blocks the base rule.
+        assert _earned(db, program) == [("a", "m1", 30), ("a", "m2", 50), ("a", "m3", 15)]
+        # A replay sees the promo's own awards in its caps, yet blocks where they blocked.
+        _process(db, program, rows)
+        assert _earned(db, program) == [("a", "m1", 30), ("a", "m2", 50), ("a", "m3", 15)]
+
+
 def test_tier_multiplier_applies_to_rules_that_opt_in(db: Database) -> None:
     program = make_program(db)
     member = make_member(db, program, "a")
@@ -251,6 +281,27 @@ def test_monthly_cap_budget_and_first_purchase_limit(db: Database) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_limits_and_caps_count_what_merged_memberships_earned(db: Database) -> None:
+    program = make_program(db)
+    for p in ("guest", "account"):
+        make_member(db, program, p)
+    _rule(db, program, name="daily", cap_per_day=50)
+    _rule(db, program, name="first", formula={"type": "fixed", "points": 100}, limit_per_member=1)
+    _process(db, program, [ev("guest", T0, event_id=1, total=40)])
+    with db.begin() as session:
+        service.merge_profiles(
+            session, program_id=program.id, from_profile_id="guest", to_profile_id="account"
+        )
+    # Same person, same day: no second first-purchase bonus, and the daily cap has 10 left.
+    _process(db, program, [ev("account", T0 + timedelta(hours=1), event_id=2, total=40)])
+    assert _earned(db, program) == [
+        ("guest", "m1", 40),
+        ("guest", "m1", 100),
+        ("account", "m2", 10),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_replaying_events_awards_nothing_more(db: Database) -> None:
     program = make_program(db, enrolment="automatic")
     _rule(db, program)
@@ -303,6 +354,27 @@ def test_partial_refunds_reverse_points_in_proportion_and_add_up_to_the_whole(
             select(LedgerEntry.points).where(LedgerEntry.kind == "reverse")
         ).all()
         assert sorted(reversals) == [-51, -50]
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_refunding_one_line_of_an_order_without_total_reverses_that_line_s_share(
+    db: Database,
+) -> None:
+    program = make_program(db)
+    member = make_member(db, program, "a")
+    _rule(db, program, formula={"type": "per_line", "rate": 1})
+    lines = [
+        {"sku": "A", "price": 30, "quantity": 2},
+        {"sku": "B", "price": 40},
+    ]
+    _process(db, program, [ev("a", T0, event_id=1, order_id="o1", products=lines)])
+    refund = ev("a", T0 + timedelta(days=1), "Order Refunded", 2, order_id="o1", products=lines[1:])
+    _process(db, program, [refund])
+    with db.begin() as session:
+        # The order's spend is its lines' 2 x 30 + 40 = 100; 40 back reverses 40% of its 100 points.
+        spend = session.scalars(select(Activity.spend).order_by(Activity.event_id)).all()
+        assert spend == [100.0, -40.0]
+        assert ledger.lots_sum(session, member_id=member.id) == 60
 
 
 def test_refund_without_amount_reverses_the_whole_order(db: Database) -> None:

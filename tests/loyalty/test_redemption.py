@@ -25,7 +25,7 @@ from loyalty.errors import (
     RedemptionLimitReached,
     RewardNotAvailable,
 )
-from loyalty.models import Lot, LotDraw, Program, Redemption, Reward, Tier
+from loyalty.models import LedgerEntry, Lot, LotDraw, Program, Redemption, Reward, Tier
 from loyalty.schemas import RewardCreate
 from tests.conftest import BACKENDS
 from tests.loyalty.conftest import T0, earn, make_member, make_program
@@ -168,6 +168,41 @@ def test_cancelling_a_redemption_returns_points_to_the_lots_they_came_from(db: D
         assert service.qualifying_points(session, member_id=member.id) == 120
         with pytest.raises(RedemptionAlreadyCancelled):
             service.cancel_redemption(session, redemption_id=redemption.id, reason="again")
+
+
+def test_cancelling_a_redemption_after_a_merge_gives_the_points_to_the_lots_holder(
+    db: Database,
+) -> None:
+    program = make_program(db)
+    absorbed = make_member(db, program, "guest")
+    survivor = make_member(db, program, "account")
+    earn(db, program, absorbed, 100)
+    reward = _reward(db, program, points_cost=50)
+    with db.begin() as session:
+        redemption = service.redeem(
+            session, member_id=absorbed.id, reward_id=reward.id, now=T0 + timedelta(hours=1)
+        )
+    with db.begin() as session:
+        service.merge_profiles(
+            session,
+            program_id=program.id,
+            from_profile_id="guest",
+            to_profile_id="account",
+            now=T0 + timedelta(hours=2),
+        )
+    with db.begin() as session:
+        service.cancel_redemption(
+            session, redemption_id=redemption.id, reason="t", now=T0 + timedelta(hours=3)
+        )
+    with db.begin() as session:
+        for member, points in ((absorbed, 0), (survivor, 100)):
+            assert ledger.entries_sum(session, member_id=member.id) == points
+            assert ledger.lots_sum(session, member_id=member.id) == points
+        stored = session.get(Redemption, redemption.id)
+        assert stored is not None
+        given = session.get(LedgerEntry, stored.cancel_entry_id)
+        assert given is not None
+        assert (given.member_id, given.points) == (survivor.id, 50)
 
 
 def test_redemption_checks_tier_limit_validity_stock_and_balance(db: Database) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from itertools import accumulate
 
 from fastapi.testclient import TestClient
 from sqlalchemy import select
@@ -102,6 +103,51 @@ def test_spend_metric_counts_orders_net_of_refunds(db: Database) -> None:
         progress = service.tier_progress(session, member_id=member.id, now=T0)
         assert progress is not None
         assert progress.value == 70
+
+
+def test_orders_metric_takes_fully_refunded_orders_off(db: Database) -> None:
+    refund = "Order Refunded"
+    rows = [
+        ev("a", T0, event_id=1, order_id="o1", total=50),
+        ev("a", T0 + timedelta(hours=1), event_id=2, order_id="o2", total=30),
+        # Partial: o1 still counts. Then the rest of o1, then too much of it: -1 once.
+        ev("a", T0 + timedelta(hours=2), refund, 3, order_id="o1", total=10),
+        ev("a", T0 + timedelta(hours=3), refund, 4, order_id="o1", total=40),
+        ev("a", T0 + timedelta(hours=4), refund, 5, order_id="o1", total=5),
+        # No amount: the whole order.
+        ev("a", T0 + timedelta(hours=5), refund, 6, order_id="o2"),
+        ev("a", T0 + timedelta(hours=6), event_id=7, order_id="o3", total=20),
+    ]
+    expected = [1, 2, 2, 1, 1, 0, 1]
+    for one_by_one in (True, False):
+        program = make_program(db, name=f"Club {one_by_one}", tier_metric="orders")
+        member = make_member(db, program, "a")
+        with db.begin() as session:
+            service.create_rule(
+                session,
+                program_id=program.id,
+                data=RuleCreate(
+                    name="r", event_name="Order Completed", formula={"type": "fixed", "points": 1}
+                ),
+            )
+            service.create_tier(
+                session, program_id=program.id, data=TierCreate(name="Silver", rank=1, threshold=5)
+            )
+        batches = [[row] for row in rows] if one_by_one else [rows]
+        for batch in batches:
+            _process(db, program, batch, now=T0)
+        with db.begin() as session:
+            counted = session.scalars(
+                select(Activity.orders)
+                .where(Activity.member_id == member.id)
+                .order_by(Activity.occurred_at)
+            ).all()
+            assert list(accumulate(counted)) == expected
+            progress = service.tier_progress(
+                session, member_id=member.id, now=T0 + timedelta(days=1)
+            )
+            assert progress is not None
+            assert progress.value == 1
 
 
 def _people(warehouse: Warehouse, cards: list[str]) -> list[str]:

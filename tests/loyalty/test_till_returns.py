@@ -134,8 +134,8 @@ def test_negative_till_lines_reverse_like_order_refunded(db: Database) -> None:
     assert _reversals(db, till) == [(-90, -90, "T1"), (-60, -60, "T1")]
     assert _reversals(db, till) == _reversals(db, refunds)
     # The returns earned nothing (no base points, no second first-purchase bonus) and count
-    # as negative spend, not orders.
-    assert _state(db, till) == (0, 150, [(100, 1), (-60, 0), (-40, 0)])
+    # as negative spend, not orders; the one completing the return takes the order off.
+    assert _state(db, till) == (0, 150, [(100, 1), (-60, 0), (-40, -1)])
     assert _state(db, till) == _state(db, refunds)
 
 
