@@ -1493,6 +1493,106 @@ def list_overrides(limit: int, offset: int) -> Query:
 COUNT_OVERRIDES = Query("SELECT count(*) FROM identity_link_overrides")
 
 
+# Identifiers the rules leave out of resolution (status `blocked` or `capped`: few nodes),
+# filtered by kind and status. Their event counts are needed for the order, so they are
+# counted for every filtered node (one pass over the event nodes, joined with that small
+# set); the reason's details (list or pattern, higher-priority neighbours) only for the page.
+_INACTIVE = """
+    WITH x AS (
+        SELECT node_id, kind, value, rank, status, first_seen, last_seen
+        FROM identity_nodes
+        WHERE status IN ('blocked', 'capped')
+          AND ($kind::VARCHAR IS NULL OR kind = $kind)
+          AND ($reason::VARCHAR IS NULL OR status = $reason)
+    )
+"""
+_BLOCKED_PAGE = """{inactive},
+    ev AS (
+        SELECT en.node_id, count(*) AS events
+        FROM identity_event_nodes en SEMI JOIN x ON x.node_id = en.node_id
+        GROUP BY en.node_id
+    ),
+    page AS (
+        SELECT x.*, coalesce(ev.events, 0) AS events
+        FROM x LEFT JOIN ev ON ev.node_id = x.node_id
+        ORDER BY events DESC, x.kind, x.value
+        LIMIT $limit OFFSET $offset
+    ),
+    nbr AS (
+        SELECT p.node_id, e.dst AS other FROM identity_edges e
+        JOIN page p ON p.node_id = e.src WHERE p.status = 'capped'
+        UNION ALL
+        SELECT p.node_id, e.src FROM identity_edges e
+        JOIN page p ON p.node_id = e.dst WHERE p.status = 'capped'
+    ),
+    -- Counted as the status step does: distinct neighbours of a more trusted kind that are
+    -- not blocked themselves.
+    higher AS (
+        SELECT nbr.node_id, count(DISTINCT nbr.other) AS links
+        FROM nbr
+        JOIN page p ON p.node_id = nbr.node_id
+        JOIN identity_nodes o ON o.node_id = nbr.other
+        WHERE o.rank < p.rank AND o.status <> 'blocked'
+        GROUP BY nbr.node_id
+    ),
+    pat AS (
+        SELECT unnest($patterns::VARCHAR[]) AS pattern,
+               generate_subscripts($patterns::VARCHAR[], 1) AS i
+    ),
+    matched AS (
+        SELECT p.node_id, arg_min(pat.pattern, pat.i) AS pattern
+        FROM page p, pat
+        WHERE p.status = 'blocked' AND regexp_full_match(p.value, pat.pattern)
+        GROUP BY p.node_id
+    )
+    SELECT p.kind, p.value, p.status AS reason,
+           CASE WHEN p.status <> 'blocked' THEN NULL
+                WHEN lower(p.value) IN (SELECT lower(unnest($values::VARCHAR[]))) THEN 'value'
+                WHEN m.pattern IS NOT NULL THEN 'pattern'
+           END AS blocked_by,
+           CASE WHEN p.status = 'blocked'
+                     AND lower(p.value) NOT IN (SELECT lower(unnest($values::VARCHAR[])))
+                THEN m.pattern
+           END AS pattern,
+           CASE WHEN p.status = 'capped' THEN coalesce(h.links, 0) END AS higher_priority_ids,
+           CASE WHEN p.status = 'capped' THEN $cap::BIGINT END AS cap,
+           p.events, p.first_seen, p.last_seen
+    FROM page p
+    LEFT JOIN higher h ON h.node_id = p.node_id
+    LEFT JOIN matched m ON m.node_id = p.node_id
+    ORDER BY p.events DESC, p.kind, p.value
+""".replace("{inactive}", _INACTIVE)
+_BLOCKED_COUNT = "{inactive} SELECT count(*) FROM x".replace("{inactive}", _INACTIVE)
+
+
+def blocked_identifiers(
+    *,
+    kind: str | None,
+    reason: str | None,
+    blocked_values: list[str],
+    blocked_patterns: list[str],
+    cap: int,
+    limit: int,
+    offset: int,
+) -> tuple[Query, Query]:
+    """A page of the identifiers the rules leave out (blocked or capped), most events first,
+    with why (the blocked list, the first matching pattern, or the higher-priority
+    identifiers counted against `cap`), and their total."""
+    filters: dict[str, object] = {"kind": kind, "reason": reason}
+    page = Query(
+        _BLOCKED_PAGE,
+        {
+            **filters,
+            "values": blocked_values,
+            "patterns": blocked_patterns,
+            "cap": cap,
+            "limit": limit,
+            "offset": offset,
+        },
+    )
+    return page, Query(_BLOCKED_COUNT, filters)
+
+
 def profiles_of_nodes(node_ids: list[int]) -> Query:
     """Live profile ids now holding the given identifiers."""
     return Query(

@@ -32,6 +32,8 @@ from identity.resolver import ResolveResult
 from identity.rules import IdentityRules
 from identity.schemas import (
     AuditRead,
+    BlockedIdentifierRead,
+    BlockReason,
     DecisionRead,
     ErasureRead,
     EventRead,
@@ -64,6 +66,7 @@ __all__ = [
     "get_profile",
     "get_rules",
     "list_audit",
+    "list_blocked",
     "list_overrides",
     "lookup",
     "merges_since",
@@ -468,6 +471,45 @@ def list_overrides(
         for row in frame.iter_rows(named=True)
     ]
     return items, int(warehouse.scalar(queries.COUNT_OVERRIDES))
+
+
+def list_blocked(
+    session: Session,
+    warehouse: Warehouse,
+    *,
+    kind: str | None = None,
+    reason: BlockReason | None = None,
+    limit: int,
+    offset: int,
+) -> tuple[list[BlockedIdentifierRead], int]:
+    """Identifiers the rules leave out of resolution (blocked or capped), most events first.
+
+    A blocked or capped identifier belongs to no profile, so no profile's explanation lists
+    it unless a profile is linked to it: this is where an operator sees every one, with why
+    (the list or pattern of the rules in force, or the higher-priority identifiers it is
+    linked to against the cap).
+    """
+    rules = get_rules(session)
+    page, total = queries.blocked_identifiers(
+        kind=kind,
+        reason=reason,
+        blocked_values=rules.blocked_values,
+        blocked_patterns=rules.blocked_patterns,
+        cap=rules.auto_cap,
+        limit=limit,
+        offset=offset,
+    )
+    items = [
+        BlockedIdentifierRead(
+            **{
+                **row,
+                "first_seen": _aware(row["first_seen"]),
+                "last_seen": _aware(row["last_seen"]),
+            }
+        )
+        for row in warehouse.run(page).iter_rows(named=True)
+    ]
+    return items, int(warehouse.scalar(total))
 
 
 def _node(warehouse: Warehouse, settings: Settings, ref: IdentifierRef) -> tuple[int, str | None]:
