@@ -42,6 +42,10 @@ STATE_MARK = "last_event_id"
 STATE_SEQ = "merge_seq"
 STATE_RULES = "rules_fingerprint"
 STATE_OVERRIDES = "override_version"
+# The highest override id ever issued, recorded by an erasure before it deletes overrides:
+# an id is never reused, so an admin lifting an old (erased) decision by its id cannot hit a
+# newer one.
+STATE_OVERRIDE_IDS = "override_id"
 # Bumped in the same transaction as every write to `profiles` (resolution, erasure): later
 # layers compare it instead of scanning the table to know whether profiles changed.
 STATE_PROFILES_VERSION = "profiles_version"
@@ -1439,12 +1443,17 @@ def add_override(
     actor: str | None,
     at: datetime,
 ) -> Query:
-    """Record an admin's unmerge decision; returns its id."""
+    """Record an admin's unmerge decision; returns its id, above every id ever issued (the
+    stored ones and the mark an erasure leaves when it deletes overrides)."""
     return Query(
         """
         INSERT INTO identity_link_overrides
-        SELECT coalesce(max(override_id), 0) + 1, {next_version}, $action, $src,
-               $dst, $pid, $reason, $at, $actor, NULL, NULL
+        SELECT greatest(
+                   coalesce(max(override_id), 0),
+                   (SELECT coalesce(max(number), 0) FROM identity_state
+                    WHERE name = 'override_id')
+               ) + 1,
+               {next_version}, $action, $src, $dst, $pid, $reason, $at, $actor, NULL, NULL
         FROM identity_link_overrides
         RETURNING override_id
         """.replace("{next_version}", _NEXT_OVERRIDE_VERSION),
@@ -1644,6 +1653,11 @@ def erase_profile(profile_id: str, at: datetime) -> Query:
         OR dst IN (SELECT node_id FROM er_nodes);
     DELETE FROM identity_decisions WHERE node_id IN (SELECT node_id FROM er_nodes)
         OR other_node_id IN (SELECT node_id FROM er_nodes);
+    INSERT OR REPLACE INTO identity_state
+    SELECT 'override_id', greatest(
+        (SELECT coalesce(max(override_id), 0) FROM identity_link_overrides),
+        (SELECT coalesce(max(number), 0) FROM identity_state WHERE name = 'override_id')
+    ), NULL;
     DELETE FROM identity_link_overrides WHERE src IN (SELECT node_id FROM er_nodes)
         OR dst IN (SELECT node_id FROM er_nodes);
     DELETE FROM identity_nodes WHERE node_id IN (SELECT node_id FROM er_nodes);
