@@ -377,14 +377,17 @@ STATUS_CANDIDATES_INCREMENTAL = Query(
 )
 
 
-def changed_overrides(after_version: int) -> Query:
-    """Nodes named by overrides created or lifted since the version the resolver last saw."""
+def changed_overrides(after_version: int, *, repair: bool = False) -> Query:
+    """Nodes named by overrides created or lifted since the version the resolver last saw;
+    with `repair`, also the nodes an erasure in the same transaction left in `er_repair`
+    (their links changed the same way: statuses and neighbouring components to recompute)."""
     return Query(
         """
         CREATE OR REPLACE TEMP TABLE id_override_nodes AS
         SELECT src AS node_id FROM identity_link_overrides WHERE version > $v
         UNION SELECT dst FROM identity_link_overrides WHERE version > $v AND dst IS NOT NULL
-        """,
+        {repair}
+        """.replace("{repair}", "UNION SELECT node_id FROM er_repair" if repair else ""),
         {"v": after_version},
     )
 
@@ -1617,10 +1620,22 @@ def profiles_of_nodes(node_ids: list[int]) -> Query:
 # Erasure of one profile ($pid): its events, identifiers (wherever they appear), links,
 # decisions, overrides and row; the identifiers' hashes go to the suppression list and the
 # erasure is published for the layers that key data by profile id.
-def erase_profile(profile_id: str, at: datetime) -> Query:
-    """Erase a profile; the last statement returns (events erased, identifiers erased)."""
-    return Query(
-        """
+# The graph of the others is then repaired to what a full rebuild of the remaining events
+# would hold: identifiers carried only by the erased events go (with their links, decisions
+# and any profile row left without identifiers), links first made by an erased event get
+# the next event that makes them (or go), and nodes seen in erased events get their first
+# event and sighting times again. `er_repair` names the surviving identifiers whose links,
+# neighbours or events changed: the resolution run of the same transaction recomputes their
+# statuses (a value back under `auto_cap`) and components.
+_RELINK_STEPS = tuple((name, sql.replace("id_new_ein", "er_ein")) for name, sql in _LINK_STEPS)
+_RELINK = "CREATE OR REPLACE TEMP TABLE er_links AS\n" + with_ctes(
+    _RELINK_STEPS,
+    """
+SELECT src, dst, min(event_id) AS first_event_id, arg_min(ts, event_id) AS first_at
+FROM links GROUP BY src, dst
+""",
+)
+_ERASE = """
     CREATE OR REPLACE TEMP TABLE er_nodes AS
     SELECT node_id, kind, value FROM identity_nodes WHERE profile_id = $pid;
     CREATE OR REPLACE TEMP TABLE er_events AS
@@ -1639,6 +1654,26 @@ def erase_profile(profile_id: str, at: datetime) -> Query:
         GROUP BY ei.event_id
     )
     SELECT event_id FROM ep WHERE profile_id = $pid;
+    CREATE OR REPLACE TEMP TABLE er_kept_events AS
+    SELECT DISTINCT ei.event_id FROM identity_event_nodes ei
+    SEMI JOIN er_nodes n ON n.node_id = ei.node_id
+    ANTI JOIN er_events x ON x.event_id = ei.event_id;
+    CREATE OR REPLACE TEMP TABLE er_seen AS
+    SELECT DISTINCT ei.node_id FROM identity_event_nodes ei
+    SEMI JOIN er_events x ON x.event_id = ei.event_id
+    ANTI JOIN er_nodes n ON n.node_id = ei.node_id;
+    CREATE OR REPLACE TEMP TABLE er_pairs AS
+    SELECT e.src, e.dst FROM identity_edges e
+    SEMI JOIN er_events x ON x.event_id = e.first_event_id
+    ANTI JOIN er_nodes a ON a.node_id = e.src
+    ANTI JOIN er_nodes b ON b.node_id = e.dst;
+    CREATE OR REPLACE TEMP TABLE er_touched AS
+    SELECT node_id FROM er_seen
+    UNION SELECT e.dst FROM identity_edges e SEMI JOIN er_nodes n ON n.node_id = e.src
+    UNION SELECT e.src FROM identity_edges e SEMI JOIN er_nodes n ON n.node_id = e.dst
+    UNION SELECT ei.node_id FROM identity_event_nodes ei
+          SEMI JOIN er_kept_events k ON k.event_id = ei.event_id;
+    DELETE FROM er_touched t USING er_nodes n WHERE t.node_id = n.node_id;
     INSERT INTO identity_suppressions
     SELECT DISTINCT sha256(kind || chr(31) || value), kind, $pid, $at, NULL FROM er_nodes
     WHERE sha256(kind || chr(31) || value) NOT IN (
@@ -1664,10 +1699,65 @@ def erase_profile(profile_id: str, at: datetime) -> Query:
     DELETE FROM profiles WHERE profile_id = $pid;
     INSERT INTO profile_erasures
     SELECT coalesce(max(seq), 0) + 1, $pid, $at FROM profile_erasures;
-    SELECT (SELECT count(*) FROM er_events), (SELECT count(*) FROM er_nodes);
-    """,
-        {"pid": profile_id, "at": at},
+    CREATE OR REPLACE TEMP TABLE er_orphans AS
+    SELECT n.node_id, n.profile_id FROM identity_nodes n
+    SEMI JOIN er_seen s ON s.node_id = n.node_id
+    ANTI JOIN identity_event_nodes ei ON ei.node_id = n.node_id;
+    INSERT INTO er_touched
+    SELECT e.dst FROM identity_edges e SEMI JOIN er_orphans o ON o.node_id = e.src
+    UNION SELECT e.src FROM identity_edges e SEMI JOIN er_orphans o ON o.node_id = e.dst;
+    CREATE OR REPLACE TEMP TABLE er_repair AS
+    SELECT DISTINCT node_id FROM er_touched t
+    WHERE node_id NOT IN (SELECT node_id FROM er_orphans);
+    DELETE FROM identity_edges WHERE src IN (SELECT node_id FROM er_orphans)
+        OR dst IN (SELECT node_id FROM er_orphans);
+    DELETE FROM identity_decisions WHERE node_id IN (SELECT node_id FROM er_orphans)
+        OR other_node_id IN (SELECT node_id FROM er_orphans);
+    DELETE FROM identity_nodes WHERE node_id IN (SELECT node_id FROM er_orphans);
+    DELETE FROM profiles WHERE profile_id IN (
+        SELECT profile_id FROM er_orphans
+        EXCEPT SELECT n.profile_id FROM identity_nodes n
+        SEMI JOIN er_orphans o ON o.profile_id = n.profile_id
+    );
+    UPDATE identity_nodes n
+    SET first_event_id = s.first_event_id, first_seen = s.first_seen, last_seen = s.last_seen
+    FROM (
+        SELECT ei.node_id, min(ei.event_id) AS first_event_id, min(e.timestamp) AS first_seen,
+               max(e.timestamp) AS last_seen
+        FROM identity_event_nodes ei
+        JOIN events e ON e.event_id = ei.event_id
+        SEMI JOIN er_seen s ON s.node_id = ei.node_id
+        GROUP BY ei.node_id
+    ) s
+    WHERE n.node_id = s.node_id;
+    CREATE OR REPLACE TEMP TABLE er_ein AS
+    WITH ev AS (
+        SELECT a.event_id FROM identity_event_nodes a
+        JOIN er_pairs p ON p.src = a.node_id
+        JOIN identity_event_nodes b ON b.event_id = a.event_id AND b.node_id = p.dst
+        UNION SELECT event_id FROM er_kept_events
     )
+    SELECT ei.event_id, ei.node_id, n.rank, e.timestamp AS ts
+    FROM identity_event_nodes ei
+    SEMI JOIN ev ON ev.event_id = ei.event_id
+    JOIN identity_nodes n ON n.node_id = ei.node_id
+    JOIN events e ON e.event_id = ei.event_id;
+    {relink};
+    DELETE FROM identity_edges e USING er_pairs p WHERE e.src = p.src AND e.dst = p.dst;
+    UPDATE identity_edges e SET first_event_id = l.first_event_id, first_at = l.first_at
+    FROM er_links l
+    WHERE e.src = l.src AND e.dst = l.dst AND l.first_event_id < e.first_event_id;
+    INSERT INTO identity_edges
+    SELECT l.src, l.dst, l.first_event_id, l.first_at FROM er_links l
+    ANTI JOIN identity_edges e ON e.src = l.src AND e.dst = l.dst;
+    SELECT (SELECT count(*) FROM er_events), (SELECT count(*) FROM er_nodes);
+    """.replace("{relink}", _RELINK)
+
+
+def erase_profile(profile_id: str, at: datetime) -> Query:
+    """Erase a profile and repair the graph of the others; the last statement returns
+    (events erased, identifiers erased), the run that follows reads `er_repair`."""
+    return Query(_ERASE, {"pid": profile_id, "at": at})
 
 
 def lift_suppression(kind: str, value: str, at: datetime) -> Query:

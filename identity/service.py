@@ -531,18 +531,19 @@ def erase_profile(
 ) -> ErasureRead:
     """Erase a person: events, identifiers, traits; suppress the identifiers; audit it.
 
-    The erasure is published (`erasures_since`) so loyalty anonymises its records.
+    The erasure is published (`erasures_since`) so loyalty anonymises its records. What it
+    changes for the others (an identifier back under the cap, links only the erased events
+    made) is re-resolved in the same transaction.
     """
     live = resolve_profile_id(warehouse, profile_id=profile_id)
-    with resolver.exclusive(), warehouse.transaction() as cur:
-        counts = queries.run_script(cur, queries.erase_profile(live, _naive_now()))
-        queries.run_script(cur, queries.BUMP_PROFILES_VERSION)
-    assert counts is not None
+    events, identifiers = resolver.erase(
+        warehouse, rules=get_rules(session), profile_id=live, at=_naive_now()
+    )
     erasure = ErasureRead(
         profile_id=live,
-        events_erased=int(counts[0]),
-        identifiers_erased=int(counts[1]),
-        suppressed=int(counts[1]),
+        events_erased=events,
+        identifiers_erased=identifiers,
+        suppressed=identifiers,
     )
     _audit(session, "erase", live, actor, erasure.model_dump(mode="json"))
     logger.info("profile erased", extra={"profile_id": live, "actor": actor})
