@@ -42,6 +42,10 @@ STATE_MARK = "last_event_id"
 STATE_SEQ = "merge_seq"
 STATE_RULES = "rules_fingerprint"
 STATE_OVERRIDES = "override_version"
+# The highest override id ever issued, recorded by an erasure before it deletes overrides:
+# an id is never reused, so an admin lifting an old (erased) decision by its id cannot hit a
+# newer one.
+STATE_OVERRIDE_IDS = "override_id"
 # Bumped in the same transaction as every write to `profiles` (resolution, erasure): later
 # layers compare it instead of scanning the table to know whether profiles changed.
 STATE_PROFILES_VERSION = "profiles_version"
@@ -373,14 +377,17 @@ STATUS_CANDIDATES_INCREMENTAL = Query(
 )
 
 
-def changed_overrides(after_version: int) -> Query:
-    """Nodes named by overrides created or lifted since the version the resolver last saw."""
+def changed_overrides(after_version: int, *, repair: bool = False) -> Query:
+    """Nodes named by overrides created or lifted since the version the resolver last saw;
+    with `repair`, also the nodes an erasure in the same transaction left in `er_repair`
+    (their links changed the same way: statuses and neighbouring components to recompute)."""
     return Query(
         """
         CREATE OR REPLACE TEMP TABLE id_override_nodes AS
         SELECT src AS node_id FROM identity_link_overrides WHERE version > $v
         UNION SELECT dst FROM identity_link_overrides WHERE version > $v AND dst IS NOT NULL
-        """,
+        {repair}
+        """.replace("{repair}", "UNION SELECT node_id FROM er_repair" if repair else ""),
         {"v": after_version},
     )
 
@@ -1439,12 +1446,17 @@ def add_override(
     actor: str | None,
     at: datetime,
 ) -> Query:
-    """Record an admin's unmerge decision; returns its id."""
+    """Record an admin's unmerge decision; returns its id, above every id ever issued (the
+    stored ones and the mark an erasure leaves when it deletes overrides)."""
     return Query(
         """
         INSERT INTO identity_link_overrides
-        SELECT coalesce(max(override_id), 0) + 1, {next_version}, $action, $src,
-               $dst, $pid, $reason, $at, $actor, NULL, NULL
+        SELECT greatest(
+                   coalesce(max(override_id), 0),
+                   (SELECT coalesce(max(number), 0) FROM identity_state
+                    WHERE name = 'override_id')
+               ) + 1,
+               {next_version}, $action, $src, $dst, $pid, $reason, $at, $actor, NULL, NULL
         FROM identity_link_overrides
         RETURNING override_id
         """.replace("{next_version}", _NEXT_OVERRIDE_VERSION),
@@ -1493,6 +1505,106 @@ def list_overrides(limit: int, offset: int) -> Query:
 COUNT_OVERRIDES = Query("SELECT count(*) FROM identity_link_overrides")
 
 
+# Identifiers the rules leave out of resolution (status `blocked` or `capped`: few nodes),
+# filtered by kind and status. Their event counts are needed for the order, so they are
+# counted for every filtered node (one pass over the event nodes, joined with that small
+# set); the reason's details (list or pattern, higher-priority neighbours) only for the page.
+_INACTIVE = """
+    WITH x AS (
+        SELECT node_id, kind, value, rank, status, first_seen, last_seen
+        FROM identity_nodes
+        WHERE status IN ('blocked', 'capped')
+          AND ($kind::VARCHAR IS NULL OR kind = $kind)
+          AND ($reason::VARCHAR IS NULL OR status = $reason)
+    )
+"""
+_BLOCKED_PAGE = """{inactive},
+    ev AS (
+        SELECT en.node_id, count(*) AS events
+        FROM identity_event_nodes en SEMI JOIN x ON x.node_id = en.node_id
+        GROUP BY en.node_id
+    ),
+    page AS (
+        SELECT x.*, coalesce(ev.events, 0) AS events
+        FROM x LEFT JOIN ev ON ev.node_id = x.node_id
+        ORDER BY events DESC, x.kind, x.value
+        LIMIT $limit OFFSET $offset
+    ),
+    nbr AS (
+        SELECT p.node_id, e.dst AS other FROM identity_edges e
+        JOIN page p ON p.node_id = e.src WHERE p.status = 'capped'
+        UNION ALL
+        SELECT p.node_id, e.src FROM identity_edges e
+        JOIN page p ON p.node_id = e.dst WHERE p.status = 'capped'
+    ),
+    -- Counted as the status step does: distinct neighbours of a more trusted kind that are
+    -- not blocked themselves.
+    higher AS (
+        SELECT nbr.node_id, count(DISTINCT nbr.other) AS links
+        FROM nbr
+        JOIN page p ON p.node_id = nbr.node_id
+        JOIN identity_nodes o ON o.node_id = nbr.other
+        WHERE o.rank < p.rank AND o.status <> 'blocked'
+        GROUP BY nbr.node_id
+    ),
+    pat AS (
+        SELECT unnest($patterns::VARCHAR[]) AS pattern,
+               generate_subscripts($patterns::VARCHAR[], 1) AS i
+    ),
+    matched AS (
+        SELECT p.node_id, arg_min(pat.pattern, pat.i) AS pattern
+        FROM page p, pat
+        WHERE p.status = 'blocked' AND regexp_full_match(p.value, pat.pattern)
+        GROUP BY p.node_id
+    )
+    SELECT p.kind, p.value, p.status AS reason,
+           CASE WHEN p.status <> 'blocked' THEN NULL
+                WHEN lower(p.value) IN (SELECT lower(unnest($values::VARCHAR[]))) THEN 'value'
+                WHEN m.pattern IS NOT NULL THEN 'pattern'
+           END AS blocked_by,
+           CASE WHEN p.status = 'blocked'
+                     AND lower(p.value) NOT IN (SELECT lower(unnest($values::VARCHAR[])))
+                THEN m.pattern
+           END AS pattern,
+           CASE WHEN p.status = 'capped' THEN coalesce(h.links, 0) END AS higher_priority_ids,
+           CASE WHEN p.status = 'capped' THEN $cap::BIGINT END AS cap,
+           p.events, p.first_seen, p.last_seen
+    FROM page p
+    LEFT JOIN higher h ON h.node_id = p.node_id
+    LEFT JOIN matched m ON m.node_id = p.node_id
+    ORDER BY p.events DESC, p.kind, p.value
+""".replace("{inactive}", _INACTIVE)
+_BLOCKED_COUNT = "{inactive} SELECT count(*) FROM x".replace("{inactive}", _INACTIVE)
+
+
+def blocked_identifiers(
+    *,
+    kind: str | None,
+    reason: str | None,
+    blocked_values: list[str],
+    blocked_patterns: list[str],
+    cap: int,
+    limit: int,
+    offset: int,
+) -> tuple[Query, Query]:
+    """A page of the identifiers the rules leave out (blocked or capped), most events first,
+    with why (the blocked list, the first matching pattern, or the higher-priority
+    identifiers counted against `cap`), and their total."""
+    filters: dict[str, object] = {"kind": kind, "reason": reason}
+    page = Query(
+        _BLOCKED_PAGE,
+        {
+            **filters,
+            "values": blocked_values,
+            "patterns": blocked_patterns,
+            "cap": cap,
+            "limit": limit,
+            "offset": offset,
+        },
+    )
+    return page, Query(_BLOCKED_COUNT, filters)
+
+
 def profiles_of_nodes(node_ids: list[int]) -> Query:
     """Live profile ids now holding the given identifiers."""
     return Query(
@@ -1508,10 +1620,22 @@ def profiles_of_nodes(node_ids: list[int]) -> Query:
 # Erasure of one profile ($pid): its events, identifiers (wherever they appear), links,
 # decisions, overrides and row; the identifiers' hashes go to the suppression list and the
 # erasure is published for the layers that key data by profile id.
-def erase_profile(profile_id: str, at: datetime) -> Query:
-    """Erase a profile; the last statement returns (events erased, identifiers erased)."""
-    return Query(
-        """
+# The graph of the others is then repaired to what a full rebuild of the remaining events
+# would hold: identifiers carried only by the erased events go (with their links, decisions
+# and any profile row left without identifiers), links first made by an erased event get
+# the next event that makes them (or go), and nodes seen in erased events get their first
+# event and sighting times again. `er_repair` names the surviving identifiers whose links,
+# neighbours or events changed: the resolution run of the same transaction recomputes their
+# statuses (a value back under `auto_cap`) and components.
+_RELINK_STEPS = tuple((name, sql.replace("id_new_ein", "er_ein")) for name, sql in _LINK_STEPS)
+_RELINK = "CREATE OR REPLACE TEMP TABLE er_links AS\n" + with_ctes(
+    _RELINK_STEPS,
+    """
+SELECT src, dst, min(event_id) AS first_event_id, arg_min(ts, event_id) AS first_at
+FROM links GROUP BY src, dst
+""",
+)
+_ERASE = """
     CREATE OR REPLACE TEMP TABLE er_nodes AS
     SELECT node_id, kind, value FROM identity_nodes WHERE profile_id = $pid;
     CREATE OR REPLACE TEMP TABLE er_events AS
@@ -1530,6 +1654,26 @@ def erase_profile(profile_id: str, at: datetime) -> Query:
         GROUP BY ei.event_id
     )
     SELECT event_id FROM ep WHERE profile_id = $pid;
+    CREATE OR REPLACE TEMP TABLE er_kept_events AS
+    SELECT DISTINCT ei.event_id FROM identity_event_nodes ei
+    SEMI JOIN er_nodes n ON n.node_id = ei.node_id
+    ANTI JOIN er_events x ON x.event_id = ei.event_id;
+    CREATE OR REPLACE TEMP TABLE er_seen AS
+    SELECT DISTINCT ei.node_id FROM identity_event_nodes ei
+    SEMI JOIN er_events x ON x.event_id = ei.event_id
+    ANTI JOIN er_nodes n ON n.node_id = ei.node_id;
+    CREATE OR REPLACE TEMP TABLE er_pairs AS
+    SELECT e.src, e.dst FROM identity_edges e
+    SEMI JOIN er_events x ON x.event_id = e.first_event_id
+    ANTI JOIN er_nodes a ON a.node_id = e.src
+    ANTI JOIN er_nodes b ON b.node_id = e.dst;
+    CREATE OR REPLACE TEMP TABLE er_touched AS
+    SELECT node_id FROM er_seen
+    UNION SELECT e.dst FROM identity_edges e SEMI JOIN er_nodes n ON n.node_id = e.src
+    UNION SELECT e.src FROM identity_edges e SEMI JOIN er_nodes n ON n.node_id = e.dst
+    UNION SELECT ei.node_id FROM identity_event_nodes ei
+          SEMI JOIN er_kept_events k ON k.event_id = ei.event_id;
+    DELETE FROM er_touched t USING er_nodes n WHERE t.node_id = n.node_id;
     INSERT INTO identity_suppressions
     SELECT DISTINCT sha256(kind || chr(31) || value), kind, $pid, $at, NULL FROM er_nodes
     WHERE sha256(kind || chr(31) || value) NOT IN (
@@ -1544,16 +1688,76 @@ def erase_profile(profile_id: str, at: datetime) -> Query:
         OR dst IN (SELECT node_id FROM er_nodes);
     DELETE FROM identity_decisions WHERE node_id IN (SELECT node_id FROM er_nodes)
         OR other_node_id IN (SELECT node_id FROM er_nodes);
+    INSERT OR REPLACE INTO identity_state
+    SELECT 'override_id', greatest(
+        (SELECT coalesce(max(override_id), 0) FROM identity_link_overrides),
+        (SELECT coalesce(max(number), 0) FROM identity_state WHERE name = 'override_id')
+    ), NULL;
     DELETE FROM identity_link_overrides WHERE src IN (SELECT node_id FROM er_nodes)
         OR dst IN (SELECT node_id FROM er_nodes);
     DELETE FROM identity_nodes WHERE node_id IN (SELECT node_id FROM er_nodes);
     DELETE FROM profiles WHERE profile_id = $pid;
     INSERT INTO profile_erasures
     SELECT coalesce(max(seq), 0) + 1, $pid, $at FROM profile_erasures;
-    SELECT (SELECT count(*) FROM er_events), (SELECT count(*) FROM er_nodes);
-    """,
-        {"pid": profile_id, "at": at},
+    CREATE OR REPLACE TEMP TABLE er_orphans AS
+    SELECT n.node_id, n.profile_id FROM identity_nodes n
+    SEMI JOIN er_seen s ON s.node_id = n.node_id
+    ANTI JOIN identity_event_nodes ei ON ei.node_id = n.node_id;
+    INSERT INTO er_touched
+    SELECT e.dst FROM identity_edges e SEMI JOIN er_orphans o ON o.node_id = e.src
+    UNION SELECT e.src FROM identity_edges e SEMI JOIN er_orphans o ON o.node_id = e.dst;
+    CREATE OR REPLACE TEMP TABLE er_repair AS
+    SELECT DISTINCT node_id FROM er_touched t
+    WHERE node_id NOT IN (SELECT node_id FROM er_orphans);
+    DELETE FROM identity_edges WHERE src IN (SELECT node_id FROM er_orphans)
+        OR dst IN (SELECT node_id FROM er_orphans);
+    DELETE FROM identity_decisions WHERE node_id IN (SELECT node_id FROM er_orphans)
+        OR other_node_id IN (SELECT node_id FROM er_orphans);
+    DELETE FROM identity_nodes WHERE node_id IN (SELECT node_id FROM er_orphans);
+    DELETE FROM profiles WHERE profile_id IN (
+        SELECT profile_id FROM er_orphans
+        EXCEPT SELECT n.profile_id FROM identity_nodes n
+        SEMI JOIN er_orphans o ON o.profile_id = n.profile_id
+    );
+    UPDATE identity_nodes n
+    SET first_event_id = s.first_event_id, first_seen = s.first_seen, last_seen = s.last_seen
+    FROM (
+        SELECT ei.node_id, min(ei.event_id) AS first_event_id, min(e.timestamp) AS first_seen,
+               max(e.timestamp) AS last_seen
+        FROM identity_event_nodes ei
+        JOIN events e ON e.event_id = ei.event_id
+        SEMI JOIN er_seen s ON s.node_id = ei.node_id
+        GROUP BY ei.node_id
+    ) s
+    WHERE n.node_id = s.node_id;
+    CREATE OR REPLACE TEMP TABLE er_ein AS
+    WITH ev AS (
+        SELECT a.event_id FROM identity_event_nodes a
+        JOIN er_pairs p ON p.src = a.node_id
+        JOIN identity_event_nodes b ON b.event_id = a.event_id AND b.node_id = p.dst
+        UNION SELECT event_id FROM er_kept_events
     )
+    SELECT ei.event_id, ei.node_id, n.rank, e.timestamp AS ts
+    FROM identity_event_nodes ei
+    SEMI JOIN ev ON ev.event_id = ei.event_id
+    JOIN identity_nodes n ON n.node_id = ei.node_id
+    JOIN events e ON e.event_id = ei.event_id;
+    {relink};
+    DELETE FROM identity_edges e USING er_pairs p WHERE e.src = p.src AND e.dst = p.dst;
+    UPDATE identity_edges e SET first_event_id = l.first_event_id, first_at = l.first_at
+    FROM er_links l
+    WHERE e.src = l.src AND e.dst = l.dst AND l.first_event_id < e.first_event_id;
+    INSERT INTO identity_edges
+    SELECT l.src, l.dst, l.first_event_id, l.first_at FROM er_links l
+    ANTI JOIN identity_edges e ON e.src = l.src AND e.dst = l.dst;
+    SELECT (SELECT count(*) FROM er_events), (SELECT count(*) FROM er_nodes);
+    """.replace("{relink}", _RELINK)
+
+
+def erase_profile(profile_id: str, at: datetime) -> Query:
+    """Erase a profile and repair the graph of the others; the last statement returns
+    (events erased, identifiers erased), the run that follows reads `er_repair`."""
+    return Query(_ERASE, {"pid": profile_id, "at": at})
 
 
 def lift_suppression(kind: str, value: str, at: datetime) -> Query:

@@ -6,7 +6,9 @@ One run, in one warehouse transaction:
    and links: each event links its identifiers as a star around its most trusted one. The
    link table is an append-only log; admins' unmerge decisions are overrides on top of it.
 2. Node status: a blocked value or pattern, an identifier detached by an admin, or one
-   linked to more higher-priority identifiers than the cap is left out of every link.
+   linked to more higher-priority identifiers than the cap is left out of every link. An
+   erasure re-resolves in its own transaction (`erase`): the identifiers whose links it
+   changed are recomputed like those of a changed unmerge decision.
 3. Affected raw components (all nodes of the components reached by new links or changed
    statuses; everything in a full rebuild) are relabelled: scipy connected components on the
    integer edge list, then a time-ordered, rule-aware union-find for the few components over
@@ -27,8 +29,6 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -74,149 +74,173 @@ class ResolveResult:
         return asdict(self)
 
 
-@contextmanager
-def exclusive() -> Iterator[None]:
-    """Hold off resolution runs of this process (for writes to the graph such as erasure)."""
-    with _RESOLVE_LOCK:
-        yield
-
-
 def resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool = False) -> ResolveResult:
     """Resolve the events not yet resolved (or everything when `full`) into profiles."""
-    with _RESOLVE_LOCK:
-        return _resolve(warehouse, rules=rules, full=full)
+    started = time.perf_counter()
+    with _RESOLVE_LOCK, warehouse.transaction() as cur:
+        result = _resolve(cur, rules=rules, full=full)
+    result.seconds = round(time.perf_counter() - started, 4)
+    logger.info("identity resolved", extra=result.as_dict())
+    return result
 
 
-def _resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool) -> ResolveResult:
+def erase(
+    warehouse: Warehouse, *, rules: IdentityRules, profile_id: str, at: datetime
+) -> tuple[int, int]:
+    """Erase a live profile and re-resolve what the erasure changed, in one transaction.
+
+    The erasure deletes the person's events and identifiers, so the graph of the others
+    changes too: a capped identifier may fall under the cap, identifiers and links known only
+    from the erased events disappear. `queries.erase_profile` repairs the graph (what a full
+    rebuild of the remaining events would hold) and names the identifiers it touched; this
+    run recomputes their statuses and components as for an unmerge, so incremental
+    resolution keeps giving the full rebuild's profiles.
+
+    Returns:
+        (events erased, identifiers erased).
+    """
+    with _RESOLVE_LOCK, warehouse.transaction() as cur:
+        counts = queries.run_script(cur, queries.erase_profile(profile_id, at))
+        assert counts is not None
+        result = _resolve(cur, rules=rules, full=False, repair=True)
+        queries.run_script(cur, queries.BUMP_PROFILES_VERSION)
+    logger.info("identity resolved after an erasure", extra=result.as_dict())
+    return int(counts[0]), int(counts[1])
+
+
+def _resolve(
+    cur: Cursor, *, rules: IdentityRules, full: bool, repair: bool = False
+) -> ResolveResult:
+    """One run on a cursor inside a transaction; `repair`: an erasure in the same transaction
+    left the identifiers whose links changed in `er_repair` (recomputed like the nodes of a
+    changed unmerge decision)."""
     started = time.perf_counter()
     now = datetime.now(UTC).replace(tzinfo=None)
     timings: dict[str, float] = {}
-    with warehouse.transaction() as cur:
 
-        def step(query: Query) -> None:
-            began = time.perf_counter()
-            queries.run_script(cur, query)
-            name = " ".join(query.sql.split()[:6])
-            timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - began, 4)
-
-        state = _read_state(cur)
-        fingerprint = rules.fingerprint()
-        mark = int(state.get(queries.STATE_MARK, (0, None))[0] or 0)
-        seq = int(state.get(queries.STATE_SEQ, (0, None))[0] or 0)
-        seen_overrides = int(state.get(queries.STATE_OVERRIDES, (0, None))[0] or 0)
-        old_fingerprint = state.get(queries.STATE_RULES, (None, None))[1]
-        if old_fingerprint is not None and old_fingerprint != fingerprint and not full:
-            logger.info("identity rules changed: full rebuild")
-            full = True
-        up_to = int(_scalar(cur, queries.MAX_EVENT_ID))
-        # Never below the mark: an erasure deletes overrides, so the stored maximum can go back.
-        override_version = max(int(_scalar(cur, queries.MAX_OVERRIDE_VERSION)), seen_overrides)
-        result = ResolveResult(mode="full" if full else "incremental", up_to_event_id=up_to)
-        if not full and up_to <= mark and override_version <= seen_overrides:
-            if old_fingerprint is None:
-                queries.run_script(cur, queries.write_state(queries.STATE_RULES, text=fingerprint))
-            result.up_to_event_id = mark
-            return result
-        _load_rules(cur, rules)
-        if full:
-            step(queries.SNAPSHOT_FOR_FULL)
-            mark = 0
-        suppressions = int(_scalar(cur, queries.ACTIVE_SUPPRESSIONS)) > 0
-        step(queries.new_event_identifiers(mark, up_to, suppressions=suppressions, node_ids=full))
-        step(queries.changed_overrides(-1 if full else seen_overrides))
-        if full:
-            step(queries.full_graph(rules.combined_pattern()))
-            step(queries.FULL_LINKS)
-            step(queries.STORE_LINKS)
-            step(queries.ACTIVE_REMOVED_LINKS)
-            step(queries.full_status(rules.auto_cap))
-            step(queries.EVENT_WINNERS_FULL)
-        else:
-            step(queries.insert_new_nodes(rules.combined_pattern()))
-            step(queries.TOUCH_SEEN_NODES)
-            step(queries.NEW_EVENT_NODES)
-            step(queries.NEW_LINKS)
-            step(queries.STORE_LINKS)
-            step(queries.ACTIVE_REMOVED_LINKS)
-            queries.run_script(cur, queries.STATUS_CANDIDATES_INCREMENTAL)
-            step(queries.compute_status(rules.auto_cap))
-            step(queries.APPLY_STATUS)
-            step(queries.AFFECTED_INCREMENTAL)
-            step(queries.OLD_ASSIGNMENT_INCREMENTAL)
-
-        nodes = cur.sql(queries.AFFECTED_ACTIVE_NODES.sql).pl()
-        links = cur.sql((queries.AFFECTED_LINKS_FULL if full else queries.AFFECTED_LINKS).sql).pl()
-        if full:
-            queries.run_script(cur, queries.DROP_FULL_LINK_COPIES)
+    def step(query: Query) -> None:
         began = time.perf_counter()
-        labels, refusals, rule_components = label_profiles(nodes, links, rules.limits)
-        result.labelling_seconds = round(time.perf_counter() - began, 4)
-        used = links.select("src", "dst", "first_event_id").join(
-            refusals.select("src", "dst"), on=["src", "dst"], how="anti"
-        )
-        # Each label's birth (its earliest identifier) is then a group-by of `id_labels` alone.
-        _temp_table(cur, "id_labels", labels.with_columns(nodes["first_event_id"]))
-        _temp_table(cur, "id_refusals", refusals)
-        _temp_table(cur, "id_used_links", used)
-        result.rule_components = rule_components
-        result.refused_links = refusals.height
-        # The warehouse holds copies now; the frames would only add to the peak memory.
-        del nodes, links, labels, refusals, used
+        queries.run_script(cur, query)
+        name = " ".join(query.sql.split()[:6])
+        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - began, 4)
 
-        step(queries.RECONCILE)
-        step(queries.REDIRECTS)
-        if full:
-            # Nodes are written once, labelled; the publication's reasons name them.
-            step(queries.WRITE_NODES_FULL)
-        step(queries.CHANGES)
-        step(queries.publish_changes(seq=seq, at=now, nodes="full" if full else "incremental"))
-        step(queries.register_profiles(now))
-        if not full:
-            step(queries.APPLY_ASSIGNMENT)
-        step(queries.record_decisions(now))
-        if not full:
-            queries.run_script(cur, queries.GRAPH_COUNTS)
-        counts = cur.execute(queries.RUN_COUNTS.sql).fetchall()[0]
-        (
-            result.events,
-            result.new_identifiers,
-            result.new_links,
-            result.affected_identifiers,
-            result.new_profiles,
-            result.merges,
-            result.splits,
-        ) = (int(c) for c in counts[:7])
-        if full:
-            # The graph is written: its working copies go before the profile rows are built
-            # (millions of rows the aggregations would otherwise have to share memory with).
-            queries.run_script(cur, queries.DROP_FULL_GRAPH_COPIES)
-            step(queries.DIRTY_PROFILES_FULL)
-            step(queries.EVENT_PROFILES_FULL)
-        else:
-            step(queries.DIRTY_PROFILES)
-            step(queries.EVENT_PROFILES_DIRTY)
-        result.profiles_written = int(_scalar(cur, queries.COUNT_DIRTY))
-        ranked = bool(rules.trait_source_priority)
-        if full:
-            for first, end in _key_ranges(int(_scalar(cur, queries.COUNT_PROFILE_KEYS))):
-                step(queries.refresh_profiles_full(now, low=first, high=end, prioritised=ranked))
-        else:
-            for low, high in _profile_ranges(result.profiles_written):
-                step(queries.refresh_profiles(now, low=low, high=high, prioritised=ranked))
+    state = _read_state(cur)
+    fingerprint = rules.fingerprint()
+    mark = int(state.get(queries.STATE_MARK, (0, None))[0] or 0)
+    seq = int(state.get(queries.STATE_SEQ, (0, None))[0] or 0)
+    seen_overrides = int(state.get(queries.STATE_OVERRIDES, (0, None))[0] or 0)
+    old_fingerprint = state.get(queries.STATE_RULES, (None, None))[1]
+    if old_fingerprint is not None and old_fingerprint != fingerprint and not full:
+        logger.info("identity rules changed: full rebuild")
+        full = True
+    up_to = int(_scalar(cur, queries.MAX_EVENT_ID))
+    # Never below the mark: an erasure deletes overrides, so the stored maximum can go back.
+    override_version = max(int(_scalar(cur, queries.MAX_OVERRIDE_VERSION)), seen_overrides)
+    result = ResolveResult(mode="full" if full else "incremental", up_to_event_id=up_to)
+    if not full and not repair and up_to <= mark and override_version <= seen_overrides:
+        if old_fingerprint is None:
+            queries.run_script(cur, queries.write_state(queries.STATE_RULES, text=fingerprint))
+        result.up_to_event_id = mark
+        return result
+    _load_rules(cur, rules)
+    if full:
+        step(queries.SNAPSHOT_FOR_FULL)
+        mark = 0
+    suppressions = int(_scalar(cur, queries.ACTIVE_SUPPRESSIONS)) > 0
+    step(queries.new_event_identifiers(mark, up_to, suppressions=suppressions, node_ids=full))
+    step(queries.changed_overrides(-1 if full else seen_overrides, repair=repair and not full))
+    if full:
+        step(queries.full_graph(rules.combined_pattern()))
+        step(queries.FULL_LINKS)
+        step(queries.STORE_LINKS)
+        step(queries.ACTIVE_REMOVED_LINKS)
+        step(queries.full_status(rules.auto_cap))
+        step(queries.EVENT_WINNERS_FULL)
+    else:
+        step(queries.insert_new_nodes(rules.combined_pattern()))
+        step(queries.TOUCH_SEEN_NODES)
+        step(queries.NEW_EVENT_NODES)
+        step(queries.NEW_LINKS)
+        step(queries.STORE_LINKS)
+        step(queries.ACTIVE_REMOVED_LINKS)
+        queries.run_script(cur, queries.STATUS_CANDIDATES_INCREMENTAL)
+        step(queries.compute_status(rules.auto_cap))
+        step(queries.APPLY_STATUS)
+        step(queries.AFFECTED_INCREMENTAL)
+        step(queries.OLD_ASSIGNMENT_INCREMENTAL)
 
-        # Statuses were applied before id_aff was taken, so id_aff has the new statuses.
-        result.excluded_identifiers = int(counts[7])
-        for name, number, text in (
-            (queries.STATE_MARK, up_to, None),
-            (queries.STATE_SEQ, seq + result.merges + result.splits, None),
-            (queries.STATE_OVERRIDES, override_version, None),
-            (queries.STATE_RULES, None, fingerprint),
-        ):
-            queries.run_script(cur, queries.write_state(name, number=number, text=text))
-        queries.run_script(cur, queries.BUMP_PROFILES_VERSION)
+    nodes = cur.sql(queries.AFFECTED_ACTIVE_NODES.sql).pl()
+    links = cur.sql((queries.AFFECTED_LINKS_FULL if full else queries.AFFECTED_LINKS).sql).pl()
+    if full:
+        queries.run_script(cur, queries.DROP_FULL_LINK_COPIES)
+    began = time.perf_counter()
+    labels, refusals, rule_components = label_profiles(nodes, links, rules.limits)
+    result.labelling_seconds = round(time.perf_counter() - began, 4)
+    used = links.select("src", "dst", "first_event_id").join(
+        refusals.select("src", "dst"), on=["src", "dst"], how="anti"
+    )
+    # Each label's birth (its earliest identifier) is then a group-by of `id_labels` alone.
+    _temp_table(cur, "id_labels", labels.with_columns(nodes["first_event_id"]))
+    _temp_table(cur, "id_refusals", refusals)
+    _temp_table(cur, "id_used_links", used)
+    result.rule_components = rule_components
+    result.refused_links = refusals.height
+    # The warehouse holds copies now; the frames would only add to the peak memory.
+    del nodes, links, labels, refusals, used
+
+    step(queries.RECONCILE)
+    step(queries.REDIRECTS)
+    if full:
+        # Nodes are written once, labelled; the publication's reasons name them.
+        step(queries.WRITE_NODES_FULL)
+    step(queries.CHANGES)
+    step(queries.publish_changes(seq=seq, at=now, nodes="full" if full else "incremental"))
+    step(queries.register_profiles(now))
+    if not full:
+        step(queries.APPLY_ASSIGNMENT)
+    step(queries.record_decisions(now))
+    if not full:
+        queries.run_script(cur, queries.GRAPH_COUNTS)
+    counts = cur.execute(queries.RUN_COUNTS.sql).fetchall()[0]
+    (
+        result.events,
+        result.new_identifiers,
+        result.new_links,
+        result.affected_identifiers,
+        result.new_profiles,
+        result.merges,
+        result.splits,
+    ) = (int(c) for c in counts[:7])
+    if full:
+        # The graph is written: its working copies go before the profile rows are built
+        # (millions of rows the aggregations would otherwise have to share memory with).
+        queries.run_script(cur, queries.DROP_FULL_GRAPH_COPIES)
+        step(queries.DIRTY_PROFILES_FULL)
+        step(queries.EVENT_PROFILES_FULL)
+    else:
+        step(queries.DIRTY_PROFILES)
+        step(queries.EVENT_PROFILES_DIRTY)
+    result.profiles_written = int(_scalar(cur, queries.COUNT_DIRTY))
+    ranked = bool(rules.trait_source_priority)
+    if full:
+        for first, end in _key_ranges(int(_scalar(cur, queries.COUNT_PROFILE_KEYS))):
+            step(queries.refresh_profiles_full(now, low=first, high=end, prioritised=ranked))
+    else:
+        for low, high in _profile_ranges(result.profiles_written):
+            step(queries.refresh_profiles(now, low=low, high=high, prioritised=ranked))
+
+    # Statuses were applied before id_aff was taken, so id_aff has the new statuses.
+    result.excluded_identifiers = int(counts[7])
+    for name, number, text in (
+        (queries.STATE_MARK, up_to, None),
+        (queries.STATE_SEQ, seq + result.merges + result.splits, None),
+        (queries.STATE_OVERRIDES, override_version, None),
+        (queries.STATE_RULES, None, fingerprint),
+    ):
+        queries.run_script(cur, queries.write_state(name, number=number, text=text))
+    queries.run_script(cur, queries.BUMP_PROFILES_VERSION)
     result.seconds = round(time.perf_counter() - started, 4)
     logger.debug("identity resolution steps", extra={"seconds_per_step": timings})
-    logger.info("identity resolved", extra=result.as_dict())
     return result
 
 

@@ -15,6 +15,8 @@ from cdp.pagination import Page, PageDep
 from identity import service
 from identity.schemas import (
     AuditRead,
+    BlockedIdentifierRead,
+    BlockReason,
     ConsentCreate,
     ErasureRead,
     EventRead,
@@ -180,6 +182,23 @@ def list_overrides(warehouse: WarehouseDep, page: PageDep) -> Page[OverrideRead]
     """Unmerge decisions of admins, newest first."""
     items, total = service.list_overrides(warehouse, limit=page.limit, offset=page.offset)
     return Page[OverrideRead].of(items, total=total, params=page)
+
+
+@identity.get("/blocked")
+def list_blocked(
+    session: SessionDep,
+    warehouse: WarehouseDep,
+    page: PageDep,
+    kind: Annotated[str | None, Query(min_length=1, description="Only this kind")] = None,
+    reason: Annotated[
+        BlockReason | None, Query(description="Only `blocked` or only `capped` identifiers")
+    ] = None,
+) -> Page[BlockedIdentifierRead]:
+    """Identifiers the rules leave out of resolution (blocked or capped), most events first."""
+    items, total = service.list_blocked(
+        session, warehouse, kind=kind, reason=reason, limit=page.limit, offset=page.offset
+    )
+    return Page[BlockedIdentifierRead].of(items, total=total, params=page)
 
 
 @identity.delete("/overrides/{override_id}", dependencies=[Depends(ADMIN)])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -179,6 +179,32 @@ class OverrideRead(BaseModel):
     created_by: str | None
     lifted_at: datetime | None
     lifted_by: str | None
+
+
+BlockReason = Literal["blocked", "capped"]
+
+
+class BlockedIdentifierRead(BaseModel):
+    """An identifier the rules leave out of resolution, and why."""
+
+    kind: str
+    value: str
+    reason: BlockReason = Field(
+        description="`blocked`: a blocked value or pattern; `capped`: linked to more distinct "
+        "higher-priority identifiers than `auto_cap`"
+    )
+    blocked_by: Literal["value", "pattern"] | None = Field(
+        description="blocked: the blocked values list or a pattern (null if the rules in "
+        "force no longer block it: the next run rebuilds under them)"
+    )
+    pattern: str | None = Field(description="blocked by a pattern: the first that matches")
+    higher_priority_ids: int | None = Field(
+        description="capped: distinct higher-priority identifiers (not blocked) it is linked to"
+    )
+    cap: int | None = Field(description="capped: the `auto_cap` in force")
+    events: int = Field(description="Events carrying the identifier")
+    first_seen: datetime
+    last_seen: datetime
 
 
 class ErasureRead(BaseModel):

@@ -32,6 +32,8 @@ from identity.resolver import ResolveResult
 from identity.rules import IdentityRules
 from identity.schemas import (
     AuditRead,
+    BlockedIdentifierRead,
+    BlockReason,
     DecisionRead,
     ErasureRead,
     EventRead,
@@ -64,6 +66,7 @@ __all__ = [
     "get_profile",
     "get_rules",
     "list_audit",
+    "list_blocked",
     "list_overrides",
     "lookup",
     "merges_since",
@@ -470,6 +473,45 @@ def list_overrides(
     return items, int(warehouse.scalar(queries.COUNT_OVERRIDES))
 
 
+def list_blocked(
+    session: Session,
+    warehouse: Warehouse,
+    *,
+    kind: str | None = None,
+    reason: BlockReason | None = None,
+    limit: int,
+    offset: int,
+) -> tuple[list[BlockedIdentifierRead], int]:
+    """Identifiers the rules leave out of resolution (blocked or capped), most events first.
+
+    A blocked or capped identifier belongs to no profile, so no profile's explanation lists
+    it unless a profile is linked to it: this is where an operator sees every one, with why
+    (the list or pattern of the rules in force, or the higher-priority identifiers it is
+    linked to against the cap).
+    """
+    rules = get_rules(session)
+    page, total = queries.blocked_identifiers(
+        kind=kind,
+        reason=reason,
+        blocked_values=rules.blocked_values,
+        blocked_patterns=rules.blocked_patterns,
+        cap=rules.auto_cap,
+        limit=limit,
+        offset=offset,
+    )
+    items = [
+        BlockedIdentifierRead(
+            **{
+                **row,
+                "first_seen": _aware(row["first_seen"]),
+                "last_seen": _aware(row["last_seen"]),
+            }
+        )
+        for row in warehouse.run(page).iter_rows(named=True)
+    ]
+    return items, int(warehouse.scalar(total))
+
+
 def _node(warehouse: Warehouse, settings: Settings, ref: IdentifierRef) -> tuple[int, str | None]:
     value = normalise(ref.kind, ref.value, region=settings.default_phone_region)
     if value is None:
@@ -489,18 +531,19 @@ def erase_profile(
 ) -> ErasureRead:
     """Erase a person: events, identifiers, traits; suppress the identifiers; audit it.
 
-    The erasure is published (`erasures_since`) so loyalty anonymises its records.
+    The erasure is published (`erasures_since`) so loyalty anonymises its records. What it
+    changes for the others (an identifier back under the cap, links only the erased events
+    made) is re-resolved in the same transaction.
     """
     live = resolve_profile_id(warehouse, profile_id=profile_id)
-    with resolver.exclusive(), warehouse.transaction() as cur:
-        counts = queries.run_script(cur, queries.erase_profile(live, _naive_now()))
-        queries.run_script(cur, queries.BUMP_PROFILES_VERSION)
-    assert counts is not None
+    events, identifiers = resolver.erase(
+        warehouse, rules=get_rules(session), profile_id=live, at=_naive_now()
+    )
     erasure = ErasureRead(
         profile_id=live,
-        events_erased=int(counts[0]),
-        identifiers_erased=int(counts[1]),
-        suppressed=int(counts[1]),
+        events_erased=events,
+        identifiers_erased=identifiers,
+        suppressed=identifiers,
     )
     _audit(session, "erase", live, actor, erasure.model_dump(mode="json"))
     logger.info("profile erased", extra={"profile_id": live, "actor": actor})

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cdp.warehouse import Query, Warehouse
-from identity import queries
+from identity import queries, service
 from identity.rules import IdentityRules
 from tests.identity.conftest import Ev, EventWriter, Ident, partition, resolve
 
@@ -198,3 +198,81 @@ def test_profile_rows_after_an_unmerge_equal_full_rebuild() -> None:
         assert sorted(map(str, (r[3:] for r in rows))) == sorted(
             map(str, (r[3:] for r in _profile_rows(rebuilt)))
         )
+
+
+def _erase(warehouse: Warehouse, rules: IdentityRules, profile_id: str) -> None:
+    """Erase a profile as `DELETE /api/profiles/{id}` does (the audit row aside)."""
+    from identity import resolver
+
+    resolver.erase(warehouse, rules=rules, profile_id=profile_id, at=datetime(2026, 2, 1))
+
+
+def _assert_equals_full_rebuild(warehouse: Warehouse, rules: IdentityRules) -> None:
+    """A full rebuild of the same warehouse (its events after the erasures) changes nothing."""
+    before = (partition(warehouse), _profile_contents(warehouse))
+    resolve(warehouse, rules, full=True)
+    assert (partition(warehouse), _profile_contents(warehouse)) == before
+
+
+def test_erasure_reopens_a_capped_identifier_of_the_erased_person() -> None:
+    """A phone shared by three people is over `auto_cap=2`; erasing one of them brings it
+    under the cap: the two others merge through it, as a full rebuild of the rest says."""
+    rules = IdentityRules(auto_cap=2, limits={})
+    phone = ("phone", "+33600000001")
+    with fresh_warehouse() as wh:
+        events = EventWriter(wh)
+        events.write([Ev([("email", f"p{i}@x.com"), phone]) for i in range(3)])
+        resolve(wh, rules)
+        assert wh.scalar(Query("SELECT status FROM identity_nodes WHERE kind = 'phone'")) == (
+            "capped"
+        )
+        _erase(wh, rules, service.lookup(wh, kind="email", value="p0@x.com") or "")
+        assert partition(wh) == {frozenset({("email", "p1@x.com"), ("email", "p2@x.com"), phone})}
+        events.write([Ev([("user_id", "other")])])
+        resolve(wh, rules)
+        _assert_equals_full_rebuild(wh, rules)
+
+
+def test_erasure_drops_what_only_the_erased_events_carried() -> None:
+    """The erased person's event also carried user ids a limit kept apart: `o` (seen nowhere
+    else: a profile of its own without events) and `z` (seen again later), and a phone over
+    `auto_cap=2`. A full rebuild of the remaining events has no `o` and no z - phone link,
+    so the phone is under the cap and joins `u1`."""
+    rules = IdentityRules(auto_cap=2)
+    phone = ("phone", "+33600000001")
+    with fresh_warehouse() as wh:
+        events = EventWriter(wh)
+        events.write(
+            [
+                # `a` wins the event: the same kind as `z` and `o`, and a smaller node id.
+                Ev([("user_id", "a"), ("user_id", "z"), ("user_id", "o"), phone]),
+                Ev([("user_id", "u1"), phone]),
+                Ev([("user_id", "z")]),
+            ]
+        )
+        resolve(wh, rules)
+        assert service.lookup(wh, kind="user_id", value="o") is not None
+        _erase(wh, rules, service.lookup(wh, kind="user_id", value="a") or "")
+        assert service.lookup(wh, kind="user_id", value="o") is None
+        assert partition(wh) == {
+            frozenset({("user_id", "u1"), phone}),
+            frozenset({("user_id", "z")}),
+        }
+        _assert_equals_full_rebuild(wh, rules)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batches=history, rules=rule_sets, data=st.data())
+def test_incremental_equals_full_rebuild_with_erasures(
+    batches: list[list[list[Ident]]], rules: IdentityRules, data: st.DataObject
+) -> None:
+    with fresh_warehouse() as wh:
+        events = EventWriter(wh)
+        for batch in batches:
+            events.write([Ev(ids) for ids in batch])
+            resolve(wh, rules)
+            live = sorted({str(r[2]) for r in wh.rows(queries.PARTITION)})
+            erase: bool = data.draw(st.booleans(), label="erase")
+            if live and erase:
+                _erase(wh, rules, data.draw(st.sampled_from(live), label="profile"))
+        _assert_equals_full_rebuild(wh, rules)

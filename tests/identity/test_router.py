@@ -233,3 +233,75 @@ def test_search_profiles_by_trait_keys_that_look_like_json_paths(
         assert resp.json()["items"][0]["identifiers"] == {"user_id": ["u1"]}
     nested = client.get("/api/profiles", params={"trait": "$.a:x"}, headers=headers)
     assert nested.json()["total"] == 0
+
+
+def test_blocked_lists_blocked_and_capped_identifiers_with_why(
+    client: TestClient, db: Database, warehouse: Warehouse, events: EventWriter
+) -> None:
+    phone = "+33600000001"
+    events.write(
+        [
+            Ev([("user_id", "u0"), ("phone", phone), ("email", "unknown")]),
+            Ev([("user_id", "u1"), ("phone", phone)]),
+            Ev([("user_id", "u2"), ("phone", phone)]),
+            Ev([("user_id", "u3"), ("email", "noreply@shop.com")]),
+            *[Ev([("user_id", f"v{i}"), ("email", "UNKNOWN")]) for i in range(4)],
+            Ev([("user_id", "v0"), ("email", "unknown")]),
+        ]
+    )
+    headers = _headers(db, Role.data)
+    rules = IdentityRules(auto_cap=2)
+    saved = client.put("/api/identity/rules", json=rules.model_dump(), headers=headers)
+    assert saved.status_code == 200, saved.text
+    resolve(warehouse, rules)
+
+    resp = client.get("/api/identity/blocked", headers=headers)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["total"] == 4
+    rows = [
+        (
+            i["kind"],
+            i["value"],
+            i["reason"],
+            i["blocked_by"],
+            i["pattern"],
+            i["higher_priority_ids"],
+            i["cap"],
+            i["events"],
+        )
+        for i in body["items"]
+    ]
+    # The phone's link to the blocked email does not count against the cap.
+    assert rows == [
+        ("email", "UNKNOWN", "blocked", "value", None, None, None, 4),
+        ("phone", phone, "capped", None, None, 3, 2, 3),
+        ("email", "unknown", "blocked", "value", None, None, None, 2),
+        (
+            "email",
+            "noreply@shop.com",
+            "blocked",
+            "pattern",
+            "(test|noreply|no-reply)@.*",
+            None,
+            None,
+            1,
+        ),
+    ]
+    assert body["items"][1]["first_seen"] < body["items"][1]["last_seen"]
+
+    capped = client.get("/api/identity/blocked", params={"reason": "capped"}, headers=headers)
+    assert [i["value"] for i in capped.json()["items"]] == [phone]
+    page = client.get(
+        "/api/identity/blocked", params={"kind": "email", "limit": 1, "offset": 1}, headers=headers
+    ).json()
+    assert (page["total"], page["next_offset"]) == (3, 2)
+    assert [i["value"] for i in page["items"]] == ["unknown"]
+    none = client.get(
+        "/api/identity/blocked", params={"kind": "phone", "reason": "blocked"}, headers=headers
+    ).json()
+    assert (none["total"], none["items"]) == (0, [])
+    bad = client.get("/api/identity/blocked", params={"reason": "other"}, headers=headers)
+    assert bad.status_code == 422
+    marketer = _headers(db, Role.marketer)
+    assert client.get("/api/identity/blocked", headers=marketer).status_code == 403

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from fastapi.testclient import TestClient
 
 from cdp.auth import Role
@@ -9,6 +10,7 @@ from cdp.config import Settings
 from cdp.db import Database
 from cdp.warehouse import Warehouse
 from identity import service
+from identity.errors import OverrideNotFound
 from identity.schemas import IdentifierRef, LinkRef, UnmergeCreate, UnmergeRead
 from tests.conftest import make_key
 from tests.identity.conftest import Ev, EventWriter, partition, resolve
@@ -180,6 +182,39 @@ def test_unmerge_after_an_erasure_of_an_unmerged_person_still_splits(
     assert _pid(warehouse, "phone", "+33622222222") not in (None, bob)
     resolve(warehouse, full=True)
     assert _pid(warehouse, "email", "bob@x.com") != _pid(warehouse, "phone", "+33622222222")
+
+
+def test_override_ids_are_never_reused_after_an_erasure_deleted_the_newest(
+    warehouse: Warehouse, events: EventWriter, db: Database
+) -> None:
+    events.write(
+        [
+            Ev([("email", "bob@x.com"), ("phone", "+33622222222")]),
+            Ev([("email", "ana@x.com"), ("phone", "+33611111111")]),
+        ]
+    )
+    resolve(warehouse)
+    _, first = _remove_link(warehouse, db, "ana@x.com", "+33611111111")
+    ana = _pid(warehouse, "email", "ana@x.com")
+    assert ana is not None
+    with db.begin() as session:
+        # Deletes Ana's unmerge decision, the one with the highest id.
+        service.erase_profile(session, warehouse, profile_id=ana, actor="admin")
+    bob, second = _remove_link(warehouse, db, "bob@x.com", "+33622222222")
+    assert second.override_id > first.override_id
+    # Lifting the erased decision's id must not lift Bob's newer one.
+    with db.begin() as session, pytest.raises(OverrideNotFound):
+        service.allow_again(
+            session, warehouse, settings=Settings(), override_id=first.override_id, actor="a"
+        )
+    assert _pid(warehouse, "phone", "+33622222222") not in (None, bob)
+    with db.begin() as session:
+        service.erase_profile(session, warehouse, profile_id=bob or "", actor="admin")
+    # Every decision is gone now: the next id still follows the highest ever issued.
+    events.write([Ev([("email", "cy@x.com"), ("phone", "+33633333333")])])
+    resolve(warehouse)
+    _, third = _remove_link(warehouse, db, "cy@x.com", "+33633333333")
+    assert third.override_id > second.override_id
 
 
 def test_after_an_undone_merge_the_merged_away_id_redirects_to_its_identifiers(
