@@ -1926,7 +1926,10 @@ def tier_history(session: Session, *, member_id: str) -> list[TierChange]:
 def tier_changes(
     session: Session, *, program_id: str, since: datetime, limit: int, offset: int
 ) -> tuple[list[TierChange], int]:
-    """Tier movements of a programme since an instant (published for activation)."""
+    """Tier movements of a programme since an instant (published for activation); an instant
+    without a zone is UTC, as everywhere in the API."""
+    get_program(session, program_id=program_id)
+    since = engine.as_utc(since)
     query = select(TierChange).where(TierChange.program_id == program_id, TierChange.at >= since)
     return paginate(session, query, TierChange.at, TierChange.id, limit=limit, offset=offset)
 
