@@ -308,6 +308,13 @@ class MergeCommand(BaseModel):
     to_profile_id: str
     reason: str | None = None
 
+    @model_validator(mode="after")
+    def _two_profiles(self) -> MergeCommand:
+        # A profile merged into itself would leave its membership merged into itself.
+        if self.from_profile_id == self.to_profile_id:
+            raise ValueError("from_profile_id and to_profile_id must differ")
+        return self
+
 
 class MergeResult(BaseModel):
     """What a merge or split did in a programme."""

@@ -484,8 +484,10 @@ def merge_profiles(
     now = now or utcnow()
     source = find_member(session, program_id=program_id, profile_id=from_profile_id)
     target = find_member(session, program_id=program_id, profile_id=to_profile_id)
-    if source is None:
-        return None, target, 0
+    if source is None or from_profile_id == to_profile_id:
+        # A profile merged into itself: nothing to fold (the membership would end up merged
+        # into itself and vanish).
+        return source, target, 0
     if source.status == "merged":
         return source, target, 0
     if target is None:
