@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime
-from typing import Any, Literal
+from datetime import UTC, date, datetime
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from loyalty import calendar, rules
 
@@ -17,6 +24,15 @@ TierWindow = Literal["rolling_12_months", "calendar_year"]
 MemberStatus = Literal["active", "unenrolled", "opted_out", "merged"]
 MemberAction = Literal["enrol", "unenrol", "opt_out"]
 RewardKind = Literal["coupon", "product", "partner_offer", "event_access"]
+
+
+def _as_utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# An instant given to the API: one without a zone is UTC (the API's convention); the
+# operational store refuses naive values, which answered 500.
+Instant = Annotated[datetime, AfterValidator(_as_utc)]
 
 
 class ProgramBase(BaseModel):
@@ -91,7 +107,7 @@ class MemberCommand(BaseModel):
 
     profile_id: str = Field(min_length=1, max_length=64)
     action: MemberAction = "enrol"
-    enrolled_at: datetime | None = Field(
+    enrolled_at: Instant | None = Field(
         default=None, description="Backdate an enrolment (migrations); default now"
     )
 
@@ -240,8 +256,8 @@ class RewardCreate(BaseModel):
     points_cost: int = Field(gt=0)
     stock: int | None = Field(default=None, ge=0, description="None means unlimited")
     per_member_limit: int | None = Field(default=None, ge=1)
-    valid_from: datetime | None = None
-    valid_until: datetime | None = None
+    valid_from: Instant | None = None
+    valid_until: Instant | None = None
     min_tier_id: str | None = None
 
 
@@ -292,6 +308,13 @@ class MergeCommand(BaseModel):
     to_profile_id: str
     reason: str | None = None
 
+    @model_validator(mode="after")
+    def _two_profiles(self) -> MergeCommand:
+        # A profile merged into itself would leave its membership merged into itself.
+        if self.from_profile_id == self.to_profile_id:
+            raise ValueError("from_profile_id and to_profile_id must differ")
+        return self
+
 
 class MergeResult(BaseModel):
     """What a merge or split did in a programme."""
@@ -340,8 +363,8 @@ class RuleFields(BaseModel):
     exclusive: bool = Field(default=False, description="When it fires, later rules do not")
     apply_tier_multiplier: bool = True
     qualifying: bool = Field(default=True, description="Counts toward tier progress")
-    starts_at: datetime | None = None
-    ends_at: datetime | None = None
+    starts_at: Instant | None = None
+    ends_at: Instant | None = None
     cap_per_day: int | None = Field(default=None, ge=0)
     cap_per_month: int | None = Field(default=None, ge=0)
     budget: int | None = Field(default=None, ge=0, description="Total points the rule may give")
@@ -375,8 +398,8 @@ class RuleUpdate(BaseModel):
     exclusive: bool | None = None
     apply_tier_multiplier: bool | None = None
     qualifying: bool | None = None
-    starts_at: datetime | None = None
-    ends_at: datetime | None = None
+    starts_at: Instant | None = None
+    ends_at: Instant | None = None
     cap_per_day: int | None = Field(default=None, ge=0)
     cap_per_month: int | None = Field(default=None, ge=0)
     budget: int | None = Field(default=None, ge=0)
@@ -409,7 +432,7 @@ class SampleEvent(BaseModel):
 
     event: str
     properties: dict[str, Any] = Field(default_factory=dict)  # Any: event properties
-    timestamp: datetime | None = None
+    timestamp: Instant | None = None
     source_id: str = "dry-run"
     type: str = "track"
     message_id: str = "dry-run"
@@ -421,7 +444,7 @@ class SampleMember(BaseModel):
 
     member_id: str | None = None
     tier: str | None = Field(default=None, description="Tier name, for a described member")
-    enrolled_at: datetime | None = None
+    enrolled_at: Instant | None = None
     traits: dict[str, Any] = Field(  # Any: profile traits
         default_factory=dict, description="Profile traits (empty: an existing member's stored)"
     )

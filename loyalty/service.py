@@ -484,8 +484,10 @@ def merge_profiles(
     now = now or utcnow()
     source = find_member(session, program_id=program_id, profile_id=from_profile_id)
     target = find_member(session, program_id=program_id, profile_id=to_profile_id)
-    if source is None:
-        return None, target, 0
+    if source is None or from_profile_id == to_profile_id:
+        # A profile merged into itself: nothing to fold (the membership would end up merged
+        # into itself and vanish).
+        return source, target, 0
     if source.status == "merged":
         return source, target, 0
     if target is None:
@@ -1926,7 +1928,10 @@ def tier_history(session: Session, *, member_id: str) -> list[TierChange]:
 def tier_changes(
     session: Session, *, program_id: str, since: datetime, limit: int, offset: int
 ) -> tuple[list[TierChange], int]:
-    """Tier movements of a programme since an instant (published for activation)."""
+    """Tier movements of a programme since an instant (published for activation); an instant
+    without a zone is UTC, as everywhere in the API."""
+    get_program(session, program_id=program_id)
+    since = engine.as_utc(since)
     query = select(TierChange).where(TierChange.program_id == program_id, TierChange.at >= since)
     return paginate(session, query, TierChange.at, TierChange.id, limit=limit, offset=offset)
 
@@ -2395,9 +2400,13 @@ def kpis(
         )
         or 0
     )
+    # A merged-away membership's entries stay its own: they count for its survivor.
     active = (
         session.scalar(
-            select(func.count(func.distinct(LedgerEntry.member_id))).where(
+            select(func.count(func.distinct(func.coalesce(Member.merged_into, Member.id))))
+            .select_from(LedgerEntry)
+            .join(Member, Member.id == LedgerEntry.member_id)
+            .where(
                 LedgerEntry.program_id == program.id,
                 LedgerEntry.kind.in_(["earn", "redeem"]),
                 LedgerEntry.occurred_at >= month_ago,
@@ -2412,16 +2421,20 @@ def kpis(
     for at in enrolled:
         key = calendar.local_date(at, program.timezone).strftime("%Y-%m")
         by_month[key] = by_month.get(key, 0) + 1
-    flows = dict(
+    # Manual adjustments apart by sign: a credit by hand is issued, a debit by hand is not
+    # negative issuance (as in `points_flow_select`, the dashboards' figure).
+    flow = case(
+        ((LedgerEntry.kind == "adjust") & (LedgerEntry.points > 0), "adjust+"),
+        else_=LedgerEntry.kind,
+    )
+    flows: dict[str, int | None] = dict(
         session.execute(
-            select(LedgerEntry.kind, func.sum(LedgerEntry.points))
+            select(flow, func.sum(LedgerEntry.points))
             .where(LedgerEntry.program_id == program.id)
-            .group_by(LedgerEntry.kind)
+            .group_by(flow)
         ).all()
     )
-    issued = sum(int(flows.get(k) or 0) for k in ("earn", "import", "bonus")) + max(
-        int(flows.get("adjust") or 0), 0
-    )
+    issued = sum(int(flows.get(k) or 0) for k in ("earn", "import", "bonus", "adjust+"))
     redeemed = -int(flows.get("redeem") or 0) - int(flows.get("refund") or 0)
     expired = -int(flows.get("expire") or 0)
     reversed_ = -int(flows.get("reverse") or 0)
