@@ -7,10 +7,16 @@ from identity import service
 
 
 def resolve_new_events(context: JobContext) -> int:
-    """Resolve the events ingested since the last run; returns how many."""
+    """Resolve the events ingested since the last run; returns how many.
+
+    A run that found nothing to do leaves no message, so the runner drops its record: the job
+    polls every 5 seconds and would otherwise add a run to `cdp_job_run` each time.
+    """
     with context.db.begin() as session:
         rules = service.get_rules(session)
     result = service.resolve(context.warehouse, settings=context.settings, rules=rules)
+    if result.mode == "incremental" and not (result.events or result.affected_identifiers):
+        return 0
     context.message = (
         f"{result.mode}: {result.events} events, {result.new_profiles} new profiles,"
         f" {result.merges} merges, {result.splits} splits, up to event {result.up_to_event_id}"

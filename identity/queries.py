@@ -658,13 +658,18 @@ NODE_SOURCES = {"full": "identity_nodes", "incremental": "id_comp_nodes"}
 
 
 def publish_changes(*, seq: int, at: datetime, nodes: str = "full") -> Query:
-    """Append the run's merges and splits to `profile_merges`, numbered after `seq`."""
+    """Append the run's merges and splits to `profile_merges`, numbered after `seq`.
+
+    Splits come first: one run can split a profile and merge it away (the part holding its
+    birth identifiers joins an older profile), and a layer applying the rows in order must
+    meet the split while the id is still live, not after the merge took it away.
+    """
     table = NODE_SOURCES[nodes]
     return Query(
         """
         INSERT INTO profile_merges
-        SELECT $seq + row_number() OVER (ORDER BY c.kind, c.event_id NULLS LAST, c.from_pid,
-                                                  c.to_pid),
+        SELECT $seq + row_number() OVER (ORDER BY c.kind = 'merge', c.event_id NULLS LAST,
+                                                  c.from_pid, c.to_pid),
                c.kind, c.from_pid, c.to_pid, $at,
                CASE WHEN c.event_id IS NULL THEN c.kind || ' after a change of rules or links'
                     ELSE 'link ' || a.kind || ':' || a.value || ' - ' || b.kind || ':' || b.value

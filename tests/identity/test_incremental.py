@@ -276,3 +276,144 @@ def test_incremental_equals_full_rebuild_with_erasures(
             if live and erase:
                 _erase(wh, rules, data.draw(st.sampled_from(live), label="profile"))
         _assert_equals_full_rebuild(wh, rules)
+
+
+# Rules that change between batches: the kinds' priority, what a value pattern blocks ("3",
+# "4", "5" are values of the histories), per-kind limits, the cap, and a source that wins
+# trait `n` over recency.
+changing_rules = st.builds(
+    lambda priority, patterns, limits, cap, crm_first: IdentityRules(
+        kind_priority=priority,
+        blocked_patterns=patterns,
+        limits=limits,
+        auto_cap=cap,
+        trait_source_priority={"n": ["crm"]} if crm_first else {},
+    ),
+    priority=st.sampled_from(
+        [
+            list(KINDS),
+            ["email", "phone", "user_id", "loyalty_card", "anonymous_id"],
+            ["anonymous_id", "user_id"],  # the others unlisted: ranked last, together
+        ]
+    ),
+    patterns=st.lists(st.sampled_from(["3", "[45]", r"(test|noreply)@.*"]), unique=True),
+    limits=st.sampled_from([{}, {"user_id": 1}, {"user_id": 1, "email": 2}]),
+    cap=st.sampled_from([2, 1000]),
+    crm_first=st.booleans(),
+)
+sourced_batch = st.lists(st.tuples(event, st.sampled_from(["web", "crm"])), min_size=1, max_size=6)
+
+
+class _Consumer:
+    """A layer keyed by profile id (as loyalty is) that learns ids from the profiles and moves
+    its records by identity's publication alone."""
+
+    def __init__(self) -> None:
+        self.held: set[str] = set()
+        self.seq = 0
+
+    def catch_up(self, warehouse: Warehouse) -> None:
+        published = service.merges_since(warehouse, after_seq=self.seq)
+        live = {str(r[0]) for r in warehouse.rows(Query("SELECT profile_id FROM profiles"))}
+        assert published["seq"].to_list() == list(
+            range(self.seq + 1, self.seq + 1 + published.height)
+        )
+        for row in published.iter_rows(named=True):
+            # Merges and splits move an id the layer holds (an old profile, not merged away by
+            # an earlier row) to a live profile (the consumer catches up after every run).
+            assert row["from_profile_id"] in self.held, row
+            assert row["to_profile_id"] in live, row
+            if row["kind"] == "merge":
+                self.held.discard(row["from_profile_id"])
+            self.held.add(row["to_profile_id"])
+        self.seq += published.height
+        # Every live profile is known, and the merged-away ids are gone.
+        merged = {
+            str(r[0])
+            for r in warehouse.rows(
+                Query("SELECT profile_id FROM identity_profile_ids WHERE merged_into IS NOT NULL")
+            )
+        }
+        assert not (live & merged)
+        assert not (self.held & merged - live), sorted(self.held & merged - live)
+        # What a layer still holds without a live profile is only the documented gap: a
+        # profile all of whose identifiers the new rules block (no publication, no row).
+        for pid in self.held - live:
+            assert not warehouse.rows(
+                Query("SELECT 1 FROM identity_nodes WHERE profile_id = $p", {"p": pid})
+            )
+        self.held |= live
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    batches=st.lists(st.tuples(sourced_batch, changing_rules), min_size=2, max_size=4),
+    data=st.data(),
+)
+def test_incremental_equals_full_rebuild_when_the_rules_change_between_batches(
+    batches: list[tuple[list[tuple[list[Ident], str]], IdentityRules]], data: st.DataObject
+) -> None:
+    """Each batch is resolved under its own rules (a change of rules is a full rebuild of the
+    whole history); the end state is the full rebuild of every event under the last rules,
+    and the publication keeps a consumer's ids in step with the profiles."""
+    consumer = _Consumer()
+    count = 0
+    with fresh_warehouse() as incremental, fresh_warehouse() as rebuilt:
+        previous: IdentityRules | None = None
+        for batch, rules in batches:
+            evs = []
+            for ids, source in batch:
+                count += 1
+                evs.append(Ev(ids, traits={"n": count}, source=source))
+            EventWriter(incremental).write(evs)
+            EventWriter(rebuilt).write(evs)
+            result = resolve(incremental, rules)
+            if previous is not None and previous.fingerprint() != rules.fingerprint():
+                assert result.mode == "full"
+            previous = rules
+            consumer.catch_up(incremental)
+            # A run with nothing new under the same rules publishes nothing.
+            if data.draw(st.booleans(), label="again"):
+                again = resolve(incremental, rules)
+                assert (again.mode, again.merges, again.splits) == ("incremental", 0, 0)
+                consumer.catch_up(incremental)
+        last = batches[-1][1]
+        resolve(rebuilt, last, full=True)
+        assert partition(incremental) == partition(rebuilt)
+        assert _profile_contents(incremental) == _profile_contents(rebuilt)
+        _assert_equals_full_rebuild(incremental, last)
+        consumer.catch_up(incremental)
+
+
+def test_a_profile_split_and_merged_in_one_run_publishes_the_split_first() -> None:
+    """Rules change: `u3` and `u5` are no longer blocked. `a2` now joins the older profile of
+    email `1` through `u3` (its profile merges into it), while its phone goes with `u5` (the
+    limit of one user id refuses the links between the two): the same old profile is split
+    and merged in one run. A layer applying the publication in order must meet the split
+    while that id is still live, before the merge takes it away."""
+    with fresh_warehouse() as wh:
+        EventWriter(wh).write(
+            [
+                Ev([("user_id", "3"), ("email", "1")]),
+                Ev([("user_id", "3"), ("anonymous_id", "2")]),
+                Ev([("phone", "1"), ("anonymous_id", "2"), ("user_id", "5")]),
+            ]
+        )
+        resolve(wh, IdentityRules(blocked_patterns=["[35]"]))
+        older = service.lookup(wh, kind="email", value="1")
+        both = service.lookup(wh, kind="phone", value="1")
+        assert service.lookup(wh, kind="anonymous_id", value="2") == both
+        assert None not in (older, both)
+        assert older != both
+        consumer = _Consumer()
+        consumer.catch_up(wh)
+        assert resolve(wh, IdentityRules(blocked_patterns=[])).mode == "full"
+        rows = service.merges_since(wh, after_seq=0)
+        phone = service.lookup(wh, kind="phone", value="1")
+        assert list(rows.select("kind", "from_profile_id", "to_profile_id").iter_rows()) == [
+            ("split", both, phone),
+            ("merge", both, older),
+        ]
+        assert service.lookup(wh, kind="anonymous_id", value="2") == older
+        consumer.catch_up(wh)
+        _assert_equals_full_rebuild(wh, IdentityRules(blocked_patterns=[]))
