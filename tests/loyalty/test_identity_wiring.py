@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 
 from cdp.config import Settings
 from cdp.db import Database
-from cdp.scheduler import JobRunner
+from cdp.scheduler import JobRun, JobRunner
 from cdp.warehouse import Warehouse
 from loyalty import jobs, service
 from loyalty.models import LedgerEntry, Member, Program
@@ -128,3 +128,30 @@ def test_member_lookup_by_any_identifier_normalises_like_identity(
     assert by_card.json()["id"] == member.id
     unknown = client.get(url, params={"kind": "email", "value": "x@y.z"}, headers=loyalty_headers)
     assert unknown.status_code == 404
+
+
+def test_idle_scheduled_loyalty_runs_are_not_recorded(
+    db: Database, warehouse: Warehouse, settings: Settings
+) -> None:
+    program = make_program(db, enrolment="automatic")
+    _base_rule(db, program)
+    write_events(warehouse, [([("email", "ann@example.com")], "Order Completed", 10)])
+    runner = JobRunner(settings, db, warehouse)
+    runner.register(*jobs.JOBS)
+    try:
+        first = runner.run("loyalty.process_events", trigger="schedule")
+        assert (first.status, first.rows, first.message) == ("succeeded", 1, "1 credits")
+        # Nothing new: every second (and every 30 s for merges) such runs would pile up.
+        idle = runner.run("loyalty.process_events", trigger="schedule")
+        merges = runner.run("loyalty.apply_merges", trigger="schedule")
+        assert (idle.rows, idle.message, merges.rows, merges.message) == (0, None, 0, None)
+        # A manual run is always kept, idle or not.
+        manual = runner.run("loyalty.process_events", trigger="manual")
+    finally:
+        runner.shutdown()
+    with db.begin() as session:
+        kept = session.execute(select(JobRun.job, JobRun.id).order_by(JobRun.started_at)).all()
+    assert [(job, run_id) for job, run_id in kept] == [
+        ("loyalty.process_events", first.id),
+        ("loyalty.process_events", manual.id),
+    ]
