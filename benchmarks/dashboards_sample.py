@@ -240,6 +240,7 @@ def seed_ledger(db: Database, warehouse: Warehouse, *, history_end: datetime) ->
             "reason",
             "metric_value",
             _iso("at"),
+            _iso("at").alias("recorded_at"),
         ),
     )
     # One lot per member holding the balance (earned minus redeemed), from its first entry.

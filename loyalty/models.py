@@ -237,6 +237,9 @@ class TierChange(Base):
     """One tier movement of a member."""
 
     __tablename__ = "loyalty_tier_change"
+    # The activation feed reads a programme's changes by when they were recorded, in
+    # (recorded_at, id) order: from the index alone up to the rows it returns.
+    __table_args__ = (Index("ix_loyalty_tier_change_feed", "program_id", "recorded_at", "id"),)
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     program_id: Mapped[str] = mapped_column(String(36), index=True)
@@ -248,6 +251,10 @@ class TierChange(Base):
     at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     # The event whose processing reached the new tier (upgrades while processing events).
     event_id: Mapped[int | None] = mapped_column(BigInteger)
+    # When the change was committed (`at` is when it took effect, an event's time for an
+    # upgrade reached by processing events: a late event or a backfill dates it in the past).
+    # `tiers.stamp_recorded` sets it at commit, after every earlier change of the programme.
+    recorded_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
 class Rule(Base):

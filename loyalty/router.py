@@ -513,11 +513,23 @@ def reevaluate_tiers(program_id: str, session: SessionDep, idem: IdempotencyDep)
 
 @router.get("/programs/{program_id}/tier-changes")
 def list_tier_changes(
-    program_id: str, session: SessionDep, page: PageDep, since: datetime
+    program_id: str,
+    session: SessionDep,
+    page: PageDep,
+    since: Annotated[datetime, Query(description="Recorded at or after (inclusive)")],
+    after_id: Annotated[
+        str | None,
+        Query(description="With `since` = its recorded_at: start after this change"),
+    ] = None,
 ) -> Page[TierChangeRead]:
-    """Tier movements since an instant, for activation."""
+    """Tier movements recorded since an instant, oldest recorded first, for activation."""
     rows, total = service.tier_changes(
-        session, program_id=program_id, since=since, limit=page.limit, offset=page.offset
+        session,
+        program_id=program_id,
+        since=since,
+        after_id=after_id,
+        limit=page.limit,
+        offset=page.offset,
     )
     return Page[TierChangeRead].of(
         [TierChangeRead.model_validate(r) for r in rows], total=total, params=page

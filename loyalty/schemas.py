@@ -244,7 +244,8 @@ class TierChangeRead(BaseModel):
     to_tier_id: str | None
     reason: str
     metric_value: float
-    at: datetime
+    at: datetime = Field(description="When the change took effect (an event's time)")
+    recorded_at: datetime = Field(description="When it was committed: the feed's order")
 
 
 class RewardCreate(BaseModel):

@@ -1926,14 +1926,35 @@ def tier_history(session: Session, *, member_id: str) -> list[TierChange]:
 
 
 def tier_changes(
-    session: Session, *, program_id: str, since: datetime, limit: int, offset: int
+    session: Session,
+    *,
+    program_id: str,
+    since: datetime,
+    after_id: str | None = None,
+    limit: int,
+    offset: int,
 ) -> tuple[list[TierChange], int]:
-    """Tier movements of a programme since an instant (published for activation); an instant
-    without a zone is UTC, as everywhere in the API."""
+    """Tier movements of a programme recorded since an instant (published for activation), in
+    (`recorded_at`, id) order; an instant without a zone is UTC, as everywhere in the API.
+
+    By when they were recorded, not when they took effect (`at`): a late event or a backfill
+    records upgrades dated in the past, which a feed by `at` hid behind an instant its
+    consumer had already read. `since` is inclusive; with `after_id`, the feed starts after
+    the change (`since`, `after_id`), so a consumer that keeps the last change's
+    `recorded_at` and id reads each change once.
+    """
     get_program(session, program_id=program_id)
     since = engine.as_utc(since)
-    query = select(TierChange).where(TierChange.program_id == program_id, TierChange.at >= since)
-    return paginate(session, query, TierChange.at, TierChange.id, limit=limit, offset=offset)
+    after = (
+        TierChange.recorded_at >= since
+        if after_id is None
+        else (TierChange.recorded_at > since)
+        | ((TierChange.recorded_at == since) & (TierChange.id > after_id))
+    )
+    query = select(TierChange).where(TierChange.program_id == program_id, after)
+    return paginate(
+        session, query, TierChange.recorded_at, TierChange.id, limit=limit, offset=offset
+    )
 
 
 def expire_points(session: Session, *, program_id: str, now: datetime | None = None) -> int:
@@ -2120,7 +2141,8 @@ def import_opening_balances(
             continue
         member = get_member(session, member_id=r["member_id"])
         tier = ladder[r["tier"]]
-        session.add(
+        tiers.record_change(
+            session,
             TierChange(
                 program_id=program.id,
                 member_id=member.id,
@@ -2129,7 +2151,7 @@ def import_opening_balances(
                 reason=tiers.IMPORT_REASON,
                 metric_value=0.0,
                 at=now,
-            )
+            ),
         )
         member.tier_id = tier.id
         member.tier_since = now

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
 import polars as pl
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import event, func, inspect, select
+from sqlalchemy.orm import Session, SessionTransaction
 
+from cdp.db import utcnow
 from loyalty import calendar, ledger
 from loyalty.models import Activity, LedgerEntry, Member, Program, Tier, TierChange
 
@@ -21,6 +23,69 @@ IMPORT_REASON = "import"
 # that earned it are in the old system, not in this ledger, so the first re-evaluations
 # would otherwise step every imported member down.
 IMPORT_HOLD_MONTHS = 12
+
+# `Session.info` key: the tier changes the session's transaction added, stamped at its commit.
+_UNSTAMPED = "loyalty.tier_changes_to_stamp"
+# Two stamps of a programme's feed are at least this far apart, so none ties with another.
+_TICK = timedelta(microseconds=1)
+
+
+def record_change(session: Session, change: TierChange) -> None:
+    """Add a tier change to the session; its `recorded_at` is set when the transaction
+    commits (`_stamp_recorded`)."""
+    session.add(change)
+    session.info.setdefault(_UNSTAMPED, []).append(change)
+
+
+def _feed_lock_key(program_id: str) -> int:
+    """The PostgreSQL advisory lock key of a programme's tier-change feed."""
+    digest = hashlib.sha1(f"loyalty_tier_change:{program_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+@event.listens_for(Session, "before_commit")
+def _stamp_recorded(session: Session) -> None:
+    """Stamp the transaction's tier changes with `recorded_at` values later than every change
+    of their programme committed before, one microsecond apart in the order they were made.
+
+    A change becomes visible at its commit, so its stamp must not be older than what the feed
+    has already shown: a stamp taken when the row was written (a backfill holds its
+    transaction for minutes) would land behind a `since` a consumer already read, as the
+    event time did. PostgreSQL: a transaction-scoped advisory lock per programme, held until
+    the commit ends, makes two transactions stamp and commit one after the other. SQLite: the
+    flush below holds the database's write lock from before the stamp until the commit.
+    """
+    if session.in_nested_transaction():
+        return
+    pending = session.info.pop(_UNSTAMPED, None)
+    if not pending:
+        return
+    session.flush()
+    changes = [c for c in pending if inspect(c).persistent]
+    programs = sorted({c.program_id for c in changes})
+    if session.get_bind().dialect.name == "postgresql":
+        for program_id in programs:  # in id order, so two committers cannot deadlock
+            session.execute(select(func.pg_advisory_xact_lock(_feed_lock_key(program_id))))
+    latest: dict[str, datetime] = {
+        program_id: at
+        for program_id, at in session.execute(
+            select(TierChange.program_id, func.max(TierChange.recorded_at))
+            .where(TierChange.program_id.in_(programs))
+            .group_by(TierChange.program_id)
+        )
+    }
+    now = utcnow()
+    nexts = {p: max(now, latest[p] + _TICK) if p in latest else now for p in programs}
+    for change in changes:
+        change.recorded_at = nexts[change.program_id]
+        nexts[change.program_id] += _TICK
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _forget_unstamped(session: Session, transaction: SessionTransaction) -> None:
+    """Drop what a rolled-back transaction left to stamp."""
+    if transaction.parent is None:
+        session.info.pop(_UNSTAMPED, None)
 
 
 def window_start(program: Program, now: datetime) -> datetime:
@@ -169,7 +234,8 @@ def _move(
     member.tier_id = move.to_tier_id
     member.tier_since = now
     member.below_tier_since = None
-    session.add(
+    record_change(
+        session,
         TierChange(
             program_id=program.id,
             member_id=member.id,
@@ -179,7 +245,7 @@ def _move(
             metric_value=value,
             at=now,
             event_id=event_id,
-        )
+        ),
     )
     logger.info("tier changed", extra={"member_id": member.id, "reason": reason})
     return move

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 from fastapi.testclient import TestClient
@@ -128,6 +129,110 @@ def test_tier_change_feed_reads_a_since_without_zone_as_utc(
         assert len(answer.json()["items"]) == count, since
     missing = client.get(feed_url, headers=loyalty_headers)
     assert missing.status_code == 422
+
+
+def _feed(client: TestClient, headers: H, program_id: str, **params: Any) -> Json:  # Any: params
+    url = f"/api/loyalty/programs/{program_id}/tier-changes"
+    return dict(_get(client, f"{url}?{urlencode(params)}", headers))
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_tier_change_feed_shows_a_late_event_s_upgrade_dated_before_the_last_poll(
+    db: Database, client: TestClient, loyalty_headers: H
+) -> None:
+    program = _programme(client, loyalty_headers)
+    silver, _ = _ladder(client, loyalty_headers, program)
+    with db.begin() as session:
+        stored = service.get_program(session, program_id=program)
+        add_base_rule(session, stored)
+    ann = _enrol(client, loyalty_headers, program, "ann")
+    bob = _enrol(client, loyalty_headers, program, "bob")
+    _adjust(client, loyalty_headers, bob, 150)
+    polled = _feed(client, loyalty_headers, program, since="2020-01-01T00:00:00Z")["items"]
+    assert _moves(polled) == [(bob, None, silver, "upgrade")]
+    last = polled[-1]
+    # Ann's order of two days ago arrives only now (a late event, a file loaded today).
+    two_days_ago = datetime.now(UTC) - timedelta(days=2)
+    _process(db, stored, [ev("ann", two_days_ago, order_id="late", total=120)])
+    for params in (
+        {"since": last["recorded_at"]},  # re-read from the last instant, inclusive
+        {"since": last["recorded_at"], "after_id": last["id"]},  # or strictly after the last
+    ):
+        items = _feed(client, loyalty_headers, program, **params)["items"]
+        news = [c for c in items if c["id"] != last["id"]]
+        assert _moves(news) == [(ann, None, silver, "upgrade")], params
+        # It took effect at the event; it was recorded after everything polled before.
+        assert datetime.fromisoformat(news[0]["at"]) == two_days_ago
+        assert news[0]["recorded_at"] > last["recorded_at"]
+    assert (
+        _feed(client, loyalty_headers, program, since=last["recorded_at"], after_id=last["id"])[
+            "total"
+        ]
+        == 1
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_tier_change_feed_walks_one_transaction_s_changes_once_each_in_the_order_made(
+    db: Database, client: TestClient, loyalty_headers: H
+) -> None:
+    program = _programme(client, loyalty_headers, tier_grace_days=0)
+    silver, gold = _ladder(client, loyalty_headers, program)
+    with db.begin() as session:
+        stored = service.get_program(session, program_id=program)
+        add_base_rule(session, stored)
+    ann, bob, cara = (_enrol(client, loyalty_headers, program, p) for p in ("ann", "bob", "cara"))
+    # One batch: Ann up to Silver then Gold, Bob and Cara to Silver, all in one commit.
+    base = datetime.now(UTC) - timedelta(days=3)
+    batch = [
+        ev("ann", base, order_id="a1", total=150),
+        ev("bob", base + timedelta(minutes=1), order_id="b1", total=100),
+        ev("ann", base + timedelta(minutes=2), order_id="a2", total=400),
+        ev("cara", base + timedelta(minutes=3), order_id="c1", total=200),
+    ]
+    _process(db, stored, batch)
+    whole = _feed(client, loyalty_headers, program, since="2020-01-01T00:00:00Z")["items"]
+    assert _moves(whole) == [
+        (ann, None, silver, "upgrade"),
+        (bob, None, silver, "upgrade"),
+        (ann, silver, gold, "upgrade"),
+        (cara, None, silver, "upgrade"),
+    ]
+    stamps = [c["recorded_at"] for c in whole]
+    assert len(set(stamps)) == 4  # no ties: a keyset cursor is exact
+    # A consumer that keeps the last (recorded_at, id) and reads one change at a time.
+    walked: list[str] = []
+    cursor = {"since": "2020-01-01T00:00:00Z"}
+    for _ in range(10):
+        page = _feed(client, loyalty_headers, program, limit=1, **cursor)
+        if not page["items"]:
+            break
+        walked.append(page["items"][0]["id"])
+        cursor = {"since": page["items"][0]["recorded_at"], "after_id": page["items"][0]["id"]}
+    assert walked == [c["id"] for c in whole]
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_tier_change_committed_after_a_later_one_still_follows_it_in_the_feed(
+    db: Database, client: TestClient, loyalty_headers: H
+) -> None:
+    """PostgreSQL runs writers side by side: a long transaction (a backfill) that records a
+    change and commits after a short one must not show its change behind the short one's."""
+    program = _programme(client, loyalty_headers)
+    silver, _ = _ladder(client, loyalty_headers, program)
+    ann = _enrol(client, loyalty_headers, program, "ann")
+    bob = _enrol(client, loyalty_headers, program, "bob")
+    with db.begin() as long:
+        service.adjust_points(
+            long, member_id=ann, points=150, reason="slow", actor="test", qualifying=True
+        )
+        long.flush()
+        _adjust(client, loyalty_headers, bob, 150)  # its own transaction, committed first
+        polled = _feed(client, loyalty_headers, program, since="2020-01-01T00:00:00Z")["items"]
+        assert _moves(polled) == [(bob, None, silver, "upgrade")]
+    last = polled[-1]
+    news = _feed(client, loyalty_headers, program, since=last["recorded_at"], after_id=last["id"])
+    assert _moves(news["items"]) == [(ann, None, silver, "upgrade")]
 
 
 def test_member_tier_history_and_tier_progress_in_the_balance(
