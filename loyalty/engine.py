@@ -44,6 +44,10 @@ _QUANTITIES = pl.List(pl.Struct({"quantity": pl.Float64}))
 _LINE_AMOUNTS = pl.List(
     pl.Struct({"price": pl.Float64, "unit_price": pl.Float64, "quantity": pl.Float64})
 )
+# Members that hold points: an active member, and one that left (unenrolled, opted out)
+# keeping its points. Only active members earn and record orders; a refund of an order a
+# member earned on is reversed, and recorded in its activity, whichever of these it is now.
+HOLDING = ("active", "unenrolled", "opted_out")
 # Above this many profiles in a batch, members are read for the whole programme.
 IN_LIST_LIMIT = 5_000
 
@@ -808,25 +812,26 @@ def member_events(
 def _refunds_follow_their_orders(
     session: Session, *, program_id: str, frame: pl.DataFrame, members: pl.DataFrame
 ) -> pl.DataFrame:
-    """A refund whose profile has no active member (not enrolled, merged away, or re-keyed
-    to another profile by a merge since the sale) takes the profile of the active member
-    that recorded its order, so the order's points are reversed where they are, whatever
-    profile the refund arrives with; replaying it later, once memberships moved again,
-    then finds it done. The order's owner is the member of its activity row in the ledger
+    """A refund whose profile has no active member (not enrolled, unenrolled, opted out,
+    merged away, or re-keyed to another profile by a merge since the sale) takes the profile
+    of the member holding points (`HOLDING`) that recorded its order, so the order's points
+    are reversed where they are, whatever profile the refund arrives with, and whether or
+    not that member is still active; replaying it later, once memberships moved again, then
+    finds it done. The order's owner is the member of its activity row in the ledger
     (following merges to the survivor) or, for a sale earlier in the same batch (time, then
     event id), the member of that row: what processing the events one by one would see.
-    A refund with no such order keeps its profile (and is skipped, as before)."""
+    A refund with no such order (or naming none) is dropped: the refund of an order that an
+    unenrolled or opted-out member bought while away (never earned, never recorded) reverses
+    nothing and records no negative spend, and a non-member's refund was skipped anyway."""
     refund = pl.col("event") == REFUND_EVENT
     if frame.is_empty() or not frame.select(refund.any()).item():
         return frame
     active = members.filter(pl.col("member_status") == "active")["profile_id"].implode()
     keyed = frame.with_row_index("_i").with_columns(_order_id_expr(frame).alias("_order"))
-    orphans = keyed.filter(
-        refund & pl.col("_order").is_not_null() & ~pl.col("profile_id").is_in(active)
-    )
+    orphans = keyed.filter(refund & ~pl.col("profile_id").is_in(active))
     if orphans.is_empty():
         return frame
-    orders = orphans["_order"].unique().to_list()
+    orders = orphans["_order"].drop_nulls().unique().to_list()
     owner, live = aliased(Member), aliased(Member)
     recorded = [
         (str(order), str(profile))
@@ -839,7 +844,7 @@ def _refunds_follow_their_orders(
                 Activity.program_id == program_id,
                 Activity.orders > 0,
                 Activity.order_id.in_(chunk),
-                live.status == "active",
+                live.status.in_(HOLDING),
             )
             .order_by(Activity.occurred_at, Activity.event_id)
         ).all()
@@ -871,10 +876,11 @@ def _refunds_follow_their_orders(
     moved: dict[int, str] = {
         int(i): owners[str(order)]
         for i, order in orphans.select("_i", "_order").iter_rows()
-        if str(order) in owners
+        if order is not None and str(order) in owners
     }
     moved.update((int(i), str(o)) for i, o in in_batch.select("_i", "_owner").iter_rows())
-    if not moved:
+    dropped = [int(i) for i in orphans["_i"] if int(i) not in moved]
+    if not moved and not dropped:
         return frame
     index = pl.int_range(pl.len(), dtype=pl.UInt32)
     return frame.with_columns(
@@ -882,7 +888,7 @@ def _refunds_follow_their_orders(
         .then(index.replace_strict(list(moved), list(moved.values()), default=None))
         .otherwise(pl.col("profile_id"))
         .alias("profile_id")
-    )
+    ).filter(~index.is_in(dropped))
 
 
 def process_events(
@@ -1153,10 +1159,13 @@ def _points_added(
 
 
 def _activity_frame(frame: pl.DataFrame) -> pl.DataFrame:
-    """The purchase activity of a prepared batch: one row per order (spend, 1 order) and per
-    refund (-amount) of active members, in row order, with the frame's columns kept."""
+    """The purchase activity of a prepared batch: one row per order (spend, 1 order) of
+    active members and per refund (-amount) of members holding points (`HOLDING`: an
+    unenrolled or opted-out member's refund of an order it recorded still lowers its
+    spend), in row order, with the frame's columns kept."""
     orders = frame.filter(
-        pl.col("event").is_in([ORDER_EVENT, REFUND_EVENT]) & (pl.col("member_status") == "active")
+        ((pl.col("event") == ORDER_EVENT) & (pl.col("member_status") == "active"))
+        | ((pl.col("event") == REFUND_EVENT) & pl.col("member_status").is_in(HOLDING))
     )
     is_order = pl.col("event") == ORDER_EVENT
     # Refund amounts may need their lines parsed: only on the (few) refund rows.
@@ -1186,16 +1195,17 @@ def _activity(session: Session, *, program: Program, frame: pl.DataFrame) -> pl.
     it has no amount (the whole order) or brings what the order's refunds gave back to its
     spend, and the order still counts (it was recorded, and no earlier refund took it off).
     A partial refund leaves the order counted: the customer still bought the rest. The
-    order's activity comes from the ledger (events of the batch excepted, so a replay counts
-    the same) and from the batch, in event order (time, then event id), as one-by-one
-    processing sees it.
+    order's activity comes from the ledger (rows of the batch's own activity excepted, so a
+    replay counts the same) and from the batch, in event order (time, then event id), as
+    one-by-one processing sees it. A replayed sale of a member now away records nothing in
+    the batch, so its row is taken from the ledger.
     """
     activity = _activity_frame(frame)
     refunds = activity.filter((pl.col("event") == REFUND_EVENT) & pl.col("order_id").is_not_null())
     if refunds.is_empty():
         return activity
     orders = refunds["order_id"].unique().to_list()
-    batch_events = set(frame["event_id"].drop_nulls().to_list())
+    batch_events = set(activity["event_id"].drop_nulls().to_list())
     seen = [
         row
         for chunk in ledger.in_chunks(orders)
@@ -1276,9 +1286,12 @@ def _reversal_values(
     """The qualifying points each refund row of the batch will reverse (negative values).
 
     The same sums as `_reverse_refunds`, done ahead for the whole batch: the orders' earnings
-    and reversals in the ledger (events of the batch excepted) plus the batch's awards, their
-    spend and earlier refunds (ledger activity plus the batch's). Columns member_id,
-    occurred_at, row, value.
+    and reversals in the ledger plus the batch's awards, their spend and earlier refunds
+    (ledger activity plus the batch's). What the batch derives again (the earnings of its
+    active members' events, its refunds' reversals, its activity) is taken from the batch
+    and left out of the ledger's rows, so a replay counts the same; a replayed sale of a
+    member now away earns and records nothing in the batch, so it comes from the ledger.
+    Columns member_id, occurred_at, row, value.
     """
     schema = {
         "member_id": pl.String(),
@@ -1289,13 +1302,15 @@ def _reversal_values(
     refunds = prepared.filter(
         (pl.col("event") == REFUND_EVENT)
         & pl.col("order_id").is_not_null()
-        & (pl.col("member_status") == "active")
+        & pl.col("member_status").is_in(HOLDING)
     )
     if refunds.is_empty():
         return pl.DataFrame(schema=schema)
     refunds = refunds.with_columns(_refund_amount_expr().alias("amount"))
     orders = refunds["order_id"].unique().to_list()
-    batch_events = prepared["event_id"].drop_nulls().implode()
+    earning = prepared.filter(pl.col("member_status") == "active")["event_id"].drop_nulls()
+    reversing = refunds["event_id"].drop_nulls()
+    batch_activity = _activity_frame(prepared).filter(pl.col("order_id").is_in(orders))
     entry_rows = [
         row
         for chunk in ledger.in_chunks(orders)
@@ -1325,7 +1340,11 @@ def _reversal_values(
             "unrecovered": pl.Int64(),
         },
         orient="row",
-    ).filter(pl.col("event_id").is_null() | ~pl.col("event_id").is_in(batch_events))
+    ).filter(
+        pl.col("event_id").is_null()
+        | ((pl.col("kind") == "earn") & ~pl.col("event_id").is_in(earning.implode()))
+        | ((pl.col("kind") == "reverse") & ~pl.col("event_id").is_in(reversing.implode()))
+    )
     activity_rows = [
         row
         for chunk in ledger.in_chunks(orders)
@@ -1344,8 +1363,10 @@ def _reversal_values(
             "spend": pl.Float64(),
         },
         orient="row",
-    ).filter(pl.col("event_id").is_null() | ~pl.col("event_id").is_in(batch_events))
-    batch_activity = _activity_frame(prepared).filter(pl.col("order_id").is_in(orders))
+    ).filter(
+        pl.col("event_id").is_null()
+        | ~pl.col("event_id").is_in(batch_activity["event_id"].drop_nulls().implode())
+    )
     activity = pl.concat(
         [activity, batch_activity.select("order_id", "event_id", "timestamp", "spend")],
         how="vertical_relaxed",
@@ -1462,14 +1483,16 @@ def _reverse_refunds(
     order amount); the refund reverses the target minus what earlier refunds reversed.
     Points come first from the order's own lots (pending ones included), then from the
     member's other lots alive at the refund's time; what the balance cannot cover is
-    recorded as `unrecovered`. Qualifying points are reversed in the same proportion. The
+    recorded as `unrecovered`. Qualifying points are reversed in the same proportion. A
+    member that left (unenrolled, opted out) keeps its points, so its refunds are reversed
+    too: otherwise it would keep the points of returned goods once it enrols again. The
     ledger's sums, spend and lots are read once for the whole batch, the reversals planned
     in memory and written in bulk (entries, draws, lot updates).
     """
     refunds = frame.filter(
         (pl.col("event") == REFUND_EVENT)
         & pl.col("order_id").is_not_null()
-        & (pl.col("member_status") == "active")
+        & pl.col("member_status").is_in(HOLDING)
     )
     if refunds.is_empty():
         return 0
