@@ -253,7 +253,7 @@ class TierChange(Base):
     event_id: Mapped[int | None] = mapped_column(BigInteger)
     # When the change was committed (`at` is when it took effect, an event's time for an
     # upgrade reached by processing events: a late event or a backfill dates it in the past).
-    # `tiers.stamp_recorded` sets it at commit, after every earlier change of the programme.
+    # `tiers.record_change` has it set at commit, after every earlier change of the programme.
     recorded_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 

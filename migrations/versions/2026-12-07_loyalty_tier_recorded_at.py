@@ -2,7 +2,7 @@
 
 Revision ID: 0013_loyalty_tier_recorded_at
 Revises: 0012_loyalty_earn_history
-Create Date: 2026-12-08 07:00:00
+Create Date: 2026-12-07 07:15:00
 """
 
 from collections.abc import Sequence
