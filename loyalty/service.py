@@ -111,9 +111,30 @@ LOYALTY_FIELDS = segments_service.FieldSource(
 )
 
 
+def _rule_reads(session: Session) -> dict[str, segments_service.Reads]:
+    """What each earning rule of a programme not ended reads of segments (saved segments
+    by id, computed attributes by name), named `programme / rule`."""
+    found: dict[str, segments_service.Reads] = {}
+    rows = session.execute(
+        select(Program.name, Rule.name, Rule.condition)
+        .join(Program, Program.id == Rule.program_id)
+        .where(Program.status != "ended", Rule.condition.is_not(None))
+    )
+    for program_name, rule_name, condition in rows:
+        needs = rules.ProfileNeeds.of([rules.parse_condition(condition)])
+        if needs.segments or needs.attributes:
+            found[f"{program_name} / {rule_name}"] = segments_service.Reads(
+                segments=needs.segments, attributes=needs.attributes
+            )
+    return found
+
+
 def register_segment_fields() -> None:
-    """Add loyalty's fields to the segment field catalogue (done at import; idempotent)."""
+    """Add loyalty's fields to the segment field catalogue, and its earning rules as readers
+    of segments and attributes (so neither is deleted from under a rule). Done at import;
+    idempotent."""
     segments_service.register_field_source(LOYALTY_FIELDS)
+    segments_service.register_reader("loyalty_rules", _rule_reads)
 
 
 register_segment_fields()
@@ -2287,11 +2308,17 @@ def active_members_select(
     program_id: str | None,
     by_program: bool,
 ) -> Select[Any]:  # Any: period, key, value columns
-    """`period, key, value`: distinct members who earned or redeemed in each period."""
+    """`period, key, value`: distinct members who earned or redeemed in each period.
+
+    A merged-away membership's entries stay its own: they count for its survivor, so a
+    person whose two memberships both earned in a period counts once.
+    """
     when = period(LedgerEntry.occurred_at).label("period")
     key = (LedgerEntry.program_id if by_program else cast(null(), String)).label("key")
+    person = func.coalesce(Member.merged_into, Member.id)
     query = (
-        select(when, key, func.count(func.distinct(LedgerEntry.member_id)).label("value"))
+        select(when, key, func.count(func.distinct(person)).label("value"))
+        .join(Member, Member.id == LedgerEntry.member_id)
         .where(
             LedgerEntry.kind.in_(["earn", "redeem"]),
             LedgerEntry.occurred_at >= start,

@@ -10,7 +10,7 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -62,6 +62,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "FieldSource",
+    "Reads",
     "attribute_definitions",
     "attribute_values",
     "memberships_among",
@@ -73,8 +74,10 @@ __all__ = [
     "refresh_property_values",
     "refresh_segment",
     "register_field_source",
+    "register_reader",
     "segment_events_since",
     "unregister_field_source",
+    "unregister_reader",
 ]
 
 STATE_ATTRIBUTES = "attributes_watermark"
@@ -123,6 +126,57 @@ def _one(cur: Cursor, query: Query) -> tuple[Any, ...]:  # Any: SQL values
     """The first row of a query that returns one (the result is fetched to its end)."""
     rows = cur.execute(query.sql, query.params or None).fetchall()
     return tuple(rows[0])
+
+
+@dataclass(frozen=True, slots=True)
+class Reads:
+    """What one user outside this package (a loyalty rule, say) reads of it: saved segments
+    by id and computed attributes by name."""
+
+    segments: frozenset[str] = frozenset()
+    attributes: frozenset[str] = frozenset()
+
+
+# A package's users of segments and attributes: their names (as a user would recognise
+# them) and what each reads. Registered by the package (`register_reader`), so a segment or
+# an attribute it reads is not deleted from under it; this package imports none of them.
+Readers = Callable[[Session], Mapping[str, Reads]]
+_READERS: dict[str, Readers] = {}
+
+
+def register_reader(kind: str, readers: Readers) -> None:
+    """Add (or replace) a package's readers of segments and attributes, e.g.
+    `("loyalty_rules", ...)`: deleting what they read is refused with their names."""
+    _READERS[kind] = readers
+
+
+def unregister_reader(kind: str) -> None:
+    """Remove a package's readers."""
+    _READERS.pop(kind, None)
+
+
+def _outside_users(
+    session: Session, *, segment_id: str | None = None, attribute: str | None = None
+) -> dict[str, list[str]]:
+    """By kind of reader, the names of the readers outside this package that read a segment
+    or an attribute."""
+    found: dict[str, list[str]] = {}
+    for kind, readers in sorted(_READERS.items()):
+        names = sorted(
+            name
+            for name, reads in readers(session).items()
+            if (segment_id is not None and segment_id in reads.segments)
+            or (attribute is not None and attribute in reads.attributes)
+        )
+        if names:
+            found[kind] = names
+    return found
+
+
+def _users_message(what: str, users: dict[str, list[str]]) -> str:
+    """`<what> is used by segments: a, b; loyalty_rules: c`."""
+    parts = [f"{kind}: {', '.join(names)}" for kind, names in users.items()]
+    return f"{what} is used by {'; '.join(parts)}"
 
 
 # Computed attributes.
@@ -257,16 +311,14 @@ def delete_attribute(session: Session, *, name: str, settings: SegmentsSettings)
     if name in builtin_attributes(settings):
         raise AttributeConflict(f"{name} is built in and cannot be deleted")
     row = _defined(session, name)
-    users = [
+    segments = sorted(
         s.name
         for s in session.scalars(select(SegmentsSegment))
         if name in compiler.attribute_fields(parse_rule(s.rule))
-    ]
+    )
+    users = ({"segments": segments} if segments else {}) | _outside_users(session, attribute=name)
     if users:
-        raise AttributeConflict(
-            f"attribute {name} is used by segments: {', '.join(sorted(users))}",
-            details={"segments": sorted(users)},
-        )
+        raise AttributeConflict(_users_message(f"attribute {name}", users), details=users)
     session.delete(row)
 
 
@@ -924,18 +976,19 @@ def update_segment(
 
 
 def delete_segment(session: Session, warehouse: Warehouse, *, segment_id: str) -> None:
-    """Delete a segment no other segment refers to; its history stays in the warehouse."""
+    """Delete a segment nothing refers to (no other segment, no registered reader such as a
+    loyalty rule); its history stays in the warehouse."""
     row = _segment(session, segment_id)
-    users = [
+    segments = sorted(
         s.name
         for s in session.scalars(select(SegmentsSegment).where(SegmentsSegment.id != segment_id))
         if segment_id in compiler.dependencies(parse_rule(s.rule))
-    ]
+    )
+    users = ({"segments": segments} if segments else {}) | _outside_users(
+        session, segment_id=segment_id
+    )
     if users:
-        raise SegmentConflict(
-            f"segment {row.name} is used by: {', '.join(sorted(users))}",
-            details={"segments": sorted(users)},
-        )
+        raise SegmentConflict(_users_message(f"segment {row.name}", users), details=users)
     session.execute(
         delete(SegmentsSegmentVersion).where(SegmentsSegmentVersion.segment_id == segment_id)
     )

@@ -14,6 +14,7 @@ from cdp.warehouse import Warehouse
 from dashboards import service
 from identity import service as identity_service
 from identity.rules import IdentityRules
+from loyalty import service as loyalty_service
 from loyalty.models import LedgerEntry, Lot, Member, Tier
 from tests.conftest import BACKENDS
 from tests.dashboards.conftest import DAY, at, aware, load_batches
@@ -400,3 +401,40 @@ def test_programme_levels_active_members_and_redemption_rate_match_the_ledger(
         redeemed = -sum(p for k, p in day_flows if k == "redeem")
         rate[(DAY + timedelta(days=offset), None)] = redeemed / issued
     assert _values(db, warehouse, "redemption_rate", DAY, end) == pytest.approx(rate)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_active_members_count_a_person_once_after_their_memberships_merged(
+    db: Database, warehouse: Warehouse
+) -> None:
+    club = make_program(db, name="Club")
+    when = aware(DAY)
+    with db.begin() as session:
+        members = [
+            loyalty_service.change_membership(
+                session, program_id=club.id, profile_id=profile, action="enrol", at=when
+            )
+            for profile in ("p-web", "p-till", "p-other")
+        ]
+        for i, member in enumerate(members):
+            session.add(
+                LedgerEntry(
+                    program_id=club.id,
+                    member_id=member.id,
+                    kind="earn",
+                    points=10,
+                    occurred_at=when,
+                    local_date=when.date(),
+                    idempotency_key=f"earn:{i}",
+                )
+            )
+        session.flush()
+        # Identity finds that the web and till profiles are one person.
+        loyalty_service.merge_profiles(
+            session, program_id=club.id, from_profile_id="p-till", to_profile_id="p-web"
+        )
+    end = DAY + timedelta(days=1)
+    assert _values(db, warehouse, "active_members", DAY, end) == {(DAY, None): 2}
+    assert _values(db, warehouse, "active_members", DAY, end, breakdown="program") == {
+        (DAY, club.id): 2
+    }

@@ -14,7 +14,7 @@ from cdp.db import Database
 from cdp.warehouse import Warehouse
 from loyalty import engine, service
 from loyalty.models import LedgerEntry, Member, Program
-from loyalty.schemas import RuleCreate
+from loyalty.schemas import ProgramUpdate, RuleCreate
 from segments import service as segments_service
 from tests.loyalty.conftest import make_program
 from tests.loyalty.identity_data import french_segment, profile_of, resolve, write_events
@@ -192,6 +192,61 @@ def test_a_rule_naming_an_unknown_segment_or_attribute_is_refused(
         headers=loyalty_headers,
     )
     assert bad_name.status_code == 422, bad_name.text
+
+
+def test_a_segment_or_attribute_a_rule_reads_cannot_be_deleted(
+    db: Database, client: TestClient, admin_headers: dict[str, str]
+) -> None:
+    body = {"name": "views", "definition": {"aggregation": "count", "events": ["Product Viewed"]}}
+    assert client.post("/api/attributes", json=body, headers=admin_headers).status_code == 201
+    made = client.post(
+        "/api/segments",
+        json={"name": "Browsers", "rule": {"field": "loyalty.enrolled", "op": "eq", "value": True}},
+        headers=admin_headers,
+    )
+    assert made.status_code == 201, made.text
+    segment_id = made.json()["id"]
+    other = client.post(
+        "/api/segments",
+        json={"name": "Other", "rule": {"field": "loyalty.tier", "op": "eq", "value": "Gold"}},
+        headers=admin_headers,
+    )
+    program = make_program(db, name="Club")
+    with db.begin() as session:
+        for name, condition in (
+            ("browsers", {"segment": segment_id}),
+            ("viewers", {"not": {"field": "attributes.views", "op": "lt", "value": 3}}),
+        ):
+            rule = {"name": name, "event_name": "Order Completed", "condition": condition}
+            service.create_rule(
+                session,
+                program_id=program.id,
+                data=RuleCreate(**rule, formula={"type": "fixed", "points": 5}),
+            )
+
+    refused = client.delete(f"/api/segments/{segment_id}", headers=admin_headers)
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["error"] == {
+        "code": "segments.segment_conflict",
+        "message": "segment Browsers is used by loyalty_rules: Club / browsers",
+        "details": {"loyalty_rules": ["Club / browsers"]},
+    }
+    refused = client.delete("/api/attributes/views", headers=admin_headers)
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["error"]["message"] == (
+        "attribute views is used by loyalty_rules: Club / viewers"
+    )
+    # A segment no rule reads is deleted as before.
+    assert (
+        client.delete(f"/api/segments/{other.json()['id']}", headers=admin_headers).status_code
+        == 204
+    )
+
+    # Once the programme has ended its rules no longer hold anything.
+    with db.begin() as session:
+        service.update_program(session, program_id=program.id, data=ProgramUpdate(status="ended"))
+    assert client.delete(f"/api/segments/{segment_id}", headers=admin_headers).status_code == 204
+    assert client.delete("/api/attributes/views", headers=admin_headers).status_code == 204
 
 
 def test_dry_run_reads_an_existing_members_stored_profile(
