@@ -546,9 +546,9 @@ AFFECTED_LINKS = Query(
 # Stable ids: per old profile, the new label holding its birth identifiers (those first seen
 # in the event it was born from) keeps it ("stays"), else the label holding most of its
 # nodes; per label, the oldest staying profile (created first, then born from the earlier
-# event) survives and the other stayers merge into it; a label nobody stays in gets a new
-# id. Births are looked up only for the profiles that split (claims in several labels).
-# Materialised so each new uuid is drawn once.
+# event) survives and the other stayers merge into it; a label nobody stays in takes back a
+# vanished id whose birth identifiers it holds (`id_revive`, below), else gets a new id.
+# Births are looked up only for the profiles that split (claims in several labels).
 RECONCILE = Query(
     """
     CREATE OR REPLACE TEMP TABLE id_claims AS
@@ -567,19 +567,66 @@ RECONCILE = Query(
     FROM id_claims c
     LEFT JOIN id_births b ON b.label = c.label AND b.profile_id = c.profile_id
     GROUP BY c.profile_id;
+    CREATE OR REPLACE TEMP TABLE id_surv AS
+    SELECT s.label,
+           arg_min(s.profile_id, (r.created_at, r.born_event_id, s.profile_id)) AS profile_id
+    FROM id_stay s JOIN identity_profile_ids r ON r.profile_id = s.profile_id
+    GROUP BY s.label;
+    CREATE OR REPLACE TEMP TABLE id_revive AS
+    WITH fresh AS (
+        SELECT l.label, l.first_event_id FROM id_labels l ANTI JOIN id_surv s ON s.label = l.label
+    )
+    SELECT f.label, r.profile_id, r.created_at, r.born_event_id, count(*) AS birth_nodes
+    FROM fresh f
+    JOIN identity_profile_ids r
+        ON r.born_event_id = f.first_event_id AND r.merged_into IS NULL
+    ANTI JOIN id_claims c ON c.profile_id = r.profile_id
+    GROUP BY f.label, r.profile_id, r.created_at, r.born_event_id;
+    """
+)
+# Vanished ids come back: a profile whose identifiers all left the graph (blocked or capped
+# by the rules, or known only from erased events) keeps its id in `identity_profile_ids` with
+# no identifier and no row. When a label nobody stays in holds identifiers first seen in such
+# an id's birth event (the rules changed back, a shared value fell under the cap), it takes
+# that id back, so the person keeps their id, their loyalty membership and their history
+# instead of being born again under a new one. A candidate that still holds identifiers in
+# the graph (outside this run's components, e.g. a detached identifier of a live profile's
+# birth event) is not vanished: `REVIVE_LIVE` drops it (incremental runs only, when there are
+# candidates; a full rebuild has every live id among its claims). Each id comes back on one
+# label (most birth identifiers, then the lowest label), each label takes back the oldest.
+REVIVE_COUNT = Query("SELECT count(*) FROM id_revive")
+REVIVE_LIVE = Query(
+    """
+    DELETE FROM id_revive v
+    WHERE v.profile_id IN (
+        SELECT n.profile_id FROM identity_nodes n
+        SEMI JOIN id_revive c ON c.profile_id = n.profile_id
+    )
+    """
+)
+LABEL_IDS = Query(
+    """
     CREATE OR REPLACE TEMP TABLE id_label_pid AS
-    WITH surv AS (
-        SELECT s.label,
-               arg_min(s.profile_id, (r.created_at, r.born_event_id, s.profile_id)) AS profile_id
-        FROM id_stay s JOIN identity_profile_ids r ON r.profile_id = s.profile_id
-        GROUP BY s.label
+    WITH per_id AS (
+        SELECT profile_id, created_at, born_event_id,
+               arg_min(label, (-birth_nodes, label)) AS label
+        FROM id_revive GROUP BY profile_id, created_at, born_event_id
+    ),
+    revived AS (
+        SELECT label, arg_min(profile_id, (created_at, born_event_id, profile_id)) AS profile_id
+        FROM per_id GROUP BY label
     ),
     labels AS (
         SELECT label, min(first_event_id) AS born_event_id FROM id_labels GROUP BY label
     )
-    SELECT labels.label, coalesce(surv.profile_id, gen_random_uuid()::VARCHAR) AS profile_id,
-           surv.profile_id IS NULL AS is_new, labels.born_event_id
-    FROM labels LEFT JOIN surv ON surv.label = labels.label;
+    SELECT labels.label,
+           coalesce(surv.profile_id, revived.profile_id, gen_random_uuid()::VARCHAR) AS profile_id,
+           surv.profile_id IS NULL AND revived.profile_id IS NULL AS is_new, labels.born_event_id
+    FROM labels
+    LEFT JOIN id_surv surv ON surv.label = labels.label
+    LEFT JOIN revived ON revived.label = labels.label;
+    DROP TABLE id_surv;
+    DROP TABLE id_revive;
     """
 )
 
@@ -811,6 +858,8 @@ DROP_FULL_GRAPH_COPIES = Query(
     DROP TABLE IF EXISTS id_old;
     DROP TABLE IF EXISTS id_claims;
     DROP TABLE IF EXISTS id_births;
+    DROP TABLE IF EXISTS id_surv;
+    DROP TABLE IF EXISTS id_revive;
     DROP TABLE IF EXISTS id_redirects;
     DROP TABLE IF EXISTS id_stay;
     DROP TABLE IF EXISTS id_changes;

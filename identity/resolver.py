@@ -189,6 +189,9 @@ def _resolve(
     del nodes, links, labels, refusals, used
 
     step(queries.RECONCILE)
+    if not full and int(_scalar(cur, queries.REVIVE_COUNT)):
+        step(queries.REVIVE_LIVE)
+    step(queries.LABEL_IDS)
     step(queries.REDIRECTS)
     if full:
         # Nodes are written once, labelled; the publication's reasons name them.

@@ -267,3 +267,35 @@ def test_profiles_table_is_empty_for_unresolved_events(warehouse: Warehouse) -> 
     resolve(warehouse)
     assert warehouse.run(Query("SELECT * FROM profiles")).height == 0
     assert isinstance(service.event_profiles(warehouse, after_event_id=0), pl.DataFrame)
+
+
+def test_a_profile_whose_identifiers_come_back_gets_its_id_back(
+    warehouse: Warehouse, events: EventWriter
+) -> None:
+    events.write(
+        [
+            Ev([("email", "ann@x.com"), ("phone", "+33600000001")], traits={"name": "Ann"}),
+            Ev([("email", "bob@x.com")]),
+        ]
+    )
+    resolve(warehouse)
+    ann = _pid(warehouse, "email", "ann@x.com")
+    before = service.get_profile(warehouse, profile_id=ann)
+    # An admin blocks Ann's identifiers by mistake: her profile has none left.
+    resolve(warehouse, IdentityRules(blocked_values=["ann@x.com", "+33600000001"]), full=True)
+    assert service.lookup(warehouse, kind="email", value="ann@x.com") is None
+    with pytest.raises(NotFound):
+        service.get_profile(warehouse, profile_id=ann)
+    # ... and lifts the block: Ann is Ann again, not a new person.
+    resolve(warehouse, IdentityRules(), full=True)
+    assert _pid(warehouse, "email", "ann@x.com") == ann
+    assert _pid(warehouse, "phone", "+33600000001") == ann
+    after = service.get_profile(warehouse, profile_id=ann)
+    assert after.traits == {"name": "Ann"}
+    assert after.created_at == before.created_at
+    # Nothing was published: the id never changed hands.
+    assert service.merges_since(warehouse, after_seq=0).height == 0
+    # New events of hers resolve incrementally to the same id.
+    events.write([Ev([("email", "ann@x.com")], traits={"city": "Lyon"})])
+    resolve(warehouse)
+    assert _pid(warehouse, "email", "ann@x.com") == ann
