@@ -18,12 +18,14 @@ from loyalty.schemas import (
     BalanceRead,
     DryRunRequest,
     DryRunResult,
+    EntryKind,
     ExpiringMember,
     ImportResult,
     KpiRead,
     LedgerEntryRead,
     MemberCommand,
     MemberRead,
+    MemberStatus,
     MergeCommand,
     MergeResult,
     ProcessResultRead,
@@ -136,7 +138,7 @@ def list_members(
     program_id: str,
     session: SessionDep,
     page: PageDep,
-    status: str | None = None,
+    status: MemberStatus | None = None,
     profile_id: Annotated[str | None, Query(description="Look a member up by profile")] = None,
 ) -> Page[MemberRead]:
     """List a programme's members, or find the one of a profile."""
@@ -234,7 +236,7 @@ def get_balance(member_id: str, session: SessionDep) -> BalanceRead:
 
 @router.get("/members/{member_id}/history")
 def get_history(
-    member_id: str, session: SessionDep, page: PageDep, kind: str | None = None
+    member_id: str, session: SessionDep, page: PageDep, kind: EntryKind | None = None
 ) -> Page[LedgerEntryRead]:
     """The member's ledger, newest first (by when each movement happened)."""
     rows, total = service.history(
@@ -343,12 +345,13 @@ def list_redemptions(member_id: str, session: SessionDep, page: PageDep) -> Page
 @router.post("/redemptions/{redemption_id}/cancel", status_code=200, response_model=RedemptionRead)
 def cancel_redemption(
     redemption_id: str,
-    body: RedemptionCancel,
     session: SessionDep,
     idem: IdempotencyDep,
     principal: PrincipalDep,
+    body: RedemptionCancel | None = None,
 ) -> Response:
-    """Cancel a redemption; its points return to the lots they were taken from."""
+    """Cancel a redemption (optional body: `reason`); its points go back to their lots."""
+    body = body or RedemptionCancel()
     return run_once(
         session,
         idem=idem,

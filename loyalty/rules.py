@@ -37,6 +37,12 @@ MEMBER_FIELDS = {
 }
 # Rounding is done on the value rounded to 6 decimals, so 0.29 * 100 floors to 29, not 28.
 PRECISION = 6
+# The most points one award, adjustment, price or cap may hold: sums of many of them stay far
+# inside the ledger's 64-bit integers. An event whose formula gives more (a garbage amount such
+# as 1e25 or "Infinity") earns nothing, like an event without an amount.
+POINTS_MAX = 10**12
+# Counts and ranks are 32-bit integer columns in the operational store.
+COUNT_MAX = 2**31 - 1
 
 
 class Compare(BaseModel):
@@ -115,7 +121,7 @@ class Fixed(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["fixed"] = "fixed"
-    points: int = Field(ge=0)
+    points: int = Field(ge=0, le=POINTS_MAX)
 
 
 class PerAmount(BaseModel):
@@ -146,7 +152,7 @@ class LineRule(BaseModel):
 
     match: LineMatch
     multiplier: float | None = Field(default=None, ge=0)
-    fixed_per_unit: int | None = Field(default=None, ge=0)
+    fixed_per_unit: int | None = Field(default=None, ge=0, le=POINTS_MAX)
 
     @model_validator(mode="after")
     def _one_way(self) -> LineRule:
@@ -403,8 +409,17 @@ def explain_condition(
 
 
 def round_points(expr: pl.Expr, mode: Rounding) -> pl.Expr:
-    """Round a points amount to an integer with the formula's rounding mode."""
-    steady = expr.round(PRECISION)
+    """Round a points amount to an integer with the formula's rounding mode.
+
+    An amount that is not finite or above `POINTS_MAX` gives 0 points (it failed the cast to
+    integers, and with it every later batch of the programme).
+    """
+    steady = (
+        pl.when(expr.is_finite() & (expr.abs() <= POINTS_MAX))
+        .then(expr)
+        .otherwise(pl.lit(0.0))
+        .round(PRECISION)
+    )
     match mode:
         case "floor":
             rounded = steady.floor()

@@ -21,7 +21,10 @@ Enrolment = Literal["automatic", "explicit"]
 ExpiryPolicy = Literal["none", "rolling", "end_of_period"]
 TierMetric = Literal["points", "spend", "orders"]
 TierWindow = Literal["rolling_12_months", "calendar_year"]
-MemberStatus = Literal["active", "unenrolled", "opted_out", "merged"]
+MemberStatus = Literal["active", "unenrolled", "opted_out", "merged", "erased"]
+EntryKind = Literal[
+    "earn", "redeem", "refund", "reverse", "expire", "adjust", "import", "merge", "split"
+]
 MemberAction = Literal["enrol", "unenrol", "opt_out"]
 RewardKind = Literal["coupon", "product", "partner_offer", "event_access"]
 
@@ -203,7 +206,9 @@ class LedgerEntryRead(BaseModel):
 class AdjustmentCreate(BaseModel):
     """Body of a manual adjustment: a reason is mandatory and kept in the audit trail."""
 
-    points: int = Field(description="Positive credits, negative debits")
+    points: int = Field(
+        ge=-rules.POINTS_MAX, le=rules.POINTS_MAX, description="Positive credits, negative debits"
+    )
     reason: str = Field(min_length=3, max_length=1000)
     qualifying: bool = Field(default=False, description="Also count toward tier progress")
 
@@ -218,7 +223,7 @@ class TierCreate(BaseModel):
     """Body of a tier creation."""
 
     name: str = Field(min_length=1, max_length=100)
-    rank: int = Field(ge=1, description="1 is the lowest tier")
+    rank: int = Field(ge=1, le=rules.COUNT_MAX, description="1 is the lowest tier")
     threshold: float = Field(ge=0)
     multiplier: float = Field(default=1.0, ge=0)
     benefits: list[str] = Field(default_factory=list)
@@ -254,9 +259,11 @@ class RewardCreate(BaseModel):
     name: str = Field(min_length=1, max_length=200)
     kind: RewardKind = "coupon"
     description: str | None = None
-    points_cost: int = Field(gt=0)
-    stock: int | None = Field(default=None, ge=0, description="None means unlimited")
-    per_member_limit: int | None = Field(default=None, ge=1)
+    points_cost: int = Field(gt=0, le=rules.POINTS_MAX)
+    stock: int | None = Field(
+        default=None, ge=0, le=rules.COUNT_MAX, description="None means unlimited"
+    )
+    per_member_limit: int | None = Field(default=None, ge=1, le=rules.COUNT_MAX)
     valid_from: Instant | None = None
     valid_until: Instant | None = None
     min_tier_id: str | None = None
@@ -360,17 +367,27 @@ class RuleFields(BaseModel):
     formula: dict[str, Any] = Field(  # Any: JSON formula
         description="fixed, per_amount or per_line"
     )
-    priority: int = Field(default=100, description="Stacking order: lower runs first")
+    priority: int = Field(
+        default=100,
+        ge=-rules.COUNT_MAX,
+        le=rules.COUNT_MAX,
+        description="Stacking order: lower runs first",
+    )
     exclusive: bool = Field(default=False, description="When it fires, later rules do not")
     apply_tier_multiplier: bool = True
     qualifying: bool = Field(default=True, description="Counts toward tier progress")
     starts_at: Instant | None = None
     ends_at: Instant | None = None
-    cap_per_day: int | None = Field(default=None, ge=0)
-    cap_per_month: int | None = Field(default=None, ge=0)
-    budget: int | None = Field(default=None, ge=0, description="Total points the rule may give")
+    cap_per_day: int | None = Field(default=None, ge=0, le=rules.POINTS_MAX)
+    cap_per_month: int | None = Field(default=None, ge=0, le=rules.POINTS_MAX)
+    budget: int | None = Field(
+        default=None, ge=0, le=rules.POINTS_MAX, description="Total points the rule may give"
+    )
     limit_per_member: int | None = Field(
-        default=None, ge=1, description="Times a member may earn it (1: first purchase)"
+        default=None,
+        ge=1,
+        le=rules.COUNT_MAX,
+        description="Times a member may earn it (1: first purchase)",
     )
     status: RuleStatus = "active"
 
@@ -395,16 +412,16 @@ class RuleUpdate(BaseModel):
     name: str | None = Field(default=None, min_length=1, max_length=200)
     condition: dict[str, Any] | None = None  # Any: JSON condition
     formula: dict[str, Any] | None = None  # Any: JSON formula
-    priority: int | None = None
+    priority: int | None = Field(default=None, ge=-rules.COUNT_MAX, le=rules.COUNT_MAX)
     exclusive: bool | None = None
     apply_tier_multiplier: bool | None = None
     qualifying: bool | None = None
     starts_at: Instant | None = None
     ends_at: Instant | None = None
-    cap_per_day: int | None = Field(default=None, ge=0)
-    cap_per_month: int | None = Field(default=None, ge=0)
-    budget: int | None = Field(default=None, ge=0)
-    limit_per_member: int | None = Field(default=None, ge=1)
+    cap_per_day: int | None = Field(default=None, ge=0, le=rules.POINTS_MAX)
+    cap_per_month: int | None = Field(default=None, ge=0, le=rules.POINTS_MAX)
+    budget: int | None = Field(default=None, ge=0, le=rules.POINTS_MAX)
+    limit_per_member: int | None = Field(default=None, ge=1, le=rules.COUNT_MAX)
     status: RuleStatus | None = None
 
     @field_validator("condition")

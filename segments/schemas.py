@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Literal
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from segments.rules import AttributeDefinition, FieldType
+
+
+def _as_utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# The warehouse stores UTC instants as naive TIMESTAMPs; the API marks them UTC (ISO 8601 `Z`).
+UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
 
 RULE_DESCRIPTION = (
     "A rule document: {all: [...]}, {any: [...]}, {not: {...}}, "
@@ -178,7 +186,7 @@ class SegmentRefreshRead(BaseModel):
 
     refresh_id: int
     segment_version: int
-    refreshed_at: datetime
+    refreshed_at: UtcDatetime
     size: int
     entries: int
     exits: int
@@ -195,6 +203,6 @@ class SegmentEventRead(BaseModel):
     segment_id: str
     profile_id: str
     kind: str
-    occurred_at: datetime
+    occurred_at: UtcDatetime
     refresh_id: int
     segment_version: int

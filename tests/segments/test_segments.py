@@ -337,3 +337,15 @@ def test_event_conditions_use_the_materialised_map_only_while_profiles_are_uncha
     assert "FROM segment_event_profiles" not in stale.sql
     assert after.count == 2
     assert profile_of(seeded, "dave") in {s["profile_id"] for s in after.sample}
+
+
+def test_refreshes_and_published_events_carry_utc_timestamps(
+    client: TestClient, seeded: Warehouse, h: dict[str, str]
+) -> None:
+    created = client.post("/api/segments", json={"name": "French", "rule": FRENCH}, headers=h)
+    sid = created.json()["id"]
+    refresh = client.post(f"/api/segments/{sid}/refresh", headers=h).json()
+    sizes = client.get(f"/api/segments/{sid}/sizes", headers=h).json()["items"]
+    events = client.get(f"/api/segments/events?segment_id={sid}", headers=h).json()
+    stamps = [refresh["refreshed_at"], sizes[0]["refreshed_at"], events[0]["occurred_at"]]
+    assert all(s.endswith("Z") for s in stamps), stamps
