@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from pydantic import AfterValidator
 from sqlalchemy import DateTime, Engine, MetaData, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
@@ -57,6 +58,16 @@ class UtcDateTime(TypeDecorator[datetime]):
 def utcnow() -> datetime:
     """The current time, timezone-aware UTC."""
     return datetime.now(UTC)
+
+
+def as_utc(value: datetime) -> datetime:
+    """An instant in UTC; one without a zone is taken as UTC (the API's convention, and how
+    the warehouse stores instants: naive UTC)."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# An instant in API models, in or out: marked UTC (ISO 8601 `Z`), naive values taken as UTC.
+Instant = Annotated[datetime, AfterValidator(as_utc)]
 
 
 def new_id() -> str:

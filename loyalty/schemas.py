@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime
-from typing import Annotated, Any, Literal
+from datetime import date, datetime
+from typing import Any, Literal
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -14,6 +13,7 @@ from pydantic import (
     model_validator,
 )
 
+from cdp.db import Instant
 from loyalty import calendar, rules
 
 ProgramStatus = Literal["draft", "active", "paused", "ended"]
@@ -29,13 +29,8 @@ MemberAction = Literal["enrol", "unenrol", "opt_out"]
 RewardKind = Literal["coupon", "product", "partner_offer", "event_access"]
 
 
-def _as_utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-# An instant given to the API: one without a zone is UTC (the API's convention); the
-# operational store refuses naive values, which answered 500.
-Instant = Annotated[datetime, AfterValidator(_as_utc)]
+# An instant given to the API (`cdp.db.Instant`): one without a zone is UTC (the API's
+# convention); the operational store refuses naive values, which answered 500.
 
 
 class ProgramBase(BaseModel):

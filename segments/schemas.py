@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from datetime import datetime
+from typing import Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
+from cdp.db import Instant
 from segments.rules import AttributeDefinition, FieldType
-
-
-def _as_utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-# The warehouse stores UTC instants as naive TIMESTAMPs; the API marks them UTC (ISO 8601 `Z`).
-UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
 
 RULE_DESCRIPTION = (
     "A rule document: {all: [...]}, {any: [...]}, {not: {...}}, "
@@ -186,7 +179,7 @@ class SegmentRefreshRead(BaseModel):
 
     refresh_id: int
     segment_version: int
-    refreshed_at: UtcDatetime
+    refreshed_at: Instant
     size: int
     entries: int
     exits: int
@@ -203,6 +196,6 @@ class SegmentEventRead(BaseModel):
     segment_id: str
     profile_id: str
     kind: str
-    occurred_at: UtcDatetime
+    occurred_at: Instant
     refresh_id: int
     segment_version: int
