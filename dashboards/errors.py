@@ -51,3 +51,9 @@ class UnknownSegment(Invalid):
     """A segment named in a KPI request does not exist."""
 
     code = "dashboards.unknown_segment"
+
+
+class UnknownProgram(Invalid):
+    """A loyalty programme named in a KPI request does not exist."""
+
+    code = "dashboards.unknown_program"

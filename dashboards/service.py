@@ -22,6 +22,7 @@ from dashboards.errors import (
     NotSignedIn,
     SegmentsRequired,
     UnknownMetric,
+    UnknownProgram,
     UnknownSegment,
     UnsupportedBreakdown,
     UnsupportedGrain,
@@ -37,6 +38,7 @@ from dashboards.schemas import (
     MetricRead,
     Widget,
 )
+from loyalty import service as loyalty_service
 from segments import service as segments_service
 
 logger = logging.getLogger(__name__)
@@ -229,6 +231,10 @@ def kpi_series(
     if (end - start).days >= MAX_RANGE_DAYS:
         raise InvalidRange(f"a range covers at most {MAX_RANGE_DAYS} days")
     scope = program_id if found.program_scoped else None
+    if scope is not None and loyalty_service.find_program(session, program_id=scope) is None:
+        raise UnknownProgram(
+            f"loyalty programme {scope!r} does not exist", details={"program_id": scope}
+        )
     pair = _segment_pair(session, found, segments)
     sql_grain: Grain = grain if found.aggregation == "distinct" else "day"
     frame = run_metric(

@@ -162,9 +162,14 @@ def create_program(
     return program
 
 
+def find_program(session: Session, *, program_id: str) -> Program | None:
+    """The programme with this id, or None."""
+    return session.get(Program, program_id)
+
+
 def get_program(session: Session, *, program_id: str) -> Program:
     """The programme with this id, or ProgramNotFound."""
-    program = session.get(Program, program_id)
+    program = find_program(session, program_id=program_id)
     if program is None:
         raise ProgramNotFound(f"programme {program_id} does not exist")
     return program

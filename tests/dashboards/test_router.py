@@ -113,6 +113,15 @@ def test_unknown_metric_or_breakdown_is_422(
         headers=viewer_headers,
     )
     assert reversed_range.json()["error"]["code"] == "dashboards.invalid_range"
+    no_programme = client.get(
+        "/api/kpis/points_issued", params={"program_id": "no-such"}, headers=viewer_headers
+    )
+    assert no_programme.status_code == 422, no_programme.text
+    assert no_programme.json()["error"] == {
+        "code": "dashboards.unknown_program",
+        "message": "loyalty programme 'no-such' does not exist",
+        "details": {"program_id": "no-such"},
+    }
     assert seeded.scalar(Query("SELECT count(*) FROM events")) == 6
 
 

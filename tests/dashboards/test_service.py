@@ -6,12 +6,13 @@ from datetime import date, timedelta
 
 import pytest
 
-from cdp.db import Database
+from cdp.db import Database, utcnow
 from cdp.warehouse import Query, Warehouse
 from dashboards import service
 from dashboards.errors import InvalidRange, UnknownMetric, UnsupportedBreakdown
 from dashboards.metrics import Catalogue, Metric
-from loyalty.models import LedgerEntry, Member
+from loyalty.models import LedgerEntry, Member, Program
+from loyalty.schemas import ProgramCreate
 from tests.conftest import BACKENDS
 from tests.dashboards.conftest import DAY, at, aware, load_events, load_job_runs
 from tests.loyalty.conftest import make_program
@@ -233,6 +234,10 @@ def test_registered_level_metric_keeps_the_last_value_per_period(
     catalogue.register(level)
     with pytest.raises(ValueError, match="twice"):
         catalogue.register(level)
+    with db.begin() as session:  # the programme a scoped series names must exist
+        created = utcnow()
+        fields = ProgramCreate(name="Gold club").model_dump()
+        session.add(Program(id="gold", **fields, created_at=created, updated_at=created))
     with db.begin() as session:
         weekly = service.kpi_series(
             session,
