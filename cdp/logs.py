@@ -38,6 +38,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, default=str)
 
 
+CHATTY_LOGGERS = ("apscheduler.executors", "uvicorn.access", "httpx")
+
+
 def configure_logging(level: str = "INFO", *, json_lines: bool = True) -> None:
     """Send the platform's logs to stderr, as JSON lines or plain text."""
     handler = logging.StreamHandler(sys.stderr)
@@ -52,3 +55,11 @@ def configure_logging(level: str = "INFO", *, json_lines: bool = True) -> None:
     handler._cdp = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
+    # Chatter that buried everything else at INFO, shown again at DEBUG: APScheduler's two
+    # lines per job run ("Running job", "executed successfully"; with jobs every second), each
+    # run being recorded in `cdp_job_run` and failures logged by the job runner; uvicorn's
+    # access line, which repeats the app's own `request` line (that one has the request id and
+    # the duration); and httpx's line per request of the demo's replay client.
+    quiet = logging.DEBUG if logging.getLevelName(level) == logging.DEBUG else logging.WARNING
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(quiet)
