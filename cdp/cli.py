@@ -211,8 +211,7 @@ def jobs_list() -> None:
     from cdp.app import registered_jobs
 
     for spec in registered_jobs():
-        schedule = f"{spec.trigger} {spec.trigger_args}" if spec.trigger else "manual"
-        out.print(f"{spec.name:<28} {schedule:<28} {spec.description}")
+        out.print(f"{spec.name:<28} {spec.schedule:<28} {spec.description}")
 
 
 @jobs_app.command("run")

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Integer, String, Text, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
@@ -60,6 +60,27 @@ class JobSpec:
     description: str
     trigger: str | None = None
     trigger_args: dict[str, Any] = field(default_factory=dict)  # Any: APScheduler trigger args
+
+    @property
+    def schedule(self) -> str:
+        """When the job runs, for people: `every 5 s`, `daily at 02:00 UTC`, `manual`."""
+        return describe_schedule(self.trigger, self.trigger_args)
+
+
+_UNITS = {"weeks": "w", "days": "d", "hours": "h", "minutes": "min", "seconds": "s"}
+
+
+def describe_schedule(trigger: str | None, args: dict[str, Any]) -> str:  # Any: trigger args
+    """An APScheduler trigger in words (the scheduler runs in UTC)."""
+    if trigger is None:
+        return "manual"
+    if trigger == "interval" and args and set(args) <= set(_UNITS):
+        return "every " + " ".join(f"{args[k]} {_UNITS[k]}" for k in _UNITS if k in args)
+    if trigger == "cron" and set(args) == {"hour", "minute"}:
+        return f"daily at {int(args['hour']):02d}:{int(args['minute']):02d} UTC"
+    if trigger == "cron" and set(args) == {"minute"}:
+        return f"hourly at :{int(args['minute']):02d}"
+    return f"{trigger} " + ", ".join(f"{k}={v}" for k, v in sorted(args.items()))
 
 
 class JobRun(Base):
@@ -304,7 +325,13 @@ class JobRead(BaseModel):
 
     name: str
     description: str
-    schedule: str | None
+    schedule: str = Field(
+        description="When it runs, in words: `every 5 s`, `daily at 02:00 UTC`, `manual`"
+    )
+    trigger: str | None = Field(
+        description="APScheduler trigger (`interval`, `cron`); null: manual"
+    )
+    trigger_args: dict[str, Any] = Field(description="The trigger's arguments, e.g. {'hour': 2}")
     next_run_at: datetime | None
 
 
@@ -344,7 +371,9 @@ def list_jobs(request: Request, runner: RunnerDep) -> list[JobRead]:
         JobRead(
             name=spec.name,
             description=spec.description,
-            schedule=(f"{spec.trigger} {spec.trigger_args}" if spec.trigger is not None else None),
+            schedule=spec.schedule,
+            trigger=spec.trigger,
+            trigger_args=spec.trigger_args,
             next_run_at=next_runs.get(spec.name),
         )
         for spec in sorted(runner.specs.values(), key=lambda s: s.name)

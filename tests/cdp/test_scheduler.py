@@ -12,7 +12,7 @@ from cdp.auth import ApiKey, Role
 from cdp.config import Settings
 from cdp.db import Database
 from cdp.errors import Conflict, NotFound
-from cdp.scheduler import JobContext, JobRun, JobRunner, JobSpec, Scheduler
+from cdp.scheduler import JobContext, JobRun, JobRunner, JobSpec, Scheduler, describe_schedule
 from cdp.warehouse import Query, Warehouse
 from tests.conftest import BACKENDS, make_key
 
@@ -134,8 +134,11 @@ def test_a_new_keys_first_request_can_run_a_job_and_wait(client: TestClient, db:
 def test_jobs_api_lists_triggers_and_pages_runs(
     client: TestClient, admin_headers: dict[str, str]
 ) -> None:
-    jobs = client.get("/api/jobs", headers=admin_headers).json()
-    assert "warehouse.checkpoint" in [j["name"] for j in jobs]
+    jobs = {j["name"]: j for j in client.get("/api/jobs", headers=admin_headers).json()}
+    assert jobs["warehouse.checkpoint"]["schedule"] == "every 15 min"
+    assert jobs["warehouse.checkpoint"]["trigger_args"] == {"minutes": 15}
+    assert jobs["loyalty.expire_points"]["schedule"] == "daily at 02:00 UTC"
+    assert jobs["identity.resolve"]["schedule"] == "every 5 s"
     run = client.post("/api/jobs/warehouse.checkpoint/run?wait=true", headers=admin_headers)
     assert run.status_code == 202
     assert run.json()["status"] == "succeeded"
@@ -149,3 +152,14 @@ def test_jobs_api_lists_triggers_and_pages_runs(
     assert one.json()["job"] == "warehouse.checkpoint"
     missing = client.post("/api/jobs/nope/run", headers=admin_headers)
     assert missing.status_code == 404
+
+
+def test_schedules_read_as_words() -> None:
+    assert describe_schedule(None, {}) == "manual"
+    assert describe_schedule("interval", {"seconds": 1}) == "every 1 s"
+    assert describe_schedule("interval", {"hours": 1, "minutes": 30}) == "every 1 h 30 min"
+    assert describe_schedule("cron", {"hour": 3, "minute": 0}) == "daily at 03:00 UTC"
+    assert describe_schedule("cron", {"minute": 7}) == "hourly at :07"
+    assert describe_schedule("cron", {"day_of_week": "mon", "hour": 4}) == (
+        "cron day_of_week=mon, hour=4"
+    )
