@@ -34,6 +34,7 @@ from cdp.pagination import paginate
 from cdp.warehouse import Warehouse
 from identity import service as identity_service
 from loyalty import calendar, engine, ledger, queries, rules, tiers
+from loyalty import status as statuses
 from loyalty.errors import (
     AlreadyMember,
     InvalidImport,
@@ -241,15 +242,18 @@ def change_membership(
     profile_id: str,
     action: MemberAction,
     at: datetime | None = None,
+    now: datetime | None = None,
 ) -> Member:
     """Enrol, unenrol or opt out a profile.
 
     Enrolling a profile that left re-activates its membership with its ledger intact;
     enrolling an active member is a conflict. Unenrolled and opted-out members keep their
-    points but neither earn nor redeem.
+    points but neither earn nor redeem, and events dated while they were away earn nothing
+    even once they are back (the change is recorded with its time, `now`; `at` dates a
+    first enrolment only).
     """
     program = get_program(session, program_id=program_id)
-    now = utcnow()
+    now = now or utcnow()
     member = find_member(session, program_id=program_id, profile_id=profile_id)
     if action == "enrol":
         if program.status not in {"active", "draft", "paused"}:
@@ -264,6 +268,10 @@ def change_membership(
             )
             session.add(member)
             session.flush()
+            statuses.record(
+                session, member=member, status="active", at=member.enrolled_at, reason="enrol"
+            )
+            session.flush()
             return member
         if member.status == "active":
             raise AlreadyMember(f"profile {profile_id} is already a member")
@@ -271,6 +279,7 @@ def change_membership(
             raise MemberNotActive("this membership was merged into another one")
         member.status = "active"
         member.status_changed_at = now
+        statuses.record(session, member=member, status="active", at=now, reason="enrol")
         session.flush()
         return member
     if member is None:
@@ -281,6 +290,7 @@ def change_membership(
             raise MemberNotActive("this membership was merged into another one")
         member.status = target
         member.status_changed_at = now
+        statuses.record(session, member=member, status=target, at=now, reason=action)
         session.flush()
     return member
 
@@ -523,6 +533,7 @@ def merge_profiles(
     source.status = "merged"
     source.merged_into = target.id
     source.status_changed_at = now
+    statuses.record(session, member=source, status="merged", at=now, reason="merge")
     if source.enrolled_at < target.enrolled_at:
         target.enrolled_at = source.enrolled_at
     session.add(
@@ -636,10 +647,15 @@ def split_profiles(
         )
         session.add(target)
         session.flush()
+        statuses.record(
+            session, member=target, status="active", at=target.enrolled_at, reason="split"
+        )
+        session.flush()
     elif restoring:
         target.status = "active"
         target.merged_into = None
         target.status_changed_at = now
+        statuses.record(session, member=target, status="active", at=now, reason="split")
         session.flush()
     group_of = {m: head.id for m in group - {target.id}} | {target.id: target.id}
     rows: list[dict[str, Any]] = []  # Any: column values
@@ -936,6 +952,7 @@ def anonymise_profile(
         member.profile_id = f"erased:{member.id}"
         if member.status != "merged":
             member.status = "erased"
+            statuses.record(session, member=member, status="erased", at=now, reason="erasure")
         member.status_changed_at = now
     erased_key = literal("erased:") + LedgerEntry.id
     session.execute(
@@ -2106,10 +2123,23 @@ def import_opening_balances(
                 for r in good.iter_rows(named=True)
             ],
         )
-        members_created = len(result.all())
-    ids = engine.member_frame(
+        created = [row[0] for row in result.all()]
+        members_created = len(created)
+    else:
+        created = []
+    found = engine.member_frame(
         session, program_id=program.id, profiles=good["profile_id"].to_list()
-    ).select("profile_id", "member_id")
+    )
+    statuses.record_many(
+        session,
+        program_id=program.id,
+        members=found.filter(pl.col("member_id").is_in(created)).select(
+            "member_id", pl.col("enrolled_at").alias("at")
+        ),
+        status="active",
+        reason="import",
+    )
+    ids = found.select("profile_id", "member_id")
     credits = (
         good.join(ids, on="profile_id")
         .filter(pl.col("points") > 0)
