@@ -879,7 +879,20 @@ def _refunds_follow_their_orders(
         (pl.col("event") == ORDER_EVENT)
         & pl.col("_order").is_in(orders)
         & pl.col("profile_id").is_in(active)
-    ).select("_order", pl.col("profile_id").alias("_owner"), "timestamp", "event_id")
+    )
+    # A sale bought while its member was away (unenrolled or opted out then, back since)
+    # recorded nothing: it owns no refund, as when the two were processed at the time.
+    sales = (
+        status.at_events(
+            session,
+            program_id=program_id,
+            frame=sales.join(
+                members.select("profile_id", "member_id", "member_status"), on="profile_id"
+            ),
+        )
+        .filter(pl.col("member_status") == "active")
+        .select("_order", pl.col("profile_id").alias("_owner"), "timestamp", "event_id")
+    )
     # Orders without a recorded owner: the first sale of the batch before the refund.
     unowned = orphans.filter(~pl.col("_order").is_in(list(owners))).select(
         "_i", "_order", "timestamp", "event_id"

@@ -1440,7 +1440,11 @@ def _sample_frame(
     ).with_columns(
         ((pl.col("timestamp") - pl.col("enrolled_at")).dt.total_days()).alias("seniority_days")
     )
-    return frame, member.id if member is not None else None
+    if member is None:
+        return frame, None
+    # An existing member is judged with its status at the sample event's time, as earning
+    # does: a sample dated while it was away is "not active".
+    return statuses.at_events(session, program_id=program.id, frame=frame), member.id
 
 
 def dry_run(

@@ -19,7 +19,7 @@ from cdp.db import Database
 from cdp.warehouse import Warehouse
 from loyalty import engine, service
 from loyalty.models import Activity, LedgerEntry, Member, MemberStatusChange, Program
-from loyalty.schemas import MemberAction, RuleCreate
+from loyalty.schemas import DryRunRequest, MemberAction, RuleCreate, SampleEvent, SampleMember
 from tests.conftest import BACKENDS
 from tests.loyalty.conftest import T0, add_base_rule, make_program
 from tests.loyalty.events import ev, frame
@@ -47,9 +47,10 @@ def _process(db: Database, program: Program, events: pl.DataFrame) -> engine.Pro
         return engine.process_events(session, program=stored, events=events, now=T0)
 
 
-def _history(action: str) -> list[dict[str, Any]]:  # Any: rows
+def _history() -> list[dict[str, Any]]:  # Any: rows
     """Ann buys (o1), leaves at LEFT_AT, buys twice while away (o2, o4) and returns part of
-    o1, comes back at BACK_AT and buys again (o3); bob buys all along."""
+    o1, comes back at BACK_AT and buys again (o3), and o2 comes back without her card; bob
+    buys all along."""
     refund = "Order Refunded"
     return [
         ev("ann", T0 + DAY, event_id=1, order_id="o1", total=100),
@@ -60,6 +61,9 @@ def _history(action: str) -> list[dict[str, Any]]:  # Any: rows
         ev("ann", BACK_AT - timedelta(microseconds=1), event_id=6, order_id="o4", total=25),
         ev("ann", BACK_AT + DAY, event_id=7, order_id="o3", total=40),
         ev("bob", BACK_AT + DAY, event_id=8, order_id="b3", total=10),
+        # Returned without her card once she is back: o2 earned and recorded nothing, so
+        # this refund has no owner and is dropped (processed at the time, it was).
+        ev("guest", BACK_AT + 2 * DAY, refund, 9, order_id="o2", total=70),
     ]
 
 
@@ -84,7 +88,7 @@ def test_a_backfill_over_an_away_period_gives_the_one_by_one_ledger(
     db: Database, warehouse: Warehouse, action: MemberAction
 ) -> None:
     program = _programme(db)
-    rows = _history(action)
+    rows = _history()
     _load_warehouse(warehouse, rows)
     ann, bob = profile_of(warehouse, "ann"), profile_of(warehouse, "bob")
     events = service.read_events(
@@ -297,3 +301,22 @@ def test_points_of_a_sync_count_only_what_it_wrote(db: Database, warehouse: Ware
     with db.begin() as session:
         replay, _ = service.backfill(session, warehouse, program_id=program.id, now=T0)
     assert (replay.credits, replay.points) == (0, 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_a_dry_run_judges_a_member_with_its_status_at_the_sample_s_time(db: Database) -> None:
+    program = _programme(db)
+    _change(db, program, "ann", "enrol", T0)
+    _change(db, program, "ann", "unenrol", LEFT_AT)
+    _change(db, program, "ann", "enrol", BACK_AT)
+    with db.begin() as session:
+        member = service.member_by_profile(session, program_id=program.id, profile_id="ann")
+
+        def points_at(at: datetime) -> int:
+            request = DryRunRequest(
+                event=SampleEvent(event="Order Completed", properties={"total": 12}, timestamp=at),
+                member=SampleMember(member_id=member.id),
+            )
+            return service.dry_run(session, program_id=program.id, request=request).total_points
+
+        assert [points_at(at) for at in (T0 + DAY, LEFT_AT + DAY, BACK_AT + DAY)] == [12, 0, 12]
