@@ -70,31 +70,28 @@ def record_many(
     return ledger.bulk_insert(session, MemberStatusChange.__table__, rows)
 
 
-def leavers_history(session: Session, *, program_id: str, members: list[str]) -> pl.DataFrame:
-    """Every recorded change of those of `members` who ever unenrolled or opted out.
-
-    Columns member_id, id, status, at. Who ever left is read first from the (programme,
-    status, member) index alone; members who never left are not read at all, and when none
-    of the batch's members ever left, that one probe is all it costs.
-    """
-    if not members:
-        return pl.DataFrame(schema=HISTORY_SCHEMA)
+def leavers(session: Session, *, program_id: str, members: pl.Series | None) -> pl.Series:
+    """Which of `members` (None: of the whole programme) ever unenrolled or opted out, read
+    from the (programme, status, member) index alone."""
     change = MemberStatusChange
     left = select(change.member_id).where(change.program_id == program_id, change.status.in_(AWAY))
-    if len(members) > IN_LIST_LIMIT:
-        batch = set(members)
-        leavers = sorted({m for m in session.scalars(left.distinct()) if m in batch})
+    if members is None:
+        found = list(session.scalars(left.distinct()))
     else:
-        leavers = sorted(
-            {
-                found
-                for chunk in ledger.in_chunks(sorted(members))
-                for found in session.scalars(left.where(change.member_id.in_(chunk)))
-            }
-        )
+        found = [
+            member
+            for chunk in ledger.in_chunks(members.sort().to_list())
+            for member in session.scalars(left.where(change.member_id.in_(chunk)))
+        ]
+    return pl.Series("member_id", found, dtype=pl.String).unique()
+
+
+def history(session: Session, *, members: list[str]) -> pl.DataFrame:
+    """Every recorded change of these members: member_id, id, status, at."""
+    change = MemberStatusChange
     rows = [
         row
-        for chunk in ledger.in_chunks(leavers)
+        for chunk in ledger.in_chunks(sorted(members))
         for row in session.execute(
             select(change.member_id, change.id, change.status, change.at).where(
                 change.member_id.in_(chunk)
@@ -114,29 +111,47 @@ def at_events(session: Session, *, program_id: str, frame: pl.DataFrame) -> pl.D
     instant are ordered by id, which follows creation time); a row before the member's first
     recorded change keeps the current status, as before this history existed. A `merged`
     change is not an away period: the events of a merged-away profile are the survivor's.
+
+    Members who never left are not looked at: who ever left is read first (one index probe;
+    for a large batch, once for the whole programme), and when none of the batch's members
+    did, that is all it costs. Only the leavers' histories are read, and only their rows
+    are matched, with one as-of join.
     """
     if frame.is_empty():
         return frame
-    active = frame.filter(pl.col("member_status") == "active")["member_id"].unique()
-    history = leavers_history(session, program_id=program_id, members=active.to_list())
-    if history.is_empty():
+    active = pl.col("member_status") == "active"
+    if frame.height > IN_LIST_LIMIT:
+        left = leavers(session, program_id=program_id, members=None)
+        if left.is_empty():
+            return frame
+        left = left.filter(left.is_in(frame.filter(active)["member_id"].implode()))
+    else:
+        members = frame.filter(active)["member_id"].unique()
+        left = leavers(session, program_id=program_id, members=members)
+    if left.is_empty():
         return frame
+    changes = history(session, members=left.to_list())
     indexed = frame.with_row_index("_status_row")
     rows = (
         indexed.filter(
-            (pl.col("member_status") == "active")
-            & pl.col("member_id").is_in(history["member_id"].implode())
+            (pl.col("member_status") == "active") & pl.col("member_id").is_in(left.implode())
         )
         .select("_status_row", "member_id", pl.col("timestamp").dt.cast_time_unit("us"))
         .sort("timestamp")
     )
     changes = (
-        history.sort("at", "id")
+        changes.sort("at", "id")
         .unique(["member_id", "at"], keep="last", maintain_order=True)
         .select("member_id", "at", "status")
     )
+    # Both sides are sorted by time just above (Polars cannot verify it within groups).
     matched = rows.join_asof(
-        changes, left_on="timestamp", right_on="at", by="member_id", strategy="backward"
+        changes,
+        left_on="timestamp",
+        right_on="at",
+        by="member_id",
+        strategy="backward",
+        check_sortedness=False,
     )
     away = matched.filter(pl.col("status").is_in(AWAY)).select(
         "_status_row", pl.col("status").alias("_away")
