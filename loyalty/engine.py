@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from typing import Any
 
 import polars as pl
@@ -23,7 +23,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from cdp.db import new_id, utcnow
-from loyalty import calendar, ledger, rules, tiers
+from loyalty import calendar, ledger, rules, status, tiers
 from loyalty.errors import ProgramNotActive
 from loyalty.models import Activity, LedgerEntry, Member, Program, Rule, Tier
 
@@ -498,16 +498,21 @@ def returns_as_refunds(frame: pl.DataFrame) -> pl.DataFrame:
 
 def _enrol_automatically(
     session: Session, *, program: Program, frame: pl.DataFrame, specs: list[RuleSpec]
-) -> int:
-    """Create memberships for profiles whose first qualifying event is in the batch."""
+) -> tuple[int, pl.DataFrame]:
+    """Create memberships for profiles whose first qualifying event is in the batch.
+
+    Returns how many were new and the rows tried (member_id, at: the enrolment instant);
+    those of profiles that had a membership already were not written (see `member_events`).
+    """
     triggers = [s.event_name for s in specs]
     first = (
         frame.filter(pl.col("event").is_in(triggers) & pl.col("profile_id").is_not_null())
         .group_by("profile_id")
         .agg(pl.col("timestamp").min().alias("enrolled_at"))
     )
+    tried = pl.DataFrame(schema={"member_id": pl.String(), "at": pl.Datetime("us", "UTC")})
     if first.is_empty():
-        return 0
+        return 0, tried
     rows = first.select(
         pl.Series("id", [new_id() for _ in range(first.height)]),
         pl.lit(program.id).alias("program_id"),
@@ -517,7 +522,10 @@ def _enrol_automatically(
         pl.lit(utcnow()).dt.convert_time_zone("UTC").alias("status_changed_at"),
         pl.lit(0).alias("lock_seq"),
     )
-    return ledger.bulk_insert(session, Member.__table__, rows)
+    inserted = ledger.bulk_insert(session, Member.__table__, rows)
+    if not inserted:
+        return 0, tried
+    return inserted, rows.select(pl.col("id").alias("member_id"), pl.col("enrolled_at").alias("at"))
 
 
 def member_frame(session: Session, *, program_id: str, profiles: list[str]) -> pl.DataFrame:
@@ -706,6 +714,7 @@ class ProcessResult:
 
     events: int = 0
     enrolled: int = 0
+    # Ledger entries written, and their points (replayed awards written before not counted).
     credits: int = 0
     points: int = 0
     reversals: int = 0
@@ -783,10 +792,21 @@ def member_events(
     frame = _normalise(events.select([*EVENT_SCHEMA, *parsed]))
     frame = frame.filter(pl.col("event").is_in(list(names)) & pl.col("profile_id").is_not_null())
     enrolled = 0
+    tried = pl.DataFrame()
     if enrol and program.enrolment == "automatic":
-        enrolled = _enrol_automatically(session, program=program, frame=frame, specs=specs)
+        enrolled, tried = _enrol_automatically(session, program=program, frame=frame, specs=specs)
     profiles = frame["profile_id"].unique().to_list()
     members = member_frame(session, program_id=program.id, profiles=profiles)
+    if enrolled:
+        # The memberships this batch created are those read back with the ids it tried
+        # (a profile that had one already, or got one from another writer, kept its own).
+        status.record_many(
+            session,
+            program_id=program.id,
+            members=tried.filter(pl.col("member_id").is_in(members["member_id"].implode())),
+            status="active",
+            reason="automatic",
+        )
     followed = _refunds_follow_their_orders(
         session, program_id=program.id, frame=frame, members=members
     )
@@ -797,6 +817,9 @@ def member_events(
     joined = frame.join(members, on="profile_id", how="inner").with_columns(
         ((pl.col("timestamp") - pl.col("enrolled_at")).dt.total_days()).alias("seniority_days")
     )
+    # A member that left and came back was away in between: its events of that period
+    # neither earn nor record activity, whichever path processes them, and whenever.
+    joined = status.at_events(session, program_id=program.id, frame=joined)
     loaded = None
     if profile_data is not None and not joined.is_empty():
         loaded = profile_data(joined["profile_id"].unique().sort().to_list())
@@ -856,7 +879,20 @@ def _refunds_follow_their_orders(
         (pl.col("event") == ORDER_EVENT)
         & pl.col("_order").is_in(orders)
         & pl.col("profile_id").is_in(active)
-    ).select("_order", pl.col("profile_id").alias("_owner"), "timestamp", "event_id")
+    )
+    # A sale bought while its member was away (unenrolled or opted out then, back since)
+    # recorded nothing: it owns no refund, as when the two were processed at the time.
+    sales = (
+        status.at_events(
+            session,
+            program_id=program_id,
+            frame=sales.join(
+                members.select("profile_id", "member_id", "member_status"), on="profile_id"
+            ),
+        )
+        .filter(pl.col("member_status") == "active")
+        .select("_order", pl.col("profile_id").alias("_owner"), "timestamp", "event_id")
+    )
     # Orders without a recorded owner: the first sale of the batch before the refund.
     unowned = orphans.filter(~pl.col("_order").is_in(list(owners))).select(
         "_i", "_order", "timestamp", "event_id"
@@ -954,8 +990,10 @@ def process_events(
             "order_id",
             "rule_id",
         )
-        result.credits = ledger.write_credits(session, program=program, frame=credits, now=now)
-        result.points = int(awards["points"].sum())
+        written = ledger.write_credits_counted(session, program=program, frame=credits, now=now)
+        # Points actually written by this run: a replayed event's awards are evaluated again
+        # (caps and tiers need them) but were written before.
+        result.credits, result.points = written.entries, written.points
     steps.done("credits")
     _record_activity(session, program=program, frame=prepared)
     steps.done("activity")
@@ -1643,8 +1681,3 @@ def _round_half_up(values: pl.Expr) -> pl.Expr:
 def round_half_up(value: float) -> int:
     """Round half away from zero (for shares of points)."""
     return int(pl.select(_round_half_up(pl.lit(value, dtype=pl.Float64))).item())
-
-
-def as_utc(value: datetime) -> datetime:
-    """An aware UTC datetime (naive values are taken as UTC, the warehouse convention)."""
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

@@ -391,6 +391,14 @@ def credit_frame(program: Program, frame: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Written:
+    """What a bulk write of credits added to the ledger: new entries and their points."""
+
+    entries: int = 0
+    points: int = 0
+
+
 def write_credits(
     session: Session, *, program: Program, frame: pl.DataFrame, now: datetime | None = None
 ) -> int:
@@ -400,8 +408,15 @@ def write_credits(
     and optionally event_id, message_id, order_id, rule_id, reason, actor, and an
     `expires_override` / `no_pending` pair. Returns how many entries were new.
     """
+    return write_credits_counted(session, program=program, frame=frame, now=now).entries
+
+
+def write_credits_counted(
+    session: Session, *, program: Program, frame: pl.DataFrame, now: datetime | None = None
+) -> Written:
+    """`write_credits`, returning the points of the new entries as well as their number."""
     if frame.is_empty():
-        return 0
+        return Written()
     now = now or utcnow()
     dated = credit_frame(program, frame)
     if "expires_override" in dated.columns:
@@ -446,13 +461,17 @@ def write_credits(
     )
     inserted = bulk_insert(session, LedgerEntry.__table__, entries)
     if not inserted:
-        return 0
+        return Written()
     if inserted < entries.height:
         # Some keys were written already, maybe under another id (an entry written before
         # ids were ordered, or the same key at another instant): only the ids now in the
         # ledger get a lot, and an entry that existed with the same id has its lot already
-        # (written with it), which the lot insert skips.
-        entries = entries.filter(pl.col("id").is_in(_written(session, entries["id"])))
+        # (written with it), which the lot insert skips and the points written leave out.
+        present, lotted = _written(session, entries["id"])
+        entries = entries.filter(pl.col("id").is_in(present))
+        new_points = entries.filter(~pl.col("id").is_in(lotted) & (pl.col("points") > 0))
+    else:
+        new_points = entries.filter(pl.col("points") > 0)
     lots = entries.filter(pl.col("points") > 0).select(
         pl.col("id").alias("entry_id"),
         "program_id",
@@ -465,16 +484,24 @@ def write_credits(
         "order_id",
     )
     bulk_insert(session, Lot.__table__, lots)
-    return inserted
+    return Written(entries=inserted, points=int(new_points["points"].sum()))
 
 
-def _written(session: Session, ids: pl.Series) -> list[str]:
-    """Which of these entry ids the ledger holds."""
-    return [
-        found
-        for chunk in in_chunks(ids.unique().to_list())
-        for found in session.scalars(select(LedgerEntry.id).where(LedgerEntry.id.in_(chunk)))
-    ]
+def _written(session: Session, ids: pl.Series) -> tuple[list[str], list[str]]:
+    """Which of these entry ids the ledger holds, and which of those have a lot already (a
+    credit's lot is written with it: those entries were there before this write)."""
+    present: list[str] = []
+    lotted: list[str] = []
+    for chunk in in_chunks(ids.unique().to_list()):
+        for found, lot in session.execute(
+            select(LedgerEntry.id, Lot.entry_id)
+            .outerjoin(Lot, Lot.entry_id == LedgerEntry.id)
+            .where(LedgerEntry.id.in_(chunk))
+        ).all():
+            present.append(found)
+            if lot is not None:
+                lotted.append(found)
+    return present, lotted
 
 
 def credit(

@@ -103,6 +103,31 @@ class Member(Base):
     lock_seq: Mapped[int] = mapped_column(Integer, default=0)
 
 
+class MemberStatusChange(Base):
+    """One change of a membership's status (enrolment, leaving, coming back, merge, erasure),
+    at the instant it took effect: earning reads a member's status at each event's time."""
+
+    __tablename__ = "loyalty_member_status_change"
+    __table_args__ = (
+        # Who ever left a programme: the only members whose status at an event's time can
+        # differ from their current one, so earning looks no further (see `loyalty.status`).
+        Index("ix_loyalty_member_status_change_left", "program_id", "status", "member_id"),
+        Index("ix_loyalty_member_status_change_member", "member_id", "at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    program_id: Mapped[str] = mapped_column(String(36))
+    member_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("loyalty_member.id", ondelete="CASCADE")
+    )
+    # The status from `at` on: active, unenrolled, opted_out, merged, erased.
+    status: Mapped[str] = mapped_column(String(20))
+    at: Mapped[datetime] = mapped_column(UtcDateTime)
+    # What changed it: enrol, unenrol, opt_out, automatic, import, merge, split, erasure,
+    # migration (a row 0014 wrote for a membership that existed before).
+    reason: Mapped[str] = mapped_column(String(20))
+
+
 class LedgerEntry(Base):
     """One append-only movement of points; never updated once written."""
 

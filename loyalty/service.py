@@ -29,11 +29,12 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session, aliased
 
 from cdp.config import Settings
-from cdp.db import new_id, utcnow
+from cdp.db import as_utc, new_id, utcnow
 from cdp.pagination import paginate
 from cdp.warehouse import Warehouse
 from identity import service as identity_service
 from loyalty import calendar, engine, ledger, queries, rules, tiers
+from loyalty import status as statuses
 from loyalty.errors import (
     AlreadyMember,
     InvalidImport,
@@ -267,15 +268,18 @@ def change_membership(
     profile_id: str,
     action: MemberAction,
     at: datetime | None = None,
+    now: datetime | None = None,
 ) -> Member:
     """Enrol, unenrol or opt out a profile.
 
     Enrolling a profile that left re-activates its membership with its ledger intact;
     enrolling an active member is a conflict. Unenrolled and opted-out members keep their
-    points but neither earn nor redeem.
+    points but neither earn nor redeem, and events dated while they were away earn nothing
+    even once they are back (the change is recorded with its time, `now`; `at` dates a
+    first enrolment only).
     """
     program = get_program(session, program_id=program_id)
-    now = utcnow()
+    now = now or utcnow()
     member = find_member(session, program_id=program_id, profile_id=profile_id)
     if action == "enrol":
         if program.status not in {"active", "draft", "paused"}:
@@ -290,6 +294,10 @@ def change_membership(
             )
             session.add(member)
             session.flush()
+            statuses.record(
+                session, member=member, status="active", at=member.enrolled_at, reason="enrol"
+            )
+            session.flush()
             return member
         if member.status == "active":
             raise AlreadyMember(f"profile {profile_id} is already a member")
@@ -297,6 +305,7 @@ def change_membership(
             raise MemberNotActive("this membership was merged into another one")
         member.status = "active"
         member.status_changed_at = now
+        statuses.record(session, member=member, status="active", at=now, reason="enrol")
         session.flush()
         return member
     if member is None:
@@ -307,6 +316,7 @@ def change_membership(
             raise MemberNotActive("this membership was merged into another one")
         member.status = target
         member.status_changed_at = now
+        statuses.record(session, member=member, status=target, at=now, reason=action)
         session.flush()
     return member
 
@@ -549,6 +559,7 @@ def merge_profiles(
     source.status = "merged"
     source.merged_into = target.id
     source.status_changed_at = now
+    statuses.record(session, member=source, status="merged", at=now, reason="merge")
     if source.enrolled_at < target.enrolled_at:
         target.enrolled_at = source.enrolled_at
     session.add(
@@ -662,10 +673,15 @@ def split_profiles(
         )
         session.add(target)
         session.flush()
+        statuses.record(
+            session, member=target, status="active", at=target.enrolled_at, reason="split"
+        )
+        session.flush()
     elif restoring:
         target.status = "active"
         target.merged_into = None
         target.status_changed_at = now
+        statuses.record(session, member=target, status="active", at=now, reason="split")
         session.flush()
     group_of = {m: head.id for m in group - {target.id}} | {target.id: target.id}
     rows: list[dict[str, Any]] = []  # Any: column values
@@ -962,6 +978,7 @@ def anonymise_profile(
         member.profile_id = f"erased:{member.id}"
         if member.status != "merged":
             member.status = "erased"
+            statuses.record(session, member=member, status="erased", at=now, reason="erasure")
         member.status_changed_at = now
     erased_key = literal("erased:") + LedgerEntry.id
     session.execute(
@@ -1416,7 +1433,7 @@ def _sample_frame(
         )
         if tier is None:
             raise TierNotFound(f"programme {program.id} has no tier named {sample.tier!r}")
-    at = engine.as_utc(request.event.timestamp or now)
+    at = as_utc(request.event.timestamp or now)
     enrolled = member.enrolled_at if member is not None else sample.enrolled_at or at
     frame = pl.DataFrame(
         [
@@ -1431,7 +1448,7 @@ def _sample_frame(
                 "profile_id": member.profile_id if member is not None else "dry-run",
                 "member_id": member.id if member is not None else "dry-run",
                 "member_status": member.status if member is not None else "active",
-                "enrolled_at": engine.as_utc(enrolled),
+                "enrolled_at": as_utc(enrolled),
                 "tier_name": tier.name if tier is not None else None,
                 "tier_rank": tier.rank if tier is not None else None,
                 "tier_multiplier": tier.multiplier if tier is not None else None,
@@ -1449,7 +1466,11 @@ def _sample_frame(
     ).with_columns(
         ((pl.col("timestamp") - pl.col("enrolled_at")).dt.total_days()).alias("seniority_days")
     )
-    return frame, member.id if member is not None else None
+    if member is None:
+        return frame, None
+    # An existing member is judged with its status at the sample event's time, as earning
+    # does: a sample dated while it was away is "not active".
+    return statuses.at_events(session, program_id=program.id, frame=frame), member.id
 
 
 def dry_run(
@@ -1630,7 +1651,7 @@ def process_range(
             frame = warehouse.run(
                 queries.time_boundaries(up_to_event_id=up_to_event_id, names=names, batches=batches)
             )
-            cuts = [engine.as_utc(c) for c in frame["cut"].to_list()]
+            cuts = [as_utc(c) for c in frame["cut"].to_list()]
         edges = [None, *cuts, None]
         slices = [(0, up_to_event_id, edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
     else:
@@ -1970,7 +1991,7 @@ def tier_changes(
     `recorded_at` and id reads each change once.
     """
     get_program(session, program_id=program_id)
-    since = engine.as_utc(since)
+    since = as_utc(since)
     after = (
         TierChange.recorded_at >= since
         if after_id is None
@@ -2132,10 +2153,23 @@ def import_opening_balances(
                 for r in good.iter_rows(named=True)
             ],
         )
-        members_created = len(result.all())
-    ids = engine.member_frame(
+        created = [row[0] for row in result.all()]
+        members_created = len(created)
+    else:
+        created = []
+    found = engine.member_frame(
         session, program_id=program.id, profiles=good["profile_id"].to_list()
-    ).select("profile_id", "member_id")
+    )
+    statuses.record_many(
+        session,
+        program_id=program.id,
+        members=found.filter(pl.col("member_id").is_in(created)).select(
+            "member_id", pl.col("enrolled_at").alias("at")
+        ),
+        status="active",
+        reason="import",
+    )
+    ids = found.select("profile_id", "member_id")
     credits = (
         good.join(ids, on="profile_id")
         .filter(pl.col("points") > 0)

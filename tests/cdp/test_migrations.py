@@ -5,10 +5,22 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import DateTime, Float, String, column, create_engine, insert, inspect, table, text
+from sqlalchemy import (
+    DateTime,
+    Float,
+    Integer,
+    String,
+    column,
+    create_engine,
+    insert,
+    inspect,
+    select,
+    table,
+    text,
+)
 
 from cdp import migrate
-from cdp.db import Base
+from cdp.db import Base, UtcDateTime
 from tests.conftest import BACKENDS
 
 pytestmark = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
@@ -65,3 +77,69 @@ def test_tier_changes_written_before_0013_count_as_recorded_when_they_took_effec
         engine.dispose()
     assert row[1] is not None
     assert row[0] == row[1]
+
+
+def test_memberships_before_0014_get_their_current_status_since_their_last_change(
+    db_url: str,
+) -> None:
+    migrate.upgrade(db_url, "0013_loyalty_tier_recorded_at")
+    members = table(
+        "loyalty_member",
+        *(column(name, String()) for name in ("id", "program_id", "profile_id", "status")),
+        column("enrolled_at", DateTime(timezone=True)),
+        column("status_changed_at", DateTime(timezone=True)),
+        column("lock_seq", Integer()),
+    )
+    enrolled = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)
+    left = datetime(2026, 5, 1, 8, 30, 0, 250000, tzinfo=UTC)
+    engine = create_engine(db_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO loyalty_program (id, name, points_name, point_value, currency,"
+                    " enrolment, pending_days, expiry_policy, timezone, status, tier_metric,"
+                    " tier_window, tier_grace_days, last_event_id, earn_history,"
+                    " last_merge_seq, last_erasure_seq, created_at, updated_at) VALUES"
+                    " ('p', 'Club', 'points', 0.01, 'EUR', 'explicit', 0, 'none', 'UTC',"
+                    " 'active', 'points', 'rolling_12_months', 0, 0, true, 0, 0, :at, :at)"
+                ),
+                {"at": enrolled},
+            )
+            for member_id, status, changed in (
+                ("m1", "active", enrolled),
+                ("m2", "opted_out", left),
+            ):
+                connection.execute(
+                    insert(members).values(
+                        id=member_id,
+                        program_id="p",
+                        profile_id=f"profile-{member_id}",
+                        status=status,
+                        enrolled_at=enrolled,
+                        status_changed_at=changed,
+                        lock_seq=0,
+                    )
+                )
+        migrate.upgrade(db_url)
+        changes = table(
+            "loyalty_member_status_change",
+            *(column(name, String()) for name in ("member_id", "program_id", "status", "reason")),
+            column("at", UtcDateTime()),
+        )
+        with engine.connect() as connection:
+            rows = connection.execute(
+                select(
+                    changes.c.member_id,
+                    changes.c.program_id,
+                    changes.c.status,
+                    changes.c.at,
+                    changes.c.reason,
+                ).order_by(changes.c.member_id)
+            ).all()
+    finally:
+        engine.dispose()
+    assert [tuple(r) for r in rows] == [
+        ("m1", "p", "active", enrolled, "migration"),
+        ("m2", "p", "opted_out", left, "migration"),
+    ]

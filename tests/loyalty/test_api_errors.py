@@ -58,7 +58,9 @@ def test_an_order_amount_too_large_for_points_earns_nothing_and_does_not_stop_pr
     synced = _post(client, f"/api/loyalty/programs/{program_id}/sync", {}, loyalty_headers)
     assert synced["points"] == 40
     backfill = _post(client, f"/api/loyalty/programs/{program_id}/backfill", {}, loyalty_headers)
-    assert backfill["points"] == 40
+    # The backfill goes over the same events without failing; the sync wrote their points.
+    assert backfill["events"] == 3
+    assert backfill["points"] == 0
     dry = _post(
         client,
         f"/api/loyalty/programs/{program_id}/dry-run",
