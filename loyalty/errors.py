@@ -113,6 +113,24 @@ class InvalidRule(Invalid):
     code = "loyalty.invalid_rule"
 
 
+class UnknownProfile(Invalid):
+    """A profile id that identity never issued (enrolment checks it with identity)."""
+
+    code = "loyalty.unknown_profile"
+
+
+class UnknownIdentifier(Invalid):
+    """No profile holds the identifier (yet: identity may not have resolved it)."""
+
+    code = "loyalty.unknown_identifier"
+
+
+class InvalidIdentifier(Invalid):
+    """The identifier value cannot be normalised for its kind."""
+
+    code = "loyalty.invalid_identifier"
+
+
 class InvalidImport(Invalid):
     """An opening-balance file cannot be read."""
 

@@ -112,9 +112,14 @@ def update_program(
 
 @router.post("/programs/{program_id}/members", status_code=200, response_model=MemberRead)
 def change_membership(
-    program_id: str, body: MemberCommand, session: SessionDep, idem: IdempotencyDep
+    program_id: str,
+    body: MemberCommand,
+    session: SessionDep,
+    warehouse: WarehouseDep,
+    settings: SettingsDep,
+    idem: IdempotencyDep,
 ) -> Response:
-    """Enrol, unenrol or opt out a profile (`action`)."""
+    """Enrol, unenrol or opt out a person (`action`), named by profile id or identifier."""
     return run_once(
         session,
         idem=idem,
@@ -122,11 +127,15 @@ def change_membership(
         model=MemberRead,
         status_code=200,
         run=lambda: MemberRead.model_validate(
-            service.change_membership(
+            service.change_membership_of_person(
                 session,
+                warehouse,
+                settings=settings,
                 program_id=program_id,
-                profile_id=body.profile_id,
                 action=body.action,
+                profile_id=body.profile_id,
+                identifier_kind=body.identifier_kind,
+                identifier=body.identifier,
                 at=body.enrolled_at,
             )
         ),

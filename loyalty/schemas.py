@@ -14,6 +14,7 @@ from pydantic import (
 )
 
 from cdp.db import Instant
+from cdp.identifiers import KIND_PATTERN
 from loyalty import calendar, rules
 
 ProgramStatus = Literal["draft", "active", "paused", "ended"]
@@ -101,13 +102,38 @@ class ProgramRead(ProgramBase):
 
 
 class MemberCommand(BaseModel):
-    """Body of `POST /programs/{id}/members`: enrol, unenrol or opt a profile out."""
+    """Body of `POST /programs/{id}/members`: enrol, unenrol or opt a person out.
 
-    profile_id: str = Field(min_length=1, max_length=64)
+    The person is named one way: by `profile_id` (as issued by identity; a merged-away id
+    counts for its survivor), or by `identifier_kind` + `identifier` (normalised and looked
+    up as identity does).
+    """
+
+    profile_id: str | None = Field(default=None, min_length=1, max_length=64)
+    identifier_kind: str | None = Field(
+        default=None,
+        pattern=KIND_PATTERN.pattern,
+        description="Identifier kind, e.g. email, phone, loyalty_card (with `identifier`)",
+    )
+    identifier: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1000,
+        description="Identifier value as typed (normalised here), instead of `profile_id`",
+    )
     action: MemberAction = "enrol"
     enrolled_at: Instant | None = Field(
         default=None, description="Backdate an enrolment (migrations); default now"
     )
+
+    @model_validator(mode="after")
+    def _one_way_to_name_the_person(self) -> MemberCommand:
+        by_identifier = self.identifier_kind is not None or self.identifier is not None
+        if self.profile_id is not None and by_identifier:
+            raise ValueError("give profile_id or identifier_kind + identifier, not both")
+        if self.profile_id is None and (self.identifier_kind is None or self.identifier is None):
+            raise ValueError("give profile_id, or identifier_kind and identifier")
+        return self
 
 
 class MemberRead(BaseModel):

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session, aliased
 
 from cdp.config import Settings
 from cdp.db import as_utc, new_id, utcnow
+from cdp.identifiers import normalise
 from cdp.pagination import paginate
 from cdp.warehouse import Warehouse
 from identity import service as identity_service
@@ -37,6 +38,7 @@ from loyalty import calendar, engine, ledger, queries, rules, tiers
 from loyalty import status as statuses
 from loyalty.errors import (
     AlreadyMember,
+    InvalidIdentifier,
     InvalidImport,
     InvalidProgram,
     InvalidRule,
@@ -53,6 +55,8 @@ from loyalty.errors import (
     RewardNotFound,
     RuleNotFound,
     TierNotFound,
+    UnknownIdentifier,
+    UnknownProfile,
 )
 from loyalty.ledger import BalanceView, Credit
 from loyalty.models import (
@@ -319,6 +323,66 @@ def change_membership(
         statuses.record(session, member=member, status=target, at=now, reason=action)
         session.flush()
     return member
+
+
+def change_membership_of_person(
+    session: Session,
+    warehouse: Warehouse,
+    *,
+    settings: Settings,
+    program_id: str,
+    action: MemberAction,
+    profile_id: str | None = None,
+    identifier_kind: str | None = None,
+    identifier: str | None = None,
+    at: datetime | None = None,
+    now: datetime | None = None,
+) -> Member:
+    """Enrol, unenrol or opt out a person a client names (the API's path), through identity.
+
+    The person is a `profile_id` followed through merges (a merged-away id acts on its
+    survivor, since loyalty applied that merge already and would never move a membership
+    made on the dead id), or the profile holding `identifier_kind` + `identifier`. Enrolling
+    an id identity never issued is UnknownProfile: no event would ever resolve to it;
+    unenrolling or opting out one acts on the id as given (no member, or a membership made
+    before this check). An identifier no profile holds is UnknownIdentifier (identity may
+    not have resolved it yet), one that cannot be normalised InvalidIdentifier. Internal
+    callers (automatic enrolment, imports) call `change_membership` with ids they trust.
+    """
+    get_program(session, program_id=program_id)
+    if profile_id is not None and identifier_kind is None and identifier is None:
+        [live] = identity_service.live_profile_ids(warehouse, profile_ids=[profile_id])
+        if live is None and action == "enrol":
+            raise UnknownProfile(
+                f"profile {profile_id} does not exist: identity never issued this id"
+            )
+        profile = live or profile_id
+    elif profile_id is None and identifier_kind is not None and identifier is not None:
+        profile = _identifier_profile(
+            warehouse, settings=settings, kind=identifier_kind, value=identifier
+        )
+    else:
+        raise TypeError("name the person by profile_id or by identifier_kind + identifier")
+    return change_membership(
+        session, program_id=program_id, profile_id=profile, action=action, at=at, now=now
+    )
+
+
+def _identifier_profile(warehouse: Warehouse, *, settings: Settings, kind: str, value: str) -> str:
+    """The live profile holding an identifier given as typed, or a domain error saying why
+    there is none."""
+    profile = identity_service.lookup_identifier(
+        warehouse, settings=settings, kind=kind, value=value
+    )
+    if profile is not None:
+        return profile
+    normalised = normalise(kind, value, region=settings.default_phone_region)
+    if normalised is None:
+        raise InvalidIdentifier(f"{value!r} is not a usable {kind}")
+    raise UnknownIdentifier(
+        f"no profile holds {kind} {normalised!r}: identity may not have resolved it yet"
+        " (resolution runs every few seconds), so retry shortly if it was just sent"
+    )
 
 
 def require_active_member(session: Session, *, member_id: str) -> tuple[Program, Member]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -10,11 +11,13 @@ from sqlalchemy.orm import Session
 
 from cdp.auth import Role
 from cdp.db import Database
+from cdp.warehouse import Warehouse
 from loyalty import service
 from loyalty.ledger import Credit, credit
 from loyalty.models import LedgerEntry, Member, Program
 from loyalty.schemas import ProgramCreate, RuleCreate
 from tests.conftest import make_key
+from tests.loyalty.identity_data import profile_of, resolve, write_events
 
 T0 = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)
 
@@ -23,6 +26,22 @@ T0 = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)
 def loyalty_headers(db: Database) -> dict[str, str]:
     """Authorization headers of a `loyalty` key."""
     return {"Authorization": f"Bearer {make_key(db, Role.loyalty)}"}
+
+
+Profiles = Callable[..., dict[str, str]]
+
+
+@pytest.fixture
+def profiles(warehouse: Warehouse) -> Profiles:
+    """Issue real profiles through identity, as the API's enrolment needs: `profiles("ann",
+    "bob")` writes one event per name (its `user_id`), resolves, and maps name -> profile id."""
+
+    def issue(*names: str) -> dict[str, str]:
+        write_events(warehouse, [([("user_id", name)], None, 0.0) for name in names])
+        resolve(warehouse)
+        return {name: profile_of(warehouse, "user_id", name) for name in names}
+
+    return issue
 
 
 def make_program(db: Database, **overrides: Any) -> Program:  # Any: programme fields

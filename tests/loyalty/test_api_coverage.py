@@ -20,7 +20,7 @@ from loyalty import jobs, ledger, service
 from loyalty.models import LedgerEntry, Member, Program
 from loyalty.schemas import RewardCreate, RuleCreate, TierCreate
 from tests.conftest import BACKENDS
-from tests.loyalty.conftest import add_base_rule, earn, make_member, make_program
+from tests.loyalty.conftest import Profiles, add_base_rule, earn, make_member, make_program
 from tests.loyalty.events import ev
 from tests.loyalty.identity_data import profile_of, resolve, write_events
 from tests.loyalty.test_engine import _process
@@ -54,9 +54,9 @@ def _ladder(client: TestClient, headers: H, program_id: str) -> tuple[str, str]:
     return str(silver["id"]), str(gold["id"])
 
 
-def _enrol(client: TestClient, headers: H, program_id: str, profile: str) -> str:
+def _enrol(client: TestClient, headers: H, program_id: str, profile_id: str) -> str:
     url = f"/api/loyalty/programs/{program_id}/members"
-    return str(_post(client, url, {"profile_id": profile}, headers)["id"])
+    return str(_post(client, url, {"profile_id": profile_id}, headers)["id"])
 
 
 def _adjust(
@@ -72,12 +72,13 @@ def _moves(changes: list[Json]) -> list[tuple[str, str | None, str | None, str]]
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_tier_change_feed_lists_upgrades_and_a_downgrade_in_order_paginated_since_an_instant(
-    client: TestClient, loyalty_headers: H
+    client: TestClient, loyalty_headers: H, profiles: Profiles
 ) -> None:
+    ids = profiles("ann", "bob")
     program = _programme(client, loyalty_headers, tier_grace_days=0)
     silver, gold = _ladder(client, loyalty_headers, program)
-    ann = _enrol(client, loyalty_headers, program, "ann")
-    bob = _enrol(client, loyalty_headers, program, "bob")
+    ann = _enrol(client, loyalty_headers, program, ids["ann"])
+    bob = _enrol(client, loyalty_headers, program, ids["bob"])
     start = datetime.now(UTC)
     _adjust(client, loyalty_headers, ann, 150)  # 150: Silver
     _adjust(client, loyalty_headers, bob, 600)  # 600: straight to Gold, one movement
@@ -116,11 +117,11 @@ def test_tier_change_feed_lists_upgrades_and_a_downgrade_in_order_paginated_sinc
 
 
 def test_tier_change_feed_reads_a_since_without_zone_as_utc(
-    client: TestClient, loyalty_headers: H
+    client: TestClient, loyalty_headers: H, profiles: Profiles
 ) -> None:
     program = _programme(client, loyalty_headers)
     _, _gold = _ladder(client, loyalty_headers, program)
-    ann = _enrol(client, loyalty_headers, program, "ann")
+    ann = _enrol(client, loyalty_headers, program, profiles("ann")["ann"])
     _adjust(client, loyalty_headers, ann, 500)
     feed_url = f"/api/loyalty/programs/{program}/tier-changes"
     for since, count in (("2020-01-01T00:00:00", 1), ("2020-01-01", 1), ("2999-01-01T00:00", 0)):
@@ -138,22 +139,23 @@ def _feed(client: TestClient, headers: H, program_id: str, **params: Any) -> Jso
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_tier_change_feed_shows_a_late_event_s_upgrade_dated_before_the_last_poll(
-    db: Database, client: TestClient, loyalty_headers: H
+    db: Database, client: TestClient, loyalty_headers: H, profiles: Profiles
 ) -> None:
+    ids = profiles("ann", "bob")
     program = _programme(client, loyalty_headers)
     silver, _ = _ladder(client, loyalty_headers, program)
     with db.begin() as session:
         stored = service.get_program(session, program_id=program)
         add_base_rule(session, stored)
-    ann = _enrol(client, loyalty_headers, program, "ann")
-    bob = _enrol(client, loyalty_headers, program, "bob")
+    ann = _enrol(client, loyalty_headers, program, ids["ann"])
+    bob = _enrol(client, loyalty_headers, program, ids["bob"])
     _adjust(client, loyalty_headers, bob, 150)
     polled = _feed(client, loyalty_headers, program, since="2020-01-01T00:00:00Z")["items"]
     assert _moves(polled) == [(bob, None, silver, "upgrade")]
     last = polled[-1]
     # Ann's order of two days ago arrives only now (a late event, a file loaded today).
     two_days_ago = datetime.now(UTC) - timedelta(days=2)
-    _process(db, stored, [ev("ann", two_days_ago, order_id="late", total=120)])
+    _process(db, stored, [ev(ids["ann"], two_days_ago, order_id="late", total=120)])
     for params in (
         {"since": last["recorded_at"]},  # re-read from the last instant, inclusive
         {"since": last["recorded_at"], "after_id": last["id"]},  # or strictly after the last
@@ -174,21 +176,24 @@ def test_tier_change_feed_shows_a_late_event_s_upgrade_dated_before_the_last_pol
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_tier_change_feed_walks_one_transaction_s_changes_once_each_in_the_order_made(
-    db: Database, client: TestClient, loyalty_headers: H
+    db: Database, client: TestClient, loyalty_headers: H, profiles: Profiles
 ) -> None:
+    ids = profiles("ann", "bob", "cara")
     program = _programme(client, loyalty_headers, tier_grace_days=0)
     silver, gold = _ladder(client, loyalty_headers, program)
     with db.begin() as session:
         stored = service.get_program(session, program_id=program)
         add_base_rule(session, stored)
-    ann, bob, cara = (_enrol(client, loyalty_headers, program, p) for p in ("ann", "bob", "cara"))
+    ann, bob, cara = (
+        _enrol(client, loyalty_headers, program, ids[p]) for p in ("ann", "bob", "cara")
+    )
     # One batch: Ann up to Silver then Gold, Bob and Cara to Silver, all in one commit.
     base = datetime.now(UTC) - timedelta(days=3)
     batch = [
-        ev("ann", base, order_id="a1", total=150),
-        ev("bob", base + timedelta(minutes=1), order_id="b1", total=100),
-        ev("ann", base + timedelta(minutes=2), order_id="a2", total=400),
-        ev("cara", base + timedelta(minutes=3), order_id="c1", total=200),
+        ev(ids["ann"], base, order_id="a1", total=150),
+        ev(ids["bob"], base + timedelta(minutes=1), order_id="b1", total=100),
+        ev(ids["ann"], base + timedelta(minutes=2), order_id="a2", total=400),
+        ev(ids["cara"], base + timedelta(minutes=3), order_id="c1", total=200),
     ]
     _process(db, stored, batch)
     whole = _feed(client, loyalty_headers, program, since="2020-01-01T00:00:00Z")["items"]
@@ -214,14 +219,15 @@ def test_tier_change_feed_walks_one_transaction_s_changes_once_each_in_the_order
 
 @pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 def test_tier_change_committed_after_a_later_one_still_follows_it_in_the_feed(
-    db: Database, client: TestClient, loyalty_headers: H
+    db: Database, client: TestClient, loyalty_headers: H, profiles: Profiles
 ) -> None:
     """PostgreSQL runs writers side by side: a long transaction (a backfill) that records a
     change and commits after a short one must not show its change behind the short one's."""
+    ids = profiles("ann", "bob")
     program = _programme(client, loyalty_headers)
     silver, _ = _ladder(client, loyalty_headers, program)
-    ann = _enrol(client, loyalty_headers, program, "ann")
-    bob = _enrol(client, loyalty_headers, program, "bob")
+    ann = _enrol(client, loyalty_headers, program, ids["ann"])
+    bob = _enrol(client, loyalty_headers, program, ids["bob"])
     with db.begin() as long:
         service.adjust_points(
             long, member_id=ann, points=150, reason="slow", actor="test", qualifying=True
@@ -236,11 +242,12 @@ def test_tier_change_committed_after_a_later_one_still_follows_it_in_the_feed(
 
 
 def test_member_tier_history_and_tier_progress_in_the_balance(
-    client: TestClient, loyalty_headers: H
+    client: TestClient, loyalty_headers: H, profiles: Profiles
 ) -> None:
+    ids = profiles("ann", "bob")
     program = _programme(client, loyalty_headers, tier_grace_days=0)
     silver, gold = _ladder(client, loyalty_headers, program)
-    ann = _enrol(client, loyalty_headers, program, "ann")
+    ann = _enrol(client, loyalty_headers, program, ids["ann"])
     balance_url = f"/api/loyalty/members/{ann}/balance"
     history_url = f"/api/loyalty/members/{ann}/tiers"
     assert _get(client, history_url, loyalty_headers) == []
@@ -291,7 +298,7 @@ def test_member_tier_history_and_tier_progress_in_the_balance(
     )
     # A programme without a ladder has no tier block; an unknown member is a 404.
     other = _programme(client, loyalty_headers, name="No tiers")
-    bob = _enrol(client, loyalty_headers, other, "bob")
+    bob = _enrol(client, loyalty_headers, other, ids["bob"])
     assert _get(client, f"/api/loyalty/members/{bob}/balance", loyalty_headers)["tier"] is None
     unknown = client.get("/api/loyalty/members/nobody/tiers", headers=loyalty_headers)
     assert unknown.status_code == 404
@@ -450,15 +457,18 @@ def _balance(client: TestClient, headers: H, member_id: str) -> int:
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
-def test_merges_endpoint_folds_re_keys_and_replays(client: TestClient, loyalty_headers: H) -> None:
+def test_merges_endpoint_folds_re_keys_and_replays(
+    client: TestClient, loyalty_headers: H, profiles: Profiles
+) -> None:
+    ids = profiles("ann", "guest", "lone")
     program = _programme(client, loyalty_headers)
-    ann = _enrol(client, loyalty_headers, program, "ann")
-    guest = _enrol(client, loyalty_headers, program, "guest")
-    lone = _enrol(client, loyalty_headers, program, "lone")
+    ann = _enrol(client, loyalty_headers, program, ids["ann"])
+    guest = _enrol(client, loyalty_headers, program, ids["guest"])
+    lone = _enrol(client, loyalty_headers, program, ids["lone"])
     _adjust(client, loyalty_headers, ann, 200, qualifying=False)
     _adjust(client, loyalty_headers, guest, 50, qualifying=False)
     url = f"/api/loyalty/programs/{program}/merges"
-    body = {"from_profile_id": "guest", "to_profile_id": "ann", "reason": "same email"}
+    body = {"from_profile_id": ids["guest"], "to_profile_id": ids["ann"], "reason": "same email"}
     keyed = {**loyalty_headers, "Idempotency-Key": "merge-1"}
     merged = _post(client, url, body, keyed)
     assert merged == {
@@ -487,7 +497,7 @@ def test_merges_endpoint_folds_re_keys_and_replays(client: TestClient, loyalty_h
     ]
     # Only the absorbed profile is a member: its membership now belongs to the survivor.
     rekeyed = _post(
-        client, url, {"from_profile_id": "lone", "to_profile_id": "new"}, loyalty_headers
+        client, url, {"from_profile_id": ids["lone"], "to_profile_id": "new"}, loyalty_headers
     )
     assert (rekeyed["from_member_id"], rekeyed["to_member_id"], rekeyed["points_moved"]) == (
         lone,
@@ -513,14 +523,15 @@ def test_merges_endpoint_folds_re_keys_and_replays(client: TestClient, loyalty_h
 
 
 def test_a_merge_of_a_profile_into_itself_is_refused_and_changes_nothing(
-    db: Database, client: TestClient, loyalty_headers: H
+    db: Database, client: TestClient, loyalty_headers: H, profiles: Profiles
 ) -> None:
+    ann_profile = profiles("ann")["ann"]
     program = _programme(client, loyalty_headers)
-    ann = _enrol(client, loyalty_headers, program, "ann")
+    ann = _enrol(client, loyalty_headers, program, ann_profile)
     _adjust(client, loyalty_headers, ann, 200, qualifying=False)
     answer = client.post(
         f"/api/loyalty/programs/{program}/merges",
-        json={"from_profile_id": "ann", "to_profile_id": "ann"},
+        json={"from_profile_id": ann_profile, "to_profile_id": ann_profile},
         headers=loyalty_headers,
     )
     assert answer.status_code == 422, answer.text
@@ -530,7 +541,7 @@ def test_a_merge_of_a_profile_into_itself_is_refused_and_changes_nothing(
     # Called directly (as identity's merges are applied), the same merge is a no-op.
     with db.begin() as session:
         _, _, moved = service.merge_profiles(
-            session, program_id=program, from_profile_id="ann", to_profile_id="ann"
+            session, program_id=program, from_profile_id=ann_profile, to_profile_id=ann_profile
         )
         assert moved == 0
         assert service.get_member(session, member_id=ann).status == "active"
@@ -590,10 +601,10 @@ def test_rewards_are_created_listed_cheapest_first_and_read_with_their_stock(
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_redeem_and_cancel_over_http_replay_refuse_a_second_cancel_and_give_stock_back(
-    client: TestClient, loyalty_headers: H
+    client: TestClient, loyalty_headers: H, profiles: Profiles
 ) -> None:
     program = _programme(client, loyalty_headers)
-    ann = _enrol(client, loyalty_headers, program, "ann")
+    ann = _enrol(client, loyalty_headers, program, profiles("ann")["ann"])
     _adjust(client, loyalty_headers, ann, 500, qualifying=False)
     reward = _post(
         client,
@@ -657,7 +668,7 @@ def test_redeem_and_cancel_over_http_replay_refuse_a_second_cancel_and_give_stoc
 
 
 def test_instants_without_a_zone_in_request_bodies_are_read_as_utc(
-    client: TestClient, loyalty_headers: H
+    client: TestClient, loyalty_headers: H, profiles: Profiles
 ) -> None:
     program = _programme(client, loyalty_headers)
     reward = client.post(
@@ -669,7 +680,7 @@ def test_instants_without_a_zone_in_request_bodies_are_read_as_utc(
     assert datetime.fromisoformat(reward.json()["valid_until"]) == datetime(2030, 7, 1, tzinfo=UTC)
     member = client.post(
         f"/api/loyalty/programs/{program}/members",
-        json={"profile_id": "ann", "enrolled_at": "2025-01-01T08:00:00"},
+        json={"profile_id": profiles("ann")["ann"], "enrolled_at": "2025-01-01T08:00:00"},
         headers=loyalty_headers,
     )
     assert member.status_code == 200, member.text

@@ -13,6 +13,7 @@ from cdp.scheduler import JobRunner
 from cdp.warehouse import Warehouse
 from identity import service as identity_service
 from loyalty import jobs
+from tests.loyalty.conftest import Profiles
 from tests.loyalty.identity_data import profile_of, resolve, write_events
 
 H = dict[str, str]
@@ -87,11 +88,12 @@ def test_an_order_amount_too_large_for_points_earns_nothing_and_does_not_stop_pr
     ],
 )
 def test_numbers_beyond_what_the_ledger_stores_are_refused_with_422(
-    client: TestClient, loyalty_headers: H, path: str, body: Json
+    client: TestClient, loyalty_headers: H, profiles: Profiles, path: str, body: Json
 ) -> None:
     program_id = _programme(client, loyalty_headers)
     members = f"/api/loyalty/programs/{program_id}/members"
-    member_id = _post(client, members, {"profile_id": "ann"}, loyalty_headers)["id"]
+    ann = profiles("ann")["ann"]
+    member_id = _post(client, members, {"profile_id": ann}, loyalty_headers)["id"]
     if path.endswith("rules"):
         body = {"name": "r", "event_name": "E", "formula": {"type": "fixed", "points": 1}, **body}
     url = "/api/loyalty/" + path.format(program=program_id, member=member_id)
@@ -100,10 +102,13 @@ def test_numbers_beyond_what_the_ledger_stores_are_refused_with_422(
     assert answer.json()["error"]["code"] == "validation_error"
 
 
-def test_a_redemption_is_cancelled_without_a_body(client: TestClient, loyalty_headers: H) -> None:
+def test_a_redemption_is_cancelled_without_a_body(
+    client: TestClient, loyalty_headers: H, profiles: Profiles
+) -> None:
     program_id = _programme(client, loyalty_headers)
     members = f"/api/loyalty/programs/{program_id}/members"
-    member_id = _post(client, members, {"profile_id": "ann"}, loyalty_headers)["id"]
+    ann = profiles("ann")["ann"]
+    member_id = _post(client, members, {"profile_id": ann}, loyalty_headers)["id"]
     adjustment = {"points": 100, "reason": "welcome"}
     _post(client, f"/api/loyalty/members/{member_id}/adjustments", adjustment, loyalty_headers, 201)
     reward = {"name": "Coffee", "points_cost": 60}
@@ -128,11 +133,12 @@ def test_a_redemption_is_cancelled_without_a_body(client: TestClient, loyalty_he
 
 
 def test_unknown_filter_values_of_member_and_ledger_lists_are_refused(
-    client: TestClient, loyalty_headers: H
+    client: TestClient, loyalty_headers: H, profiles: Profiles
 ) -> None:
     program_id = _programme(client, loyalty_headers)
     members = f"/api/loyalty/programs/{program_id}/members"
-    member_id = _post(client, members, {"profile_id": "ann"}, loyalty_headers)["id"]
+    ann = profiles("ann")["ann"]
+    member_id = _post(client, members, {"profile_id": ann}, loyalty_headers)["id"]
     for url in (f"{members}?status=activ", f"/api/loyalty/members/{member_id}/history?kind=eran"):
         answer = client.get(url, headers=loyalty_headers)
         assert answer.status_code == 422, answer.text

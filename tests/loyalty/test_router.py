@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from cdp.auth import Role
 from cdp.db import Database
 from tests.conftest import BACKENDS, make_key
-from tests.loyalty.conftest import earn, make_member, make_program
+from tests.loyalty.conftest import Profiles, earn, make_member, make_program
 
 H = dict[str, str]
 
@@ -69,25 +69,26 @@ def test_programme_settings_are_validated(client: TestClient, loyalty_headers: H
 
 
 def test_enrol_unenrol_opt_out_and_lookup_by_profile(
-    client: TestClient, loyalty_headers: H
+    client: TestClient, loyalty_headers: H, profiles: Profiles
 ) -> None:
+    prof = profiles("prof-1")["prof-1"]
     program = _program(client, loyalty_headers, status="active")
     members_url = f"/api/loyalty/programs/{program['id']}/members"
-    member = _enrol(client, loyalty_headers, program["id"], "prof-1")
-    again = client.post(members_url, json={"profile_id": "prof-1"}, headers=loyalty_headers)
+    member = _enrol(client, loyalty_headers, program["id"], prof)
+    again = client.post(members_url, json={"profile_id": prof}, headers=loyalty_headers)
     assert again.status_code == 409
     assert again.json()["error"]["code"] == "loyalty.already_member"
     left = client.post(
-        members_url, json={"profile_id": "prof-1", "action": "unenrol"}, headers=loyalty_headers
+        members_url, json={"profile_id": prof, "action": "unenrol"}, headers=loyalty_headers
     ).json()
     assert (left["id"], left["status"]) == (member["id"], "unenrolled")
-    back = _enrol(client, loyalty_headers, program["id"], "prof-1")
+    back = _enrol(client, loyalty_headers, program["id"], prof)
     assert (back["id"], back["status"]) == (member["id"], "active")
     opted = client.post(
-        members_url, json={"profile_id": "prof-1", "action": "opt_out"}, headers=loyalty_headers
+        members_url, json={"profile_id": prof, "action": "opt_out"}, headers=loyalty_headers
     ).json()
     assert opted["status"] == "opted_out"
-    found = client.get(f"{members_url}?profile_id=prof-1", headers=loyalty_headers).json()
+    found = client.get(f"{members_url}?profile_id={prof}", headers=loyalty_headers).json()
     assert [m["id"] for m in found["items"]] == [member["id"]]
     none = client.get(f"{members_url}?profile_id=nobody", headers=loyalty_headers).json()
     assert none["items"] == []
@@ -99,10 +100,10 @@ def test_enrol_unenrol_opt_out_and_lookup_by_profile(
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_adjustment_with_idempotency_key_applies_once_and_replays_the_original(
-    client: TestClient, loyalty_headers: H
+    client: TestClient, loyalty_headers: H, profiles: Profiles
 ) -> None:
     program = _program(client, loyalty_headers, status="active")
-    member = _enrol(client, loyalty_headers, program["id"], "p")
+    member = _enrol(client, loyalty_headers, program["id"], profiles("p")["p"])
     url = f"/api/loyalty/members/{member['id']}/adjustments"
     body = {"points": 150, "reason": "welcome gesture"}
     headers = {**loyalty_headers, "Idempotency-Key": "adj-1"}
@@ -152,9 +153,11 @@ def test_programme_creation_with_the_same_key_creates_one_programme(
     assert client.get("/api/loyalty/programs", headers=loyalty_headers).json()["total"] == 1
 
 
-def test_adjustment_needs_a_reason(client: TestClient, loyalty_headers: H) -> None:
+def test_adjustment_needs_a_reason(
+    client: TestClient, loyalty_headers: H, profiles: Profiles
+) -> None:
     program = _program(client, loyalty_headers, status="active")
-    member = _enrol(client, loyalty_headers, program["id"], "p")
+    member = _enrol(client, loyalty_headers, program["id"], profiles("p")["p"])
     resp = client.post(
         f"/api/loyalty/members/{member['id']}/adjustments",
         json={"points": 5},
