@@ -271,6 +271,12 @@ def get_profile(warehouse: Warehouse, *, profile_id: str) -> ProfileRead:
     return _live_profile(warehouse, live=live, requested=profile_id)
 
 
+def has_data(warehouse: Warehouse, *, profile_id: str) -> bool:
+    """Whether a live profile id holds anything now: False once it was erased, or while all
+    its identifiers are blocked or capped (its id is kept, its row is not)."""
+    return bool(warehouse.rows(queries.profile_row(profile_id)))
+
+
 def _live_profile(warehouse: Warehouse, *, live: str, requested: str) -> ProfileRead:
     # One small row: fetched as a tuple (a Polars frame costs more than the query here).
     rows = warehouse.rows(queries.profile_row(live))

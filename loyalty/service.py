@@ -356,6 +356,17 @@ def change_membership_of_person(
             raise UnknownProfile(
                 f"profile {profile_id} does not exist: identity never issued this id"
             )
+        if (
+            live is not None
+            and action == "enrol"
+            and not identity_service.has_data(warehouse, profile_id=live)
+        ):
+            # Erased (loyalty already anonymised its memberships and would not again), or
+            # every identifier blocked: no event resolves to it.
+            raise UnknownProfile(
+                f"profile {live} holds nothing: it was erased, or all its identifiers are"
+                " blocked or capped"
+            )
         profile = live or profile_id
     elif profile_id is None and identifier_kind is not None and identifier is not None:
         profile = _identifier_profile(

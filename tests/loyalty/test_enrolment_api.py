@@ -63,6 +63,23 @@ def test_enrolling_a_profile_id_identity_never_issued_is_refused_and_creates_no_
     assert missing.json()["error"]["code"] == "loyalty.program_not_found"
 
 
+def test_an_erased_profile_cannot_be_enrolled(
+    client: TestClient, loyalty_headers: H, admin_headers: H, profiles: Profiles
+) -> None:
+    ids = profiles("ann", "bob")
+    erased = client.delete(f"/api/profiles/{ids['ann']}", headers=admin_headers)
+    assert erased.status_code == 200, erased.text
+    program = _programme(client, loyalty_headers)
+    url = f"/api/loyalty/programs/{program}/members"
+    answer = client.post(url, json={"profile_id": ids["ann"]}, headers=loyalty_headers)
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["error"]["code"] == "loyalty.unknown_profile"
+    assert "erased" in answer.json()["error"]["message"]
+    assert _members(client, loyalty_headers, program) == []
+    kept = client.post(url, json={"profile_id": ids["bob"]}, headers=loyalty_headers)
+    assert kept.status_code == 200, kept.text
+
+
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_enrolling_a_merged_away_profile_id_enrols_its_survivor(
     db: Database, warehouse: Warehouse, client: TestClient, loyalty_headers: H
