@@ -1924,14 +1924,7 @@ def reevaluate_tiers(
 ) -> list[tiers.Move]:
     """The periodic re-evaluation: upgrades, and downgrades past the grace period."""
     program = get_program(session, program_id=program_id)
-    ids = list(
-        session.scalars(
-            select(Member.id).where(Member.program_id == program.id, Member.status == "active")
-        )
-    )
-    return tiers.evaluate(
-        session, program=program, member_ids=ids, now=now or utcnow(), downgrade=True
-    )
+    return tiers.reevaluate(session, program=program, now=now or utcnow())
 
 
 def tier_history(session: Session, *, member_id: str) -> list[TierChange]:

@@ -6,9 +6,10 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from typing import Any
 
 import polars as pl
-from sqlalchemy import event, func, inspect, select
+from sqlalchemy import event, func, inspect, select, update
 from sqlalchemy.orm import Session, SessionTransaction
 
 from cdp.db import utcnow
@@ -175,9 +176,13 @@ def evaluate(
         return []
     ranks = {t.id: t.rank for t in tiers}
     values = metrics(session, program=program, member_ids=member_ids, now=now)
-    members = session.scalars(
-        select(Member).where(Member.id.in_(member_ids), Member.status == "active")
-    ).all()
+    members = [
+        member
+        for chunk in ledger.in_chunks(member_ids)
+        for member in session.scalars(
+            select(Member).where(Member.id.in_(chunk), Member.status == "active")
+        )
+    ]
     moves: list[Move] = []
     grace = timedelta(days=program.tier_grace_days)
     held = _imported_tiers_held(session, member_ids=member_ids, now=now) if downgrade else {}
@@ -199,6 +204,120 @@ def evaluate(
             member.below_tier_since = None
     session.flush()
     return moves
+
+
+def _metric_by_owner(program: Program, now: datetime) -> Any:  # Any: a SQL subquery
+    """`owner, value`: the metric in the window of every membership of the programme that
+    has any, the memberships merged into one counted for it (as `metrics` counts them)."""
+    since = window_start(program, now)
+    owner = func.coalesce(Member.merged_into, Member.id).label("owner")
+    if program.tier_metric == "points":
+        value: Any = LedgerEntry.qualifying_points  # Any: a column
+        table: Any = LedgerEntry  # Any: a mapped class
+    else:
+        value = Activity.spend if program.tier_metric == "spend" else Activity.orders
+        table = Activity
+    return (
+        select(owner, func.sum(value).label("value"))
+        .select_from(table)
+        .join(Member, Member.id == table.member_id)
+        .where(
+            Member.program_id == program.id,
+            table.program_id == program.id,
+            table.occurred_at >= since,
+            table.occurred_at <= now,
+        )
+        .group_by(owner)
+        .subquery()
+    )
+
+
+def reevaluate(session: Session, *, program: Program, now: datetime) -> list[Move]:
+    """`evaluate(downgrade=True)` of every active member of the programme, set-based.
+
+    One grouped statement over the ledger (or the activity) gives every membership's metric,
+    joined to the active members in SQL; only the members something can happen to come back:
+    those holding a tier, marked below one, or reaching the lowest threshold. Members are
+    loaded as objects only to move them; the grace marks are set and cleared with one
+    `UPDATE` per chunk of ids. Same decisions as `evaluate`, with no statement binding one
+    parameter per member (a programme with more members than SQLite's 32,766 or
+    PostgreSQL's 65,535 variables failed).
+    """
+    tiers = ladder(session, program_id=program.id)
+    if not tiers:
+        return []
+    session.flush()
+    ranks = {t.id: t.rank for t in tiers}
+    metric = _metric_by_owner(program, now)
+    value = func.coalesce(metric.c.value, 0)
+    candidates = session.execute(
+        select(Member.id, Member.tier_id, Member.below_tier_since, value)
+        .outerjoin(metric, metric.c.owner == Member.id)
+        .where(
+            Member.program_id == program.id,
+            Member.status == "active",
+            Member.tier_id.is_not(None)
+            | Member.below_tier_since.is_not(None)
+            | (value >= min(t.threshold for t in tiers)),
+        )
+        .order_by(Member.id)
+    ).all()
+    held = _imported_held_in_program(session, program_id=program.id, now=now)
+    grace = timedelta(days=program.tier_grace_days)
+    movers: dict[str, tuple[Tier | None, str, float]] = {}
+    below_from_now: list[str] = []
+    below_cleared: list[str] = []
+    for member_id, tier_id, below, raw in candidates:
+        metric_value = float(raw or 0)
+        target = _target(tiers, metric_value)
+        current_rank = ranks.get(tier_id, 0) if tier_id else 0
+        target_rank = target.rank if target is not None else 0
+        if target_rank > current_rank:
+            movers[member_id] = (target, "upgrade", metric_value)
+        elif target_rank < current_rank:
+            if held.get(member_id) == tier_id:
+                continue
+            if now - (below or now) >= grace:
+                movers[member_id] = (target, "downgrade", metric_value)
+            elif below is None:
+                below_from_now.append(member_id)
+        elif below is not None:
+            below_cleared.append(member_id)
+    for ids, mark in ((below_from_now, now), (below_cleared, None)):
+        for chunk in ledger.in_chunks(ids, 10_000):
+            session.execute(
+                update(Member).where(Member.id.in_(chunk)).values(below_tier_since=mark)
+            )
+    loaded = {
+        member.id: member
+        for chunk in ledger.in_chunks(sorted(movers), 10_000)
+        for member in session.scalars(select(Member).where(Member.id.in_(chunk)))
+    }
+    moves = [
+        _move(session, program, loaded[member_id], target, reason, metric_value, now)
+        for member_id, (target, reason, metric_value) in movers.items()
+    ]
+    session.flush()
+    return moves
+
+
+def _imported_held_in_program(
+    session: Session, *, program_id: str, now: datetime
+) -> dict[str, str | None]:
+    """`_imported_tiers_held` of every member of a programme, in one statement."""
+    since = now - timedelta(days=round(IMPORT_HOLD_MONTHS * 365.25 / 12))
+    return {
+        member_id: tier_id
+        for member_id, tier_id in session.execute(
+            select(TierChange.member_id, TierChange.to_tier_id)
+            .where(
+                TierChange.program_id == program_id,
+                TierChange.reason == IMPORT_REASON,
+                TierChange.at > since,
+            )
+            .order_by(TierChange.at)
+        )
+    }
 
 
 def _imported_tiers_held(
