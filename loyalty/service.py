@@ -1974,10 +1974,7 @@ def tier_changes(
 def expire_points(session: Session, *, program_id: str, now: datetime | None = None) -> int:
     """Write the expiry entries of every lot past its expiry; returns how many."""
     program = get_program(session, program_id=program_id)
-    total = 0
-    while written := ledger.expire_due(session, program=program, now=now):
-        total += written
-    return total
+    return ledger.expire_due(session, program=program, now=now)
 
 
 def expiring_soon(
