@@ -968,8 +968,8 @@ def expire_due(
     lots and what was drawn from them read in two statements, the entries, draws and lot
     updates written in bulk (`write_debits`). Each entry is the one `debit(kind="expire",
     lots=[lot], partial=True)` wrote per lot before: key `expire:<lot>:<drawn so far>`, id
-    `entry_id(key)`, dated at the lot's expiry. A key already in the ledger is left alone
-    (its lot is not drawn), as `debit` did.
+    `entry_id(key)`, dated at the lot's expiry (a key already taken gets a suffix, see
+    `_expire_lots`).
     """
     now = now or utcnow()
     due = session.scalars(
@@ -1000,15 +1000,15 @@ def _expire_lots(session: Session, *, program: Program, lot_ids: list[str], now:
     moved = {member_id for _, member_id, _, _ in lots} - locked
     if moved:
         lock_members(session, member_ids=sorted(moved))
-    drawn: dict[str, int] = {
-        lot_id: int(total or 0)
-        for lot_id, total in session.execute(
-            select(LotDraw.lot_id, func.sum(LotDraw.points))
+    drawn: dict[str, tuple[int, int]] = {
+        lot_id: (int(total or 0), int(draws))
+        for lot_id, total, draws in session.execute(
+            select(LotDraw.lot_id, func.sum(LotDraw.points), func.count())
             .where(LotDraw.lot_id.in_(lot_ids))
             .group_by(LotDraw.lot_id)
         )
     }
-    keys = {lot_id: f"expire:{lot_id}:{drawn.get(lot_id, 0)}" for lot_id, *_ in lots}
+    keys = {lot_id: f"expire:{lot_id}:{drawn.get(lot_id, (0, 0))[0]}" for lot_id, *_ in lots}
     existing = set(
         session.scalars(
             select(LedgerEntry.idempotency_key).where(
@@ -1016,13 +1016,27 @@ def _expire_lots(session: Session, *, program: Program, lot_ids: list[str], now:
             )
         )
     )
+    # Cancelled redemptions can give a lot back exactly what an earlier expiry saw drawn
+    # (two redemptions of 30, expiry, one cancelled, expiry, the other cancelled): the key
+    # is taken, and `debit` returned that old entry without drawing, so the expiry loop
+    # never ended. Such a lot takes the number of its draws, which only grows, as a suffix.
+    for lot_id, key in keys.items():
+        if key in existing:
+            keys[lot_id] = f"{key}:{drawn[lot_id][1]}"
+            existing.discard(key)
+            existing |= set(
+                session.scalars(
+                    select(LedgerEntry.idempotency_key).where(
+                        LedgerEntry.idempotency_key == keys[lot_id]
+                    )
+                )
+            )
     days: dict[datetime, date] = {}
     entries: list[dict[str, Any]] = []  # Any: column values
     draws: list[tuple[str, str, int]] = []
     for lot_id, member_id, remaining, expires_at in lots:
         key = keys[lot_id]
         if key in existing or expires_at is None:
-            logger.warning("expiry of lot %s already written under %s", lot_id, key)
             continue
         if expires_at not in days:
             days[expires_at] = calendar.local_date(expires_at, program.timezone)

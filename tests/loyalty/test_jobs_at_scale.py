@@ -14,10 +14,11 @@ from sqlalchemy.orm import Session
 
 from cdp.db import Database
 from cdp.warehouse import Query, Warehouse
-from loyalty import service, tiers
+from loyalty import ledger, service, tiers
 from loyalty.models import LedgerEntry, Lot, Member, TierChange
-from loyalty.schemas import ProgramCreate, RuleCreate, TierCreate
+from loyalty.schemas import ProgramCreate, RewardCreate, RuleCreate, TierCreate
 from tests.conftest import BACKENDS
+from tests.loyalty.conftest import T0, earn, make_member, make_program
 
 MEMBERS = 70_000  # above both backends' bound-parameter limits
 # SQLite's stock limit since 3.32 (Python's own builds); Debian's library allows 250,000.
@@ -338,3 +339,44 @@ def _credits() -> list[tuple[int, int, datetime, datetime]]:
     credits += [(i, 400 if i % 2 else 200, NOW - 50 * DAY, NOW + 250 * DAY) for i in PAIRS]
     credits += [(i, 50, NOW - 360 * DAY, NOW + 5 * DAY) for i in EXPIRING]
     return credits
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_a_lot_given_back_what_an_earlier_expiry_saw_drawn_still_expires(db: Database) -> None:
+    """Two redemptions of 30 from a lot of 100, expiry (40), one cancelled, expiry (30), the
+    other cancelled: the lot has drawn 70 again, as at the second expiry, whose key
+    `expire:<lot>:70` is taken. Before, `expire_points` never returned."""
+    program = make_program(db, expiry_policy="rolling", expiry_months=1)
+    member = make_member(db, program)
+    lot = earn(db, program, member, 100, at=T0, key="lot").id
+    with db.begin() as session:
+        reward = service.create_reward(
+            session, program_id=program.id, data=RewardCreate(name="x", points_cost=30)
+        )
+        first, second = (
+            service.redeem(session, member_id=member.id, reward_id=reward.id, now=T0)
+            for _ in range(2)
+        )
+    later = T0 + timedelta(days=40)
+    for redemption in (first, second):
+        with db.begin() as session:
+            assert service.expire_points(session, program_id=program.id, now=later) == 1
+        with db.begin() as session:
+            service.cancel_redemption(
+                session, redemption_id=redemption.id, reason="returned", now=later
+            )
+    with db.begin() as session:
+        assert service.expire_points(session, program_id=program.id, now=later) == 1
+        assert service.expire_points(session, program_id=program.id, now=later) == 0
+        expiries = session.execute(
+            select(LedgerEntry.idempotency_key, LedgerEntry.points)
+            .where(LedgerEntry.kind == "expire")
+            .order_by(LedgerEntry.points)
+        ).all()
+        assert sorted(expiries) == [
+            (f"expire:{lot}:60", -40),
+            (f"expire:{lot}:70", -30),
+            (f"expire:{lot}:70:6", -30),  # its draws: 2 redemptions, 2 expiries, 2 cancels
+        ]
+        assert ledger.lots_sum(session, member_id=member.id) == 0
+        assert ledger.entries_sum(session, member_id=member.id) == 0
