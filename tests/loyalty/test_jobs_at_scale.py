@@ -233,6 +233,10 @@ def test_every_daily_job_does_its_work_for_a_programme_of_70000_members(
         ("downgrade", None): _ids(DOWN_NONE, OUT_OF_WINDOW),
         ("downgrade", silver): _ids(DOWN_SILVER),
     }
+    values = {move.member_id: move.value for move in moves}
+    assert {values[m] for m in _ids(DOWN_NONE, OUT_OF_WINDOW)} == {0.0}
+    assert {values[m] for m in _ids(DOWN_SILVER)} == {200.0}
+    assert {values[m] for m in _ids(PAIRS[::2])} == {600.0}
     with db.begin() as session:
         members = {
             m.id: (m.tier_id, m.below_tier_since)
