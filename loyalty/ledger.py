@@ -971,43 +971,127 @@ def lots_sum(session: Session, *, member_id: str) -> int:
     )
 
 
+# Lots expired per statement batch: a few bound lists of this many ids, well under SQLite's
+# 32,766 and PostgreSQL's 65,535 variables.
+EXPIRY_CHUNK = 10_000
+
+_UTC = pl.Datetime("us", "UTC")
+# Polars types of `ENTRY_COLUMNS`, for entries written in bulk (`write_debits`).
+ENTRY_SCHEMA: dict[str, pl.DataType] = {
+    **dict.fromkeys(ENTRY_COLUMNS, pl.String()),
+    **dict.fromkeys(("points", "qualifying_points", "unrecovered", "event_id"), pl.Int64()),
+    **dict.fromkeys(("pending_until", "expires_at", "occurred_at", "created_at"), _UTC),
+    "local_date": pl.Date(),
+}
+
+
 def expire_due(
-    session: Session, *, program: Program, now: datetime | None = None, limit: int = 10_000
+    session: Session, *, program: Program, now: datetime | None = None, chunk: int = EXPIRY_CHUNK
 ) -> int:
-    """Write an `expire` entry for every lot past its expiry that still holds points."""
+    """Write an `expire` entry for every lot past its expiry that still holds points, drawing
+    exactly what is left of it; returns how many were written.
+
+    Set-based, `chunk` lots at a time: their members locked together (`lock_members`), the
+    lots and what was drawn from them read in two statements, the entries, draws and lot
+    updates written in bulk (`write_debits`). Each entry is the one `debit(kind="expire",
+    lots=[lot], partial=True)` wrote per lot before: key `expire:<lot>:<drawn so far>`, id
+    `entry_id(key)`, dated at the lot's expiry (a key already taken gets a suffix, see
+    `_expire_lots`).
+    """
     now = now or utcnow()
-    due = session.execute(
-        select(Lot.entry_id, Lot.member_id, Lot.remaining, Lot.expires_at)
+    due = session.scalars(
+        select(Lot.entry_id)
         .where(
             Lot.program_id == program.id,
             Lot.remaining > 0,
             Lot.expires_at.is_not(None),
             Lot.expires_at <= now,
         )
-        .order_by(Lot.member_id, Lot.expires_at, Lot.entry_id)
-        .limit(limit)
+        .order_by(Lot.entry_id)
     ).all()
-    locked: set[str] = set()
-    written = 0
-    for lot_id, member_id, remaining, lot_expires_at in due:
-        if member_id not in locked:
-            lock_member(session, member_id=member_id)
-            locked.add(member_id)
-        drawn = session.scalar(
-            select(func.coalesce(func.sum(LotDraw.points), 0)).where(LotDraw.lot_id == lot_id)
+    return sum(
+        _expire_lots(session, program=program, lot_ids=ids, now=now)
+        for ids in in_chunks(due, chunk)
+    )
+
+
+def _expire_lots(session: Session, *, program: Program, lot_ids: list[str], now: datetime) -> int:
+    locked = set(session.scalars(select(Lot.member_id).where(Lot.entry_id.in_(lot_ids))))
+    lock_members(session, member_ids=sorted(locked))
+    # Read again under the locks: what another writer left of each lot, and its owner now.
+    lots = session.execute(
+        select(Lot.entry_id, Lot.member_id, Lot.remaining, Lot.expires_at)
+        .where(Lot.entry_id.in_(lot_ids), Lot.remaining > 0, Lot.expires_at <= now)
+        .order_by(Lot.entry_id)
+    ).all()
+    moved = {member_id for _, member_id, _, _ in lots} - locked
+    if moved:
+        lock_members(session, member_ids=sorted(moved))
+    drawn: dict[str, tuple[int, int]] = {
+        lot_id: (int(total or 0), int(draws))
+        for lot_id, total, draws in session.execute(
+            select(LotDraw.lot_id, func.sum(LotDraw.points), func.count())
+            .where(LotDraw.lot_id.in_(lot_ids))
+            .group_by(LotDraw.lot_id)
         )
-        debit(
-            session,
-            program=program,
-            member_id=member_id,
-            kind="expire",
-            points=int(remaining),
-            lots=[lot_id],
-            idempotency_key=f"expire:{lot_id}:{int(drawn or 0)}",
-            occurred_at=lot_expires_at,
-            now=now,
-            partial=True,
-            reason="points expired",
+    }
+    keys = {lot_id: f"expire:{lot_id}:{drawn.get(lot_id, (0, 0))[0]}" for lot_id, *_ in lots}
+    existing = set(
+        session.scalars(
+            select(LedgerEntry.idempotency_key).where(
+                LedgerEntry.idempotency_key.in_(list(keys.values()))
+            )
         )
-        written += 1
-    return written
+    )
+    # Cancelled redemptions can give a lot back exactly what an earlier expiry saw drawn
+    # (two redemptions of 30, expiry, one cancelled, expiry, the other cancelled): the key
+    # is taken, and `debit` returned that old entry without drawing, so the expiry loop
+    # never ended. Such a lot takes the number of its draws, which only grows, as a suffix.
+    for lot_id, key in keys.items():
+        if key in existing:
+            keys[lot_id] = f"{key}:{drawn[lot_id][1]}"
+            existing.discard(key)
+            existing |= set(
+                session.scalars(
+                    select(LedgerEntry.idempotency_key).where(
+                        LedgerEntry.idempotency_key == keys[lot_id]
+                    )
+                )
+            )
+    days: dict[datetime, date] = {}
+    entries: list[dict[str, Any]] = []  # Any: column values
+    draws: list[tuple[str, str, int]] = []
+    for lot_id, member_id, remaining, expires_at in lots:
+        key = keys[lot_id]
+        if key in existing or expires_at is None:
+            continue
+        if expires_at not in days:
+            days[expires_at] = calendar.local_date(expires_at, program.timezone)
+        entry = entry_id(key)
+        draws.append((entry, lot_id, int(remaining)))
+        entries.append(
+            {
+                "id": entry,
+                "program_id": program.id,
+                "member_id": member_id,
+                "kind": "expire",
+                "points": -int(remaining),
+                "qualifying_points": 0,
+                "unrecovered": 0,
+                "status": "active",
+                "occurred_at": expires_at,
+                "local_date": days[expires_at],
+                "created_at": now,
+                "reason": "points expired",
+                "idempotency_key": key,
+            }
+        )
+    return write_debits(
+        session,
+        entries=pl.DataFrame(entries, schema=ENTRY_SCHEMA),
+        draws=pl.DataFrame(
+            draws,
+            schema={"entry_id": pl.String(), "lot_id": pl.String(), "points": pl.Int64()},
+            orient="row",
+        ),
+    )

@@ -2025,14 +2025,7 @@ def reevaluate_tiers(
 ) -> list[tiers.Move]:
     """The periodic re-evaluation: upgrades, and downgrades past the grace period."""
     program = get_program(session, program_id=program_id)
-    ids = list(
-        session.scalars(
-            select(Member.id).where(Member.program_id == program.id, Member.status == "active")
-        )
-    )
-    return tiers.evaluate(
-        session, program=program, member_ids=ids, now=now or utcnow(), downgrade=True
-    )
+    return tiers.reevaluate(session, program=program, now=now or utcnow())
 
 
 def tier_history(session: Session, *, member_id: str) -> list[TierChange]:
@@ -2082,10 +2075,7 @@ def tier_changes(
 def expire_points(session: Session, *, program_id: str, now: datetime | None = None) -> int:
     """Write the expiry entries of every lot past its expiry; returns how many."""
     program = get_program(session, program_id=program_id)
-    total = 0
-    while written := ledger.expire_due(session, program=program, now=now):
-        total += written
-    return total
+    return ledger.expire_due(session, program=program, now=now)
 
 
 def expiring_soon(
@@ -2549,6 +2539,43 @@ def tier_distribution_select(
     return query
 
 
+def _enrolment_by_month(session: Session, *, program: Program) -> dict[str, int]:
+    """Memberships not merged away by local month of enrolment (`YYYY-MM`), counted in SQL:
+    the local month starts between the first and the last enrolment, as UTC instants, bucket
+    the rows in one grouped statement (not one time-zone conversion per member in Python)."""
+    counted = (Member.program_id == program.id, Member.status != "merged")
+    first, last = session.execute(
+        select(func.min(Member.enrolled_at), func.max(Member.enrolled_at)).where(*counted)
+    ).one()
+    if first is None or last is None:
+        return {}
+    month = calendar.local_date(first, program.timezone).replace(day=1)
+    final = calendar.local_date(last, program.timezone).replace(day=1)
+    starts: list[tuple[str, datetime]] = []
+    while month <= final:
+        starts.append((month.strftime("%Y-%m"), calendar.start_of_day(month, program.timezone)))
+        month = calendar.add_months(month, 1)
+    if len(starts) == 1:
+        return {starts[0][0]: int(session.scalar(select(func.count()).where(*counted)) or 0)}
+    # The latest month whose start the enrolment reached: conditions from the last month back.
+    months = (
+        select(
+            case(
+                *((Member.enrolled_at >= start, name) for name, start in reversed(starts[1:])),
+                else_=starts[0][0],
+            ).label("month")
+        )
+        .where(*counted)
+        .subquery()
+    )
+    return {
+        str(name): int(count)
+        for name, count in session.execute(
+            select(months.c.month, func.count()).group_by(months.c.month)
+        )
+    }
+
+
 def kpis(
     session: Session, warehouse: Warehouse, *, program_id: str, now: datetime | None = None
 ) -> KpiRead:
@@ -2577,13 +2604,7 @@ def kpis(
         )
         or 0
     )
-    enrolled = session.execute(
-        select(Member.enrolled_at).where(in_program, Member.status != "merged")
-    ).scalars()
-    by_month: dict[str, int] = {}
-    for at in enrolled:
-        key = calendar.local_date(at, program.timezone).strftime("%Y-%m")
-        by_month[key] = by_month.get(key, 0) + 1
+    by_month = _enrolment_by_month(session, program=program)
     # Manual adjustments apart by sign: a credit by hand is issued, a debit by hand is not
     # negative issuance (as in `points_flow_select`, the dashboards' figure).
     flow = case(

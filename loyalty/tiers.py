@@ -6,9 +6,10 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from typing import Any
 
 import polars as pl
-from sqlalchemy import event, func, inspect, select
+from sqlalchemy import event, func, inspect, select, update
 from sqlalchemy.orm import Session, SessionTransaction
 
 from cdp.db import utcnow
@@ -175,9 +176,13 @@ def evaluate(
         return []
     ranks = {t.id: t.rank for t in tiers}
     values = metrics(session, program=program, member_ids=member_ids, now=now)
-    members = session.scalars(
-        select(Member).where(Member.id.in_(member_ids), Member.status == "active")
-    ).all()
+    members = [
+        member
+        for chunk in ledger.in_chunks(member_ids)
+        for member in session.scalars(
+            select(Member).where(Member.id.in_(chunk), Member.status == "active")
+        )
+    ]
     moves: list[Move] = []
     grace = timedelta(days=program.tier_grace_days)
     held = _imported_tiers_held(session, member_ids=member_ids, now=now) if downgrade else {}
@@ -199,6 +204,139 @@ def evaluate(
             member.below_tier_since = None
     session.flush()
     return moves
+
+
+def _metric_by_owner(
+    program: Program, now: datetime, *, at_least: float | None
+) -> Any:  # Any: a SQL subquery
+    """`owner, value`: the metric in the window of every membership of the programme that
+    has any (and reaches `at_least`), the memberships merged into one counted for it (as
+    `metrics` counts them)."""
+    since = window_start(program, now)
+    owner = func.coalesce(Member.merged_into, Member.id).label("owner")
+    if program.tier_metric == "points":
+        value: Any = LedgerEntry.qualifying_points  # Any: a column
+        table: Any = LedgerEntry  # Any: a mapped class
+    else:
+        value = Activity.spend if program.tier_metric == "spend" else Activity.orders
+        table = Activity
+    query = (
+        select(owner, func.sum(value).label("value"))
+        .select_from(table)
+        .join(Member, Member.id == table.member_id)
+        .where(
+            Member.program_id == program.id,
+            table.program_id == program.id,
+            table.occurred_at >= since,
+            table.occurred_at <= now,
+        )
+        .group_by(owner)
+    )
+    if at_least is not None:
+        query = query.having(func.sum(value) >= at_least)
+    return query.subquery()
+
+
+def reevaluate(session: Session, *, program: Program, now: datetime) -> list[Move]:
+    """`evaluate(downgrade=True)` of every active member of the programme, set-based.
+
+    One grouped statement over the ledger (or the activity) gives the metric of the members
+    reaching the lowest threshold, and one more the active members holding a tier or marked
+    below one: only the members something can happen to come back. Members are
+    loaded as objects only to move them; the grace marks are set and cleared with one
+    `UPDATE` per chunk of ids. Same decisions as `evaluate`, with no statement binding one
+    parameter per member (a programme with more members than SQLite's 32,766 or
+    PostgreSQL's 65,535 variables failed).
+    """
+    tiers = ladder(session, program_id=program.id)
+    if not tiers:
+        return []
+    session.flush()
+    ranks = {t.id: t.rank for t in tiers}
+    lowest = min(t.threshold for t in tiers)
+    # The owners whose metric reaches the lowest threshold (every owner with anything in the
+    # window when a tier starts at 0 or below), joined to their active members by key: a
+    # LEFT JOIN of every member to the grouped metric made SQLite scan the grouped rows
+    # once per member (11 s for 20,000 members).
+    metric = _metric_by_owner(program, now, at_least=lowest if lowest > 0 else None)
+    reached = session.execute(
+        select(Member.id, Member.tier_id, Member.below_tier_since, metric.c.value)
+        .join(metric, metric.c.owner == Member.id)
+        .where(Member.status == "active")
+    ).all()
+    values = {member_id: float(value or 0) for member_id, _, _, value in reached}
+    others = select(Member.id, Member.tier_id, Member.below_tier_since).where(
+        Member.program_id == program.id, Member.status == "active"
+    )
+    if lowest > 0:
+        others = others.where(Member.tier_id.is_not(None) | Member.below_tier_since.is_not(None))
+    # A member left out of `reached` has 0 (no tier at 0 or below), or less than the lowest
+    # threshold: no tier either way; its exact value is read below if it moves.
+    candidates = sorted(
+        {(m, t, b) for m, t, b, _ in reached}
+        | {(m, t, b) for m, t, b in session.execute(others) if m not in values}
+    )
+    held = _imported_held_in_program(session, program_id=program.id, now=now)
+    grace = timedelta(days=program.tier_grace_days)
+    movers: dict[str, tuple[Tier | None, str, float]] = {}
+    below_from_now: list[str] = []
+    below_cleared: list[str] = []
+    for member_id, tier_id, below in candidates:
+        metric_value = values.get(member_id, 0.0)
+        target = _target(tiers, metric_value)
+        current_rank = ranks.get(tier_id, 0) if tier_id else 0
+        target_rank = target.rank if target is not None else 0
+        if target_rank > current_rank:
+            movers[member_id] = (target, "upgrade", metric_value)
+        elif target_rank < current_rank:
+            if held.get(member_id) == tier_id:
+                continue
+            if now - (below or now) >= grace:
+                movers[member_id] = (target, "downgrade", metric_value)
+            elif below is None:
+                below_from_now.append(member_id)
+        elif below is not None:
+            below_cleared.append(member_id)
+    for ids, mark in ((below_from_now, now), (below_cleared, None)):
+        for chunk in ledger.in_chunks(ids, 10_000):
+            session.execute(
+                update(Member).where(Member.id.in_(chunk)).values(below_tier_since=mark)
+            )
+    unknown = [m for m in movers if m not in values and lowest > 0]
+    exact = metrics(session, program=program, member_ids=unknown, now=now)
+    movers |= {
+        m: (target, reason, exact[m]) for m, (target, reason, _) in movers.items() if m in exact
+    }
+    loaded = {
+        member.id: member
+        for chunk in ledger.in_chunks(sorted(movers), 10_000)
+        for member in session.scalars(select(Member).where(Member.id.in_(chunk)))
+    }
+    moves = [
+        _move(session, program, loaded[member_id], target, reason, metric_value, now)
+        for member_id, (target, reason, metric_value) in movers.items()
+    ]
+    session.flush()
+    return moves
+
+
+def _imported_held_in_program(
+    session: Session, *, program_id: str, now: datetime
+) -> dict[str, str | None]:
+    """`_imported_tiers_held` of every member of a programme, in one statement."""
+    since = now - timedelta(days=round(IMPORT_HOLD_MONTHS * 365.25 / 12))
+    return {
+        member_id: tier_id
+        for member_id, tier_id in session.execute(
+            select(TierChange.member_id, TierChange.to_tier_id)
+            .where(
+                TierChange.program_id == program_id,
+                TierChange.reason == IMPORT_REASON,
+                TierChange.at > since,
+            )
+            .order_by(TierChange.at)
+        )
+    }
 
 
 def _imported_tiers_held(

@@ -64,3 +64,16 @@ def test_the_loyalty_backfill_benchmark_measures_the_same_work_in_a_reused_workd
     assert details[1] == details[0] | {
         k: details[1][k] for k in details[1] if k.endswith(("MiB", " s", "events/s"))
     }
+
+
+def test_the_loyalty_jobs_benchmark_runs_every_daily_job_on_real_work(tmp_path: Path) -> None:
+    """Each job must have something to do at a tiny scale, or the figures time nothing."""
+    out = tmp_path / "result.json"
+    code = main(["loyalty_jobs", "--scale", "2000", "--json", str(out), "--workdir", str(tmp_path)])
+    assert code == 0
+    details = json.loads(out.read_text())["details"]
+    assert details["members"] == 2000
+    assert details["snapshot rows"] == 2000 - 20  # 1% merged away
+    for key in ("lots expired", "tier upgrades", "tier downgrades", "birthday credits"):
+        assert details[key] > 0, key
+    assert details["members marked below their tier"] > 0
