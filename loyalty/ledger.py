@@ -999,16 +999,19 @@ def expire_due(
     `_expire_lots`).
     """
     now = now or utcnow()
-    due = session.scalars(
-        select(Lot.entry_id)
-        .where(
-            Lot.program_id == program.id,
-            Lot.remaining > 0,
-            Lot.expires_at.is_not(None),
-            Lot.expires_at <= now,
+    # Sorted here, not by SQL: an ORDER BY entry_id made SQLite walk the lots' primary key
+    # and fetch every lot of the programme at a random place (minutes at 8.5M lots); without
+    # it, one scan of the table.
+    due = sorted(
+        session.scalars(
+            select(Lot.entry_id).where(
+                Lot.program_id == program.id,
+                Lot.remaining > 0,
+                Lot.expires_at.is_not(None),
+                Lot.expires_at <= now,
+            )
         )
-        .order_by(Lot.entry_id)
-    ).all()
+    )
     return sum(
         _expire_lots(session, program=program, lot_ids=ids, now=now)
         for ids in in_chunks(due, chunk)

@@ -109,39 +109,45 @@ def ladder(session: Session, *, program_id: str) -> list[Tier]:
 def metrics(
     session: Session, *, program: Program, member_ids: list[str], now: datetime
 ) -> dict[str, float]:
-    """The qualification metric of each member (with memberships merged into it) in the window."""
+    """The qualification metric of each member (with memberships merged into it) in the window.
+
+    Per chunk of members: their memberships (and those merged into them), then the sum of
+    each membership's entries (or activity) in the window, read by member."""
     if not member_ids:
         return {}
     since = window_start(program, now)
-    owner = func.coalesce(Member.merged_into, Member.id)
+    if program.tier_metric == "points":
+        table: Any = LedgerEntry  # Any: a mapped class
+        value: Any = LedgerEntry.qualifying_points  # Any: a column
+    else:
+        table = Activity
+        value = Activity.spend if program.tier_metric == "spend" else Activity.orders
+    # The window is compared through an expression no index serves: with a list of a thousand
+    # members and a year's window, SQLite preferred walking the ledger's time index over the
+    # whole window and probing the members (12 s per thousand members at 8.5M entries; the
+    # real-time path evaluates every batch's members, the nightly re-evaluation the members
+    # it downgrades). Read by member instead, through the member index.
+    when = func.coalesce(table.occurred_at, table.occurred_at)
     values: dict[str, float] = dict.fromkeys(member_ids, 0.0)
     for chunk in ledger.in_chunks(member_ids):
-        group = (
-            select(Member.id, owner.label("owner"))
-            .where(
-                Member.program_id == program.id,
-                (Member.id.in_(chunk)) | (Member.merged_into.in_(chunk)),
-            )
-            .subquery()
+        owner_of = dict(
+            session.execute(
+                select(Member.id, func.coalesce(Member.merged_into, Member.id)).where(
+                    Member.program_id == program.id,
+                    (Member.id.in_(chunk)) | (Member.merged_into.in_(chunk)),
+                )
+            ).all()
         )
-        if program.tier_metric == "points":
-            query = (
-                select(group.c.owner, func.sum(LedgerEntry.qualifying_points))
-                .join(LedgerEntry, LedgerEntry.member_id == group.c.id)
-                .where(LedgerEntry.occurred_at >= since, LedgerEntry.occurred_at <= now)
-                .group_by(group.c.owner)
+        for part in ledger.in_chunks(sorted(owner_of)):
+            sums = session.execute(
+                select(table.member_id, func.sum(value))
+                .where(table.member_id.in_(part), when >= since, when <= now)
+                .group_by(table.member_id)
             )
-        else:
-            column = Activity.spend if program.tier_metric == "spend" else Activity.orders
-            query = (
-                select(group.c.owner, func.sum(column))
-                .join(Activity, Activity.member_id == group.c.id)
-                .where(Activity.occurred_at >= since, Activity.occurred_at <= now)
-                .group_by(group.c.owner)
-            )
-        for member_id, value in session.execute(query).all():
-            if member_id in values:
-                values[member_id] = float(value or 0)
+            for member_id, total in sums:
+                owner = owner_of[member_id]
+                if owner in values:
+                    values[owner] += float(total or 0)
     return values
 
 
