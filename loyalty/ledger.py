@@ -110,6 +110,15 @@ def ordered_ids(keys: Sequence[str], millis: Sequence[int]) -> list[str]:
 T = TypeVar("T")
 
 
+def unindexed(column: Any) -> Any:  # Any: a column, and the same column in an expression
+    """The column inside an expression no index serves (`coalesce(c, c)`), so the planner
+    cannot pick an index on it: SQLite otherwise walks an index on a range or a GROUP BY
+    column and fetches every row at a random place in the table, minutes at millions of
+    rows, where a read by another index (a list of members) or one scan and a sort is fast.
+    Used where that was measured (1M members, 8.5M entries and lots)."""
+    return func.coalesce(column, column)
+
+
 def in_chunks(values: Sequence[T], size: int = 1000) -> list[list[T]]:
     """`values` in lists of at most `size`: the bound parameters of one `IN (...)`."""
     return [list(values[i : i + size]) for i in range(0, len(values), size)]

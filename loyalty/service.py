@@ -1127,48 +1127,61 @@ def publish_member_snapshot(
     (lots neither pending nor expired at `now`). Returns the number of rows published.
     """
     now = now or utcnow()
-    spendable = (
-        select(Lot.member_id, func.sum(Lot.remaining).label("balance"))
-        .where(
-            Lot.remaining > 0,
-            (Lot.expires_at.is_(None)) | (Lot.expires_at > now),
-            (Lot.pending_until.is_(None)) | (Lot.pending_until <= now),
-        )
-        .group_by(Lot.member_id)
-        .subquery()
+    # Two reads joined here. The balances grouped by an expression, in one scan and a sort:
+    # by the member index SQLite fetched each lot at a random place (19.3 s for 8.5M lots,
+    # 3.9 s this way); and joined to the members in Polars: SQLite scanned the grouped
+    # balances once per member when asked to join them.
+    owner = ledger.unindexed(Lot.member_id)
+    balances = pl.DataFrame(
+        session.execute(
+            select(owner, func.sum(Lot.remaining))
+            .where(
+                Lot.remaining > 0,
+                (Lot.expires_at.is_(None)) | (Lot.expires_at > now),
+                (Lot.pending_until.is_(None)) | (Lot.pending_until <= now),
+            )
+            .group_by(owner)
+        ).all(),
+        schema={"member_id": pl.String(), "balance": pl.Int64()},
+        orient="row",
     )
-    result = session.execute(
-        select(
-            Member.program_id,
-            Program.created_at,
-            Member.profile_id,
-            Member.id,
-            Member.status,
-            Member.enrolled_at,
-            Tier.name,
-            func.coalesce(spendable.c.balance, 0),
-        )
-        .join(Program, Program.id == Member.program_id)
-        .outerjoin(Tier, Tier.id == Member.tier_id)
-        .outerjoin(spendable, spendable.c.member_id == Member.id)
-        .where(Member.status.not_in(["merged", "erased"]))
-    )
-    columns = list(zip(*result.all(), strict=False)) or [()] * 8
-    naive = [[v.replace(tzinfo=None) for v in col] for col in (columns[1], columns[5])]
-    frame = pl.DataFrame(
-        {
-            "program_id": columns[0],
-            "program_created_at": naive[0],
-            "profile_id": columns[2],
-            "member_id": columns[3],
-            "status": columns[4],
-            "enrolled_at": naive[1],
-            "tier": columns[6],
-            "balance": [int(v) for v in columns[7]],
+    utc = pl.Datetime("us", "UTC")
+    members = pl.DataFrame(
+        session.execute(
+            select(
+                Member.program_id,
+                Program.created_at,
+                Member.profile_id,
+                Member.id,
+                Member.status,
+                Member.enrolled_at,
+                Tier.name,
+            )
+            .join(Program, Program.id == Member.program_id)
+            .outerjoin(Tier, Tier.id == Member.tier_id)
+            .where(Member.status.not_in(["merged", "erased"]))
+        ).all(),
+        schema={
+            "program_id": pl.String(),
+            "program_created_at": utc,
+            "profile_id": pl.String(),
+            "member_id": pl.String(),
+            "status": pl.String(),
+            "enrolled_at": utc,
+            "tier": pl.String(),
         },
-        schema={k: v for k, v in _SNAPSHOT_SCHEMA.items() if k not in ("enrolled", "refreshed_at")},
-    ).with_columns(
+        orient="row",
+    )
+    frame = members.join(balances, on="member_id", how="left").select(
+        "program_id",
+        pl.col("program_created_at").dt.replace_time_zone(None),
+        "profile_id",
+        "member_id",
+        "status",
         (pl.col("status") == "active").alias("enrolled"),
+        pl.col("enrolled_at").dt.replace_time_zone(None),
+        "tier",
+        pl.col("balance").fill_null(0),
         pl.lit(now.replace(tzinfo=None), dtype=pl.Datetime("us")).alias("refreshed_at"),
     )
     with warehouse.transaction() as cur:
@@ -2084,20 +2097,31 @@ def expiring_soon(
     """Members with points expiring within `days`: (member, profile, points, first expiry)."""
     now = now or utcnow()
     get_program(session, program_id=program_id)
-    rows = session.execute(
-        select(Lot.member_id, Member.profile_id, func.sum(Lot.remaining), func.min(Lot.expires_at))
-        .join(Member, Member.id == Lot.member_id)
+    # The lots expiring soon grouped first, in one scan (by the member index SQLite fetched
+    # every lot of every member at a random place: 18 s at 1M members), then their members.
+    owner = ledger.unindexed(Lot.member_id)
+    expiring = (
+        select(
+            owner.label("member_id"),
+            func.sum(Lot.remaining).label("points"),
+            func.min(Lot.expires_at).label("first"),
+        )
         .where(
             Lot.program_id == program_id,
-            # Reminders go to members who can still spend: not to opted-out, unenrolled or
-            # erased ones (their points still expire, see `expire_points`).
-            Member.status == "active",
             Lot.remaining > 0,
             Lot.expires_at > now,
             Lot.expires_at <= now + timedelta(days=days),
         )
-        .group_by(Lot.member_id, Member.profile_id)
-        .order_by(func.min(Lot.expires_at), Lot.member_id)
+        .group_by(owner)
+        .subquery()
+    )
+    rows = session.execute(
+        select(expiring.c.member_id, Member.profile_id, expiring.c.points, expiring.c.first)
+        .join(Member, Member.id == expiring.c.member_id)
+        # Reminders go to members who can still spend: not to opted-out, unenrolled or erased
+        # ones (their points still expire, see `expire_points`).
+        .where(Member.status == "active")
+        .order_by(expiring.c.first, expiring.c.member_id)
     ).all()
     return [(str(m), str(p), int(s), e) for m, p, s, e in rows if e is not None]
 

@@ -127,7 +127,7 @@ def metrics(
     # whole window and probing the members (12 s per thousand members at 8.5M entries; the
     # real-time path evaluates every batch's members, the nightly re-evaluation the members
     # it downgrades). Read by member instead, through the member index.
-    when = func.coalesce(table.occurred_at, table.occurred_at)
+    when = ledger.unindexed(table.occurred_at)
     values: dict[str, float] = dict.fromkeys(member_ids, 0.0)
     for chunk in ledger.in_chunks(member_ids):
         owner_of = dict(
