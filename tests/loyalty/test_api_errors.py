@@ -32,6 +32,14 @@ def _programme(client: TestClient, headers: H, **fields: object) -> str:
     return str(_post(client, "/api/loyalty/programs", body, headers, 201)["id"])
 
 
+def _programme_with_ann(client: TestClient, headers: H, profiles: Profiles) -> tuple[str, str]:
+    """An active programme and the member id of a real profile enrolled in it."""
+    program_id = _programme(client, headers)
+    ann = profiles("ann")["ann"]
+    members = f"/api/loyalty/programs/{program_id}/members"
+    return program_id, str(_post(client, members, {"profile_id": ann}, headers)["id"])
+
+
 def _per_euro(client: TestClient, headers: H, program_id: str) -> None:
     rule = {
         "name": "1 pt per euro",
@@ -90,10 +98,7 @@ def test_an_order_amount_too_large_for_points_earns_nothing_and_does_not_stop_pr
 def test_numbers_beyond_what_the_ledger_stores_are_refused_with_422(
     client: TestClient, loyalty_headers: H, profiles: Profiles, path: str, body: Json
 ) -> None:
-    program_id = _programme(client, loyalty_headers)
-    members = f"/api/loyalty/programs/{program_id}/members"
-    ann = profiles("ann")["ann"]
-    member_id = _post(client, members, {"profile_id": ann}, loyalty_headers)["id"]
+    program_id, member_id = _programme_with_ann(client, loyalty_headers, profiles)
     if path.endswith("rules"):
         body = {"name": "r", "event_name": "E", "formula": {"type": "fixed", "points": 1}, **body}
     url = "/api/loyalty/" + path.format(program=program_id, member=member_id)
@@ -105,10 +110,7 @@ def test_numbers_beyond_what_the_ledger_stores_are_refused_with_422(
 def test_a_redemption_is_cancelled_without_a_body(
     client: TestClient, loyalty_headers: H, profiles: Profiles
 ) -> None:
-    program_id = _programme(client, loyalty_headers)
-    members = f"/api/loyalty/programs/{program_id}/members"
-    ann = profiles("ann")["ann"]
-    member_id = _post(client, members, {"profile_id": ann}, loyalty_headers)["id"]
+    program_id, member_id = _programme_with_ann(client, loyalty_headers, profiles)
     adjustment = {"points": 100, "reason": "welcome"}
     _post(client, f"/api/loyalty/members/{member_id}/adjustments", adjustment, loyalty_headers, 201)
     reward = {"name": "Coffee", "points_cost": 60}
@@ -135,10 +137,8 @@ def test_a_redemption_is_cancelled_without_a_body(
 def test_unknown_filter_values_of_member_and_ledger_lists_are_refused(
     client: TestClient, loyalty_headers: H, profiles: Profiles
 ) -> None:
-    program_id = _programme(client, loyalty_headers)
+    program_id, member_id = _programme_with_ann(client, loyalty_headers, profiles)
     members = f"/api/loyalty/programs/{program_id}/members"
-    ann = profiles("ann")["ann"]
-    member_id = _post(client, members, {"profile_id": ann}, loyalty_headers)["id"]
     for url in (f"{members}?status=activ", f"/api/loyalty/members/{member_id}/history?kind=eran"):
         answer = client.get(url, headers=loyalty_headers)
         assert answer.status_code == 422, answer.text
