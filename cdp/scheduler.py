@@ -167,7 +167,7 @@ class JobRunner:
             session.add(
                 JobRun(id=run_id, job=name, trigger=trigger, status="running", started_at=utcnow())
             )
-        logger.info("job started", extra={"job": name, "run_id": run_id, "trigger": trigger})
+        logger.debug("job started", extra={"job": name, "run_id": run_id, "trigger": trigger})
         return run_id
 
     def _execute(self, spec: JobSpec, run_id: str, trigger: RunTrigger) -> JobRun:
@@ -192,9 +192,14 @@ class JobRunner:
             run.error = error
             # Jobs that poll every second or few (loyalty, identity) would fill the table with
             # runs that found nothing to do: a scheduled run that succeeded idle is not kept.
-            if trigger == "schedule" and status == "succeeded" and not run.rows and not run.message:
+            idle = trigger == "schedule" and status == "succeeded" and not run.rows
+            idle = idle and not run.message
+            if idle:
                 session.delete(run)
-        logger.info(
+        # Idle scheduled runs are logged at DEBUG too: at INFO, the jobs polling every second
+        # wrote two lines a second that said nothing.
+        logger.log(
+            logging.DEBUG if idle else logging.INFO,
             "job finished",
             extra={"job": spec.name, "run_id": run_id, "status": status, "rows": context.rows},
         )

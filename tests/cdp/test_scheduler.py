@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import pytest
@@ -52,15 +53,25 @@ def test_runs_are_recorded_with_outcome_and_rows(runner: JobRunner, db: Database
 
 
 def test_idle_scheduled_runs_are_not_kept_but_manual_ones_are(
-    settings: Settings, db: Database, warehouse: Warehouse
+    settings: Settings, db: Database, warehouse: Warehouse, caplog: pytest.LogCaptureFixture
 ) -> None:
     job_runner = JobRunner(settings, db, warehouse)
     job_runner.register(JobSpec("idle", lambda context: 0, "finds nothing to do"))
-    job_runner.run("idle", trigger="schedule")
-    job_runner.run("idle", trigger="manual")
+    job_runner.register(JobSpec("busy", lambda context: 3, "finds three rows"))
+    with caplog.at_level(logging.INFO, logger="cdp.scheduler"):
+        job_runner.run("idle", trigger="schedule")
+        job_runner.run("idle", trigger="manual")
+        job_runner.run("busy", trigger="schedule")
     with db.begin() as session:
         runs = session.query(JobRun).filter_by(job="idle").all()
     assert [r.trigger for r in runs] == ["manual"]
+    # Nor logged at INFO: only the runs that are kept say they finished.
+    finished = [
+        (r.job, r.rows)  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.name == "cdp.scheduler" and r.levelno >= logging.INFO
+    ]
+    assert finished == [("idle", 0), ("busy", 3)]
 
 
 def test_unknown_job_is_not_found(runner: JobRunner) -> None:
