@@ -558,13 +558,19 @@ def member_tier_history(member_id: str, session: SessionDep) -> list[TierChangeR
 
 @router.get("/programs/{program_id}/expiring")
 def list_expiring(
-    program_id: str, session: SessionDep, days: Annotated[int, Query(ge=1, le=366)] = 30
-) -> list[ExpiringMember]:
-    """Members with points expiring within `days` (for reminders)."""
-    return [
-        ExpiringMember(member_id=m, profile_id=p, points=n, first_expiry=e)
-        for m, p, n, e in service.expiring_soon(session, program_id=program_id, days=days)
+    program_id: str,
+    session: SessionDep,
+    page: PageDep,
+    days: Annotated[int, Query(ge=1, le=366)] = 30,
+) -> Page[ExpiringMember]:
+    """Members with points expiring within `days` (for reminders), soonest first, paginated."""
+    rows, total = service.expiring_page(
+        session, program_id=program_id, days=days, limit=page.limit, offset=page.offset
+    )
+    items = [
+        ExpiringMember(member_id=m, profile_id=p, points=n, first_expiry=e) for m, p, n, e in rows
     ]
+    return Page[ExpiringMember].of(items, total=total, params=page)
 
 
 @router.post("/programs/{program_id}/imports", status_code=200, response_model=ImportResult)

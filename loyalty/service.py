@@ -2094,7 +2094,32 @@ def expire_points(session: Session, *, program_id: str, now: datetime | None = N
 def expiring_soon(
     session: Session, *, program_id: str, days: int = 30, now: datetime | None = None
 ) -> list[tuple[str, str, int, datetime]]:
-    """Members with points expiring within `days`: (member, profile, points, first expiry)."""
+    """Members with points expiring within `days`: (member, profile, points, first expiry),
+    soonest first. Every one of them (`expiring_page` for one page)."""
+    query = _expiring(session, program_id=program_id, days=days, now=now)
+    return [(str(m), str(p), int(n), e) for m, p, n, e in session.execute(query).all()]
+
+
+def expiring_page(
+    session: Session,
+    *,
+    program_id: str,
+    days: int = 30,
+    limit: int,
+    offset: int,
+    now: datetime | None = None,
+) -> tuple[list[tuple[str, str, int, datetime]], int]:
+    """One page of `expiring_soon` and how many members there are in all (a large programme
+    has hundreds of thousands to remind: 286,175 at 1M members)."""
+    query = _expiring(session, program_id=program_id, days=days, now=now)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.execute(query.limit(limit).offset(offset)).all()
+    return [(str(m), str(p), int(n), e) for m, p, n, e in rows], total
+
+
+def _expiring(
+    session: Session, *, program_id: str, days: int, now: datetime | None
+) -> Select[Any]:  # Any: member, profile, points, first expiry
     now = now or utcnow()
     get_program(session, program_id=program_id)
     # The lots expiring soon grouped first, in one scan (by the member index SQLite fetched
@@ -2115,15 +2140,14 @@ def expiring_soon(
         .group_by(owner)
         .subquery()
     )
-    rows = session.execute(
+    return (
         select(expiring.c.member_id, Member.profile_id, expiring.c.points, expiring.c.first)
         .join(Member, Member.id == expiring.c.member_id)
         # Reminders go to members who can still spend: not to opted-out, unenrolled or erased
         # ones (their points still expire, see `expire_points`).
         .where(Member.status == "active")
         .order_by(expiring.c.first, expiring.c.member_id)
-    ).all()
-    return [(str(m), str(p), int(s), e) for m, p, s, e in rows if e is not None]
+    )
 
 
 # Who a row is for: our profile id, or an identifier the old system knew the member by.

@@ -299,7 +299,24 @@ def test_expiring_soon_lists_members_to_remind(
         f"/api/loyalty/programs/{program.id}/expiring?days=15", headers=loyalty_headers
     )
     assert resp.status_code == 200
-    assert [(r["member_id"], r["points"]) for r in resp.json()] == [(member.id, 30)]
+    assert [(r["member_id"], r["points"]) for r in resp.json()["items"]] == [(member.id, 30)]
+    assert resp.json()["total"] == 1
+
+
+def test_the_expiring_list_is_paginated_soonest_first(
+    db: Database, client: TestClient, loyalty_headers: H
+) -> None:
+    program = make_program(db, expiry_policy="rolling", expiry_months=1)
+    now = datetime.now(UTC)
+    members = [make_member(db, program, f"p{i}") for i in range(5)]
+    for i, member in enumerate(members):  # p0 earned first, so its points expire first
+        earn(db, program, member, 10 + i, at=now - timedelta(days=25 - i), key=f"e{i}")
+    url = f"/api/loyalty/programs/{program.id}/expiring"
+    first = client.get(url, params={"limit": 2}, headers=loyalty_headers).json()
+    assert (first["total"], first["next_offset"]) == (5, 2)
+    assert [r["points"] for r in first["items"]] == [10, 11]
+    rest = client.get(url, params={"limit": 2, "offset": 4}, headers=loyalty_headers).json()
+    assert ([r["member_id"] for r in rest["items"]], rest["next_offset"]) == ([members[4].id], None)
 
 
 def test_the_expiry_job_expires_points_of_paused_and_ended_programmes_too(
