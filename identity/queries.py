@@ -1254,61 +1254,46 @@ def profile_row(profile_id: str) -> Query:
 
 
 # Events whose profile is $pid: candidates share an identifier with it, then the event's
-# most trusted identifier decides. Filters: event name, [since, until).
-_PROFILE_EVENTS_PAGE = """
+# most trusted identifier decides. Filters: event name, [since, until). Each step is
+# materialised so the joins run smallest first: left to the optimiser, the candidates' nodes
+# were found by joining every event node with every node (9.3M x 4.75M at 1M customers)
+# before keeping the candidates, 1.1 s per query for a profile of 40 events; now 0.1 s.
+_PROFILE_EVENTS = """
     WITH pn AS (SELECT node_id FROM identity_nodes WHERE profile_id = $pid),
-    cand AS (
+    cand AS MATERIALIZED (
         SELECT DISTINCT ei.event_id FROM identity_event_nodes ei
         JOIN pn ON pn.node_id = ei.node_id
     ),
-    ep AS (
-        SELECT ei.event_id, arg_min(
+    cand_nodes AS MATERIALIZED (
+        SELECT ei.event_id, ei.node_id FROM identity_event_nodes ei
+        SEMI JOIN cand c ON c.event_id = ei.event_id
+    ),
+    ep AS MATERIALIZED (
+        SELECT cn.event_id, arg_min(
             n.profile_id, (n.rank::HUGEINT << 60) + n.node_id
         ) AS profile_id
-        FROM identity_event_nodes ei
-        JOIN identity_nodes n ON n.node_id = ei.node_id
-        SEMI JOIN cand c ON c.event_id = ei.event_id
+        FROM cand_nodes cn
+        JOIN identity_nodes n ON n.node_id = cn.node_id
         WHERE n.profile_id IS NOT NULL
-        GROUP BY ei.event_id
+        GROUP BY cn.event_id
     ),
     pe AS (
         SELECT e.event_id, e.message_id, e.source_id, e.type, e.event, e.timestamp,
                e.received_at, e.properties, e.traits, e.context
-        FROM ep JOIN events e ON e.event_id = ep.event_id
-        WHERE ep.profile_id = $pid
-          AND ($event::VARCHAR IS NULL OR e.event = $event)
+        FROM events e
+        SEMI JOIN (SELECT event_id FROM ep WHERE profile_id = $pid) own
+            ON own.event_id = e.event_id
+        WHERE ($event::VARCHAR IS NULL OR e.event = $event)
           AND ($since::TIMESTAMP IS NULL OR e.timestamp >= $since)
           AND ($until::TIMESTAMP IS NULL OR e.timestamp < $until)
     )
+"""
+_PROFILE_EVENTS_PAGE = """{steps}
     SELECT * FROM pe ORDER BY timestamp DESC, event_id DESC LIMIT $limit OFFSET $offset
-"""
-_PROFILE_EVENTS_COUNT = """
-    WITH pn AS (SELECT node_id FROM identity_nodes WHERE profile_id = $pid),
-    cand AS (
-        SELECT DISTINCT ei.event_id FROM identity_event_nodes ei
-        JOIN pn ON pn.node_id = ei.node_id
-    ),
-    ep AS (
-        SELECT ei.event_id, arg_min(
-            n.profile_id, (n.rank::HUGEINT << 60) + n.node_id
-        ) AS profile_id
-        FROM identity_event_nodes ei
-        JOIN identity_nodes n ON n.node_id = ei.node_id
-        SEMI JOIN cand c ON c.event_id = ei.event_id
-        WHERE n.profile_id IS NOT NULL
-        GROUP BY ei.event_id
-    ),
-    pe AS (
-        SELECT e.event_id, e.message_id, e.source_id, e.type, e.event, e.timestamp,
-               e.received_at, e.properties, e.traits, e.context
-        FROM ep JOIN events e ON e.event_id = ep.event_id
-        WHERE ep.profile_id = $pid
-          AND ($event::VARCHAR IS NULL OR e.event = $event)
-          AND ($since::TIMESTAMP IS NULL OR e.timestamp >= $since)
-          AND ($until::TIMESTAMP IS NULL OR e.timestamp < $until)
-    )
+""".replace("{steps}", _PROFILE_EVENTS)
+_PROFILE_EVENTS_COUNT = """{steps}
     SELECT count(*) FROM pe
-"""
+""".replace("{steps}", _PROFILE_EVENTS)
 
 
 def profile_events(

@@ -96,6 +96,31 @@ def test_timeline_is_paginated_and_filtered(
     assert orders["total"] == 2
 
 
+def test_timeline_holds_the_events_whose_most_trusted_identifier_is_the_profiles(
+    client: TestClient, db: Database, warehouse: Warehouse, events: EventWriter
+) -> None:
+    # The device joins u1 (first seen with it); u2 may not join them (one user id per
+    # profile), so the event carrying u2 and the device is u2's, not u1's, though it shares
+    # an identifier with u1's profile.
+    events.write(
+        [
+            Ev([("user_id", "u1"), ("anonymous_id", "a")], type="track", event="Signed In"),
+            Ev([("anonymous_id", "a")], type="page"),
+            Ev([("user_id", "u2"), ("anonymous_id", "a")], type="track", event="Order"),
+        ]
+    )
+    resolve(warehouse)
+    u1 = service.lookup(warehouse, kind="user_id", value="u1")
+    u2 = service.lookup(warehouse, kind="user_id", value="u2")
+    assert u1 != u2
+    headers = _headers(db, Role.marketer)
+    mine = client.get(f"/api/profiles/{u1}/events", headers=headers).json()
+    theirs = client.get(f"/api/profiles/{u2}/events", headers=headers).json()
+    assert sorted(e["type"] for e in mine["items"]) == ["page", "track"]
+    assert [e["event"] for e in mine["items"] if e["type"] == "track"] == ["Signed In"]
+    assert (mine["total"], [e["event"] for e in theirs["items"]]) == (2, ["Order"])
+
+
 def test_identity_explains_links_merges_and_refusals(
     client: TestClient, db: Database, warehouse: Warehouse, events: EventWriter
 ) -> None:
