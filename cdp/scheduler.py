@@ -192,8 +192,8 @@ class JobRunner:
             run.error = error
             # Jobs that poll every second or few (loyalty, identity) would fill the table with
             # runs that found nothing to do: a scheduled run that succeeded idle is not kept.
-            idle = trigger == "schedule" and status == "succeeded" and not run.rows
-            idle = idle and not run.message
+            idle = trigger == "schedule" and status == "succeeded"
+            idle = idle and not (run.rows or run.message)
             if idle:
                 session.delete(run)
         # Idle scheduled runs are logged at DEBUG too: at INFO, the jobs polling every second

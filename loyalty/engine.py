@@ -48,8 +48,6 @@ _LINE_AMOUNTS = pl.List(
 # keeping its points. Only active members earn and record orders; a refund of an order a
 # member earned on is reversed, and recorded in its activity, whichever of these it is now.
 HOLDING = ("active", "unenrolled", "opted_out")
-# Above this many profiles in a batch, members are read for the whole programme.
-IN_LIST_LIMIT = 5_000
 
 EVENT_SCHEMA: dict[str, pl.DataType] = {
     "event_id": pl.Int64(),
@@ -545,7 +543,7 @@ def member_frame(session: Session, *, program_id: str, profiles: list[str]) -> p
     )
     batches = (
         [query]
-        if len(profiles) > IN_LIST_LIMIT
+        if len(profiles) > ledger.IN_LIST_LIMIT
         else [query.where(Member.profile_id.in_(chunk)) for chunk in ledger.in_chunks(profiles)]
     )
     rows = [row for q in batches for row in session.execute(q).all()]
@@ -1138,7 +1136,7 @@ def _tier_priors(session: Session, *, program: Program, prepared: pl.DataFrame) 
         .join(Member, Member.id == table.member_id)
         .where(table.program_id == program.id, value != 0)
     )
-    if len(members) > IN_LIST_LIMIT:
+    if len(members) > ledger.IN_LIST_LIMIT:
         batches = [query.where(table.occurred_at >= start, table.occurred_at <= end)]
     else:
         # A batch's members are read by member: the window is compared through an expression

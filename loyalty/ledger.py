@@ -110,6 +110,11 @@ def ordered_ids(keys: Sequence[str], millis: Sequence[int]) -> list[str]:
 T = TypeVar("T")
 
 
+# Above this many members or profiles in a batch, a read takes the whole programme's rows
+# in one statement instead of the batch's in chunks of bound ids.
+IN_LIST_LIMIT = 5_000
+
+
 def unindexed(column: Any) -> Any:  # Any: a column, and the same column in an expression
     """The column inside an expression no index serves (`coalesce(c, c)`), so the planner
     cannot pick an index on it: SQLite otherwise walks an index on a range or a GROUP BY

@@ -382,14 +382,12 @@ def change_membership_of_person(
 def _identifier_profile(warehouse: Warehouse, *, settings: Settings, kind: str, value: str) -> str:
     """The live profile holding an identifier given as typed, or a domain error saying why
     there is none."""
-    profile = identity_service.lookup_identifier(
-        warehouse, settings=settings, kind=kind, value=value
-    )
-    if profile is not None:
-        return profile
     normalised = normalise(kind, value, region=settings.default_phone_region)
     if normalised is None:
         raise InvalidIdentifier(f"{value!r} is not a usable {kind}")
+    profile = identity_service.lookup(warehouse, kind=kind, value=normalised)
+    if profile is not None:
+        return profile
     raise UnknownIdentifier(
         f"no profile holds {kind} {normalised!r}: identity may not have resolved it yet"
         " (resolution runs every few seconds), so retry shortly if it was just sent"

@@ -27,9 +27,6 @@ logger = logging.getLogger(__name__)
 # Statuses of a member that left the programme for a while: it keeps its points but earns
 # nothing, and its orders record no activity.
 AWAY = ("unenrolled", "opted_out")
-# Above this many members in a batch, the history of every member of the programme who ever
-# left is read at once instead of the batch's members in chunks.
-IN_LIST_LIMIT = 5_000
 
 HISTORY_SCHEMA: dict[str, pl.DataType] = {
     "member_id": pl.String(),
@@ -120,7 +117,7 @@ def at_events(session: Session, *, program_id: str, frame: pl.DataFrame) -> pl.D
     if frame.is_empty():
         return frame
     active = pl.col("member_status") == "active"
-    if frame.height > IN_LIST_LIMIT:
+    if frame.height > ledger.IN_LIST_LIMIT:
         left = leavers(session, program_id=program_id, members=None)
         if left.is_empty():
             return frame
@@ -133,9 +130,7 @@ def at_events(session: Session, *, program_id: str, frame: pl.DataFrame) -> pl.D
     changes = history(session, members=left.to_list())
     indexed = frame.with_row_index("_status_row")
     rows = (
-        indexed.filter(
-            (pl.col("member_status") == "active") & pl.col("member_id").is_in(left.implode())
-        )
+        indexed.filter(active & pl.col("member_id").is_in(left.implode()))
         .select("_status_row", "member_id", pl.col("timestamp").dt.cast_time_unit("us"))
         .sort("timestamp")
     )

@@ -173,10 +173,9 @@ def evaluate(
     program: Program,
     member_ids: list[str],
     now: datetime,
-    downgrade: bool = False,
 ) -> list[Move]:
-    """Upgrade members who reached a higher tier; with `downgrade`, also step down those
-    below their tier's threshold for longer than the programme's grace period."""
+    """Upgrade members who reached a higher tier (after earning; downgrades happen only at
+    the periodic re-evaluation, `reevaluate`)."""
     tiers = ladder(session, program_id=program.id)
     if not tiers or not member_ids:
         return []
@@ -190,8 +189,6 @@ def evaluate(
         )
     ]
     moves: list[Move] = []
-    grace = timedelta(days=program.tier_grace_days)
-    held = _imported_tiers_held(session, member_ids=member_ids, now=now) if downgrade else {}
     for member in members:
         value = values.get(member.id, 0.0)
         target = _target(tiers, value)
@@ -199,14 +196,7 @@ def evaluate(
         target_rank = target.rank if target is not None else 0
         if target_rank > current_rank:
             moves.append(_move(session, program, member, target, "upgrade", value, now))
-        elif target_rank < current_rank and downgrade:
-            if held.get(member.id) == member.tier_id:
-                continue
-            if member.below_tier_since is None:
-                member.below_tier_since = now
-            if now - member.below_tier_since >= grace:
-                moves.append(_move(session, program, member, target, "downgrade", value, now))
-        elif target_rank >= current_rank:
+        elif target_rank == current_rank:
             member.below_tier_since = None
     session.flush()
     return moves
@@ -244,7 +234,9 @@ def _metric_by_owner(
 
 
 def reevaluate(session: Session, *, program: Program, now: datetime) -> list[Move]:
-    """`evaluate(downgrade=True)` of every active member of the programme, set-based.
+    """The periodic re-evaluation of every active member of the programme, set-based:
+    upgrades, and downgrades of members below their tier's threshold for longer than the
+    programme's grace period (unless the tier is an imported one still held).
 
     One grouped statement over the ledger (or the activity) gives the metric of the members
     reaching the lowest threshold, and one more the active members holding a tier or marked
@@ -282,7 +274,7 @@ def reevaluate(session: Session, *, program: Program, now: datetime) -> list[Mov
         {(m, t, b) for m, t, b, _ in reached}
         | {(m, t, b) for m, t, b in session.execute(others) if m not in values}
     )
-    held = _imported_held_in_program(session, program_id=program.id, now=now)
+    held = _imported_tiers_held(session, program_id=program.id, now=now)
     grace = timedelta(days=program.tier_grace_days)
     movers: dict[str, tuple[Tier | None, str, float]] = {}
     below_from_now: list[str] = []
@@ -326,10 +318,11 @@ def reevaluate(session: Session, *, program: Program, now: datetime) -> list[Mov
     return moves
 
 
-def _imported_held_in_program(
+def _imported_tiers_held(
     session: Session, *, program_id: str, now: datetime
 ) -> dict[str, str | None]:
-    """`_imported_tiers_held` of every member of a programme, in one statement."""
+    """Member id -> the tier an import gave it within `IMPORT_HOLD_MONTHS` (still held while
+    it is the member's tier: an upgrade since ends the hold), for a whole programme."""
     since = now - timedelta(days=round(IMPORT_HOLD_MONTHS * 365.25 / 12))
     return {
         member_id: tier_id
@@ -343,25 +336,6 @@ def _imported_held_in_program(
             .order_by(TierChange.at)
         )
     }
-
-
-def _imported_tiers_held(
-    session: Session, *, member_ids: list[str], now: datetime
-) -> dict[str, str | None]:
-    """Member id -> the tier an import gave it within `IMPORT_HOLD_MONTHS` (still held while
-    it is the member's tier: an upgrade since ends the hold)."""
-    since = now - timedelta(days=round(IMPORT_HOLD_MONTHS * 365.25 / 12))
-    held: dict[str, str | None] = {}
-    for chunk in ledger.in_chunks(member_ids):
-        for member_id, tier_id in session.execute(
-            select(TierChange.member_id, TierChange.to_tier_id).where(
-                TierChange.member_id.in_(chunk),
-                TierChange.reason == IMPORT_REASON,
-                TierChange.at > since,
-            )
-        ):
-            held[member_id] = tier_id
-    return held
 
 
 def _move(
