@@ -263,11 +263,12 @@ class TierChange(Base):
 
     __tablename__ = "loyalty_tier_change"
     # The activation feed reads a programme's changes by when they were recorded, in
-    # (recorded_at, id) order: from the index alone up to the rows it returns.
+    # (recorded_at, id) order: from the index alone up to the rows it returns. It serves
+    # every other read by programme too.
     __table_args__ = (Index("ix_loyalty_tier_change_feed", "program_id", "recorded_at", "id"),)
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
-    program_id: Mapped[str] = mapped_column(String(36), index=True)
+    program_id: Mapped[str] = mapped_column(String(36))
     member_id: Mapped[str] = mapped_column(String(36), index=True)
     from_tier_id: Mapped[str | None] = mapped_column(String(36))
     to_tier_id: Mapped[str | None] = mapped_column(String(36))
