@@ -19,6 +19,7 @@ BENCHMARKS: dict[str, tuple[str, int]] = {
     "ingestion_http": ("benchmarks.ingestion_http", 200_000),
     "loyalty_backfill": ("benchmarks.loyalty_backfill", 1_000_000),
     "loyalty_realtime": ("benchmarks.loyalty_realtime", 60_000),
+    "loyalty_realtime_ledger": ("benchmarks.loyalty_realtime_ledger", 1_000_000),
     "loyalty_jobs": ("benchmarks.loyalty_jobs", 100_000),
     "loyalty_sample": ("benchmarks.loyalty_sample", 1_000_000),
     "identity": ("benchmarks.identity", 1_000_000),

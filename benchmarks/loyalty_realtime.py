@@ -172,23 +172,33 @@ async def _probes(
         return list(await asyncio.gather(*tasks))
 
 
-def _setup(workdir: Path) -> tuple[str, str, str]:
-    """The operational store with an http source, an admin key and the programme."""
-    url = f"sqlite:///{workdir / 'cdp.sqlite3'}"
+def store_url(workdir: Path) -> str:
+    """The operational store the served platform uses in `workdir`."""
+    return f"sqlite:///{workdir / 'cdp.sqlite3'}"
+
+
+def _setup(workdir: Path, program_id: str | None = None) -> tuple[str, str, str]:
+    """An http source, an admin key and the programme (a new one unless `program_id`, an
+    existing programme, is given) earning 1 point per euro, in the migrated store."""
+    url = store_url(workdir)
     migrate.upgrade(url)
     db = Database(url)
     with db.begin() as session:
         _, key = ingestion_service.create_source(session, name="bench", kind="http")
         _, admin = create_key(session, name="bench", role=Role.admin)
-        program = loyalty_service.create_program(
-            session,
-            data=ProgramCreate(
-                name="Real time", status="active", enrolment="automatic", timezone="Europe/Paris"
-            ),
-        )
+        if program_id is None:
+            program_id = loyalty_service.create_program(
+                session,
+                data=ProgramCreate(
+                    name="Real time",
+                    status="active",
+                    enrolment="automatic",
+                    timezone="Europe/Paris",
+                ),
+            ).id
         loyalty_service.create_rule(
             session,
-            program_id=program.id,
+            program_id=program_id,
             data=RuleCreate(
                 name="1 pt per euro",
                 event_name="Order Completed",
@@ -197,7 +207,7 @@ def _setup(workdir: Path) -> tuple[str, str, str]:
         )
     db.dispose()
     assert key is not None
-    return key, admin, program.id
+    return key, admin, program_id
 
 
 def _load_process(
@@ -221,8 +231,22 @@ def _load_process(
 def run(scale: int, workdir: Path) -> Result:
     """Steady load of `RATE` events/s for `scale / RATE` seconds (at least 5), with probes."""
     workdir.mkdir(parents=True, exist_ok=True)
-    seconds = max(5.0, scale / RATE)
     key, admin, program_id = _setup(workdir)
+    return measure(
+        workdir, seconds=max(5.0, scale / RATE), key=key, admin=admin, program_id=program_id
+    )
+
+
+def measure(
+    workdir: Path,
+    *,
+    seconds: float,
+    key: str,
+    admin: str,
+    program_id: str,
+    name: str = "loyalty_realtime",
+) -> Result:
+    """Serve the platform on `workdir`'s stores and measure under `seconds` of steady load."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CDP_")}
     # CDP_BENCH_SERVER_LOG_LEVEL=DEBUG logs each run's steps in the workdir's server.log.
     level = os.environ.get("CDP_BENCH_SERVER_LOG_LEVEL", "WARNING")
@@ -248,7 +272,7 @@ def run(scale: int, workdir: Path) -> Result:
     summary = json.loads(summary_file.read_text())
     profile = np.array([p for p, _ in probes]) * 1000
     points = np.array([v for _, v in probes]) * 1000
-    result = Result("loyalty_realtime", int(summary["acknowledged"]))
+    result = Result(name, int(summary["acknowledged"]))
     result.add(
         Measure(
             "p95 ack → points visible",
@@ -278,7 +302,7 @@ def _job_runs(workdir: Path) -> str:
     Read from the server's own run records (`cdp_job_run`): a job that keeps up stays
     under its one-second period; one whose runs grow through the run falls behind.
     """
-    db = Database(f"sqlite:///{workdir / 'cdp.sqlite3'}")
+    db = Database(store_url(workdir))
     try:
         with db.begin() as session:
             runs = session.execute(

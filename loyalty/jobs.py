@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import logging
-import time
+import threading
+import weakref
+from collections.abc import Iterable
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from cdp.scheduler import JobContext, JobSpec
+from cdp.warehouse import Warehouse
 from identity import service as identity_service
 from loyalty import queries, service
 from loyalty.models import Program
@@ -15,8 +19,55 @@ from loyalty.models import Program
 logger = logging.getLogger(__name__)
 
 SYNC_CHUNK = 5_000  # event ids per transaction of the real-time job
-SNAPSHOT_EVERY = 30.0  # seconds between member snapshots published by the real-time job
-_last_snapshot = float("-inf")
+
+
+class _SnapshotDue:
+    """The memberships and profiles whose member snapshot rows are still to be republished.
+
+    The jobs that change memberships (real-time earning, merges) add to it and publish it at
+    the end of their run, replacing just those rows. While the scheduled full publish holds
+    the snapshot they keep them for their next run rather than wait: real time is never held
+    up by the snapshot.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._members: set[str] = set()
+        self._profiles: set[str] = set()
+
+    def add(self, *, members: Iterable[str] = (), profiles: Iterable[str] = ()) -> None:
+        with self._lock:
+            self._members.update(members)
+            self._profiles.update(profiles)
+
+    def publish(self, context: JobContext) -> int:
+        """Republish the rows due (none if another publish is running); how many written."""
+        with self._lock:
+            members, profiles = self._members, self._profiles
+            self._members, self._profiles = set(), set()
+        if not members and not profiles:
+            return 0
+        try:
+            with context.db.begin() as session:
+                return service.publish_member_snapshot(
+                    session, context.warehouse, members=members, profiles=profiles, wait=False
+                )
+        except service.SnapshotBusy:
+            self.add(members=members, profiles=profiles)
+            return 0
+        except BaseException:
+            self.add(members=members, profiles=profiles)
+            raise
+
+
+# One per warehouse (a process may serve several in tests), created on first use.
+_dues: weakref.WeakKeyDictionary[Warehouse, _SnapshotDue] = weakref.WeakKeyDictionary()
+_dues_lock = threading.Lock()
+
+
+def _due(context: JobContext) -> _SnapshotDue:
+    with _dues_lock:
+        return _dues.setdefault(context.warehouse, _SnapshotDue())
 
 
 def _active_programs(context: JobContext) -> list[str]:
@@ -29,12 +80,28 @@ def apply_merges(context: JobContext) -> int:
     applied = erased = 0
     for program_id in _all_programs(context):
         with context.db.begin() as session:
+            _due(context).add(profiles=_profiles_to_apply(context, session, program_id=program_id))
             applied += service.sync_merges(session, context.warehouse, program_id=program_id)[0]
             erased += service.sync_erasures(session, context.warehouse, program_id=program_id)
+    _due(context).publish(context)
     # An idle run leaves no message, so the runner does not keep its record (every 30 s).
     if applied or erased:
         context.message = f"{applied} merges and splits applied, {erased} erasures"
     return applied + erased
+
+
+def _profiles_to_apply(context: JobContext, session: Session, *, program_id: str) -> set[str]:
+    """The profiles of the merges, splits and erasures the programme has still to apply."""
+    program = service.get_program(session, program_id=program_id)
+    merges = identity_service.merges_since(context.warehouse, after_seq=program.last_merge_seq)
+    erasures = identity_service.erasures_since(
+        context.warehouse, after_seq=program.last_erasure_seq
+    )
+    return {
+        str(profile)
+        for column in (merges["from_profile_id"], merges["to_profile_id"], erasures["profile_id"])
+        for profile in column
+    }
 
 
 def _all_programs(context: JobContext) -> list[str]:
@@ -66,16 +133,13 @@ def process_new_events(context: JobContext) -> int:
                 )
                 credits += result.credits
                 changed += result.credits + result.reversals + result.enrolled
+                _due(context).add(members=result.members)
             if new_mark == mark:
                 break
             mark = new_mark
-    global _last_snapshot
-    # The snapshot rewrites every membership: at most every SNAPSHOT_EVERY seconds here
-    # (and every 5 minutes by its own job), not at every one-second run.
-    if changed and time.monotonic() - _last_snapshot >= SNAPSHOT_EVERY:
-        with context.db.begin() as session:
-            service.publish_member_snapshot(session, context.warehouse)
-        _last_snapshot = time.monotonic()
+    # The rows of the memberships this run touched (the whole snapshot is rewritten every
+    # 5 minutes by its own job: at 1M members that takes seconds, and real time would stall).
+    _due(context).publish(context)
     # The job runs every second: a run that changed nothing leaves no message, so the runner
     # does not keep its record (86,400 rows a day otherwise).
     context.message = f"{credits} credits" if changed else None

@@ -119,6 +119,12 @@ WHERE pick = 1
 
 # Replace the member snapshot with the registered frame `snapshot_frame`, in one transaction.
 DELETE_SNAPSHOT = "DELETE FROM loyalty_member_snapshot"
+# The rows of the memberships and of the profiles registered as `snapshot_keys`.
+DELETE_SNAPSHOT_ROWS = """
+DELETE FROM loyalty_member_snapshot
+WHERE member_id IN (SELECT member_id FROM snapshot_keys WHERE member_id IS NOT NULL)
+   OR profile_id IN (SELECT profile_id FROM snapshot_keys WHERE profile_id IS NOT NULL)
+"""
 INSERT_SNAPSHOT = "INSERT INTO loyalty_member_snapshot BY NAME SELECT * FROM snapshot_frame"
 
 

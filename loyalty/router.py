@@ -469,9 +469,9 @@ def sync(
     """Process the events loaded since the programme's high-water mark now."""
 
     def run() -> ProcessResultRead:
-        processed = _processed(*service.sync_program(session, warehouse, program_id=program_id))
-        service.publish_member_snapshot(session, warehouse)
-        return processed
+        result, mark = service.sync_program(session, warehouse, program_id=program_id)
+        service.publish_member_snapshot(session, warehouse, members=result.members)
+        return _processed(result, mark)
 
     return run_once(
         session,
