@@ -833,46 +833,56 @@ def member_events(
 def _refunds_follow_their_orders(
     session: Session, *, program_id: str, frame: pl.DataFrame, members: pl.DataFrame
 ) -> pl.DataFrame:
-    """A refund whose profile has no active member (not enrolled, unenrolled, opted out,
-    merged away, or re-keyed to another profile by a merge since the sale) takes the profile
-    of the member holding points (`HOLDING`) that recorded its order, so the order's points
-    are reversed where they are, whatever profile the refund arrives with, and whether or
-    not that member is still active; replaying it later, once memberships moved again, then
-    finds it done. The order's owner is the member of its activity row in the ledger
-    (following merges to the survivor) or, for a sale earlier in the same batch (time, then
-    event id), the member of that row: what processing the events one by one would see.
-    A refund with no such order (or naming none) is dropped: the refund of an order that an
-    unenrolled or opted-out member bought while away (never earned, never recorded) reverses
-    nothing and records no negative spend, and a non-member's refund was skipped anyway."""
+    """A refund naming an order is the refund of the member holding points (`HOLDING`) that
+    recorded that order: it keeps its profile when that is its own member, and otherwise
+    takes that member's profile (a refund sent by a non-member, an unenrolled or opted-out
+    member, a merged-away profile, a profile re-keyed by a merge since the sale, or another
+    member's card), so the order's points are reversed where they are, whether or not that
+    member is still active; replaying it later, once memberships moved again, then finds
+    it done. The order's owner is the member of its activity row in the ledger (following
+    merges to the survivor) or, for a sale earlier in the same batch (time, then event id)
+    that records activity, the member of that row: what processing the events one by one
+    would see. A refund whose order no such member recorded is dropped, whoever sends it:
+    the refund of an order bought while away (unenrolled or opted out then, whether or not
+    back since) or before enrolling never earned and was never recorded, so it reverses
+    nothing and records no negative spend or orders. A refund naming no order is dropped
+    unless its profile's member is active, which records its amount as negative spend."""
     refund = pl.col("event") == REFUND_EVENT
     if frame.is_empty() or not frame.select(refund.any()).item():
         return frame
     active = members.filter(pl.col("member_status") == "active")["profile_id"].implode()
     keyed = frame.with_row_index("_i").with_columns(_order_id_expr(frame).alias("_order"))
-    orphans = keyed.filter(refund & ~pl.col("profile_id").is_in(active))
-    if orphans.is_empty():
+    refunds = keyed.filter(
+        refund & (pl.col("_order").is_not_null() | ~pl.col("profile_id").is_in(active))
+    ).select("_i", "_order", "profile_id", "timestamp", "event_id")
+    if refunds.is_empty():
         return frame
-    orders = orphans["_order"].drop_nulls().unique().to_list()
+    orders = refunds["_order"].drop_nulls().unique().to_list()
     owner, live = aliased(Member), aliased(Member)
-    recorded = [
-        (str(order), str(profile))
-        for chunk in ledger.in_chunks(orders)
-        for order, profile in session.execute(
-            select(Activity.order_id, live.profile_id)
-            .join(owner, owner.id == Activity.member_id)
-            .join(live, live.id == func.coalesce(owner.merged_into, owner.id))
-            .where(
-                Activity.program_id == program_id,
-                Activity.orders > 0,
-                Activity.order_id.in_(chunk),
-                live.status.in_(HOLDING),
-            )
-            .order_by(Activity.occurred_at, Activity.event_id)
-        ).all()
-    ]
-    owners: dict[str, str] = {}
-    for order, owner_profile in recorded:
-        owners.setdefault(order, owner_profile)
+    recorded = pl.DataFrame(
+        [
+            tuple(row)
+            for chunk in ledger.in_chunks(orders)
+            for row in session.execute(
+                select(Activity.order_id, live.profile_id, Activity.occurred_at, Activity.event_id)
+                .join(owner, owner.id == Activity.member_id)
+                .join(live, live.id == func.coalesce(owner.merged_into, owner.id))
+                .where(
+                    Activity.program_id == program_id,
+                    Activity.orders > 0,
+                    Activity.order_id.in_(chunk),
+                    live.status.in_(HOLDING),
+                )
+            ).all()
+        ],
+        schema={
+            "_order": pl.String(),
+            "_owner": pl.String(),
+            "timestamp_sale": pl.Datetime("us", "UTC"),
+            "event_id_sale": pl.Int64(),
+        },
+        orient="row",
+    )
     sales = keyed.filter(
         (pl.col("event") == ORDER_EVENT)
         & pl.col("_order").is_in(orders)
@@ -889,40 +899,50 @@ def _refunds_follow_their_orders(
             ),
         )
         .filter(pl.col("member_status") == "active")
-        .select("_order", pl.col("profile_id").alias("_owner"), "timestamp", "event_id")
-    )
-    # Orders without a recorded owner: the first sale of the batch before the refund.
-    unowned = orphans.filter(~pl.col("_order").is_in(list(owners))).select(
-        "_i", "_order", "timestamp", "event_id"
-    )
-    in_batch = (
-        unowned.join(sales, on="_order", suffix="_sale")
-        .filter(
-            (pl.col("timestamp_sale") < pl.col("timestamp"))
-            | (
-                (pl.col("timestamp_sale") == pl.col("timestamp"))
-                & (pl.col("event_id_sale") < pl.col("event_id"))
-            )
+        .select(
+            "_order",
+            pl.col("profile_id").alias("_owner"),
+            pl.col("timestamp").alias("timestamp_sale"),
+            pl.col("event_id").alias("event_id_sale"),
         )
-        .sort("_i", "timestamp_sale", "event_id_sale")
-        .unique("_i", keep="first")
     )
-    moved: dict[int, str] = {
-        int(i): owners[str(order)]
-        for i, order in orphans.select("_i", "_order").iter_rows()
-        if order is not None and str(order) in owners
-    }
-    moved.update((int(i), str(o)) for i, o in in_batch.select("_i", "_owner").iter_rows())
-    dropped = [int(i) for i in orphans["_i"] if int(i) not in moved]
-    if not moved and not dropped:
+    in_batch = refunds.join(sales, on="_order").filter(
+        (pl.col("timestamp_sale") < pl.col("timestamp"))
+        | (
+            (pl.col("timestamp_sale") == pl.col("timestamp"))
+            & (pl.col("event_id_sale") < pl.col("event_id"))
+        )
+    )
+    # Each refund's owner: its own member when it recorded the order, else the first one
+    # that did, in the ledger before the batch.
+    owners = (
+        pl.concat(
+            [
+                refunds.join(recorded, on="_order").with_columns(pl.lit(0).alias("_batch")),
+                in_batch.with_columns(pl.lit(1).alias("_batch")),
+            ],
+            how="vertical_relaxed",
+        )
+        .sort(
+            "_i",
+            pl.col("_owner") != pl.col("profile_id"),
+            "_batch",
+            "timestamp_sale",
+            "event_id_sale",
+        )
+        .unique("_i", keep="first", maintain_order=True)
+    )
+    moved = owners.filter(pl.col("_owner") != pl.col("profile_id")).select("_i", "_owner")
+    dropped = refunds.filter(~pl.col("_i").is_in(owners["_i"].implode()))["_i"]
+    if moved.is_empty() and dropped.is_empty():
         return frame
-    index = pl.int_range(pl.len(), dtype=pl.UInt32)
-    return frame.with_columns(
-        pl.when(index.is_in(list(moved)))
-        .then(index.replace_strict(list(moved), list(moved.values()), default=None))
-        .otherwise(pl.col("profile_id"))
-        .alias("profile_id")
-    ).filter(~index.is_in(dropped))
+    return (
+        frame.with_row_index("_i")
+        .join(moved, on="_i", how="left", maintain_order="left")
+        .with_columns(pl.coalesce("_owner", "profile_id").alias("profile_id"))
+        .filter(~pl.col("_i").is_in(dropped.implode()))
+        .drop("_i", "_owner")
+    )
 
 
 def process_events(
@@ -1201,7 +1221,9 @@ def _activity_frame(frame: pl.DataFrame) -> pl.DataFrame:
     """The purchase activity of a prepared batch: one row per order (spend, 1 order) of
     active members and per refund (-amount) of members holding points (`HOLDING`: an
     unenrolled or opted-out member's refund of an order it recorded still lowers its
-    spend), in row order, with the frame's columns kept."""
+    spend), in row order, with the frame's columns kept. The batch holds only refunds of
+    orders their member recorded, and active members' refunds naming no order
+    (`_refunds_follow_their_orders`)."""
     orders = frame.filter(
         ((pl.col("event") == ORDER_EVENT) & (pl.col("member_status") == "active"))
         | ((pl.col("event") == REFUND_EVENT) & pl.col("member_status").is_in(HOLDING))

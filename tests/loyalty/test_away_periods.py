@@ -49,8 +49,8 @@ def _process(db: Database, program: Program, events: pl.DataFrame) -> engine.Pro
 
 def _history() -> list[dict[str, Any]]:  # Any: rows
     """Ann buys (o1), leaves at LEFT_AT, buys twice while away (o2, o4) and returns part of
-    o1, comes back at BACK_AT and buys again (o3), and o2 comes back without her card; bob
-    buys all along."""
+    o1, comes back at BACK_AT and buys again (o3), o2 comes back without her card and o4
+    with it (a refund, then a till return); bob buys all along."""
     refund = "Order Refunded"
     return [
         ev("ann", T0 + DAY, event_id=1, order_id="o1", total=100),
@@ -64,6 +64,18 @@ def _history() -> list[dict[str, Any]]:  # Any: rows
         # Returned without her card once she is back: o2 earned and recorded nothing, so
         # this refund has no owner and is dropped (processed at the time, it was).
         ev("guest", BACK_AT + 2 * DAY, refund, 9, order_id="o2", total=70),
+        # Her own returns of o4 once back: she is active, but o4 recorded nothing either, so
+        # they reverse nothing and record no negative spend.
+        ev("ann", BACK_AT + 2 * DAY, refund, 10, order_id="o4", total=10),
+        ev(
+            "ann",
+            BACK_AT + 3 * DAY,
+            event_id=11,
+            order_id="t11",
+            kind="refund",
+            original_transaction_id="o4",
+            total=-15,
+        ),
     ]
 
 
@@ -109,8 +121,8 @@ def test_a_backfill_over_an_away_period_gives_the_one_by_one_ledger(
             _change(db, program, ann, "enrol", BACK_AT)
         _process(db, program, events.slice(i, 1))
     one_by_one = (_ledger(db, program), _activity_rows(db, program))
-    # o2 and o4 (away) earn nothing and record no activity; o1's refund while away is
-    # reversed (20 of 100).
+    # o2 and o4 (away) earn nothing and record no activity, nor do their refunds, even those
+    # she sent once back; o1's refund while away is reversed (20 of 100).
     assert _earned(db, program, ann) == [("o1", 100), ("o3", 40)]
     assert [r[2] for r in one_by_one[1] if r[0] == ann] == ["o1", "o1", "o3"]
 
@@ -124,6 +136,7 @@ def test_a_backfill_over_an_away_period_gives_the_one_by_one_ledger(
         result, _ = service.backfill(session, warehouse, program_id=program.id, now=T0)
     assert (_ledger(db, program), _activity_rows(db, program)) == one_by_one
     assert result.points == 100 + 40 + 30 + 60 + 10
+    assert result.reversals == 1
     with db.begin() as session:
         member = service.member_by_profile(session, program_id=program.id, profile_id=ann)
         _, balance = service.member_balance(session, member_id=member.id, now=BACK_AT + 2 * DAY)
