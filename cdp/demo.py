@@ -11,17 +11,20 @@ installation would use them, and every step is idempotent, so a second run adds 
    pre-shapes it with Polars into `DATA_DIR/sample/prepared/till_orders.parquet` (Segment-style
    `Order Completed` / `Order Refunded` rows with `order_id`, `revenue`, `total` and
    `products` [{sku, category, brand, price, quantity}]), which the connector reads;
-3. identity resolution, the attribute refresh, the demo loyalty programme (created once),
-   three saved segments and the dashboards' KPI snapshots;
-4. the server starts; background threads then replay `web_events.ndjson` through the tracking
-   API over HTTP (`/v1/batch`, several connections) and backfill the programme over the
-   history by running the job `loyalty.process_events` through the server's job runner (its
-   first run from event 0 is the backfill, in short transactions; the runner never lets it
-   overlap the scheduler's own run). The scheduler's jobs (identity every 5 s, loyalty every
-   5 s, attributes every 5 minutes) fold the web events in as they arrive. The tracking API
-   dedupes on `messageId`, so a second replay stores nothing. When the replay and the backfill
-   are done, the job `dashboards.kpi_snapshots` runs once more through the runner, so the KPI
-   snapshots hold the history they brought (by event time; the job is idempotent).
+3. identity resolution, the attribute refresh, the demo loyalty programme (created once, as
+   a draft), three saved segments and the dashboards' KPI snapshots;
+4. the server starts; a background thread then replays `web_events.ndjson` through the
+   tracking API over HTTP (`/v1/batch`, several connections) while the scheduler's jobs
+   (identity every 5 s, attributes every 5 minutes) fold the web events in as they arrive. The
+   tracking API dedupes on `messageId`, so a second replay stores nothing;
+5. once every replayed event is loaded and identity has resolved it (`resolve_history`), the
+   programme goes live and is backfilled over the whole history by running the job
+   `loyalty.process_events` through the server's job runner (its first run from event 0 is
+   the backfill, in short transactions; the runner never lets it overlap the scheduler's own
+   run). Earning on a history whose identities are still being resolved would enrol two
+   profiles that a later web event merges, so the result would depend on timing;
+6. the job `dashboards.kpi_snapshots` runs once more through the runner, so the KPI snapshots
+   hold the history the replay and the backfill brought (by event time; it is idempotent).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import httpx
 import polars as pl
@@ -51,6 +54,7 @@ from identity import service as identity_service
 from ingestion import service as ingestion_service
 from ingestion.schemas import IdentifierSpec, Mapping
 from loyalty import service as loyalty_service
+from loyalty.schemas import ProgramUpdate
 from segments import service as segments_service
 
 logger = logging.getLogger(__name__)
@@ -62,6 +66,7 @@ SNAPSHOT_JOB: Final = "dashboards.kpi_snapshots"
 PREPARED_TILL: Final = "prepared/till_orders.parquet"
 REPLAY_BATCH: Final = 250
 REPLAY_CONNECTIONS: Final = 4
+HISTORY_TIMEOUT: Final = 300.0  # seconds the replayed events may take to be loaded
 _COUNT_PROFILES: Final = Query("SELECT count(*) FROM profiles")
 
 CRM_MAPPING: Final = Mapping(
@@ -118,6 +123,18 @@ SEGMENTS: Final[tuple[tuple[str, str, dict[str, Any]], ...]] = (  # Any: rule JS
         },
     ),
 )
+
+
+class HistoryNotReady(RuntimeError):
+    """The history the demo programme would be backfilled over is not complete."""
+
+
+class TrackingLoads(Protocol):
+    """What loads the tracking API's acknowledged events (the server's tracking runtime)."""
+
+    def wait_drained(self, *, timeout: float) -> bool:
+        """Wait until every acknowledged event is loaded; False after `timeout` seconds."""
+        ...
 
 
 @dataclass(slots=True)
@@ -227,13 +244,17 @@ def new_admin_key(db: Database) -> str:
 
 
 def _ensure_program(db: Database, warehouse: Warehouse, summary: DemoSummary) -> None:
-    """Create the demo programme once (active: the server's first run of the real-time job
-    backfills it, see `backfill_program`) or sync it."""
+    """Create the demo programme once, or sync it.
+
+    It is created as a draft, which the real-time job leaves alone: it goes live once the
+    web replay is loaded and resolved (see `backfill_program`). A programme whose mark is
+    still 0 (a demo stopped before its backfill) is taken as new.
+    """
     with db.begin() as session:
         programs, _ = loyalty_service.list_programs(session, limit=1000, offset=0)
         program = next((p for p in programs if p.name == PROGRAM_NAME), None)
         if program is None:
-            program = loyalty_service.create_demo_program(session)
+            program = loyalty_service.create_demo_program(session, status="draft")
         summary.program_id = program.id
         summary.program_created = program.last_event_id == 0
     if not summary.program_created:
@@ -257,17 +278,70 @@ def _describe_members(db: Database, summary: DemoSummary) -> None:
                 break
 
 
-def backfill_program(
-    db: Database, runner: JobRunner, summary: DemoSummary, *, say: Callable[[str], None]
-) -> None:
-    """Backfill the new demo programme over the history, through the server's job runner.
+def resolve_history(
+    db: Database,
+    warehouse: Warehouse,
+    settings: Settings,
+    *,
+    tracking: TrackingLoads,
+    timeout: float = HISTORY_TIMEOUT,
+    say: Callable[[str], None],
+) -> int:
+    """Wait until every acknowledged tracking event is loaded, then resolve identity up to it.
 
-    The programme is active from its creation, so the real-time job `loyalty.process_events`
-    would take its history too; running that job (its first run from event 0 is the
-    backfill: `process_range` over the whole history, then the mark moves) through the runner
-    means the two never overlap. If the scheduler started it first, this waits for it.
+    Returns the loaded high-water mark, which identity's resolved mark has reached.
+
+    Raises:
+        HistoryNotReady: the events were not all loaded within `timeout` seconds, or
+            resolution stopped short of them.
     """
     started = time.perf_counter()
+    if not tracking.wait_drained(timeout=timeout):
+        raise HistoryNotReady(
+            f"the replayed events were not all loaded into the warehouse within {timeout:g} s"
+        )
+    loaded = ingestion_service.high_water_mark(warehouse)
+    with db.begin() as session:
+        rules = identity_service.get_rules(session)
+    # On demand rather than waiting for identity's scheduled run; the resolver's lock makes
+    # the two safe together.
+    identity_service.resolve(warehouse, settings=settings, rules=rules)
+    resolved = identity_service.resolved_up_to(warehouse)
+    if resolved < loaded:
+        raise HistoryNotReady(f"identity resolved events up to {resolved} of {loaded} loaded")
+    profiles = int(warehouse.scalar(_COUNT_PROFILES) or 0)
+    say(
+        f"history loaded and resolved in {time.perf_counter() - started:.1f} s:"
+        f" events up to {loaded}, {profiles} profiles"
+    )
+    return loaded
+
+
+def backfill_program(
+    db: Database,
+    warehouse: Warehouse,
+    runner: JobRunner,
+    summary: DemoSummary,
+    *,
+    say: Callable[[str], None],
+) -> None:
+    """Make the new demo programme live and backfill it over the history, through the
+    server's job runner. Call it once the history is resolved (`resolve_history`).
+
+    Once active, the real-time job `loyalty.process_events` would take its history too;
+    running that job (its first run from event 0 is the backfill: `process_range` over the
+    whole history, then the mark moves) through the runner means the two never overlap. If
+    the scheduler started it first, this waits for it.
+    """
+    started = time.perf_counter()
+    with db.begin() as session:
+        loyalty_service.update_program(
+            session,
+            program_id=summary.program_id,
+            data=ProgramUpdate(status="active"),
+            warehouse=warehouse,
+        )
+    say(f"loyalty programme {PROGRAM_NAME} is live; backfilling its history")
     while True:
         try:
             run = runner.run(LOYALTY_JOB, trigger="manual")
@@ -455,8 +529,8 @@ def summary_lines(summary: DemoSummary, *, base_url: str, web_events: int) -> li
     lines.append(f"Profiles resolved: {summary.profiles}")
     if summary.program_created:
         lines.append(
-            f"Loyalty programme {PROGRAM_NAME} ({summary.program_id}): created; its history is"
-            " being backfilled in the background"
+            f"Loyalty programme {PROGRAM_NAME} ({summary.program_id}): created as a draft; it"
+            " goes live and is backfilled once the web replay is loaded and resolved"
         )
     else:
         lines.append(
@@ -520,44 +594,38 @@ def run(
             time.sleep(0.05)
         try:
             step()
-        except Exception:
+        except Exception as exc:
             logger.exception("demo step failed", extra={"step": name})
+            say(f"{name} failed: {exc}")
 
-    def replay_web() -> None:
+    def load_history() -> None:
         done = replay(base_url, summary.sources.write_key, web_file, say=say)
         say(
             f"web replay done: {done.messages} events in {done.requests} requests,"
             f" {done.rejected} rejected, {done.failed} failed, in {done.seconds:.1f} s"
         )
+        if not summary.program_created:
+            return
+        if done.failed:
+            raise HistoryNotReady(
+                f"{done.failed} replayed events were refused; {PROGRAM_NAME} stays a draft"
+                " (run the demo again to backfill it)"
+            )
+        resolve_history(db, warehouse, settings, tracking=application.state.ingestion, say=say)
+        backfill_program(db, warehouse, application.state.runner, summary, say=say)
 
-    def backfill() -> None:
-        backfill_program(db, application.state.runner, summary, say=say)
+    def snapshots_after() -> None:
+        history.join()
+        snapshot_history(application.state.runner, say=say)
 
     for line in summary_lines(summary, base_url=base_url, web_events=count_lines(web_file)):
         show(line)
-    steps: list[tuple[Callable[[], None], str]] = [(replay_web, "web replay")]
-    if summary.program_created:
-        steps.append((backfill, "loyalty backfill"))
-    threads = [
-        threading.Thread(target=when_up, args=(step, name), name=name, daemon=True)
-        for step, name in steps
-    ]
-
-    history = list(threads)
-
-    def snapshots_after() -> None:
-        for thread in history:
-            thread.join()
-        snapshot_history(application.state.runner, say=say)
-
-    threads.append(
-        threading.Thread(
-            target=when_up,
-            args=(snapshots_after, "kpi snapshots"),
-            name="kpi snapshots",
-            daemon=True,
-        )
+    history = threading.Thread(
+        target=when_up, args=(load_history, "history"), name="demo history", daemon=True
     )
-    for thread in threads:
-        thread.start()
+    snapshots = threading.Thread(
+        target=when_up, args=(snapshots_after, "kpi snapshots"), name="kpi snapshots", daemon=True
+    )
+    history.start()
+    snapshots.start()
     server.run()

@@ -87,6 +87,7 @@ from loyalty.schemas import (
     MemberAction,
     MemberRead,
     ProgramCreate,
+    ProgramStatus,
     ProgramUpdate,
     RedemptionRead,
     RewardCreate,
@@ -2853,14 +2854,19 @@ DEMO_TIERS = (("Silver", 1, 200.0, 1.0), ("Gold", 2, 1000.0, 1.25), ("Platinum",
 DEMO_REWARDS = (("5 EUR voucher", "coupon", 500, None), ("Tote bag", "product", 1200, 100))
 
 
-def create_demo_program(session: Session, *, timezone: str = "Europe/Paris") -> Program:
+def create_demo_program(
+    session: Session, *, timezone: str = "Europe/Paris", status: ProgramStatus = "active"
+) -> Program:
     """The demo programme: 1 point per euro (double on shoes), a first-purchase bonus,
-    Silver/Gold/Platinum tiers on points over 12 months, and a small reward catalogue."""
+    Silver/Gold/Platinum tiers on points over 12 months, and a small reward catalogue.
+
+    `cdp demo` creates it as a draft and activates it once its history is loaded and resolved.
+    """
     program = create_program(
         session,
         data=ProgramCreate(
             name="Demo Club",
-            status="active",
+            status=status,
             enrolment="automatic",
             timezone=timezone,
             pending_days=14,

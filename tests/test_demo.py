@@ -10,14 +10,37 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import polars as pl
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 
+from cdp.app import create_app
+from cdp.config import Settings
+from cdp.db import Database
+from cdp.demo import (
+    LOYALTY_JOB,
+    DemoSources,
+    DemoSummary,
+    HistoryNotReady,
+    backfill_program,
+    resolve_history,
+)
 from cdp.sample_data import CRM_FILE, SOURCE_CRM, SOURCE_TILL, SOURCE_WEB, WEB_FILE
 from cdp.warehouse import Query, Warehouse
+from identity import service as identity_service
+from ingestion import service as ingestion_service
+from ingestion.drainer import Drainer
+from ingestion.loader import loader_for
+from ingestion.spool import Spool
+from ingestion.tracking import SourceInfo, parse_messages
+from ingestion.writer import combine
+from loyalty import service as loyalty_service
 from segments.service import STATE_PROPERTY_VALUES
 
 CUSTOMERS = 300
@@ -133,6 +156,10 @@ def _wait_snapshots_after_history(demo: Demo) -> dict[str, Any]:  # Any: JSON
     raise AssertionError(f"the demo took no KPI snapshots after its history: {runs}")
 
 
+def _instant(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
 def _crm_email(data_dir: Path) -> str:
     crm = pl.read_csv(data_dir / "sample" / CRM_FILE, infer_schema_length=0)
     clean = crm.filter(
@@ -174,6 +201,15 @@ def test_demo_loads_the_sample_through_the_platform_and_a_rerun_adds_nothing(
         assert [p["name"] for p in programs] == ["Demo Club"]
         _, points = _positive_member(demo, programs[0]["id"])
         assert points > 0
+        # The programme earned only once the whole replay was loaded (and resolved): earning
+        # during it enrolled profiles that a later web event merged, as timing had it.
+        web = demo.get(f"/api/sources/{sources[SOURCE_WEB]['id']}/stats")
+        runs = demo.get("/api/jobs/runs", job=LOYALTY_JOB, limit=100)["items"]
+        earning = [_instant(r["started_at"]) for r in runs if r["rows"]]
+        assert earning, runs
+        assert min(earning) >= _instant(web["last_event_at"])
+        merged = demo.get(f"/api/loyalty/programs/{programs[0]['id']}/members", status="merged")
+        assert merged["total"] == 0
 
         # The sample history is old: its closed days are snapshotted by event time.
         snapshot_rows = re.search(r"KPI snapshot rows written: (\d+)", demo.output)
@@ -228,3 +264,134 @@ def test_demo_loads_the_sample_through_the_platform_and_a_rerun_adds_nothing(
         assert sorted(s["name"] for s in segments_again) == sorted(segments)
     finally:
         again.stop()
+
+
+# The history step of the demo, on a real app: its tracking API, drainer, identity and runner.
+ORDER_AT = "2025-01-10T10:00:00Z"
+
+
+def _order(message_id: str, order_id: str, **who: str) -> dict[str, Any]:  # Any: JSON
+    products = [{"sku": "s1", "category": "bags", "price": 40.0, "quantity": 1}]
+    return {
+        "type": "track",
+        "event": "Order Completed",
+        "messageId": message_id,
+        "timestamp": ORDER_AT,
+        "properties": {"order_id": order_id, "revenue": 40.0, "total": 40.0, "products": products},
+        **who,
+    }
+
+
+# A customer's till order under their user id, their web order under a device's anonymous id,
+# and the later login that tells identity both are the same person.
+USER_ORDER = _order("m1", "o1", userId="u1")
+DEVICE_ORDER = _order("m2", "o2", anonymousId="a1")
+LOGIN = {
+    "type": "identify",
+    "messageId": "m3",
+    "timestamp": "2025-01-12T10:00:00Z",
+    "userId": "u1",
+    "anonymousId": "a1",
+}
+
+
+@pytest.fixture
+def held_app(settings: Settings, db: Database, warehouse: Warehouse) -> FastAPI:
+    """The app, its drainer loading acknowledged events only when someone waits for them."""
+    held = settings.model_copy(
+        update={"ingestion": settings.ingestion.model_copy(update={"drain_interval_ms": 1e12})}
+    )
+    return create_app(held, db=db, warehouse=warehouse, start_scheduler=False)
+
+
+def _track(client: TestClient, write_key: str, *messages: dict[str, Any]) -> None:  # Any: JSON
+    response = client.post("/v1/batch", json={"batch": list(messages)}, auth=(write_key, ""))
+    assert response.status_code == 200, response.text
+    assert "rejected" not in response.json()
+
+
+def _demo_summary(db: Database) -> tuple[DemoSummary, str]:
+    """A demo summary with a new draft demo programme, and the web source's write key."""
+    with db.begin() as session:
+        web, key = ingestion_service.create_source(session, name="web", kind="http")
+        program = loyalty_service.create_demo_program(session, status="draft")
+        program_id = program.id
+    assert key is not None
+    summary = DemoSummary(sources=DemoSources("crm", "till", web.id, key))
+    summary.program_id, summary.program_created = program_id, True
+    return summary, key
+
+
+def _events(warehouse: Warehouse) -> int:
+    return int(warehouse.scalar(Query("SELECT count(*) FROM events")))
+
+
+def _member_statuses(db: Database, program_id: str) -> list[str]:
+    with db.begin() as session:
+        members, _ = loyalty_service.list_members(
+            session, program_id=program_id, limit=100, offset=0
+        )
+        return sorted(m.status for m in members)
+
+
+def test_resolve_history_waits_for_the_acknowledged_events_and_resolves_them(
+    held_app: FastAPI, db: Database, warehouse: Warehouse, settings: Settings
+) -> None:
+    summary, key = _demo_summary(db)
+    said: list[str] = []
+    with TestClient(held_app) as client:
+        _track(client, key, USER_ORDER, DEVICE_ORDER, LOGIN)
+        assert _events(warehouse) == 0  # acknowledged, still in the spool
+        loaded = resolve_history(
+            db, warehouse, settings, tracking=held_app.state.ingestion, say=said.append
+        )
+        assert loaded == _events(warehouse) == 3
+        assert identity_service.resolved_up_to(warehouse) == 3
+        backfill_program(db, warehouse, held_app.state.runner, summary, say=said.append)
+    # The backfill saw the login: one person, one membership.
+    assert summary.members == 1
+    assert _member_statuses(db, summary.program_id) == ["active"]
+    assert said[0].startswith("history loaded and resolved in ")
+    assert said[0].endswith("events up to 3, 1 profiles")
+
+
+def test_earning_before_a_linking_event_is_resolved_leaves_a_merged_membership(
+    held_app: FastAPI, db: Database, warehouse: Warehouse, settings: Settings
+) -> None:
+    # The race the demo had: its backfill ran while the web replay was still being resolved.
+    summary, key = _demo_summary(db)
+    with TestClient(held_app) as client:
+        runtime, runner = held_app.state.ingestion, held_app.state.runner
+        _track(client, key, USER_ORDER, DEVICE_ORDER)
+        resolve_history(db, warehouse, settings, tracking=runtime, say=lambda _: None)
+        backfill_program(db, warehouse, runner, summary, say=lambda _: None)
+        assert summary.members == 2
+        _track(client, key, LOGIN)
+        resolve_history(db, warehouse, settings, tracking=runtime, say=lambda _: None)
+        assert runner.run(LOYALTY_JOB, trigger="manual").status == "succeeded"
+    # Same events, same profiles in the end, yet the count now holds the merged membership.
+    assert _member_statuses(db, summary.program_id) == ["active", "merged"]
+
+
+def test_resolve_history_fails_loudly_when_the_events_are_not_loaded_in_time(
+    db: Database, warehouse: Warehouse, settings: Settings, tmp_path: Path
+) -> None:
+    # A drainer whose thread never runs: what it was handed is never loaded.
+    drainer = Drainer(loader_for(warehouse), Spool(tmp_path / "spool"), interval_s=0, max_events=10)
+    drainer.replay()
+    parsed = parse_messages(
+        {"batch": [USER_ORDER]},
+        [USER_ORDER],
+        source=SourceInfo(id="web", enabled=True),
+        received_at=datetime.now(UTC).replace(tzinfo=None),
+        region="FR",
+        check_sizes=False,
+    )
+    data = combine([("web", parsed, datetime.now(UTC).replace(tzinfo=None))])
+    drainer.add(drainer.spool.append(data), data, data.events.height)
+    said: list[str] = []
+    with pytest.raises(HistoryNotReady, match="not all loaded"):
+        resolve_history(db, warehouse, settings, tracking=drainer, timeout=0.05, say=said.append)
+    assert said == []
+    assert identity_service.resolved_up_to(warehouse) == 0
+    drainer.spool.close(0)
