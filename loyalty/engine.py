@@ -19,7 +19,7 @@ from datetime import date, datetime
 from typing import Any
 
 import polars as pl
-from sqlalchemy import func, or_, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from cdp.db import new_id, utcnow
@@ -1139,11 +1139,17 @@ def _tier_priors(session: Session, *, program: Program, prepared: pl.DataFrame) 
     """What the ledger counts toward the tier metric for the batch's members (and the
     memberships merged into them) in the windows of the batch, events of the batch excepted.
 
+    What lies in every row's window and before every row (from the latest window start to
+    the first event, which no event of the batch can have written) is summed per member in
+    SQL, dated at that window start; the rest comes one entry at a time. A real-time batch
+    (its rows share one window start) thus reads one row per member, not its year of entries.
+
     Columns member_id (the surviving member), occurred_at, row (null), value.
     """
     members = prepared["member_id"].unique().to_list()
-    start = tiers.window_starts(program, prepared["timestamp"]).min()
-    end = prepared["timestamp"].max()
+    starts = tiers.window_starts(program, prepared["timestamp"])
+    start, latest_start = starts.min(), starts.max()
+    first, end = prepared["timestamp"].min(), prepared["timestamp"].max()
     owner = func.coalesce(Member.merged_into, Member.id)
     if program.tier_metric == "points":
         table: Any = LedgerEntry  # Any: an ORM class
@@ -1151,29 +1157,45 @@ def _tier_priors(session: Session, *, program: Program, prepared: pl.DataFrame) 
     else:
         table = Activity
         value = Activity.spend if program.tier_metric == "spend" else Activity.orders
-    query = (
+    by_time = len(members) > ledger.IN_LIST_LIMIT
+    # A batch's members are read by member: the window is compared through an expression no
+    # index serves, or SQLite walked the ledger's time index over the whole window for each
+    # thousand members (40 s for a day's birthdays at 8.5M entries, and as long for every
+    # real-time batch of a programme with tiers).
+    when = table.occurred_at if by_time else ledger.unindexed(table.occurred_at)
+    summed = latest_start < first  # type: ignore[operator]
+    one_by_one = (
+        or_(and_(when >= start, when < latest_start), and_(when >= first, when <= end))
+        if summed
+        else and_(when >= start, when <= end)
+    )
+    entries = (
         select(owner, table.occurred_at, table.event_id, value)
         .join(Member, Member.id == table.member_id)
-        .where(table.program_id == program.id, value != 0)
+        .where(table.program_id == program.id, value != 0, one_by_one)
     )
-    if len(members) > ledger.IN_LIST_LIMIT:
-        batches = [query.where(table.occurred_at >= start, table.occurred_at <= end)]
-    else:
-        # A batch's members are read by member: the window is compared through an expression
-        # no index serves, or SQLite walked the ledger's time index over the whole window for
-        # each thousand members (40 s for a day's birthdays at 8.5M entries, and as long for
-        # every real-time batch of a programme with tiers).
-        when = ledger.unindexed(table.occurred_at)
-        batches = [
-            query.where(
-                when >= start,
-                when <= end,
-                or_(Member.id.in_(chunk), Member.merged_into.in_(chunk)),
-            )
-            for chunk in ledger.in_chunks(members)
+    sums = (
+        select(owner, func.sum(value))
+        .join(Member, Member.id == table.member_id)
+        .where(table.program_id == program.id, value != 0, when >= latest_start, when < first)
+        .group_by(owner)
+    )
+    chunks: list[Any] = [None] if by_time else list(ledger.in_chunks(members))  # Any: ids
+
+    def of(query: Any, chunk: list[str] | None) -> Any:  # Any: a Select
+        if chunk is None:
+            return query
+        return query.where(or_(Member.id.in_(chunk), Member.merged_into.in_(chunk)))
+
+    rows = [tuple(row) for chunk in chunks for row in session.execute(of(entries, chunk)).all()]
+    if summed:
+        rows += [
+            (member, latest_start, None, total)
+            for chunk in chunks
+            for member, total in session.execute(of(sums, chunk)).all()
         ]
     found = pl.DataFrame(
-        [row for q in batches for row in session.execute(q).all()],
+        rows,
         schema={
             "member_id": pl.String(),
             "occurred_at": pl.Datetime("us", "UTC"),
