@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import ForeignKey, String, func, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from cdp.db import Base, SessionDep, UtcDateTime, new_id, utcnow
+from cdp.db import Base, SessionDep, UtcDateTime, get_db, new_id, utcnow
 from cdp.errors import Forbidden, NotFound, Unauthorized
 from cdp.pagination import Page, PageDep
 
@@ -139,19 +139,23 @@ class RequireRole:
     def __call__(
         self,
         request: Request,
-        session: SessionDep,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> Principal:
         """Check the bearer key and its role."""
         if credentials is None or credentials.scheme.lower() != "bearer":
             raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-        # A route guarded twice (router and route) checks the key once: a second lookup would
-        # autoflush the key's last-use touch and hold SQLite's write lock for the rest of the
-        # request, so a route that runs a job in its own session would wait on it.
+        # A route guarded twice (router and route) checks the key once.
         principal: Principal | None = getattr(request.state, "principal", None)
         if principal is None:
-            key = authenticate(session, clear=credentials.credentials)
-            principal = Principal(key_id=key.id, name=key.name, role=Role(key.role))
+            # In a transaction of its own, not the request's: FastAPI runs this dependency
+            # and the endpoint in two worker threads, and a pooled connection held between
+            # the two (the request's session) waits for a thread while every thread may be
+            # waiting for a connection. Under a burst (or clients giving up) the server then
+            # stopped answering for good. The key's last-use touch commits here too, so
+            # SQLite's write lock is not held for the rest of the request.
+            with get_db(request).begin() as session:
+                key = authenticate(session, clear=credentials.credentials)
+                principal = Principal(key_id=key.id, name=key.name, role=Role(key.role))
             request.state.principal = principal
         if principal.role not in self.roles:
             allowed = ", ".join(sorted(r.value for r in self.roles))

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from pydantic import AfterValidator
-from sqlalchemy import DateTime, Engine, MetaData, create_engine, event, text
+from sqlalchemy import DateTime, Engine, MetaData, QueuePool, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
@@ -107,12 +107,26 @@ def make_engine(url: str | URL) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(parsed, connect_args={"timeout": 30, "check_same_thread": False})
+        # No cap on the pool (5 kept open, more opened as needed, closed when returned): a
+        # request holds its connection from its endpoint's worker thread through the
+        # response's validation in another one (FastAPI), so with a capped pool a burst could
+        # leave every worker thread waiting for a connection and every connection waiting for
+        # a thread, and the server stopped answering (tests/cdp/test_disconnects.py). A
+        # SQLite connection is a file handle; SQLite's own lock orders the writers.
+        in_file = bool(parsed.database) and parsed.database != ":memory:"
+        pooling: dict[str, Any] = (  # Any: pool arguments
+            {"poolclass": QueuePool, "pool_size": 5, "max_overflow": -1} if in_file else {}
+        )
+        engine = create_engine(
+            parsed, connect_args={"timeout": 30, "check_same_thread": False}, **pooling
+        )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
-    return create_engine(parsed, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # Uncapped for the same reason (one server process per deployment: the warehouse has one
+    # writer), so in-flight requests bound the connections, well under PostgreSQL's 100.
+    return create_engine(parsed, pool_pre_ping=True, pool_size=10, max_overflow=-1)
 
 
 class Database:

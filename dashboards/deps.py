@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from fastapi import Depends, Query, Request, Response
 
 from cdp.auth import Principal
-from cdp.db import SessionDep
+from cdp.db import SessionDep, get_db
 from cdp.deps import WarehouseDep
 from dashboards import service
 from dashboards.metrics import Breakdown, Grain
@@ -78,17 +78,24 @@ def session_token(request: Request) -> str | None:
     return request.cookies.get(SESSION_COOKIE)
 
 
-def find_page_principal(request: Request, session: SessionDep) -> Principal | None:
+# Both read the sign-in in a transaction of their own, not the request's: a pooled connection
+# held from a dependency's worker thread to the endpoint's waits for a thread while every
+# thread may be waiting for a connection (see `cdp.auth.RequireRole`).
+
+
+def find_page_principal(request: Request) -> Principal | None:
     """Who is signed in to the web pages, or None (pages then redirect to the sign-in)."""
     token = session_token(request)
     if not token:
         return None
-    return service.find_session_principal(session, token=token)
+    with get_db(request).begin() as session:
+        return service.find_session_principal(session, token=token)
 
 
-def page_api_principal(request: Request, session: SessionDep) -> Principal:
+def page_api_principal(request: Request) -> Principal:
     """Who is signed in, for the pages' own data routes; 401 otherwise."""
-    return service.session_principal(session, token=session_token(request))
+    with get_db(request).begin() as session:
+        return service.session_principal(session, token=session_token(request))
 
 
 PagePrincipalDep = Annotated[Principal | None, Depends(find_page_principal)]
