@@ -9,7 +9,7 @@ from datetime import date, datetime, timedelta
 from typing import Any
 
 import polars as pl
-from sqlalchemy import event, func, inspect, select, update
+from sqlalchemy import event, func, inspect, or_, select, update
 from sqlalchemy.orm import Session, SessionTransaction
 
 from cdp.db import utcnow
@@ -549,12 +549,22 @@ def apply_row_upgrades(
     by_id = {t.id: t.rank for t in ladder_}
     steps = ranks.filter(pl.col("rank_after") > pl.col("rank_before"))
     last = ranks.group_by("member_id").agg(pl.col("reached").last())
-    ids = sorted(set(steps["member_id"].to_list()) | set(last["member_id"].to_list()))
+    upgraded = set(steps["member_id"].to_list())
+    ids = sorted(upgraded | set(last["member_id"].to_list()))
+    # Only the members that may change are loaded: those upgraded, and those marked below
+    # their tier (a real-time batch of thousands of members otherwise built all of them).
     members = {
         m.id: m
         for chunk in ledger.in_chunks(ids)
         for m in session.scalars(
-            select(Member).where(Member.id.in_(chunk), Member.status == "active")
+            select(Member).where(
+                Member.id.in_(chunk),
+                Member.status == "active",
+                or_(
+                    Member.below_tier_since.is_not(None),
+                    Member.id.in_(sorted(upgraded.intersection(chunk))),
+                ),
+            )
         )
     }
     moves: list[Move] = []
