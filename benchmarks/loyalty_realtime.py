@@ -12,7 +12,8 @@ acknowledged.
 The reference, measured on the same probes: event acknowledged → the person's profile
 visible through identity's lookup (`/api/profiles/lookup`), the stage loyalty builds on.
 The load generator reports how far it fell behind its schedule, so a run that could not
-hold the rate says so.
+hold the rate says so; a probe whose points are not visible within 30 s counts as 30 s and
+the result says how many did so.
 """
 
 from __future__ import annotations
@@ -151,7 +152,9 @@ async def _probe(
                 seen = time.perf_counter()
                 return (profile_at or seen) - acked, seen - acked
         await asyncio.sleep(POLL_EVERY)
-    raise RuntimeError(f"probe {user}: points not visible after {PROBE_TIMEOUT} s")
+    # Not visible in time: counted at the timeout (so a percentile that reaches such probes
+    # is a lower bound, and the result says how many there were).
+    return (profile_at - acked if profile_at is not None else PROBE_TIMEOUT), PROBE_TIMEOUT
 
 
 async def _probes(
@@ -285,6 +288,12 @@ def measure(
     result.add(Measure("p50 ack → points visible", "ms", float(np.percentile(points, 50))))
     result.add(Measure("max ack → points visible", "ms", float(points.max())))
     result.details["probes"] = len(probes)
+    late = int((points >= PROBE_TIMEOUT * 1000).sum())
+    if late:
+        result.details["probes whose points were not visible within the timeout"] = (
+            f"{late} of {len(probes)}, counted at {PROBE_TIMEOUT:.0f} s: the percentiles that"
+            " reach them are lower bounds"
+        )
     result.details["target"] = "p95 under 2,000 ms at 1,000 events/s"
     result.details["steady load"] = (
         f"{summary['acknowledged']:,} events acknowledged in {summary['seconds']:.1f} s"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Iterable
 
@@ -19,21 +20,26 @@ from loyalty.models import Program
 logger = logging.getLogger(__name__)
 
 SYNC_CHUNK = 5_000  # event ids per transaction of the real-time job
+# Seconds between two publications of the member-snapshot rows the jobs touched. Publishing
+# at every one-second run wrote the warehouse every second, which slowed identity's own
+# writes: p95 ack -> points 21 s instead of 2 s at 1,000 events/s (`loyalty_realtime`).
+SNAPSHOT_EVERY = 30.0
 
 
 class _SnapshotDue:
     """The memberships and profiles whose member snapshot rows are still to be republished.
 
     The jobs that change memberships (real-time earning, merges) add to it and publish it at
-    the end of their run, replacing just those rows. While the scheduled full publish holds
-    the snapshot they keep them for their next run rather than wait: real time is never held
-    up by the snapshot.
+    the end of a run, at most every `SNAPSHOT_EVERY` seconds, replacing just those rows.
+    While the scheduled full publish holds the snapshot they keep them for a later run rather
+    than wait: real time is never held up by the snapshot.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._members: set[str] = set()
         self._profiles: set[str] = set()
+        self._published = float("-inf")  # time.monotonic() of the last publication
 
     def add(self, *, members: Iterable[str] = (), profiles: Iterable[str] = ()) -> None:
         with self._lock:
@@ -41,10 +47,15 @@ class _SnapshotDue:
             self._profiles.update(profiles)
 
     def publish(self, context: JobContext) -> int:
-        """Republish the rows due (none if another publish is running); how many written."""
+        """Republish the rows due (none if the last publication is under `SNAPSHOT_EVERY`
+        seconds old or another publish is running); how many written."""
         with self._lock:
+            if time.monotonic() - self._published < SNAPSHOT_EVERY:
+                return 0
             members, profiles = self._members, self._profiles
             self._members, self._profiles = set(), set()
+            if members or profiles:
+                self._published = time.monotonic()
         if not members and not profiles:
             return 0
         try:

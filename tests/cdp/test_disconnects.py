@@ -48,7 +48,8 @@ def served(settings: Settings, db: Database, warehouse: Warehouse) -> Iterator[s
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        assert thread.is_alive(), "the server stopped while starting"
+        assert time.monotonic() < deadline, "the server did not start"
         time.sleep(0.05)
     yield url
     server.should_exit = True
