@@ -18,6 +18,7 @@ from cdp.scheduler import JobRun, JobRunner
 from cdp.warehouse import Query, Warehouse
 from identity import service as identity_service
 from loyalty import jobs, service
+from loyalty.models import Program
 from tests.loyalty.conftest import add_base_rule, make_program
 from tests.loyalty.identity_data import profile_of, resolve, write_events
 
@@ -34,6 +35,14 @@ def runner(
     job_runner.register(*jobs.JOBS)
     yield job_runner
     job_runner.shutdown()
+
+
+def _earning_program(db: Database) -> Program:
+    """An automatic-enrolment programme earning 1 point per unit spent."""
+    program = make_program(db, enrolment="automatic")
+    with db.begin() as session:
+        add_base_rule(session, program)
+    return program
 
 
 def _real_time(runner: JobRunner) -> JobRun:
@@ -55,9 +64,7 @@ def _published(warehouse: Warehouse) -> dict[str, tuple[int, bool, datetime]]:
 def test_real_time_republishes_the_members_it_touched_and_leaves_the_others(
     db: Database, warehouse: Warehouse, runner: JobRunner
 ) -> None:
-    program = make_program(db, enrolment="automatic")
-    with db.begin() as session:
-        add_base_rule(session, program)
+    _earning_program(db)
     write_events(
         warehouse,
         [
@@ -86,9 +93,7 @@ def test_real_time_republishes_the_members_it_touched_and_leaves_the_others(
 def test_a_merge_replaces_the_two_rows_by_the_survivor_and_an_erasure_removes_its_row(
     db: Database, warehouse: Warehouse, runner: JobRunner
 ) -> None:
-    program = make_program(db, enrolment="automatic")
-    with db.begin() as session:
-        add_base_rule(session, program)
+    _earning_program(db)
     write_events(
         warehouse,
         [
@@ -126,9 +131,7 @@ def test_a_merge_replaces_the_two_rows_by_the_survivor_and_an_erasure_removes_it
 def test_while_a_full_publish_runs_real_time_keeps_its_rows_for_the_next_run(
     db: Database, warehouse: Warehouse, runner: JobRunner
 ) -> None:
-    program = make_program(db, enrolment="automatic")
-    with db.begin() as session:
-        add_base_rule(session, program)
+    program = _earning_program(db)
     write_events(warehouse, [([("email", "ann@example.com")], "Order Completed", 30)])
     resolve(warehouse)
     ann = profile_of(warehouse, "email", "ann@example.com")
