@@ -180,7 +180,7 @@ def store_url(workdir: Path) -> str:
     return f"sqlite:///{workdir / 'cdp.sqlite3'}"
 
 
-def _setup(workdir: Path, program_id: str | None = None) -> tuple[str, str, str]:
+def setup(workdir: Path, program_id: str | None = None) -> tuple[str, str, str]:
     """An http source, an admin key and the programme (a new one unless `program_id`, an
     existing programme, is given) earning 1 point per euro, in the migrated store."""
     url = store_url(workdir)
@@ -234,7 +234,7 @@ def _load_process(
 def run(scale: int, workdir: Path) -> Result:
     """Steady load of `RATE` events/s for `scale / RATE` seconds (at least 5), with probes."""
     workdir.mkdir(parents=True, exist_ok=True)
-    key, admin, program_id = _setup(workdir)
+    key, admin, program_id = setup(workdir)
     return measure(
         workdir, seconds=max(5.0, scale / RATE), key=key, admin=admin, program_id=program_id
     )

@@ -45,7 +45,7 @@ def run(scale: int, workdir: Path) -> Result:
     finally:
         db.dispose()
     program_id = str(built.pop("program_id"))
-    key, admin, _ = loyalty_realtime._setup(workdir, program_id)
+    key, admin, _ = loyalty_realtime.setup(workdir, program_id)
     result = loyalty_realtime.measure(
         workdir,
         seconds=load_seconds(scale),

@@ -9,7 +9,6 @@ import weakref
 from collections.abc import Iterable
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from cdp.scheduler import JobContext, JobSpec
 from cdp.warehouse import Warehouse
@@ -90,29 +89,20 @@ def apply_merges(context: JobContext) -> int:
     """Apply identity's merges, splits and erasures published since each programme's marks."""
     applied = erased = 0
     for program_id in _all_programs(context):
+        touched: set[str] = set()
         with context.db.begin() as session:
-            _due(context).add(profiles=_profiles_to_apply(context, session, program_id=program_id))
-            applied += service.sync_merges(session, context.warehouse, program_id=program_id)[0]
-            erased += service.sync_erasures(session, context.warehouse, program_id=program_id)
+            applied += service.sync_merges(
+                session, context.warehouse, program_id=program_id, touched=touched
+            )[0]
+            erased += service.sync_erasures(
+                session, context.warehouse, program_id=program_id, touched=touched
+            )
+        _due(context).add(profiles=touched)
     _due(context).publish(context)
     # An idle run leaves no message, so the runner does not keep its record (every 30 s).
     if applied or erased:
         context.message = f"{applied} merges and splits applied, {erased} erasures"
     return applied + erased
-
-
-def _profiles_to_apply(context: JobContext, session: Session, *, program_id: str) -> set[str]:
-    """The profiles of the merges, splits and erasures the programme has still to apply."""
-    program = service.get_program(session, program_id=program_id)
-    merges = identity_service.merges_since(context.warehouse, after_seq=program.last_merge_seq)
-    erasures = identity_service.erasures_since(
-        context.warehouse, after_seq=program.last_erasure_seq
-    )
-    return {
-        str(profile)
-        for column in (merges["from_profile_id"], merges["to_profile_id"], erasures["profile_id"])
-        for profile in column
-    }
 
 
 def _all_programs(context: JobContext) -> list[str]:

@@ -119,11 +119,11 @@ WHERE pick = 1
 
 # Replace the member snapshot with the registered frame `snapshot_frame`, in one transaction.
 DELETE_SNAPSHOT = "DELETE FROM loyalty_member_snapshot"
-# The rows of the memberships and of the profiles registered as `snapshot_keys`.
+# The rows of the memberships `$members` and of the profiles `$profiles` (lists of ids).
 DELETE_SNAPSHOT_ROWS = """
 DELETE FROM loyalty_member_snapshot
-WHERE member_id IN (SELECT member_id FROM snapshot_keys WHERE member_id IS NOT NULL)
-   OR profile_id IN (SELECT profile_id FROM snapshot_keys WHERE profile_id IS NOT NULL)
+WHERE member_id IN (SELECT unnest(CAST($members AS VARCHAR[])))
+   OR profile_id IN (SELECT unnest(CAST($profiles AS VARCHAR[])))
 """
 INSERT_SNAPSHOT = "INSERT INTO loyalty_member_snapshot BY NAME SELECT * FROM snapshot_frame"
 

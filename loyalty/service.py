@@ -986,15 +986,24 @@ def apply_merges(
 
 
 def sync_merges(
-    session: Session, warehouse: Warehouse, *, program_id: str, now: datetime | None = None
+    session: Session,
+    warehouse: Warehouse,
+    *,
+    program_id: str,
+    now: datetime | None = None,
+    touched: set[str] | None = None,
 ) -> tuple[int, int]:
     """Apply identity's merges and splits published since the programme's merge mark.
 
-    Returns (merges and splits applied, points moved). Replaying is harmless: a merge or a
-    split already applied changes nothing, so the mark only saves work.
+    Returns (merges and splits applied, points moved); the profiles on both sides of each
+    are added to `touched` if given. Replaying is harmless: a merge or a split already
+    applied changes nothing, so the mark only saves work.
     """
     program = get_program(session, program_id=program_id)
     published = identity_service.merges_since(warehouse, after_seq=program.last_merge_seq)
+    if touched is not None:
+        touched.update(published["from_profile_id"].cast(pl.String))
+        touched.update(published["to_profile_id"].cast(pl.String))
     moved = 0
     for row in published.iter_rows(named=True):
         if row["kind"] == "merge":
@@ -1089,13 +1098,22 @@ def anonymise_profile(
     return len(ids)
 
 
-def sync_erasures(session: Session, warehouse: Warehouse, *, program_id: str) -> int:
+def sync_erasures(
+    session: Session,
+    warehouse: Warehouse,
+    *,
+    program_id: str,
+    touched: set[str] | None = None,
+) -> int:
     """Anonymise the memberships of the profiles identity erased since the programme's mark.
 
-    Returns how many erasures were read; replaying is harmless (the profile id is gone).
+    Returns how many erasures were read, and adds their profiles to `touched` if given;
+    replaying is harmless (the profile id is gone).
     """
     program = get_program(session, program_id=program_id)
     published = identity_service.erasures_since(warehouse, after_seq=program.last_erasure_seq)
+    if touched is not None:
+        touched.update(published["profile_id"].cast(pl.String))
     for row in published.iter_rows(named=True):
         anonymise_profile(session, program_id=program.id, profile_id=str(row["profile_id"]))
     if published.height:
@@ -1152,31 +1170,21 @@ def publish_member_snapshot(
         raise SnapshotBusy("another publish of the member snapshot is running")
     try:
         now = now or utcnow()
-        if members is None and profiles is None:
-            frame = _snapshot_rows(session, now=now)
-            with warehouse.transaction() as cur:
-                cur.execute(queries.DELETE_SNAPSHOT)
-                cur.register("snapshot_frame", frame)
-                cur.execute(queries.INSERT_SNAPSHOT)
-                cur.unregister("snapshot_frame")
-            return frame.height
-        ids = set(members or ())
-        if profiles:
-            ids.update(_members_of_profiles(session, profiles=profiles))
+        whole = members is None and profiles is None
+        ids: set[str] | None = None
+        if not whole:
+            ids = set(members or ())
+            if profiles:
+                ids.update(_members_of_profiles(session, profiles=profiles))
         frame = _snapshot_rows(session, now=now, members=ids)
-        keys = pl.DataFrame(
-            {"member_id": sorted(ids), "profile_id": None},
-            schema={"member_id": pl.String(), "profile_id": pl.String()},
-        ).vstack(
-            pl.DataFrame(
-                {"member_id": None, "profile_id": sorted(profiles or ())},
-                schema={"member_id": pl.String(), "profile_id": pl.String()},
-            )
-        )
         with warehouse.transaction() as cur:
-            cur.register("snapshot_keys", keys)
-            cur.execute(queries.DELETE_SNAPSHOT_ROWS)
-            cur.unregister("snapshot_keys")
+            if whole:
+                cur.execute(queries.DELETE_SNAPSHOT)
+            else:
+                cur.execute(
+                    queries.DELETE_SNAPSHOT_ROWS,
+                    {"members": sorted(ids or ()), "profiles": sorted(profiles or ())},
+                )
             cur.register("snapshot_frame", frame)
             cur.execute(queries.INSERT_SNAPSHOT)
             cur.unregister("snapshot_frame")
