@@ -241,6 +241,7 @@ def create_app(
             job_scheduler.shutdown()
             hooks.close()
             runner.shutdown()
+            auth.key_uses(db).flush(timeout=5.0)
             warehouse.close()
             db.dispose()
 

@@ -403,6 +403,7 @@ def sign_in(session: Session, *, api_key: str) -> tuple[str, WebSession]:
     key = authenticate(session, clear=api_key.strip())
     token = secrets.token_urlsafe(32)
     now = utcnow()
+    key.last_used_at = now  # this transaction writes anyway
     web_session = WebSession(
         token_hash=_token_hash(token),
         key_id=key.id,

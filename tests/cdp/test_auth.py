@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from fastapi.routing import APIRoute, iter_route_contexts
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from cdp.auth import ApiKey, RequireRole, Role, hash_key
+from cdp.auth import ApiKey, RequireRole, Role, hash_key, key_uses
 from cdp.db import Database
 from tests.conftest import BACKENDS, make_key
 
@@ -135,3 +136,38 @@ def test_revoking_unknown_key_is_404(client: TestClient, admin_headers: dict[str
     resp = client.delete(f"/api/keys/{uuid.uuid4()}", headers=admin_headers)
     assert resp.status_code == 404
     assert resp.json()["error"]["code"] == "not_found"
+
+
+def test_a_request_never_waits_for_the_write_lock_to_record_its_keys_use(
+    client: TestClient, db: Database, backend: str
+) -> None:
+    """A key's first use is written in the background: while another writer holds the
+    store's write lock (SQLite) or the key's row (PostgreSQL), its requests still answer, and
+    the use is stored once the lock is released."""
+    clear = make_key(db, Role.viewer)
+    headers = {"Authorization": f"Bearer {clear}"}
+    admin = {"Authorization": f"Bearer {make_key(db, Role.admin)}"}
+    with db.begin() as session:
+        key_id = session.scalar(select(ApiKey.id).where(ApiKey.key_hash == hash_key(clear)))
+    holder = db.engine.connect()
+    pool = ThreadPoolExecutor(max_workers=4)
+    try:
+        if backend == "sqlite":
+            holder.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            holder.begin()
+            holder.execute(select(ApiKey.id).where(ApiKey.id == key_id).with_for_update())
+        answers = [pool.submit(client.get, "/api/jobs", headers=headers) for _ in range(8)]
+        # Well under the store's 30 s lock timeout: the old key check waited for the lock.
+        codes = [a.result(timeout=20).status_code for a in answers]
+        assert codes == [200] * 8
+        listed = client.get("/api/keys", headers=admin).json()["items"]
+        mine = next(k for k in listed if k["id"] == key_id)
+        assert mine["last_used_at"] is not None  # noted, shown before it is written
+    finally:
+        holder.rollback()
+        holder.close()
+        pool.shutdown()
+    assert key_uses(db).flush(timeout=30)
+    with db.begin() as session:
+        assert session.scalar(select(ApiKey.last_used_at).where(ApiKey.id == key_id)) is not None

@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import inspect, select
 
-from cdp.auth import ApiKey, Role
+from cdp.auth import ApiKey, Role, key_uses
 from cdp.config import Settings
 from cdp.db import Database
 from cdp.errors import Conflict, NotFound
@@ -138,6 +138,7 @@ def test_a_new_keys_first_request_can_run_a_job_and_wait(client: TestClient, db:
     run = client.post("/api/jobs/warehouse.checkpoint/run?wait=true", headers=headers)
     assert run.status_code == 202, run.text
     assert run.json()["status"] == "succeeded"
+    assert key_uses(db).flush(timeout=30)
     with db.begin() as session:
         assert session.scalar(select(ApiKey.last_used_at)) is not None
 
