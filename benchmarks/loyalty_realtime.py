@@ -308,8 +308,10 @@ def measure(
 def _job_runs(workdir: Path) -> str:
     """How long the real-time job's runs took, first and last third of the run apart.
 
-    Read from the server's own run records (`cdp_job_run`): a job that keeps up stays
-    under its one-second period; one whose runs grow through the run falls behind.
+    Read from the server's own run records (`cdp_job_run`). A run takes the events loaded
+    while it worked in further passes, for up to `loyalty.jobs.MAX_RUN_SECONDS`: under a
+    steady load that keeps up, runs last that long (or until the load stops), and the
+    latency figures, not the run lengths, say whether the job kept up.
     """
     db = Database(store_url(workdir))
     try:

@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 
 from cdp.config import Settings
 from cdp.db import Database
-from cdp.scheduler import JobRun, JobRunner
+from cdp.scheduler import JobContext, JobRun, JobRunner
 from cdp.warehouse import Warehouse
 from loyalty import jobs, service
 from loyalty.models import LedgerEntry, Member, Program
@@ -155,3 +155,35 @@ def test_idle_scheduled_loyalty_runs_are_not_recorded(
         ("loyalty.process_events", first.id),
         ("loyalty.process_events", manual.id),
     ]
+
+
+def test_a_real_time_run_takes_the_events_loaded_while_it_worked(
+    db: Database, warehouse: Warehouse, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Events that arrive during a pass are taken by another pass of the same run, not left
+    for the next tick; a pass that finds nothing new ends the run."""
+    program = make_program(db, enrolment="automatic")
+    _base_rule(db, program)
+    write_events(warehouse, [([("email", "ann@example.com")], "Order Completed", 10)])
+    passes: list[int] = []
+    one_pass = jobs._one_pass
+
+    def counted(context: JobContext) -> jobs._Pass:
+        passed = one_pass(context)
+        passes.append(passed.credits)
+        if len(passes) == 1:  # an order arrives while the first pass was working
+            write_events(warehouse, [([("email", "bob@example.com")], "Order Completed", 7)])
+        return passed
+
+    monkeypatch.setattr(jobs, "_one_pass", counted)
+    runner = JobRunner(settings, db, warehouse)
+    runner.register(*jobs.JOBS)
+    try:
+        run = runner.run("loyalty.process_events", trigger="schedule")
+    finally:
+        runner.shutdown()
+    assert (run.status, run.rows, passes) == ("succeeded", 2, [1, 1, 0])
+    with db.begin() as session:
+        bob = profile_of(warehouse, "email", "bob@example.com")
+        member = service.member_by_profile(session, program_id=program.id, profile_id=bob)
+        assert service.member_balance(session, member_id=member.id)[1].active == 7
