@@ -41,6 +41,23 @@ class JsonFormatter(logging.Formatter):
 CHATTY_LOGGERS = ("apscheduler.executors", "uvicorn.access", "httpx")
 
 
+class _SkippedTicks(logging.Filter):
+    """Drops APScheduler's warning for a tick that finds its job still running, below DEBUG.
+
+    One run at a time per job is by design, and the real-time loyalty job keeps a run going
+    while events arrive: its one-second ticks would log this warning every second under load.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            "maximum number of running instances reached" in str(record.msg)
+            and logging.getLogger().getEffectiveLevel() > logging.DEBUG
+        )
+
+
+_SKIPPED_TICKS = _SkippedTicks()
+
+
 def configure_logging(level: str = "INFO", *, json_lines: bool = True) -> None:
     """Send the platform's logs to stderr, as JSON lines or plain text."""
     handler = logging.StreamHandler(sys.stderr)
@@ -63,3 +80,6 @@ def configure_logging(level: str = "INFO", *, json_lines: bool = True) -> None:
     quiet = logging.DEBUG if logging.getLevelName(level) == logging.DEBUG else logging.WARNING
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(quiet)
+    scheduler_logger = logging.getLogger("apscheduler.scheduler")
+    if _SKIPPED_TICKS not in scheduler_logger.filters:
+        scheduler_logger.addFilter(_SKIPPED_TICKS)

@@ -39,3 +39,22 @@ def test_job_run_lines_are_left_out_at_info_and_shown_at_debug(
     logging.getLogger("apscheduler.executors.default").info('Running job "x" (scheduled)')
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
     assert [line["message"] for line in lines] == ['Running job "x" (scheduled)']
+
+
+def test_a_tick_skipped_while_its_job_runs_is_logged_at_debug_only(
+    restore_logging: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    skipped = 'Execution of job "%s" skipped: maximum number of running instances reached (%d)'
+    scheduler = logging.getLogger("apscheduler.scheduler")
+    configure_logging("INFO")
+    scheduler.warning(skipped, "real time", 1)
+    scheduler.warning("Run time of job %s was missed by %s", "x", "0:00:02")
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [line["message"] for line in lines] == ["Run time of job x was missed by 0:00:02"]
+
+    configure_logging("DEBUG")
+    scheduler.warning(skipped, "real time", 1)
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [line["message"] for line in lines] == [
+        'Execution of job "real time" skipped: maximum number of running instances reached (1)'
+    ]
