@@ -6,7 +6,6 @@ import hashlib
 import logging
 import secrets
 import threading
-import weakref
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Annotated
@@ -20,6 +19,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from cdp.db import Base, Database, SessionDep, UtcDateTime, get_db, new_id, utcnow
 from cdp.errors import Forbidden, NotFound, Unauthorized
 from cdp.pagination import Page, PageDep
+from cdp.registry import PerObject
 
 logger = logging.getLogger(__name__)
 
@@ -188,17 +188,8 @@ class KeyUses:
                 logger.warning("could not record API key uses", exc_info=True)
 
 
-_key_uses: weakref.WeakKeyDictionary[Database, KeyUses] = weakref.WeakKeyDictionary()
-_key_uses_lock = threading.Lock()
-
-
-def key_uses(db: Database) -> KeyUses:
-    """The last-use recorder of this store (one per `Database` object)."""
-    with _key_uses_lock:
-        found = _key_uses.get(db)
-        if found is None:
-            found = _key_uses[db] = KeyUses(db)
-        return found
+# The last-use recorder of a store (one per `Database` object).
+key_uses: PerObject[Database, KeyUses] = PerObject(KeyUses)
 
 
 _bearer = HTTPBearer(auto_error=False, description="A management API key")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import weakref
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -20,6 +19,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from cdp.registry import PerObject
 from cdp.warehouse import ROW_GROUP_ROWS, Cursor, Warehouse
 from ingestion import queries
 from ingestion.dedupe import KeyFilter, Keys, Mask
@@ -456,17 +456,8 @@ def _counts(values: pl.Series) -> dict[str, int]:
     return {str(k): int(n) for k, n in values.value_counts().iter_rows()}
 
 
-_LOADERS: weakref.WeakKeyDictionary[Warehouse, Loader] = weakref.WeakKeyDictionary()
-_LOADERS_LOCK = threading.Lock()
-
-
-def loader_for(warehouse: Warehouse) -> Loader:
-    """The one loader of a warehouse in this process, shared by every ingestion path."""
-    with _LOADERS_LOCK:
-        found = _LOADERS.get(warehouse)
-        if found is None:
-            found = _LOADERS[warehouse] = Loader(warehouse)
-        return found
+# The one loader of a warehouse in this process, shared by every ingestion path.
+loader_for: PerObject[Warehouse, Loader] = PerObject(Loader)
 
 
 def md5_hex(warehouse: Warehouse, values: pl.Series) -> pl.Series:

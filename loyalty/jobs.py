@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sqlalchemy import select
 
+from cdp.registry import PerObject
 from cdp.scheduler import JobContext, JobSpec
 from cdp.warehouse import Warehouse
 from identity import service as identity_service
@@ -73,13 +73,11 @@ class _SnapshotDue:
 
 
 # One per warehouse (a process may serve several in tests), created on first use.
-_dues: weakref.WeakKeyDictionary[Warehouse, _SnapshotDue] = weakref.WeakKeyDictionary()
-_dues_lock = threading.Lock()
+_dues: PerObject[Warehouse, _SnapshotDue] = PerObject(lambda _: _SnapshotDue())
 
 
 def _due(context: JobContext) -> _SnapshotDue:
-    with _dues_lock:
-        return _dues.setdefault(context.warehouse, _SnapshotDue())
+    return _dues(context.warehouse)
 
 
 def _active_programs(context: JobContext) -> list[str]:
