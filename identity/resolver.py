@@ -80,7 +80,9 @@ def resolve(warehouse: Warehouse, *, rules: IdentityRules, full: bool = False) -
     with _RESOLVE_LOCK, warehouse.transaction() as cur:
         result = _resolve(cur, rules=rules, full=full)
     result.seconds = round(time.perf_counter() - started, 4)
-    logger.info("identity resolved", extra=result.as_dict())
+    # A run that found nothing (identity's job polls every 5 s, real time every pass) at DEBUG.
+    idle = not (result.events or result.affected_identifiers)
+    logger.log(logging.DEBUG if idle else logging.INFO, "identity resolved", extra=result.as_dict())
     return result
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import polars as pl
 import pytest
 
@@ -215,11 +217,17 @@ def test_event_belongs_to_its_most_trusted_identifier_profile(
     assert frame["profile_id"].to_list() == [_pid(warehouse, "user_id", "u2")]
 
 
-def test_nothing_new_does_nothing(warehouse: Warehouse, events: EventWriter) -> None:
+def test_nothing_new_does_nothing(
+    warehouse: Warehouse, events: EventWriter, caplog: pytest.LogCaptureFixture
+) -> None:
     events.write([Ev([("user_id", "u1")])])
-    resolve(warehouse)
-    again = resolve(warehouse)
+    with caplog.at_level(logging.DEBUG, logger="identity.resolver"):
+        resolve(warehouse)
+        again = resolve(warehouse)
     assert (again.events, again.affected_identifiers) == (0, 0)
+    # Polled every few seconds: an idle run's line is DEBUG, a run that did something INFO.
+    levels = [r.levelname for r in caplog.records if r.getMessage() == "identity resolved"]
+    assert levels == ["INFO", "DEBUG"]
 
 
 def test_changed_rules_trigger_a_full_rebuild(warehouse: Warehouse, events: EventWriter) -> None:
