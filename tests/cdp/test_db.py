@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 import uuid
+from pathlib import Path
 
-from cdp.db import new_id, uuid_text
+from cdp.db import Database, new_id, uuid_text
 
 
 def test_new_ids_are_uuid7_that_carry_their_creation_millisecond() -> None:
@@ -25,3 +27,45 @@ def test_new_ids_are_uuid7_that_carry_their_creation_millisecond() -> None:
 def test_uuid_text_is_the_canonical_form() -> None:
     for n in (0, 1, 2**128 - 1, uuid.UUID(new_id()).int, 0x0123456789ABCDEF0123456789ABCDEF):
         assert uuid_text(n) == str(uuid.UUID(int=n))
+
+
+def test_wal_checkpoint_truncates_the_log_and_gives_up_quickly_while_a_reader_holds_it(
+    tmp_path: Path,
+) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'store.sqlite3'}")
+    wal = tmp_path / "store.sqlite3-wal"
+    try:
+        with db.engine.begin() as connection:
+            connection.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+        # A reader keeps an old snapshot while more writes arrive: the log cannot be copied
+        # whole, and the checkpoint says so instead of waiting the store's 30 s for it.
+        reader = sqlite3.connect(tmp_path / "store.sqlite3", isolation_level=None)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM t").fetchone()
+        with db.engine.begin() as connection:
+            connection.exec_driver_sql(
+                "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n"
+                " WHERE x < 5000) INSERT INTO t SELECT x FROM n"
+            )
+        held = db.checkpoint_wal(busy_ms=50)
+        assert held is not None
+        assert held.busy
+        assert wal.stat().st_size > 0
+        reader.execute("COMMIT")
+        reader.close()
+        done = db.checkpoint_wal()
+        assert done is not None
+        assert not done.busy
+        assert wal.stat().st_size == 0  # truncated: the log starts again from nothing
+        with db.engine.connect() as connection:
+            assert connection.exec_driver_sql("SELECT count(*) FROM t").scalar_one() == 5000
+    finally:
+        db.dispose()
+
+
+def test_wal_checkpoint_is_sqlite_only() -> None:
+    db = Database("sqlite://")
+    try:
+        assert db.checkpoint_wal() is None
+    finally:
+        db.dispose()

@@ -151,6 +151,7 @@ def test_jobs_api_lists_triggers_and_pages_runs(
     assert jobs["warehouse.checkpoint"]["trigger_args"] == {"minutes": 15}
     assert jobs["loyalty.expire_points"]["schedule"] == "daily at 02:00 UTC"
     assert jobs["identity.resolve"]["schedule"] == "every 5 s"
+    assert jobs["store.checkpoint"]["schedule"] == "every 10 s"
     run = client.post("/api/jobs/warehouse.checkpoint/run?wait=true", headers=admin_headers)
     assert run.status_code == 202
     assert run.json()["status"] == "succeeded"
@@ -164,6 +165,8 @@ def test_jobs_api_lists_triggers_and_pages_runs(
     assert one.json()["job"] == "warehouse.checkpoint"
     missing = client.post("/api/jobs/nope/run", headers=admin_headers)
     assert missing.status_code == 404
+    store = client.post("/api/jobs/store.checkpoint/run?wait=true", headers=admin_headers)
+    assert (store.status_code, store.json()["status"]) == (202, "succeeded")
 
 
 def test_schedules_read_as_words() -> None:
