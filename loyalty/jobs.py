@@ -128,11 +128,12 @@ def process_new_events(context: JobContext) -> int:
         passed = _one_pass(context)
         credits += passed.credits
         changed += passed.changed
+        # The rows of the memberships touched so far, at most every `SNAPSHOT_EVERY` seconds
+        # however long the run (the whole snapshot is rewritten every 5 minutes by its own
+        # job: at 1M members that takes seconds, and real time would stall).
+        _due(context).publish(context)
         if not passed.moved or time.monotonic() - started >= MAX_RUN_SECONDS:
             break
-    # The rows of the memberships this run touched (the whole snapshot is rewritten every
-    # 5 minutes by its own job: at 1M members that takes seconds, and real time would stall).
-    _due(context).publish(context)
     # The job runs every second: a run that changed nothing leaves no message, so the runner
     # does not keep its record (86,400 rows a day otherwise).
     context.message = f"{credits} credits" if changed else None

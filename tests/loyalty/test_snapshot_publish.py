@@ -14,7 +14,7 @@ import pytest
 
 from cdp.config import Settings
 from cdp.db import Database
-from cdp.scheduler import JobRun, JobRunner
+from cdp.scheduler import JobContext, JobRun, JobRunner
 from cdp.warehouse import Query, Warehouse
 from identity import service as identity_service
 from loyalty import jobs, service
@@ -146,3 +146,29 @@ def test_while_a_full_publish_runs_real_time_keeps_its_rows_for_the_next_run(
 
     _real_time(runner)  # nothing new to process: the rows kept are published
     assert {p: v[:2] for p, v in _published(warehouse).items()} == {ann: (30, True)}
+
+
+def test_a_long_real_time_run_publishes_between_its_passes(
+    db: Database, warehouse: Warehouse, runner: JobRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that keeps taking new events publishes the rows it touched as it goes (at most
+    every `SNAPSHOT_EVERY`, 0 here), not only when it ends."""
+    _earning_program(db)
+    write_events(warehouse, [([("email", "ann@example.com")], "Order Completed", 10)])
+    at_pass_start: list[dict[str, tuple[int, bool, datetime]]] = []  # what was published
+    one_pass = jobs._one_pass
+
+    def observed(context: JobContext) -> jobs._Pass:
+        at_pass_start.append(_published(warehouse))
+        passed = one_pass(context)
+        if len(at_pass_start) == 1:  # another order arrives during the first pass
+            write_events(warehouse, [([("email", "bob@example.com")], "Order Completed", 7)])
+        return passed
+
+    monkeypatch.setattr(jobs, "_one_pass", observed)
+    _real_time(runner)
+    ann = profile_of(warehouse, "email", "ann@example.com")
+    bob = profile_of(warehouse, "email", "bob@example.com")
+    assert ann not in at_pass_start[0]
+    assert at_pass_start[1][ann][:2] == (10, True)  # published before the run ended
+    assert _published(warehouse)[bob][:2] == (7, True)
