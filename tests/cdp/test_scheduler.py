@@ -13,7 +13,15 @@ from cdp.auth import ApiKey, Role, key_uses
 from cdp.config import Settings
 from cdp.db import Database
 from cdp.errors import Conflict, NotFound
-from cdp.scheduler import JobContext, JobRun, JobRunner, JobSpec, Scheduler, describe_schedule
+from cdp.scheduler import (
+    FOUNDATION_JOBS,
+    JobContext,
+    JobRun,
+    JobRunner,
+    JobSpec,
+    Scheduler,
+    describe_schedule,
+)
 from cdp.warehouse import Query, Warehouse
 from tests.conftest import BACKENDS, make_key
 
@@ -178,3 +186,30 @@ def test_schedules_read_as_words() -> None:
     assert describe_schedule("cron", {"day_of_week": "mon", "hour": 4}) == (
         "cron day_of_week=mon, hour=4"
     )
+
+
+def test_a_routine_store_checkpoint_leaves_no_run_record_and_a_busy_one_does(
+    settings: Settings, db: Database, warehouse: Warehouse
+) -> None:
+    runner = JobRunner(settings, db, warehouse)
+    runner.register(*FOUNDATION_JOBS)
+    try:
+        make_key(db, Role.viewer)
+        routine = runner.run("store.checkpoint", trigger="schedule")
+        assert (routine.status, routine.message) == ("succeeded", None)
+        # A reader holding an old snapshot while a write lands keeps the log from truncating.
+        reader = db.engine.raw_connection()
+        try:
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM cdp_job_run").fetchone()
+            make_key(db, Role.viewer)
+            busy = runner.run("store.checkpoint", trigger="schedule")
+        finally:
+            reader.rollback()
+            reader.close()
+    finally:
+        runner.shutdown()
+    assert busy.message is not None
+    with db.begin() as session:
+        kept = list(session.scalars(select(JobRun.id).where(JobRun.job == "store.checkpoint")))
+    assert kept == [busy.id]
