@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from collections.abc import Iterator
@@ -13,7 +14,20 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from pydantic import AfterValidator
-from sqlalchemy import DateTime, Engine, MetaData, QueuePool, create_engine, event, text
+from sqlalchemy import (
+    DateTime,
+    Engine,
+    Float,
+    MetaData,
+    QueuePool,
+    Select,
+    case,
+    create_engine,
+    event,
+    func,
+    select,
+    text,
+)
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
@@ -208,3 +222,41 @@ def get_session(request: Request) -> Iterator[Session]:
 
 # scope="function": the commit happens before the response is sent, so a failed commit is a 500.
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
+def all_rows(session: Session, query: Select[*tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    # Any: the columns of any select
+    """Every row of `query` as tuples, typed as `session.execute(query).all()` would give them.
+
+    On SQLite the rows come back packed in one JSON array, fetched in one step: Python's
+    sqlite3 releases the GIL around every row it steps, and in the busy server each row then
+    waits for the request thread holding the GIL to reach its switch interval (the convoy
+    effect: a read of 5,000 member rows took a second under ingestion load, 0.05 s at rest).
+    Each column goes through its type's result processing (timestamps, booleans); floats
+    travel as 17-digit text, since SQLite's JSON writes 15 digits. Rows keep the query's
+    order: SQLite does not flatten an ordered subquery into an aggregate. Other databases
+    fetch as usual.
+    """
+    dialect = session.get_bind().dialect
+    if dialect.name != "sqlite":
+        return [tuple(row) for row in session.execute(query).all()]
+    inner = query.subquery()
+    columns = list(inner.c)
+    floats = [isinstance(c.type, Float) for c in columns]
+    packed = [
+        case((c.is_(None), None), else_=func.printf("%!.17g", c)) if is_float else c
+        for c, is_float in zip(columns, floats, strict=True)
+    ]
+    text_ = session.execute(
+        select(func.json_group_array(func.json_array(*packed))).select_from(inner)
+    ).scalar_one()
+    processors = [c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns]
+    rows = []
+    for values in json.loads(text_):
+        row = []
+        for value, is_float, process in zip(values, floats, processors, strict=True):
+            if is_float and value is not None:
+                value = float(value)
+            row.append(process(value) if process is not None else value)
+        rows.append(tuple(row))
+    return rows

@@ -22,7 +22,7 @@ import polars as pl
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
-from cdp.db import new_id, utcnow
+from cdp.db import all_rows, new_id, utcnow
 from loyalty import calendar, ledger, rules, status, tiers
 from loyalty.errors import ProgramNotActive
 from loyalty.models import Activity, LedgerEntry, Member, Program, Rule, Tier
@@ -546,7 +546,7 @@ def member_frame(session: Session, *, program_id: str, profiles: list[str]) -> p
         if len(profiles) > ledger.IN_LIST_LIMIT
         else [query.where(Member.profile_id.in_(chunk)) for chunk in ledger.in_chunks(profiles)]
     )
-    rows = [row for q in batches for row in session.execute(q).all()]
+    rows = [row for q in batches for row in all_rows(session, q)]
     return pl.DataFrame(
         rows,
         schema={
@@ -1024,6 +1024,7 @@ def process_events(
     # after it in the batch already earned with the new tier (see `_evaluate_with_tiers`).
     if ranks is not None:
         tiers.apply_row_upgrades(session, program=program, ladder_=ladder, ranks=ranks)
+    steps.done("upgrades")
     logger.debug("processed %d events: %s", result.events, steps)
     return result
 
@@ -1187,12 +1188,12 @@ def _tier_priors(session: Session, *, program: Program, prepared: pl.DataFrame) 
             return query
         return query.where(or_(Member.id.in_(chunk), Member.merged_into.in_(chunk)))
 
-    rows = [tuple(row) for chunk in chunks for row in session.execute(of(entries, chunk)).all()]
+    rows = [row for chunk in chunks for row in all_rows(session, of(entries, chunk))]
     if summed:
         rows += [
             (member, latest_start, None, total)
             for chunk in chunks
-            for member, total in session.execute(of(sums, chunk)).all()
+            for member, total in all_rows(session, of(sums, chunk))
         ]
     found = pl.DataFrame(
         rows,

@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import select
 
@@ -126,12 +126,20 @@ def process_new_events(context: JobContext) -> int:
     credits = changed = 0
     while True:
         passed = _one_pass(context)
-        credits += passed.credits
-        changed += passed.changed
         # The rows of the memberships touched so far, at most every `SNAPSHOT_EVERY` seconds
         # however long the run (the whole snapshot is rewritten every 5 minutes by its own
         # job: at 1M members that takes seconds, and real time would stall).
-        _due(context).publish(context)
+        published_at = time.perf_counter()
+        published = _due(context).publish(context)
+        passed.seconds["publish"] = round(time.perf_counter() - published_at, 2)
+        logger.debug(
+            "real-time pass: %d events, %d rows published; %s",
+            passed.events,
+            published,
+            ", ".join(f"{k} {v} s" for k, v in passed.seconds.items()),
+        )
+        credits += passed.credits
+        changed += passed.changed
         if not passed.moved or time.monotonic() - started >= MAX_RUN_SECONDS:
             break
     # The job runs every second: a run that changed nothing leaves no message, so the runner
@@ -145,10 +153,20 @@ class _Pass:
     credits: int = 0
     changed: int = 0
     moved: bool = False  # identity resolved new events, or a programme's mark moved
+    events: int = 0  # events the programmes took
+    seconds: dict[str, float] = field(default_factory=dict)  # per step, for the debug log
 
 
 def _one_pass(context: JobContext) -> _Pass:
     passed = _Pass()
+    step = time.perf_counter()
+
+    def done(name: str) -> None:
+        nonlocal step
+        now = time.perf_counter()
+        passed.seconds[name] = round(passed.seconds.get(name, 0.0) + now - step, 2)
+        step = now
+
     if _has_unresolved(context):
         with context.db.begin() as session:
             rules = identity_service.get_rules(session)
@@ -156,7 +174,9 @@ def _one_pass(context: JobContext) -> _Pass:
             context.warehouse, settings=context.settings, rules=rules
         )
         passed.moved = bool(resolved.events)
+    done("identity")
     passed.changed += apply_merges(context, publish=False)
+    done("merges")
     for program_id in _active_programs(context):
         mark: int | None = None
         while True:
@@ -168,7 +188,10 @@ def _one_pass(context: JobContext) -> _Pass:
                 )
                 passed.credits += result.credits
                 passed.changed += result.credits + result.reversals + result.enrolled
+                passed.events += result.events
                 _due(context).add(members=result.members)
+                done("sync")
+            done("commit")
             passed.moved = passed.moved or result.events > 0
             if new_mark == mark:
                 break

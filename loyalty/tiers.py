@@ -12,7 +12,7 @@ import polars as pl
 from sqlalchemy import event, func, inspect, or_, select, update
 from sqlalchemy.orm import Session, SessionTransaction
 
-from cdp.db import utcnow
+from cdp.db import all_rows, utcnow
 from loyalty import calendar, ledger
 from loyalty.models import Activity, LedgerEntry, Member, Program, Tier, TierChange
 
@@ -483,11 +483,12 @@ def ranks_at(
     found = [
         change
         for chunk in ledger.in_chunks(members)
-        for change in session.execute(
+        for change in all_rows(
+            session,
             select(TierChange.member_id, TierChange.at, TierChange.event_id, TierChange.to_tier_id)
             .where(TierChange.program_id == program.id, TierChange.member_id.in_(chunk))
-            .order_by(TierChange.at)
-        ).all()
+            .order_by(TierChange.at),
+        )
     ]
     changes = pl.DataFrame(
         [(m, at, e, by_id.get(t or "", 0)) for m, at, e, t in found],
