@@ -22,7 +22,7 @@ import polars as pl
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
-from cdp.db import all_rows, new_id, utcnow
+from cdp.db import all_rows, new_ids, utcnow
 from loyalty import calendar, ledger, rules, status, tiers
 from loyalty.errors import ProgramNotActive
 from loyalty.models import Activity, LedgerEntry, Member, Program, Rule, Tier
@@ -512,7 +512,7 @@ def _enrol_automatically(
     if first.is_empty():
         return 0, tried
     rows = first.select(
-        pl.Series("id", [new_id() for _ in range(first.height)]),
+        pl.Series("id", new_ids(first.height), dtype=pl.String),
         pl.lit(program.id).alias("program_id"),
         "profile_id",
         pl.lit("active").alias("status"),
@@ -1358,7 +1358,7 @@ def _record_activity(session: Session, *, program: Program, frame: pl.DataFrame)
             "idempotency_key"
         ),
     ).with_columns(
-        pl.Series("id", [new_id() for _ in range(spend.height)]),
+        pl.Series("id", new_ids(spend.height), dtype=pl.String),
         pl.lit(program.id).alias("program_id"),
     )
     ledger.bulk_insert(session, Activity.__table__, rows)

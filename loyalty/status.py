@@ -18,7 +18,7 @@ import polars as pl
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from cdp.db import new_id
+from cdp.db import new_id, new_ids
 from loyalty import ledger
 from loyalty.models import Member, MemberStatusChange
 
@@ -57,7 +57,7 @@ def record_many(
     if members.is_empty():
         return 0
     rows = members.select(
-        pl.Series("id", [new_id() for _ in range(members.height)], dtype=pl.String),
+        pl.Series("id", new_ids(members.height), dtype=pl.String),
         pl.lit(program_id).alias("program_id"),
         pl.col("member_id"),
         pl.lit(status).alias("status"),

@@ -7,7 +7,7 @@ import time
 import uuid
 from pathlib import Path
 
-from cdp.db import Database, new_id, uuid_text
+from cdp.db import Database, new_id, new_ids, uuid_text
 
 
 def test_new_ids_are_uuid7_that_carry_their_creation_millisecond() -> None:
@@ -22,6 +22,29 @@ def test_new_ids_are_uuid7_that_carry_their_creation_millisecond() -> None:
     # Created one after the other, their instants never go back (a B-tree append).
     assert stamps == sorted(stamps)
     assert len(set(ids)) == len(ids)
+
+
+def test_new_ids_of_a_batch_are_distinct_uuid7_of_the_current_millisecond() -> None:
+    """A batch's ids come from one draw of system randomness (a real-time batch made a
+    system call, and handed the GIL over, per id): still UUIDv7, unique, unguessable."""
+    before = time.time_ns() // 1_000_000
+    ids = new_ids(5000) + new_ids(5000)
+    after = time.time_ns() // 1_000_000
+    parsed = [uuid.UUID(i) for i in ids]
+    assert all(p.version == 7 and p.variant == uuid.RFC_4122 for p in parsed)
+    assert [str(p) for p in parsed] == ids
+    assert all(before <= p.int >> 80 <= after for p in parsed)
+    assert len(set(ids)) == len(ids)
+    # The 74 random bits vary over all their positions (none stuck at 0 or 1).
+    random_bits = [(p.int >> 64 & 0xFFF) << 62 | p.int & ((1 << 62) - 1) for p in parsed]
+    either = 0
+    both = (1 << 74) - 1
+    for bits in random_bits:
+        either |= bits
+        both &= bits
+    assert either == (1 << 74) - 1
+    assert both == 0
+    assert new_ids(0) == []
 
 
 def test_uuid_text_is_the_canonical_form() -> None:
