@@ -194,12 +194,25 @@ def bulk_insert(session: Session, table: Any, frame: pl.DataFrame) -> int:  # An
         # SQLAlchemy wants a list of them; the driver's cursor takes the iterator.
         lists = [values[name].to_list() for name in compiled.positiontup or []]
         driver: Any = connection.connection.dbapi_connection  # Any: the sqlite3 connection
-        inserted = _sqlite_insert_rows(driver, str(compiled), lists)
+        if frame.height > SQLITE_MULTI_ROW_MAX:
+            cursor = driver.cursor()
+            try:
+                cursor.executemany(str(compiled), zip(*lists, strict=True))
+                inserted = int(cursor.rowcount)
+            finally:
+                cursor.close()
+        else:
+            inserted = _sqlite_insert_rows(driver, str(compiled), lists)
     return max(inserted, 0)
 
 
 # Rows per multi-row INSERT on SQLite (fewer if the driver's bound-parameter limit is lower).
 SQLITE_ROWS_PER_INSERT = 500
+# Above this many rows, SQLite bulk inserts use `executemany` (a backfill's batches): at rest
+# it writes large batches faster (100k-customer backfill: credits 12.2-12.3 s a batch of
+# 167k events, against 15.7-17.7 s in multi-row statements), and a backfill's batch is not
+# the latency-bound work of a busy server's real-time job.
+SQLITE_MULTI_ROW_MAX = 20_000
 
 
 def _sqlite_insert_rows(driver: Any, statement: str, columns: list[list[Any]]) -> int:

@@ -56,3 +56,31 @@ def test_bulk_insert_on_sqlite_runs_one_statement_per_chunk_of_rows(db: Database
     assert sorted((m, p, at.astimezone(UTC)) for m, p, at in stored) == sorted(
         (f"m{i}", f"p{i}", T0 + timedelta(seconds=i)) for i in range(count)
     )
+
+
+def test_a_bulk_insert_larger_than_the_multi_row_limit_counts_the_same(db: Database) -> None:
+    """Above `SQLITE_MULTI_ROW_MAX` rows (a backfill's batches) the rows go through the
+    driver's `executemany`: the same rows kept, existing keys skipped and not counted."""
+    program = make_program(db)
+    count = ledger.SQLITE_MULTI_ROW_MAX + 11
+    rows = pl.DataFrame(
+        {
+            "id": [f"m{i}" for i in range(count)],
+            "program_id": program.id,
+            "profile_id": [f"p{i}" for i in range(count)],
+            "status": "active",
+            "enrolled_at": [T0 + timedelta(seconds=i) for i in range(count)],
+            "status_changed_at": T0,
+            "lock_seq": 0,
+        }
+    )
+    with db.begin() as session:
+        assert ledger.bulk_insert(session, Member.__table__, rows.head(100)) == 100
+        assert ledger.bulk_insert(session, Member.__table__, rows) == count - 100
+    with db.begin() as session:
+        stored = session.execute(
+            select(Member.id, Member.enrolled_at).where(Member.program_id == program.id)
+        ).all()
+    assert sorted((m, at.astimezone(UTC)) for m, at in stored) == sorted(
+        (f"m{i}", T0 + timedelta(seconds=i)) for i in range(count)
+    )
