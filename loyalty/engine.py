@@ -967,7 +967,7 @@ def process_events(
     result = ProcessResult(events=events.height)
     if events.is_empty():
         return result
-    steps = _Steps()
+    steps = Steps()
     frame, specs, result.enrolled = member_events(
         session, program=program, events=events, profile_data=profile_data
     )
@@ -1029,8 +1029,9 @@ def process_events(
     return result
 
 
-class _Steps:
-    """Seconds spent in each step of a batch, for the debug log (profiling backfills)."""
+class Steps:
+    """Seconds spent in each step of a batch or a real-time pass, for the debug log
+    (profiling); a step done again adds to its time."""
 
     def __init__(self) -> None:
         self.last = time.perf_counter()
@@ -1038,7 +1039,7 @@ class _Steps:
 
     def done(self, name: str) -> None:
         now = time.perf_counter()
-        self.seconds[name] = round(now - self.last, 2)
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self.last, 2)
         self.last = now
 
     def __str__(self) -> str:

@@ -14,7 +14,7 @@ from cdp.registry import PerObject
 from cdp.scheduler import JobContext, JobSpec
 from cdp.warehouse import Warehouse
 from identity import service as identity_service
-from loyalty import queries, service
+from loyalty import engine, queries, service
 from loyalty.models import Program
 
 logger = logging.getLogger(__name__)
@@ -129,14 +129,13 @@ def process_new_events(context: JobContext) -> int:
         # The rows of the memberships touched so far, at most every `SNAPSHOT_EVERY` seconds
         # however long the run (the whole snapshot is rewritten every 5 minutes by its own
         # job: at 1M members that takes seconds, and real time would stall).
-        published_at = time.perf_counter()
         published = _due(context).publish(context)
-        passed.seconds["publish"] = round(time.perf_counter() - published_at, 2)
+        passed.steps.done("publish")
         logger.debug(
             "real-time pass: %d events, %d rows published; %s",
             passed.events,
             published,
-            ", ".join(f"{k} {v} s" for k, v in passed.seconds.items()),
+            passed.steps,
         )
         credits += passed.credits
         changed += passed.changed
@@ -154,19 +153,11 @@ class _Pass:
     changed: int = 0
     moved: bool = False  # identity resolved new events, or a programme's mark moved
     events: int = 0  # events the programmes took
-    seconds: dict[str, float] = field(default_factory=dict)  # per step, for the debug log
+    steps: engine.Steps = field(default_factory=engine.Steps)  # for the debug log
 
 
 def _one_pass(context: JobContext) -> _Pass:
     passed = _Pass()
-    step = time.perf_counter()
-
-    def done(name: str) -> None:
-        nonlocal step
-        now = time.perf_counter()
-        passed.seconds[name] = round(passed.seconds.get(name, 0.0) + now - step, 2)
-        step = now
-
     if _has_unresolved(context):
         with context.db.begin() as session:
             rules = identity_service.get_rules(session)
@@ -174,9 +165,9 @@ def _one_pass(context: JobContext) -> _Pass:
             context.warehouse, settings=context.settings, rules=rules
         )
         passed.moved = bool(resolved.events)
-    done("identity")
+    passed.steps.done("identity")
     passed.changed += apply_merges(context, publish=False)
-    done("merges")
+    passed.steps.done("merges")
     for program_id in _active_programs(context):
         mark: int | None = None
         while True:
@@ -190,8 +181,8 @@ def _one_pass(context: JobContext) -> _Pass:
                 passed.changed += result.credits + result.reversals + result.enrolled
                 passed.events += result.events
                 _due(context).add(members=result.members)
-                done("sync")
-            done("commit")
+                passed.steps.done("sync")
+            passed.steps.done("commit")
             passed.moved = passed.moved or result.events > 0
             if new_mark == mark:
                 break

@@ -13,16 +13,12 @@ from loyalty.models import Member
 from tests.loyalty.conftest import T0, make_program
 
 
-def test_bulk_insert_on_sqlite_runs_one_statement_per_chunk_of_rows(db: Database) -> None:
-    """SQLite bulk inserts go as multi-row statements, not one driver step per row: every
-    step hands the GIL over, and in the busy server each handover waits for another
-    thread's switch interval (5,000 ledger rows took seconds under ingestion load)."""
-    program = make_program(db)
-    count = 2 * ledger.SQLITE_ROWS_PER_INSERT + 7
-    rows = pl.DataFrame(
+def _members(program_id: str, count: int) -> pl.DataFrame:
+    """Membership rows m0, m1, ... of profiles p0, p1, ..., enrolled a second apart."""
+    return pl.DataFrame(
         {
             "id": [f"m{i}" for i in range(count)],
-            "program_id": program.id,
+            "program_id": program_id,
             "profile_id": [f"p{i}" for i in range(count)],
             "status": "active",
             "enrolled_at": [T0 + timedelta(seconds=i) for i in range(count)],
@@ -30,6 +26,15 @@ def test_bulk_insert_on_sqlite_runs_one_statement_per_chunk_of_rows(db: Database
             "lock_seq": 0,
         }
     )
+
+
+def test_bulk_insert_on_sqlite_runs_one_statement_per_chunk_of_rows(db: Database) -> None:
+    """SQLite bulk inserts go as multi-row statements, not one driver step per row: every
+    step hands the GIL over, and in the busy server each handover waits for another
+    thread's switch interval (5,000 ledger rows took seconds under ingestion load)."""
+    program = make_program(db)
+    count = 2 * ledger.SQLITE_ROWS_PER_INSERT + 7
+    rows = _members(program.id, count)
     inserts: list[str] = []
     with db.begin() as session:
         driver = session.connection().connection.dbapi_connection
@@ -63,17 +68,7 @@ def test_a_bulk_insert_larger_than_the_multi_row_limit_counts_the_same(db: Datab
     driver's `executemany`: the same rows kept, existing keys skipped and not counted."""
     program = make_program(db)
     count = ledger.SQLITE_MULTI_ROW_MAX + 11
-    rows = pl.DataFrame(
-        {
-            "id": [f"m{i}" for i in range(count)],
-            "program_id": program.id,
-            "profile_id": [f"p{i}" for i in range(count)],
-            "status": "active",
-            "enrolled_at": [T0 + timedelta(seconds=i) for i in range(count)],
-            "status_changed_at": T0,
-            "lock_seq": 0,
-        }
-    )
+    rows = _members(program.id, count)
     with db.begin() as session:
         assert ledger.bulk_insert(session, Member.__table__, rows.head(100)) == 100
         assert ledger.bulk_insert(session, Member.__table__, rows) == count - 100
