@@ -1165,6 +1165,10 @@ def _tier_priors(session: Session, *, program: Program, prepared: pl.DataFrame) 
     # thousand members (40 s for a day's birthdays at 8.5M entries, and as long for every
     # real-time batch of a programme with tiers).
     when = table.occurred_at if by_time else ledger.unindexed(table.occurred_at)
+    # Read by member, the programme is the members' own (a membership merges only within
+    # its programme): without a condition on it, the ledger's read is index-only (the
+    # members' entries index covers the tier metric, migration 0016).
+    scope = [table.program_id == program.id] if by_time else []
     summed = latest_start < first  # type: ignore[operator]
     one_by_one = (
         or_(and_(when >= start, when < latest_start), and_(when >= first, when <= end))
@@ -1174,12 +1178,12 @@ def _tier_priors(session: Session, *, program: Program, prepared: pl.DataFrame) 
     entries = (
         select(owner, table.occurred_at, table.event_id, value)
         .join(Member, Member.id == table.member_id)
-        .where(table.program_id == program.id, value != 0, one_by_one)
+        .where(*scope, value != 0, one_by_one)
     )
     sums = (
         select(owner, func.sum(value))
         .join(Member, Member.id == table.member_id)
-        .where(table.program_id == program.id, value != 0, when >= latest_start, when < first)
+        .where(*scope, value != 0, when >= latest_start, when < first)
         .group_by(owner)
     )
     chunks: list[Any] = [None] if by_time else list(ledger.in_chunks(members))  # Any: ids

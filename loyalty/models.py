@@ -133,7 +133,18 @@ class LedgerEntry(Base):
 
     __tablename__ = "loyalty_ledger_entry"
     __table_args__ = (
-        Index("ix_loyalty_ledger_entry_member_created", "member_id", "created_at"),
+        # A member's entries by time of writing (history), and covering what the tier
+        # metric reads of them (`engine._tier_priors`): the real-time job reads the year of
+        # each member of a batch from this index alone, not from entries spread over the
+        # table (migration 0016).
+        Index(
+            "ix_loyalty_ledger_entry_member_created",
+            "member_id",
+            "created_at",
+            "occurred_at",
+            "qualifying_points",
+            "event_id",
+        ),
         Index("ix_loyalty_ledger_entry_caps", "rule_id", "member_id", "local_date"),
         # The dashboards read the ledger by time (points flows, active members per period):
         # covering, so a range of days is read from the index alone.
