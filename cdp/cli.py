@@ -148,7 +148,13 @@ def _serve(settings: Settings) -> None:
     migrations.upgrade(settings.db_url)
     configure_logging(settings.log_level, json_lines=settings.log_json)
     application = create_app(settings)
-    uvicorn.run(application, host=settings.host, port=settings.port, log_config=None)
+    uvicorn.run(
+        application,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        timeout_keep_alive=settings.keep_alive_seconds,
+    )
 
 
 @keys_app.command("create")

@@ -91,6 +91,10 @@ class Settings(BaseSettings):
     log_json: bool = True
     host: str = "127.0.0.1"
     port: int = 8000
+    # Seconds an idle HTTP keep-alive connection stays open. Longer than the clients' and
+    # load balancers' own idle timeouts (httpx 5 s, AWS ALB 60 s): with equal timeouts a
+    # client could send on a connection the server was closing and see a read error.
+    keep_alive_seconds: int = Field(default=65, ge=1)
     scheduler: SchedulerSettings = SchedulerSettings()
     ingestion: IngestionSettings = IngestionSettings()
     segments: SegmentsSettings = SegmentsSettings()

@@ -584,7 +584,13 @@ def run(
     # The app owns both stores from here: its lifespan closes them on shutdown.
     application = create_app(settings, db=db, warehouse=warehouse)
     server = uvicorn.Server(
-        uvicorn.Config(application, host=settings.host, port=settings.port, log_config=None)
+        uvicorn.Config(
+            application,
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            timeout_keep_alive=settings.keep_alive_seconds,
+        )
     )
 
     def when_up(step: Callable[[], None], name: str) -> None:

@@ -7,6 +7,8 @@ import time
 import uuid
 from pathlib import Path
 
+from sqlalchemy import event
+
 from cdp.db import Database, new_id, new_ids, uuid_text
 
 
@@ -90,5 +92,24 @@ def test_wal_checkpoint_is_sqlite_only() -> None:
     db = Database("sqlite://")
     try:
         assert db.checkpoint_wal() is None
+    finally:
+        db.dispose()
+
+
+def test_sqlite_pool_keeps_the_connections_a_burst_opened(tmp_path: Path) -> None:
+    """Connections a burst of concurrent requests opened stay open for the next burst:
+    not opened again, each with its pragmas."""
+    db = Database(f"sqlite:///{tmp_path / 'pool.sqlite3'}")
+    opened: list[object] = []
+    event.listen(db.engine, "connect", lambda connection, _record: opened.append(connection))
+    try:
+        burst = 20  # concurrent requests of a busy server
+        for _ in range(2):
+            connections = [db.engine.connect() for _ in range(burst)]
+            for connection in connections:
+                connection.exec_driver_sql("SELECT 1")
+            for connection in connections:
+                connection.close()
+        assert len(opened) == burst
     finally:
         db.dispose()

@@ -4,8 +4,10 @@ SIGKILL loses no acknowledged event."""
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -207,3 +209,35 @@ def test_sigkill_loses_no_acknowledged_event(server: Server) -> None:
         )[0]
     # Loaded once each, and the counters agree with the events (no replayed duplicates).
     assert counts == (len(stored), len(stored), len(stored), 0)
+
+
+def _healthz(sock: socket.socket) -> bytes:
+    """One request on an open connection; the response's status line."""
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        chunk = sock.recv(4096)
+        assert chunk, "the server closed the connection"
+        answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length")
+    )
+    while len(body) < length:
+        chunk = sock.recv(4096)
+        assert chunk, "the server closed the connection"
+        body += chunk
+    return head.split(b"\r\n")[0]
+
+
+def test_an_idle_keep_alive_connection_outlives_the_clients_own_timeout(server: Server) -> None:
+    """The server keeps idle connections open longer than clients do (httpx, SDKs: 5 s),
+    so a client never sends on a connection the server is closing (a read error)."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        assert _healthz(sock) == b"HTTP/1.1 200 OK"
+        # Idle for longer than uvicorn's own default (5 s), which closed it here before.
+        time.sleep(6)
+        assert _healthz(sock) == b"HTTP/1.1 200 OK"
