@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 import time
@@ -203,6 +204,20 @@ def registered_jobs() -> tuple[JobSpec, ...]:
 LIFECYCLE_HOOKS: tuple[Callable[[FastAPI], AbstractContextManager[None]], ...] = (
     ingestion_lifecycle,
 )
+
+
+def freeze_startup_objects() -> None:
+    """Take every object alive now (modules, the app, its routes and models) out of the
+    cyclic collector's full collections, once a server process has built its app.
+
+    A full collection walks every tracked object and stops every thread meanwhile; in the
+    server that is about 150,000 objects that live as long as the process. A read that
+    builds many rows triggers dozens of full collections (the 1M-member snapshot: 51), and
+    they paused the real-time job each time (0.11 s each; 0.04 s at most once frozen).
+    Garbage is collected first, so nothing collectable is kept. Only for a serving
+    process: tests that build many apps would keep every frozen one."""
+    gc.collect()
+    gc.freeze()
 
 
 def create_app(

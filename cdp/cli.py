@@ -143,11 +143,12 @@ def serve(
 def _serve(settings: Settings) -> None:
     import uvicorn
 
-    from cdp.app import create_app
+    from cdp.app import create_app, freeze_startup_objects
 
     migrations.upgrade(settings.db_url)
     configure_logging(settings.log_level, json_lines=settings.log_json)
     application = create_app(settings)
+    freeze_startup_objects()
     uvicorn.run(
         application,
         host=settings.host,

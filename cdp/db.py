@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
+import polars as pl
 from fastapi import Depends, Request
 from pydantic import AfterValidator
 from sqlalchemy import (
@@ -284,3 +285,28 @@ def all_rows(session: Session, query: Select[*tuple[Any, ...]]) -> list[tuple[An
             row.append(process(value) if process is not None else value)
         rows.append(tuple(row))
     return rows
+
+
+# Rows a large read holds as Python objects at once (`frame_of`).
+FRAME_PARTITION = 50_000
+
+
+def frame_of(
+    session: Session,
+    query: Select[*tuple[Any, ...]],
+    schema: dict[str, pl.DataType],
+    *,
+    partition: int = FRAME_PARTITION,
+) -> pl.DataFrame:
+    """A select's rows as a Polars frame (columns named and typed by `schema`, in order),
+    read and converted `partition` rows at a time.
+
+    For the reads of a whole table in a server process: holding a million rows as Python
+    objects made the collector run full collections over a growing heap (up to 0.36 s each,
+    1.9 s in all for the 1M-member snapshot), pauses that stop every thread, and the
+    one-piece conversion held the GIL for up to a second; the real-time job fell seconds
+    behind each time. Partitions keep the heap flat and hand the GIL over between them.
+    """
+    result = session.execute(query.execution_options(yield_per=partition))
+    frames = [pl.DataFrame(rows, schema=schema, orient="row") for rows in result.partitions()]
+    return pl.concat(frames) if frames else pl.DataFrame(schema=schema)

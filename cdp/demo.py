@@ -564,7 +564,7 @@ def run(
     """Prepare everything, print the summary with `show`, then serve until interrupted."""
     import uvicorn
 
-    from cdp.app import create_app
+    from cdp.app import create_app, freeze_startup_objects
 
     db = Database.from_settings(settings)
     warehouse = Warehouse(
@@ -583,6 +583,7 @@ def run(
     web_file = sample_dir / WEB_FILE
     # The app owns both stores from here: its lifespan closes them on shutdown.
     application = create_app(settings, db=db, warehouse=warehouse)
+    freeze_startup_objects()
     server = uvicorn.Server(
         uvicorn.Config(
             application,

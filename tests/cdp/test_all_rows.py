@@ -1,14 +1,16 @@
-"""`cdp.db.all_rows`: the rows of a select fetched in one step on SQLite, typed as usual."""
+"""`cdp.db.all_rows`: the rows of a select fetched in one step on SQLite, typed as usual;
+`cdp.db.frame_of`: a large read converted to a frame a partition at a time."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import polars as pl
 import pytest
 from sqlalchemy import BigInteger, Boolean, Float, Integer, String, func, literal, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from cdp.db import Database, UtcDateTime, all_rows
+from cdp.db import Database, UtcDateTime, all_rows, frame_of
 from tests.conftest import BACKENDS
 
 pytestmark = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
@@ -100,3 +102,31 @@ def test_all_rows_reads_sqlite_in_one_statement_of_one_row(sample_db: Database) 
     assert rows == [(i, f"n{i}") for i in range(1, 1001)]
     assert len(statements) == 1
     assert "json_group_array" in statements[0]
+
+
+def test_frame_of_reads_in_partitions_what_execute_gives(sample_db: Database) -> None:
+    """`cdp.db.frame_of`: the same rows, in the query's order and typed by the schema,
+    whatever the partition size; an empty result is an empty frame of that schema."""
+    db = sample_db
+    with db.begin() as session:
+        session.add_all(_samples())
+    schema: dict[str, pl.DataType] = {
+        "id": pl.Int64(),
+        "name": pl.String(),
+        "at": pl.Datetime("us", "UTC"),
+        "ratio": pl.Float64(),
+        "active": pl.Boolean(),
+    }
+    query = select(_Sample.id, _Sample.name, _Sample.at, _Sample.ratio, _Sample.active).order_by(
+        _Sample.id.desc()
+    )
+    with db.begin() as session:
+        whole = pl.DataFrame(session.execute(query).all(), schema=schema, orient="row")
+        for partition in (1, 3, 1000):
+            frame = frame_of(session, query, schema, partition=partition)
+            assert frame.equals(whole, null_equal=True), partition
+        empty = frame_of(session, query.where(_Sample.id > 99), schema, partition=2)
+    assert whole["id"].to_list() == [4, 3, 2, 1]
+    assert whole["at"][3] == T
+    assert empty.is_empty()
+    assert empty.schema == pl.Schema(schema)
