@@ -125,6 +125,10 @@ DELETE FROM loyalty_member_snapshot
 WHERE member_id IN (SELECT unnest(CAST($members AS VARCHAR[])))
    OR profile_id IN (SELECT unnest(CAST($profiles AS VARCHAR[])))
 """
+DELETE_SNAPSHOT_RANGE = """
+DELETE FROM loyalty_member_snapshot
+WHERE member_id > $after AND ($through IS NULL OR member_id <= $through)
+"""
 INSERT_SNAPSHOT = "INSERT INTO loyalty_member_snapshot BY NAME SELECT * FROM snapshot_frame"
 
 

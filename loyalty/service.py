@@ -1193,6 +1193,33 @@ def publish_member_snapshot(
         _SNAPSHOT_LOCK.release()
 
 
+def publish_member_snapshot_slice(
+    session: Session, warehouse: Warehouse, *, after: str, limit: int, now: datetime | None = None
+) -> tuple[int, str | None]:
+    """Rewrite the snapshot rows of the next `limit` memberships by id after `after` ("" for
+    the first): (rows written, the last id of the slice, or None once the slice reached the
+    last membership, whose range is then open-ended).
+
+    The scheduled job publishes the snapshot a slice at a time, so that every row is
+    rewritten within a few minutes without the whole rewrite's burst: at 1M members that
+    took 37 s under load and held real time back seconds each time. Rows of the slice's id
+    range that no membership holds any more (merged away, erased) are removed with it.
+    """
+    found = all_rows(
+        session, select(Member.id).where(Member.id > after).order_by(Member.id).limit(limit)
+    )
+    through: str | None = str(found[-1][0]) if len(found) == limit else None
+    with _SNAPSHOT_LOCK:
+        now = now or utcnow()
+        frame = _snapshot_rows(session, now=now, id_range=(after, through))
+        with warehouse.transaction() as cur:
+            cur.execute(queries.DELETE_SNAPSHOT_RANGE, {"after": after, "through": through})
+            cur.register("snapshot_frame", frame)
+            cur.execute(queries.INSERT_SNAPSHOT)
+            cur.unregister("snapshot_frame")
+    return frame.height, through
+
+
 def _members_of_profiles(session: Session, *, profiles: Collection[str]) -> set[str]:
     """The ids of every membership, in any programme, of these profiles."""
     programs = list(session.scalars(select(Program.id)))
@@ -1206,10 +1233,15 @@ def _members_of_profiles(session: Session, *, profiles: Collection[str]) -> set[
 
 
 def _snapshot_rows(
-    session: Session, *, now: datetime, members: Collection[str] | None = None
+    session: Session,
+    *,
+    now: datetime,
+    members: Collection[str] | None = None,
+    id_range: tuple[str, str | None] | None = None,
 ) -> pl.DataFrame:
     """The snapshot rows of every membership not merged away or erased, or of those among
-    `members`."""
+    `members`, or of those whose id is after `id_range[0]` and up to `id_range[1]` (no
+    upper bound if None)."""
     spendable = (
         Lot.remaining > 0,
         (Lot.expires_at.is_(None)) | (Lot.expires_at > now),
@@ -1236,7 +1268,27 @@ def _snapshot_rows(
         "enrolled_at": utc,
         "tier": pl.String(),
     }
-    if members is None:
+    if id_range is not None:
+        # A slice: the members by their primary key, their lots through the member index.
+        after, through = id_range
+        in_range = [Member.id > after] + ([Member.id <= through] if through else [])
+        lots_in_range = [Lot.member_id > after] + ([Lot.member_id <= through] if through else [])
+        balances = frame_of(
+            session,
+            select(Lot.member_id, func.sum(Lot.remaining))
+            .where(*lots_in_range, *spendable)
+            .group_by(Lot.member_id),
+            balance_schema,
+        )
+        frame = frame_of(
+            session,
+            select(*selected)
+            .join(Program, Program.id == Member.program_id)
+            .outerjoin(Tier, Tier.id == Member.tier_id)
+            .where(*in_range, live),
+            member_schema,
+        )
+    elif members is None:
         # Two reads joined here. The balances grouped by an expression, in one scan and a
         # sort: by the member index SQLite fetched each lot at a random place (19.3 s for
         # 8.5M lots, 3.9 s this way); and joined to the members in Polars: SQLite scanned

@@ -172,3 +172,52 @@ def test_a_long_real_time_run_publishes_between_its_passes(
     assert ann not in at_pass_start[0]
     assert at_pass_start[1][ann][:2] == (10, True)  # published before the run ended
     assert _published(warehouse)[bob][:2] == (7, True)
+
+
+def _refreshed(warehouse: Warehouse) -> dict[str, datetime]:
+    rows = warehouse.rows(
+        Query("SELECT member_id, refreshed_at FROM loyalty_member_snapshot ORDER BY member_id")
+    )
+    return {str(m): r for m, r in rows}
+
+
+def test_the_scheduled_job_republishes_the_snapshot_a_slice_at_a_time(
+    db: Database, warehouse: Warehouse, runner: JobRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each run rewrites the next slice of memberships by id and wraps around after the
+    last; the last slice's open range also drops rows no membership holds any more."""
+    monkeypatch.setattr(jobs, "SNAPSHOT_SLICES", 2)
+    monkeypatch.setattr(jobs, "SNAPSHOT_MIN_SLICE", 2)
+    _earning_program(db)
+    names = ("ann", "bob", "cid", "dan", "eve")
+    write_events(
+        warehouse, [([("email", f"{n}@example.com")], "Order Completed", 10) for n in names]
+    )
+    _real_time(runner)
+    with db.begin() as session:
+        assert service.publish_member_snapshot(session, warehouse, now=EARLIER) == 5
+    members = sorted(_refreshed(warehouse))
+    # A row of a membership that no longer exists, after every id: only a slice drops it.
+    warehouse.execute(
+        Query(
+            "INSERT INTO loyalty_member_snapshot SELECT * REPLACE ('zzzz' AS member_id,"
+            " 'ghost' AS profile_id) FROM loyalty_member_snapshot LIMIT 1"
+        )
+    )
+    old = EARLIER.replace(tzinfo=None)
+
+    first = runner.run("loyalty.publish_snapshot", trigger="manual")
+    assert (first.status, first.rows) == ("succeeded", 3)  # ceil(5 / 2)
+    refreshed = _refreshed(warehouse)
+    assert [m for m in members if refreshed[m] > old] == members[:3]
+    assert "zzzz" in refreshed
+
+    last = runner.run("loyalty.publish_snapshot", trigger="manual")
+    assert (last.rows, last.message) == (2, "2 memberships published (last slice)")
+    refreshed = _refreshed(warehouse)
+    assert sorted(refreshed) == members
+    assert all(refreshed[m] > old for m in members)
+
+    again = runner.run("loyalty.publish_snapshot", trigger="manual")
+    assert again.rows == 3
+    assert max(_refreshed(warehouse).items(), key=lambda kv: kv[1])[0] in members[:3]
