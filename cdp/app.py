@@ -206,6 +206,17 @@ LIFECYCLE_HOOKS: tuple[Callable[[FastAPI], AbstractContextManager[None]], ...] =
 )
 
 
+def server_options(settings: Settings) -> dict[str, Any]:  # Any: uvicorn's arguments
+    """What `cdp serve` and `cdp demo` give uvicorn: where to listen, our own logging, and
+    idle keep-alive connections kept longer than the clients keep theirs."""
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "log_config": None,
+        "timeout_keep_alive": settings.keep_alive_seconds,
+    }
+
+
 def freeze_startup_objects() -> None:
     """Take every object alive now (modules, the app, its routes and models) out of the
     cyclic collector's full collections, once a server process has built its app.

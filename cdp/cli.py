@@ -143,19 +143,13 @@ def serve(
 def _serve(settings: Settings) -> None:
     import uvicorn
 
-    from cdp.app import create_app, freeze_startup_objects
+    from cdp.app import create_app, freeze_startup_objects, server_options
 
     migrations.upgrade(settings.db_url)
     configure_logging(settings.log_level, json_lines=settings.log_json)
     application = create_app(settings)
     freeze_startup_objects()
-    uvicorn.run(
-        application,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        timeout_keep_alive=settings.keep_alive_seconds,
-    )
+    uvicorn.run(application, **server_options(settings))
 
 
 @keys_app.command("create")

@@ -564,7 +564,7 @@ def run(
     """Prepare everything, print the summary with `show`, then serve until interrupted."""
     import uvicorn
 
-    from cdp.app import create_app, freeze_startup_objects
+    from cdp.app import create_app, freeze_startup_objects, server_options
 
     db = Database.from_settings(settings)
     warehouse = Warehouse(
@@ -584,15 +584,7 @@ def run(
     # The app owns both stores from here: its lifespan closes them on shutdown.
     application = create_app(settings, db=db, warehouse=warehouse)
     freeze_startup_objects()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            application,
-            host=settings.host,
-            port=settings.port,
-            log_config=None,
-            timeout_keep_alive=settings.keep_alive_seconds,
-        )
-    )
+    server = uvicorn.Server(uvicorn.Config(application, **server_options(settings)))
 
     def when_up(step: Callable[[], None], name: str) -> None:
         while not server.started:

@@ -1268,26 +1268,25 @@ def _snapshot_rows(
         "enrolled_at": utc,
         "tier": pl.String(),
     }
+
+    def balances_of(owner: Any, *where: Any) -> Any:  # Any: a column, conditions, a Select
+        return select(owner, func.sum(Lot.remaining)).where(*where, *spendable).group_by(owner)
+
+    def members_of(*where: Any) -> Any:  # Any: conditions, a Select
+        return (
+            select(*selected)
+            .join(Program, Program.id == Member.program_id)
+            .outerjoin(Tier, Tier.id == Member.tier_id)
+            .where(*where, live)
+        )
+
     if id_range is not None:
         # A slice: the members by their primary key, their lots through the member index.
         after, through = id_range
         in_range = [Member.id > after] + ([Member.id <= through] if through else [])
         lots_in_range = [Lot.member_id > after] + ([Lot.member_id <= through] if through else [])
-        balances = frame_of(
-            session,
-            select(Lot.member_id, func.sum(Lot.remaining))
-            .where(*lots_in_range, *spendable)
-            .group_by(Lot.member_id),
-            balance_schema,
-        )
-        frame = frame_of(
-            session,
-            select(*selected)
-            .join(Program, Program.id == Member.program_id)
-            .outerjoin(Tier, Tier.id == Member.tier_id)
-            .where(*in_range, live),
-            member_schema,
-        )
+        balances = frame_of(session, balances_of(Lot.member_id, *lots_in_range), balance_schema)
+        frame = frame_of(session, members_of(*in_range), member_schema)
     elif members is None:
         # Two reads joined here. The balances grouped by an expression, in one scan and a
         # sort: by the member index SQLite fetched each lot at a random place (19.3 s for
@@ -1295,39 +1294,16 @@ def _snapshot_rows(
         # the grouped balances once per member when asked to join them. Each read is
         # converted a partition at a time (`frame_of`): the job runs in the server, beside
         # real time.
-        owner = ledger.unindexed(Lot.member_id)
-        balances = frame_of(
-            session,
-            select(owner, func.sum(Lot.remaining)).where(*spendable).group_by(owner),
-            balance_schema,
-        )
-        frame = frame_of(
-            session,
-            select(*selected)
-            .join(Program, Program.id == Member.program_id)
-            .outerjoin(Tier, Tier.id == Member.tier_id)
-            .where(live),
-            member_schema,
-        )
+        balances = frame_of(session, balances_of(ledger.unindexed(Lot.member_id)), balance_schema)
+        frame = frame_of(session, members_of(), member_schema)
     else:
         # A few members (a real-time pass's): each one's lots and row through their
         # indexes, each read's rows in one step (`all_rows`).
         balance_rows: list[Any] = []  # Any: rows
         member_rows: list[Any] = []  # Any: rows
         for chunk in ledger.in_chunks(sorted(members)):
-            balance_rows += all_rows(
-                session,
-                select(Lot.member_id, func.sum(Lot.remaining))
-                .where(Lot.member_id.in_(chunk), *spendable)
-                .group_by(Lot.member_id),
-            )
-            member_rows += all_rows(
-                session,
-                select(*selected)
-                .join(Program, Program.id == Member.program_id)
-                .outerjoin(Tier, Tier.id == Member.tier_id)
-                .where(Member.id.in_(chunk), live),
-            )
+            balance_rows += all_rows(session, balances_of(Lot.member_id, Lot.member_id.in_(chunk)))
+            member_rows += all_rows(session, members_of(Member.id.in_(chunk)))
         balances = pl.DataFrame(balance_rows, schema=balance_schema, orient="row")
         frame = pl.DataFrame(member_rows, schema=member_schema, orient="row")
     return frame.join(balances, on="member_id", how="left").select(
