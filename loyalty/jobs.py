@@ -10,11 +10,12 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import func, select
 
+from cdp.db import utcnow
 from cdp.registry import PerObject
 from cdp.scheduler import JobContext, JobSpec
 from cdp.warehouse import Warehouse
 from identity import service as identity_service
-from loyalty import engine, queries, service
+from loyalty import engine, ledger, queries, service
 from loyalty.models import Member, Program
 
 logger = logging.getLogger(__name__)
@@ -236,11 +237,20 @@ def expire_points(context: JobContext) -> int:
     ended programme's points still expire on their dates (breakage and liability stay
     true); a draft has none."""
     expired = 0
+    now = utcnow()
     with context.db.begin() as session:
         programs = list(session.scalars(select(Program.id).where(Program.status != "draft")))
     for program_id in programs:
         with context.db.begin() as session:
-            expired += service.expire_points(session, program_id=program_id)
+            due = service.due_lots(session, program_id=program_id, now=now)
+        # One transaction per chunk: the write lock is released between them, so real time
+        # keeps committing while a large expiry runs (2M lots due at once held it for
+        # minutes in one transaction).
+        for lot_ids in ledger.in_chunks(due, ledger.EXPIRY_CHUNK):
+            with context.db.begin() as session:
+                expired += service.expire_lots(
+                    session, program_id=program_id, lot_ids=lot_ids, now=now
+                )
     return expired
 
 

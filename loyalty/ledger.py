@@ -1056,13 +1056,22 @@ def expire_due(
     updates written in bulk (`write_debits`). Each entry is the one `debit(kind="expire",
     lots=[lot], partial=True)` wrote per lot before: key `expire:<lot>:<drawn so far>`, id
     `entry_id(key)`, dated at the lot's expiry (a key already taken gets a suffix, see
-    `_expire_lots`).
+    `expire_lots`).
     """
     now = now or utcnow()
+    return sum(
+        expire_lots(session, program=program, lot_ids=ids, now=now)
+        for ids in in_chunks(due_lots(session, program=program, now=now), chunk)
+    )
+
+
+def due_lots(session: Session, *, program: Program, now: datetime) -> list[str]:
+    """The ids of the programme's lots past their expiry at `now` that still hold points,
+    sorted."""
     # Sorted here, not by SQL: an ORDER BY entry_id made SQLite walk the lots' primary key
     # and fetch every lot of the programme at a random place (minutes at 8.5M lots); without
     # it, one scan of the table.
-    due = sorted(
+    return sorted(
         session.scalars(
             select(Lot.entry_id).where(
                 Lot.program_id == program.id,
@@ -1072,13 +1081,12 @@ def expire_due(
             )
         )
     )
-    return sum(
-        _expire_lots(session, program=program, lot_ids=ids, now=now)
-        for ids in in_chunks(due, chunk)
-    )
 
 
-def _expire_lots(session: Session, *, program: Program, lot_ids: list[str], now: datetime) -> int:
+def expire_lots(session: Session, *, program: Program, lot_ids: list[str], now: datetime) -> int:
+    """Expire these lots (ids from `due_lots`) as `expire_due` does; how many entries were
+    written. Safe in a later transaction than the one that listed them: each lot is read
+    again under its member's lock, and one spent or expired meanwhile is left alone."""
     locked = set(session.scalars(select(Lot.member_id).where(Lot.entry_id.in_(lot_ids))))
     lock_members(session, member_ids=sorted(locked))
     # Read again under the locks: what another writer left of each lot, and its owner now.

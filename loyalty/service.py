@@ -2219,6 +2219,19 @@ def expire_points(session: Session, *, program_id: str, now: datetime | None = N
     return ledger.expire_due(session, program=program, now=now)
 
 
+def due_lots(session: Session, *, program_id: str, now: datetime) -> list[str]:
+    """The ids of the lots past their expiry at `now` that still hold points (for
+    `expire_lots`, in transactions of their own)."""
+    return ledger.due_lots(session, program=get_program(session, program_id=program_id), now=now)
+
+
+def expire_lots(session: Session, *, program_id: str, lot_ids: list[str], now: datetime) -> int:
+    """Expire these lots (from `due_lots`, possibly listed in an earlier transaction); how
+    many expiry entries were written."""
+    program = get_program(session, program_id=program_id)
+    return ledger.expire_lots(session, program=program, lot_ids=lot_ids, now=now)
+
+
 def expiring_soon(
     session: Session, *, program_id: str, days: int = 30, now: datetime | None = None
 ) -> list[tuple[str, str, int, datetime]]:

@@ -5,13 +5,18 @@ from __future__ import annotations
 import random
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import polars as pl
 import pytest
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from cdp.db import Database
-from loyalty import ledger, service
+from cdp.config import Settings
+from cdp.db import Database, utcnow
+from cdp.scheduler import JobRunner
+from cdp.warehouse import Warehouse
+from loyalty import jobs, ledger, service
 from loyalty.errors import InsufficientPoints
 from loyalty.models import LedgerEntry, Lot, LotDraw, Member, Program
 from tests.conftest import BACKENDS
@@ -365,3 +370,37 @@ def test_bulk_insert_of_many_rows_skips_existing_keys_and_counts_the_new(db: Dat
     assert {(m, p, at.astimezone(UTC)) for m, p, at in stored} == {
         (f"m{i}", f"p{i}", T0 + timedelta(seconds=i)) for i in range(count + count // 2)
     }
+
+
+def test_expiry_job_commits_chunk_by_chunk(
+    settings: Settings, db: Database, warehouse: Warehouse, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each chunk of due lots is committed before the next one starts, so the write lock is
+    free between them (real time commits in between); every due lot is expired once."""
+    monkeypatch.setattr(ledger, "EXPIRY_CHUNK", 2)
+    program = make_program(db, expiry_policy="rolling", expiry_months=1)
+    for n in range(5):
+        earn(db, program, make_member(db, program, profile_id=f"p{n}"), 10 + n, at=T0)
+    other = Database(db.engine.url)  # another connection sees only what is committed
+    committed_at_each_chunk: list[int] = []
+    expire_lots = service.expire_lots
+
+    def observed(session: Session, **kwargs: Any) -> int:  # Any: the call's arguments
+        with other.begin() as reader:
+            committed_at_each_chunk.append(
+                len(reader.scalars(select(LedgerEntry).where(LedgerEntry.kind == "expire")).all())
+            )
+        return expire_lots(session, **kwargs)
+
+    monkeypatch.setattr(service, "expire_lots", observed)
+    runner = JobRunner(settings, db, warehouse)
+    runner.register(*jobs.JOBS)
+    try:
+        run = runner.run("loyalty.expire_points", trigger="manual")
+    finally:
+        runner.shutdown()
+        other.dispose()
+    assert (run.status, run.rows) == ("succeeded", 5)
+    assert committed_at_each_chunk == [0, 2, 4]
+    with db.begin() as session:
+        assert ledger.expire_due(session, program=program, now=utcnow()) == 0
