@@ -1177,20 +1177,32 @@ def publish_member_snapshot(
             if profiles:
                 ids.update(_members_of_profiles(session, profiles=profiles))
         frame = _snapshot_rows(session, now=now, members=ids)
-        with warehouse.transaction() as cur:
-            if whole:
-                cur.execute(queries.DELETE_SNAPSHOT)
-            else:
-                cur.execute(
-                    queries.DELETE_SNAPSHOT_ROWS,
-                    {"members": sorted(ids or ()), "profiles": sorted(profiles or ())},
-                )
-            cur.register("snapshot_frame", frame)
-            cur.execute(queries.INSERT_SNAPSHOT)
-            cur.unregister("snapshot_frame")
+        if whole:
+            _replace_snapshot_rows(warehouse, frame, queries.DELETE_SNAPSHOT, {})
+        else:
+            _replace_snapshot_rows(
+                warehouse,
+                frame,
+                queries.DELETE_SNAPSHOT_ROWS,
+                {"members": sorted(ids or ()), "profiles": sorted(profiles or ())},
+            )
         return frame.height
     finally:
         _SNAPSHOT_LOCK.release()
+
+
+def _replace_snapshot_rows(
+    warehouse: Warehouse,
+    frame: pl.DataFrame,
+    delete: str,
+    params: dict[str, Any],  # Any: the delete statement's parameters
+) -> None:
+    """Delete the snapshot rows `delete` names and insert `frame`, in one transaction."""
+    with warehouse.transaction() as cur:
+        cur.execute(delete, params or None)
+        cur.register("snapshot_frame", frame)
+        cur.execute(queries.INSERT_SNAPSHOT)
+        cur.unregister("snapshot_frame")
 
 
 def publish_member_snapshot_slice(
@@ -1205,18 +1217,15 @@ def publish_member_snapshot_slice(
     took 37 s under load and held real time back seconds each time. Rows of the slice's id
     range that no membership holds any more (merged away, erased) are removed with it.
     """
-    found = all_rows(
-        session, select(Member.id).where(Member.id > after).order_by(Member.id).limit(limit)
+    # The slice's last id: the `limit`-th after `after`, if there are that many.
+    through = session.scalar(
+        select(Member.id).where(Member.id > after).order_by(Member.id).offset(limit - 1).limit(1)
     )
-    through: str | None = str(found[-1][0]) if len(found) == limit else None
     with _SNAPSHOT_LOCK:
-        now = now or utcnow()
-        frame = _snapshot_rows(session, now=now, id_range=(after, through))
-        with warehouse.transaction() as cur:
-            cur.execute(queries.DELETE_SNAPSHOT_RANGE, {"after": after, "through": through})
-            cur.register("snapshot_frame", frame)
-            cur.execute(queries.INSERT_SNAPSHOT)
-            cur.unregister("snapshot_frame")
+        frame = _snapshot_rows(session, now=now or utcnow(), id_range=(after, through))
+        _replace_snapshot_rows(
+            warehouse, frame, queries.DELETE_SNAPSHOT_RANGE, {"after": after, "through": through}
+        )
     return frame.height, through
 
 

@@ -10,9 +10,11 @@ import pytest
 from sqlalchemy.orm import Session
 
 from cdp.auth import Role
+from cdp.config import Settings
 from cdp.db import Database
+from cdp.scheduler import JobRun, JobRunner
 from cdp.warehouse import Warehouse
-from loyalty import service
+from loyalty import jobs, service
 from loyalty.ledger import Credit, credit
 from loyalty.models import LedgerEntry, Member, Program
 from loyalty.schemas import ProgramCreate, RuleCreate
@@ -95,3 +97,13 @@ def earn(
             ),
             now=now or at,
         )
+
+
+def run_job(settings: Settings, db: Database, warehouse: Warehouse, name: str) -> JobRun:
+    """Run one of the loyalty jobs once, as `cdp jobs run NAME` does."""
+    runner = JobRunner(settings, db, warehouse)
+    runner.register(*jobs.JOBS)
+    try:
+        return runner.run(name, trigger="manual")
+    finally:
+        runner.shutdown()

@@ -14,13 +14,19 @@ from sqlalchemy import select
 
 from cdp.config import Settings
 from cdp.db import Database
-from cdp.scheduler import JobRun, JobRunner
 from cdp.warehouse import Warehouse
-from loyalty import jobs, ledger, service
+from loyalty import ledger, service
 from loyalty.models import LedgerEntry, Member, Program
 from loyalty.schemas import RewardCreate, RuleCreate, TierCreate
 from tests.conftest import BACKENDS
-from tests.loyalty.conftest import Profiles, add_base_rule, earn, make_member, make_program
+from tests.loyalty.conftest import (
+    Profiles,
+    add_base_rule,
+    earn,
+    make_member,
+    make_program,
+    run_job,
+)
 from tests.loyalty.events import ev
 from tests.loyalty.identity_data import profile_of, resolve, write_events
 from tests.loyalty.test_engine import _process
@@ -702,15 +708,6 @@ def test_instants_without_a_zone_in_request_bodies_are_read_as_utc(
     assert datetime.fromisoformat(rule.json()["starts_at"]) == datetime(2030, 6, 1, tzinfo=UTC)
 
 
-def _run_job(settings: Settings, db: Database, warehouse: Warehouse, name: str) -> JobRun:
-    runner = JobRunner(settings, db, warehouse)
-    runner.register(*jobs.JOBS)
-    try:
-        return runner.run(name, trigger="manual")
-    finally:
-        runner.shutdown()
-
-
 def test_the_tier_job_downgrades_after_the_grace_period_only(
     db: Database, warehouse: Warehouse, settings: Settings
 ) -> None:
@@ -751,7 +748,7 @@ def test_the_tier_job_downgrades_after_the_grace_period_only(
     with db.begin() as session:
         # Last month's run: Ann's 600 had left the 12-month window, Bob's not yet.
         assert service.reevaluate_tiers(session, program_id=program.id, now=now - 31 * day) == []
-    run = _run_job(settings, db, warehouse, "loyalty.reevaluate_tiers")
+    run = run_job(settings, db, warehouse, "loyalty.reevaluate_tiers")
     assert (run.status, run.rows) == ("succeeded", 1)
     with db.begin() as session:
         tiers_now = {p: session.get(Member, i).tier_id for p, i in ids.items()}  # type: ignore[union-attr]
@@ -766,7 +763,7 @@ def test_the_tier_job_downgrades_after_the_grace_period_only(
             (gold, silver, "downgrade", 150),
         ]
     # The next night changes nothing: Bob is still within his grace period.
-    again = _run_job(settings, db, warehouse, "loyalty.reevaluate_tiers")
+    again = run_job(settings, db, warehouse, "loyalty.reevaluate_tiers")
     assert (again.status, again.rows) == ("succeeded", 0)
 
 
@@ -821,7 +818,7 @@ def test_two_programmes_earn_on_the_same_events_each_by_its_rules_and_redeem_apa
             action="enrol",
             at=datetime(2026, 3, 1, tzinfo=UTC),
         ).id
-    run = _run_job(settings, db, warehouse, "loyalty.process_events")
+    run = run_job(settings, db, warehouse, "loyalty.process_events")
     assert run.status == "succeeded", run.error
 
     def ledger_of(program: Program, profile: str) -> tuple[str, list[tuple[str, int]]]:
@@ -888,4 +885,4 @@ def test_two_programmes_earn_on_the_same_events_each_by_its_rules_and_redeem_apa
             ).all()
             assert sum(written) == ledger.lots_sum(session, member_id=member_id)
     # Processing again awards nothing twice, in either programme.
-    assert _run_job(settings, db, warehouse, "loyalty.process_events").rows == 0
+    assert run_job(settings, db, warehouse, "loyalty.process_events").rows == 0

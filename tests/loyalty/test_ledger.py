@@ -14,13 +14,12 @@ from sqlalchemy.orm import Session
 
 from cdp.config import Settings
 from cdp.db import Database, utcnow
-from cdp.scheduler import JobRunner
 from cdp.warehouse import Warehouse
-from loyalty import jobs, ledger, service
+from loyalty import ledger, service
 from loyalty.errors import InsufficientPoints
 from loyalty.models import LedgerEntry, Lot, LotDraw, Member, Program
 from tests.conftest import BACKENDS
-from tests.loyalty.conftest import T0, earn, make_member, make_program
+from tests.loyalty.conftest import T0, earn, make_member, make_program, run_job
 
 pytestmark = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 
@@ -393,12 +392,9 @@ def test_expiry_job_commits_chunk_by_chunk(
         return expire_lots(session, **kwargs)
 
     monkeypatch.setattr(service, "expire_lots", observed)
-    runner = JobRunner(settings, db, warehouse)
-    runner.register(*jobs.JOBS)
     try:
-        run = runner.run("loyalty.expire_points", trigger="manual")
+        run = run_job(settings, db, warehouse, "loyalty.expire_points")
     finally:
-        runner.shutdown()
         other.dispose()
     assert (run.status, run.rows) == ("succeeded", 5)
     assert committed_at_each_chunk == [0, 2, 4]

@@ -10,12 +10,11 @@ from sqlalchemy import select
 
 from cdp.config import Settings
 from cdp.db import Database
-from cdp.scheduler import JobRunner
 from cdp.warehouse import Warehouse
-from loyalty import jobs, ledger, service
+from loyalty import ledger, service
 from loyalty.models import Activity, LedgerEntry, Lot, Member
 from loyalty.schemas import ProgramUpdate, RewardCreate, RuleCreate, TierCreate
-from tests.loyalty.conftest import T0, earn, make_member, make_program
+from tests.loyalty.conftest import T0, earn, make_member, make_program, run_job
 from tests.loyalty.events import ev
 from tests.loyalty.identity_data import profile_of, resolve, write_events
 from tests.loyalty.test_backfill import _load_warehouse
@@ -338,12 +337,7 @@ def test_the_expiry_job_expires_points_of_paused_and_ended_programmes_too(
                         session, program_id=program.id, data=ProgramUpdate(status="ended")
                     )
         ledgers.append(member.id)
-    runner = JobRunner(settings, db, warehouse)
-    runner.register(*jobs.JOBS)
-    try:
-        run = runner.run("loyalty.expire_points", trigger="manual")
-    finally:
-        runner.shutdown()
+    run = run_job(settings, db, warehouse, "loyalty.expire_points")
     assert (run.status, run.rows) == ("succeeded", 3)
     with db.begin() as session:
         for member_id in ledgers:
